@@ -1,0 +1,50 @@
+#!/bin/sh
+# Idempotent machine + project setup for shiftfs (run as root on Debian 12).
+# A second run is fast and changes nothing.
+set -eu
+cd "$(dirname "$0")/.."
+
+PKGS="fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev attr acl uidmap libcap2-bin util-linux bindfs fuse-overlayfs fio stress-ng dbench mmdebstrap cpio libarchive-tools zstd xz-utils"
+[ "${SHIFTFS_SETUP_EXTRA:-}" ] && PKGS="$PKGS $SHIFTFS_SETUP_EXTRA"
+
+missing=""
+for p in $PKGS; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "setup: missing Debian packages:$missing; run 'make setup' as root or 'apt-get install$missing'" >&2
+        exit 1
+    fi
+    echo "setup: installing Debian packages:$missing"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq || true
+    apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+
+# /dev/fuse: distributions ship it 0666 through udev rules; this machine has no udev.
+if [ -c /dev/fuse ] && [ "$(stat -c %a /dev/fuse)" != 666 ] && [ "$(id -u)" = 0 ]; then
+    echo "setup: making /dev/fuse mode 0666, as udev does on distributions (it was $(stat -c %a /dev/fuse))"
+    chmod 0666 /dev/fuse
+fi
+# Let unprivileged mounters ask for allow_other (needed by 'shiftfs run' for users).
+if [ -f /etc/fuse.conf ] && ! grep -q '^user_allow_other' /etc/fuse.conf && [ "$(id -u)" = 0 ]; then
+    echo "setup: enabling user_allow_other in /etc/fuse.conf"
+    echo user_allow_other >> /etc/fuse.conf
+fi
+
+# The venv uses Debian's /usr/bin/python3 so every user can run it (not a pyenv under /root).
+PY=/usr/bin/python3
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv with $PY"
+    $PY -m venv .venv
+fi
+stamp=.venv/.shiftfs-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "setup: installing shiftfs and its dependencies into .venv"
+    .venv/bin/pip install -q --upgrade pip >/dev/null
+    .venv/bin/pip install -q -e '.[test,bench]'
+    touch "$stamp"
+fi
+# Make the checkout and venv reachable for other users (tests run commands as them).
+chmod -R a+rX .venv shiftfs 2>/dev/null || true

@@ -1,0 +1,2 @@
+"""shiftfs: a FUSE filesystem that shifts ownership."""
+__version__ = "0.1.0"

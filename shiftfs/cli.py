@@ -1,0 +1,143 @@
+"""The ``shiftfs`` command line.
+
+Subcommands: ``mount``, ``umount`` and those registered by the other modules
+(``run``, ``exec``, the offline tree tools). The mount-helper form
+``shiftfs SOURCE MOUNTPOINT -o opt,opt`` — what ``mount -t fuse.shiftfs`` and
+fstab lines run through ``mount.fuse3`` — is ``shiftfs mount``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from . import __version__
+from .mount import MountError, UsageError
+
+__all__ = ["main"]
+
+# Modules that add subcommands through ``register(subparsers)``; missing ones are skipped.
+_COMMAND_MODULES = ["shiftfs.run", "shiftfs.execcmd", "shiftfs.archive"]
+
+MOUNT_HELP = """\
+options (-o, comma separated):
+  xattr                 xattr mode (same as --xattr)
+  uidmap=D:V:C[:D:V:C]  uid table, fuse-overlayfs' colon form
+  gidmap=D:V:C[:...]    gid table
+  cache=always|auto|never
+                        how long the kernel may cache entries, attributes and
+                        data: always (default; the mount owns SOURCE), auto
+                        (1 s), never (SOURCE is changed by others too)
+  default_owner=UID:GID xattr mode: owner shown for files without a record
+  legacy_xattr          xattr mode: also write user.fuseoverlayfs.override_stat
+                        (for fuse-overlayfs < 1.14, e.g. Debian 12's 1.10)
+  fsname=NAME           source name in mount tables (default: SOURCE)
+  allow_other           let other users in (default when mounted by uid 0)
+  suid, dev, ro, noexec, noatime, ...
+                        passed to the kernel (nosuid,nodev are the default
+                        outside a user namespace)
+  log=FILE              daemon log file in the background (default: syslog)
+  stats=FILE            write per-request counters as JSON at exit / SIGUSR1
+  debug                 trace every request in the log
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        self.exit(2, f"shiftfs: {message}; see '{self.prog} --help'\n")
+
+
+def _add_mount(sub) -> None:
+    p = sub.add_parser(
+        "mount",
+        help="mount a shifted view of SOURCE on MOUNTPOINT",
+        description="Mount a view of SOURCE on MOUNTPOINT whose file ownership is translated.",
+        epilog=MOUNT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="u|g|b:DISK:VIEW:COUNT",
+        help="id table range (repeatable): disk id DISK+k is seen as VIEW+k",
+    )
+    p.add_argument("--xattr", action="store_true", help="keep view ownership in user.containers.override_stat records")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS", help="mount options (see below)")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
+    p.set_defaults(func=_cmd_mount)
+
+    u = sub.add_parser("umount", help="unmount a shiftfs mount", description="Unmount a shiftfs mount.")
+    u.add_argument("mountpoint", metavar="MOUNTPOINT")
+    u.add_argument("-l", "--lazy", action="store_true", help="detach now, clean up when no longer busy")
+    u.set_defaults(func=_cmd_umount)
+
+
+def _cmd_mount(args) -> int:
+    from .mount import mount, parse_options
+
+    cfg = parse_options(args.options, args.map, args.xattr, args.source, args.mountpoint)
+    cfg.foreground = args.foreground
+    return mount(cfg)
+
+
+def _cmd_umount(args) -> int:
+    from .mount import unmount
+
+    unmount(args.mountpoint, lazy=args.lazy)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="shiftfs", description="A FUSE filesystem that shifts file ownership.")
+    parser.add_argument("--version", action="version", version=f"shiftfs {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_mount(sub)
+    for modname in _COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as e:
+            if e.name == modname:
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def _helper_form(argv: list[str], commands: set[str]) -> list[str]:
+    """``shiftfs SOURCE MOUNTPOINT [-o OPTS]`` → ``shiftfs mount …``."""
+    if argv and not argv[0].startswith("-") and argv[0] not in commands:
+        return ["mount"] + argv
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    commands = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            commands = set(action.choices)
+    argv = _helper_form(argv, commands)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as e:
+        print(f"shiftfs: {e}", file=sys.stderr)
+        return 2
+    except MountError as e:
+        print(f"shiftfs: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,668 @@
+"""FUSE plumbing: a passthrough of SOURCE that asks a policy about ownership.
+
+Every backing call is relative to a descriptor from the inode table and never
+follows a symlink: ``*at()`` calls with ``AT_SYMLINK_NOFOLLOW``/``O_NOFOLLOW``,
+``AT_EMPTY_PATH`` on held descriptors, or the ``/proc/self/fd`` magic link of a
+held descriptor (which names the object itself, not a path in SOURCE). Names
+``.``, ``..`` and names containing ``/`` are refused.
+
+New objects get their ownership before anyone can see them: a regular file is
+made with ``O_TMPFILE``, stamped by the policy and linked into place; other
+objects are made under a hidden temporary name, stamped, and renamed into
+place with ``RENAME_NOREPLACE``. Temporary names are never shown, and stale
+ones (from a killed daemon) are removed when their directory is listed.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import secrets
+import stat
+import time
+from collections import Counter
+
+import pyfuse3
+
+from .inodes import ROOT_ID, Inode, InodeTable
+from .policy import OwnershipPolicy
+from .store import STORE_DIR
+from .syscalls import (
+    RENAME_NOREPLACE,
+    link_fd,
+    proc_fd,
+    renameat2,
+    utimens_fd,
+)
+
+__all__ = ["Operations", "CacheConfig", "TMP_PREFIX"]
+
+log = logging.getLogger(__name__)
+
+#: Prefix of the hidden names new objects are made under before they are renamed into place.
+TMP_PREFIX = b".shiftfs~"
+NAME_MAX = 255
+_O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | getattr(os, "O_DIRECT", 0)
+
+
+class CacheConfig:
+    """How long the kernel may trust what we tell it.
+
+    ``always`` (default): the mount owns SOURCE; entries and attributes are
+    cached for a long time, misses are cached too, and file pages survive
+    reopening. ``auto``: one second. ``never``: nothing is cached, for a
+    SOURCE that other programs change at the same time.
+    """
+
+    MODES = ("always", "auto", "never")
+
+    def __init__(self, mode: str = "always"):
+        if mode not in self.MODES:
+            raise ValueError(f"unknown cache mode {mode!r}; use one of {', '.join(self.MODES)}")
+        self.mode = mode
+        if mode == "always":
+            self.timeout, self.negative_timeout, self.keep_cache, self.xattr_cache = 86400.0 * 365, 86400.0 * 365, True, True
+        elif mode == "auto":
+            self.timeout, self.negative_timeout, self.keep_cache, self.xattr_cache = 1.0, 1.0, False, False
+        else:
+            self.timeout, self.negative_timeout, self.keep_cache, self.xattr_cache = 0.0, 0.0, False, False
+
+
+def _op(fn):
+    """Run a synchronous handler as a pyfuse3 coroutine; map errors to errnos."""
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def handler(self, *args):
+        self.counts[name] += 1
+        if self.trace:
+            log.debug("-> %s %r", name, args[:-1] if args and isinstance(args[-1], pyfuse3.RequestContext) else args)
+        try:
+            return fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s %r", name, args[:3])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return handler
+
+
+def _check_name(name: bytes) -> None:
+    if name in (b".", b"..") or b"/" in name or not name or b"\0" in name:
+        raise pyfuse3.FUSEError(errno.EINVAL)
+    if len(name) > NAME_MAX:
+        raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+
+
+class _DirHandle:
+    __slots__ = ("node", "names")
+
+    def __init__(self, node: Inode):
+        self.node = node
+        self.names: list[bytes] | None = None
+
+
+class Operations(pyfuse3.Operations):
+    """The pyfuse3 operations of a shiftfs mount."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, root_fd: int, policy: OwnershipPolicy, cache: CacheConfig | None = None, trace: bool = False):
+        super().__init__()
+        self.table = InodeTable(root_fd)
+        self.table.on_gone = lambda node, st: self.policy.gone(node, st)
+        self.policy = policy
+        self.cache = cache or CacheConfig()
+        self.trace = trace
+        self.counts: Counter[str] = Counter()
+        self._dirs: dict[int, _DirHandle] = {}
+        self._next_dh = 1
+        self._umask_default = 0o022
+
+    # -- helpers -------------------------------------------------------------
+    def _hidden(self, parent: Inode, name: bytes) -> bool:
+        return name.startswith(TMP_PREFIX) or (parent.id == ROOT_ID and name == STORE_DIR.encode())
+
+    def _attrs(self, node: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        mode, uid, gid, rdev = self.policy.view(node, st)
+        e.st_ino = node.id
+        e.generation = 0
+        e.entry_timeout = self.cache.timeout
+        e.attr_timeout = self.cache.timeout
+        e.st_mode = mode
+        e.st_nlink = st.st_nlink
+        e.st_uid = uid
+        e.st_gid = gid
+        e.st_rdev = rdev
+        e.st_size = st.st_size if stat.S_IFMT(mode) == stat.S_IFMT(st.st_mode) else 0
+        e.st_blocks = st.st_blocks
+        e.st_blksize = st.st_blksize
+        e.st_atime_ns = st.st_atime_ns
+        e.st_mtime_ns = st.st_mtime_ns
+        e.st_ctime_ns = st.st_ctime_ns
+        return e
+
+    def _negative(self) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = 0
+        e.entry_timeout = self.cache.negative_timeout
+        return e
+
+    def _entry(self, node: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        """Reply an entry to the kernel: counts one lookup reference."""
+        e = self._attrs(node, st)
+        self.table.remember(node)
+        return e
+
+    def _parent_view(self, parent: Inode):
+        st = os.fstat(parent.fd)
+        return st, self.policy.view(parent, st)
+
+    def _apply_umask(self, parent: Inode, mode: int, ctx) -> int:
+        # The kernel leaves the umask to us (FUSE_DONT_MASK); a default ACL on
+        # the backing directory replaces it, as on any filesystem.
+        if parent.default_acl is None:
+            try:
+                os.getxattr(proc_fd(parent.fd), "system.posix_acl_default")
+                parent.default_acl = True
+            except OSError:
+                parent.default_acl = False
+        if parent.default_acl:
+            return mode
+        return mode & ~(ctx.umask & 0o777)
+
+    def _prepare_new(self, parent: Inode, name: bytes, mode: int, ctx):
+        _check_name(name)
+        if self._hidden(parent, name):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        pst, pview = self._parent_view(parent)
+        mode = self._apply_umask(parent, mode, ctx)
+        uid, gid, mode = self.policy.new_owner(ctx, pview, mode)
+        du, dg = self.policy.disk_ids(uid, gid)
+        return pst, du, dg, mode
+
+    def _make(self, parent: Inode, name: bytes, mode: int, rdev: int, ctx, target: bytes | None = None):
+        """Create a non-regular object with its ownership in place, then publish it."""
+        pst, du, dg, mode = self._prepare_new(parent, name, mode, ctx)
+        bmode, brdev = self.policy.backing_mode(mode, rdev)
+
+        def create(n: bytes) -> None:
+            ft = stat.S_IFMT(bmode)
+            if ft == stat.S_IFDIR:
+                os.mkdir(n, bmode & 0o7777, dir_fd=parent.fd)
+            elif ft == stat.S_IFLNK:
+                os.symlink(target, n, dir_fd=parent.fd)
+            elif ft == stat.S_IFREG:
+                fd = os.open(n, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, bmode & 0o7777, dir_fd=parent.fd)
+                os.close(fd)
+            else:
+                os.mknod(n, bmode, brdev, dir_fd=parent.fd)
+
+        if self.policy.may_create_directly and self.policy.direct_ok(du, dg, mode, pst) and not (
+            stat.S_ISDIR(mode) and mode & stat.S_ISGID and not pst.st_mode & stat.S_ISGID
+        ):
+            create(name)
+            node, st = self.table.child(parent, name)
+            return self._entry(node, st)
+
+        tmp = TMP_PREFIX + secrets.token_hex(8).encode()
+        create(tmp)
+        try:
+            fd = os.open(tmp, _O_PATH_FLAGS, dir_fd=parent.fd)
+            try:
+                st = os.fstat(fd)
+                cached = self.policy.stamp(fd, st, du, dg, mode, rdev)
+                renameat2(parent.fd, tmp, parent.fd, name, RENAME_NOREPLACE)
+            except BaseException:
+                os.close(fd)
+                raise
+        except BaseException:
+            self._unlink_any(parent, tmp)
+            raise
+        st = os.fstat(fd)
+        node = self.table.adopt(fd, st)
+        self.policy.adopted(node, cached)
+        return self._entry(node, st)
+
+    @staticmethod
+    def _unlink_any(parent: Inode, name: bytes) -> None:
+        try:
+            os.unlink(name, dir_fd=parent.fd)
+        except IsADirectoryError:
+            try:
+                os.rmdir(name, dir_fd=parent.fd)
+            except OSError:
+                pass
+        except OSError:
+            pass
+
+    def _last_link_check(self, parent: Inode, name: bytes) -> os.stat_result | None:
+        """Stat a name about to be removed or replaced (for record cleanup)."""
+        try:
+            return os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        except OSError:
+            return None
+
+    def _after_remove(self, victim: os.stat_result | None) -> None:
+        if victim is None or stat.S_ISDIR(victim.st_mode):
+            return
+        node = self.table.by_key((victim.st_dev, victim.st_ino))
+        if node is not None:
+            node.xnames = None
+            try:
+                if os.fstat(node.fd).st_nlink == 0 and node.nlookup <= 0:
+                    pass  # dropped on forget
+            except OSError:
+                pass
+            return  # the table drops the record when the kernel forgets it
+        if victim.st_nlink <= 1:
+            self.policy.gone(None, victim)
+
+    # -- lifecycle -----------------------------------------------------------
+    def init(self):
+        log.debug("filesystem initialised")
+
+    # -- lookups and attributes ------------------------------------------------
+    @_op
+    def lookup(self, parent_id, name, ctx):
+        parent = self.table[parent_id]
+        _check_name(name)
+        if self._hidden(parent, name):
+            return self._negative()
+        try:
+            node, st = self.table.child(parent, name)
+        except FileNotFoundError:
+            return self._negative()
+        return self._entry(node, st)
+
+    async def forget(self, inode_list):
+        self.counts["forget"] += 1
+        for ino, n in inode_list:
+            self.table.forget(ino, n)
+
+    @_op
+    def getattr(self, inode_id, ctx):
+        node = self.table[inode_id]
+        return self._attrs(node, os.fstat(node.fd))
+
+    @_op
+    def setattr(self, inode_id, attr, fields, fh, ctx):
+        node = self.table[inode_id]
+        if fields.update_size:
+            if fh is not None:
+                os.ftruncate(fh, attr.st_size)
+            elif stat.S_ISREG(node.ftype):
+                fd = os.open(proc_fd(node.fd), os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    os.ftruncate(fd, attr.st_size)
+                finally:
+                    os.close(fd)
+            else:
+                raise pyfuse3.FUSEError(errno.EINVAL)
+        if fields.update_uid or fields.update_gid or fields.update_mode:
+            st = os.fstat(node.fd)
+            self.policy.change(
+                node,
+                st,
+                attr.st_uid if fields.update_uid else None,
+                attr.st_gid if fields.update_gid else None,
+                attr.st_mode if fields.update_mode else None,
+            )
+        if fields.update_atime or fields.update_mtime:
+            utimens_fd(
+                node.fd,
+                attr.st_atime_ns if fields.update_atime else None,
+                attr.st_mtime_ns if fields.update_mtime else None,
+            )
+        return self._attrs(node, os.fstat(node.fd))
+
+    @_op
+    def readlink(self, inode_id, ctx):
+        node = self.table[inode_id]
+        return os.readlink(b"", dir_fd=node.fd)
+
+    # -- creating and removing names -------------------------------------------
+    @_op
+    def mknod(self, parent_id, name, mode, rdev, ctx):
+        return self._make(self.table[parent_id], name, mode, rdev, ctx)
+
+    @_op
+    def mkdir(self, parent_id, name, mode, ctx):
+        return self._make(self.table[parent_id], name, stat.S_IFDIR | (mode & 0o7777), 0, ctx)
+
+    @_op
+    def symlink(self, parent_id, name, target, ctx):
+        return self._make(self.table[parent_id], name, stat.S_IFLNK | 0o777, 0, ctx, target=target)
+
+    @_op
+    def link(self, inode_id, new_parent_id, new_name, ctx):
+        node = self.table[inode_id]
+        parent = self.table[new_parent_id]
+        _check_name(new_name)
+        if self._hidden(parent, new_name):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        link_fd(node.fd, parent.fd, new_name)
+        return self._entry(node, os.fstat(node.fd))
+
+    @_op
+    def unlink(self, parent_id, name, ctx):
+        parent = self.table[parent_id]
+        _check_name(name)
+        if self._hidden(parent, name):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        victim = self._last_link_check(parent, name)
+        os.unlink(name, dir_fd=parent.fd)
+        self._after_remove(victim)
+
+    @_op
+    def rmdir(self, parent_id, name, ctx):
+        parent = self.table[parent_id]
+        _check_name(name)
+        if self._hidden(parent, name):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        os.rmdir(name, dir_fd=parent.fd)
+
+    @_op
+    def rename(self, old_parent_id, old_name, new_parent_id, new_name, flags, ctx):
+        op = self.table[old_parent_id]
+        np = self.table[new_parent_id]
+        _check_name(old_name)
+        _check_name(new_name)
+        if self._hidden(op, old_name) or self._hidden(np, new_name):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        victim = None if flags & pyfuse3.RENAME_EXCHANGE else self._last_link_check(np, new_name)
+        renameat2(op.fd, old_name, np.fd, new_name, flags)
+        if victim is not None:
+            self._after_remove(victim)
+
+    # -- files -----------------------------------------------------------------
+    def _open_flags(self, flags: int) -> int:
+        return (flags & ~_OPEN_STRIP) | os.O_CLOEXEC
+
+    @_op
+    def open(self, inode_id, flags, ctx):
+        node = self.table[inode_id]
+        if not stat.S_ISREG(node.ftype):
+            raise pyfuse3.FUSEError(errno.ELOOP if stat.S_ISLNK(node.ftype) else errno.EACCES)
+        fd = os.open(proc_fd(node.fd), self._open_flags(flags))
+        return pyfuse3.FileInfo(fh=fd, keep_cache=self.cache.keep_cache)
+
+    @_op
+    def create(self, parent_id, name, mode, flags, ctx):
+        parent = self.table[parent_id]
+        pst, du, dg, mode = self._prepare_new(parent, name, stat.S_IFREG | (mode & 0o7777), ctx)
+        bmode, _ = self.policy.backing_mode(mode, 0)
+        oflags = (self._open_flags(flags) & ~(os.O_ACCMODE | os.O_TRUNC)) | os.O_RDWR
+        if self.policy.may_create_directly and self.policy.direct_ok(du, dg, mode, pst):
+            fd = os.open(name, oflags | os.O_CREAT | (flags & os.O_EXCL), bmode & 0o7777, dir_fd=parent.fd)
+            try:
+                node, st = self.table.child(parent, name)
+            except BaseException:
+                os.close(fd)
+                raise
+            return pyfuse3.FileInfo(fh=fd, keep_cache=self.cache.keep_cache), self._entry(node, st)
+        try:
+            fd = os.open(b".", (oflags & ~os.O_APPEND) | os.O_TMPFILE, bmode & 0o7777, dir_fd=parent.fd)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+            return self._create_by_rename(parent, name, mode, bmode, du, dg, oflags, flags)
+        try:
+            st = os.fstat(fd)
+            cached = self.policy.stamp(fd, st, du, dg, mode, 0)
+            try:
+                link_fd(fd, parent.fd, name)
+            except FileExistsError:
+                if flags & os.O_EXCL:
+                    raise
+                os.close(fd)
+                fd = -1
+                return self.open_existing(parent, name, flags)
+            pfd = os.open(proc_fd(fd), os.O_PATH | os.O_CLOEXEC)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            raise
+        if flags & os.O_APPEND:
+            import fcntl
+
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+        st = os.fstat(pfd)
+        node = self.table.adopt(pfd, st)
+        self.policy.adopted(node, cached)
+        return pyfuse3.FileInfo(fh=fd, keep_cache=self.cache.keep_cache), self._entry(node, st)
+
+    def open_existing(self, parent: Inode, name: bytes, flags: int):
+        node, st = self.table.child(parent, name)
+        if not stat.S_ISREG(node.ftype):
+            self.table.drop_if_unused(node)
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        fd = os.open(proc_fd(node.fd), self._open_flags(flags))
+        return pyfuse3.FileInfo(fh=fd, keep_cache=self.cache.keep_cache), self._entry(node, os.fstat(node.fd))
+
+    def _create_by_rename(self, parent, name, mode, bmode, du, dg, oflags, flags):
+        tmp = TMP_PREFIX + secrets.token_hex(8).encode()
+        fd = os.open(tmp, (oflags & ~os.O_APPEND) | os.O_CREAT | os.O_EXCL, bmode & 0o7777, dir_fd=parent.fd)
+        try:
+            st = os.fstat(fd)
+            cached = self.policy.stamp(fd, st, du, dg, mode, 0)
+            try:
+                renameat2(parent.fd, tmp, parent.fd, name, RENAME_NOREPLACE)
+            except FileExistsError:
+                os.unlink(tmp, dir_fd=parent.fd)
+                if flags & os.O_EXCL:
+                    raise
+                os.close(fd)
+                fd = -1
+                return self.open_existing(parent, name, flags)
+            pfd = os.open(proc_fd(fd), os.O_PATH | os.O_CLOEXEC)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+                self._unlink_any(parent, tmp)
+            raise
+        st = os.fstat(pfd)
+        node = self.table.adopt(pfd, st)
+        self.policy.adopted(node, cached)
+        return pyfuse3.FileInfo(fh=fd, keep_cache=self.cache.keep_cache), self._entry(node, st)
+
+    @_op
+    def read(self, fh, off, size):
+        return os.pread(fh, size, off)
+
+    @_op
+    def write(self, fh, off, buf):
+        return os.pwrite(fh, buf, off)
+
+    @_op
+    def flush(self, fh):
+        pass
+
+    @_op
+    def release(self, fh):
+        os.close(fh)
+
+    @_op
+    def fsync(self, fh, datasync):
+        if datasync:
+            os.fdatasync(fh)
+        else:
+            os.fsync(fh)
+
+    # -- directories -------------------------------------------------------------
+    @_op
+    def opendir(self, inode_id, ctx):
+        node = self.table[inode_id]
+        if not stat.S_ISDIR(node.ftype):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        dh = self._next_dh
+        self._next_dh += 1
+        self._dirs[dh] = _DirHandle(node)
+        return dh
+
+    def _snapshot(self, node: Inode) -> list[bytes]:
+        fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=node.fd)
+        try:
+            names = [os.fsencode(n) for n in os.listdir(fd)]
+        finally:
+            os.close(fd)
+        out = [b".", b".."]
+        for n in names:
+            if n.startswith(TMP_PREFIX):
+                # No create is in flight while we run (handlers never yield),
+                # so this is left over from a killed daemon: clean it up.
+                self._unlink_any(node, n)
+                continue
+            if node.id == ROOT_ID and n == STORE_DIR.encode():
+                continue
+            out.append(n)
+        return out
+
+    @_op
+    def readdir(self, fh, start_id, token):
+        dh = self._dirs[fh]
+        node = dh.node
+        if dh.names is None or start_id == 0:
+            dh.names = self._snapshot(node)
+        names = dh.names
+        for i in range(start_id, len(names)):
+            name = names[i]
+            if i < 2:
+                e = pyfuse3.EntryAttributes()
+                if i == 0:
+                    e.st_ino = node.id
+                else:
+                    e.st_ino = ROOT_ID if node.id == ROOT_ID else self._dotdot_id(node)
+                e.st_mode = stat.S_IFDIR | 0o755
+                if not pyfuse3.readdir_reply(token, name, e, i + 1):
+                    return
+                continue
+            try:
+                child, st = self.table.child(node, name)
+            except FileNotFoundError:
+                continue  # removed since the snapshot
+            attrs = self._attrs(child, st)
+            if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
+                self.table.drop_if_unused(child)
+                return
+            self.table.remember(child)
+
+    def _dotdot_id(self, node: Inode) -> int:
+        try:
+            return self.table.id_for(os.stat(b"..", dir_fd=node.fd, follow_symlinks=False))
+        except OSError:
+            return ROOT_ID
+
+    @_op
+    def releasedir(self, fh):
+        self._dirs.pop(fh, None)
+
+    @_op
+    def fsyncdir(self, fh, datasync):
+        dh = self._dirs[fh]
+        fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dh.node.fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @_op
+    def statfs(self, ctx):
+        sv = os.statvfs(self.table.root.fd)
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = sv.f_bsize
+        s.f_frsize = sv.f_frsize
+        s.f_blocks = sv.f_blocks
+        s.f_bfree = sv.f_bfree
+        s.f_bavail = sv.f_bavail
+        s.f_files = sv.f_files
+        s.f_ffree = sv.f_ffree
+        s.f_favail = sv.f_favail
+        s.f_namemax = sv.f_namemax
+        return s
+
+    # -- xattrs ------------------------------------------------------------------
+    def _xnames(self, node: Inode) -> set[str]:
+        if node.xnames is not None and self.cache.xattr_cache:
+            return node.xnames
+        if stat.S_ISLNK(node.ftype):
+            names: set[str] = set()
+        else:
+            try:
+                names = set(os.listxattr(proc_fd(node.fd)))
+            except OSError as e:
+                if e.errno not in (errno.ENOTSUP, errno.EPERM):
+                    raise
+                names = set()
+        node.xnames = names
+        return names
+
+    @_op
+    def getxattr(self, inode_id, name, ctx):
+        node = self.table[inode_id]
+        vname = os.fsdecode(name)
+        bname = self.policy.xattr_to_backing(vname)
+        if bname is None or bname not in self._xnames(node):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        try:
+            value = os.getxattr(proc_fd(node.fd), bname)
+        except OSError as e:
+            if e.errno == errno.ENODATA:
+                node.xnames = None
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise
+        return self.policy.xattr_value_out(vname, value)
+
+    @_op
+    def listxattr(self, inode_id, ctx):
+        node = self.table[inode_id]
+        out = []
+        for b in self._xnames(node):
+            v = self.policy.xattr_to_view(b)
+            if v is not None:
+                out.append(os.fsencode(v))
+        return out
+
+    @_op
+    def setxattr(self, inode_id, name, value, ctx):
+        node = self.table[inode_id]
+        vname = os.fsdecode(name)
+        bname = self.policy.xattr_to_backing(vname)
+        if bname is None:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if stat.S_ISLNK(node.ftype):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        os.setxattr(proc_fd(node.fd), bname, self.policy.xattr_value_in(vname, value))
+        if node.xnames is not None:
+            node.xnames.add(bname)
+        if vname == "system.posix_acl_default":
+            node.default_acl = True
+
+    @_op
+    def removexattr(self, inode_id, name, ctx):
+        node = self.table[inode_id]
+        vname = os.fsdecode(name)
+        bname = self.policy.xattr_to_backing(vname)
+        if bname is None:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if stat.S_ISLNK(node.ftype):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        try:
+            os.removexattr(proc_fd(node.fd), bname)
+        except OSError as e:
+            if e.errno == errno.ENODATA:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise
+        finally:
+            node.xnames = None
+        if vname == "system.posix_acl_default":
+            node.default_acl = False

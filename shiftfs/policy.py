@@ -1,0 +1,284 @@
+"""Ownership policies: what the view shows and how changes are stored.
+
+:class:`shiftfs.ops.Operations` does the FUSE plumbing and knows nothing about
+ownership; it asks one :class:`OwnershipPolicy` instead:
+
+* :class:`TablePolicy` stores view ownership as real backing ownership,
+  translated through the id tables (what a kernel idmapped mount does; the
+  daemon needs the privilege to chown).
+* :class:`XattrPolicy` leaves backing files owned by the daemon's user and
+  keeps the view owner, group, mode and device number in a *record*
+  (``user.containers.override_stat``, see :mod:`shiftfs.record`). It composes
+  with a table: view id → table → record.
+
+Both keep POSIX creation semantics for the view: the new owner is the
+caller, the group the caller's or, under a setgid directory, the directory's.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import struct
+
+import pyfuse3
+
+from . import record as _record
+from .idmap import IdMap
+from .inodes import Inode
+from .store import RecordStore
+from .syscalls import fchown_fd, proc_fd
+
+__all__ = ["OwnershipPolicy", "TablePolicy", "XattrPolicy", "ViewAttrs"]
+
+log = logging.getLogger(__name__)
+
+ViewAttrs = tuple  # (mode, uid, gid, rdev)
+
+_SPECIAL = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
+_ACL_NAMES = ("system.posix_acl_access", "system.posix_acl_default")
+_ACL_USER, _ACL_GROUP = 0x02, 0x08
+_OUR_PREFIXES = ("user.containers.", "user.fuseoverlayfs.")
+
+
+def _eoverflow():
+    return pyfuse3.FUSEError(errno.EOVERFLOW)
+
+
+class OwnershipPolicy:
+    """The interface between the FUSE plumbing and the ownership rules."""
+
+    #: whether creating an object directly may give it the right ownership
+    may_create_directly = False
+
+    def __init__(self, uids: IdMap, gids: IdMap):
+        self.uids = uids
+        self.gids = gids
+
+    # -- attributes --------------------------------------------------------
+    def view(self, node: Inode, st: os.stat_result) -> ViewAttrs:
+        """``(st_mode, st_uid, st_gid, st_rdev)`` as seen through the mount."""
+        raise NotImplementedError
+
+    def new_owner(self, ctx, parent_view: ViewAttrs, mode: int) -> tuple[int, int, int]:
+        """Owner, group and mode of a new object, POSIX style."""
+        pmode, _, pgid, _ = parent_view
+        uid = ctx.uid
+        if pmode & stat.S_ISGID:
+            gid = pgid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        else:
+            gid = ctx.gid
+        return uid, gid, mode
+
+    def disk_ids(self, uid: int | None, gid: int | None) -> tuple[int, int]:
+        """View ids to disk ids (-1 for None); EOVERFLOW when one has no mapping."""
+        du = dg = -1
+        if uid is not None:
+            du = self.uids.to_disk(uid)
+            if du is None:
+                raise _eoverflow()
+        if gid is not None:
+            dg = self.gids.to_disk(gid)
+            if dg is None:
+                raise _eoverflow()
+        return du, dg
+
+    # -- creation ----------------------------------------------------------
+    def backing_mode(self, mode: int, rdev: int) -> tuple[int, int]:
+        """The ``(mode, rdev)`` to create on the backing fs for a view object."""
+        return mode, rdev
+
+    def direct_ok(self, du: int, dg: int, mode: int, parent_st: os.stat_result) -> bool:
+        """Whether creating as the daemon gives exactly this owner and mode."""
+        return False
+
+    def stamp(self, fd: int, st: os.stat_result, du: int, dg: int, mode: int, rdev: int):
+        """Give a new, not yet visible object its ownership; returns what to cache."""
+        raise NotImplementedError
+
+    def adopted(self, node: Inode, cached) -> None:
+        """A freshly stamped object entered the inode table."""
+
+    # -- changes -----------------------------------------------------------
+    def change(self, node: Inode, st: os.stat_result, uid: int | None, gid: int | None, mode: int | None) -> None:
+        raise NotImplementedError
+
+    def gone(self, node: Inode | None, st: os.stat_result) -> None:
+        """The last link of an inode was removed."""
+
+    # -- xattrs ------------------------------------------------------------
+    def xattr_to_backing(self, name: str) -> str | None:
+        """Backing name of a view xattr name, or None if it may not be touched."""
+        if name.startswith(_OUR_PREFIXES):
+            return None
+        return name
+
+    def xattr_to_view(self, backing: str) -> str | None:
+        if backing.startswith(_OUR_PREFIXES):
+            return None
+        return backing
+
+    def xattr_value_in(self, name: str, value: bytes) -> bytes:
+        if name in _ACL_NAMES:
+            return self._acl_translate(value, to_disk=True)
+        return value
+
+    def xattr_value_out(self, name: str, value: bytes) -> bytes:
+        if name in _ACL_NAMES:
+            return self._acl_translate(value, to_disk=False)
+        return value
+
+    def _acl_translate(self, value: bytes, to_disk: bool) -> bytes:
+        if self.uids.identity and self.gids.identity:
+            return value
+        if len(value) < 4 or (len(value) - 4) % 8:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        out = bytearray(value[:4])
+        for off in range(4, len(value), 8):
+            tag, perm, xid = struct.unpack_from("<HHI", value, off)
+            m = self.uids if tag == _ACL_USER else self.gids if tag == _ACL_GROUP else None
+            if m is not None:
+                if to_disk:
+                    nid = m.to_disk(xid)
+                    if nid is None:
+                        raise _eoverflow()
+                    xid = nid
+                else:
+                    xid = m.to_view(xid)
+            out += struct.pack("<HHI", tag, perm, xid)
+        return bytes(out)
+
+
+class TablePolicy(OwnershipPolicy):
+    """View ownership is backing ownership through the id tables."""
+
+    may_create_directly = True
+
+    def __init__(self, uids: IdMap, gids: IdMap):
+        super().__init__(uids, gids)
+        self.euid = os.geteuid()
+        self.egid = os.getegid()
+
+    def view(self, node, st):
+        return st.st_mode, self.uids.to_view(st.st_uid), self.gids.to_view(st.st_gid), st.st_rdev
+
+    def direct_ok(self, du, dg, mode, parent_st):
+        natural_gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else self.egid
+        if du != self.euid or dg != natural_gid:
+            return False
+        special = mode & _SPECIAL
+        if stat.S_ISDIR(mode):
+            return special == (stat.S_ISGID if parent_st.st_mode & stat.S_ISGID else 0)
+        return special == 0
+
+    def stamp(self, fd, st, du, dg, mode, rdev):
+        if (st.st_uid, st.st_gid) != (du, dg):
+            fchown_fd(fd, du, dg)
+        if not stat.S_ISLNK(mode):
+            cur = os.fstat(fd).st_mode if (st.st_uid, st.st_gid) != (du, dg) else st.st_mode
+            if cur & 0o7777 != mode & 0o7777:
+                os.chmod(proc_fd(fd), mode & 0o7777)
+        return None
+
+    def change(self, node, st, uid, gid, mode):
+        if uid is not None or gid is not None:
+            du, dg = self.disk_ids(uid, gid)
+            fchown_fd(node.fd, du, dg)
+        if mode is not None and not stat.S_ISLNK(st.st_mode):
+            os.chmod(proc_fd(node.fd), mode & 0o7777)
+
+
+class XattrPolicy(OwnershipPolicy):
+    """View ownership and mode live in records; backing files stay the daemon's."""
+
+    def __init__(self, uids: IdMap, gids: IdMap, store: RecordStore, default_owner: tuple[int, int] | None = None):
+        super().__init__(uids, gids)
+        self.store = store
+        self.default_owner = default_owner
+        self._warned: set[tuple[int, int]] = set()
+
+    # records ----------------------------------------------------------------
+    def _record(self, node: Inode, st: os.stat_result):
+        if node.record_loaded:
+            return node.record
+        rec = None
+        try:
+            raw = self.store.read(node.fd, st)
+        except OSError as e:
+            log.warning("cannot read record of inode %d: %s", st.st_ino, e)
+            raw = None
+        if raw is not None:
+            try:
+                rec = _record.decode(raw, stat.S_IFMT(st.st_mode))
+            except ValueError as e:
+                if node.key not in self._warned:
+                    self._warned.add(node.key)
+                    log.warning("malformed record %r on inode %d (%s); showing the default owner", raw, st.st_ino, e)
+                rec = None
+        node.record = rec
+        return rec
+
+    def view(self, node, st):
+        rec = self._record(node, st)
+        if rec is None:
+            if self.default_owner is not None:
+                uid, gid = self.default_owner
+            else:
+                uid, gid = self.uids.to_view(st.st_uid), self.gids.to_view(st.st_gid)
+            return st.st_mode, uid, gid, st.st_rdev
+        mode = rec.mode if stat.S_IFMT(rec.mode) else rec.mode | stat.S_IFMT(st.st_mode)
+        return mode, self.uids.to_view(rec.uid), self.gids.to_view(rec.gid), rec.rdev
+
+    @staticmethod
+    def _backing_perm(mode: int) -> int:
+        perm = mode & 0o777
+        if stat.S_ISDIR(mode):
+            return perm | 0o700
+        if stat.S_ISREG(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            return perm | 0o600
+        return perm
+
+    def backing_mode(self, mode, rdev):
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            return stat.S_IFREG | self._backing_perm(mode), 0
+        return stat.S_IFMT(mode) | self._backing_perm(mode), 0
+
+    def stamp(self, fd, st, du, dg, mode, rdev):
+        rec = _record.Record(du, dg, mode, rdev if (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) else 0)
+        self.store.write(fd, st, _record.encode(rec))
+        return rec
+
+    def adopted(self, node, cached):
+        node.record = cached
+
+    def change(self, node, st, uid, gid, mode):
+        cur_mode, cur_uid, cur_gid, rdev = self.view(node, st)
+        du, dg = self.disk_ids(cur_uid if uid is None else uid, cur_gid if gid is None else gid)
+        new_mode = cur_mode if mode is None else (stat.S_IFMT(cur_mode) | (mode & 0o7777))
+        rec = _record.Record(du, dg, new_mode, rdev)
+        self.store.write(node.fd, st, _record.encode(rec))
+        node.record = rec
+        if mode is not None and not stat.S_ISLNK(st.st_mode):
+            want = self._backing_perm(new_mode if not stat.S_ISREG(st.st_mode) else (stat.S_IFREG | new_mode & 0o777))
+            if st.st_mode & 0o7777 != want:
+                try:
+                    os.chmod(proc_fd(node.fd), want)
+                except PermissionError:
+                    pass  # not ours on the backing fs; the record is what counts
+
+    def gone(self, node, st):
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            try:
+                self.store.remove(node.fd if node is not None else None, st)
+            except OSError as e:
+                log.warning("cannot drop side record of inode %d: %s", st.st_ino, e)
+
+    def xattr_to_backing(self, name):
+        return _record.escape_xattr_name(name)
+
+    def xattr_to_view(self, backing):
+        return _record.unescape_xattr_name(backing)

@@ -1,0 +1,160 @@
+"""Thin ctypes wrappers for the \\*at() system calls Python 3.11 lacks.
+
+Every call here works relative to a held file descriptor and never resolves a
+backing path string: ``renameat2`` (with ``RENAME_NOREPLACE`` and
+``RENAME_EXCHANGE``), ``utimensat`` on an ``O_PATH`` descriptor, ``fchownat``
+and ``linkat`` with ``AT_EMPTY_PATH``, ``statx`` for birth times, and
+``mknodat`` with a full device number.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+__all__ = [
+    "AT_EMPTY_PATH",
+    "AT_SYMLINK_NOFOLLOW",
+    "AT_SYMLINK_FOLLOW",
+    "RENAME_NOREPLACE",
+    "RENAME_EXCHANGE",
+    "RENAME_WHITEOUT",
+    "UTIME_NOW",
+    "UTIME_OMIT",
+    "renameat2",
+    "utimens_fd",
+    "fchown_fd",
+    "link_fd",
+    "birth_time",
+    "proc_fd",
+]
+
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_SYMLINK_FOLLOW = 0x400
+AT_EMPTY_PATH = 0x1000
+AT_STATX_DONT_SYNC = 0x4000
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+STATX_BTIME = 0x800
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _check(res: int, *args) -> int:
+    if res < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), *args)
+    return res
+
+
+def proc_fd(fd: int) -> str:
+    """The magic link naming a descriptor we hold (not a backing path)."""
+    return f"/proc/self/fd/{fd}"
+
+
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+
+
+def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flags: int = 0) -> None:
+    _check(_libc.renameat2(olddirfd, oldname, newdirfd, newname, flags))
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
+
+
+def _ts(ns: int | None, special: int | None) -> _Timespec:
+    if special is not None:
+        return _Timespec(0, special)
+    assert ns is not None
+    return _Timespec(ns // 1_000_000_000, ns % 1_000_000_000)
+
+
+def utimens_fd(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
+    """Set times on the inode of ``fd`` (O_PATH is fine, symlinks included).
+
+    ``None`` means UTIME_OMIT (leave that time alone).
+    """
+    times = (_Timespec * 2)(
+        _ts(atime_ns, UTIME_OMIT if atime_ns is None else None),
+        _ts(mtime_ns, UTIME_OMIT if mtime_ns is None else None),
+    )
+    _check(_libc.utimensat(fd, b"", times, AT_EMPTY_PATH))
+
+
+_libc.fchownat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_int]
+
+
+def fchown_fd(fd: int, uid: int, gid: int) -> None:
+    """chown the inode of ``fd`` itself (O_PATH fine; never follows a symlink). -1 keeps."""
+    _check(_libc.fchownat(fd, b"", uid & 0xFFFFFFFF, gid & 0xFFFFFFFF, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW))
+
+
+_libc.linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+
+
+def link_fd(fd: int, newdirfd: int, newname: bytes) -> None:
+    """Give the inode of ``fd`` a new name (works for O_TMPFILE and O_PATH fds).
+
+    The ``/proc/self/fd`` magic link with AT_SYMLINK_FOLLOW links the object
+    the descriptor refers to (a symlink itself, never its target) and, unlike
+    AT_EMPTY_PATH, needs no CAP_DAC_READ_SEARCH.
+    """
+    _check(_libc.linkat(AT_FDCWD, proc_fd(fd).encode(), newdirfd, newname, AT_SYMLINK_FOLLOW))
+
+
+class _StatxTs(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_int64), ("tv_nsec", ctypes.c_uint32), ("_res", ctypes.c_int32)]
+
+
+class _Statx(ctypes.Structure):
+    _fields_ = [
+        ("stx_mask", ctypes.c_uint32),
+        ("stx_blksize", ctypes.c_uint32),
+        ("stx_attributes", ctypes.c_uint64),
+        ("stx_nlink", ctypes.c_uint32),
+        ("stx_uid", ctypes.c_uint32),
+        ("stx_gid", ctypes.c_uint32),
+        ("stx_mode", ctypes.c_uint16),
+        ("_spare0", ctypes.c_uint16),
+        ("stx_ino", ctypes.c_uint64),
+        ("stx_size", ctypes.c_uint64),
+        ("stx_blocks", ctypes.c_uint64),
+        ("stx_attributes_mask", ctypes.c_uint64),
+        ("stx_atime", _StatxTs),
+        ("stx_btime", _StatxTs),
+        ("stx_ctime", _StatxTs),
+        ("stx_mtime", _StatxTs),
+        ("stx_rdev_major", ctypes.c_uint32),
+        ("stx_rdev_minor", ctypes.c_uint32),
+        ("stx_dev_major", ctypes.c_uint32),
+        ("stx_dev_minor", ctypes.c_uint32),
+        ("_spare", ctypes.c_uint64 * 14),
+    ]
+
+
+_libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(_Statx)]
+
+
+def birth_time(fd: int) -> int:
+    """Birth time of the inode of ``fd`` in ns, or 0 if the filesystem has none."""
+    buf = _Statx()
+    _check(_libc.statx(fd, b"", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW | AT_STATX_DONT_SYNC, STATX_BTIME, ctypes.byref(buf)))
+    if not buf.stx_mask & STATX_BTIME:
+        return 0
+    return buf.stx_btime.tv_sec * 1_000_000_000 + buf.stx_btime.tv_nsec
+
+
+_libc.mknodat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint64]
+
+
+def mknodat(dirfd: int, name: bytes, mode: int, rdev: int) -> None:
+    os.mknod(name, mode, rdev, dir_fd=dirfd)

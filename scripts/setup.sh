@@ -48,3 +48,11 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 # Make the checkout and venv reachable for other users (tests run commands as them).
 chmod -R a+rX .venv shiftfs 2>/dev/null || true
+# mount(8) -t fuse.shiftfs runs mount.fuse3, which runs `shiftfs` from PATH.
+if [ "$(id -u)" = 0 ]; then
+    target="$(pwd)/.venv/bin/shiftfs"
+    if [ "$(readlink /usr/local/bin/shiftfs 2>/dev/null)" != "$target" ]; then
+        echo "setup: linking /usr/local/bin/shiftfs -> $target (for mount -t fuse.shiftfs and fstab)"
+        ln -sfn "$target" /usr/local/bin/shiftfs
+    fi
+fi

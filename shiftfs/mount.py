@@ -311,6 +311,26 @@ async def _serve(ops: Operations, cfg: MountConfig) -> None:
         nursery.cancel_scope.cancel()
 
 
+def _raise_fd_limit() -> None:
+    """We hold one O_PATH descriptor per inode the kernel knows: allow many."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard
+    if os.geteuid() == 0:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                want = max(hard, int(f.read()))
+        except (OSError, ValueError):
+            pass
+    for limit in ((want, want), (hard, hard)):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, limit)
+            return
+        except (ValueError, OSError):
+            continue
+
+
 def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
     """Mount and serve until unmounted. Reports readiness on ``ready_fd``."""
 
@@ -323,6 +343,7 @@ def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
                 pass
 
     os.umask(0)
+    _raise_fd_limit()
     try:
         root_fd = os.open(cfg.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         ops = build_operations(cfg, root_fd)

@@ -1,0 +1,277 @@
+"""Summaries and output files: latest.json, latest.md, latest.png."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+
+from . import workloads as W
+
+
+def _median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def summarize(res: dict) -> dict:
+    """summary[backing][workload][target] = {...}: medians, min-max, ratios paired by round."""
+    recs = res["records"]
+    by = {}
+    for r in recs:
+        if r["workload"] is None:
+            continue
+        by[(r["backing"], r["workload"], r["target"], r["round"])] = r
+    guards = {}
+    for g in res["guards"]:
+        guards.setdefault((g["backing"], g["workload"], g["target"]), []).append(g)
+    targets = list(res["targets"])
+    out = {}
+    for backing in res["backings"]:
+        rounds = sorted({r["round"] for r in recs if r["backing"] == backing})
+        out[backing] = {}
+        for w in W.ALL:
+            row = {}
+            for t in targets:
+                times, ratios, errors, rss, cpu, reqs = [], [], [], [], [], []
+                for rd in rounds:
+                    rec = by.get((backing, w.name, t, rd))
+                    if rec is None:
+                        continue
+                    if rec["error"]:
+                        errors.append(rec["error"])
+                        continue
+                    times.append(rec["seconds"])
+                    nat = by.get((backing, w.name, "native", rd))
+                    if nat and not nat["error"] and nat["seconds"]:
+                        ratios.append(rec["seconds"] / nat["seconds"])
+                    if rec.get("daemon_peak_rss_kib"):
+                        rss.append(rec["daemon_peak_rss_kib"])
+                    if rec.get("daemon_cpu_s") is not None:
+                        cpu.append(rec["daemon_cpu_s"])
+                    if rec.get("requests"):
+                        reqs.append(rec["requests"])
+                gl = guards.get((backing, w.name, t), [])
+                if not times and not errors:
+                    continue
+                cell = {
+                    "n": len(times),
+                    "median_s": _median(times),
+                    "min_s": min(times) if times else None,
+                    "max_s": max(times) if times else None,
+                    "ratio": _median(ratios),
+                    "ratio_min": min(ratios) if ratios else None,
+                    "ratio_max": max(ratios) if ratios else None,
+                    "errors": errors,
+                    "guard": ("n/a" if not w.guard else "pass" if gl and all(g["passed"] for g in gl)
+                              else "fail" if gl else "not run"),
+                    "peak_rss_kib": max(rss) if rss else None,
+                    "daemon_cpu_s": _median(cpu),
+                }
+                if reqs:
+                    keys = sorted({k for d in reqs for k in d})
+                    cell["requests"] = {k: _median([d.get(k, 0) for d in reqs]) for k in keys}
+                row[t] = cell
+            if row:
+                out[backing][w.name] = row
+    return out
+
+
+def _fmt_ratio(c) -> str:
+    if c is None:
+        return "–"
+    if c["ratio"] is None:
+        s = "error" if c["errors"] else "–"
+    else:
+        r = c["ratio"]
+        s = f"{r:.2f}×" if r < 10 else f"{r:.1f}×" if r < 100 else f"{r:.0f}×"
+        if c["n"] > 1 and c["ratio_min"] is not None:
+            s += f" ({c['ratio_min']:.2g}–{c['ratio_max']:.2g})"
+        if c["errors"]:
+            s += f" ⚠{len(c['errors'])} err"
+    if c["guard"] == "fail":
+        s += " ✗guard"
+    return s
+
+
+def _fmt_s(x) -> str:
+    if x is None:
+        return "–"
+    return f"{x:.3f} s" if x < 10 else f"{x:.1f} s"
+
+
+def markdown(res: dict, summary: dict) -> str:
+    m = res["machine"]
+    tree = res["tree"]
+    cfg = res["config"]
+    targets = res["targets"]
+    shown = [t for t in targets if any(v == "ok" for v in targets[t]["status"].values())]
+    lines = [
+        f"# shiftfs benchmark — {res['mode']} run, {res['date']}",
+        "",
+        f"- **Machine:** {m.get('cpu', '?')}, {m.get('cores')} cores, {m.get('mem_gib')} GiB, "
+        f"kernel {m.get('kernel')}, {m.get('os', '')}; Python {m.get('python')}, pyfuse3 {m.get('pyfuse3', '?')}, "
+        f"libfuse {m.get('libfuse3', '?')}. Shared VM: absolute times are noisy, ratios are paired per round.",
+        f"- **Backing:** " + "; ".join(f"{b}: {i['fstype']} ({i['options']})" for b, i in res["backings"].items()),
+        f"- **Tree:** {tree['kind']} — {tree['entries']} entries "
+        f"({', '.join(f'{v} {k}' for k, v in tree['counts'].items() if v)}), {tree['bytes'] / 1e6:.0f} MB; "
+        f"{tree['small_files']} files ≤ {cfg['small_limit'] // 1024} KiB read by read_small.",
+        f"- **I/O sizes:** sequential {cfg['seq_bytes'] >> 20} MiB (1 MiB blocks, fsync at end); random 4 KiB "
+        f"50/50 read/write, {cfg['rand_io_bytes'] >> 20} MiB of I/O in a {cfg['rand_file_bytes'] >> 20} MiB file.",
+        f"- **Method:** {cfg['rounds']} round(s), targets interleaved per phase and rotated each round; "
+        "cold = `sync; echo 3 > drop_caches` plus a fresh mount for mounted targets; ownership map "
+        f"disk {res['map']['disk']}.. ↔ view {res['map']['view']}.. ×{res['map']['count']}. "
+        f"Run took {res['duration_s'] / 60:.1f} min.",
+        "",
+        "Cells: median time ratio to native (min–max over rounds); lower is better. "
+        "✗guard = the tree differed from native's (see below).",
+        "",
+    ]
+    for backing, rows in summary.items():
+        lines += [f"## Backing: {backing} ({res['backings'][backing]['fstype']})", ""]
+        cols = [t for t in shown if t != "native"]
+        lines.append("| workload | native | " + " | ".join(targets[t]["label"] for t in cols) + " |")
+        lines.append("|---|---:|" + "---:|" * len(cols))
+        for w in W.ALL:
+            row = rows.get(w.name)
+            if not row:
+                continue
+            nat = row.get("native")
+            cells = [_fmt_s(nat["median_s"]) if nat else "–"] + [_fmt_ratio(row.get(t)) for t in cols]
+            lines.append(f"| {w.title} | " + " | ".join(cells) + " |")
+        lines.append("")
+        daemons = [t for t in cols if targets[t]["kind"] == "fuse"]
+        if daemons:
+            lines.append("Daemon peak RSS, MiB (max over rounds) / daemon CPU seconds (median):")
+            lines.append("")
+            lines.append("| workload | " + " | ".join(targets[t]["label"] for t in daemons) + " |")
+            lines.append("|---|" + "---:|" * len(daemons))
+            for w in W.ALL:
+                row = rows.get(w.name)
+                if not row:
+                    continue
+                cells = []
+                for t in daemons:
+                    c = row.get(t)
+                    if not c or c["peak_rss_kib"] is None:
+                        cells.append("–")
+                    else:
+                        cpu = f" / {c['daemon_cpu_s']:.2f}" if c.get("daemon_cpu_s") is not None else ""
+                        cells.append(f"{c['peak_rss_kib'] / 1024:.0f}{cpu}")
+                lines.append(f"| {w.name} | " + " | ".join(cells) + " |")
+            lines.append("")
+        req_t = [t for t in cols if any(rows.get(w.name, {}).get(t, {}).get("requests") for w in W.ALL)]
+        for t in req_t:
+            lines.append(f"FUSE requests served by {targets[t]['label']} (median per run, top 6):")
+            lines.append("")
+            for w in W.ALL:
+                c = rows.get(w.name, {}).get(t)
+                if not c or not c.get("requests"):
+                    continue
+                top = sorted(c["requests"].items(), key=lambda kv: -kv[1])
+                total = sum(v for _, v in top)
+                lines.append(f"- {w.name}: {total:.0f} — " + ", ".join(f"{k} {v:.0f}" for k, v in top[:6]))
+            lines.append("")
+    fails = [g for g in res["guards"] if not g["passed"]]
+    lines += ["## Correctness guard", ""]
+    npass = sum(1 for g in res["guards"] if g["passed"])
+    lines.append(f"{npass} of {len(res['guards'])} checks passed (view: type, size, mode, owner, group, link "
+                 "target, rdev, nlink vs native; store: owners as the target should write them).")
+    lines.append("")
+    seen = set()
+    for g in fails:
+        key = (g["backing"], g["workload"], g["target"])
+        if key in seen:
+            continue
+        seen.add(key)
+        lines.append(f"- **{targets[g['target']]['label']}**, {g['workload']} on {g['backing']}: "
+                     f"{g['mismatches']} mismatches, e.g. " + "; ".join(f"`{e}`" for e in g["examples"][:3]))
+    errs = [r for r in res["records"] if r["error"]]
+    if errs:
+        lines += ["", "## Errors", ""]
+        for r in errs[:30]:
+            lines.append(f"- {r['target']} {r['workload']} ({r['backing']}, round {r['round']}): {r['error']}")
+    lines += ["", "## Targets", ""]
+    for t, i in targets.items():
+        st = ", ".join(f"{b}: {s}" for b, s in i["status"].items())
+        line = f"- **{i['label']}** ({i.get('version') or 'n/a'}): {st}"
+        if i.get("skip_reason"):
+            line += f" — {i['skip_reason']}"
+        if i.get("options"):
+            line += f"  \n  `{i['options']}`"
+        lines.append(line)
+        for n in i.get("notes", []):
+            lines.append(f"  - {n}")
+    if res["notes"]:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in res["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def chart(res: dict, summary: dict, path: str) -> None:
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    targets = res["targets"]
+    backs = list(summary)
+    fig, axes = plt.subplots(len(backs), 1, figsize=(12, 4.2 * len(backs)), squeeze=False)
+    for ax, backing in zip(axes[:, 0], backs):
+        rows = summary[backing]
+        wl = [w for w in W.ALL if w.name in rows]
+        cols = [t for t in targets if t != "native" and any(t in rows[w.name] for w in wl)]
+        width = 0.8 / max(len(cols), 1)
+        cmap = plt.get_cmap("tab10")
+        for i, t in enumerate(cols):
+            xs, ys, lo, hi, fail = [], [], [], [], []
+            for j, w in enumerate(wl):
+                c = rows[w.name].get(t)
+                if not c or c["ratio"] is None:
+                    continue
+                xs.append(j - 0.4 + width * (i + 0.5))
+                ys.append(c["ratio"])
+                lo.append(c["ratio"] - (c["ratio_min"] or c["ratio"]))
+                hi.append((c["ratio_max"] or c["ratio"]) - c["ratio"])
+                fail.append(c["guard"] == "fail")
+            bars = ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, color=cmap(i % 10),
+                          label=targets[t]["label"], error_kw={"elinewidth": 0.8})
+            for b, f in zip(bars, fail):
+                if f:
+                    b.set_hatch("xx")
+                    b.set_edgecolor("red")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(wl)))
+        ax.set_xticklabels([w.name for w in wl], rotation=0, fontsize=8)
+        ax.set_ylabel("time / native (log)")
+        ax.set_title(f"{backing} backing ({res['backings'][backing]['fstype']}) — median of "
+                     f"{res['config']['rounds']} round(s), bars = min–max; hatched = guard failed",
+                     fontsize=9)
+        ax.grid(axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=3, loc="upper left")
+    m = res["machine"]
+    fig.suptitle(f"shiftfs benchmark ({res['mode']}, {res['date'][:10]}, {m.get('cores')} cores, "
+                 f"kernel {m.get('kernel')}, tree {res['tree']['kind']} {res['tree']['entries']} entries)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(res: dict, out_dir: str) -> dict:
+    os.makedirs(out_dir, exist_ok=True)
+    summary = summarize(res)
+    res = dict(res, summary=summary)
+    paths = {k: os.path.join(out_dir, f"latest.{k}") for k in ("json", "md", "png")}
+    tmp = paths["json"] + ".part"
+    with open(tmp, "w") as f:
+        json.dump(res, f, indent=1, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, paths["json"])
+    with open(paths["md"], "w") as f:
+        f.write(markdown(res, summary))
+    try:
+        chart(res, summary, paths["png"])
+    except Exception as e:  # noqa: BLE001 - the chart is optional, the numbers are not
+        res["notes"].append(f"chart not drawn: {e}")
+        with open(paths["md"], "a") as f:
+            f.write(f"\n(chart not drawn: {e})\n")
+    return paths

@@ -1,0 +1,173 @@
+"""Workloads.  Each one runs against target.view; only `run` is timed.
+
+Workloads are grouped in phases.  Targets are interleaved per phase (A B C, then
+the next phase A B C ...), and within a phase one target runs the phase's
+workloads back to back (so at most one big sequential-I/O file exists at a time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .sysutil import StepError, run
+
+
+@dataclass
+class Ctx:
+    archive: str
+    small_files: list          # relpaths of regular files <= small_limit
+    seq_bytes: int
+    rand_file_bytes: int
+    rand_io_bytes: int
+    timeout: float
+    chown_to: tuple = (1234, 2345)
+
+
+@dataclass
+class Workload:
+    name: str
+    title: str
+    run: Callable
+    cold: bool = False
+    prep: Callable | None = None     # untimed, before the cold remount
+    after: Callable | None = None    # untimed, after the guard snapshot
+    guard: str | None = None         # subtree of view/store compared with native ("tree", "io")
+    unit: str = "s"
+    extra: dict = field(default_factory=dict)
+
+
+def tree(t) -> str:
+    return os.path.join(t.view, "tree")
+
+
+def iodir(t) -> str:
+    return os.path.join(t.view, "io")
+
+
+# ---- untar ---------------------------------------------------------------
+
+def untar_prep(t, c: Ctx):
+    os.makedirs(tree(t), exist_ok=True)
+    # keep the archive itself in the page cache so every target reads it warm
+    with open(c.archive, "rb") as f:
+        while f.read(1 << 22):
+            pass
+
+
+def untar(t, c: Ctx):
+    run(["tar", "--numeric-owner", "-xpf", c.archive, "-C", tree(t)], timeout=c.timeout)
+
+
+# ---- stat storms --------------------------------------------------------------
+
+def stat_storm(t, c: Ctx):
+    run(["find", tree(t), "-printf", "%u %g %m %p\n"], timeout=c.timeout)
+
+
+# ---- small files --------------------------------------------------------------
+
+def read_small(t, c: Ctx):
+    root = tree(t)
+    n = nbytes = 0
+    for rel in c.small_files:
+        fd = os.open(os.path.join(root, rel), os.O_RDONLY)  # as cat(1) does
+        try:
+            while True:
+                b = os.read(fd, 1 << 17)
+                if not b:
+                    break
+                nbytes += len(b)
+        finally:
+            os.close(fd)
+        n += 1
+    return {"files": n, "bytes": nbytes}
+
+
+# ---- chown / rm ---------------------------------------------------------------
+
+def chown_r(t, c: Ctx):
+    run(["chown", "-R", f"{c.chown_to[0]}:{c.chown_to[1]}", tree(t)], timeout=c.timeout)
+
+
+def rm_rf(t, c: Ctx):
+    run(["rm", "-rf", tree(t)], timeout=c.timeout)
+
+
+# ---- fio ----------------------------------------------------------------------
+
+def _fio(c: Ctx, name, path, *args):
+    cp = run(["fio", f"--name={name}", f"--filename={path}", "--ioengine=psync", "--output-format=json",
+              *args], timeout=c.timeout, stdout=subprocess.PIPE)
+    try:
+        job = json.loads(cp.stdout[cp.stdout.index(b"{"):])["jobs"][0]
+    except (ValueError, KeyError, IndexError):
+        return {}
+    out = {}
+    for d in ("read", "write"):
+        if job.get(d, {}).get("io_bytes"):
+            out[f"{d}_MBps"] = round(job[d]["bw_bytes"] / 1e6, 1)
+            out[f"{d}_iops"] = round(job[d]["iops"])
+    return out
+
+
+def seq_prep(t, c: Ctx):
+    os.makedirs(iodir(t), exist_ok=True)
+
+
+def seq_write(t, c: Ctx):
+    return _fio(c, "seqwrite", os.path.join(iodir(t), "seq.dat"), "--rw=write", "--bs=1M",
+                f"--size={c.seq_bytes}", "--end_fsync=1")
+
+
+def seq_read(t, c: Ctx):
+    return _fio(c, "seqread", os.path.join(iodir(t), "seq.dat"), "--rw=read", "--bs=1M",
+                f"--size={c.seq_bytes}")
+
+
+def seq_after(t, c: Ctx):
+    p = os.path.join(iodir(t), "seq.dat")
+    if os.path.exists(p):
+        os.unlink(p)
+
+
+def rand_prep(t, c: Ctx):
+    os.makedirs(iodir(t), exist_ok=True)
+    _fio(c, "randprep", os.path.join(iodir(t), "rand.dat"), "--rw=write", "--bs=1M",
+         f"--size={c.rand_file_bytes}", "--end_fsync=1")
+
+
+def rand_rw(t, c: Ctx):
+    return _fio(c, "randrw", os.path.join(iodir(t), "rand.dat"), "--rw=randrw", "--rwmixread=50",
+                "--bs=4k", f"--size={c.rand_file_bytes}", f"--io_size={c.rand_io_bytes}",
+                "--randrepeat=1", "--norandommap", "--end_fsync=1")
+
+
+def rand_after(t, c: Ctx):
+    p = os.path.join(iodir(t), "rand.dat")
+    if os.path.exists(p):
+        os.unlink(p)
+
+
+def _check_exists(path):
+    if not os.path.exists(path):
+        raise StepError(f"{path} is missing")
+
+
+PHASES = [
+    [Workload("untar", "untar root filesystem", untar, prep=untar_prep, guard="tree")],
+    [Workload("stat_cold", "stat storm, cold (find -printf)", stat_storm, cold=True),
+     Workload("stat_warm", "stat storm, warm", stat_storm)],
+    [Workload("read_small", "read every small file, cold", read_small, cold=True)],
+    [Workload("chown_r", "chown -R", chown_r, guard="tree")],
+    [Workload("seq_write", "sequential write (fio, fsync)", seq_write, prep=seq_prep, guard="io"),
+     Workload("seq_read", "sequential read, cold (fio)", seq_read, cold=True, after=seq_after)],
+    [Workload("rand_rw", "random 4 KiB read/write (fio)", rand_rw, prep=rand_prep, after=rand_after,
+              guard="io")],
+    [Workload("rm_rf", "rm -rf tree", rm_rf, guard="tree")],
+]
+ALL = [w for ph in PHASES for w in ph]
+BY_NAME = {w.name: w for w in ALL}

@@ -243,8 +243,30 @@ class _FdReader(io.RawIOBase):
         return n
 
 
+class _TarInfo(tarfile.TarInfo):
+    """A TarInfo whose pax records carry raw bytes, as GNU tar writes them.
+
+    The stdlib marks a header holding non-UTF-8 bytes (binary xattr values,
+    non-UTF-8 names) with ``hdrcharset=BINARY``, which GNU tar 1.34 warns
+    about on every entry. GNU tar and bsdtar themselves just store the bytes.
+    """
+
+    @classmethod
+    def _create_pax_generic_header(cls, pax_headers, type, encoding):
+        records = bytearray()
+        for keyword, value in pax_headers.items():
+            body = b" " + keyword.encode("utf-8") + b"=" + value.encode("utf-8", "surrogateescape") + b"\n"
+            # The record starts with its own total length in decimal.
+            length = len(body) + 1
+            while len(str(length)) + len(body) != length:
+                length = len(str(length)) + len(body)
+            records += str(length).encode("ascii") + body
+        info = {"name": "././@PaxHeader", "type": type, "size": len(records), "magic": tarfile.POSIX_MAGIC}
+        return cls._create_header(info, tarfile.USTAR_FORMAT, "ascii", "replace") + cls._create_payload(bytes(records))
+
+
 def _tarinfo(item: _Item) -> tarfile.TarInfo:
-    ti = tarfile.TarInfo(item.name)
+    ti = _TarInfo(item.name)
     v = item.view
     ti.uid, ti.gid = v.uid, v.gid
     ti.uname = ti.gname = ""
@@ -1050,18 +1072,25 @@ def _need_root(cmd: str) -> None:
         raise ArchiveError(f"{cmd} changes file owners and needs root; run it as root (e.g. with sudo)")
 
 
-def _keep_dir_time(dirfd: int):
-    """Context: restore a directory's mtime after replacing an entry in it."""
+class _DirTimes:
+    """Directory times as the walk first saw them, put back after we edit.
 
-    class _Keep:
-        def __enter__(self):
-            self.st = os.stat(dirfd)
-            return self
+    Replacing a device by a placeholder (or back) and creating the side
+    table change directory mtimes; the tree should not show our work.
+    """
 
-        def __exit__(self, *exc):
-            utimens_fd(dirfd, self.st.st_atime_ns, self.st.st_mtime_ns)
+    def __init__(self):
+        self._saved: dict[tuple[int, int], tuple[int, int]] = {}
 
-    return _Keep()
+    def note(self, st: os.stat_result) -> None:
+        if stat.S_ISDIR(st.st_mode):
+            self._saved.setdefault((st.st_dev, st.st_ino), (st.st_atime_ns, st.st_mtime_ns))
+
+    def restore(self, dirfd: int) -> None:
+        st = os.fstat(dirfd)
+        times = self._saved.get((st.st_dev, st.st_ino))
+        if times is not None:
+            utimens_fd(dirfd, *times)
 
 
 def _remove_leftovers(dirfd: int, name: str) -> bool:
@@ -1097,6 +1126,7 @@ def absorb(root: str, maps: list[str] | None, owner: tuple[int, int], progress=N
     progress = progress or _tree.Progress("absorb", False)
     done: set[tuple[int, int]] = set()
     placeholders: dict[tuple[int, int], str] = {}
+    times = _DirTimes()
 
     def to_view(e, st) -> tuple[int, int]:
         vu, vg = umap.to_view(st.st_uid), gmap.to_view(st.st_gid)
@@ -1111,13 +1141,15 @@ def absorb(root: str, maps: list[str] | None, owner: tuple[int, int], progress=N
 
     try:
         for e in _tree.walk(root_fd, on_error):
+            times.note(e.st)
             if e.rel and _remove_leftovers(e.dirfd, e.name):
+                times.restore(e.dirfd)
                 continue
             st = e.st
             key = (st.st_dev, st.st_ino)
             try:
                 if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-                    _absorb_device(e, store, to_view(e, st), owner, placeholders, root_fd)
+                    _absorb_device(e, store, to_view(e, st), owner, placeholders, root_fd, times)
                 elif key not in done:
                     _absorb_inode(e, store, umap, gmap, to_view, owner)
             except TreeError as exc:
@@ -1130,6 +1162,7 @@ def absorb(root: str, maps: list[str] | None, owner: tuple[int, int], progress=N
         store.close()
         try:
             _chown_tree_at(root_fd, STORE_DIR, owner)
+            times.restore(root_fd)
         finally:
             os.close(root_fd)
     return errors
@@ -1191,7 +1224,7 @@ def _absorb_inode(e, store, umap, gmap, to_view, owner) -> None:
         os.chmod(path, _tree.backing_mode(view_mode))
 
 
-def _absorb_device(e, store, view_ids, owner, placeholders, root_fd) -> None:
+def _absorb_device(e, store, view_ids, owner, placeholders, root_fd, times: _DirTimes) -> None:
     st = e.st
     key = (st.st_dev, st.st_ino)
     tmp = f"{_TMP_PREFIX}{st.st_ino}"
@@ -1200,11 +1233,11 @@ def _absorb_device(e, store, view_ids, owner, placeholders, root_fd) -> None:
         # Another name of a device already turned into a placeholder.
         src = _open_beneath(root_fd, first, _PATH_FLAGS)
         try:
-            with _keep_dir_time(e.dirfd):
-                os.link(proc_fd(src), tmp, dst_dir_fd=e.dirfd, follow_symlinks=True)
-                os.rename(tmp, e.name, src_dir_fd=e.dirfd, dst_dir_fd=e.dirfd)
+            os.link(proc_fd(src), tmp, dst_dir_fd=e.dirfd, follow_symlinks=True)
+            os.rename(tmp, e.name, src_dir_fd=e.dirfd, dst_dir_fd=e.dirfd)
         finally:
             os.close(src)
+        times.restore(e.dirfd)
         return
     rec = Record(view_ids[0], view_ids[1], st.st_mode, st.st_rdev)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=e.dirfd)
@@ -1220,8 +1253,8 @@ def _absorb_device(e, store, view_ids, owner, placeholders, root_fd) -> None:
         raise
     os.close(fd)
     _crash_point("absorb")
-    with _keep_dir_time(e.dirfd):
-        os.rename(tmp, e.name, src_dir_fd=e.dirfd, dst_dir_fd=e.dirfd)
+    os.rename(tmp, e.name, src_dir_fd=e.dirfd, dst_dir_fd=e.dirfd)
+    times.restore(e.dirfd)
     placeholders[key] = e.rel
     _crash_point("absorb")
 
@@ -1244,21 +1277,24 @@ def materialize(root: str, maps: list[str] | None, progress=None) -> list[str]:
     progress = progress or _tree.Progress("materialize", False)
     done: set[tuple[int, int]] = set()
     devices: dict[tuple[int, int], str] = {}
+    times = _DirTimes()
 
     def on_error(rel, exc):
         errors.append(f"{rel}: {exc.strerror or exc}")
 
     try:
         for e in _tree.walk(root_fd, on_error):
+            times.note(e.st)
             if e.rel and _remove_leftovers(e.dirfd, e.name):
+                times.restore(e.dirfd)
                 continue
             st = e.st
             key = (st.st_dev, st.st_ino)
             try:
                 if key in devices:
-                    _link_over(e, devices[key], root_fd)
+                    _link_over(e, devices[key], root_fd, times)
                 elif key not in done:
-                    made = _materialize_inode(e, store, umap, gmap)
+                    made = _materialize_inode(e, store, umap, gmap, times)
                     if made is not None:
                         devices[key] = e.rel
             except TreeError as exc:
@@ -1277,6 +1313,7 @@ def materialize(root: str, maps: list[str] | None, progress=None) -> list[str]:
                 pass
             else:
                 _rmtree_at(root_fd, STORE_DIR)
+        times.restore(root_fd)
     finally:
         os.close(root_fd)
     return errors
@@ -1296,19 +1333,19 @@ def _rmtree_at(dirfd: int, name: str) -> None:
     os.rmdir(name, dir_fd=dirfd)
 
 
-def _link_over(e, first_rel: str, root_fd: int) -> None:
+def _link_over(e, first_rel: str, root_fd: int, times: _DirTimes) -> None:
     """Replace this name of a converted inode by a link to its new inode."""
     src = _open_beneath(root_fd, first_rel, _PATH_FLAGS)
     tmp = f"{_TMP_PREFIX}{e.st.st_ino}"
     try:
-        with _keep_dir_time(e.dirfd):
-            os.link(proc_fd(src), tmp, dst_dir_fd=e.dirfd, follow_symlinks=True)
-            os.rename(tmp, e.name, src_dir_fd=e.dirfd, dst_dir_fd=e.dirfd)
+        os.link(proc_fd(src), tmp, dst_dir_fd=e.dirfd, follow_symlinks=True)
+        os.rename(tmp, e.name, src_dir_fd=e.dirfd, dst_dir_fd=e.dirfd)
     finally:
         os.close(src)
+    times.restore(e.dirfd)
 
 
-def _materialize_inode(e, store, umap: IdMap, gmap: IdMap):
+def _materialize_inode(e, store, umap: IdMap, gmap: IdMap, times: _DirTimes):
     fd, st = e.fd, e.st
     raw = store.read(fd, st)
     if raw is None:
@@ -1331,8 +1368,8 @@ def _materialize_inode(e, store, umap: IdMap, gmap: IdMap):
             os.unlink(tmp, dir_fd=e.dirfd)
             raise
         _crash_point("materialize")
-        with _keep_dir_time(e.dirfd):
-            os.rename(tmp, e.name, src_dir_fd=e.dirfd, dst_dir_fd=e.dirfd)
+        os.rename(tmp, e.name, src_dir_fd=e.dirfd, dst_dir_fd=e.dirfd)
+        times.restore(e.dirfd)
         return e.rel
     if stat.S_IFMT(rec.mode) != stat.S_IFMT(st.st_mode):
         raise TreeError(f"{e.display}: record type disagrees with the backing inode; fix or remove the record")

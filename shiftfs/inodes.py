@@ -1,15 +1,24 @@
-"""The inode table: one ``O_PATH`` descriptor per inode the kernel knows.
+"""The inode table: the inodes the kernel knows, each reachable by a descriptor.
 
 Modelled on libfuse's ``passthrough_hp``: an inode is identified by its backing
-``(st_dev, st_ino)``; while the kernel holds a lookup reference we hold an
-``O_PATH | O_NOFOLLOW`` descriptor of it, which pins the backing inode (so its
-number cannot be reused under us) and lets every later call work relative to
-it without resolving a path.
+``(st_dev, st_ino)`` and reached through an ``O_PATH | O_NOFOLLOW`` descriptor,
+so every call works relative to it without resolving a path.
 
 Lookup counting lives here and only here: every reply that hands the kernel an
 entry (lookup, create, mkdir, mknod, symlink, link and each READDIRPLUS entry
 pyfuse3 reports as sent) calls :meth:`InodeTable.remember`, and ``forget``
 calls :meth:`InodeTable.forget`.
+
+Descriptors are bounded (RLIMIT_NOFILE is 20000 here and cannot be raised
+without CAP_SYS_RESOURCE), while the kernel may know hundreds of thousands of
+inodes. So the table keeps at most :attr:`InodeTable.max_fds` descriptors open,
+least recently used first out. An inode whose descriptor was closed is
+reopened on demand from its parent's descriptor and the last name we saw for
+it (one ``openat(O_PATH|O_NOFOLLOW)``), and the reopened inode must have the
+same ``(st_dev, st_ino)`` or the call fails with ``ESTALE``: no path string
+is ever resolved. Inodes that cannot be reopened by name keep their
+descriptor: the root, inodes with open files, and inodes whose name we
+removed (an unlinked, still open file; the other names of a hard link).
 
 FUSE node ids are the backing inode numbers where that is unambiguous (the
 filesystem of SOURCE), so ``st_ino`` seen through the mount matches the disk;
@@ -20,7 +29,9 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import stat
+from collections import OrderedDict
 
 import pyfuse3
 
@@ -28,6 +39,7 @@ __all__ = ["Inode", "InodeTable", "ROOT_ID"]
 
 ROOT_ID = pyfuse3.ROOT_INODE
 _SYNTHETIC_BASE = 1 << 62
+_O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _UNLOADED = object()
 
@@ -35,23 +47,41 @@ _UNLOADED = object()
 class Inode:
     """What we keep per live inode.
 
-    ``record`` caches the decoded ownership record (xattr mode);
-    ``xnames`` caches the set of backing xattr names, so the kernel's
-    per-write ``security.capability`` probe and ``ls -l``'s ACL probe are
-    answered from memory.
+    ``record`` caches the decoded ownership record (xattr mode); ``xnames``
+    caches the set of backing xattr names, so the kernel's per-write
+    ``security.capability`` probe and ``ls -l``'s ACL probe are answered from
+    memory. ``parent``/``name`` are the last place we saw the inode, used to
+    reopen it; ``pins`` counts reasons its descriptor must stay open.
     """
 
-    __slots__ = ("id", "fd", "key", "ftype", "nlookup", "record", "xnames", "default_acl")
+    __slots__ = (
+        "id", "_fd", "key", "ftype", "nlookup", "record", "xnames", "default_acl",
+        "parent", "name", "pins", "_table",
+    )
 
-    def __init__(self, id: int, fd: int, key: tuple[int, int], ftype: int):
+    def __init__(self, table: "InodeTable", id: int, fd: int, key: tuple[int, int], ftype: int):
+        self._table = table
         self.id = id
-        self.fd = fd
+        self._fd = fd
         self.key = key
         self.ftype = ftype
         self.nlookup = 0
+        self.parent = 0
+        self.name = b""
+        self.pins = 0
         self.record = _UNLOADED
         self.xnames: set[str] | None = None
         self.default_acl: bool | None = None
+
+    @property
+    def fd(self) -> int:
+        """An ``O_PATH`` descriptor of the inode (reopened if it was closed)."""
+        if self._fd >= 0:
+            lru = self._table._lru
+            if self.id in lru:
+                lru.move_to_end(self.id)
+            return self._fd
+        return self._table._reopen(self)
 
     @property
     def record_loaded(self) -> bool:
@@ -63,24 +93,39 @@ class Inode:
         self.default_acl = None
 
     def __repr__(self) -> str:
-        return f"<Inode {self.id} fd={self.fd} n={self.nlookup}>"
+        return f"<Inode {self.id} fd={self._fd} n={self.nlookup} {self.name!r}>"
+
+
+def _fd_budget() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    # Leave room for open files, directories being listed, the side table…
+    return max(64, min(soft - 1024, soft * 3 // 4))
 
 
 class InodeTable:
-    def __init__(self, root_fd: int):
+    def __init__(self, root_fd: int, max_fds: int | None = None):
+        #: most inode descriptors kept open at once
+        self.max_fds = max_fds or _fd_budget()
         st = os.fstat(root_fd)
         self.root_dev = st.st_dev
-        root = Inode(ROOT_ID, root_fd, (st.st_dev, st.st_ino), stat.S_IFDIR)
+        root = Inode(self, ROOT_ID, root_fd, (st.st_dev, st.st_ino), stat.S_IFDIR)
         root.nlookup = 1 << 62  # never forgotten
         self.root = root
         self._by_id: dict[int, Inode] = {ROOT_ID: root}
         self._by_key: dict[tuple[int, int], Inode] = {root.key: root}
+        self._lru: OrderedDict[int, Inode] = OrderedDict()  # open, closable descriptors
         self._next_synthetic = _SYNTHETIC_BASE
-        #: called with the stat of an inode whose last link is gone when we drop it
+        #: called with an inode and its stat when the inode is dropped with no links left
         self.on_gone = None
 
     def __len__(self) -> int:
         return len(self._by_id)
+
+    @property
+    def open_fds(self) -> int:
+        return len(self._lru)
 
     def __getitem__(self, id: int) -> Inode:
         try:
@@ -94,6 +139,7 @@ class InodeTable:
     def by_key(self, key: tuple[int, int]) -> Inode | None:
         return self._by_key.get(key)
 
+    # -- ids -------------------------------------------------------------------
     def _new_id(self, st: os.stat_result) -> int:
         if st.st_dev == self.root_dev and 1 < st.st_ino < _SYNTHETIC_BASE and st.st_ino not in self._by_id:
             return st.st_ino
@@ -109,34 +155,118 @@ class InodeTable:
             return st.st_ino
         return ROOT_ID
 
+    # -- finding and adding inodes ------------------------------------------------
     def child(self, parent: Inode, name: bytes) -> tuple[Inode, os.stat_result]:
         """Find or add the inode named ``name`` in ``parent`` (no reference taken)."""
-        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+        fd = os.open(name, _O_PATH_FLAGS, dir_fd=parent.fd)
         try:
             st = os.fstat(fd)
         except BaseException:
             os.close(fd)
             raise
-        return self.adopt(fd, st), st
+        node = self.adopt(fd, st)
+        if not node.name and node._fd >= 0 and not node.pins and node is not self.root:
+            node.name = name
+            self._track(node)
+        node.parent = parent.id
+        node.name = name
+        return node, st
 
     def adopt(self, fd: int, st: os.stat_result) -> Inode:
         """Take ownership of an ``O_PATH`` descriptor; reuse the entry if known."""
         key = (st.st_dev, st.st_ino)
         node = self._by_key.get(key)
         if node is not None:
-            os.close(fd)
+            if node._fd < 0:
+                node._fd = fd
+                self._track(node)
+            else:
+                os.close(fd)
             return node
-        node = Inode(self._new_id(st), fd, key, stat.S_IFMT(st.st_mode))
+        node = Inode(self, self._new_id(st), fd, key, stat.S_IFMT(st.st_mode))
         self._by_id[node.id] = node
         self._by_key[key] = node
+        self._track(node)
         return node
 
+    def _track(self, node: Inode) -> None:
+        if node.pins == 0 and node is not self.root:
+            self._lru[node.id] = node
+            if len(self._lru) > self.max_fds:
+                self._shrink()
+
+    def _shrink(self) -> None:
+        target = self.max_fds * 7 // 8
+        lru = self._lru
+        while len(lru) > target:
+            _, node = lru.popitem(last=False)
+            if node.pins or not node.name:
+                continue  # cannot be reopened by name: keep it (it left the LRU)
+            os.close(node._fd)
+            node._fd = -1
+
+    def _reopen(self, node: Inode) -> int:
+        parent = self._by_id.get(node.parent)
+        if parent is None or not node.name:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        try:
+            fd = os.open(node.name, _O_PATH_FLAGS, dir_fd=parent.fd)
+        except FileNotFoundError:
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != node.key:
+            os.close(fd)
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        node._fd = fd
+        self._track(node)
+        return fd
+
+    # -- pins: descriptors that must stay open ----------------------------------------
+    def pin(self, node: Inode) -> None:
+        """Keep ``node``'s descriptor open (an open file refers to it)."""
+        node.fd  # open it now, while it can still be reopened by name
+        node.pins += 1
+        self._lru.pop(node.id, None)
+
+    def unpin(self, node: Inode) -> None:
+        node.pins -= 1
+        if node.pins <= 0:
+            node.pins = 0
+            if node._fd >= 0 and node.id in self._by_id and node is not self.root:
+                if node.name:
+                    self._track(node)
+                # a nameless inode keeps its descriptor until it is forgotten
+
+    def holding(self, key: tuple[int, int], parent: Inode, name: bytes) -> Inode | None:
+        """Before ``name`` in ``parent`` goes away: the inode we reach by it, opened."""
+        node = self._by_key.get(key)
+        if node is not None and node.parent == parent.id and node.name == name and node is not self.root:
+            node.fd
+            return node
+        return None
+
+    def unnamed(self, node: Inode | None) -> None:
+        """The name we reached ``node`` by is gone: keep its descriptor until forget."""
+        if node is not None:
+            node.name = b""
+            self._lru.pop(node.id, None)
+
+    def renamed(self, key: tuple[int, int], parent: Inode, name: bytes) -> None:
+        """Keep the last known name of an inode right after a rename."""
+        node = self._by_key.get(key)
+        if node is not None:
+            node.parent = parent.id
+            node.name = name
+            if node._fd >= 0 and not node.pins and node is not self.root and node.id not in self._lru:
+                self._track(node)
+
+    # -- lookup counts -------------------------------------------------------------
     def remember(self, node: Inode) -> None:
         """The kernel got an entry for ``node``: count one lookup reference."""
         node.nlookup += 1
 
     def drop_if_unused(self, node: Inode) -> None:
-        if node.nlookup <= 0:
+        if node.nlookup <= 0 and node.pins <= 0:
             self._drop(node)
 
     def forget(self, id: int, n: int) -> None:
@@ -152,19 +282,23 @@ class InodeTable:
             return
         del self._by_id[node.id]
         del self._by_key[node.key]
-        if self.on_gone is not None:
-            try:
-                st = os.fstat(node.fd)
-                if st.st_nlink == 0:
-                    self.on_gone(node, st)
-            except OSError:
-                pass
-        os.close(node.fd)
-        node.fd = -1
+        self._lru.pop(node.id, None)
+        if node._fd >= 0:
+            if self.on_gone is not None:
+                try:
+                    st = os.fstat(node._fd)
+                    if st.st_nlink == 0:
+                        self.on_gone(node, st)
+                except OSError:
+                    pass
+            os.close(node._fd)
+            node._fd = -1
 
     def close(self) -> None:
         for node in list(self._by_id.values()):
-            if node is not self.root:
-                os.close(node.fd)
+            if node is not self.root and node._fd >= 0:
+                os.close(node._fd)
+                node._fd = -1
         self._by_id = {ROOT_ID: self.root}
         self._by_key = {self.root.key: self.root}
+        self._lru.clear()

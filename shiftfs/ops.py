@@ -124,6 +124,7 @@ class Operations(pyfuse3.Operations):
         self.trace = trace
         self.counts: Counter[str] = Counter()
         self._dirs: dict[int, _DirHandle] = {}
+        self._files: dict[int, Inode] = {}
         self._next_dh = 1
         self._umask_default = 0o022
 
@@ -230,6 +231,7 @@ class Operations(pyfuse3.Operations):
             raise
         st = os.fstat(fd)
         node = self.table.adopt(fd, st)
+        node.parent, node.name = parent.id, name
         self.policy.adopted(node, cached)
         return self._entry(node, st)
 
@@ -252,17 +254,16 @@ class Operations(pyfuse3.Operations):
         except OSError:
             return None
 
+    def _hold(self, victim: os.stat_result | None, parent: Inode, name: bytes) -> Inode | None:
+        if victim is None:
+            return None
+        return self.table.holding((victim.st_dev, victim.st_ino), parent, name)
+
     def _after_remove(self, victim: os.stat_result | None) -> None:
         if victim is None or stat.S_ISDIR(victim.st_mode):
             return
         node = self.table.by_key((victim.st_dev, victim.st_ino))
         if node is not None:
-            node.xnames = None
-            try:
-                if os.fstat(node.fd).st_nlink == 0 and node.nlookup <= 0:
-                    pass  # dropped on forget
-            except OSError:
-                pass
             return  # the table drops the record when the kernel forgets it
         if victim.st_nlink <= 1:
             self.policy.gone(None, victim)
@@ -360,7 +361,9 @@ class Operations(pyfuse3.Operations):
         if self._hidden(parent, name):
             raise pyfuse3.FUSEError(errno.ENOENT)
         victim = self._last_link_check(parent, name)
+        held = self._hold(victim, parent, name)
         os.unlink(name, dir_fd=parent.fd)
+        self.table.unnamed(held)
         self._after_remove(victim)
 
     @_op
@@ -369,7 +372,10 @@ class Operations(pyfuse3.Operations):
         _check_name(name)
         if self._hidden(parent, name):
             raise pyfuse3.FUSEError(errno.ENOENT)
+        victim = self._last_link_check(parent, name)
+        held = self._hold(victim, parent, name)
         os.rmdir(name, dir_fd=parent.fd)
+        self.table.unnamed(held)
 
     @_op
     def rename(self, old_parent_id, old_name, new_parent_id, new_name, flags, ctx):
@@ -379,10 +385,17 @@ class Operations(pyfuse3.Operations):
         _check_name(new_name)
         if self._hidden(op, old_name) or self._hidden(np, new_name):
             raise pyfuse3.FUSEError(errno.EPERM)
-        victim = None if flags & pyfuse3.RENAME_EXCHANGE else self._last_link_check(np, new_name)
+        moved = os.stat(old_name, dir_fd=op.fd, follow_symlinks=False)
+        other = self._last_link_check(np, new_name)
+        held = None if flags & pyfuse3.RENAME_EXCHANGE else self._hold(other, np, new_name)
         renameat2(op.fd, old_name, np.fd, new_name, flags)
-        if victim is not None:
-            self._after_remove(victim)
+        self.table.unnamed(held)
+        self.table.renamed((moved.st_dev, moved.st_ino), np, new_name)
+        if other is not None:
+            if flags & pyfuse3.RENAME_EXCHANGE:
+                self.table.renamed((other.st_dev, other.st_ino), op, old_name)
+            else:
+                self._after_remove(other)
 
     # -- files -----------------------------------------------------------------
     def _open_flags(self, flags: int) -> int:
@@ -394,6 +407,11 @@ class Operations(pyfuse3.Operations):
         if not stat.S_ISREG(node.ftype):
             raise pyfuse3.FUSEError(errno.ELOOP if stat.S_ISLNK(node.ftype) else errno.EACCES)
         fd = os.open(proc_fd(node.fd), self._open_flags(flags))
+        return self._handle(fd, node)
+
+    def _handle(self, fd: int, node: Inode) -> pyfuse3.FileInfo:
+        self.table.pin(node)
+        self._files[fd] = node
         return pyfuse3.FileInfo(fh=fd, keep_cache=self.cache.keep_cache)
 
     @_op
@@ -409,7 +427,7 @@ class Operations(pyfuse3.Operations):
             except BaseException:
                 os.close(fd)
                 raise
-            return pyfuse3.FileInfo(fh=fd, keep_cache=self.cache.keep_cache), self._entry(node, st)
+            return self._handle(fd, node), self._entry(node, st)
         try:
             fd = os.open(b".", (oflags & ~os.O_APPEND) | os.O_TMPFILE, bmode & 0o7777, dir_fd=parent.fd)
         except OSError as e:
@@ -438,8 +456,9 @@ class Operations(pyfuse3.Operations):
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
         st = os.fstat(pfd)
         node = self.table.adopt(pfd, st)
+        node.parent, node.name = parent.id, name
         self.policy.adopted(node, cached)
-        return pyfuse3.FileInfo(fh=fd, keep_cache=self.cache.keep_cache), self._entry(node, st)
+        return self._handle(fd, node), self._entry(node, st)
 
     def open_existing(self, parent: Inode, name: bytes, flags: int):
         node, st = self.table.child(parent, name)
@@ -447,7 +466,7 @@ class Operations(pyfuse3.Operations):
             self.table.drop_if_unused(node)
             raise pyfuse3.FUSEError(errno.EEXIST)
         fd = os.open(proc_fd(node.fd), self._open_flags(flags))
-        return pyfuse3.FileInfo(fh=fd, keep_cache=self.cache.keep_cache), self._entry(node, os.fstat(node.fd))
+        return self._handle(fd, node), self._entry(node, os.fstat(node.fd))
 
     def _create_by_rename(self, parent, name, mode, bmode, du, dg, oflags, flags):
         tmp = TMP_PREFIX + secrets.token_hex(8).encode()
@@ -472,8 +491,9 @@ class Operations(pyfuse3.Operations):
             raise
         st = os.fstat(pfd)
         node = self.table.adopt(pfd, st)
+        node.parent, node.name = parent.id, name
         self.policy.adopted(node, cached)
-        return pyfuse3.FileInfo(fh=fd, keep_cache=self.cache.keep_cache), self._entry(node, st)
+        return self._handle(fd, node), self._entry(node, st)
 
     @_op
     def read(self, fh, off, size):
@@ -489,7 +509,10 @@ class Operations(pyfuse3.Operations):
 
     @_op
     def release(self, fh):
+        node = self._files.pop(fh, None)
         os.close(fh)
+        if node is not None:
+            self.table.unpin(node)
 
     @_op
     def fsync(self, fh, datasync):

@@ -311,18 +311,17 @@ def _subid_map(view0: int, ranges: Sequence[tuple[int, int]]) -> tuple[Extent, .
 
 def suggest_subid_range() -> tuple[int, int]:
     """A 65536-id range after every range in /etc/subuid and /etc/subgid."""
-    end = max((s + n for s, n in _all_subid_ranges()), default=100000)
-    start = max(100000, -(-end // BLOCK) * BLOCK)
+    start = max([100000] + [s + n for s, n in _all_subid_ranges()])
     return start, start + BLOCK - 1
 
 
 def single_id_note(user: str) -> str:
     """The one-time notice for a single-id namespace."""
     lo, hi = suggest_subid_range()
-    return (f"note: {user} has no range in /etc/subuid and /etc/subgid (or newuidmap is "
-            f"missing), so only view id 0 exists and chown to any other id fails with "
-            f"EINVAL; for a full range run as root: usermod --add-subuids {lo}-{hi} "
-            f"--add-subgids {lo}-{hi} {user} (and apt-get install uidmap)")
+    return (f"note: single-id namespace ({user} has no range in /etc/subuid and "
+            f"/etc/subgid, or newuidmap is missing): chown to any id but 0 fails with "
+            f"EINVAL; to get 65536 ids, as root run 'usermod --add-subuids {lo}-{hi} "
+            f"--add-subgids {lo}-{hi} {user}' (newuidmap comes with package uidmap)")
 
 
 def choose_idmap(mode: str = "auto", base: int | None = None) -> tuple[IdMap, str | None]:

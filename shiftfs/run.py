@@ -77,27 +77,71 @@ class RunConfig:
 # --- command line -------------------------------------------------------------
 
 
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--xattr", action="store_true",
-                      help="keep view ownership in records (user.containers.override_stat); "
-                           "the default")
-    mode.add_argument("--map", action="append", default=[], metavar="u|g|b:DISK:VIEW:COUNT",
-                      help="map disk ids to view ids instead of keeping records (repeatable)")
-    p.add_argument("--userns", default="auto", choices=("auto", "full", "single"),
-                   help="auto: a full 65536-id range if one is available, else a single id")
+def _add_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--xattr", action="store_true",
+                   help="keep view ownership in records (user.containers.override_stat); "
+                        "the default")
+    p.add_argument("--map", action="append", default=[], metavar="u|g|b:DISK:VIEW:COUNT",
+                   help="map disk ids to view ids instead of keeping records (repeatable)")
+    p.add_argument("--userns", choices=("auto", "full", "single"),
+                   help="auto (default): a full 65536-id range if one is available, "
+                        "else a single id")
     p.add_argument("--userns-base", type=_int_arg, metavar="N",
                    help="(root) host id of the 65536-id block for view ids 1-65535")
     p.add_argument("--bind", action="append", default=[], metavar="SRC:DST[:ro]",
                    help="bind-mount host SRC on DST in the container (repeatable)")
     p.add_argument("--user", metavar="UID[:GID]",
                    help="run COMMAND as this view uid/gid (or a name from ROOT/etc/passwd)")
-    p.add_argument("--chdir", default="/", metavar="DIR",
+    p.add_argument("--chdir", metavar="DIR",
                    help="working directory of COMMAND inside the container (default /)")
     p.add_argument("--hostname", metavar="NAME", help="host name inside the container")
-    p.add_argument("root", metavar="ROOT", help="directory to use as the container's /")
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]",
-                   help="command to run inside the container")
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    _add_options(p)
+    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="ROOT [--] COMMAND [ARGS...]",
+                   help="directory to use as the container's /, and the command to run; "
+                        "options may also come between ROOT and --")
+
+
+class _LateOptions(argparse.ArgumentParser):
+    """Parses the options given between ROOT and ``--``."""
+
+    def error(self, message: str):
+        raise RunError(f"{message}; see 'shiftfs run --help'")
+
+
+def _split_rest(args: argparse.Namespace) -> None:
+    """Fill ``args.root`` and ``args.command`` from ``args.rest`` and merge
+    options written after ROOT (``ROOT --bind a:b -- cmd``)."""
+    rest = list(args.rest)
+    if not rest or rest[0].startswith("-") and rest[0] != "-":
+        raise RunError("no ROOT given; usage: shiftfs run [options] ROOT -- COMMAND [ARGS...]")
+    args.root, rest = rest[0], rest[1:]
+    if "--" in rest:
+        i = rest.index("--")
+        late, args.command = rest[:i], rest[i + 1:]
+    else:
+        # Without --, the command starts at the first word that is not an option.
+        late, i = [], 0
+        valued = {"--map", "--userns", "--userns-base", "--bind", "--user", "--chdir",
+                  "--hostname"}
+        while i < len(rest) and rest[i].startswith("--"):
+            late.append(rest[i])
+            if rest[i] in valued and i + 1 < len(rest):
+                late.append(rest[i + 1])
+                i += 1
+            i += 1
+        args.command = rest[i:]
+    if late:
+        p = _LateOptions(prog=PROG, add_help=False)
+        _add_options(p)
+        extra = p.parse_args(late)
+        for key, value in vars(extra).items():
+            if isinstance(value, list):
+                setattr(args, key, getattr(args, key) + value)
+            elif value not in (None, False):
+                setattr(args, key, value)
 
 
 def _int_arg(text: str) -> int:
@@ -199,15 +243,16 @@ def _find_db_entry(root: str, path: str, key: str, by_id: bool) -> list[str] | N
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
+    _split_rest(args)
     command = list(args.command)
-    if command and command[0] == "--":
-        command = command[1:]
     if not command:
         raise RunError("no COMMAND given; usage: shiftfs run [options] ROOT -- COMMAND [ARGS...]")
     root = os.path.realpath(args.root)
     if not os.path.isdir(root):
         raise RunError(f"ROOT {args.root} is not a directory; create it or fix the path")
     mount_args = ["--xattr"]
+    if args.map and args.xattr:
+        raise RunError("--xattr and --map exclude each other; give one of them")
     if args.map:
         mount_args = [a for spec in args.map for a in ("--map", spec)]
         for spec in args.map:
@@ -215,13 +260,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             if len(f) != 4 or f[0] not in ("u", "g", "b") or not all(x.isdigit() for x in f[1:]):
                 raise RunError(f"--map {spec!r} is not u|g|b:DISK:VIEW:COUNT; "
                                "e.g. --map b:0:0:65536")
-    chdir = args.chdir
+    chdir = args.chdir or "/"
     if not chdir.startswith("/"):
         raise RunError(f"--chdir {chdir}: give an absolute path inside the container, "
                        f"e.g. /{chdir}")
     if args.hostname is not None and not 0 < len(args.hostname.encode()) <= 64:
         raise RunError(f"--hostname {args.hostname!r} must be 1 to 64 bytes long")
-    cfg = RunConfig(root=root, command=command, mount_args=mount_args, userns=args.userns,
+    cfg = RunConfig(root=root, command=command, mount_args=mount_args, userns=args.userns or "auto",
                     userns_base=args.userns_base,
                     binds=[_parse_bind(b) for b in args.bind], chdir=chdir,
                     hostname=args.hostname)
@@ -429,8 +474,9 @@ def _userns_helper(cfg: RunConfig, idmap: ns.IdMap, parent: int, wfd: int, rfd: 
     return ns.exit_code(ns.supervise(pid))
 
 
-def _spawn_daemon(cfg: RunConfig, mountpoint: str, log_fd: int) -> int:
-    argv = [sys.executable, "-m", "shiftfs", "mount", *cfg.mount_args, "-o", "suid,dev",
+def _spawn_daemon(cfg: RunConfig, mountpoint: str, log_path: str, log_fd: int) -> int:
+    argv = [sys.executable, "-m", "shiftfs", "mount", *cfg.mount_args,
+            "-o", f"suid,dev,log={log_path}",
             cfg.root, mountpoint]
     return os.posix_spawn(
         sys.executable, argv, os.environ,
@@ -477,7 +523,7 @@ def _mount_init(cfg: RunConfig, idmap: ns.IdMap) -> int:
     log = os.path.join(stage, "daemon.log")
     log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     try:
-        mounter = _spawn_daemon(cfg, mnt, log_fd)
+        mounter = _spawn_daemon(cfg, mnt, log, log_fd)
     except OSError as e:
         raise RunError(f"cannot start the shiftfs daemon ({sys.executable}): "
                        f"{e.strerror}") from None

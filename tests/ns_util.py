@@ -1,0 +1,209 @@
+"""
+Helpers for the ``shiftfs run`` tests: throwaway users with subordinate id
+ranges, small root filesystems that borrow the host's /usr, a cached Debian
+minbase tarball, and process/mount leak checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = "/var/cache/shiftfs-test"
+DEBIAN_TAR = os.path.join(CACHE, "bookworm-minbase.tar")
+SUBID_FILES = ("/etc/subuid", "/etc/subgid")
+
+#: Host binaries inside a container: ROOT gets Debian's merged-/usr symlinks
+#: and the host's /usr bound read-only.
+HOST_USR = ["--bind", "/usr:/usr:ro"]
+
+
+def run_argv() -> list[str]:
+    return [sys.executable, "-m", "shiftfs", "run"]
+
+
+@dataclass(frozen=True)
+class User:
+    """Who runs ``shiftfs run``: root, or a throwaway unprivileged user."""
+
+    name: str
+    uid: int
+    gid: int
+    subid: tuple[int, int] | None = None
+
+    @property
+    def is_root(self) -> bool:
+        return self.uid == 0
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        if self.is_root:
+            return argv
+        return ["runuser", "-u", self.name, "--", "env", "HOME=/", *argv]
+
+
+ROOT_USER = User("root", 0, 0)
+
+
+@contextlib.contextmanager
+def restored_files(paths: tuple[str, ...]) -> Iterator[None]:
+    """Put the exact bytes of ``paths`` back afterwards (or remove them
+    if they did not exist)."""
+    saved = {}
+    for p in paths:
+        try:
+            with open(p, "rb") as f:
+                saved[p] = f.read()
+        except FileNotFoundError:
+            saved[p] = None
+    try:
+        yield
+    finally:
+        for p, data in saved.items():
+            if data is None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(p)
+            else:
+                with open(p, "wb") as f:  # in place: mode and owner stay
+                    f.write(data)
+
+
+def _set_subids(lines: dict[str, str], originals: dict[str, bytes | None]) -> None:
+    for path in SUBID_FILES:
+        base = (originals[path] or b"").decode()
+        if base and not base.endswith("\n"):
+            base += "\n"
+        with open(path, "w") as f:
+            f.write(base + lines.get(path, ""))
+
+
+@contextlib.contextmanager
+def throwaway_users(with_range: int = 1, without_range: int = 1) -> Iterator[list[User]]:
+    """Create throwaway users; the first ``with_range`` get a 65536-id range
+    in /etc/subuid and /etc/subgid. Everything is removed and the subid files
+    are restored byte for byte afterwards."""
+    from shiftfs import namespaces as ns
+
+    originals = {}
+    for p in SUBID_FILES:
+        try:
+            with open(p, "rb") as f:
+                originals[p] = f.read()
+        except FileNotFoundError:
+            originals[p] = None
+    users: list[User] = []
+    try:
+        with restored_files(SUBID_FILES):
+            lines: dict[str, str] = {}
+            used = ns.ranges_in_use()
+            for i in range(with_range + without_range):
+                name = f"sft{uuid.uuid4().hex[:8]}"
+                subprocess.run(["useradd", "-M", "-s", "/bin/sh", "-d", "/nonexistent", name],
+                               check=True, capture_output=True)
+                pw = pwd.getpwnam(name)
+                subid = None
+                if i < with_range:
+                    start = ns.free_block(used)
+                    used.append((start, ns.BLOCK))
+                    subid = (start, ns.BLOCK)
+                    for path in SUBID_FILES:
+                        lines[path] = lines.get(path, "") + f"{name}:{start}:{ns.BLOCK}\n"
+                users.append(User(name, pw.pw_uid, pw.pw_gid, subid))
+            # useradd may have added ranges of its own (SUB_UID_COUNT): replace them.
+            _set_subids(lines, originals)
+            yield users
+            for u in users:
+                subprocess.run(["userdel", u.name], capture_output=True)
+            users = []
+    finally:
+        for u in users:
+            subprocess.run(["userdel", u.name], capture_output=True)
+
+
+def workdir() -> str:
+    """A fresh directory every test user can enter (pytest's tmp_path is
+    private to root)."""
+    d = tempfile.mkdtemp(prefix="shiftfs-run-", dir="/var/tmp")
+    os.chmod(d, 0o755)
+    return d
+
+
+def make_host_root(path: str, owner: User) -> str:
+    """A ROOT that runs host binaries: merged-/usr symlinks, an empty /usr to
+    bind the host's onto, /etc with passwd and group for names."""
+    os.makedirs(os.path.join(path, "usr"), exist_ok=True)
+    os.makedirs(os.path.join(path, "etc"), exist_ok=True)
+    for name in ("bin", "sbin", "lib", "lib64"):
+        if os.path.isdir(f"/usr/{name}"):
+            os.symlink(f"usr/{name}", os.path.join(path, name))
+    with open(os.path.join(path, "etc/passwd"), "w") as f:
+        f.write("root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n"
+                "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n")
+    with open(os.path.join(path, "etc/group"), "w") as f:
+        f.write("root:x:0:\ntty:x:5:\nalice:x:1000:\nnogroup:x:65534:\n")
+    chown_tree(path, owner)
+    return path
+
+
+def chown_tree(path: str, owner: User) -> None:
+    for dirpath, dirnames, filenames in os.walk(path):
+        for n in [dirpath] + [os.path.join(dirpath, x) for x in dirnames + filenames]:
+            os.lchown(n, owner.uid, owner.gid)
+
+
+def remove_tree(path: str) -> None:
+    """rm -rf as root, after lifting modes a test may have dropped."""
+    subprocess.run(["chmod", "-R", "u+rwx", path], capture_output=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def mounts_mentioning(text: str) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line for line in f if text in line]
+
+
+def processes_mentioning(text: str) -> list[str]:
+    found = []
+    me = os.getpid()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd:
+            found.append(f"{pid}: {cmd}")
+    return found
+
+
+def build_debian_tarball(timeout: float = 900) -> str | None:
+    """The cached ``mmdebstrap --variant=minbase bookworm`` tarball, built on
+    first use (needs root and the Debian mirror). None if it cannot be built."""
+    if os.path.exists(DEBIAN_TAR):
+        return DEBIAN_TAR
+    if os.geteuid() != 0 or not shutil.which("mmdebstrap"):
+        return None
+    os.makedirs(CACHE, exist_ok=True)
+    part = DEBIAN_TAR.replace(".tar", ".partial.tar")
+    try:
+        res = subprocess.run(["mmdebstrap", "--variant=minbase", "--mode=root", "bookworm",
+                              part], capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    if res.returncode != 0:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(part)
+        return None
+    os.chmod(part, 0o644)
+    os.rename(part, DEBIAN_TAR)
+    return DEBIAN_TAR

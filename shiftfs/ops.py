@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 TMP_PREFIX = b".shiftfs~"
 NAME_MAX = 255
 _O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-_OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | getattr(os, "O_DIRECT", 0)
+# O_NOFOLLOW: the kernel resolved the path already, and we open a /proc/self/fd magic link.
+_OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | getattr(os, "O_DIRECT", 0)
 
 
 class CacheConfig:

@@ -30,7 +30,7 @@ def parse(argv=None):
                                             "FUSE peers on the same backing filesystem (run as root).")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="tiny sizes, 1 round, disk backing (default)")
-    g.add_argument("--full", action="store_true", help="Debian minbase, 1 GiB I/O, 3 rounds, disk + tmpfs")
+    g.add_argument("--full", action="store_true", help="Debian minbase, 1 GiB I/O, 5 rounds, disk + tmpfs")
     p.add_argument("--out", help="output directory (default: bench/results, or bench/results/quick for --quick)")
     p.add_argument("--rounds", type=int, help="rounds (interleaved repetitions)")
     p.add_argument("--targets", help="comma list, from: " + ",".join(T.BY_NAME))

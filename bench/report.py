@@ -115,8 +115,9 @@ def markdown(res: dict, summary: dict) -> str:
         f"- **Tree:** {tree['kind']} — {tree['entries']} entries "
         f"({', '.join(f'{v} {k}' for k, v in tree['counts'].items() if v)}), {tree['bytes'] / 1e6:.0f} MB; "
         f"{tree['small_files']} files ≤ {cfg['small_limit'] // 1024} KiB read by read_small.",
-        f"- **I/O sizes:** sequential {cfg['seq_bytes'] >> 20} MiB (1 MiB blocks, fsync at end); random 4 KiB "
-        f"50/50 read/write, {cfg['rand_io_bytes'] >> 20} MiB of I/O in a {cfg['rand_file_bytes'] >> 20} MiB file.",
+        f"- **I/O sizes:** sequential {cfg['seq_bytes'] >> 20} MiB in 1 MiB read()/write() calls (write ends "
+        f"with fsync); random: fio 4 KiB psync 50/50 read/write, {cfg['rand_io_bytes'] >> 20} MiB of I/O in a "
+        f"{cfg['rand_file_bytes'] >> 20} MiB file, page cache, timed by fio's job runtime.",
         f"- **Method:** {cfg['rounds']} round(s), targets interleaved per phase and rotated each round; "
         "cold = `sync; echo 3 > drop_caches` plus a fresh mount for mounted targets; ownership map "
         f"disk {res['map']['disk']}.. ↔ view {res['map']['view']}.. ×{res['map']['count']}. "

@@ -27,7 +27,7 @@ class Config:
     gen_scale: float = 0.1
     seq_bytes: int = 64 * MiB
     rand_file_bytes: int = 16 * MiB
-    rand_io_bytes: int = 4 * MiB
+    rand_io_bytes: int = 8 * MiB
     small_limit: int = 64 * 1024
     backings: list = field(default_factory=lambda: ["disk"])
     tmpfs_size: str = "6g"
@@ -41,8 +41,8 @@ class Config:
     @classmethod
     def preset(cls, mode: str) -> "Config":
         if mode == "full":
-            return cls(mode="full", rounds=3, tree="auto", gen_scale=1.0, seq_bytes=1024 * MiB,
-                       rand_file_bytes=256 * MiB, rand_io_bytes=32 * MiB, backings=["disk", "tmpfs"],
+            return cls(mode="full", rounds=5, tree="auto", gen_scale=1.0, seq_bytes=1024 * MiB,
+                       rand_file_bytes=256 * MiB, rand_io_bytes=64 * MiB, backings=["disk", "tmpfs"],
                        step_timeout=1800.0)
         return cls()
 
@@ -128,6 +128,7 @@ class Runner:
         self.backing_info: dict = {}
         self.notes: list[str] = []
         self.rounds_meta: list[dict] = []
+        self.workdir = None
 
     # ------------------------------------------------------------------
     def run(self) -> dict:
@@ -144,6 +145,7 @@ class Runner:
 
             os.makedirs(cfg.workdir, exist_ok=True)
             base = tempfile.mkdtemp(prefix="shiftfs-bench.", dir=cfg.workdir)
+            self.workdir = base
             self.cleanup.dirs.append(base)
             # a private bind of the work dir: nothing we mount propagates elsewhere,
             # and one lazy unmount of it detaches everything if cleanup has to force it
@@ -178,6 +180,7 @@ class Runner:
             "records": self.records,
             "guards": self.guards,
             "notes": self.notes,
+            "workdir": self.workdir,
         }
 
     # ------------------------------------------------------------------
@@ -285,6 +288,8 @@ class Runner:
                     if t.kind != "native":
                         t.remount()
                     drop_caches()
+                else:
+                    os.sync()  # don't charge the previous step's writeback to this one
                 pid = t.pid
                 reset_hwm(pid)
                 cpu0 = cpu_seconds(pid)
@@ -292,6 +297,9 @@ class Runner:
                 t0 = time.perf_counter()
                 extra = w.run(t, ctx)
                 seconds = time.perf_counter() - t0
+                if extra and "seconds" in extra:  # the tool timed itself (fio)
+                    extra["wall_s"] = round(seconds, 6)
+                    seconds = extra.pop("seconds")
                 if pid:
                     hwm = status_kib(pid, "VmHWM")
                     c1 = cpu_seconds(pid)

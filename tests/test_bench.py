@@ -1,0 +1,114 @@
+"""The benchmark suite runs end to end in quick mode (never a speed threshold).
+
+One quick run (tiny generated tree, 1 round, disk backing) into a temp dir; the
+tests then check that the output files exist, that every installed target ran
+every workload, and that the correctness guard passed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench import targets as T  # noqa: E402
+from bench import workloads as W  # noqa: E402
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="the benchmark mounts and drops caches: needs root"),
+    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse"),
+    pytest.mark.skipif(not shutil.which("fio"), reason="fio is not installed (make setup)"),
+]
+
+PEERS = {"bindfs": "bindfs", "fuse-overlayfs": "fuse-overlayfs", "fuse-overlayfs-xattr": "fuse-overlayfs"}
+SHIFTFS = ("shiftfs-table", "shiftfs-xattr")
+# Targets whose tree must match native's exactly.  The peers' own defects (bindfs 1.14
+# reports a stale nlink after link(); fuse-overlayfs 1.10 with xattr_permissions shows
+# special files as mode|0755 and ignores chown on them) are reported by the guard but
+# are not this project's to fix, so for them the test only requires that the guard ran.
+STRICT = ("native", "idmapped") + SHIFTFS
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-quick")
+    cp = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=270)
+    assert cp.returncode == 0, f"bench failed:\n{cp.stdout[-4000:]}\n{cp.stderr[-4000:]}"
+    with open(out / "latest.json") as f:
+        res = json.load(f)
+    return out, res
+
+
+def _usable(res, target):
+    """Skip (with the bench's reason) targets that are not installed or not available yet."""
+    info = res["targets"][target]
+    if target in PEERS and not shutil.which(PEERS[target]):
+        pytest.skip(f"{PEERS[target]} is not installed")
+    reason = info.get("skip_reason") or ""
+    if target in SHIFTFS and info["status"].get("disk") != "ok" and (
+            "not available yet" in reason or "not runnable" in reason):
+        pytest.skip(f"shiftfs target skipped by the bench: {reason}")
+    if target == "idmapped" and "user namespace" in reason:
+        pytest.skip(reason)
+    return info
+
+
+def test_outputs_exist(quick):
+    out, res = quick
+    for name in ("latest.json", "latest.md", "latest.png"):
+        p = out / name
+        assert p.exists() and p.stat().st_size > 0, name
+    assert (out / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "latest.md").read_text()
+    assert "Correctness guard" in md and "native" in md
+    assert res["machine"]["cores"] and res["machine"]["kernel"]
+    assert res["summary"]["disk"], "no summary rows"
+
+
+def test_no_leftovers(quick):
+    """Cleanup: no mounts, daemons or work directories of the run remain."""
+    _, res = quick
+    base = res["workdir"]
+    assert base and "shiftfs-bench." in base
+    with open("/proc/self/mountinfo") as f:
+        assert base not in f.read()
+    assert not os.path.exists(base)
+    alive = subprocess.run(["pgrep", "-f", base], capture_output=True, text=True).stdout.split()
+    assert not alive, f"daemons still running: {alive}"
+
+
+@pytest.mark.parametrize("target", [t.name for t in T.ALL])
+def test_target_ran_every_workload(quick, target):
+    _, res = quick
+    info = _usable(res, target)
+    assert info["status"].get("disk") == "ok", f"{target} was skipped: {info.get('skip_reason')}"
+    got = {r["workload"]: r for r in res["records"] if r["target"] == target and r["backing"] == "disk"}
+    for w in W.ALL:
+        rec = got.get(w.name)
+        assert rec is not None, f"{target}: no result for {w.name}"
+        assert rec["error"] is None, f"{target} {w.name}: {rec['error']}"
+        assert rec["seconds"] and rec["seconds"] > 0
+    if target in ("shiftfs-table", "shiftfs-xattr", "bindfs", "fuse-overlayfs"):
+        assert any(r.get("daemon_peak_rss_kib") for r in got.values()), "no daemon RSS recorded"
+
+
+@pytest.mark.parametrize("target", [t.name for t in T.ALL])
+def test_correctness_guard(quick, target):
+    _, res = quick
+    _usable(res, target)
+    guards = [g for g in res["guards"] if g["target"] == target and g["backing"] == "disk"]
+    checked = {g["workload"] for g in guards}
+    want = {w.name for w in W.ALL if w.guard}
+    assert checked == want, f"guard did not run for {sorted(want - checked)}"
+    assert all(g["checked"] >= 0 for g in guards)
+    if target in STRICT:
+        failed = [g for g in guards if not g["passed"]]
+        assert not failed, "; ".join(f"{g['workload']}: {g['examples'][:3]}" for g in failed)

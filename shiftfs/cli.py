@@ -38,6 +38,11 @@ options (-o, comma separated):
   suid, dev, ro, noexec, noatime, ...
                         passed to the kernel (nosuid,nodev are the default
                         outside a user namespace)
+  nowriteback           no kernel writeback cache (on by default: writes are
+                        cached and sent in large requests)
+  xattr_probes=off      answer the kernel's first GETXATTR with ENOSYS so it
+                        stops asking (no security.capability probe before each
+                        write); xattrs can be set but not read through the mount
   log=FILE              daemon log file in the background (default: syslog)
   stats=FILE            write per-request counters as JSON at exit / SIGUSR1
   debug                 trace every request in the log

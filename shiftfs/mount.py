@@ -68,6 +68,8 @@ class MountConfig:
     logfile: str | None = None
     stats: str | None = None
     foreground: bool = False
+    writeback: bool = True
+    xattr_probes: bool = True
 
 
 def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mountpoint: str) -> MountConfig:
@@ -110,6 +112,10 @@ def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mo
                 cfg.logfile = val
             elif key == "stats" and eq:
                 cfg.stats = val
+            elif key in ("writeback", "nowriteback") and not eq:
+                cfg.writeback = key == "writeback"
+            elif key == "xattr_probes" and val in ("on", "off"):
+                cfg.xattr_probes = val == "on"
             else:
                 raise UsageError(
                     f"unknown -o option {opt!r}; see 'shiftfs mount --help' for the options shiftfs understands"
@@ -239,7 +245,9 @@ def build_operations(cfg: MountConfig, root_fd: int) -> Operations:
         policy = XattrPolicy(cfg.uids, cfg.gids, store, cfg.default_owner)
     else:
         policy = TablePolicy(cfg.uids, cfg.gids)
-    return Operations(root_fd, policy, CacheConfig(cfg.cache), trace=cfg.debug)
+    return Operations(
+        root_fd, policy, CacheConfig(cfg.cache), trace=cfg.debug, writeback=cfg.writeback, xattr_probes=cfg.xattr_probes
+    )
 
 
 def _setup_logging(cfg: MountConfig, background: bool) -> None:

@@ -116,8 +116,20 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, root_fd: int, policy: OwnershipPolicy, cache: CacheConfig | None = None, trace: bool = False):
+    def __init__(
+        self,
+        root_fd: int,
+        policy: OwnershipPolicy,
+        cache: CacheConfig | None = None,
+        trace: bool = False,
+        writeback: bool = False,
+        xattr_probes: bool = True,
+    ):
         super().__init__()
+        #: the kernel caches writes and owns size/mtime (fewer WRITE/GETATTR requests)
+        self.enable_writeback_cache = writeback
+        #: False: answer GETXATTR with ENOSYS once, so the kernel stops sending any
+        self.xattr_probes = xattr_probes
         self.table = InodeTable(root_fd)
         self.table.on_gone = lambda node, st: self.policy.gone(node, st)
         self.policy = policy
@@ -400,7 +412,14 @@ class Operations(pyfuse3.Operations):
 
     # -- files -----------------------------------------------------------------
     def _open_flags(self, flags: int) -> int:
-        return (flags & ~_OPEN_STRIP) | os.O_CLOEXEC
+        flags = (flags & ~_OPEN_STRIP) | os.O_CLOEXEC
+        if self.enable_writeback_cache:
+            # The kernel may read pages of a write-only file, and it computes
+            # append offsets itself.
+            flags &= ~os.O_APPEND
+            if flags & os.O_ACCMODE == os.O_WRONLY:
+                flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        return flags
 
     @_op
     def open(self, inode_id, flags, ctx):
@@ -451,7 +470,7 @@ class Operations(pyfuse3.Operations):
             if fd >= 0:
                 os.close(fd)
             raise
-        if flags & os.O_APPEND:
+        if flags & os.O_APPEND and not self.enable_writeback_cache:
             import fcntl
 
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
@@ -632,6 +651,8 @@ class Operations(pyfuse3.Operations):
 
     @_op
     def getxattr(self, inode_id, name, ctx):
+        if not self.xattr_probes:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         node = self.table[inode_id]
         vname = os.fsdecode(name)
         bname = self.policy.xattr_to_backing(vname)

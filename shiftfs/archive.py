@@ -45,6 +45,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
@@ -201,7 +202,9 @@ def _scan(root_fd: int, store, umap: IdMap, gmap: IdMap, errors: list[str], with
             stat.S_IFBLK: "blk",
         }[fmt]
         item = _Item(name, e.rel, kind, view, st.st_mtime_ns, key=key, nlink=st.st_nlink)
-        if kind != "dir" and st.st_nlink > 1 and hardlinks:
+        # Like GNU tar, only regular files become hard link entries: its
+        # readers and GNU tar's own archives treat other types one by one.
+        if kind == "reg" and st.st_nlink > 1 and hardlinks:
             first = seen.get(key)
             if first is not None:
                 item.kind = "hardlink"
@@ -244,12 +247,36 @@ class _FdReader(io.RawIOBase):
 
 
 class _TarInfo(tarfile.TarInfo):
-    """A TarInfo whose pax records carry raw bytes, as GNU tar writes them.
+    """A TarInfo that lays out pax headers the way GNU tar does.
 
-    The stdlib marks a header holding non-UTF-8 bytes (binary xattr values,
-    non-UTF-8 names) with ``hdrcharset=BINARY``, which GNU tar 1.34 warns
-    about on every entry. GNU tar and bsdtar themselves just store the bytes.
+    Two differences from the stdlib: names and link targets that fit the
+    ustar fields are stored there as raw bytes, even when not ASCII (the
+    stdlib moves them to pax ``path`` records, which bsdtar then refuses to
+    convert outside a UTF-8 locale); and pax values are raw bytes with no
+    ``hdrcharset=BINARY`` marker (GNU tar 1.34 warns about that keyword on
+    every entry that has a binary xattr).
     """
+
+    _RAW = ("utf-8", "surrogateescape")
+
+    def create_pax_header(self, info, encoding):
+        info["magic"] = tarfile.POSIX_MAGIC
+        pax = dict(self.pax_headers)
+        for fieldname, keyword, limit in (
+            ("name", "path", tarfile.LENGTH_NAME),
+            ("linkname", "linkpath", tarfile.LENGTH_LINK),
+            ("uname", "uname", 32),
+            ("gname", "gname", 32),
+        ):
+            if len(info[fieldname].encode(*self._RAW)) > limit and keyword not in pax:
+                pax[keyword] = info[fieldname]
+        for fieldname, digits in (("uid", 8), ("gid", 8), ("size", 12), ("mtime", 12)):
+            value = info[fieldname]
+            if not 0 <= value < 8 ** (digits - 1):
+                pax.setdefault(fieldname, str(value))
+                info[fieldname] = 0
+        head = self._create_pax_generic_header(pax, tarfile.XHDTYPE, encoding) if pax else b""
+        return head + self._create_header(info, tarfile.USTAR_FORMAT, *self._RAW)
 
     @classmethod
     def _create_pax_generic_header(cls, pax_headers, type, encoding):
@@ -499,7 +526,21 @@ def _open_archive_stream(path: str) -> tuple[BinaryIO, subprocess.Popen | None]:
                     f"{path}: zstd-compressed; install the zstandard Python package or the zstd tool, "
                     "or decompress it first"
                 ) from None
-            proc = subprocess.Popen([zstd, "-dc"], stdin=buf, stdout=subprocess.PIPE)
+            # Our buffer already holds the first bytes: feed zstd from it.
+            proc = subprocess.Popen([zstd, "-dcq"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+            def feed() -> None:
+                try:
+                    shutil.copyfileobj(buf, proc.stdin, _COPY_CHUNK)
+                except (BrokenPipeError, OSError, ValueError):
+                    pass
+                finally:
+                    try:
+                        proc.stdin.close()
+                    except OSError:
+                        pass
+
+            threading.Thread(target=feed, daemon=True).start()
             return proc.stdout, proc
         return zstandard.ZstdDecompressor().stream_reader(buf, read_across_frames=True), None
     return buf, None
@@ -628,7 +669,10 @@ class _Importer:
                 raise ArchiveError(f"{ti.name!r}: the root entry is not a directory; the archive is malformed")
             self._apply_root(ti)
             return
-        parent = self._dir(parts[:-1])
+        try:
+            parent = self._dir(parts[:-1])
+        except ArchiveError as exc:
+            raise ArchiveError(f"{ti.name}: {exc}") from None
         name = parts[-1]
         # Replace what is there, except a directory by a directory.
         try:
@@ -1072,35 +1116,69 @@ def _need_root(cmd: str) -> None:
         raise ArchiveError(f"{cmd} changes file owners and needs root; run it as root (e.g. with sudo)")
 
 
-class _DirTimes:
-    """Directory times as the walk first saw them, put back after we edit.
+#: Where a directory's original times wait while we edit it (hidden by the
+#: name escaping, like every ``user.containers.*`` name but the escapes).
+_DIRTIMES_XATTR = "user.containers.shiftfs_dirtimes"
 
-    Replacing a device by a placeholder (or back) and creating the side
-    table change directory mtimes; the tree should not show our work.
+
+class _DirTimes:
+    """Directory times as they were before we edited the directory.
+
+    Replacing a device by a placeholder (or back) and creating the side table
+    change directory mtimes; the tree should not show our work. Before an
+    edit the original times go into an xattr on the directory, and after it
+    they are put back and the xattr removed, so a run killed in between
+    leaves the times for the rerun to restore.
     """
 
     def __init__(self):
         self._saved: dict[tuple[int, int], tuple[int, int]] = {}
 
-    def note(self, st: os.stat_result) -> None:
-        if stat.S_ISDIR(st.st_mode):
-            self._saved.setdefault((st.st_dev, st.st_ino), (st.st_atime_ns, st.st_mtime_ns))
+    def note(self, fd: int, st: os.stat_result) -> None:
+        """Remember a directory's times (or those an interrupted run saved)."""
+        if not stat.S_ISDIR(st.st_mode):
+            return
+        pending = _tree.get_xattr(fd, _DIRTIMES_XATTR)
+        times = (st.st_atime_ns, st.st_mtime_ns)
+        if pending is not None:
+            try:
+                a, m = (int(x) for x in pending.split())
+                times = (a, m)
+            except ValueError:
+                pass
+        self._saved.setdefault((st.st_dev, st.st_ino), times)
+        if pending is not None:
+            self.end(fd)
 
-    def restore(self, dirfd: int) -> None:
+    def _times(self, dirfd: int) -> tuple[tuple[int, int], tuple[int, int]]:
         st = os.fstat(dirfd)
-        times = self._saved.get((st.st_dev, st.st_ino))
-        if times is not None:
-            utimens_fd(dirfd, *times)
+        key = (st.st_dev, st.st_ino)
+        return key, self._saved.setdefault(key, (st.st_atime_ns, st.st_mtime_ns))
+
+    def begin(self, dirfd: int) -> None:
+        _, (a, m) = self._times(dirfd)
+        os.setxattr(proc_fd(dirfd), _DIRTIMES_XATTR, f"{a} {m}".encode())
+
+    def end(self, dirfd: int) -> None:
+        _, times = self._times(dirfd)
+        utimens_fd(dirfd, *times)
+        try:
+            os.removexattr(proc_fd(dirfd), _DIRTIMES_XATTR)
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:
+                raise
 
 
-def _remove_leftovers(dirfd: int, name: str) -> bool:
+def _remove_leftovers(dirfd: int, name: str, times: _DirTimes) -> bool:
     """Drop a temporary file an interrupted run left; True if it was one."""
     if not name.startswith(_TMP_PREFIX):
         return False
+    times.begin(dirfd)
     try:
         os.unlink(name, dir_fd=dirfd)
     except FileNotFoundError:
         pass
+    times.end(dirfd)
     return True
 
 
@@ -1141,9 +1219,10 @@ def absorb(root: str, maps: list[str] | None, owner: tuple[int, int], progress=N
 
     try:
         for e in _tree.walk(root_fd, on_error):
-            times.note(e.st)
-            if e.rel and _remove_leftovers(e.dirfd, e.name):
-                times.restore(e.dirfd)
+            times.note(e.fd, e.st)
+            if not e.rel:
+                times.begin(root_fd)  # the side table may appear in the root
+            elif _remove_leftovers(e.dirfd, e.name, times):
                 continue
             st = e.st
             key = (st.st_dev, st.st_ino)
@@ -1162,7 +1241,7 @@ def absorb(root: str, maps: list[str] | None, owner: tuple[int, int], progress=N
         store.close()
         try:
             _chown_tree_at(root_fd, STORE_DIR, owner)
-            times.restore(root_fd)
+            times.end(root_fd)
         finally:
             os.close(root_fd)
     return errors
@@ -1182,6 +1261,16 @@ def _chown_tree_at(dirfd: int, name: str, owner: tuple[int, int]) -> None:
         os.close(fd)
 
 
+def _strict_view(idmap: IdMap) -> Callable[[int], int | None]:
+    """``to_view`` that gives None (not the overflow id) for unmapped ids."""
+
+    def to_view(disk: int) -> int | None:
+        view = idmap.to_view(disk)
+        return view if idmap.identity or idmap.to_disk(view) == disk else None
+
+    return to_view
+
+
 def _absorb_inode(e, store, umap, gmap, to_view, owner) -> None:
     fd, st = e.fd, e.st
     path = proc_fd(fd)
@@ -1199,7 +1288,7 @@ def _absorb_inode(e, store, umap, gmap, to_view, owner) -> None:
             if value is None:
                 continue
             if name.startswith("system.posix_acl_"):
-                value = _tree.map_acl(value, umap.to_view, gmap.to_view)
+                value = _tree.map_acl(value, _strict_view(umap), _strict_view(gmap))
             elif name == "security.capability":
                 value = _tree.map_capability(value, umap.to_view)
             os.setxattr(path, escaped, value)
@@ -1233,13 +1322,15 @@ def _absorb_device(e, store, view_ids, owner, placeholders, root_fd, times: _Dir
         # Another name of a device already turned into a placeholder.
         src = _open_beneath(root_fd, first, _PATH_FLAGS)
         try:
+            times.begin(e.dirfd)
             os.link(proc_fd(src), tmp, dst_dir_fd=e.dirfd, follow_symlinks=True)
             os.rename(tmp, e.name, src_dir_fd=e.dirfd, dst_dir_fd=e.dirfd)
         finally:
             os.close(src)
-        times.restore(e.dirfd)
+        times.end(e.dirfd)
         return
     rec = Record(view_ids[0], view_ids[1], st.st_mode, st.st_rdev)
+    times.begin(e.dirfd)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=e.dirfd)
     try:
         pst = os.fstat(fd)
@@ -1254,7 +1345,7 @@ def _absorb_device(e, store, view_ids, owner, placeholders, root_fd, times: _Dir
     os.close(fd)
     _crash_point("absorb")
     os.rename(tmp, e.name, src_dir_fd=e.dirfd, dst_dir_fd=e.dirfd)
-    times.restore(e.dirfd)
+    times.end(e.dirfd)
     placeholders[key] = e.rel
     _crash_point("absorb")
 
@@ -1284,9 +1375,10 @@ def materialize(root: str, maps: list[str] | None, progress=None) -> list[str]:
 
     try:
         for e in _tree.walk(root_fd, on_error):
-            times.note(e.st)
-            if e.rel and _remove_leftovers(e.dirfd, e.name):
-                times.restore(e.dirfd)
+            times.note(e.fd, e.st)
+            if not e.rel:
+                times.begin(root_fd)  # the side table goes away at the end
+            elif _remove_leftovers(e.dirfd, e.name, times):
                 continue
             st = e.st
             key = (st.st_dev, st.st_ino)
@@ -1313,7 +1405,7 @@ def materialize(root: str, maps: list[str] | None, progress=None) -> list[str]:
                 pass
             else:
                 _rmtree_at(root_fd, STORE_DIR)
-        times.restore(root_fd)
+        times.end(root_fd)
     finally:
         os.close(root_fd)
     return errors
@@ -1338,11 +1430,12 @@ def _link_over(e, first_rel: str, root_fd: int, times: _DirTimes) -> None:
     src = _open_beneath(root_fd, first_rel, _PATH_FLAGS)
     tmp = f"{_TMP_PREFIX}{e.st.st_ino}"
     try:
+        times.begin(e.dirfd)
         os.link(proc_fd(src), tmp, dst_dir_fd=e.dirfd, follow_symlinks=True)
         os.rename(tmp, e.name, src_dir_fd=e.dirfd, dst_dir_fd=e.dirfd)
     finally:
         os.close(src)
-    times.restore(e.dirfd)
+    times.end(e.dirfd)
 
 
 def _materialize_inode(e, store, umap: IdMap, gmap: IdMap, times: _DirTimes):
@@ -1359,6 +1452,7 @@ def _materialize_inode(e, store, umap: IdMap, gmap: IdMap, times: _DirTimes):
         raise TreeError(f"{e.display}: record ids {rec.uid}:{rec.gid} have no disk ids in --map; extend the map")
     if stat.S_ISREG(st.st_mode) and rec.is_device:
         tmp = f"{_TMP_PREFIX}{st.st_ino}"
+        times.begin(e.dirfd)
         os.mknod(tmp, rec.mode & ~0o7777 | 0o600, rec.rdev, dir_fd=e.dirfd)
         try:
             os.chown(tmp, du, dg, dir_fd=e.dirfd, follow_symlinks=False)
@@ -1369,7 +1463,7 @@ def _materialize_inode(e, store, umap: IdMap, gmap: IdMap, times: _DirTimes):
             raise
         _crash_point("materialize")
         os.rename(tmp, e.name, src_dir_fd=e.dirfd, dst_dir_fd=e.dirfd)
-        times.restore(e.dirfd)
+        times.end(e.dirfd)
         return e.rel
     if stat.S_IFMT(rec.mode) != stat.S_IFMT(st.st_mode):
         raise TreeError(f"{e.display}: record type disagrees with the backing inode; fix or remove the record")

@@ -236,8 +236,8 @@ def chart(res: dict, summary: dict, path: str) -> None:
                           label=targets[t]["label"], error_kw={"elinewidth": 0.8})
             for b, f in zip(bars, fail):
                 if f:
-                    b.set_hatch("xx")
-                    b.set_edgecolor("red")
+                    b.set_hatch("xxx")
+                    b.set_edgecolor("black")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
         ax.set_xticks(range(len(wl)))

@@ -322,15 +322,43 @@ def test_absorb_then_materialize_is_identity(world, priv_copy):
     assert diff_snapshots(before, snapshot(priv_copy)) == []
 
 
-@pytest.mark.parametrize("kill_at", [1, 5, 17, 40, 77])
+def _check_nothing_lost(root: Path, before: dict) -> None:
+    """Each inode shows its original owner and mode, or has a record saying so."""
+    from shiftfs.store import RecordStore
+    from shiftfs.tree import open_root, walk
+
+    root_fd = open_root(str(root))
+    store = RecordStore.open(root_fd, False)
+    try:
+        for e in walk(root_fd):
+            rel = os.fsencode(e.rel) if e.rel else b"."
+            if os.fsdecode(rel).startswith(".shiftfs-tmp."):
+                continue
+            mode, uid, gid, rdev = before[rel][:4]
+            raw = store.read(e.fd, e.st)
+            if raw is not None:
+                rec = _record.decode(raw, stat.S_IFMT(e.st.st_mode))
+                assert (rec.uid, rec.gid, rec.mode, rec.rdev) == (uid, gid, mode, rdev), rel
+            else:
+                st = e.st
+                real_rdev = st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else 0
+                assert (st.st_uid, st.st_gid, st.st_mode, real_rdev) == (uid, gid, mode, rdev), rel
+    finally:
+        store.close()
+        os.close(root_fd)
+
+
+@pytest.mark.parametrize("kill_at", [1, 5, 17, 40, 77, 85])
 def test_interrupted_absorb_and_materialize_finish_on_rerun(priv_copy, kill_at):
     before = snapshot(priv_copy)
     proc = shiftfs("absorb", priv_copy, "--owner", USER, env={"SHIFTFS_TEST_KILL": f"absorb:{kill_at}"}, check=False)
     assert proc.returncode == -9, proc.stderr.decode()
-    # every inode has its real ownership or its record at this point
+    _check_nothing_lost(priv_copy, before)
     shiftfs("absorb", priv_copy, "--owner", USER)
+    _check_nothing_lost(priv_copy, before)
     proc = shiftfs("materialize", priv_copy, env={"SHIFTFS_TEST_KILL": f"materialize:{kill_at}"}, check=False)
     assert proc.returncode == -9, proc.stderr.decode()
+    _check_nothing_lost(priv_copy, before)
     shiftfs("materialize", priv_copy)
     assert diff_snapshots(before, snapshot(priv_copy)) == []
 

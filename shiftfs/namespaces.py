@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import ctypes.util
 import errno
 import fcntl
@@ -191,6 +192,7 @@ class IdMap:
     gid_map: tuple[Extent, ...]
     helper: bool = False
     base: int | None = None
+    base_fixed: bool = False
 
     def maps_uid(self, view_id: int) -> bool:
         return any(v <= view_id < v + n for v, _, n in self.uid_map)
@@ -341,6 +343,7 @@ def choose_idmap(mode: str = "auto", base: int | None = None) -> tuple[IdMap, st
         raise NamespaceError("--userns-base conflicts with --userns single; drop one")
     if mode == "single":
         return IdMap("single", ((0, uid, 1),), ((0, gid, 1),)), None
+    cfg_base = base
     if uid == 0:
         if base is None:
             base = free_block()
@@ -352,7 +355,8 @@ def choose_idmap(mode: str = "auto", base: int | None = None) -> tuple[IdMap, st
                 raise NamespaceError(f"--userns-base {base} overlaps ids of a running "
                                      "namespace or /etc/subuid; pick another block or "
                                      "omit --userns-base")
-        return IdMap("full", _block_map(0, base), _block_map(0, base), base=base), None
+        return IdMap("full", _block_map(0, base), _block_map(0, base), base=base,
+                     base_fixed=cfg_base is not None), None
     try:
         user = pwd.getpwuid(uid).pw_name
     except KeyError:
@@ -384,9 +388,10 @@ def _which(tool: str) -> str | None:
 
 
 @contextlib.contextmanager
-def id_block_lock(idmap: IdMap | None = None) -> Iterator[None]:
-    """Serialise root's block choice with other ``shiftfs`` runs until the map
-    is written (a no-op for unprivileged users)."""
+def id_block_lock() -> Iterator[None]:
+    """Serialise root's final block check and map write with other runs (a
+    no-op for unprivileged users). Fork nothing while holding it: a child
+    would inherit the lock."""
     if os.geteuid() != 0:
         yield
         return
@@ -396,6 +401,22 @@ def id_block_lock(idmap: IdMap | None = None) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def claim_idmap(pid: int, idmap: IdMap) -> IdMap:
+    """Write the maps of ``pid``; root's block is checked again under
+    :func:`id_block_lock` first and moved if a namespace started since
+    :func:`choose_idmap` took it. Returns the map written."""
+    with id_block_lock():
+        if idmap.base is not None and _overlaps(idmap.base, BLOCK, ranges_in_use()):
+            if idmap.base_fixed:
+                raise NamespaceError(f"--userns-base {idmap.base} was taken by another "
+                                     "namespace meanwhile; pick another block")
+            base = free_block()
+            idmap = dataclasses.replace(idmap, uid_map=_block_map(0, base),
+                                        gid_map=_block_map(0, base), base=base)
+        write_idmap(pid, idmap)
+    return idmap
 
 
 def write_idmap(pid: int, idmap: IdMap) -> None:

@@ -151,19 +151,39 @@ def _int_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
+_USAGE = "%(prog)s [options] ROOT [--] COMMAND [ARGS...]"
+_DESCRIPTION = """\
+Run COMMAND in new namespaces with ROOT, seen through shiftfs, as /. ROOT stays
+owned by you; the ownership set inside is kept in records (--xattr, the default)."""
+_EPILOG = """The container gets a fresh /proc (own pid namespace), a minimal /dev (null, zero,
+full, random, urandom, tty, fuse, a devpts with ptmx, shm), /sys read-only, /tmp on
+tmpfs and the --bind mounts. View id 0 is you. As root, view ids 1-65535 are a
+65536-id block no other namespace uses (host id BASE+N); as a user, your ranges in
+/etc/subuid and /etc/subgid (newuidmap), else only id 0 exists.
+
+Exit status: COMMAND's (128+N if killed by signal N); 125 if the container could
+not be set up, 126 if COMMAND cannot be executed, 127 if it is not found.
+SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1/2 sent to shiftfs run reach COMMAND.
+"""
+
+
+def _parser_kwargs() -> dict:
+    return dict(usage=_USAGE, description=_DESCRIPTION, epilog=_EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``run`` subcommand to the ``shiftfs`` command line."""
     p = subparsers.add_parser(
         "run", help="run a command in a container whose root is seen through shiftfs",
-        description="Run COMMAND in new namespaces with ROOT, seen through shiftfs, as /. "
-                    "ROOT stays owned by you; ownership set inside is kept in records.")
+        **_parser_kwargs())
     _add_arguments(p)
     p.set_defaults(func=handler)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m shiftfs.run``: the subcommand on its own."""
-    p = argparse.ArgumentParser(prog=PROG)
+    p = argparse.ArgumentParser(prog=PROG, **_parser_kwargs())
     _add_arguments(p)
     return handler(p.parse_args(argv))
 
@@ -333,6 +353,10 @@ def _package_paths() -> list[tuple[str, int]]:
 
 def check_config(cfg: RunConfig, idmap: ns.IdMap) -> None:
     uid = os.getuid()
+    if "--map" in cfg.mount_args and idmap.base is not None and not idmap.base_fixed:
+        raise RunError("--map as root stores disk ids of this run's namespace, whose block "
+                       "changes from run to run; add --userns-base N (disk id k>0 is then "
+                       "host id N+k), or use --xattr")
     st = os.stat(cfg.root)
     if st.st_uid != uid:
         raise RunError(f"ROOT {cfg.root} is owned by uid {st.st_uid}, not by you (uid {uid}); "
@@ -424,25 +448,24 @@ def run(cfg: RunConfig, idmap: ns.IdMap) -> int:
         to_parent_r, to_parent_w = os.pipe()
         to_child_r, to_child_w = os.pipe()
         parent = os.getpid()
-        with ns.id_block_lock():
-            pid = os.fork()
-            if pid == 0:
-                os.close(to_parent_r)
-                os.close(to_child_w)
-                _child(_userns_helper, cfg, idmap, parent, to_parent_w, to_child_r)
-            os.close(to_parent_w)
-            os.close(to_child_r)
-            ready = os.read(to_parent_r, 1)
+        pid = os.fork()
+        if pid == 0:
             os.close(to_parent_r)
-            if ready == b"u":
-                try:
-                    ns.write_idmap(pid, idmap)
-                except ns.NamespaceError as e:
-                    print(f"{PROG}: {e}", file=sys.stderr)
-                    os.write(to_child_w, b"x")
-                else:
-                    os.write(to_child_w, b"m")
             os.close(to_child_w)
+            _child(_userns_helper, cfg, idmap, parent, to_parent_w, to_child_r)
+        os.close(to_parent_w)
+        os.close(to_child_r)
+        ready = os.read(to_parent_r, 1)
+        os.close(to_parent_r)
+        if ready == b"u":
+            try:
+                ns.claim_idmap(pid, idmap)
+            except ns.NamespaceError as e:
+                print(f"{PROG}: {e}", file=sys.stderr)
+                os.write(to_child_w, b"x")
+            else:
+                os.write(to_child_w, b"m")
+        os.close(to_child_w)
         return ns.exit_code(ns.supervise(pid))
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)

@@ -347,6 +347,17 @@ def test_root_range_is_private(wd):
     assert f"1 {0x70000000 - 0x10000 + 1} 65535" in " ".join(out.split())
 
 
+def test_map_mode_with_a_fixed_block(wd):
+    root = make_root(wd, ROOT_USER)
+    base = 0x70000000 - 0x20000
+    opts = ["--map", "b:0:0:65536", "--userns-base", str(base)]
+    shiftfs_run(ROOT_USER, root, "sh", "-c", "touch /f && chown 7:8 /f", opts=opts)
+    st = os.stat(os.path.join(root, "f"))
+    assert (st.st_uid, st.st_gid) == (base + 7, base + 8)
+    out = shiftfs_run(ROOT_USER, root, "stat", "-c", "%u:%g", "/f", opts=opts).stdout
+    assert out.strip() == "7:8"
+
+
 def test_parallel_runs_get_distinct_blocks(wd):
     root = make_root(wd, ROOT_USER)
     procs = [_start(ROOT_USER, root, "sh", "-c", "sed -n 2p /proc/self/uid_map; sleep 1")
@@ -432,6 +443,8 @@ def test_bad_inputs_get_one_line(users, wd):
         (["--userns-base", "12345", root, "--", "true"], "multiple of 65536"),
         (["--map", "x:1", root, "--", "true"], "u|g|b:DISK:VIEW:COUNT"),
         ([root, "--chdir", "/nonexistent", "--", "true"], "--chdir /nonexistent"),
+        (["--map", "b:0:0:65536", root, "--", "true"], "--userns-base"),
+        (["--xattr", "--map", "b:0:0:1", root, "--", "true"], "exclude each other"),
     ]
     for args, needle in cases:
         res = subprocess.run([*run_argv(), *args], capture_output=True, text=True, timeout=30)

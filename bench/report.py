@@ -198,10 +198,13 @@ def markdown(res: dict, summary: dict) -> str:
         if i.get("skip_reason"):
             line += f" — {i['skip_reason']}"
         if i.get("options"):
-            line += f"  \n  `{i['options']}`"
+            opts = i["options"].replace(res.get("workdir") or "\0", "$WORK")
+            line += f"  \n  `{opts}`"
         lines.append(line)
         for n in i.get("notes", []):
             lines.append(f"  - {n}")
+    if res.get("workdir"):
+        lines.append(f"\n`$WORK` = {res['workdir']} (removed after the run).")
     if res["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in res["notes"]]
     return "\n".join(lines) + "\n"

@@ -211,6 +211,7 @@ class ShiftfsBase(Target):
         if cp.returncode != 0:
             tail = (cp.stderr or cp.stdout).decode(errors="replace").strip().splitlines()[-1:]
             return "`shiftfs mount` not available yet: " + " ".join(tail)[:300]
+        self._note()
         try:
             here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             self.version = subprocess.run(["git", "-C", here, "log", "-1", "--format=%h %cs", "--", "shiftfs"],
@@ -245,6 +246,10 @@ class ShiftfsBase(Target):
         return None
 
 
+    def _note(self):
+        self.notes.append("default options (cache=always: long kernel cache timeouts, the mount owns SOURCE)")
+
+
 class ShiftfsTable(ShiftfsBase):
     name, label = "shiftfs-table", "shiftfs (table)"
 
@@ -277,6 +282,8 @@ class Bindfs(Target):
             return "bindfs is not installed"
         cp = subprocess.run(["bindfs", "--version"], capture_output=True, text=True)
         self.version = cp.stdout.strip().splitlines()[0] if cp.stdout.strip() else ""
+        self.notes.append("kernel entry/attribute timeouts 0 (bindfs default): every lookup and stat "
+                          "reaches the daemon; libfuse2 build, single-threaded")
         self.notes.append("bindfs 1.14 has no range map and its negative --uid-offset stores wrong ids on "
                           "create, so --map lists each id the workload uses (disk 100000+i <-> view i)")
         return None
@@ -299,6 +306,8 @@ class FuseOverlayfs(Target):
         cp = subprocess.run(["fuse-overlayfs", "--version"], capture_output=True, text=True)
         lines = [ln for ln in (cp.stdout + cp.stderr).splitlines() if ln.startswith("fuse-overlayfs")]
         self.version = lines[0] if lines else ""
+        self.notes.append("kernel cache timeouts 1e9 s and writeback cache (fuse-overlayfs defaults); "
+                          "empty lowerdir, the tree lives in upperdir")
         return None
 
     def prepare(self):

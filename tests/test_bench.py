@@ -21,11 +21,19 @@ sys.path.insert(0, ROOT)
 from bench import targets as T  # noqa: E402
 from bench import workloads as W  # noqa: E402
 
-pytestmark = [
+from bench import guard  # noqa: E402
+
+NEEDS = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the benchmark mounts and drops caches: needs root"),
     pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse"),
     pytest.mark.skipif(not shutil.which("fio"), reason="fio is not installed (make setup)"),
 ]
+
+
+def needs_run(f):
+    for m in NEEDS:
+        f = m(f)
+    return f
 
 PEERS = {"bindfs": "bindfs", "fuse-overlayfs": "fuse-overlayfs", "fuse-overlayfs-xattr": "fuse-overlayfs"}
 SHIFTFS = ("shiftfs-table", "shiftfs-xattr")
@@ -61,6 +69,7 @@ def _usable(res, target):
     return info
 
 
+@needs_run
 def test_outputs_exist(quick):
     out, res = quick
     for name in ("latest.json", "latest.md", "latest.png"):
@@ -73,6 +82,7 @@ def test_outputs_exist(quick):
     assert res["summary"]["disk"], "no summary rows"
 
 
+@needs_run
 def test_no_leftovers(quick):
     """Cleanup: no mounts, daemons or work directories of the run remain."""
     _, res = quick
@@ -85,6 +95,7 @@ def test_no_leftovers(quick):
     assert not alive, f"daemons still running: {alive}"
 
 
+@needs_run
 @pytest.mark.parametrize("target", [t.name for t in T.ALL])
 def test_target_ran_every_workload(quick, target):
     _, res = quick
@@ -100,6 +111,7 @@ def test_target_ran_every_workload(quick, target):
         assert any(r.get("daemon_peak_rss_kib") for r in got.values()), "no daemon RSS recorded"
 
 
+@needs_run
 @pytest.mark.parametrize("target", [t.name for t in T.ALL])
 def test_correctness_guard(quick, target):
     _, res = quick
@@ -112,3 +124,66 @@ def test_correctness_guard(quick, target):
     if target in STRICT:
         failed = [g for g in guards if not g["passed"]]
         assert not failed, "; ".join(f"{g['workload']}: {g['examples'][:3]}" for g in failed)
+
+
+# ---- the guard itself (no root needed) ------------------------------------------
+
+def _tree(root, mode=0o644, link="a", size=3):
+    os.makedirs(root / "d")
+    (root / "d" / "a").write_bytes(b"x" * size)
+    os.chmod(root / "d" / "a", mode)
+    os.symlink(link, root / "d" / "s")
+    os.link(root / "d" / "a", root / "d" / "h")
+
+
+def test_guard_passes_identical_trees(tmp_path):
+    _tree(tmp_path / "n")
+    _tree(tmp_path / "t")
+    res = guard.compare("t", guard.view_snapshot(str(tmp_path / "n")),
+                        guard.view_snapshot(str(tmp_path / "t")), None, None)
+    assert res["passed"] and res["checked"] == 5
+
+
+@pytest.mark.parametrize("kw,field", [({"mode": 0o600}, "mode"), ({"link": "b"}, "link"),
+                                      ({"size": 4}, "size")])
+def test_guard_catches_a_wrong_tree(tmp_path, kw, field):
+    _tree(tmp_path / "n")
+    _tree(tmp_path / "t", **kw)
+    res = guard.compare("t", guard.view_snapshot(str(tmp_path / "n")),
+                        guard.view_snapshot(str(tmp_path / "t")), None, None)
+    assert not res["passed"] and any(field in e for e in res["examples"])
+
+
+def test_guard_catches_missing_and_extra(tmp_path):
+    _tree(tmp_path / "n")
+    _tree(tmp_path / "t")
+    os.unlink(tmp_path / "t" / "d" / "s")
+    (tmp_path / "t" / "extra").write_text("")
+    res = guard.compare("t", guard.view_snapshot(str(tmp_path / "n")),
+                        guard.view_snapshot(str(tmp_path / "t")), None, None)
+    assert res["mismatches"] == 2
+
+
+def test_guard_checks_stored_owners():
+    view = {"f": ("file", 1, "0o644", 0, 0, None, None, 1)}
+    shifted = {"f": (100000, 100000, "0o644")}
+    unshifted = {"f": (0, 0, "0o644")}
+    expect = T.ShiftfsTable.expect_store.__get__(object())
+    assert guard.compare("t", view, view, shifted, expect)["passed"]
+    bad = guard.compare("t", view, view, unshifted, expect)
+    assert not bad["passed"] and "stored" in bad["examples"][0]
+
+
+def test_override_xattr_format():
+    assert guard.parse_override(b"7:8:100644") == (7, 8, "0o644")
+    assert guard.parse_override(b"0:0:0666:char-1-3") == (0, 0, "0o666")
+
+
+def test_generated_tree_shape(tmp_path):
+    from bench import trees
+    p = str(tmp_path / "g.tar")
+    trees.generate(p, scale=0.05)
+    st = trees.stats(p)
+    c = st["counts"]
+    assert c["dir"] > 30 and c["file"] > 300 and c["symlink"] > 20 and c["hardlink"] >= 1 and c["chardev"] == 8
+    assert 0 in st["ids"] and 42 in st["ids"]

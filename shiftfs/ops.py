@@ -275,11 +275,11 @@ class Operations(pyfuse3.Operations):
     def _after_remove(self, victim: os.stat_result | None) -> None:
         if victim is None or stat.S_ISDIR(victim.st_mode):
             return
-        node = self.table.by_key((victim.st_dev, victim.st_ino))
-        if node is not None:
-            return  # the table drops the record when the kernel forgets it
         if victim.st_nlink <= 1:
-            self.policy.gone(None, victim)
+            # The last name is gone: drop a side-table record now rather than
+            # when the kernel forgets the inode, which may come only after
+            # unmounting (too late). A node still in use keeps its cached record.
+            self.policy.gone(self.table.by_key((victim.st_dev, victim.st_ino)), victim)
 
     # -- lifecycle -----------------------------------------------------------
     def init(self):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sqlite3
 import stat
 import struct
 
@@ -41,6 +42,18 @@ _SPECIAL = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
 _ACL_NAMES = ("system.posix_acl_access", "system.posix_acl_default")
 _ACL_USER, _ACL_GROUP = 0x02, 0x08
 _OUR_PREFIXES = ("user.containers.", "user.fuseoverlayfs.")
+
+
+def _type_fits(view_type: int, backing_type: int) -> bool:
+    """Whether a record of ``view_type`` can describe a backing inode of ``backing_type``.
+
+    Besides the same type, a regular file may stand in for a device, FIFO or
+    socket (the placeholders we and containers/storage write); a directory or
+    symlink shown as anything else could not be served.
+    """
+    if view_type == backing_type:
+        return True
+    return backing_type == stat.S_IFREG and view_type in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK)
 
 
 def _eoverflow():
@@ -200,6 +213,36 @@ class XattrPolicy(OwnershipPolicy):
         self.store = store
         self.default_owner = default_owner
         self._warned: set[tuple[int, int]] = set()
+        if store.write_legacy:
+            self._legacy_root()
+
+    def _legacy_root(self) -> None:
+        """Give the root a legacy record: fuse-overlayfs 1.10 fails on a directory without one."""
+        fd = self.store.root_fd
+        try:
+            os.getxattr(proc_fd(fd), _record.LEGACY_RECORD_NAME)
+            return
+        except OSError as e:
+            if e.errno != errno.ENODATA:
+                return  # no user xattrs here: nothing an old fuse-overlayfs could read either
+        try:
+            st = os.fstat(fd)
+            raw = self.store.read(fd, st)
+            rec = None
+            if raw is not None:
+                try:
+                    rec = _record.decode(raw, stat.S_IFDIR)
+                except ValueError:
+                    rec = None
+            if rec is None or rec.type != stat.S_IFDIR:
+                if self.default_owner is not None:
+                    du, dg = self.disk_ids(*self.default_owner)
+                else:
+                    du, dg = st.st_uid, st.st_gid
+                rec = _record.Record(du, dg, st.st_mode)
+            self.store.write(fd, st, _record.encode(rec))
+        except (OSError, ValueError, pyfuse3.FUSEError) as e:
+            log.warning("cannot give the root a record for -o legacy_xattr: %s", e)
 
     # records ----------------------------------------------------------------
     def _record(self, node: Inode, st: os.stat_result):
@@ -208,12 +251,16 @@ class XattrPolicy(OwnershipPolicy):
         rec = None
         try:
             raw = self.store.read(node.fd, st)
-        except OSError as e:
-            log.warning("cannot read record of inode %d: %s", st.st_ino, e)
+        except (OSError, sqlite3.Error) as e:
+            log.warning("cannot read the record of inode %d: %s", st.st_ino, e)
             raw = None
         if raw is not None:
             try:
                 rec = _record.decode(raw, stat.S_IFMT(st.st_mode))
+                if not _type_fits(rec.type, stat.S_IFMT(st.st_mode)):
+                    raise _record.RecordError(
+                        f"it says {stat.filemode(rec.mode)[0]!r} but the backing inode is {stat.filemode(st.st_mode)[0]!r}"
+                    )
             except ValueError as e:
                 if node.key not in self._warned:
                     self._warned.add(node.key)
@@ -255,11 +302,27 @@ class XattrPolicy(OwnershipPolicy):
     def adopted(self, node, cached):
         node.record = cached
 
+    def _current(self, node: Inode, st: os.stat_result) -> _record.Record:
+        """What the view shows now, with disk ids (what a new record starts from)."""
+        rec = self._record(node, st)
+        if rec is not None:
+            return rec
+        if self.default_owner is not None:
+            du, dg = self.disk_ids(*self.default_owner)
+        else:
+            du, dg = st.st_uid, st.st_gid
+        dev = stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+        return _record.Record(du, dg, st.st_mode, st.st_rdev if dev else 0)
+
     def change(self, node, st, uid, gid, mode):
-        cur_mode, cur_uid, cur_gid, rdev = self.view(node, st)
-        du, dg = self.disk_ids(cur_uid if uid is None else uid, cur_gid if gid is None else gid)
-        new_mode = cur_mode if mode is None else (stat.S_IFMT(cur_mode) | (mode & 0o7777))
-        rec = _record.Record(du, dg, new_mode, rdev)
+        cur = self._current(node, st)
+        # Unchanged ids stay as stored: an id the table cannot map back (shown
+        # as the overflow id) survives a chmod.
+        du, dg = self.disk_ids(uid, gid)
+        du = cur.uid if uid is None else du
+        dg = cur.gid if gid is None else dg
+        new_mode = cur.mode if mode is None else (stat.S_IFMT(cur.mode) | (mode & 0o7777))
+        rec = _record.Record(du, dg, new_mode, cur.rdev)
         self.store.write(node.fd, st, _record.encode(rec))
         node.record = rec
         if mode is not None and not stat.S_ISLNK(st.st_mode):
@@ -271,11 +334,11 @@ class XattrPolicy(OwnershipPolicy):
                     pass  # not ours on the backing fs; the record is what counts
 
     def gone(self, node, st):
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-            try:
-                self.store.remove(node.fd if node is not None else None, st)
-            except OSError as e:
-                log.warning("cannot drop side record of inode %d: %s", st.st_ino, e)
+        # Records in xattrs go with the inode; rows of the side table do not.
+        try:
+            self.store.forget_inode(st)
+        except (OSError, sqlite3.Error) as e:
+            log.warning("cannot drop the side record of inode %d: %s", st.st_ino, e)
 
     def xattr_to_backing(self, name):
         return _record.escape_xattr_name(name)

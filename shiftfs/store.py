@@ -5,21 +5,32 @@ one inode. Regular files and directories carry it in the user xattr
 ``user.containers.override_stat``, the name podman's containers/storage writes
 and fuse-overlayfs reads, so trees move between the three tools.
 
+Names. We read ``user.containers.override_stat`` and, failing that, the legacy
+``user.fuseoverlayfs.override_stat`` that fuse-overlayfs before 1.14 (Debian
+12 ships 1.10) reads and writes. With ``write_legacy`` (``-o legacy_xattr``)
+every record is written under both names and the legacy one is read first,
+since an old fuse-overlayfs that changed the inode since updated only that
+one. Without it only the current name is written, and a legacy record that is
+already there is kept in step (replaced, never created), so an old reader does
+not see a stale owner.
+
 The kernel refuses ``user.*`` xattrs on symlinks, FIFOs, sockets and device
 nodes, and ext4 fits only ~4 KiB of xattrs per inode, so a per-directory xattr
 keyed by name would not scale. Those inodes' records live instead in a *side
 table*: an SQLite database in ``ROOT/.shiftfs/records.db`` keyed by the inode
-number and checked against the inode's birth time. Keying by inode keeps a
-record right under rename, hard links (one inode, one record) and
-rename-over; the birth time makes a row left behind by an inode deleted
-outside the mount harmless when the inode number is reused. The same table
-takes records for regular files and directories on filesystems without user
-xattrs. ``.shiftfs`` at the root is hidden from the view.
+number and its birth time. Keying by inode keeps a record right under rename,
+hard links (one inode, one record) and rename-over; the birth time makes a row
+left behind by an inode deleted outside the mount harmless when the inode
+number is reused, and keeps inodes of different filesystems below ROOT that
+share a number apart. The same table takes records for regular files and
+directories on filesystems without user xattrs. ``.shiftfs`` at the root is
+hidden from the view.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import sqlite3
 import stat
@@ -29,9 +40,12 @@ from .syscalls import birth_time, proc_fd
 
 __all__ = ["RecordStore", "STORE_DIR", "can_hold_xattr"]
 
+log = logging.getLogger(__name__)
+
 #: Name of the directory at the backing root that holds the side table.
 STORE_DIR = ".shiftfs"
 _DB_NAME = "records.db"
+_XATTR_REPLACE = getattr(os, "XATTR_REPLACE", 2)
 
 
 def can_hold_xattr(mode: int) -> bool:
@@ -51,9 +65,15 @@ class RecordStore:
         self.create = create
         self.write_legacy = write_legacy
         self._db: sqlite3.Connection | None = None
+        self._db_dirfd = -1
         self._db_missing = False
-        self._dev = os.fstat(root_fd).st_dev
         self._xattr_ok = True
+        # Which name to try first: see the module docstring.
+        self._read_names = (
+            (_record.LEGACY_RECORD_NAME, _record.RECORD_NAME)
+            if write_legacy
+            else (_record.RECORD_NAME, _record.LEGACY_RECORD_NAME)
+        )
 
     @classmethod
     def open(cls, root_fd: int, create: bool = True, write_legacy: bool = False) -> "RecordStore":
@@ -65,65 +85,100 @@ class RecordStore:
             return self._db
         if self._db_missing and not for_write:
             return None
+        made_dir = False
         try:
-            dfd = os.open(STORE_DIR, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=self.root_fd)
+            dfd = os.open(STORE_DIR, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.root_fd)
         except FileNotFoundError:
             if not (for_write and self.create):
                 self._db_missing = True
                 return None
             try:
                 os.mkdir(STORE_DIR, 0o700, dir_fd=self.root_fd)
+                made_dir = True
             except FileExistsError:
                 pass
-            dfd = os.open(STORE_DIR, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=self.root_fd)
+            dfd = os.open(STORE_DIR, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.root_fd)
         try:
-            if not for_write:
-                try:
-                    os.stat(_DB_NAME, dir_fd=dfd, follow_symlinks=False)
-                except FileNotFoundError:
+            try:
+                os.stat(_DB_NAME, dir_fd=dfd, follow_symlinks=False)
+                new_db = False
+            except FileNotFoundError:
+                if not (for_write and self.create):
+                    os.close(dfd)
                     self._db_missing = True
                     return None
+                new_db = True
             # The descriptor path pins the directory we opened without following links.
             db = sqlite3.connect(f"{proc_fd(dfd)}/{_DB_NAME}", isolation_level=None, check_same_thread=False)
-        finally:
-            pass
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            # (ino, btime) together name an inode; a table made by an earlier
+            # version with ino alone as the key reads and writes the same way.
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS records ("
+                "ino INTEGER NOT NULL, btime INTEGER NOT NULL, value BLOB NOT NULL, PRIMARY KEY (ino, btime))"
+            )
+        except BaseException:
+            os.close(dfd)
+            raise
         self._db_dirfd = dfd
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS records (ino INTEGER PRIMARY KEY, btime INTEGER NOT NULL, value BLOB NOT NULL)"
-        )
         self._db = db
         self._db_missing = False
+        if self.write_legacy:
+            # fuse-overlayfs 1.10 fails to list a directory holding a regular
+            # file or directory without a record: give our own files records.
+            if made_dir:
+                self._stamp_own(os.open(STORE_DIR, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.root_fd),
+                                stat.S_IFDIR | 0o700)
+            if new_db:
+                self._stamp_own(os.open(_DB_NAME, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd),
+                                stat.S_IFREG | 0o600)
         return db
+
+    def _stamp_own(self, fd: int, mode: int) -> None:
+        try:
+            st = os.fstat(fd)
+            value = _record.encode(_record.Record(st.st_uid, st.st_gid, mode))
+            self.write(fd, st, value)
+        except OSError as e:
+            log.warning("cannot give %s a record: %s", STORE_DIR, e)
+        finally:
+            os.close(fd)
 
     def _side_read(self, fd: int, st: os.stat_result) -> bytes | None:
         db = self._conn(False)
         if db is None:
             return None
-        row = db.execute("SELECT btime, value FROM records WHERE ino=?", (st.st_ino,)).fetchone()
-        if row is None:
-            return None
-        if row[0] != birth_time(fd):
-            return None  # left behind by a deleted inode whose number was reused
-        return bytes(row[1])
+        row = db.execute(
+            "SELECT value FROM records WHERE ino=? AND btime=?", (st.st_ino, birth_time(fd))
+        ).fetchone()
+        # No row with this birth time: none, or left behind by a deleted
+        # inode whose number was reused.
+        return None if row is None else bytes(row[0])
 
     def _side_write(self, fd: int, st: os.stat_result, value: bytes) -> None:
         db = self._conn(True)
         if db is None:
             raise OSError(errno.EROFS, "no record side table and creation disabled")
-        db.execute(
-            "INSERT OR REPLACE INTO records (ino, btime, value) VALUES (?, ?, ?)",
-            (st.st_ino, birth_time(fd), value),
-        )
+        db.execute("INSERT OR REPLACE INTO records (ino, btime, value) VALUES (?, ?, ?)", (st.st_ino, birth_time(fd), value))
 
     def _side_remove(self, fd: int | None, st: os.stat_result) -> None:
         db = self._conn(False)
-        if db is not None:
-            db.execute("DELETE FROM records WHERE ino=?", (st.st_ino,))
+        if db is None:
+            return
+        if fd is not None:
+            try:
+                db.execute("DELETE FROM records WHERE ino=? AND btime=?", (st.st_ino, birth_time(fd)))
+                return
+            except OSError:
+                pass
+        # Without a descriptor the inode is gone: every row of its number on
+        # this filesystem is stale. (Rows of another filesystem's inode with
+        # the same number would go too; those are rare and only lose a record.)
+        db.execute("DELETE FROM records WHERE ino=?", (st.st_ino,))
 
     def _uses_side(self, st: os.stat_result) -> bool:
-        return not (can_hold_xattr(st.st_mode) and self._xattr_ok) or st.st_dev != self._dev
+        return not (can_hold_xattr(st.st_mode) and self._xattr_ok)
 
     # -- public API ---------------------------------------------------------
     def read(self, fd: int, st: os.stat_result) -> bytes | None:
@@ -131,15 +186,17 @@ class RecordStore:
         if self._uses_side(st):
             return self._side_read(fd, st)
         path = proc_fd(fd)
-        for name in (_record.RECORD_NAME, _record.LEGACY_RECORD_NAME):
+        for name in self._read_names:
             try:
                 return os.getxattr(path, name)
             except OSError as e:
                 if e.errno == errno.ENODATA:
                     continue
-                if e.errno == errno.ENOTSUP:
+                if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
                     return self._side_read(fd, st)
                 raise
+        if not self._xattr_ok:
+            return self._side_read(fd, st)
         return None
 
     def write(self, fd: int, st: os.stat_result, value: bytes) -> None:
@@ -150,13 +207,21 @@ class RecordStore:
         path = proc_fd(fd)
         try:
             os.setxattr(path, _record.RECORD_NAME, value)
-            if self.write_legacy:
-                os.setxattr(path, _record.LEGACY_RECORD_NAME, value)
         except OSError as e:
-            if e.errno != errno.ENOTSUP:
+            if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
                 raise
+            log.warning("the backing filesystem takes no user xattrs; keeping all records in %s", STORE_DIR)
             self._xattr_ok = False
             self._side_write(fd, st, value)
+            return
+        if self.write_legacy:
+            os.setxattr(path, _record.LEGACY_RECORD_NAME, value)
+        else:
+            try:
+                os.setxattr(path, _record.LEGACY_RECORD_NAME, value, _XATTR_REPLACE)
+            except OSError as e:
+                if e.errno != errno.ENODATA:
+                    raise
 
     def remove(self, fd: int | None, st: os.stat_result) -> None:
         """Forget the record of an inode (used when its last link is gone)."""
@@ -173,7 +238,7 @@ class RecordStore:
 
     def forget_inode(self, st: os.stat_result) -> None:
         """Drop a side-table row of an inode that no longer exists."""
-        if not can_hold_xattr(st.st_mode) or not self._xattr_ok:
+        if self._uses_side(st):
             self._side_remove(None, st)
 
     def close(self) -> None:
@@ -181,3 +246,4 @@ class RecordStore:
             self._db.close()
             self._db = None
             os.close(self._db_dirfd)
+            self._db_dirfd = -1

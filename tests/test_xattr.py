@@ -593,6 +593,10 @@ def test_forged_records_do_not_take(work, opts):
     # forging: fails, or lands under an escaped name that is never read as a record
     attempts = [(U1, "mine"), (U1, "dir"), (0, "roots"), (0, "mine"), (U1, "ln")]
     for uid, target in attempts:
+        # removing the real record is refused
+        r = run_as(uid, uid, ["setfattr", "-h", "-x", RECORD, f"{mp}/{target}"])
+        assert r.returncode != 0
+    for uid, target in attempts:
         names = FORGED + (FORGED_ROOT_ONLY if uid == 0 else [])
         for name in names:
             r = run_as(uid, uid, ["setfattr", "-h", "-n", name, "-v", forged.decode(), f"{mp}/{target}"])
@@ -600,14 +604,11 @@ def test_forged_records_do_not_take(work, opts):
                 # what was written reads back as an ordinary xattr under the same name
                 got = run_as(uid, uid, ["getfattr", "-h", "--only-values", "-n", name, f"{mp}/{target}"])
                 assert got.stdout.encode() == forged, (name, got)
-        # removing the real record is refused as well
-        r = run_as(uid, uid, ["setfattr", "-h", "-x", RECORD, f"{mp}/{target}"])
-        assert r.returncode != 0
     assert record(src / "mine") == rec_mine and record(src / "roots") == rec_roots
     if "legacy_xattr" in opts:
         assert os.getxattr(src / "mine", LEGACY) == rec_mine
     else:
-        assert LEGACY.encode() not in b"".join(n.encode() for n in os.listxattr(src / "mine"))
+        assert LEGACY not in os.listxattr(src / "mine")
     m.remount()
     for target, want in (("mine", (U1, U1, 0o755)), ("roots", (0, 0, 0o644)), ("dir", (U1, U1, 0o755))):
         st = lst(mp / target)
@@ -777,6 +778,9 @@ def test_interop_fuse_overlayfs_writes_shiftfs_reads(work, rootfs_tar):
     _MOUNTS.append(m)
     m.mount()
     ours = snapshot(work / "mp")
+    # fuse-overlayfs marks the directories it makes opaque with .wh..wh..opq files:
+    # overlay metadata in its upper layer, plain files to anyone else
+    ours = {k: v for k, v in ours.items() if not os.path.basename(k).startswith(".wh.")}
     keys = set(theirs) - {"."}
     assert diff_snapshots(theirs, ours, keys=keys, fields=_CMP) == []
     assert _cmp_nlink(theirs, ours) == []
@@ -890,11 +894,7 @@ def _make_rootfs(root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def rootfs_tar():
-    """A tar (``--numeric-owner``) of a generated root-filesystem-shaped tree (or of a cached mmdebstrap one)."""
-    cached = Path("/var/cache/shiftfs-test")
-    for cand in sorted(cached.glob("*minbase*.tar")) if cached.is_dir() else []:
-        yield cand
-        return
+    """A tar (``--numeric-owner``) of a generated root-filesystem-shaped tree."""
     d = Path(tempfile.mkdtemp(prefix="shiftfs-rootfs-", dir="/tmp"))
     d.chmod(0o755)
     root = d / "root"

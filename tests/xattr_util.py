@@ -44,7 +44,7 @@ def run_as(uid: int, gid: int, cmd, groups=(), check=False, input=None, cwd=None
     pre += [f"--groups={','.join(map(str, groups))}"] if groups else ["--clear-groups"]
     if uid == 0:
         pre = []  # root as is (keeps its capabilities)
-    r = subprocess.run(pre + ["--"] * bool(pre) + list(cmd), capture_output=True, text=True, input=input,
+    r = subprocess.run(pre + ["--"] * bool(pre) + list(cmd), capture_output=True, text=True, errors="replace", input=input,
                        cwd=cwd, timeout=timeout)
     if check and r.returncode != 0:
         raise AssertionError(f"{cmd} as {uid}:{gid} failed ({r.returncode}): {r.stderr.strip()}")

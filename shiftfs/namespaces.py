@@ -586,7 +586,8 @@ def make_mountpoint(root: str, path: str, directory: bool = True) -> str:
     parent = os.path.dirname(target)
     os.makedirs(parent, mode=0o755, exist_ok=True)
     if directory:
-        os.mkdir(target, 0o755)
+        with contextlib.suppress(FileExistsError):  # another run made it meanwhile
+            os.mkdir(target, 0o755)
     else:
         os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
     return target

@@ -580,6 +580,19 @@ def _mount_init(cfg: RunConfig, idmap: ns.IdMap) -> int:
     return code
 
 
+def _terminal() -> str | None:
+    """The host path of the terminal on stdin, if any."""
+    for fd in (0, 1, 2):
+        try:
+            if os.isatty(fd):
+                path = os.ttyname(fd)
+                if path.startswith("/dev/") and os.path.exists(path):
+                    return path
+        except OSError:
+            pass
+    return None
+
+
 def _setup_root(cfg: RunConfig, idmap: ns.IdMap, root: str) -> None:
     """Mount /proc, /dev, /sys, /tmp and the binds under ``root``."""
     proc = ns.make_mountpoint(root, "/proc")
@@ -593,6 +606,11 @@ def _setup_root(cfg: RunConfig, idmap: ns.IdMap, root: str) -> None:
             target = os.path.join(dev, name)
             os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
             ns.bind(host, target, recursive=False)
+    console = _terminal()
+    if console:  # so that ttyname() finds the terminal inside: it scans /dev
+        target = os.path.join(dev, "console")
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        ns.bind(console, target, recursive=False)
     pts = os.path.join(dev, "pts")
     os.mkdir(pts, 0o755)
     opts = "newinstance,ptmxmode=0666,mode=0620" + (",gid=5" if idmap.maps_gid(5) else "")

@@ -287,7 +287,7 @@ def test_ctrl_c_on_a_terminal(wd):
     """^C on the terminal: the command gets SIGINT exactly once (from the tty);
     the supervisors do not relay a second copy."""
     root = make_root(wd, ROOT_USER)
-    script = ('n=0; trap \'n=$((n+1)); echo "int $n"\' INT; echo ready; '
+    script = ('n=0; trap \'n=$((n+1)); echo "int $n"\' INT; tty; echo ready; '
               'sleep 1 & wait; sleep 0.5; echo "total $n"; exit 3')
     pid, fd = pty.fork()
     if pid == 0:
@@ -316,6 +316,7 @@ def test_ctrl_c_on_a_terminal(wd):
     os.close(fd)
     text = buf.decode(errors="replace")
     assert "total 1" in text, text
+    assert "/dev/console" in text  # the terminal is found inside (ttyname)
     assert os.waitstatus_to_exitcode(status) == 3
     assert_clean(root)
 
@@ -362,8 +363,9 @@ def test_parallel_runs_get_distinct_blocks(wd):
     root = make_root(wd, ROOT_USER)
     procs = [_start(ROOT_USER, root, "sh", "-c", "sed -n 2p /proc/self/uid_map; sleep 1")
              for _ in range(3)]
-    outs = [p.communicate(timeout=30)[0].split() for p in procs]
-    assert all(p.returncode == 0 for p in procs)
+    results = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err for _, err in results]
+    outs = [out.split() for out, _ in results]
     assert len({o[1] for o in outs}) == 3
 
 

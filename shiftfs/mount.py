@@ -151,8 +151,12 @@ def is_shiftfs_mount(path: str) -> bool:
 def unmount(mountpoint: str, lazy: bool = False) -> None:
     """Unmount a shiftfs mount (``fusermount3 -u`` or umount2 as root)."""
     mp = os.path.abspath(mountpoint)
-    if not os.path.lexists(mp):
-        raise UsageError(f"mount point {mountpoint} does not exist; give the directory shiftfs is mounted on")
+    try:
+        os.lstat(mp)
+    except FileNotFoundError:
+        raise UsageError(f"mount point {mountpoint} does not exist; give the directory shiftfs is mounted on") from None
+    except OSError:
+        pass  # ENOTCONN: a mount whose daemon is gone, which is what we are here to clear
     if not is_shiftfs_mount(mp):
         raise UsageError(f"{mountpoint} is not a shiftfs mount; see 'findmnt -t fuse.shiftfs' for mounts")
     fm = shutil.which("fusermount3")

@@ -447,11 +447,9 @@ def write_idmap(pid: int, idmap: IdMap) -> None:
 
 def become_root(idmap: IdMap) -> None:
     """Inside a freshly mapped namespace: switch to view id 0 with all the
-    namespace's capabilities, and stay dumpable."""
+    namespace's capabilities, and stay dumpable. Supplementary groups are
+    kept: through them the user may reach files a daemon has to serve."""
     os.setresgid(0, 0, 0)
-    if idmap.setgroups_allowed:
-        with contextlib.suppress(PermissionError):
-            os.setgroups([])
     os.setresuid(0, 0, 0)
     set_dumpable()
 

@@ -441,7 +441,11 @@ class Operations(pyfuse3.Operations):
         bmode, _ = self.policy.backing_mode(mode, 0)
         oflags = (self._open_flags(flags) & ~(os.O_ACCMODE | os.O_TRUNC)) | os.O_RDWR
         if self.policy.may_create_directly and self.policy.direct_ok(du, dg, mode, pst):
-            fd = os.open(name, oflags | os.O_CREAT | (flags & os.O_EXCL), bmode & 0o7777, dir_fd=parent.fd)
+            # O_NOFOLLOW: a symlink put there behind the kernel's cached
+            # negative entry must not be followed (it may lead out of SOURCE).
+            fd = os.open(
+                name, oflags | os.O_CREAT | (flags & os.O_EXCL) | os.O_NOFOLLOW, bmode & 0o7777, dir_fd=parent.fd
+            )
             try:
                 node, st = self.table.child(parent, name)
             except BaseException:

@@ -206,20 +206,29 @@ class InodeTable:
             node._fd = -1
 
     def _reopen(self, node: Inode) -> int:
-        parent = self._by_id.get(node.parent)
-        if parent is None or not node.name:
-            raise pyfuse3.FUSEError(errno.ESTALE)
-        try:
-            fd = os.open(node.name, _O_PATH_FLAGS, dir_fd=parent.fd)
-        except FileNotFoundError:
-            raise pyfuse3.FUSEError(errno.ESTALE) from None
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != node.key:
-            os.close(fd)
-            raise pyfuse3.FUSEError(errno.ESTALE)
-        node._fd = fd
-        self._track(node)
-        return fd
+        # The ancestors of a deep inode may have lost their descriptors too:
+        # find the nearest one that is open, then reopen downwards (a loop, not
+        # recursion through ``parent.fd``, so any depth works).
+        chain = []
+        cur = node
+        while cur._fd < 0:
+            parent = self._by_id.get(cur.parent)
+            if parent is None or not cur.name or len(chain) > len(self._by_id):
+                raise pyfuse3.FUSEError(errno.ESTALE)
+            chain.append(cur)
+            cur = parent
+        for n in reversed(chain):
+            try:
+                fd = os.open(n.name, _O_PATH_FLAGS, dir_fd=self._by_id[n.parent].fd)
+            except FileNotFoundError:
+                raise pyfuse3.FUSEError(errno.ESTALE) from None
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != n.key:
+                os.close(fd)
+                raise pyfuse3.FUSEError(errno.ESTALE)
+            n._fd = fd
+            self._track(n)
+        return node.fd
 
     # -- pins: descriptors that must stay open ----------------------------------------
     def pin(self, node: Inode) -> None:

@@ -32,6 +32,7 @@ import signal
 import socket
 import stat
 import sys
+import dataclasses
 from dataclasses import dataclass, field
 
 from . import namespaces as ns
@@ -58,6 +59,7 @@ class Bind:
     source: str
     target: str
     readonly: bool = False
+    shift: bool = False  # through its own shiftfs daemon, like ROOT
 
 
 @dataclass
@@ -88,8 +90,9 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                         "else a single id")
     p.add_argument("--userns-base", type=_int_arg, metavar="N",
                    help="(root) host id of the 65536-id block for view ids 1-65535")
-    p.add_argument("--bind", action="append", default=[], metavar="SRC:DST[:ro]",
-                   help="bind-mount host SRC on DST in the container (repeatable)")
+    p.add_argument("--bind", action="append", default=[], metavar="SRC:DST[:ro][,shift]",
+                   help="bind-mount host SRC on DST in the container (repeatable); with "
+                        "shift, SRC is seen through shiftfs like ROOT")
     p.add_argument("--user", metavar="UID[:GID]",
                    help="run COMMAND as this view uid/gid (or a name from ROOT/etc/passwd)")
     p.add_argument("--chdir", metavar="DIR",
@@ -157,7 +160,8 @@ Run COMMAND in new namespaces with ROOT, seen through shiftfs, as /. ROOT stays
 owned by you; the ownership set inside is kept in records (--xattr, the default)."""
 _EPILOG = """The container gets a fresh /proc (own pid namespace), a minimal /dev (null, zero,
 full, random, urandom, tty, fuse, a devpts with ptmx, shm), /sys read-only, /tmp on
-tmpfs and the --bind mounts. View id 0 is you. As root, view ids 1-65535 are a
+tmpfs and the --bind mounts (with shift, a bind is seen through shiftfs as well, so
+files the container creates there stay yours too). View id 0 is you. As root, view ids 1-65535 are a
 65536-id block no other namespace uses (host id BASE+N); as a user, your ranges in
 /etc/subuid and /etc/subgid (newuidmap), else only id 0 exists.
 
@@ -203,11 +207,14 @@ def handler(args: argparse.Namespace) -> int:
 
 
 def _parse_bind(spec: str) -> Bind:
+    """SRC[:DST[:OPTS]] with OPTS a comma list of ro, rw and shift."""
     parts = spec.split(":")
-    readonly = False
-    if len(parts) == 3 and parts[2] in ("ro", "rw"):
-        readonly = parts[2] == "ro"
-        parts = parts[:2]
+    flags: set[str] = set()
+    if len(parts) == 3:
+        flags = set(parts.pop().split(","))
+        if not flags <= {"ro", "rw", "shift"} or {"ro", "rw"} <= flags:
+            raise RunError(f"--bind {spec!r}: options are ro, rw and shift, comma separated; "
+                           "e.g. --bind ~/data:/data:rw,shift")
     if len(parts) == 1:
         parts.append(parts[0])
     if len(parts) != 2 or not parts[0] or not parts[1]:
@@ -218,7 +225,10 @@ def _parse_bind(spec: str) -> Bind:
     if not dst.startswith("/"):
         raise RunError(f"--bind {spec}: DST must be an absolute path inside the container, "
                        f"e.g. /{dst}")
-    return Bind(os.path.realpath(src), os.path.normpath(dst), readonly)
+    if "shift" in flags and not os.path.isdir(src):
+        raise RunError(f"--bind {spec}: shift needs a directory (shiftfs serves directories); "
+                       "bind the directory that holds it")
+    return Bind(os.path.realpath(src), os.path.normpath(dst), "ro" in flags, "shift" in flags)
 
 
 def _lookup_user(root: str, spec: str) -> tuple[int, int, dict[str, str]]:
@@ -293,6 +303,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if args.user:
         uid, gid, env = _lookup_user(root, args.user)
         cfg.user, cfg.user_env = (uid, gid), env
+    else:  # HOME and USER of the container's root, not the caller's
+        entry = _find_db_entry(root, "/etc/passwd", "0", by_id=True)
+        if entry:
+            cfg.user_env = {"HOME": entry[5] or "/", "USER": entry[0], "LOGNAME": entry[0]}
     return cfg
 
 
@@ -373,6 +387,11 @@ def check_config(cfg: RunConfig, idmap: ns.IdMap) -> None:
     for b in cfg.binds:
         check_reachable([(b.source, 4 if not os.path.isdir(b.source) else 5)],
                         "bind-mounting")
+        owner = os.stat(b.source).st_uid
+        if b.shift and owner != uid:
+            raise RunError(f"--bind {b.source}:{b.target}:shift: {b.source} is owned by uid "
+                           f"{owner}, not by you (uid {uid}); drop shift or "
+                           f"'chown -R {uid} {b.source}'")
     if cfg.user:
         vuid, vgid = cfg.user
         if not idmap.maps_uid(vuid) or not idmap.maps_gid(vgid):
@@ -496,16 +515,36 @@ def _userns_helper(cfg: RunConfig, idmap: ns.IdMap, parent: int, wfd: int, rfd: 
     return ns.exit_code(ns.supervise(pid))
 
 
-def _spawn_daemon(cfg: RunConfig, mountpoint: str, log_path: str, log_fd: int) -> int:
+def _start_daemon(cfg: RunConfig, source: str, mountpoint: str, log: str) -> None:
+    """Run ``shiftfs mount`` (as namespace root, so /dev/fuse is opened in
+    this user namespace) and return once the mount is live. The daemon stays
+    behind as our child in pid namespace A, in its own session so that a
+    terminal's ^C does not reach it."""
     argv = [sys.executable, "-m", "shiftfs", "mount", *cfg.mount_args,
-            "-o", f"suid,dev,log={log_path}",
-            cfg.root, mountpoint]
-    return os.posix_spawn(
-        sys.executable, argv, os.environ,
-        file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                      (os.POSIX_SPAWN_DUP2, log_fd, 1), (os.POSIX_SPAWN_DUP2, log_fd, 2)],
-        setsid=True, setsigmask=set(),
-        setsigdef=(*ns.RELAYED, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD))
+            "-o", f"suid,dev,log={log}", source, mountpoint]
+    log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        mounter = os.posix_spawn(
+            sys.executable, argv, os.environ,
+            file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                          (os.POSIX_SPAWN_DUP2, log_fd, 1), (os.POSIX_SPAWN_DUP2, log_fd, 2)],
+            setsid=True, setsigmask=set(),
+            setsigdef=(*ns.RELAYED, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD))
+    except OSError as e:
+        raise RunError(f"cannot start the shiftfs daemon ({sys.executable}): "
+                       f"{e.strerror}") from None
+    finally:
+        os.close(log_fd)
+    status = _wait_pid(mounter, _MOUNT_TIMEOUT)
+    if status is None:
+        raise RunError(f"'shiftfs mount {source}' did not report a live mount within "
+                       f"{_MOUNT_TIMEOUT:.0f} s: {_log_tail(log) or 'no output'}")
+    if status != 0:
+        raise RunError(f"'shiftfs mount {source}' failed with status "
+                       f"{ns.exit_code(status)}: {_log_tail(log) or 'no output'}")
+    if os.stat(mountpoint).st_dev == os.stat(os.path.dirname(mountpoint)).st_dev:
+        raise RunError(f"'shiftfs mount {source}' returned but nothing is mounted; "
+                       f"its output: {_log_tail(log) or 'none'}")
 
 
 def _log_tail(path: str, lines: int = 1) -> str:
@@ -540,37 +579,33 @@ def _mount_init(cfg: RunConfig, idmap: ns.IdMap) -> int:
     ns.make_rprivate("/")
     stage = _staging_dir(cfg)
     ns.mount("tmpfs", stage, "tmpfs", ns.MS_NOSUID | ns.MS_NODEV, "mode=0700,size=1m")
-    mnt = os.path.join(stage, "root")
-    os.mkdir(mnt, 0o755)
     log = os.path.join(stage, "daemon.log")
-    log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-    try:
-        mounter = _spawn_daemon(cfg, mnt, log, log_fd)
-    except OSError as e:
-        raise RunError(f"cannot start the shiftfs daemon ({sys.executable}): "
-                       f"{e.strerror}") from None
-    status = _wait_pid(mounter, _MOUNT_TIMEOUT)
-    if status is None:
-        raise RunError(f"'shiftfs mount' did not report a live mount within "
-                       f"{_MOUNT_TIMEOUT:.0f} s: {_log_tail(log) or 'no output'}")
-    if status != 0:
-        raise RunError(f"'shiftfs mount {cfg.root}' failed with status "
-                       f"{ns.exit_code(status)}: {_log_tail(log) or 'no output'}")
-    if os.stat(mnt).st_dev == os.stat(stage).st_dev:
-        raise RunError("'shiftfs mount' returned but nothing is mounted; "
-                       f"its output: {_log_tail(log) or 'none'}")
+    mnt = os.path.join(stage, "root")
+    views = [mnt]
+    os.mkdir(mnt, 0o755)
+    _start_daemon(cfg, cfg.root, mnt, log)
+    binds = []
+    for i, b in enumerate(cfg.binds):
+        if b.shift and os.path.isdir(b.source):
+            view = os.path.join(stage, f"bind{i}")
+            os.mkdir(view, 0o755)
+            _start_daemon(cfg, b.source, view, log)
+            views.append(view)
+            b = dataclasses.replace(b, source=view)
+        binds.append(b)
+    cfg = dataclasses.replace(cfg, binds=binds)
     ns.unshare(ns.CLONE_NEWPID)
     pid = os.fork()
     if pid == 0:
-        os.close(log_fd)
         _child(_container_init, cfg, idmap, mnt)
     code = ns.exit_code(ns.supervise(pid, reap_any=True))
-    try:
-        ns.umount2(mnt)
-    except OSError as e:
-        if e.errno != errno.EBUSY:
-            raise
-        ns.umount2(mnt, ns.MNT_DETACH)
+    for view in reversed(views):
+        try:
+            ns.umount2(view)
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise
+            ns.umount2(view, ns.MNT_DETACH)
     statuses = ns.reap_all(_DAEMON_EXIT_TIMEOUT)
     if any(s != 0 for s in statuses):
         print(f"{PROG}: warning: the shiftfs daemon exited with status "

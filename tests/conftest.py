@@ -1,0 +1,122 @@
+"""Shared pytest fixtures for shiftfs's real-mount tests (helpers live in fsutil.py).
+
+Fixtures:
+
+* ``scratch`` — a fresh 0755 directory (reachable by other users), removed
+  afterwards once nothing is mounted below it.
+* ``shiftfs_mount`` — a factory: ``shiftfs_mount("--map", MAP)`` makes ``src``/``mp`` under
+  ``scratch`` (or uses ``source=``/``mountpoint=``), mounts through the CLI and
+  returns a :class:`fsutil.Mount`; every mount is detached and its daemon
+  reaped at teardown, also when the test failed.
+* ``shiftfs_on_path`` — makes sure ``shiftfs`` is on root's PATH as
+  ``/usr/local/bin/shiftfs`` (what ``mount -t fuse.shiftfs`` and fstab lines
+  run through ``mount.fuse3``).
+
+Markers: ``root`` (skips unless uid 0), ``fuse`` (skips without /dev/fuse).
+A failing test that mounted something gets the daemon's log attached.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import fsutil  # noqa: E402
+
+LINK = "/usr/local/bin/shiftfs"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "root: needs uid 0 (skipped otherwise)")
+    config.addinivalue_line("markers", "fuse: needs /dev/fuse (skipped otherwise)")
+
+
+def pytest_collection_modifyitems(config, items):
+    not_root = os.geteuid() != 0
+    no_fuse = not os.path.exists("/dev/fuse")
+    for item in items:
+        if not_root and item.get_closest_marker("root"):
+            item.add_marker(pytest.mark.skip(reason="needs root"))
+        if no_fuse and item.get_closest_marker("fuse"):
+            item.add_marker(pytest.mark.skip(reason="needs /dev/fuse"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)
+    if rep.failed and rep.when in ("call", "teardown"):
+        for m in getattr(item, "_shiftfs_mounts", ()):
+            text = m.log_text()
+            if text:
+                rep.sections.append((f"shiftfs daemon log {m.mountpoint}", text[-6000:]))
+
+
+@pytest.fixture
+def scratch():
+    d = fsutil.make_scratch()
+    try:
+        yield d
+    finally:
+        fsutil.remove_scratch(d)
+
+
+@pytest.fixture
+def shiftfs_mount(scratch, request):
+    """Factory fixture: ``m = shiftfs_mount(*cli_args, source=None, mountpoint=None, **mount_kw)``."""
+    stack = []
+    request.node._shiftfs_mounts = []
+    counter = [0]
+
+    def make(*args, source=None, mountpoint=None, **kw):
+        counter[0] += 1
+        n = counter[0]
+        if source is None:
+            source = scratch / (f"src{n}" if n > 1 else "src")
+            source.mkdir()
+        if mountpoint is None:
+            mountpoint = scratch / (f"mp{n}" if n > 1 else "mp")
+            mountpoint.mkdir()
+        cm = fsutil.mount_shiftfs(source, mountpoint, *args, **kw)
+        m = cm.__enter__()
+        stack.append(cm)
+        request.node._shiftfs_mounts.append(m)
+        return m
+
+    yield make
+    errors = []
+    for cm in reversed(stack):
+        try:
+            cm.__exit__(None, None, None)
+        except AssertionError as e:
+            errors.append(str(e))
+    if errors:
+        pytest.fail("\n".join(errors), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def shiftfs_on_path():
+    """``/usr/local/bin/shiftfs`` → the venv's script, for mount(8) helpers.
+
+    ``make setup`` is meant to create it; if it is missing the fixture creates
+    it and removes it again at the end of the session.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create /usr/local/bin/shiftfs")
+    created = False
+    if not os.path.lexists(LINK):
+        try:
+            os.symlink(fsutil.SHIFTFS, LINK)
+            created = True
+        except FileExistsError:
+            pass
+    target = os.path.realpath(LINK)
+    if not os.access(target, os.X_OK):
+        pytest.skip(f"{LINK} exists but is not executable ({target})")
+    yield LINK
+    if created and os.path.islink(LINK) and os.readlink(LINK) == fsutil.SHIFTFS:
+        os.unlink(LINK)

@@ -117,6 +117,8 @@ class InodeTable:
         self._by_key: dict[tuple[int, int], Inode] = {root.key: root}
         self._lru: OrderedDict[int, Inode] = OrderedDict()  # open, closable descriptors
         self._next_synthetic = _SYNTHETIC_BASE
+        #: open file handles; each holds a descriptor (and pins one) outside the LRU
+        self._pin_count = 0
         #: called with an inode and its stat when the inode is dropped with no links left
         self.on_gone = None
 
@@ -192,11 +194,16 @@ class InodeTable:
     def _track(self, node: Inode) -> None:
         if node.pins == 0 and node is not self.root:
             self._lru[node.id] = node
-            if len(self._lru) > self.max_fds:
+            if len(self._lru) > self._lru_limit():
                 self._shrink()
 
+    def _lru_limit(self) -> int:
+        # Open files hold descriptors too (their handle and their pinned
+        # O_PATH descriptor): the LRU gives way to them.
+        return max(16, self.max_fds - 2 * self._pin_count)
+
     def _shrink(self) -> None:
-        target = self.max_fds * 7 // 8
+        target = self._lru_limit() * 7 // 8
         lru = self._lru
         while len(lru) > target:
             _, node = lru.popitem(last=False)
@@ -235,9 +242,14 @@ class InodeTable:
         """Keep ``node``'s descriptor open (an open file refers to it)."""
         node.fd  # open it now, while it can still be reopened by name
         node.pins += 1
+        self._pin_count += 1
         self._lru.pop(node.id, None)
+        if len(self._lru) > self._lru_limit():
+            self._shrink()
 
     def unpin(self, node: Inode) -> None:
+        if node.pins > 0:
+            self._pin_count -= 1
         node.pins -= 1
         if node.pins <= 0:
             node.pins = 0

@@ -344,6 +344,9 @@ def choose_idmap(mode: str = "auto", base: int | None = None) -> tuple[IdMap, st
     if mode == "single":
         return IdMap("single", ((0, uid, 1),), ((0, gid, 1),)), None
     cfg_base = base
+    if uid == 0 and base is None and not in_initial_userns():
+        # Nested: hand the ids of this namespace on unchanged.
+        return IdMap("full", _own_extents("uid_map"), _own_extents("gid_map")), None
     if uid == 0:
         if base is None:
             base = free_block()
@@ -379,6 +382,21 @@ def choose_idmap(mode: str = "auto", base: int | None = None) -> tuple[IdMap, st
     return IdMap("single", ((0, uid, 1),), ((0, gid, 1),)), single_id_note(name)
 
 
+def in_initial_userns() -> bool:
+    """Whether we run in the initial user namespace (identity map of all ids)."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return True
+
+
+def _own_extents(name: str) -> tuple[Extent, ...]:
+    with open(f"/proc/self/{name}") as f:
+        return tuple((int(line.split()[0]), int(line.split()[0]), int(line.split()[2]))
+                     for line in f if line.strip())
+
+
 def _which(tool: str) -> str | None:
     for d in ("/usr/bin", "/usr/sbin", "/bin", "/sbin"):
         p = os.path.join(d, tool)
@@ -392,10 +410,13 @@ def id_block_lock() -> Iterator[None]:
     """Serialise root's final block check and map write with other runs (a
     no-op for unprivileged users). Fork nothing while holding it: a child
     would inherit the lock."""
-    if os.geteuid() != 0:
+    try:
+        if os.geteuid() != 0:
+            raise PermissionError
+        fd = os.open("/run/shiftfs-userns.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
         yield
         return
-    fd = os.open("/run/shiftfs-userns.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -407,8 +428,11 @@ def claim_idmap(pid: int, idmap: IdMap) -> IdMap:
     """Write the maps of ``pid``; root's block is checked again under
     :func:`id_block_lock` first and moved if a namespace started since
     :func:`choose_idmap` took it. Returns the map written."""
+    if idmap.base is None:
+        write_idmap(pid, idmap)
+        return idmap
     with id_block_lock():
-        if idmap.base is not None and _overlaps(idmap.base, BLOCK, ranges_in_use()):
+        if _overlaps(idmap.base, BLOCK, ranges_in_use()):
             if idmap.base_fixed:
                 raise NamespaceError(f"--userns-base {idmap.base} was taken by another "
                                      "namespace meanwhile; pick another block")

@@ -203,7 +203,11 @@ def handler(args: argparse.Namespace) -> int:
         return EXIT_SETUP
     if note:
         print(f"{PROG}: {note}", file=sys.stderr)
-    return run(cfg, idmap)
+    try:
+        return run(cfg, idmap)
+    except OSError as e:
+        print(f"{PROG}: {_oserror_text(e)}", file=sys.stderr)
+        return EXIT_SETUP
 
 
 def _parse_bind(spec: str) -> Bind:

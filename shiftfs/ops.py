@@ -16,6 +16,7 @@ ones (from a killed daemon) are removed when their directory is listed.
 from __future__ import annotations
 
 import errno
+import sqlite3
 import functools
 import logging
 import os
@@ -72,23 +73,106 @@ class CacheConfig:
             self.timeout, self.negative_timeout, self.keep_cache, self.xattr_cache = 0.0, 0.0, False, False
 
 
+#: backing errnos that mean something is wrong with the daemon or the disk: logged
+_LOGGED_ERRNOS = {
+    errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EBADF, errno.EFAULT, errno.EUCLEAN,
+    errno.EBADMSG, errno.EDEADLK, errno.ENOTCONN,
+}
+# handlers whose first argument is a file handle / a directory handle, not an inode
+_FH_OPS = {"read", "write", "flush", "release", "fsync"}
+_DH_OPS = {"readdir", "releasedir", "fsyncdir"}
+# handlers whose first two arguments are a directory inode and a name in it
+_NAMED_OPS = {"lookup", "mknod", "mkdir", "symlink", "unlink", "rmdir", "create"}
+# sqlite result codes (the side table) and the errnos they stand for
+_SQLITE_ERRNOS = {13: errno.ENOSPC, 8: errno.EROFS, 5: errno.EAGAIN, 6: errno.EAGAIN, 3: errno.EACCES, 23: errno.EACCES}
+
+
+def _printable(s: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+
+
+def _view_path(ops: "Operations", node: Inode | None, inode_id=None) -> str:
+    """The last known view path of an inode, for the log."""
+    if node is None:
+        return f"<inode {inode_id}>"
+    names = []
+    cur = node
+    while cur is not None and cur.id != ROOT_ID and len(names) < 64:
+        if not cur.name:
+            names.append(f"<inode {cur.id}>")
+            break
+        names.append(os.fsdecode(cur.name))
+        cur = ops.table.get(cur.parent)
+    return _printable("/" + "/".join(reversed(names)))
+
+
+def _describe(ops: "Operations", name: str, args: tuple) -> str:
+    """A request in one log line: inodes and handles as view paths, buffers as lengths."""
+    try:
+        args = tuple(a for a in args if not isinstance(a, pyfuse3.RequestContext))
+        if not args:
+            return ""
+        first, rest = args[0], list(args[1:])
+        if name in _FH_OPS:
+            head = _view_path(ops, ops._files.get(first), f"fh {first}")
+        elif name in _DH_OPS:
+            dh = ops._dirs.get(first)
+            head = _view_path(ops, dh.node if dh else None, f"dh {first}")
+        elif isinstance(first, int):
+            head = _view_path(ops, ops.table.get(first), first)
+        else:
+            head = repr(first)
+        if name in _NAMED_OPS and rest and isinstance(rest[0], bytes):
+            head = head.rstrip("/") + "/" + _printable(os.fsdecode(rest.pop(0)))
+        elif name == "link" and len(rest) >= 2:
+            head += " -> " + _view_path(ops, ops.table.get(rest[0]), rest[0]).rstrip("/") + "/" + _printable(
+                os.fsdecode(rest[1]))
+            rest = rest[2:]
+        elif name == "rename" and len(rest) >= 3:
+            head = head.rstrip("/") + "/" + _printable(os.fsdecode(rest[0])) + " -> " + _view_path(
+                ops, ops.table.get(rest[1]), rest[1]).rstrip("/") + "/" + _printable(os.fsdecode(rest[2]))
+            rest = rest[3:]
+        shown = []
+        for a in rest:
+            if isinstance(a, (bytes, bytearray, memoryview)) and len(a) > 64:
+                shown.append(f"<{len(a)} bytes>")
+            elif isinstance(a, (int, bytes, str, type(None))):
+                shown.append(repr(a))
+        return " ".join([head] + shown)
+    except Exception:  # never let the log line break the request
+        return _printable(repr(args)[:200])
+
+
 def _op(fn):
-    """Run a synchronous handler as a pyfuse3 coroutine; map errors to errnos."""
+    """Run a synchronous handler as a pyfuse3 coroutine; map errors to errnos.
+
+    Unexpected errors are logged as one line naming the request and the view
+    path (the traceback only with ``-o debug``); ``-o debug`` traces requests.
+    """
     name = fn.__name__
 
     @functools.wraps(fn)
     async def handler(self, *args):
         self.counts[name] += 1
         if self.trace:
-            log.debug("-> %s %r", name, args[:-1] if args and isinstance(args[-1], pyfuse3.RequestContext) else args)
+            log.debug("-> %s %s", name, _describe(self, name, args))
         try:
             return fn(self, *args)
         except pyfuse3.FUSEError:
             raise
         except OSError as e:
+            if e.errno in _LOGGED_ERRNOS or not e.errno:
+                log.warning("%s %s: %s", name, _describe(self, name, args), _printable(str(e)))
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-        except Exception:
-            log.exception("unexpected error in %s %r", name, args[:3])
+        except sqlite3.Error as e:
+            code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+            err = _SQLITE_ERRNOS.get(code, errno.EIO)
+            if err != errno.ENOSPC:
+                log.error("%s %s: record side table: %s", name, _describe(self, name, args), _printable(str(e)))
+            raise pyfuse3.FUSEError(err) from None
+        except Exception as e:
+            log.error("%s %s: unexpected %s: %s", name, _describe(self, name, args), type(e).__name__,
+                      _printable(str(e)), exc_info=self.trace)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return handler

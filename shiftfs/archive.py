@@ -33,7 +33,6 @@ exactly as the mount does.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import gzip
 import io
@@ -81,9 +80,11 @@ class UsageError(ArchiveError):
     """A bad command line; exit status 2."""
 
 
-def _open_store(root_fd: int, create: bool):
+def _open_store(root_fd: int, create: bool, legacy: bool = False):
     from .store import RecordStore
 
+    if legacy:
+        return RecordStore.open(root_fd, create, write_legacy=True)
     return RecordStore.open(root_fd, create)
 
 
@@ -814,11 +815,12 @@ class _Importer:
     def _whiteout(self, parts: list[str]) -> None:
         base = parts[-1]
         dparts = parts[:-1]
-        try:
-            parent = self._dir(dparts)
-        except ArchiveError:
-            return
         drel = "/".join(dparts)
+        try:  # a whiteout in a directory that is not there has nothing to hide
+            os.close(_open_beneath(self.root_fd, drel, _DIR_PATH_FLAGS))
+        except OSError:
+            return
+        parent = self._dir(dparts)
         if base == ".wh..wh..opq":
             sub = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=parent)
             try:
@@ -907,7 +909,9 @@ def _xattrs_of(ti, lookup_user=None, lookup_group=None, errors=None, rel="") -> 
     return out
 
 
-def import_archive(archive: str, root: str, oci_layer: bool = False, progress=None) -> list[str]:
+def import_archive(
+    archive: str, root: str, oci_layer: bool = False, progress=None, legacy_xattr: bool = False
+) -> list[str]:
     """Unpack ``archive`` into ``root`` as records; returns per-path errors."""
     try:
         os.mkdir(root, 0o700)
@@ -916,7 +920,7 @@ def import_archive(archive: str, root: str, oci_layer: bool = False, progress=No
     except FileNotFoundError:
         raise UsageError(f"{root}: its parent directory does not exist; create it first") from None
     root_fd = _tree.open_root(root)
-    store = _open_store(root_fd, True)
+    store = _open_store(root_fd, True, legacy_xattr)
     progress = progress or _tree.Progress("import", False)
     stream, proc = _open_archive_stream(archive)
     imp = _Importer(root_fd, store, oci_layer, progress)
@@ -1182,7 +1186,9 @@ def _remove_leftovers(dirfd: int, name: str, times: _DirTimes) -> bool:
     return True
 
 
-def absorb(root: str, maps: list[str] | None, owner: tuple[int, int], progress=None) -> list[str]:
+def absorb(
+    root: str, maps: list[str] | None, owner: tuple[int, int], progress=None, legacy_xattr: bool = False
+) -> list[str]:
     """Turn real ownership into records; backing files go to ``owner``.
 
     Per inode, in this order, so that an interruption at any point leaves
@@ -1199,7 +1205,7 @@ def absorb(root: str, maps: list[str] | None, owner: tuple[int, int], progress=N
     """
     umap, gmap = parse_map_args(maps or [])
     root_fd = _tree.open_root(root)
-    store = _open_store(root_fd, True)
+    store = _open_store(root_fd, True, legacy_xattr)
     errors: list[str] = []
     progress = progress or _tree.Progress("absorb", False)
     done: set[tuple[int, int]] = set()
@@ -1577,7 +1583,7 @@ def _cmd_export(args) -> int:
 def _cmd_import(args) -> int:
     def run() -> int:
         with _tree.Progress("import") as progress:
-            errors = import_archive(args.archive, args.root, args.oci_layer, progress)
+            errors = import_archive(args.archive, args.root, args.oci_layer, progress, args.legacy_xattr)
         return _report("import", errors)
 
     return _run("import", run)
@@ -1616,7 +1622,7 @@ def _cmd_absorb(args) -> int:
         owner = _parse_owner(args.owner)
         _need_root("absorb")
         with _tree.Progress("absorb") as progress:
-            errors = absorb(args.root, maps, owner, progress)
+            errors = absorb(args.root, maps, owner, progress, args.legacy_xattr)
         return _report("absorb", errors)
 
     return _run("absorb", run)
@@ -1665,6 +1671,11 @@ def register(subparsers) -> None:
     p.add_argument("archive", metavar="ARCHIVE")
     p.add_argument("root", metavar="ROOT")
     p.add_argument("--oci-layer", action="store_true", help="apply .wh.NAME whiteouts and .wh..wh..opq")
+    p.add_argument(
+        "--legacy-xattr",
+        action="store_true",
+        help="also write user.fuseoverlayfs.override_stat (for fuse-overlayfs < 1.14, e.g. Debian 12's 1.10)",
+    )
     p.set_defaults(func=_cmd_import)
 
     p = subparsers.add_parser(
@@ -1691,6 +1702,11 @@ def register(subparsers) -> None:
     )
     p.add_argument("root", metavar="ROOT")
     p.add_argument("--owner", metavar="USER[:GROUP]", help="owner of the backing files (default: $SUDO_UID)")
+    p.add_argument(
+        "--legacy-xattr",
+        action="store_true",
+        help="also write user.fuseoverlayfs.override_stat (for fuse-overlayfs < 1.14, e.g. Debian 12's 1.10)",
+    )
     _add_map(p)
     p.set_defaults(func=_cmd_absorb)
 

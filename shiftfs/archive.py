@@ -1115,9 +1115,14 @@ def _parse_owner(text: str | None) -> tuple[int, int]:
         raise UsageError(f"--owner {text}: no group {group!r}; give a group name or a numeric gid") from None
 
 
-def _need_root(cmd: str) -> None:
+def _need_root(cmd: str, root: str) -> None:
     if os.geteuid() != 0:
         raise ArchiveError(f"{cmd} changes file owners and needs root; run it as root (e.g. with sudo)")
+    try:
+        if os.path.samefile(root, "/"):
+            raise UsageError(f"refusing to {cmd} /; give the root directory of an image tree")
+    except FileNotFoundError:
+        pass
 
 
 #: Where a directory's original times wait while we edit it (hidden by the
@@ -1582,6 +1587,8 @@ def _cmd_export(args) -> int:
 
 def _cmd_import(args) -> int:
     def run() -> int:
+        if args.archive == "-" and sys.stdin.isatty():
+            raise UsageError("refusing to read an archive from a terminal; give ARCHIVE or redirect stdin")
         with _tree.Progress("import") as progress:
             errors = import_archive(args.archive, args.root, args.oci_layer, progress, args.legacy_xattr)
         return _report("import", errors)
@@ -1620,7 +1627,7 @@ def _cmd_absorb(args) -> int:
     def run() -> int:
         maps = _maps(args)
         owner = _parse_owner(args.owner)
-        _need_root("absorb")
+        _need_root("absorb", args.root)
         with _tree.Progress("absorb") as progress:
             errors = absorb(args.root, maps, owner, progress, args.legacy_xattr)
         return _report("absorb", errors)
@@ -1631,7 +1638,7 @@ def _cmd_absorb(args) -> int:
 def _cmd_materialize(args) -> int:
     def run() -> int:
         maps = _maps(args)
-        _need_root("materialize")
+        _need_root("materialize", args.root)
         with _tree.Progress("materialize") as progress:
             errors = materialize(args.root, maps, progress)
         return _report("materialize", errors)

@@ -100,9 +100,11 @@ def walk(root_fd: int, on_error: Callable[[str, OSError], None] | None = None) -
     """Yield every inode below ``root_fd`` (root first, parents before children).
 
     Names are visited in byte order so archives come out reproducible. The
-    side table directory at the root is skipped. Errors opening or listing an
-    entry go to ``on_error(rel, exc)`` and the walk goes on; without a handler
-    they are raised.
+    side table directory at the root is skipped, and so is anything on
+    another filesystem (a mounted ``/proc`` in a chroot must never be
+    chowned or archived): it is reported as an ``EXDEV`` error. Errors
+    opening or listing an entry go to ``on_error(rel, exc)`` and the walk
+    goes on; without a handler they are raised.
     """
     root_path_fd = os.open(".", _PATH_FLAGS | os.O_DIRECTORY, dir_fd=root_fd)
     try:
@@ -110,10 +112,10 @@ def walk(root_fd: int, on_error: Callable[[str, OSError], None] | None = None) -
         yield Entry("", "", root_fd, root_path_fd, st)
     finally:
         os.close(root_path_fd)
-    yield from _walk_dir(root_fd, "", on_error)
+    yield from _walk_dir(root_fd, "", on_error, st.st_dev)
 
 
-def _walk_dir(dfd: int, rel: str, on_error) -> Iterator[Entry]:
+def _walk_dir(dfd: int, rel: str, on_error, dev: int) -> Iterator[Entry]:
     try:
         names = sorted(os.listdir(dfd), key=os.fsencode)
     except OSError as e:
@@ -134,6 +136,12 @@ def _walk_dir(dfd: int, rel: str, on_error) -> Iterator[Entry]:
             continue
         try:
             st = os.stat(fd)
+            if st.st_dev != dev:
+                exc = OSError(errno.EXDEV, "another filesystem is mounted here; skipped (unmount it first)")
+                if on_error is None:
+                    raise exc
+                on_error(crel, exc)
+                continue
             yield Entry(crel, name, dfd, fd, st)
         finally:
             os.close(fd)
@@ -148,7 +156,7 @@ def _walk_dir(dfd: int, rel: str, on_error) -> Iterator[Entry]:
             try:
                 if os.fstat(sub).st_ino != st.st_ino:
                     raise OSError(errno.ESTALE, "directory replaced during the walk")
-                yield from _walk_dir(sub, crel, on_error)
+                yield from _walk_dir(sub, crel, on_error, dev)
             except OSError as e:
                 if on_error is None:
                     raise

@@ -520,3 +520,23 @@ def test_fuse_overlayfs_reads_our_records(world):
         assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o666
     finally:
         run(["fusermount3", "-u", str(mnt)], check=False)
+
+
+def test_other_filesystems_are_never_touched(world):
+    tree = world["w"] / "with-mount"
+    (tree / "proc").mkdir(parents=True)
+    (tree / "f").write_bytes(b"f")
+    run(["mount", "-t", "tmpfs", "none", str(tree / "proc")])
+    try:
+        (tree / "proc/x").write_bytes(b"x")
+        _fails(shiftfs("absorb", tree, "--owner", USER, check=False), 1, "proc", "another filesystem")
+        assert os.lstat(tree / "proc/x").st_uid == 0
+        assert os.lstat(tree / "f").st_uid == USER
+        proc = shiftfs("export", tree, "-o", world["user"] / "with-mount.tar", check=False)
+        _fails(proc, 1, "proc", "another filesystem")
+        assert "./proc" not in listing(world["user"] / "with-mount.tar")
+        _fails(shiftfs("absorb", "/", "--owner", USER, check=False), 2, "refusing", "/")
+    finally:
+        run(["umount", str(tree / "proc")])
+    shiftfs("materialize", tree)
+    assert os.lstat(tree / "f").st_uid == 0

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import ctypes.util
+import dataclasses
 import errno
 import fcntl
 import os
@@ -34,6 +34,7 @@ import random
 import signal
 import stat
 import subprocess
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -670,7 +671,6 @@ def supervise(pid: int, reap_any: bool = False) -> int:
 def reap_all(timeout: float) -> list[int]:
     """As a namespace's pid 1: reap children until none is left or
     ``timeout`` seconds pass. Returns the wait statuses collected."""
-    import time
     statuses = []
     deadline = time.monotonic() + timeout
     while True:

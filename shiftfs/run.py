@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import os
 import signal
 import socket
 import stat
 import sys
-import dataclasses
+import time
 from dataclasses import dataclass, field
 
 from . import namespaces as ns
@@ -563,7 +564,6 @@ def _log_tail(path: str, lines: int = 1) -> str:
 def _wait_pid(pid: int, timeout: float) -> int | None:
     """Wait status of child ``pid``, or None after ``timeout`` seconds
     (SIGCHLD must be blocked)."""
-    import time
     deadline = time.monotonic() + timeout
     while True:
         wpid, status = os.waitpid(pid, os.WNOHANG)

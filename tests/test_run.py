@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from ns_util import (DEBIAN_TAR, HOST_USR, REPO, ROOT_USER, User, build_debian_tarball,
+from ns_util import (HOST_USR, REPO, ROOT_USER, User, build_debian_tarball,
                      chown_tree, make_host_root, mounts_mentioning, processes_mentioning,
                      remove_tree, run_argv, throwaway_users, workdir)
 from shiftfs import namespaces as ns
@@ -191,8 +191,8 @@ def test_container_mounts(wd):
     out = shiftfs_run(ROOT_USER, root, "sh", "-c", script,
                       opts=["--hostname", "box", "--chdir", "/tmp",
                             "--bind", f"{data}:/data", "--bind", f"{data}:/ro:ro"]).stdout
-    for word in ("home=/root", "pid=2", "init-ok", "pts-ok", "sys-ro", "tmp-tmpfs", "shm-ok", "bind-ro",
-                 "box", "/tmp"):
+    for word in ("home=/root", "pid=2", "init-ok", "pts-ok", "sys-ro", "tmp-tmpfs", "shm-ok",
+                 "bind-ro", "box", "/tmp"):
         assert word in out.split("\n") or word in out, (word, out)
     assert out.count("4\n") == 2
     with open(os.path.join(data, "out")) as f:

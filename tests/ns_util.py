@@ -7,6 +7,7 @@ minbase tarball, and process/mount leak checks.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pwd
 import shutil
@@ -53,60 +54,76 @@ class User:
 ROOT_USER = User("root", 0, 0)
 
 
+_USERS_LOCK = "/run/lock/shiftfs-test-users.lock"
+
+
 @contextlib.contextmanager
-def restored_files(paths: tuple[str, ...]) -> Iterator[None]:
-    """Put the exact bytes of ``paths`` back afterwards (or remove them
-    if they did not exist)."""
-    saved = {}
-    for p in paths:
-        try:
-            with open(p, "rb") as f:
-                saved[p] = f.read()
-        except FileNotFoundError:
-            saved[p] = None
+def _users_lock() -> Iterator[None]:
+    """Serialise edits of /etc/subuid, /etc/subgid and the user database
+    between test sessions running at the same time."""
+    os.makedirs(os.path.dirname(_USERS_LOCK), exist_ok=True)
+    fd = os.open(_USERS_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        for p, data in saved.items():
-            if data is None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(p)
-            else:
-                with open(p, "wb") as f:  # in place: mode and owner stay
-                    f.write(data)
+        os.close(fd)
 
 
-def _set_subids(lines: dict[str, str], originals: dict[str, bytes | None]) -> None:
-    for path in SUBID_FILES:
-        base = (originals[path] or b"").decode()
-        if base and not base.endswith("\n"):
-            base += "\n"
-        with open(path, "w") as f:
-            f.write(base + lines.get(path, ""))
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return b""
+
+
+def _write(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:  # in place: mode and owner stay
+        f.write(data)
+
+
+def _add_lines(path: str, lines: list[str]) -> bool:
+    """Append ``lines``; returns whether a newline had to be added first."""
+    data = _read(path)
+    fixed = bool(data) and not data.endswith(b"\n")
+    _write(path, data + (b"\n" if fixed else b"") + "".join(lines).encode())
+    return fixed
+
+
+def _remove_lines(path: str, names: set[str], newline_added: bool) -> None:
+    """Drop the lines of ``names``: the file is then byte for byte what it was
+    before we added them, whatever other lines changed meanwhile."""
+    data = _read(path)
+    keep = [line for line in data.splitlines(keepends=True)
+            if line.split(b":", 1)[0].decode(errors="replace") not in names]
+    out = b"".join(keep)
+    if newline_added and out.endswith(b"\n"):
+        out = out[:-1]
+    if out != data:
+        _write(path, out)
 
 
 @contextlib.contextmanager
 def throwaway_users(with_range: int = 1, without_range: int = 1) -> Iterator[list[User]]:
     """Create throwaway users; the first ``with_range`` get a 65536-id range
-    in /etc/subuid and /etc/subgid. Everything is removed and the subid files
-    are restored byte for byte afterwards."""
+    in /etc/subuid and /etc/subgid (chosen clear of every range in use).
+    Afterwards the users are deleted and exactly the lines we added are
+    removed again, so the files are restored byte for byte."""
     from shiftfs import namespaces as ns
 
-    originals = {}
-    for p in SUBID_FILES:
-        try:
-            with open(p, "rb") as f:
-                originals[p] = f.read()
-        except FileNotFoundError:
-            originals[p] = None
     users: list[User] = []
+    added: dict[str, bool] = {}
+    names: set[str] = set()
     try:
-        with restored_files(SUBID_FILES):
-            lines: dict[str, str] = {}
+        with _users_lock():
             used = ns.ranges_in_use()
+            lines: list[str] = []
             for i in range(with_range + without_range):
                 name = f"sft{uuid.uuid4().hex[:8]}"
-                subprocess.run(["useradd", "-M", "-s", "/bin/sh", "-d", "/nonexistent", name],
+                names.add(name)
+                subprocess.run(["useradd", "-M", "-s", "/bin/sh", "-d", "/nonexistent",
+                                "-K", "SUB_UID_COUNT=0", "-K", "SUB_GID_COUNT=0", name],
                                check=True, capture_output=True)
                 pw = pwd.getpwnam(name)
                 subid = None
@@ -114,18 +131,17 @@ def throwaway_users(with_range: int = 1, without_range: int = 1) -> Iterator[lis
                     start = ns.free_block(used)
                     used.append((start, ns.BLOCK))
                     subid = (start, ns.BLOCK)
-                    for path in SUBID_FILES:
-                        lines[path] = lines.get(path, "") + f"{name}:{start}:{ns.BLOCK}\n"
+                    lines.append(f"{name}:{start}:{ns.BLOCK}\n")
                 users.append(User(name, pw.pw_uid, pw.pw_gid, subid))
-            # useradd may have added ranges of its own (SUB_UID_COUNT): replace them.
-            _set_subids(lines, originals)
-            yield users
-            for u in users:
-                subprocess.run(["userdel", u.name], capture_output=True)
-            users = []
+            for path in SUBID_FILES:
+                added[path] = _add_lines(path, lines)
+        yield users
     finally:
-        for u in users:
-            subprocess.run(["userdel", u.name], capture_output=True)
+        with _users_lock():
+            for path in SUBID_FILES:
+                _remove_lines(path, names, added.get(path, False))
+            for name in names:
+                subprocess.run(["userdel", name], capture_output=True)
 
 
 def workdir() -> str:

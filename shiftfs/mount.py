@@ -249,9 +249,15 @@ def build_operations(cfg: MountConfig, root_fd: int) -> Operations:
         policy = XattrPolicy(cfg.uids, cfg.gids, store, cfg.default_owner)
     else:
         policy = TablePolicy(cfg.uids, cfg.gids)
-    return Operations(
+    ops = Operations(
         root_fd, policy, CacheConfig(cfg.cache), trace=cfg.debug, writeback=cfg.writeback, xattr_probes=cfg.xattr_probes
     )
+    # Table mode: the backing filesystem keeps POSIX ACLs (and their mask in
+    # step with chmod), so let the kernel enforce them (FUSE_POSIX_ACL). Without
+    # it, default_permissions checks the mode bits only, and a named-user entry
+    # that denies access (u:1000:---) is ignored through the mount.
+    ops.enable_acl = not cfg.xattr
+    return ops
 
 
 def _setup_logging(cfg: MountConfig, background: bool) -> None:

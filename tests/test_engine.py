@@ -831,9 +831,9 @@ def test_fio_verify(fs):
         [
             "fio", "--name=verify", f"--directory={fs.path()}", "--ioengine=psync", "--rw=randwrite",
             "--bsrange=4k-64k", "--size=16m", "--numjobs=2", "--verify=crc32c",
-            "--verify_fatal=1", "--do_verify=1", "--group_reporting", "--output-format=json",
+            "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0", "--group_reporting", "--output-format=json",
         ],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, cwd=fs.path(),
     )
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
     import json

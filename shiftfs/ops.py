@@ -266,17 +266,11 @@ class Operations(pyfuse3.Operations):
         return st, self.policy.view(parent, st)
 
     def _apply_umask(self, parent: Inode, mode: int, ctx) -> int:
-        # The kernel leaves the umask to us (FUSE_DONT_MASK); a default ACL on
-        # the backing directory replaces it, as on any filesystem.
-        if parent.default_acl is None:
-            try:
-                os.getxattr(proc_fd(parent.fd), "system.posix_acl_default")
-                parent.default_acl = True
-            except OSError:
-                parent.default_acl = False
-        if parent.default_acl:
-            return mode
-        return mode & ~(ctx.umask & 0o777)
+        # Without FUSE_DONT_MASK (pyfuse3 does not ask for it) the kernel has
+        # applied the umask already; applying it again changes nothing. A
+        # default ACL on the parent masks the mode further; where that ACL
+        # lives (backing or escaped) is the policy's business.
+        return self.policy.create_mode(parent, mode, ctx.umask)
 
     def _prepare_new(self, parent: Inode, name: bytes, mode: int, ctx):
         _check_name(name)
@@ -318,7 +312,7 @@ class Operations(pyfuse3.Operations):
             fd = os.open(tmp, _O_PATH_FLAGS, dir_fd=parent.fd)
             try:
                 st = os.fstat(fd)
-                cached = self.policy.stamp(fd, st, du, dg, mode, rdev)
+                cached = self.policy.stamp(fd, st, du, dg, mode, rdev, parent=parent)
                 renameat2(parent.fd, tmp, parent.fd, name, RENAME_NOREPLACE)
             except BaseException:
                 os.close(fd)
@@ -544,7 +538,7 @@ class Operations(pyfuse3.Operations):
             return self._create_by_rename(parent, name, mode, bmode, du, dg, oflags, flags)
         try:
             st = os.fstat(fd)
-            cached = self.policy.stamp(fd, st, du, dg, mode, 0)
+            cached = self.policy.stamp(fd, st, du, dg, mode, 0, parent=parent)
             try:
                 link_fd(fd, parent.fd, name)
             except FileExistsError:
@@ -581,7 +575,7 @@ class Operations(pyfuse3.Operations):
         fd = os.open(tmp, (oflags & ~os.O_APPEND) | os.O_CREAT | os.O_EXCL, bmode & 0o7777, dir_fd=parent.fd)
         try:
             st = os.fstat(fd)
-            cached = self.policy.stamp(fd, st, du, dg, mode, 0)
+            cached = self.policy.stamp(fd, st, du, dg, mode, 0, parent=parent)
             try:
                 renameat2(parent.fd, tmp, parent.fd, name, RENAME_NOREPLACE)
             except FileExistsError:
@@ -779,6 +773,10 @@ class Operations(pyfuse3.Operations):
             node.xnames.add(bname)
         if vname == "system.posix_acl_default":
             node.default_acl = True
+        if self.policy.xattr_stored(node, vname, value):
+            # e.g. an access ACL set the mode's group class: the kernel's
+            # cached attributes are stale (attributes only: takes no locks)
+            pyfuse3.invalidate_inode(node.id, attr_only=True)
 
     @_op
     def removexattr(self, inode_id, name, ctx):

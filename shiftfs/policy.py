@@ -29,7 +29,7 @@ import pyfuse3
 from . import record as _record
 from .idmap import IdMap
 from .inodes import Inode
-from .store import RecordStore
+from .store import RecordStore, can_hold_xattr
 from .syscalls import fchown_fd, proc_fd
 
 __all__ = ["OwnershipPolicy", "TablePolicy", "XattrPolicy", "ViewAttrs"]
@@ -42,6 +42,9 @@ _SPECIAL = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
 _ACL_NAMES = ("system.posix_acl_access", "system.posix_acl_default")
 _ACL_USER, _ACL_GROUP = 0x02, 0x08
 _OUR_PREFIXES = ("user.containers.", "user.fuseoverlayfs.")
+_ACL_ACCESS_NAME, _ACL_DEFAULT_NAME = _ACL_NAMES
+_ESC_ACL_ACCESS = _record.escape_xattr_name(_ACL_ACCESS_NAME)
+_ESC_ACL_DEFAULT = _record.escape_xattr_name(_ACL_DEFAULT_NAME)
 
 
 def _type_fits(view_type: int, backing_type: int) -> bool:
@@ -54,6 +57,89 @@ def _type_fits(view_type: int, backing_type: int) -> bool:
     if view_type == backing_type:
         return True
     return backing_type == stat.S_IFREG and view_type in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK)
+
+
+# -- POSIX ACL arithmetic (the kernel's posix_acl_* rules, for ACLs we keep in records' xattrs)
+#
+# The xattr value is a little-endian u32 version (2) followed by 8-byte
+# entries: u16 tag, u16 perm, u32 id.
+
+_ACL_USER_OBJ, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x04, 0x10, 0x20
+
+
+def _acl_parse(value: bytes) -> list[list[int]]:
+    if len(value) < 4 or (len(value) - 4) % 8 or struct.unpack_from("<I", value)[0] != 2:
+        raise ValueError(f"not a version 2 POSIX ACL ({len(value)} bytes)")
+    return [list(struct.unpack_from("<HHI", value, off)) for off in range(4, len(value), 8)]
+
+
+def _acl_pack(entries: list[list[int]]) -> bytes:
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def _acl_equiv_mode(entries: list[list[int]]) -> tuple[int, bool]:
+    """The permission bits an access ACL implies, and whether the mode says it all."""
+    mode, equiv, mask = 0, True, None
+    for tag, perm, _ in entries:
+        if tag == _ACL_USER_OBJ:
+            mode |= (perm & 7) << 6
+        elif tag == _ACL_GROUP_OBJ:
+            mode |= (perm & 7) << 3
+        elif tag == _ACL_OTHER:
+            mode |= perm & 7
+        elif tag == _ACL_MASK:
+            mask, equiv = perm & 7, False
+        else:
+            equiv = False
+    if mask is not None:
+        mode = (mode & ~0o070) | (mask << 3)
+    return mode, equiv
+
+
+def _acl_create_masq(entries: list[list[int]], mode: int) -> tuple[list[list[int]], int, bool]:
+    """A new inode's access ACL from its parent's default ACL (posix_acl_create_masq)."""
+    out = [list(e) for e in entries]
+    m = mode & 0o777
+    not_equiv = False
+    group_obj = mask_obj = None
+    for e in out:
+        tag = e[0]
+        if tag == _ACL_USER_OBJ:
+            e[1] &= (m >> 6) & 7
+            m &= (e[1] << 6) | ~0o700
+        elif tag == _ACL_OTHER:
+            e[1] &= m & 7
+            m &= e[1] | ~0o007
+        elif tag == _ACL_GROUP_OBJ:
+            group_obj = e
+        elif tag == _ACL_MASK:
+            mask_obj, not_equiv = e, True
+        else:
+            not_equiv = True
+    target = mask_obj if mask_obj is not None else group_obj
+    if target is not None:
+        target[1] &= (m >> 3) & 7
+        m &= (target[1] << 3) | ~0o070
+    return out, (mode & ~0o777) | (m & 0o777), not_equiv
+
+
+def _acl_chmod(entries: list[list[int]], mode: int) -> list[list[int]]:
+    """An access ACL after a chmod (posix_acl_chmod_masq)."""
+    out = [list(e) for e in entries]
+    group_obj = mask_obj = None
+    for e in out:
+        if e[0] == _ACL_USER_OBJ:
+            e[1] = (mode >> 6) & 7
+        elif e[0] == _ACL_OTHER:
+            e[1] = mode & 7
+        elif e[0] == _ACL_GROUP_OBJ:
+            group_obj = e
+        elif e[0] == _ACL_MASK:
+            mask_obj = e
+    target = mask_obj if mask_obj is not None else group_obj
+    if target is not None:
+        target[1] = (mode >> 3) & 7
+    return out
 
 
 def _eoverflow():
@@ -101,6 +187,24 @@ class OwnershipPolicy:
         return du, dg
 
     # -- creation ----------------------------------------------------------
+    def create_mode(self, parent: Inode, mode: int, umask: int) -> int:
+        """The mode of a new object, from the mode asked for and the caller's umask.
+
+        A default ACL on the parent replaces the umask. Here that ACL is the
+        backing directory's own, which the backing filesystem applies itself
+        when we create the object. (The kernel has usually applied the umask
+        already: FUSE_DONT_MASK is not negotiated.)
+        """
+        if parent.default_acl is None:
+            try:
+                os.getxattr(proc_fd(parent.fd), "system.posix_acl_default")
+                parent.default_acl = True
+            except OSError:
+                parent.default_acl = False
+        if parent.default_acl:
+            return mode
+        return mode & ~(umask & 0o777)
+
     def backing_mode(self, mode: int, rdev: int) -> tuple[int, int]:
         """The ``(mode, rdev)`` to create on the backing fs for a view object."""
         return mode, rdev
@@ -109,8 +213,8 @@ class OwnershipPolicy:
         """Whether creating as the daemon gives exactly this owner and mode."""
         return False
 
-    def stamp(self, fd: int, st: os.stat_result, du: int, dg: int, mode: int, rdev: int):
-        """Give a new, not yet visible object its ownership; returns what to cache."""
+    def stamp(self, fd: int, st: os.stat_result, du: int, dg: int, mode: int, rdev: int, parent: Inode | None = None):
+        """Give a new, not yet visible object its ownership (and inherited ACLs); returns what to cache."""
         raise NotImplementedError
 
     def adopted(self, node: Inode, cached) -> None:
@@ -124,6 +228,10 @@ class OwnershipPolicy:
         """The last link of an inode was removed."""
 
     # -- xattrs ------------------------------------------------------------
+    def xattr_stored(self, node: Inode, name: str, value: bytes) -> bool:
+        """An xattr was set through the mount; True if that changed the inode's attributes."""
+        return False
+
     def xattr_to_backing(self, name: str) -> str | None:
         """Backing name of a view xattr name, or None if it may not be touched."""
         if name.startswith(_OUR_PREFIXES):
@@ -188,7 +296,7 @@ class TablePolicy(OwnershipPolicy):
             return special == (stat.S_ISGID if parent_st.st_mode & stat.S_ISGID else 0)
         return special == 0
 
-    def stamp(self, fd, st, du, dg, mode, rdev):
+    def stamp(self, fd, st, du, dg, mode, rdev, parent=None):
         if (st.st_uid, st.st_gid) != (du, dg):
             fchown_fd(fd, du, dg)
         if not stat.S_ISLNK(mode):
@@ -294,10 +402,87 @@ class XattrPolicy(OwnershipPolicy):
             return stat.S_IFREG | self._backing_perm(mode), 0
         return stat.S_IFMT(mode) | self._backing_perm(mode), 0
 
-    def stamp(self, fd, st, du, dg, mode, rdev):
+    # ACLs -----------------------------------------------------------------
+    # Set through the mount, ACLs are kept escaped (user.containers.override_
+    # system.posix_acl_*), so the backing filesystem neither enforces nor
+    # inherits them: we do what it would. A default ACL is inherited by new
+    # objects (and replaces the umask); an access ACL sets the mode's group
+    # class from its mask, and a chmod sets the mask.
+
+    def _default_acl(self, parent: Inode) -> list[list[int]] | None:
+        if parent.default_acl is False:
+            return None
+        try:
+            raw = os.getxattr(proc_fd(parent.fd), _ESC_ACL_DEFAULT)
+        except OSError:
+            parent.default_acl = False
+            return None
+        parent.default_acl = True
+        try:
+            return _acl_parse(raw)
+        except ValueError as e:
+            log.warning("ignoring the malformed default ACL of inode %d: %s", parent.id, e)
+            return None
+
+    def create_mode(self, parent, mode, umask):
+        dacl = self._default_acl(parent)
+        if dacl is None:
+            return mode & ~(umask & 0o777)
+        return _acl_create_masq(dacl, mode)[1]
+
+    def _inherit(self, fd: int, st: os.stat_result, mode: int, parent: Inode) -> None:
+        if not can_hold_xattr(st.st_mode) or stat.S_ISLNK(mode):
+            return  # FIFOs and sockets carry no ACLs in xattr mode; symlinks none anywhere
+        dacl = self._default_acl(parent)
+        if dacl is None:
+            return
+        access, _, not_equiv = _acl_create_masq(dacl, mode)
+        path = proc_fd(fd)
+        if stat.S_ISDIR(mode):
+            os.setxattr(path, _ESC_ACL_DEFAULT, _acl_pack(dacl))
+        if not_equiv:
+            os.setxattr(path, _ESC_ACL_ACCESS, _acl_pack(access))
+
+    def stamp(self, fd, st, du, dg, mode, rdev, parent=None):
+        if parent is not None:
+            self._inherit(fd, st, mode, parent)
         rec = _record.Record(du, dg, mode, rdev if (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) else 0)
         self.store.write(fd, st, _record.encode(rec))
         return rec
+
+    def xattr_stored(self, node, name, value):
+        if name != _ACL_ACCESS_NAME:
+            return False
+        try:
+            entries = _acl_parse(value)
+        except ValueError:
+            return False
+        bits, equiv = _acl_equiv_mode(entries)
+        st = os.fstat(node.fd)
+        cur = self._current(node, st)
+        changed = cur.mode & 0o777 != bits
+        if changed:
+            self._set_mode(node, st, cur, (cur.mode & ~0o777) | bits)
+        if equiv:  # the mode says it all: keep no ACL, as the kernel does
+            try:
+                os.removexattr(proc_fd(node.fd), _ESC_ACL_ACCESS)
+            except OSError:
+                pass
+            node.xnames = None
+        return changed
+
+    def _sync_acl_to_mode(self, node: Inode, st: os.stat_result, mode: int) -> None:
+        if not can_hold_xattr(st.st_mode):
+            return
+        path = proc_fd(node.fd)
+        try:
+            raw = os.getxattr(path, _ESC_ACL_ACCESS)
+        except OSError:
+            return
+        try:
+            os.setxattr(path, _ESC_ACL_ACCESS, _acl_pack(_acl_chmod(_acl_parse(raw), mode)))
+        except ValueError as e:
+            log.warning("leaving the malformed access ACL of inode %d alone: %s", node.id, e)
 
     def adopted(self, node, cached):
         node.record = cached
@@ -322,10 +507,16 @@ class XattrPolicy(OwnershipPolicy):
         du = cur.uid if uid is None else du
         dg = cur.gid if gid is None else dg
         new_mode = cur.mode if mode is None else (stat.S_IFMT(cur.mode) | (mode & 0o7777))
-        rec = _record.Record(du, dg, new_mode, cur.rdev)
+        self._set_mode(node, st, _record.Record(du, dg, cur.mode, cur.rdev), new_mode)
+        if mode is not None:
+            self._sync_acl_to_mode(node, st, new_mode)
+
+    def _set_mode(self, node: Inode, st: os.stat_result, cur: _record.Record, new_mode: int) -> None:
+        """Write the record ``cur`` with ``new_mode``, and the backing permissions that go with it."""
+        rec = _record.Record(cur.uid, cur.gid, new_mode, cur.rdev)
         self.store.write(node.fd, st, _record.encode(rec))
         node.record = rec
-        if mode is not None and not stat.S_ISLNK(st.st_mode):
+        if not stat.S_ISLNK(st.st_mode):
             want = self._backing_perm(new_mode if not stat.S_ISREG(st.st_mode) else (stat.S_IFREG | new_mode & 0o777))
             if st.st_mode & 0o7777 != want:
                 try:

@@ -195,6 +195,10 @@ def check(cfg: MountConfig) -> None:
         raise UsageError(f"SOURCE {src} is not readable by uid {os.geteuid()}; fix its permissions or mount as its owner")
     try:
         st = os.stat(mp)
+        if is_shiftfs_mount(mp):
+            # stat may be answered from the kernel's cache; statfs always asks
+            # the daemon, so a dead one shows as ENOTCONN here
+            os.statvfs(mp)
     except FileNotFoundError:
         raise UsageError(f"MOUNTPOINT {mp} does not exist; create it with 'mkdir -p {mp}'") from None
     except OSError as e:

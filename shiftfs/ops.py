@@ -44,6 +44,11 @@ log = logging.getLogger(__name__)
 
 #: Prefix of the hidden names new objects are made under before they are renamed into place.
 TMP_PREFIX = b".shiftfs~"
+#: Temporary names are _TMP_PREFIX + random hex; view names that start with
+#: TMP_PREFIX (or are ``.shiftfs`` at the root) are stored as _ESC_PREFIX + name.
+_TMP_PREFIX = TMP_PREFIX + b"t"
+_ESC_PREFIX = TMP_PREFIX + b"e"
+_STORE_NAME = STORE_DIR.encode()
 NAME_MAX = 255
 _O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NOFOLLOW: the kernel resolved the path already, and we open a /proc/self/fd magic link.
@@ -226,8 +231,27 @@ class Operations(pyfuse3.Operations):
         self._umask_default = 0o022
 
     # -- helpers -------------------------------------------------------------
-    def _hidden(self, parent: Inode, name: bytes) -> bool:
-        return name.startswith(TMP_PREFIX) or (parent.id == ROOT_ID and name == STORE_DIR.encode())
+    def _bname(self, parent: Inode, name: bytes) -> bytes:
+        """The backing name of a view name (checked; our own names escaped)."""
+        _check_name(name)
+        if name.startswith(TMP_PREFIX) or (parent.id == ROOT_ID and name == _STORE_NAME):
+            # A name we use ourselves (e.g. written by a shiftfs mounted on
+            # this one): store it escaped so it can never meet ours.
+            name = _ESC_PREFIX + name
+            if len(name) > NAME_MAX:
+                raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        return name
+
+    @staticmethod
+    def _vname(parent: Inode, bname: bytes) -> bytes | None:
+        """The view name of a backing name, or None if it is one of ours."""
+        if bname.startswith(TMP_PREFIX):
+            if bname.startswith(_ESC_PREFIX):
+                return bname[len(_ESC_PREFIX):]
+            return None
+        if parent.id == ROOT_ID and bname == _STORE_NAME:
+            return None
+        return bname
 
     def _attrs(self, node: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -273,9 +297,6 @@ class Operations(pyfuse3.Operations):
         return self.policy.create_mode(parent, mode, ctx.umask)
 
     def _prepare_new(self, parent: Inode, name: bytes, mode: int, ctx):
-        _check_name(name)
-        if self._hidden(parent, name):
-            raise pyfuse3.FUSEError(errno.EPERM)
         pst, pview = self._parent_view(parent)
         mode = self._apply_umask(parent, mode, ctx)
         uid, gid, mode = self.policy.new_owner(ctx, pview, mode)
@@ -284,6 +305,7 @@ class Operations(pyfuse3.Operations):
 
     def _make(self, parent: Inode, name: bytes, mode: int, rdev: int, ctx, target: bytes | None = None):
         """Create a non-regular object with its ownership in place, then publish it."""
+        name = self._bname(parent, name)
         pst, du, dg, mode = self._prepare_new(parent, name, mode, ctx)
         bmode, brdev = self.policy.backing_mode(mode, rdev)
 
@@ -306,7 +328,7 @@ class Operations(pyfuse3.Operations):
             node, st = self.table.child(parent, name)
             return self._entry(node, st)
 
-        tmp = TMP_PREFIX + secrets.token_hex(8).encode()
+        tmp = _TMP_PREFIX + secrets.token_hex(8).encode()
         create(tmp)
         try:
             fd = os.open(tmp, _O_PATH_FLAGS, dir_fd=parent.fd)
@@ -367,9 +389,7 @@ class Operations(pyfuse3.Operations):
     @_op
     def lookup(self, parent_id, name, ctx):
         parent = self.table[parent_id]
-        _check_name(name)
-        if self._hidden(parent, name):
-            return self._negative()
+        name = self._bname(parent, name)
         try:
             node, st = self.table.child(parent, name)
         except FileNotFoundError:
@@ -439,18 +459,14 @@ class Operations(pyfuse3.Operations):
     def link(self, inode_id, new_parent_id, new_name, ctx):
         node = self.table[inode_id]
         parent = self.table[new_parent_id]
-        _check_name(new_name)
-        if self._hidden(parent, new_name):
-            raise pyfuse3.FUSEError(errno.EPERM)
+        new_name = self._bname(parent, new_name)
         link_fd(node.fd, parent.fd, new_name)
         return self._entry(node, os.fstat(node.fd))
 
     @_op
     def unlink(self, parent_id, name, ctx):
         parent = self.table[parent_id]
-        _check_name(name)
-        if self._hidden(parent, name):
-            raise pyfuse3.FUSEError(errno.ENOENT)
+        name = self._bname(parent, name)
         victim = self._last_link_check(parent, name)
         held = self._hold(victim, parent, name)
         os.unlink(name, dir_fd=parent.fd)
@@ -460,9 +476,7 @@ class Operations(pyfuse3.Operations):
     @_op
     def rmdir(self, parent_id, name, ctx):
         parent = self.table[parent_id]
-        _check_name(name)
-        if self._hidden(parent, name):
-            raise pyfuse3.FUSEError(errno.ENOENT)
+        name = self._bname(parent, name)
         victim = self._last_link_check(parent, name)
         held = self._hold(victim, parent, name)
         os.rmdir(name, dir_fd=parent.fd)
@@ -472,10 +486,8 @@ class Operations(pyfuse3.Operations):
     def rename(self, old_parent_id, old_name, new_parent_id, new_name, flags, ctx):
         op = self.table[old_parent_id]
         np = self.table[new_parent_id]
-        _check_name(old_name)
-        _check_name(new_name)
-        if self._hidden(op, old_name) or self._hidden(np, new_name):
-            raise pyfuse3.FUSEError(errno.EPERM)
+        old_name = self._bname(op, old_name)
+        new_name = self._bname(np, new_name)
         moved = os.stat(old_name, dir_fd=op.fd, follow_symlinks=False)
         other = self._last_link_check(np, new_name)
         held = None if flags & pyfuse3.RENAME_EXCHANGE else self._hold(other, np, new_name)
@@ -515,6 +527,7 @@ class Operations(pyfuse3.Operations):
     @_op
     def create(self, parent_id, name, mode, flags, ctx):
         parent = self.table[parent_id]
+        name = self._bname(parent, name)
         pst, du, dg, mode = self._prepare_new(parent, name, stat.S_IFREG | (mode & 0o7777), ctx)
         bmode, _ = self.policy.backing_mode(mode, 0)
         oflags = (self._open_flags(flags) & ~(os.O_ACCMODE | os.O_TRUNC)) | os.O_RDWR
@@ -571,7 +584,7 @@ class Operations(pyfuse3.Operations):
         return self._handle(fd, node), self._entry(node, os.fstat(node.fd))
 
     def _create_by_rename(self, parent, name, mode, bmode, du, dg, oflags, flags):
-        tmp = TMP_PREFIX + secrets.token_hex(8).encode()
+        tmp = _TMP_PREFIX + secrets.token_hex(8).encode()
         fd = os.open(tmp, (oflags & ~os.O_APPEND) | os.O_CREAT | os.O_EXCL, bmode & 0o7777, dir_fd=parent.fd)
         try:
             st = os.fstat(fd)
@@ -634,22 +647,23 @@ class Operations(pyfuse3.Operations):
         self._dirs[dh] = _DirHandle(node)
         return dh
 
-    def _snapshot(self, node: Inode) -> list[bytes]:
+    def _snapshot(self, node: Inode) -> list[tuple[bytes, bytes]]:
+        """(view name, backing name) of every entry, ``.`` and ``..`` first."""
         fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=node.fd)
         try:
             names = [os.fsencode(n) for n in os.listdir(fd)]
         finally:
             os.close(fd)
-        out = [b".", b".."]
+        out = [(b".", b"."), (b"..", b"..")]
         for n in names:
-            if n.startswith(TMP_PREFIX):
-                # No create is in flight while we run (handlers never yield),
-                # so this is left over from a killed daemon: clean it up.
-                self._unlink_any(node, n)
+            v = self._vname(node, n)
+            if v is None:
+                if n.startswith(TMP_PREFIX):
+                    # No create is in flight while we run (handlers never
+                    # yield), so this is left over from a killed daemon.
+                    self._unlink_any(node, n)
                 continue
-            if node.id == ROOT_ID and n == STORE_DIR.encode():
-                continue
-            out.append(n)
+            out.append((v, n))
         return out
 
     @_op
@@ -660,7 +674,7 @@ class Operations(pyfuse3.Operations):
             dh.names = self._snapshot(node)
         names = dh.names
         for i in range(start_id, len(names)):
-            name = names[i]
+            name, bname = names[i]
             if i < 2:
                 e = pyfuse3.EntryAttributes()
                 if i == 0:
@@ -672,7 +686,7 @@ class Operations(pyfuse3.Operations):
                     return
                 continue
             try:
-                child, st = self.table.child(node, name)
+                child, st = self.table.child(node, bname)
             except FileNotFoundError:
                 continue  # removed since the snapshot
             attrs = self._attrs(child, st)

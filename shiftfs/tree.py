@@ -96,6 +96,22 @@ class Entry:
         return self.rel or "."
 
 
+_TMP_PREFIX = ".shiftfs~"
+_ESC_PREFIX = ".shiftfs~e"
+
+
+def view_name(name: str) -> str | None:
+    """The name a mount shows for a backing name (see shiftfs.ops), or None if hidden.
+
+    A mount stores view names it uses itself (``.shiftfs~…``, ``.shiftfs`` at
+    the root) escaped as ``.shiftfs~e<name>``, and makes new objects under
+    ``.shiftfs~t<hex>`` before renaming them into place.
+    """
+    if name.startswith(_TMP_PREFIX):
+        return name[len(_ESC_PREFIX):] if name.startswith(_ESC_PREFIX) else None
+    return name
+
+
 def walk(root_fd: int, on_error: Callable[[str, OSError], None] | None = None) -> Iterator[Entry]:
     """Yield every inode below ``root_fd`` (root first, parents before children).
 
@@ -126,7 +142,10 @@ def _walk_dir(dfd: int, rel: str, on_error, dev: int) -> Iterator[Entry]:
     for name in names:
         if not rel and name == STORE_DIR:
             continue
-        crel = f"{rel}/{name}" if rel else name
+        vname = view_name(name)
+        if vname is None:
+            continue  # a mount's temporary name, never part of the view
+        crel = f"{rel}/{vname}" if rel else vname
         try:
             fd = os.open(name, _PATH_FLAGS, dir_fd=dfd)
         except OSError as e:

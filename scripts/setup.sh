@@ -56,3 +56,12 @@ if [ "$(id -u)" = 0 ]; then
         ln -sfn "$target" /usr/local/bin/shiftfs
     fi
 fi
+# Unprivileged users (shiftfs run/exec) need to reach the venv and the package.
+d=$(pwd -P)
+while [ "$d" != / ]; do
+    if [ "$(stat -c %A "$d" | cut -c10)" != x ]; then
+        echo "setup: warning: $d (mode $(stat -c %a "$d")) is not searchable by other users, so they cannot run shiftfs from this checkout; move it (e.g. to /opt/shiftfs) or 'chmod o+x $d'" >&2
+        break
+    fi
+    d=$(dirname "$d")
+done

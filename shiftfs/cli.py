@@ -38,8 +38,10 @@ options (-o, comma separated):
   suid, dev, ro, noexec, noatime, ...
                         passed to the kernel (nosuid,nodev are the default
                         outside a user namespace)
-  nowriteback           no kernel writeback cache (on by default: writes are
-                        cached and sent in large requests)
+  nowriteback           no kernel writeback cache (on by default with
+                        cache=always: writes are cached and sent in large
+                        requests; off with cache=auto|never unless
+                        'writeback' is given)
   xattr_probes=off      answer the kernel's first GETXATTR with ENOSYS so it
                         stops asking (no security.capability probe before each
                         write); xattrs can be set but not read through the mount

@@ -75,6 +75,7 @@ class MountConfig:
 def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mountpoint: str) -> MountConfig:
     """Turn ``-o`` lists and ``--map`` arguments into a :class:`MountConfig`."""
     cfg = MountConfig(source=source, mountpoint=mountpoint, xattr=xattr)
+    writeback_given = False
     uidmap = gidmap = None
     for group in opts:
         for opt in group.split(","):
@@ -114,12 +115,17 @@ def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mo
                 cfg.stats = val
             elif key in ("writeback", "nowriteback") and not eq:
                 cfg.writeback = key == "writeback"
+                writeback_given = True
             elif key == "xattr_probes" and val in ("on", "off"):
                 cfg.xattr_probes = val == "on"
             else:
                 raise UsageError(
                     f"unknown -o option {opt!r}; see 'shiftfs mount --help' for the options shiftfs understands"
                 )
+    if not writeback_given and cfg.cache != "always":
+        # With a writeback cache the kernel trusts its own file sizes and
+        # mtimes, so changes made to SOURCE behind the mount would not show.
+        cfg.writeback = False
     try:
         cfg.uids, cfg.gids = parse_map_args(maps, uidmap, gidmap)
     except IdMapError as e:
@@ -353,6 +359,39 @@ def _raise_fd_limit() -> None:
             continue
 
 
+class _StderrCapture:
+    """Collect what libfuse and its fusermount3 child write to fd 2 while mounting.
+
+    The messages become part of our one-line error instead of extra lines
+    on the user's terminal; anything said on success is logged later.
+    """
+
+    def __enter__(self):
+        import tempfile
+
+        self._buf = tempfile.TemporaryFile()
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        self._saved = os.dup(2)
+        os.dup2(self._buf.fileno(), 2)
+        return self
+
+    def text(self) -> str:
+        try:
+            self._buf.seek(0)
+            return self._buf.read(8192).decode(errors="replace")
+        except OSError:
+            return ""
+
+    def __exit__(self, *exc):
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._buf.close()
+        return False
+
+
 def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
     """Mount and serve until unmounted. Reports readiness on ``ready_fd``."""
 
@@ -366,13 +405,23 @@ def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
 
     os.umask(0)
     _raise_fd_limit()
+    captured = ""
     try:
         root_fd = os.open(cfg.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         ops = build_operations(cfg, root_fd)
-        pyfuse3.init(ops, cfg.mountpoint, _kernel_options(cfg))
+        with _StderrCapture() as cap:
+            try:
+                pyfuse3.init(ops, cfg.mountpoint, _kernel_options(cfg))
+            finally:
+                captured = cap.text()
     except Exception as e:  # report any failure to the foreground process
         msg = str(e) or e.__class__.__name__
-        if "fuse" in msg.lower() and os.geteuid() != 0:
+        # libfuse and fusermount3 say what went wrong on stderr ("fusermount3:
+        # user has no write access to mountpoint ..."): that line is the reason.
+        said = [ln.strip() for ln in captured.splitlines() if ln.strip()]
+        if said:
+            msg = f"{msg}: {said[-1]}"
+        elif "fuse" in msg.lower() and os.geteuid() != 0:
             msg += " (is user_allow_other set in /etc/fuse.conf, and /dev/fuse 0666?)"
         report("error: " + msg)
         if ready_fd is None:
@@ -392,6 +441,8 @@ def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
             os.dup2(devnull, fd)
         os.close(devnull)
     log.info("mounted %s on %s (%s mode)", cfg.source, cfg.mountpoint, "xattr" if cfg.xattr else "table")
+    if captured.strip():
+        log.warning("while mounting: %s", " / ".join(ln.strip() for ln in captured.splitlines() if ln.strip()))
     clean = False
     try:
         trio.run(_serve, ops, cfg)

@@ -1,0 +1,465 @@
+"""The ``shiftfs`` command line, mount(8) integration and daemon lifecycle (project issue 2).
+
+Real mounts only: every case runs the installed ``shiftfs`` script (or
+``mount``/``mount.fuse3`` in front of it) as a subprocess and checks the
+mount table, the exit status and what the user sees on stderr.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import stat
+import subprocess
+import time
+
+import pytest
+
+from fsutil import (
+    MAP,
+    SHIFTFS,
+    USER_ENV,
+    find_mount,
+    is_mounted,
+    mount_shiftfs,
+    reap,
+    run_as,
+    spawn_daemons,
+    unmount_lazy,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.root, pytest.mark.fuse]
+
+BASE = 100000
+ENV = dict(os.environ, PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+
+
+@pytest.fixture
+def dirs(scratch):
+    src, mp = scratch / "src", scratch / "mp"
+    src.mkdir()
+    mp.mkdir()
+    os.chown(src, BASE, BASE)
+    (src / "f").write_bytes(b"hello")
+    os.chown(src / "f", BASE + 5, BASE + 6)
+    return src, mp
+
+
+@pytest.fixture
+def tracked(request):
+    """Run mounting commands; whatever daemons they leave are detached and reaped afterwards."""
+    started = []  # (mountpoint, pids)
+
+    def run(cmd, mp, env=ENV, timeout=60, input=None):
+        r, pids = spawn_daemons([str(c) for c in cmd], env=env, timeout=timeout, input=input)
+        started.append((str(mp), pids))
+        return r, pids
+
+    yield run
+    for mp, pids in started:
+        m = find_mount(mp)
+        if m is not None and m.fstype.startswith("fuse"):
+            unmount_lazy(mp)
+        for p in pids:
+            reap(p, 10)
+
+
+def one_line_error(r, code=2):
+    """The command failed with ``code`` and said so in exactly one line on stderr."""
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert len(lines) == 1, f"expected one line, got:\n{r.stderr}"
+    assert lines[0].startswith("shiftfs: "), lines[0]
+    assert "Traceback" not in r.stderr
+    return lines[0]
+
+
+def check_table_view(mp):
+    st = os.stat(os.path.join(mp, "f"))
+    assert (st.st_uid, st.st_gid) == (5, 6)
+    assert open(os.path.join(mp, "f"), "rb").read() == b"hello"
+
+
+# -- mount(8) and the helper form -----------------------------------------------------
+
+def test_helper_form(dirs, tracked):
+    """What mount.fuse3 runs: ``shiftfs SOURCE MOUNTPOINT -o OPTS`` (with its rw,dev,suid additions)."""
+    src, mp = dirs
+    r, pids = tracked([SHIFTFS, src, mp, "-o", "rw,uidmap=100000:0:65536,gidmap=100000:0:65536,dev,suid"], mp)
+    assert r.returncode == 0, r.stderr
+    assert len(pids) == 1
+    info = find_mount(mp)
+    assert info.fstype == "fuse.shiftfs"
+    assert info.source == str(src)
+    check_table_view(mp)
+
+
+def test_mount_t_fuse_shiftfs(dirs, tracked, shiftfs_on_path):
+    """``mount -t fuse.shiftfs`` finds /sbin/mount.fuse3 (via mount.fuse), which runs ``shiftfs`` from PATH."""
+    src, mp = dirs
+    r, pids = tracked(["mount", "-t", "fuse.shiftfs", src, mp, "-o",
+                       "uidmap=100000:0:65536,gidmap=100000:0:65536,fsname=shifted-root"], mp)
+    assert r.returncode == 0, r.stderr
+    assert len(pids) == 1
+    info = find_mount(mp)
+    assert info.fstype == "fuse.shiftfs"
+    assert info.source == "shifted-root"
+    check_table_view(mp)
+    # and a plain umount(8) takes it down; the daemon exits by itself
+    r = subprocess.run(["umount", str(mp)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert not is_mounted(mp)
+    st = reap(pids[0], 10, kill=False)
+    assert st is not None and os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0
+
+
+def test_mount_t_errors_pass_through(dirs, tracked, shiftfs_on_path):
+    src, mp = dirs
+    r, pids = tracked(["mount", "-t", "fuse.shiftfs", src, mp, "-o", "bogus=1"], mp)
+    assert r.returncode != 0
+    assert "unknown -o option 'bogus=1'" in r.stderr
+    assert pids == [] and not is_mounted(mp)
+
+
+def test_fstab_line(dirs, tracked, shiftfs_on_path, scratch):
+    src, mp = dirs
+    fstab = scratch / "fstab"
+    fstab.write_text(
+        "# a temporary fstab\n"
+        f"{src} {mp} fuse.shiftfs noauto,nofail,x-systemd.automount,uidmap=100000:0:65536,gidmap=100000:0:65536,"
+        "fsname=from-fstab,allow_other 0 0\n"
+    )
+    r, pids = tracked(["mount", "-T", fstab, mp], mp)
+    assert r.returncode == 0, r.stderr
+    assert len(pids) == 1
+    info = find_mount(mp)
+    assert info.fstype == "fuse.shiftfs" and info.source == "from-fstab"
+    check_table_view(mp)
+    # ownership through the map, both directions
+    with open(os.path.join(mp, "new"), "w"):
+        pass
+    assert os.stat(src / "new").st_uid == BASE
+    r = subprocess.run(["umount", str(mp)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert reap(pids[0], 10, kill=False) is not None
+    # the same line by source, with --fstab
+    r, pids = tracked(["mount", "--fstab", fstab, src], mp)
+    assert r.returncode == 0, r.stderr
+    check_table_view(mp)
+
+
+def test_fsname_and_subtype(dirs, shiftfs_mount):
+    src, mp = dirs
+    m = shiftfs_mount("--map", MAP, "-o", "fsname=my-rootfs", source=src, mountpoint=mp)
+    info = m.info
+    assert info.fstype == "fuse.shiftfs"
+    assert info.source == "my-rootfs"
+    with open("/proc/self/mounts") as f:
+        line = next(ln for ln in f if f" {mp} " in ln)
+    assert line.split()[0] == "my-rootfs" and line.split()[2] == "fuse.shiftfs"
+    # default fsname: the absolute SOURCE
+    m2 = shiftfs_mount("--xattr")
+    assert m2.info.source == m2.source
+
+
+# -- backgrounding ------------------------------------------------------------------------
+
+def test_exit_zero_means_live(dirs, tracked):
+    src, mp = dirs
+    for i in range(3):
+        r, pids = tracked([SHIFTFS, "mount", "--map", MAP, src, mp], mp)
+        # no waiting: the moment the command returns, the mount answers
+        assert r.returncode == 0, r.stderr
+        st = os.stat(mp)
+        assert st.st_dev != os.stat(src).st_dev
+        check_table_view(mp)
+        assert r.stdout == ""
+        assert len(pids) == 1 and reap(pids[0], 0, kill=False) is None  # daemon running
+        r2 = subprocess.run([SHIFTFS, "umount", str(mp)], capture_output=True, text=True)
+        assert r2.returncode == 0, r2.stderr
+        assert not is_mounted(mp)
+        st = reap(pids[0], 10, kill=False)
+        assert st is not None and os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0
+
+
+def test_daemon_failure_reported(scratch, tracked):
+    """A failure only the daemon can see (fusermount3 refuses a mount point the user cannot write)."""
+    src = scratch / "usrc"
+    src.mkdir()
+    os.chown(src, 1000, 1000)
+    mp = scratch / "rootmp"
+    mp.mkdir(mode=0o755)
+    cmd = ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "--", SHIFTFS, "mount", "--xattr", src, mp]
+    r, pids = tracked(cmd, mp, env=USER_ENV)
+    line = one_line_error(r, code=1)
+    assert str(mp) in line
+    assert "no write access" in line  # the reason fusermount3 gave, not a guess
+    assert not is_mounted(mp)
+    for p in pids:  # the daemon must not linger
+        assert reap(p, 10, kill=False) is not None
+
+
+def test_unprivileged_user_mount_and_umount(scratch, tracked):
+    src, mp = scratch / "usrc", scratch / "ump"
+    for d in (src, mp):
+        d.mkdir()
+        os.chown(d, 1000, 1000)
+    logdir = scratch / "ulog"
+    logdir.mkdir()
+    os.chown(logdir, 1000, 1000)
+    cmd = ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "--", SHIFTFS, "mount", "--xattr",
+           "-o", f"log={logdir}/user.log", src, mp]
+    r, pids = tracked(cmd, mp, env=USER_ENV)
+    assert r.returncode == 0, r.stderr
+    assert find_mount(mp).fstype == "fuse.shiftfs"
+    run_as(1000, 1000, ["touch", f"{mp}/mine"], check=True)
+    assert run_as(1000, 1000, ["stat", "-c", "%u:%g", f"{mp}/mine"]).stdout.strip() == "1000:1000"
+    # without allow_other nobody else gets in, root included (FUSE's rule)
+    assert run_as(1001, 1001, ["ls", str(mp)]).returncode != 0
+    r = run_as(1000, 1000, [SHIFTFS, "umount", str(mp)])
+    assert r.returncode == 0, r.stderr
+    assert not is_mounted(mp)
+    assert reap(pids[0], 10, kill=False) is not None
+
+
+# -- bad input: one line, exit 2, nothing mounted ----------------------------------------------
+
+BAD_ARGS = {
+    "map-overlap-disk": ["--map", "b:0:0:10", "--map", "b:5:100:10"],
+    "map-overlap-view": ["--map", "b:0:0:10", "--map", "b:100:5:10"],
+    "map-zero-count": ["--map", "b:100000:0:0"],
+    "map-too-big": ["--map", "b:0:0:4294967296"],
+    "map-past-max": ["--map", "u:4294967290:0:10"],
+    "map-garbage": ["--map", "b:a:b:c"],
+    "map-kind": ["--map", "x:1:2:3"],
+    "map-short": ["--map", "b:1:2"],
+    "map-negative": ["--map", "b:-1:0:10"],
+    "uidmap-garbage": ["-o", "uidmap=1:2"],
+    "gidmap-overlap": ["-o", "gidmap=0:0:10:5:100:10"],
+    "unknown-opt": ["-o", "frobnicate"],
+    "unknown-opt-value": ["-o", "allow_other,colour=blue"],
+    "cache-bogus": ["-o", "cache=bogus"],
+    "default-owner-bogus": ["--xattr", "-o", "default_owner=root"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARGS))
+def test_bad_options(dirs, tracked, case):
+    src, mp = dirs
+    r, pids = tracked([SHIFTFS, "mount", *BAD_ARGS[case], src, mp], mp)
+    one_line_error(r)
+    assert pids == [] and not is_mounted(mp)
+
+
+def test_bad_paths(dirs, tracked, scratch):
+    src, mp = dirs
+    f = scratch / "plainfile"
+    f.write_text("")
+    cases = {
+        "source missing": ([scratch / "nope", mp], "does not exist"),
+        "source not a dir": ([f, mp], "not a directory"),
+        "mountpoint missing": ([src, scratch / "nomp"], "does not exist"),
+        "mountpoint not a dir": ([src, f], "not a directory"),
+    }
+    for what, (args, words) in cases.items():
+        r, pids = tracked([SHIFTFS, "mount", *args], mp)
+        line = one_line_error(r)
+        assert words in line, (what, line)
+        assert pids == []
+    r, pids = tracked([SHIFTFS, "mount", src], mp)  # MOUNTPOINT not given
+    one_line_error(r)
+    assert not is_mounted(mp)
+
+
+def test_already_mounted(dirs, shiftfs_mount, tracked):
+    src, mp = dirs
+    m = shiftfs_mount("--map", MAP, source=src, mountpoint=mp)
+    r, pids = tracked([SHIFTFS, "mount", "--map", MAP, src, mp], mp)
+    line = one_line_error(r)
+    assert "already a shiftfs mount" in line
+    assert pids == []
+    # the first mount is untouched
+    assert m.alive()
+    check_table_view(mp)
+    assert sum(1 for x in open("/proc/self/mountinfo") if f" {mp} " in x) == 1
+
+
+def test_dev_fuse_not_accessible(scratch, tracked):
+    """An unprivileged user in a mount namespace where /dev/fuse is a 0600 copy."""
+    src, mp = scratch / "usrc", scratch / "ump"
+    for d in (src, mp):
+        d.mkdir()
+        os.chown(d, 1000, 1000)
+    before = os.stat("/dev/fuse")
+    node = scratch / "fuse0600"
+    script = (
+        f"set -e; mknod {node} c 10 229; chmod 0600 {node}; mount --bind {node} /dev/fuse; "
+        f"exec setpriv --reuid=1000 --regid=1000 --clear-groups -- {SHIFTFS} mount --xattr {src} {mp}"
+    )
+    r, pids = tracked(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], mp, env=USER_ENV)
+    line = one_line_error(r)
+    assert "/dev/fuse" in line
+    assert pids == [] and not is_mounted(mp)
+    after = os.stat("/dev/fuse")
+    assert stat.S_IMODE(after.st_mode) == stat.S_IMODE(before.st_mode)
+    assert after.st_rdev == before.st_rdev
+
+
+def test_usage_errors(tracked, scratch):
+    for argv in ([], ["mount"], ["bogus-subcommand-that-is-not-a-dir", "x", "y", "z"], ["mount", "--nope", "a", "b"]):
+        r, pids = tracked([SHIFTFS, *argv], scratch)
+        assert r.returncode == 2, (argv, r.returncode, r.stderr)
+        assert "Traceback" not in r.stderr
+        assert pids == []
+
+
+# -- umount ----------------------------------------------------------------------------------
+
+def test_umount(dirs, shiftfs_mount, scratch):
+    src, mp = dirs
+    m = shiftfs_mount("--map", MAP, source=src, mountpoint=mp)
+    r = m.umount()
+    assert r.returncode == 0, r.stderr
+    assert not is_mounted(mp)
+    assert m.status is not None and os.WIFEXITED(m.status) and os.WEXITSTATUS(m.status) == 0
+    # not a mount / not there: one line, exit 2
+    r = subprocess.run([SHIFTFS, "umount", str(mp)], capture_output=True, text=True)
+    assert "not a shiftfs mount" in one_line_error(r)
+    r = subprocess.run([SHIFTFS, "umount", str(scratch / "missing")], capture_output=True, text=True)
+    one_line_error(r)
+    r = subprocess.run([SHIFTFS, "umount", "/proc"], capture_output=True, text=True)
+    one_line_error(r)
+    assert is_mounted("/proc")
+
+
+def test_umount_busy_and_lazy(dirs, shiftfs_mount):
+    src, mp = dirs
+    m = shiftfs_mount("--map", MAP, source=src, mountpoint=mp)
+    fd = os.open(os.path.join(mp, "f"), os.O_RDONLY)
+    try:
+        r = subprocess.run([SHIFTFS, "umount", str(mp)], capture_output=True, text=True)
+        one_line_error(r, code=1)
+        assert is_mounted(mp)
+        r = subprocess.run([SHIFTFS, "umount", "--lazy", str(mp)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert not is_mounted(mp)
+        assert os.read(fd, 5) == b"hello"  # still served until the last user goes
+        assert m.alive()
+    finally:
+        os.close(fd)
+    assert m.wait_exit(10) is not None
+
+
+# -- signals --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_daemon_exits_cleanly_on_signal(dirs, shiftfs_mount, sig):
+    src, mp = dirs
+    m = shiftfs_mount("--map", MAP, source=src, mountpoint=mp)
+    check_table_view(mp)
+    os.kill(m.pid, sig)
+    st = m.wait_exit(15)
+    assert st is not None, "daemon still running"
+    assert os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0, st
+    assert not is_mounted(mp)
+    assert not os.path.exists(f"/proc/{m.pid}")
+    assert "signal" in m.log_text() and "unmounted" in m.log_text()
+
+
+def test_foreground_sigint(dirs):
+    src, mp = dirs
+    p = subprocess.Popen([SHIFTFS, "mount", "-f", "--map", MAP, str(src), str(mp)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: is_mounted(mp) or p.poll() is not None, 30, what="foreground mount")
+        assert p.poll() is None, p.communicate()
+        check_table_view(mp)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=15)
+        assert p.returncode == 0, err
+        assert not is_mounted(mp)
+        assert "Traceback" not in err
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        unmount_lazy(mp)
+
+
+def test_signal_while_busy(dirs, shiftfs_mount):
+    """SIGTERM with a file open: the daemon still exits, the mount goes away."""
+    src, mp = dirs
+    m = shiftfs_mount("--map", MAP, source=src, mountpoint=mp)
+    fd = os.open(os.path.join(mp, "f"), os.O_RDONLY)
+    try:
+        os.kill(m.pid, signal.SIGTERM)
+        st = m.wait_exit(15)
+        assert st is not None and os.WIFEXITED(st)
+        assert not is_mounted(mp)
+    finally:
+        try:
+            os.close(fd)
+        except OSError as e:  # the flush on close finds the daemon gone
+            assert e.errno == errno.ENOTCONN
+
+
+# -- caching -----------------------------------------------------------------------------------
+
+def test_cache_never_sees_backing_changes(dirs, shiftfs_mount):
+    src, mp = dirs
+    m = shiftfs_mount("--map", MAP, "-o", "cache=never", source=src, mountpoint=mp)
+    view = lambda *p: os.path.join(mp, *p)  # noqa: E731
+    assert sorted(os.listdir(mp)) == ["f"]
+    assert not os.path.exists(view("late"))
+    (src / "late").write_bytes(b"1")
+    os.chown(src / "late", BASE + 9, BASE + 9)
+    assert os.path.exists(view("late"))
+    assert sorted(os.listdir(mp)) == ["f", "late"]
+    assert os.stat(view("late")).st_uid == 9
+    # content and size changes behind the mount
+    assert open(view("f"), "rb").read() == b"hello"
+    (src / "f").write_bytes(b"changed content")
+    assert os.stat(view("f")).st_size == 15
+    assert open(view("f"), "rb").read() == b"changed content"
+    # ownership and mode changes
+    os.chown(src / "f", BASE + 1, BASE + 2)
+    os.chmod(src / "f", 0o600)
+    st = os.stat(view("f"))
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1, 2, 0o600)
+    # removal and replacement
+    os.unlink(src / "late")
+    assert not os.path.exists(view("late"))
+    assert sorted(os.listdir(mp)) == ["f"]
+    os.rename(src / "f", src / "g")
+    (src / "f").write_bytes(b"another inode")
+    assert open(view("f"), "rb").read() == b"another inode"
+    assert open(view("g"), "rb").read() == b"changed content"
+    os.mkdir(src / "d")
+    (src / "d" / "x").write_bytes(b"")
+    assert os.listdir(view("d")) == ["x"]
+    m.umount()
+
+
+def test_cache_auto_catches_up(dirs, shiftfs_mount):
+    src, mp = dirs
+    shiftfs_mount("--map", MAP, "-o", "cache=auto", source=src, mountpoint=mp)
+    assert not os.path.exists(os.path.join(mp, "late"))
+    (src / "late").write_bytes(b"1")
+    wait_for(lambda: os.path.exists(os.path.join(mp, "late")), 5, what="entry to show up within ~1 s")
+
+
+def test_default_cache_is_long(dirs, shiftfs_mount):
+    """Default (always): the mount owns SOURCE; entries, attributes and misses are cached."""
+    src, mp = dirs
+    m = shiftfs_mount("--map", MAP, source=src, mountpoint=mp, stats=True)
+    os.stat(os.path.join(mp, "f"))
+    assert not os.path.exists(os.path.join(mp, "missing"))
+    before = m.read_stats()["counts"]
+    for _ in range(50):
+        os.stat(os.path.join(mp, "f"))
+        assert not os.path.exists(os.path.join(mp, "missing"))
+    after = m.read_stats()["counts"]
+    for op in ("lookup", "getattr"):
+        assert after.get(op, 0) == before.get(op, 0), (op, before, after)

@@ -85,7 +85,6 @@ class RecordStore:
             return self._db
         if self._db_missing and not for_write:
             return None
-        made_dir = False
         try:
             dfd = os.open(STORE_DIR, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.root_fd)
         except FileNotFoundError:
@@ -94,20 +93,17 @@ class RecordStore:
                 return None
             try:
                 os.mkdir(STORE_DIR, 0o700, dir_fd=self.root_fd)
-                made_dir = True
             except FileExistsError:
                 pass
             dfd = os.open(STORE_DIR, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.root_fd)
         try:
             try:
                 os.stat(_DB_NAME, dir_fd=dfd, follow_symlinks=False)
-                new_db = False
             except FileNotFoundError:
                 if not (for_write and self.create):
                     os.close(dfd)
                     self._db_missing = True
                     return None
-                new_db = True
             # The descriptor path pins the directory we opened without following links.
             db = sqlite3.connect(f"{proc_fd(dfd)}/{_DB_NAME}", isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
@@ -127,21 +123,26 @@ class RecordStore:
         if self.write_legacy:
             # fuse-overlayfs 1.10 fails to list a directory holding a regular
             # file or directory without a record: give our own files records.
-            if made_dir:
-                self._stamp_own(os.open(STORE_DIR, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.root_fd),
-                                stat.S_IFDIR | 0o700)
-            if new_db:
-                self._stamp_own(os.open(_DB_NAME, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd),
-                                stat.S_IFREG | 0o600)
+            self._stamp_own(self.root_fd, STORE_DIR, stat.S_IFDIR | 0o700)
+            self._stamp_own(dfd, _DB_NAME, stat.S_IFREG | 0o600)
         return db
 
-    def _stamp_own(self, fd: int, mode: int) -> None:
+    def _stamp_own(self, dirfd: int, name: str, mode: int) -> None:
         try:
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+        except OSError:
+            return
+        try:
+            try:
+                os.getxattr(proc_fd(fd), _record.LEGACY_RECORD_NAME)
+                return
+            except OSError as e:
+                if e.errno != errno.ENODATA:
+                    return
             st = os.fstat(fd)
-            value = _record.encode(_record.Record(st.st_uid, st.st_gid, mode))
-            self.write(fd, st, value)
+            self.write(fd, st, _record.encode(_record.Record(st.st_uid, st.st_gid, mode)))
         except OSError as e:
-            log.warning("cannot give %s a record: %s", STORE_DIR, e)
+            log.warning("cannot give %s/%s a record: %s", STORE_DIR, name, e)
         finally:
             os.close(fd)
 

@@ -444,6 +444,10 @@ class XattrPolicy(OwnershipPolicy):
             os.setxattr(path, _ESC_ACL_ACCESS, _acl_pack(access))
 
     def stamp(self, fd, st, du, dg, mode, rdev, parent=None):
+        if st.st_mode & _SPECIAL and not stat.S_ISLNK(st.st_mode):
+            # A directory made in a backing directory that is setgid (a tree
+            # not made through the mount) inherits the bit: not on our side.
+            os.chmod(proc_fd(fd), st.st_mode & 0o777)
         if parent is not None:
             self._inherit(fd, st, mode, parent)
         rec = _record.Record(du, dg, mode, rdev if (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) else 0)

@@ -697,6 +697,31 @@ def test_no_record_and_malformed_records(work):
     m2.umount()
 
 
+def test_tree_made_outside_the_mount(work):
+    """A backing tree with real owners and privilege bits and no records (e.g. untarred natively)."""
+    src, mp = work / "src", work / "mp"
+    (src / "sg").mkdir()
+    os.chown(src / "sg", 0, 50)
+    os.chmod(src / "sg", 0o2775)
+    (src / "suid").write_text("")
+    os.chown(src / "suid", 7, 8)
+    os.chmod(src / "suid", 0o4755)
+    with ShiftMount(src, mp):
+        # no record: the backing owner and mode, as they are
+        assert owner(mp / "suid") == (7, 8) and perm(mp / "suid") == 0o4755
+        assert owner(mp / "sg") == (0, 50) and perm(mp / "sg") == 0o2775
+        os.mkdir(mp / "sg" / "sub")
+        (mp / "sg" / "f").write_text("")
+        # the view follows the view parent's setgid; the backing inode drops what it inherited
+        assert owner(mp / "sg" / "sub") == (0, 50) and perm(mp / "sg" / "sub") == 0o2755
+        assert not lst(src / "sg" / "sub").st_mode & stat.S_ISGID
+        assert owner(mp / "sg" / "f")[1] == 50
+        # the first change writes a record and leaves a plain backing file
+        os.chmod(mp / "suid", 0o4750)
+        assert record(src / "suid") == b"7:8:104750"
+        assert perm(src / "suid") == 0o750 and owner(mp / "suid") == (7, 8)
+
+
 def test_every_record_variant_is_read(work):
     src, mp = work / "src", work / "mp"
     cases = {

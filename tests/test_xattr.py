@@ -13,7 +13,6 @@ import os
 import shutil
 import socket
 import stat
-import subprocess
 import tempfile
 import threading
 import time
@@ -27,7 +26,6 @@ from xattr_util import (
     ShiftMount,
     backing_xattrs,
     diff_snapshots,
-    fmt,
     fuse_overlayfs,
     have,
     record,
@@ -53,20 +51,17 @@ _MOUNTS: list[ShiftMount] = []  # mounts of the running test, undone by the work
 
 
 @pytest.fixture
-def work():
-    """A world-searchable scratch dir (pytest's tmp_path is 0700, other users could not reach it)."""
+def work(scratch):
+    """``scratch`` (0755, reachable by other users) with ``src`` and ``mp``; mounts undone afterwards."""
     old_umask = os.umask(0o022)  # tests change it; each starts from the usual one
-    d = Path(tempfile.mkdtemp(prefix="shiftfs-xattr-", dir="/tmp"))
-    d.chmod(0o755)
-    (d / "src").mkdir()
-    (d / "mp").mkdir()
-    yield d
-    while _MOUNTS:
-        _MOUNTS.pop().umount()
-    for mp in d.glob("*mp*"):
-        subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
-    shutil.rmtree(d, ignore_errors=True)
-    os.umask(old_umask)
+    (scratch / "src").mkdir()
+    (scratch / "mp").mkdir()
+    try:
+        yield scratch
+    finally:
+        while _MOUNTS:
+            _MOUNTS.pop().umount()
+        os.umask(old_umask)
 
 
 def new_mount(work, opts=(), src="src", mp="mp", **kw) -> ShiftMount:

@@ -1,65 +1,42 @@
-"""Helpers for the xattr-mode tests: mounts, commands as other users, tree snapshots.
+"""Helpers for the xattr-mode tests: remountable mounts, fuse-overlayfs, raw records, tree snapshots.
 
-Local to ``tests/test_xattr.py`` until the shared fixtures in ``tests/fsutil.py``
-cover everything these tests need (an unprivileged daemon, fuse-overlayfs,
-raw backing xattrs and the side table).
+Mounting and acting as other users go through the shared helpers in
+``tests/fsutil.py`` (``mount_shiftfs``, ``run_as``); this adds what
+``tests/test_xattr.py`` needs on top: a mount that can be unmounted and
+mounted again, the backing records and side table, and whole-tree snapshots.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import sqlite3
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-SHIFTFS = str(Path(sys.executable).with_name("shiftfs"))
+from fsutil import have, mount_shiftfs, run_as  # noqa: F401  (re-exported for the tests)
+
 RECORD = "user.containers.override_stat"
 LEGACY = "user.fuseoverlayfs.override_stat"
 
 
-def have(*cmds: str) -> bool:
-    return all(shutil.which(c) for c in cmds)
-
-
-def _is_mounted(mp: str) -> bool:
-    mp = os.path.abspath(mp)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            if parts[4].encode().decode("unicode_escape") == mp:
-                return True
-    return False
-
-
-def run_as(uid: int, gid: int, cmd, groups=(), check=False, input=None, cwd=None, timeout=120):
-    """Run ``cmd`` (list, or a string for ``sh -c``) with the given ids and no capabilities."""
-    if isinstance(cmd, str):
-        cmd = ["sh", "-c", cmd]
-    pre = ["setpriv", f"--reuid={uid}", f"--regid={gid}"]
-    pre += [f"--groups={','.join(map(str, groups))}"] if groups else ["--clear-groups"]
-    if uid == 0:
-        pre = []  # root as is (keeps its capabilities)
-    r = subprocess.run(pre + ["--"] * bool(pre) + list(cmd), capture_output=True, text=True, errors="replace", input=input,
-                       cwd=cwd, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{cmd} as {uid}:{gid} failed ({r.returncode}): {r.stderr.strip()}")
-    return r
-
-
 def sh(cmd: str, check=True, cwd=None, timeout=300):
-    r = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    r = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, errors="replace", cwd=cwd, timeout=timeout)
     if check and r.returncode != 0:
         raise AssertionError(f"{cmd!r} failed ({r.returncode}): {r.stdout[-2000:]}{r.stderr[-2000:]}")
     return r
 
 
 class ShiftMount:
-    """A ``shiftfs mount --xattr`` of ``src`` on ``mp``, optionally run by another user."""
+    """``shiftfs mount --xattr src mp -o OPTS`` that can be unmounted and mounted again.
+
+    Each mount is a :func:`fsutil.mount_shiftfs`: unmounting detaches the mount
+    and waits for the daemon to exit (so the side table is closed before a
+    test looks at the backing tree), and an unexpected error in the daemon's
+    log fails the test.
+    """
 
     def __init__(self, src, mp, opts=(), xattr=True, as_uid=None, log=None):
         self.src = str(src)
@@ -68,33 +45,23 @@ class ShiftMount:
         self.xattr = xattr
         self.as_uid = as_uid
         self.log = str(log) if log else f"{self.mp}.log"
-        self.mounted = False
+        self._stack: contextlib.ExitStack | None = None
+
+    @property
+    def mounted(self) -> bool:
+        return self._stack is not None
 
     def mount(self):
-        cmd = [SHIFTFS, "mount"] + (["--xattr"] if self.xattr else [])
-        cmd += [self.src, self.mp, "-o", ",".join(self.opts + [f"log={self.log}"])]
-        if self.as_uid is not None:
-            cmd = ["setpriv", f"--reuid={self.as_uid}", f"--regid={self.as_uid}", "--clear-groups", "--"] + cmd
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-        if r.returncode != 0:
-            raise AssertionError(f"mount failed: {r.stderr.strip()}")
-        self.mounted = True
+        args = (["--xattr"] if self.xattr else []) + (["-o", ",".join(self.opts)] if self.opts else [])
+        stack = contextlib.ExitStack()
+        stack.enter_context(mount_shiftfs(self.src, self.mp, *args, as_uid=self.as_uid, log=self.log))
+        self._stack = stack
         return self
 
     def umount(self):
-        if not self.mounted:
-            return
-        for _ in range(50):
-            r = subprocess.run(["fusermount3", "-u", self.mp], capture_output=True, text=True)
-            if r.returncode == 0 or not _is_mounted(self.mp):
-                break
-            time.sleep(0.1)
-        else:
-            subprocess.run(["umount", "-l", self.mp], capture_output=True)
-        self.mounted = False
-        # The daemon exits once the kernel drops the connection; give it a moment
-        # to close the side table before anything looks at the backing tree.
-        time.sleep(0.05)
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
 
     def remount(self):
         self.umount()
@@ -102,7 +69,8 @@ class ShiftMount:
 
     def log_text(self) -> str:
         try:
-            return Path(self.log).read_text()
+            with open(self.log, errors="replace") as f:
+                return f.read()
         except OSError:
             return ""
 
@@ -118,7 +86,7 @@ def fuse_overlayfs(upper, work, lower, mp):
     """Debian's fuse-overlayfs (1.10) with ``xattr_permissions=2`` over one empty lower layer."""
     r = subprocess.run(
         ["fuse-overlayfs", "-o", f"lowerdir={lower},upperdir={upper},workdir={work},xattr_permissions=2", str(mp)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, errors="replace", timeout=60,
     )
     if r.returncode != 0:
         raise AssertionError(f"fuse-overlayfs failed: {r.stderr}")
@@ -152,9 +120,7 @@ def side_rows(src) -> dict[int, bytes]:
         return {}
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        cols = [r[1] for r in con.execute("PRAGMA table_info(records)")]
         rows = con.execute("SELECT ino, value FROM records").fetchall()
-        _ = cols
         return {ino: bytes(v) for ino, v in rows}
     finally:
         con.close()

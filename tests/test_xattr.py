@@ -229,9 +229,15 @@ def test_view_users_chown_chmod_setuid_matrix(xm, work):
     assert not lst(src / "grp" / "sub").st_mode & stat.S_ISGID  # not on the backing dir
     # U2 (not in the group) cannot create in the 2775 dir
     assert as2(f"touch {mp}/grp/u2").returncode != 0
-    # U1 may chmod g+s on a dir of its group, but not on a file whose group it is not in
+    # chmod by a non-owner fails; g+s by an owner outside the file's group is dropped silently
     as2(f"touch {mp}/shared/u2f", check=True)
     assert as1(f"chmod 2755 {mp}/shared/u2f").returncode != 0
+    as1(f"touch {mp}/shared/g1", check=True)
+    os.chown(mp / "shared" / "g1", U1, 1234)
+    as1(f"chmod 2755 {mp}/shared/g1", check=True)
+    assert perm(mp / "shared" / "g1") == 0o755
+    as1(f"touch {mp}/shared/g2 && chgrp {G_SHARED} {mp}/shared/g2 && chmod 2755 {mp}/shared/g2", check=True)
+    assert perm(mp / "shared" / "g2") == 0o2755  # a group of U1's: kept
 
     # everything above survives a remount
     before = snapshot(mp)

@@ -738,6 +738,27 @@ def test_tree_made_outside_the_mount(work):
         assert perm(src / "suid") == 0o750 and owner(mp / "suid") == (7, 8)
 
 
+def test_unprivileged_daemon_over_read_only_tree(work):
+    """The daemon's own read-only files and dirs made outside the mount still take records."""
+    src, mp = work / "src", work / "mp"
+    (src / "ro").mkdir()
+    (src / "ro" / "f").write_text("x")
+    os.chmod(src / "ro" / "f", 0o444)
+    os.chmod(src / "ro", 0o555)
+    for p in (src, mp, src / "ro", src / "ro" / "f"):
+        os.chown(p, U1, U1)
+    logs = work / "logs"
+    logs.mkdir()
+    os.chown(logs, U1, U1)
+    new_mount(work, ["allow_other"], as_uid=U1, log=logs / "m.log")
+    os.chown(mp / "ro" / "f", 5, 5)
+    os.chown(mp / "ro", 6, 6)
+    assert owner(mp / "ro" / "f") == (5, 5) and perm(mp / "ro" / "f") == 0o444
+    assert owner(mp / "ro") == (6, 6) and perm(mp / "ro") == 0o555
+    assert record(src / "ro" / "f") == b"5:5:100444" and record(src / "ro") == b"6:6:40555"
+    assert perm(src / "ro" / "f") == 0o644 and perm(src / "ro") == 0o755
+
+
 def test_every_record_variant_is_read(work):
     src, mp = work / "src", work / "mp"
     cases = {

@@ -298,6 +298,8 @@ class Operations(pyfuse3.Operations):
 
     def _prepare_new(self, parent: Inode, name: bytes, mode: int, ctx):
         pst, pview = self._parent_view(parent)
+        if pst.st_nlink == 0:
+            raise pyfuse3.FUSEError(errno.ENOENT)  # removed behind our back (O_TMPFILE would say EPERM)
         mode = self._apply_umask(parent, mode, ctx)
         uid, gid, mode = self.policy.new_owner(ctx, pview, mode)
         du, dg = self.policy.disk_ids(uid, gid)

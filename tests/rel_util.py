@@ -1,0 +1,848 @@
+"""Helpers for the reliability, hostile-input and bad-input tests (issue 8).
+
+Real mounts only: :class:`Mount` runs the ``shiftfs`` command (backgrounded
+daemon, ``-o log=FILE``), finds the daemon's pid so tests can kill it, and
+always cleans up. :func:`view_tree` / :func:`expected_view` /
+:func:`compare_trees` check what the mount shows against what the backing
+tree says (backing ownership through the table, or records). :func:`fsstress`
+is a small fsstress-style driver: several processes doing a random metadata
+and data mix, each with a private directory whose exact state it models and a
+shared area where they race each other.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import json
+import multiprocessing
+import os
+import random
+import secrets
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SHIFTFS = str(Path(sys.executable).with_name("shiftfs"))
+MAP = "b:100000:0:65536"  # the table every table-mode test uses
+MAP_BASE, MAP_COUNT = 100000, 65536
+MAX_ID = 2**32 - 2
+RECORD = "user.containers.override_stat"
+LEGACY = "user.fuseoverlayfs.override_stat"
+TMP_PREFIX = ".shiftfs~"
+STRESS = os.environ.get("SHIFTFS_STRESS") == "1"
+
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+
+
+def have(*cmds: str) -> bool:
+    return all(shutil.which(c) for c in cmds)
+
+
+def need(*cmds: str) -> None:
+    missing = [c for c in cmds if not shutil.which(c)]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)}")
+
+
+def need_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (mounts tmpfs, runs commands as other users)")
+
+
+# -- mounts ---------------------------------------------------------------------
+def mounts() -> list[tuple[str, str]]:
+    """(mount point, fstype) of every mount, innermost last."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            mp = left.split()[4].encode().decode("unicode_escape")
+            out.append((mp, right.split()[0] if right else ""))
+    return out
+
+
+def is_mounted(mp, fstype: str | None = None) -> bool:
+    mp = os.path.abspath(mp)
+    return any(m == mp and (fstype is None or t == fstype) for m, t in mounts())
+
+
+def shiftfs_pids(mp) -> list[int]:
+    """Pids of shiftfs daemons serving ``mp`` (cmdline names it and /dev/fuse is open)."""
+    mp = os.path.abspath(str(mp))
+    out = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            if mp.encode() not in argv or not any(b"shiftfs" in a for a in argv[:3]):
+                continue
+            fds = os.listdir(f"/proc/{p}/fd")
+            if any(os.readlink(f"/proc/{p}/fd/{fd}") == "/dev/fuse" for fd in fds):
+                out.append(int(p))
+        except OSError:
+            continue
+    return out
+
+
+def wait_until(cond, timeout=10.0, step=0.05) -> bool:
+    end = time.monotonic() + timeout
+    while True:
+        if cond():
+            return True
+        if time.monotonic() > end:
+            return False
+        time.sleep(step)
+
+
+def force_unmount(mp) -> None:
+    """Get ``mp`` unmounted whatever state it is in (tests' cleanup)."""
+    mp = os.path.abspath(str(mp))
+    for _ in range(20):
+        if not is_mounted(mp):
+            return
+        subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True)
+        if is_mounted(mp):
+            subprocess.run(["umount", "-l", mp], capture_output=True)
+        time.sleep(0.05)
+
+
+class Mount:
+    """``shiftfs mount`` of ``src`` on ``mp`` in table (``--map MAP``) or xattr mode."""
+
+    def __init__(self, src, mp, mode="table", opts=(), maps=None, as_uid=None, nofile=None, log=None):
+        assert mode in ("table", "xattr")
+        self.src = os.path.abspath(str(src))
+        self.mp = os.path.abspath(str(mp))
+        self.mode = mode
+        self.opts = list(opts)
+        self.maps = [MAP] if maps is None and mode == "table" else list(maps or [])
+        self.as_uid = as_uid
+        self.nofile = nofile
+        self.log = os.path.abspath(str(log)) if log else self.mp + ".log"
+        self.pid: int | None = None
+
+    def command(self) -> list[str]:
+        cmd = [SHIFTFS, "mount"] + (["--xattr"] if self.mode == "xattr" else [])
+        for m in self.maps:
+            cmd += ["--map", m]
+        cmd += [self.src, self.mp, "-o", ",".join(self.opts + [f"log={self.log}"])]
+        if self.nofile:
+            cmd = ["prlimit", f"--nofile={self.nofile}:{self.nofile}", "--"] + cmd
+        if self.as_uid is not None:
+            cmd = ["setpriv", f"--reuid={self.as_uid}", f"--regid={self.as_uid}", "--clear-groups", "--"] + cmd
+        return cmd
+
+    def mount(self) -> "Mount":
+        os.makedirs(self.mp, exist_ok=True)
+        r = subprocess.run(self.command(), capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise AssertionError(f"mount failed ({r.returncode}): {r.stderr.strip()}")
+        pids = shiftfs_pids(self.mp)
+        assert len(pids) == 1, f"expected one daemon for {self.mp}, found {pids}"
+        self.pid = pids[0]
+        return self
+
+    def alive(self) -> bool:
+        if self.pid is None:
+            return False
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                return f.read().split(") ")[-1][0] not in "ZX"
+        except OSError:
+            return False
+
+    def umount(self, check=True) -> None:
+        if not is_mounted(self.mp):
+            self.pid = None
+            return
+        for _ in range(100):
+            r = subprocess.run([SHIFTFS, "umount", self.mp], capture_output=True, text=True)
+            if r.returncode == 0 or not is_mounted(self.mp):
+                break
+            time.sleep(0.1)
+        else:
+            force_unmount(self.mp)
+            if check:
+                raise AssertionError(f"cannot unmount {self.mp}: {r.stderr.strip()}")
+        # the daemon closes the side table and exits once the kernel lets go
+        if self.pid is not None:
+            wait_until(lambda: not self.alive(), 10)
+        self.pid = None
+
+    def remount(self) -> "Mount":
+        self.umount()
+        return self.mount()
+
+    def log_text(self) -> str:
+        try:
+            return Path(self.log).read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def bad_log_lines(self) -> list[str]:
+        """Log lines that report an unexpected error (traceback, ERROR, 'unexpected')."""
+        return [
+            ln for ln in self.log_text().splitlines()
+            if "ERROR" in ln or "Traceback" in ln or "unexpected" in ln.lower() or "CRITICAL" in ln
+        ]
+
+    def __enter__(self):
+        return self.mount()
+
+    def __exit__(self, *exc):
+        self.umount(check=False)
+        force_unmount(self.mp)
+
+
+@pytest.fixture
+def work():
+    """A world-searchable scratch dir; anything left mounted below it is unmounted."""
+    d = Path(f"/tmp/shiftfs-rel-{secrets.token_hex(4)}")
+    d.mkdir(mode=0o755)
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        for mp, _ in reversed(mounts()):
+            if mp.startswith(str(d) + "/"):
+                force_unmount(mp)
+        for mp, _ in reversed(mounts()):
+            if mp.startswith(str(d) + "/"):
+                subprocess.run(["umount", "-l", mp], capture_output=True)
+        subprocess.run(["chattr", "-R", "-i", str(d)], capture_output=True)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def make_pair(work: Path, name="t") -> tuple[Path, Path]:
+    src, mp = work / f"{name}-src", work / f"{name}-mp"
+    src.mkdir(mode=0o755)
+    mp.mkdir(mode=0o755)
+    return src, mp
+
+
+# -- running things -----------------------------------------------------------------
+def run_as(uid: int, gid: int, cmd, groups=(), check=False, input=None, cwd=None, timeout=120, env=None):
+    """Run ``cmd`` (list, or a string for ``sh -c``) with the given ids and no capabilities."""
+    if isinstance(cmd, str):
+        cmd = ["sh", "-c", cmd]
+    pre = []
+    if uid != 0:
+        pre = ["setpriv", f"--reuid={uid}", f"--regid={gid}"]
+        pre += [f"--groups={','.join(map(str, groups))}"] if groups else ["--clear-groups"]
+        pre += ["--inh-caps=-all", "--"]
+    r = subprocess.run(pre + list(cmd), capture_output=True, text=True, errors="replace", input=input, cwd=cwd,
+                       timeout=timeout, env=env)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{cmd} as {uid}:{gid} failed ({r.returncode}): {r.stderr.strip()}")
+    return r
+
+
+def py_as(uid: int, gid: int, code: str, *args, groups=(), timeout=120):
+    """Run a Python snippet as another user; returns (rc, stdout, stderr)."""
+    r = run_as(uid, gid, [sys.executable, "-c", code, *map(str, args)], groups=groups, timeout=timeout)
+    return r.returncode, r.stdout, r.stderr
+
+
+def sh(cmd: str, check=True, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    r = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, errors="replace", cwd=cwd, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{cmd!r} failed ({r.returncode}): {r.stdout[-2000:]}{r.stderr[-2000:]}")
+    return r
+
+
+def lchown_raw(path, uid: int, gid: int) -> int:
+    """lchown(2) with raw 32-bit ids (so (uid_t)-1 can be passed); returns 0 or the errno."""
+    res = _libc.lchown(os.fsencode(str(path)), ctypes.c_uint32(uid), ctypes.c_uint32(gid))
+    return 0 if res == 0 else ctypes.get_errno()
+
+
+# -- what the view shows vs what the backing tree says --------------------------------------
+def _user_xattrs(path: str, prefix="user.k") -> dict[str, bytes]:
+    out = {}
+    try:
+        for n in os.listxattr(path, follow_symlinks=False):
+            if n.startswith(prefix):
+                out[n] = os.getxattr(path, n, follow_symlinks=False)
+    except OSError as e:
+        if e.errno not in (errno.ENOTSUP, errno.ENODATA, errno.EPERM):
+            raise
+    return out
+
+
+def _digest(path: str) -> str:
+    h = hashlib.sha1()
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        while True:
+            b = os.read(fd, 1 << 20)
+            if not b:
+                break
+            h.update(b)
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def _entry(path: str, st: os.stat_result, mode: int, uid: int, gid: int, rdev: int, content=True) -> dict:
+    e = {"mode": mode, "uid": uid, "gid": gid, "nlink": st.st_nlink}
+    if stat.S_ISREG(mode):
+        e["size"] = st.st_size
+        if content and stat.S_ISREG(st.st_mode):
+            e["sha"] = _digest(path)
+    elif stat.S_ISLNK(mode):
+        e["target"] = os.readlink(path)
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        e["rdev"] = rdev
+    if (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) and (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        e["xattrs"] = {k: v.hex() for k, v in _user_xattrs(path).items()}
+    return e
+
+
+def _walk(root: str, skip_top=()):
+    """(rel, full, lstat) of everything below root, root excluded; never follows links."""
+    stack = [("", root)]
+    while stack:
+        rel, full = stack.pop()
+        with os.scandir(full) as it:
+            for de in it:
+                if not rel and de.name in skip_top:
+                    continue
+                r = f"{rel}/{de.name}" if rel else de.name
+                st = os.lstat(de.path)
+                yield r, de.path, st
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append((r, de.path))
+
+
+def view_tree(mp, content=True) -> dict[str, dict]:
+    """What the mount shows: rel path -> attributes."""
+    out = {}
+    for rel, full, st in _walk(str(mp)):
+        out[rel] = _entry(full, st, st.st_mode, st.st_uid, st.st_gid, st.st_rdev, content)
+    return out
+
+
+def table_view_id(disk: int) -> int:
+    return disk - MAP_BASE if MAP_BASE <= disk < MAP_BASE + MAP_COUNT else 65534
+
+
+def read_record(src, full: str, st: os.stat_result):
+    """The decoded record of a backing inode (via the engine's store), or None; raises on malformed."""
+    from shiftfs import record as _record
+    from shiftfs.store import RecordStore
+
+    root_fd = os.open(str(src), os.O_PATH | os.O_DIRECTORY)
+    fd = os.open(full, os.O_PATH | os.O_NOFOLLOW)
+    try:
+        store = RecordStore(root_fd, create=False)
+        try:
+            raw = store.read(fd, st)
+        finally:
+            store.close()
+    finally:
+        os.close(fd)
+        os.close(root_fd)
+    if raw is None:
+        return None
+    return _record.decode(raw, stat.S_IFMT(st.st_mode))
+
+
+def expected_view(src, mode: str, content=True) -> tuple[dict[str, dict], list[str]]:
+    """What the backing tree says the view should be, and problems found on the way.
+
+    Problems: leftover temporary names, entries without a record (xattr mode),
+    records that do not decode.
+    """
+    out, problems = {}, []
+    for rel, full, st in _walk(str(src), skip_top=(".shiftfs",)):
+        if os.path.basename(rel).startswith(TMP_PREFIX):
+            problems.append(f"{rel}: temporary name left in the backing tree")
+            continue
+        if mode == "table":
+            out[rel] = _entry(full, st, st.st_mode, table_view_id(st.st_uid), table_view_id(st.st_gid), st.st_rdev,
+                              content)
+            continue
+        try:
+            rec = read_record(src, full, st)
+        except ValueError as e:
+            problems.append(f"{rel}: malformed record: {e}")
+            continue
+        if rec is None:
+            problems.append(f"{rel}: no record")
+            out[rel] = _entry(full, st, st.st_mode, st.st_uid, st.st_gid, st.st_rdev, content)
+            continue
+        vmode = rec.mode if stat.S_IFMT(rec.mode) else rec.mode | stat.S_IFMT(st.st_mode)
+        out[rel] = _entry(full, st, vmode, rec.uid, rec.gid, rec.rdev, content)
+    return out, problems
+
+
+def compare_trees(view: dict, expect: dict, limit=30) -> list[str]:
+    out = []
+    for k in sorted(set(view) | set(expect)):
+        a, b = view.get(k), expect.get(k)
+        if a != b:
+            if a is None or b is None:
+                out.append(f"{k}: view {a} vs backing {b}")
+            else:
+                diff = {f: (a.get(f), b.get(f)) for f in set(a) | set(b) if a.get(f) != b.get(f)}
+                out.append(f"{k}: view/backing differ: {diff}")
+            if len(out) >= limit:
+                out.append("...")
+                break
+    return out
+
+
+def check_consistent(m: Mount, content=True) -> None:
+    """The mount shows exactly what the backing tree (and its records) say."""
+    view = view_tree(m.mp, content)
+    exp, problems = expected_view(m.src, m.mode, content)
+    diffs = compare_trees(view, exp)
+    assert not problems and not diffs, "\n".join(problems[:30] + diffs)
+
+
+# -- fsstress: a random metadata + data mix -------------------------------------------------
+# errnos the shared (racy) area may see; anything else is a failure
+_SHARED_OK = {
+    errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR, errno.EINVAL, errno.ELOOP,
+    errno.EOVERFLOW, errno.ENODATA, errno.EPERM, errno.EMLINK, errno.ENXIO, errno.EAGAIN, errno.ESPIPE,
+}
+
+
+class _Ino:
+    __slots__ = ("type", "data", "mode", "uid", "gid", "xattrs", "target")
+
+    def __init__(self, type_, mode, uid=0, gid=0, target=None):
+        self.type = type_
+        self.data = bytearray()
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+        self.xattrs: dict[str, bytes] = {}
+        self.target = target
+
+
+def _rand_id(rng: random.Random) -> int:
+    r = rng.random()
+    if r < 0.45:
+        return rng.randrange(0, MAP_COUNT)
+    if r < 0.6:
+        return rng.choice([0, 65534, 65535, 65536, 99999, 100000, MAX_ID, MAX_ID - 1, 2**31, 2**31 - 1, 2**16])
+    return rng.randrange(0, MAX_ID + 1)
+
+
+class _Worker:
+    def __init__(self, root: str, idx: int, seed: int, mode: str):
+        self.root = root
+        self.idx = idx
+        self.rng = random.Random(seed * 1000 + idx)
+        self.mode = mode
+        self.private = os.path.join(root, f"p{idx}")
+        self.model: dict[str, _Ino] = {}
+        self.failures: list[str] = []
+        self.ops = 0
+        self.counts: dict[str, int] = {}
+
+    # expected outcome of a chown to (uid, gid) in this mode
+    def _mappable(self, i: int) -> bool:
+        return i == -1 or self.mode == "xattr" or 0 <= i < MAP_COUNT
+
+    def fail(self, msg: str) -> None:
+        if len(self.failures) < 50:
+            self.failures.append(f"worker {self.idx} op {self.ops}: {msg}")
+
+    # -- private area: exact model ------------------------------------------------
+    def _pname(self) -> str:
+        return f"n{self.rng.randrange(12)}"
+
+    def _p(self, name: str) -> str:
+        return os.path.join(self.private, name)
+
+    def _expect(self, what: str, fn, want_errno: int | None):
+        try:
+            res = fn()
+        except OSError as e:
+            if e.errno != want_errno:
+                self.fail(f"{what}: got {errno.errorcode.get(e.errno, e.errno)}, expected "
+                          f"{'success' if want_errno is None else errno.errorcode[want_errno]}")
+            return None, e.errno
+        if want_errno is not None:
+            self.fail(f"{what}: succeeded, expected {errno.errorcode[want_errno]}")
+        return res, None
+
+    def _refresh_special(self, ino: _Ino, name: str) -> None:
+        """The kernel may clear setuid/setgid on chown/write: accept a subset."""
+        try:
+            st = os.lstat(self._p(name))
+        except OSError:
+            return
+        special = stat.S_IMODE(st.st_mode) & 0o6000
+        if special & ~ino.mode & 0o6000:
+            self.fail(f"{name}: special bits {oct(special)} appeared (model {oct(ino.mode)})")
+        ino.mode = (ino.mode & ~0o6000) | special
+
+    def private_op(self) -> None:
+        rng = self.rng
+        m = self.model
+        name = self._pname()
+        cur = m.get(name)
+        op = rng.choice(["create", "create", "write", "write", "truncate", "rename", "link", "unlink", "mkdir",
+                         "rmdir", "symlink", "chmod", "chown", "chown", "setxattr", "removexattr", "mkfifo",
+                         "check", "check"])
+        self.counts[op] = self.counts.get(op, 0) + 1
+        path = self._p(name)
+        if op == "create":
+            perm = rng.choice([0o644, 0o600, 0o755, 0o640, 0o4755, 0o2755, 0o444])
+            if cur is not None:
+                self._expect(f"create {name}", lambda: os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY,
+                                                                         perm)), errno.EEXIST)
+                return
+            data = rng.randbytes(rng.randrange(0, 9000))
+            def create():
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, perm)
+                try:
+                    os.write(fd, data)
+                finally:
+                    os.close(fd)
+            _, err = self._expect(f"create {name}", create, None)
+            if err is None:
+                ino = _Ino("f", perm)
+                ino.data = bytearray(data)
+                m[name] = ino
+                self._refresh_special(ino, name)
+        elif op == "write" and cur is not None and cur.type == "f":
+            off = rng.randrange(0, len(cur.data) + 2000)
+            data = rng.randbytes(rng.randrange(1, 6000))
+            def write():
+                fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+                try:
+                    os.pwrite(fd, data, off)
+                finally:
+                    os.close(fd)
+            _, err = self._expect(f"write {name}", write, None)
+            if err is None:
+                if off > len(cur.data):
+                    cur.data.extend(b"\0" * (off - len(cur.data)))
+                cur.data[off:off + len(data)] = data
+                self._refresh_special(cur, name)
+        elif op == "truncate" and cur is not None and cur.type == "f":
+            n = rng.randrange(0, len(cur.data) + 3000)
+            _, err = self._expect(f"truncate {name}", lambda: os.truncate(path, n), None)
+            if err is None:
+                del cur.data[n:]
+                cur.data.extend(b"\0" * (n - len(cur.data)))
+                self._refresh_special(cur, name)
+        elif op == "rename":
+            new = self._pname()
+            dst = m.get(new)
+            if cur is None:
+                want = errno.ENOENT
+            elif dst is None or dst is cur:
+                want = None
+            elif cur.type == "d" and dst.type != "d":
+                want = errno.ENOTDIR
+            elif cur.type != "d" and dst.type == "d":
+                want = errno.EISDIR
+            else:
+                want = None
+            _, err = self._expect(f"rename {name} {new}", lambda: os.rename(path, self._p(new)), want)
+            if err is None and want is None and dst is not cur:
+                m[new] = m.pop(name)
+        elif op == "link":
+            new = self._pname()
+            if cur is None:
+                want = errno.ENOENT
+            elif new in m:
+                want = errno.EEXIST
+            elif cur.type == "d":
+                want = errno.EPERM
+            else:
+                want = None
+            _, err = self._expect(f"link {name} {new}",
+                                  lambda: os.link(path, self._p(new), follow_symlinks=False), want)
+            if err is None and want is None:
+                m[new] = cur
+        elif op == "unlink":
+            want = errno.ENOENT if cur is None else errno.EISDIR if cur.type == "d" else None
+            _, err = self._expect(f"unlink {name}", lambda: os.unlink(path), want)
+            if err is None and want is None:
+                del m[name]
+        elif op == "mkdir":
+            perm = rng.choice([0o755, 0o700, 0o2775, 0o1777])
+            want = errno.EEXIST if cur is not None else None
+            _, err = self._expect(f"mkdir {name}", lambda: os.mkdir(path, perm), want)
+            if err is None and want is None:
+                m[name] = _Ino("d", perm & 0o1777)  # mkdir(2) ignores setuid/setgid
+        elif op == "rmdir":
+            want = errno.ENOENT if cur is None else errno.ENOTDIR if cur.type != "d" else None
+            _, err = self._expect(f"rmdir {name}", lambda: os.rmdir(path), want)
+            if err is None and want is None:
+                del m[name]
+        elif op == "symlink":
+            target = rng.choice(["n1", "../p0/n2", "/etc/passwd", "x" * rng.randrange(1, 300), "..", "n3/../../.."])
+            want = errno.EEXIST if cur is not None else None
+            _, err = self._expect(f"symlink {name}", lambda: os.symlink(target, path), want)
+            if err is None and want is None:
+                m[name] = _Ino("l", 0o777, target=target)
+        elif op == "mkfifo":
+            perm = rng.choice([0o644, 0o600, 0o620])
+            want = errno.EEXIST if cur is not None else None
+            _, err = self._expect(f"mkfifo {name}", lambda: os.mkfifo(path, perm), want)
+            if err is None and want is None:
+                m[name] = _Ino("p", perm)
+        elif op == "chmod" and cur is not None and cur.type in ("f", "d", "p"):
+            perm = rng.randrange(0, 0o10000)
+            _, err = self._expect(f"chmod {name} {oct(perm)}", lambda: os.chmod(path, perm), None)
+            if err is None:
+                cur.mode = perm
+        elif op == "chown" and cur is not None:
+            uid = -1 if rng.random() < 0.1 else _rand_id(rng)
+            gid = -1 if rng.random() < 0.1 else _rand_id(rng)
+            ok = self._mappable(uid) and self._mappable(gid)
+            u32 = uid & 0xFFFFFFFF
+            g32 = gid & 0xFFFFFFFF
+            res = lchown_raw(path, u32, g32)
+            want = 0 if ok else errno.EOVERFLOW
+            if res != want:
+                self.fail(f"lchown {name} {uid}:{gid}: got {errno.errorcode.get(res, res)}, expected "
+                          f"{errno.errorcode.get(want, want)}")
+            if res == 0:
+                if uid != -1:
+                    cur.uid = uid
+                if gid != -1:
+                    cur.gid = gid
+                if cur.type != "l":
+                    self._refresh_special(cur, name)
+        elif op == "setxattr" and cur is not None and cur.type in ("f", "d"):
+            k = f"user.k{rng.randrange(4)}"
+            v = rng.randbytes(rng.randrange(0, 200))
+            _, err = self._expect(f"setxattr {name} {k}", lambda: os.setxattr(path, k, v), None)
+            if err is None:
+                cur.xattrs[k] = v
+        elif op == "removexattr" and cur is not None and cur.type in ("f", "d"):
+            k = f"user.k{rng.randrange(4)}"
+            want = None if k in cur.xattrs else errno.ENODATA
+            _, err = self._expect(f"removexattr {name} {k}", lambda: os.removexattr(path, k), want)
+            if err is None and want is None:
+                del cur.xattrs[k]
+        elif op == "check" and cur is not None:
+            for p in self.check_one(name, cur):
+                self.fail(p)
+
+    def check_one(self, name: str, ino: _Ino, root: str | None = None) -> list[str]:
+        path = os.path.join(root or self.private, name)
+        out = []
+        try:
+            st = os.lstat(path)
+        except OSError as e:
+            return [f"{name}: lstat: {e}"]
+        ftype = {"f": stat.S_IFREG, "d": stat.S_IFDIR, "l": stat.S_IFLNK, "p": stat.S_IFIFO}[ino.type]
+        if stat.S_IFMT(st.st_mode) != ftype:
+            out.append(f"{name}: type {oct(stat.S_IFMT(st.st_mode))}, model {oct(ftype)}")
+            return out
+        if ino.type != "l" and stat.S_IMODE(st.st_mode) != ino.mode:
+            out.append(f"{name}: mode {oct(stat.S_IMODE(st.st_mode))}, model {oct(ino.mode)}")
+        if (st.st_uid, st.st_gid) != (ino.uid, ino.gid):
+            out.append(f"{name}: owner {st.st_uid}:{st.st_gid}, model {ino.uid}:{ino.gid}")
+        if ino.type == "f":
+            with open(path, "rb") as f:
+                data = f.read()
+            if data != bytes(ino.data):
+                out.append(f"{name}: content differs ({len(data)} bytes, model {len(ino.data)})")
+        if ino.type == "l" and os.readlink(path) != ino.target:
+            out.append(f"{name}: link target {os.readlink(path)!r}, model {ino.target!r}")
+        if ino.type in ("f", "d"):
+            got = _user_xattrs(path)
+            if got != ino.xattrs:
+                out.append(f"{name}: xattrs {sorted(got)}, model {sorted(ino.xattrs)}")
+        return out
+
+    # -- shared area: races, only the errnos are checked ----------------------------------
+    _DIRS = ["s", "s/a", "s/b", "s/a/c"]
+
+    def _spath(self) -> str:
+        return os.path.join(self.root, self.rng.choice(self._DIRS), f"x{self.rng.randrange(10)}")
+
+    def shared_op(self) -> None:
+        rng = self.rng
+        p = self._spath()
+        op = rng.choice(["create", "write", "truncate", "rename", "rename", "link", "unlink", "mkdir", "rmdir",
+                         "symlink", "chmod", "chown", "setxattr", "listdir", "stat", "read", "mkfifo"])
+        self.counts["s-" + op] = self.counts.get("s-" + op, 0) + 1
+        if rng.random() < 0.03:  # renames may have moved a shared dir away
+            for d in self._DIRS:
+                try:
+                    os.mkdir(os.path.join(self.root, d), 0o777)
+                except OSError:
+                    pass
+        try:
+            if op == "create" or op == "write":
+                fd = os.open(p, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+                try:
+                    os.pwrite(fd, rng.randbytes(rng.randrange(1, 5000)), rng.randrange(0, 5000))
+                finally:
+                    os.close(fd)
+            elif op == "truncate":
+                fd = os.open(p, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+                try:
+                    os.ftruncate(fd, rng.randrange(0, 8000))
+                finally:
+                    os.close(fd)
+            elif op == "rename":
+                flags_noreplace = rng.random() < 0.2
+                q = self._spath() if rng.random() < 0.8 else os.path.join(self.root, rng.choice(self._DIRS))
+                if flags_noreplace and os.path.lexists(q):
+                    return
+                os.rename(p, q)
+            elif op == "link":
+                os.link(p, self._spath(), follow_symlinks=False)
+            elif op == "unlink":
+                os.unlink(p)
+            elif op == "mkdir":
+                os.mkdir(p, 0o755)
+            elif op == "rmdir":
+                os.rmdir(p)
+            elif op == "symlink":
+                # targets stay inside the shared area: racing ops below may follow them
+                os.symlink(rng.choice(["x1", "../x2", "a", "c/x3", "x4/x5"]), p)
+            elif op == "mkfifo":
+                os.mkfifo(p, 0o600)
+            elif op == "chmod":
+                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+                try:
+                    os.fchmod(fd, rng.randrange(0, 0o10000))
+                finally:
+                    os.close(fd)
+            elif op == "chown":
+                uid, gid = _rand_id(rng), _rand_id(rng)
+                res = lchown_raw(p, uid, gid)
+                ok = self._mappable(uid) and self._mappable(gid)
+                if res == 0 and not ok:
+                    self.fail(f"shared lchown {p} {uid}:{gid} succeeded, expected EOVERFLOW")
+                elif res not in (0, errno.ENOENT, errno.EOVERFLOW) or (res == errno.EOVERFLOW and ok):
+                    self.fail(f"shared lchown {p} {uid}:{gid}: {errno.errorcode.get(res, res)}")
+            elif op == "setxattr":
+                os.setxattr(p, f"user.k{rng.randrange(4)}", rng.randbytes(rng.randrange(0, 100)),
+                            follow_symlinks=False)
+            elif op == "listdir":
+                names = os.listdir(os.path.dirname(p))
+                if len(names) != len(set(names)):
+                    self.fail(f"duplicate names listing {os.path.dirname(p)}: {sorted(names)}")
+                if any(n.startswith(TMP_PREFIX) or n == ".shiftfs" for n in names):
+                    self.fail(f"hidden name listed in {os.path.dirname(p)}: {sorted(names)}")
+            elif op == "stat":
+                os.lstat(p)
+            elif op == "read":
+                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+                try:
+                    os.read(fd, 100000)
+                finally:
+                    os.close(fd)
+        except OSError as e:
+            if e.errno not in _SHARED_OK:
+                self.fail(f"shared {op} {p}: {e!r}")
+
+    def run(self, nops: int, deadline: float) -> dict:
+        os.umask(0)
+        os.mkdir(self.private, 0o755)
+        while self.ops < nops and time.monotonic() < deadline:
+            self.ops += 1
+            try:
+                if self.rng.random() < 0.6:
+                    self.private_op()
+                else:
+                    self.shared_op()
+            except Exception as e:  # a bug in the driver or an errno we did not model
+                self.fail(f"exception {e!r}")
+        # final check of the private area against the model, through the mount
+        names = sorted(os.listdir(self.private))
+        if names != sorted(self.model):
+            self.fail(f"private names {names} != model {sorted(self.model)}")
+        for n, ino in self.model.items():
+            for p in self.check_one(n, ino):
+                self.fail("final: " + p)
+        return {
+            "ops": self.ops, "failures": self.failures, "counts": self.counts,
+            "model": {n: _dump_ino(i) for n, i in self.model.items()},
+        }
+
+
+def _dump_ino(i: _Ino) -> dict:
+    return {"type": i.type, "data": bytes(i.data).hex(), "mode": i.mode, "uid": i.uid, "gid": i.gid,
+            "xattrs": {k: v.hex() for k, v in i.xattrs.items()}, "target": i.target}
+
+
+def _load_ino(d: dict) -> _Ino:
+    i = _Ino(d["type"], d["mode"], d["uid"], d["gid"], d["target"])
+    i.data = bytearray(bytes.fromhex(d["data"]))
+    i.xattrs = {k: bytes.fromhex(v) for k, v in d["xattrs"].items()}
+    return i
+
+
+def _worker_main(root, idx, seed, mode, nops, deadline, wfd):
+    try:
+        res = _Worker(root, idx, seed, mode).run(nops, deadline)
+    except BaseException as e:
+        res = {"ops": 0, "failures": [f"worker {idx} crashed: {e!r}"], "counts": {}, "model": {}}
+    with os.fdopen(wfd, "w") as f:
+        json.dump(res, f)
+
+
+def fsstress(root, mode: str, nproc=4, nops=2000, seconds=15.0, seed=None) -> dict:
+    """Run ``nproc`` workers in ``root`` (a dir in the mount) for ``nops`` ops each or ``seconds``.
+
+    Returns ``{"failures": [...], "ops": total, "models": [...], "seed": seed}``.
+    """
+    root = str(root)
+    seed = random.randrange(1 << 30) if seed is None else seed
+    for d in _Worker._DIRS:
+        os.makedirs(os.path.join(root, d), exist_ok=True)
+    deadline = time.monotonic() + seconds
+    procs = []
+    ctx = multiprocessing.get_context("fork")
+    for i in range(nproc):
+        r, w = os.pipe()
+        p = ctx.Process(target=_worker_main, args=(root, i, seed, mode, nops, deadline, w))
+        p.start()
+        os.close(w)
+        procs.append((p, r))
+    results = []
+    for p, r in procs:
+        with os.fdopen(r) as f:
+            data = f.read()
+        p.join(seconds + 120)
+        results.append(json.loads(data) if data else {"ops": 0, "failures": ["worker died"], "counts": {},
+                                                      "model": {}})
+    counts: dict[str, int] = {}
+    for res in results:
+        for k, v in res["counts"].items():
+            counts[k] = counts.get(k, 0) + v
+    return {
+        "seed": seed,
+        "ops": sum(r["ops"] for r in results),
+        "failures": [f for r in results for f in r["failures"]],
+        "models": [r["model"] for r in results],
+        "counts": counts,
+    }
+
+
+def check_models(root, models: list[dict], mode: str) -> list[str]:
+    """Check the private dirs of an earlier :func:`fsstress` run (e.g. after a remount)."""
+    out = []
+    for idx, model in enumerate(models):
+        w = _Worker(str(root), idx, 0, mode)
+        priv = os.path.join(str(root), f"p{idx}")
+        names = sorted(os.listdir(priv))
+        if names != sorted(model):
+            out.append(f"p{idx}: names {names} != model {sorted(model)}")
+        for n, d in model.items():
+            out += w.check_one(n, _load_ino(d), priv)
+    return out

@@ -36,6 +36,7 @@ MAX_ID = 2**32 - 2
 RECORD = "user.containers.override_stat"
 LEGACY = "user.fuseoverlayfs.override_stat"
 TMP_PREFIX = ".shiftfs~"
+ESC_PREFIX = ".shiftfs~e"  # view names that collide with ours are stored as ESC_PREFIX + name
 STRESS = os.environ.get("SHIFTFS_STRESS") == "1"
 
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -307,8 +308,12 @@ def _entry(path: str, st: os.stat_result, mode: int, uid: int, gid: int, rdev: i
     return e
 
 
-def _walk(root: str, skip_top=()):
-    """(rel, full, lstat) of everything below root, root excluded; never follows links."""
+def _walk(root: str, skip_top=(), backing=False):
+    """(rel, full, lstat) of everything below root, root excluded; never follows links.
+
+    ``backing``: ``rel`` is the view path (escaped names unescaped); leftover temporary
+    names are yielded with ``rel`` None.
+    """
     stack = [("", root)]
     while stack:
         rel, full = stack.pop()
@@ -316,7 +321,13 @@ def _walk(root: str, skip_top=()):
             for de in it:
                 if not rel and de.name in skip_top:
                     continue
-                r = f"{rel}/{de.name}" if rel else de.name
+                name = de.name
+                if backing and name.startswith(TMP_PREFIX):
+                    if not name.startswith(ESC_PREFIX):
+                        yield None, de.path, None
+                        continue
+                    name = name[len(ESC_PREFIX):]
+                r = f"{rel}/{name}" if rel else name
                 st = os.lstat(de.path)
                 yield r, de.path, st
                 if stat.S_ISDIR(st.st_mode):
@@ -363,9 +374,9 @@ def expected_view(src, mode: str, content=True) -> tuple[dict[str, dict], list[s
     records that do not decode.
     """
     out, problems = {}, []
-    for rel, full, st in _walk(str(src), skip_top=(".shiftfs",)):
-        if os.path.basename(rel).startswith(TMP_PREFIX):
-            problems.append(f"{rel}: temporary name left in the backing tree")
+    for rel, full, st in _walk(str(src), skip_top=(".shiftfs",), backing=True):
+        if rel is None:
+            problems.append(f"{os.path.relpath(full, src)}: temporary name left in the backing tree")
             continue
         if mode == "table":
             out[rel] = _entry(full, st, st.st_mode, table_view_id(st.st_uid), table_view_id(st.st_gid), st.st_rdev,

@@ -37,7 +37,8 @@ options (-o, comma separated):
   allow_other           let other users in (default when mounted by uid 0)
   suid, dev, ro, noexec, noatime, ...
                         passed to the kernel (nosuid,nodev are the default
-                        outside a user namespace)
+                        outside a user namespace, fstab lines included:
+                        mount(8) hands helpers no plain suid/dev)
   nowriteback           no kernel writeback cache (on by default with
                         cache=always: writes are cached and sent in large
                         requests; off with cache=auto|never unless
@@ -118,7 +119,27 @@ def build_parser() -> argparse.ArgumentParser:
 def _helper_form(argv: list[str], commands: set[str]) -> list[str]:
     """``shiftfs SOURCE MOUNTPOINT [-o OPTS]`` → ``shiftfs mount …``."""
     if argv and not argv[0].startswith("-") and argv[0] not in commands:
-        return ["mount"] + argv
+        return ["mount"] + _drop_mount_fuse_defaults(argv)
+    return argv
+
+
+def _drop_mount_fuse_defaults(argv: list[str]) -> list[str]:
+    """Undo the ``dev,suid`` that mount.fuse3 appends to every helper call.
+
+    mount.fuse3 adds ``dev`` unless ``nodev`` was given and ``suid`` unless
+    ``nosuid`` was given (mount(8)'s defaults for block devices), so an fstab
+    line would silently turn our ``nosuid,nodev`` default off: a setuid file
+    owned by view uid 0 would run as real root. An explicit ``suid``/``dev``
+    earlier in the list still counts.
+    """
+    last = max((i for i, a in enumerate(argv[:-1]) if a == "-o"), default=None)
+    if last is None:
+        return argv
+    opts = argv[last + 1].split(",")
+    tail = (["dev"] if "nodev" not in opts else []) + (["suid"] if "nosuid" not in opts else [])
+    if tail and opts[-len(tail):] == tail:
+        opts = opts[: -len(tail)]
+        argv = argv[: last + 1] + [",".join(opts)] + argv[last + 2 :]
     return argv
 
 

@@ -115,6 +115,24 @@ def test_mount_t_fuse_shiftfs(dirs, tracked, shiftfs_on_path):
     assert st is not None and os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0
 
 
+def test_mount_t_keeps_nosuid_nodev(dirs, tracked, shiftfs_on_path, scratch):
+    """mount.fuse3 appends dev,suid (mount(8)'s block-device defaults) to every helper call;
+    shiftfs still defaults to nosuid,nodev: a setuid file of view uid 0 would be real root."""
+    src, mp = dirs
+    r, pids = tracked(["mount", "-t", "fuse.shiftfs", src, mp, "-o", "uidmap=100000:0:65536"], mp)
+    assert r.returncode == 0, r.stderr
+    opts = find_mount(mp).options
+    assert "nosuid" in opts and "nodev" in opts, opts
+    unmount_lazy(mp)
+    assert reap(pids[0], 10) is not None
+    # asked for explicitly (mount.fuse3 run directly; mount(8) itself drops a
+    # plain "suid" from fstab lines before calling the helper): granted
+    r, pids = tracked(["/sbin/mount.fuse3", src, mp, "-t", "fuse.shiftfs", "-o", "uidmap=100000:0:65536,suid"], mp)
+    assert r.returncode == 0, r.stderr
+    opts = find_mount(mp).options
+    assert "nosuid" not in opts and "nodev" in opts, opts
+
+
 def test_mount_t_errors_pass_through(dirs, tracked, shiftfs_on_path):
     src, mp = dirs
     r, pids = tracked(["mount", "-t", "fuse.shiftfs", src, mp, "-o", "bogus=1"], mp)

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+import fsutil  # the shared helpers: scratch dirs, daemons tracked as our children
+
 SHIFTFS = str(Path(sys.executable).with_name("shiftfs"))
 MAP = "b:100000:0:65536"  # the table every table-mode test uses
 MAP_BASE, MAP_COUNT = 100000, 65536
@@ -144,17 +146,31 @@ class Mount:
 
     def mount(self) -> "Mount":
         os.makedirs(self.mp, exist_ok=True)
-        r = subprocess.run(self.command(), capture_output=True, text=True, timeout=60)
+        r, children = fsutil.spawn_daemons(self.command(), timeout=60)
         if r.returncode != 0:
+            for c in children:
+                fsutil.reap(c, 5)
             raise AssertionError(f"mount failed ({r.returncode}): {r.stderr.strip()}")
         pids = shiftfs_pids(self.mp)
-        assert len(pids) == 1, f"expected one daemon for {self.mp}, found {pids}"
+        assert len(pids) == 1 and pids == children, f"expected one daemon for {self.mp}, found {pids} {children}"
         self.pid = pids[0]
         return self
+
+    def adopt_daemon(self) -> None:
+        """After mounting by other means (e.g. the raw command): find and own the daemon."""
+        pids = shiftfs_pids(self.mp)
+        assert len(pids) == 1, pids
+        self.pid = pids[0]
 
     def alive(self) -> bool:
         if self.pid is None:
             return False
+        try:
+            if os.waitpid(self.pid, os.WNOHANG)[0] == self.pid:  # our child (subreaper): exited
+                self.pid = None
+                return False
+        except ChildProcessError:
+            pass
         try:
             with open(f"/proc/{self.pid}/stat") as f:
                 return f.read().split(") ")[-1][0] not in "ZX"
@@ -176,7 +192,7 @@ class Mount:
                 raise AssertionError(f"cannot unmount {self.mp}: {r.stderr.strip()}")
         # the daemon closes the side table and exits once the kernel lets go
         if self.pid is not None:
-            wait_until(lambda: not self.alive(), 10)
+            fsutil.reap(self.pid, 20)
         self.pid = None
 
     def remount(self) -> "Mount":
@@ -202,25 +218,23 @@ class Mount:
     def __exit__(self, *exc):
         self.umount(check=False)
         force_unmount(self.mp)
+        if self.pid is not None:
+            fsutil.reap(self.pid, 10)
+            self.pid = None
 
 
 @pytest.fixture
 def work():
     """A world-searchable scratch dir; anything left mounted below it is unmounted."""
-    d = Path(f"/tmp/shiftfs-rel-{secrets.token_hex(4)}")
-    d.mkdir(mode=0o755)
-    d.chmod(0o755)
+    d = fsutil.make_scratch(prefix="shiftfs-rel-")
     try:
         yield d
     finally:
         for mp, _ in reversed(mounts()):
             if mp.startswith(str(d) + "/"):
                 force_unmount(mp)
-        for mp, _ in reversed(mounts()):
-            if mp.startswith(str(d) + "/"):
-                subprocess.run(["umount", "-l", mp], capture_output=True)
         subprocess.run(["chattr", "-R", "-i", str(d)], capture_output=True)
-        shutil.rmtree(d, ignore_errors=True)
+        fsutil.remove_scratch(d)
 
 
 def make_pair(work: Path, name="t") -> tuple[Path, Path]:

@@ -25,6 +25,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import fsutil
 import pytest
 
 from rel_util import (
@@ -390,10 +391,11 @@ def test_kill9_during_untar(work, mode, recover):
         assert not is_mounted(mp)
         m.mount()
     else:
-        r = subprocess.run(m.command(), capture_output=True, text=True, timeout=60)
+        r, children = fsutil.spawn_daemons(m.command(), timeout=60)
         assert r.returncode == 0, r.stderr
         assert is_mounted(mp, "fuse.shiftfs")
-        m.pid = shiftfs_pids(mp)[0]
+        assert shiftfs_pids(mp) == children
+        m.pid = children[0]
         assert sum(1 for mpt, _ in mounts() if mpt == str(mp)) == 1, "the stale mount is still stacked below"
 
     # every fsynced file: data, owner, mode

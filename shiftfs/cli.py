@@ -150,10 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             commands = set(action.choices)
+    if len(argv) == 1 and not argv[0].startswith("-") and argv[0] not in commands:
+        # not the helper form (that has SOURCE and MOUNTPOINT): a mistyped command
+        print(f"shiftfs: unknown command {argv[0]!r}; see 'shiftfs --help'", file=sys.stderr)
+        return 2
     argv = _helper_form(argv, commands)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
+        print("shiftfs: no command given; see 'shiftfs --help'", file=sys.stderr)
         return 2
     try:
         return int(args.func(args) or 0)

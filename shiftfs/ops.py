@@ -222,6 +222,7 @@ class Operations(pyfuse3.Operations):
         self.table = InodeTable(root_fd)
         self.table.on_gone = lambda node, st: self.policy.gone(node, st)
         self.policy = policy
+        policy.describe = lambda node: _view_path(self, node)  # the policy's log lines name view paths
         self.cache = cache or CacheConfig()
         self.trace = trace
         self.counts: Counter[str] = Counter()

@@ -156,6 +156,10 @@ class OwnershipPolicy:
         self.uids = uids
         self.gids = gids
 
+    def describe(self, node: Inode) -> str:
+        """How log lines name an inode (the operations layer replaces this with the view path)."""
+        return f"<inode {node.id}>"
+
     # -- attributes --------------------------------------------------------
     def view(self, node: Inode, st: os.stat_result) -> ViewAttrs:
         """``(st_mode, st_uid, st_gid, st_rdev)`` as seen through the mount."""
@@ -321,6 +325,7 @@ class XattrPolicy(OwnershipPolicy):
         self.store = store
         self.default_owner = default_owner
         self._warned: set[tuple[int, int]] = set()
+        self._store_errors: set[str] = set()
         if store.write_legacy:
             self._legacy_root()
 
@@ -359,8 +364,17 @@ class XattrPolicy(OwnershipPolicy):
         rec = None
         try:
             raw = self.store.read(node.fd, st)
-        except (OSError, sqlite3.Error) as e:
-            log.warning("cannot read the record of inode %d: %s", st.st_ino, e)
+        except sqlite3.Error as e:
+            # The side table as a whole: say so once, not once per inode.
+            if str(e) not in self._store_errors:
+                self._store_errors.add(str(e))
+                log.warning("cannot read the record side table (%s; first seen for %s); inodes whose "
+                            "records live there show their backing owner", e, self.describe(node))
+            raw = None
+        except OSError as e:
+            if node.key not in self._warned:
+                self._warned.add(node.key)
+                log.warning("cannot read the record of %s: %s", self.describe(node), e)
             raw = None
         if raw is not None:
             try:
@@ -372,7 +386,8 @@ class XattrPolicy(OwnershipPolicy):
             except ValueError as e:
                 if node.key not in self._warned:
                     self._warned.add(node.key)
-                    log.warning("malformed record %r on inode %d (%s); showing the default owner", raw, st.st_ino, e)
+                    log.warning("malformed record %r on %s (%s); showing the default owner",
+                                raw, self.describe(node), e)
                 rec = None
         node.record = rec
         return rec
@@ -421,7 +436,7 @@ class XattrPolicy(OwnershipPolicy):
         try:
             return _acl_parse(raw)
         except ValueError as e:
-            log.warning("ignoring the malformed default ACL of inode %d: %s", parent.id, e)
+            log.warning("ignoring the malformed default ACL of %s: %s", self.describe(parent), e)
             return None
 
     def create_mode(self, parent, mode, umask):
@@ -486,7 +501,7 @@ class XattrPolicy(OwnershipPolicy):
         try:
             os.setxattr(path, _ESC_ACL_ACCESS, _acl_pack(_acl_chmod(_acl_parse(raw), mode)))
         except ValueError as e:
-            log.warning("leaving the malformed access ACL of inode %d alone: %s", node.id, e)
+            log.warning("leaving the malformed access ACL of %s alone: %s", self.describe(node), e)
 
     def adopted(self, node, cached):
         node.record = cached

@@ -273,6 +273,116 @@ def test_open_modes_and_errors(fs):
     os.close(fd)
 
 
+def test_mmap_and_copy(fs):
+    import mmap
+    import shutil
+
+    p = fs.path("m")
+    write_file(p, b"\0" * 8192)
+    with open(p, "r+b") as f:
+        mm = mmap.mmap(f.fileno(), 8192)
+        mm[100:105] = b"mmapd"
+        mm[8000:8003] = b"end"
+        mm.flush()
+        mm.close()
+    data = read_file(fs.backing("m"))
+    assert data[100:105] == b"mmapd" and data[8000:8003] == b"end"
+    # sendfile (shutil) and copy_file_range within the mount
+    shutil.copyfile(p, fs.path("copy"))
+    assert read_file(fs.path("copy")) == data
+    src = os.open(p, os.O_RDONLY)
+    dst = os.open(fs.path("cfr"), os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        n = 0
+        while n < 8192:
+            k = os.copy_file_range(src, dst, 8192 - n)
+            assert k > 0
+            n += k
+    finally:
+        os.close(src)
+        os.close(dst)
+    assert read_file(fs.backing("cfr")) == data
+
+
+def test_large_offsets(fs):
+    p = fs.path("sparse")
+    off = 5 * 2**30 + 123  # past 2**32
+    fd = os.open(p, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.pwrite(fd, b"far", off)
+        assert os.fstat(fd).st_size == off + 3
+        assert os.pread(fd, 3, off) == b"far"
+        assert os.pread(fd, 4, 2**32) == b"\0" * 4
+    finally:
+        os.close(fd)
+    assert os.stat(fs.backing("sparse")).st_size == off + 3
+    os.truncate(p, 2**33)
+    assert os.stat(p).st_size == 2**33
+
+
+def test_two_descriptors_coherent(fs):
+    p = fs.path("f")
+    a = os.open(p, os.O_CREAT | os.O_RDWR, 0o644)
+    b = os.open(p, os.O_RDWR)
+    try:
+        os.pwrite(a, b"hello", 0)
+        assert os.pread(b, 5, 0) == b"hello"
+        os.pwrite(b, b"J", 0)
+        assert os.pread(a, 5, 0) == b"Jello"
+        os.ftruncate(b, 2)
+        assert os.pread(a, 5, 0) == b"Je"
+        assert os.fstat(a).st_size == 2
+    finally:
+        os.close(a)
+        os.close(b)
+
+
+def test_exec_from_mount(fs):
+    import shutil
+
+    shutil.copy2("/bin/true", fs.path("true"))
+    os.chmod(fs.path("true"), 0o755)
+    assert subprocess.run([fs.path("true")]).returncode == 0
+    with open(fs.path("script"), "w") as f:
+        f.write("#!/bin/sh\necho ran $1\n")
+    os.chmod(fs.path("script"), 0o755)
+    assert subprocess.run([fs.path("script"), "x"], capture_output=True, text=True).stdout == "ran x\n"
+
+
+def test_rename_over_open_file(fs):
+    write_file(fs.path("old"), b"old content")
+    write_file(fs.path("new"), b"new content")
+    fd = os.open(fs.path("old"), os.O_RDONLY)
+    try:
+        os.rename(fs.path("new"), fs.path("old"))
+        assert os.pread(fd, 100, 0) == b"old content"
+        assert os.fstat(fd).st_nlink == 0
+        assert read_file(fs.path("old")) == b"new content"
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(fs.path())) == ["old"]
+
+
+def test_directory_rename_keeps_children(fs):
+    os.makedirs(fs.path("a", "b", "c"))
+    write_file(fs.path("a", "b", "c", "f"), b"deep")
+    os.mkdir(fs.path("z"))
+    os.rename(fs.path("a", "b"), fs.path("z", "b2"))
+    assert read_file(fs.path("z", "b2", "c", "f")) == b"deep"
+    assert not os.path.exists(fs.path("a", "b"))
+    assert os.stat(fs.path("a")).st_nlink == 2
+    assert os.stat(fs.path("z")).st_nlink == 3
+    # ".." of the moved directory is its new parent
+    assert os.stat(fs.path("z", "b2", "..")).st_ino == os.stat(fs.path("z")).st_ino
+    fd = os.open(fs.path("z", "b2", "c"), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.rename(fs.path("z"), fs.path("y"))
+        assert os.listdir(fd) == ["f"]
+        assert read_file(fs.path("y", "b2", "c", "f")) == b"deep"
+    finally:
+        os.close(fd)
+
+
 # -- names ---------------------------------------------------------------------------
 
 def test_mkdir_rmdir(fs):

@@ -483,3 +483,59 @@ def test_observer_never_sees_wrong_owner(scratch, shiftfs_mount, mode):
         if mode == "table":
             assert (st.st_uid, st.st_gid) == (BASE + uid, BASE + gid), n
     assert len(os.listdir(d)) == 5 * 300
+
+
+PERMS = """
+import os
+d = {d!r}
+out = {{}}
+def tryit(name, fn):
+    try:
+        fn()
+        out[name] = 0
+    except OSError as e:
+        out[name] = e.errno
+tryit("read_private", lambda: open(d + "/private").read())
+tryit("write_readonly", lambda: open(d + "/readonly", "a").write("x"))
+tryit("unlink_others_in_sticky", lambda: os.unlink(d + "/sticky/theirs"))
+tryit("rename_others_in_sticky", lambda: os.rename(d + "/sticky/theirs", d + "/sticky/moved"))
+tryit("unlink_own_in_sticky", lambda: os.unlink(d + "/sticky/mine"))
+tryit("create_in_closed_dir", lambda: open(d + "/closed/x", "w").close())
+tryit("chmod_others", lambda: os.chmod(d + "/readonly", 0o777))
+tryit("chown_own_to_other", lambda: os.chown(d + "/sticky/mine2", 0, -1))
+tryit("utime_others_explicit", lambda: os.utime(d + "/readonly", (1, 1)))
+tryit("truncate_readonly", lambda: os.truncate(d + "/readonly", 0))
+tryit("setxattr_others", lambda: os.setxattr(d + "/readonly", "user.x", b"1"))
+return out
+"""
+
+
+def test_permissions_enforced_for_view_users(tm):
+    d = tm.path("pub", "perm")
+    os.mkdir(d)
+    for name, mode in (("private", 0o600), ("readonly", 0o644)):
+        with open(os.path.join(d, name), "w") as f:
+            f.write("data")
+        os.chmod(os.path.join(d, name), mode)
+    os.mkdir(os.path.join(d, "sticky"))
+    os.chmod(os.path.join(d, "sticky"), 0o1777)
+    open(os.path.join(d, "sticky", "theirs"), "w").close()
+    os.mkdir(os.path.join(d, "closed"))
+    os.chmod(os.path.join(d, "closed"), 0o755)
+    run_as(U, G, ["touch", f"{d}/sticky/mine", f"{d}/sticky/mine2"], check=True)
+    res = py_as(U, G, PERMS.format(d=d))["ok"]
+    assert res == {
+        "read_private": errno.EACCES,
+        "write_readonly": errno.EACCES,
+        "unlink_others_in_sticky": errno.EPERM,
+        "rename_others_in_sticky": errno.EPERM,
+        "unlink_own_in_sticky": 0,
+        "create_in_closed_dir": errno.EACCES,
+        "chmod_others": errno.EPERM,
+        "chown_own_to_other": errno.EPERM,
+        "utime_others_explicit": errno.EPERM,
+        "truncate_readonly": errno.EACCES,
+        "setxattr_others": errno.EACCES,
+    }
+    assert os.path.exists(os.path.join(d, "sticky", "theirs"))
+    assert stat.S_IMODE(os.stat(tm.backing("pub", "perm", "readonly")).st_mode) == 0o644

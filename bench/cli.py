@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -46,7 +47,11 @@ def parse(argv=None):
     p.add_argument("--timeout", type=float, help="per step time limit, seconds")
     p.add_argument("--shiftfs", help="shiftfs command (default: the venv's shiftfs)")
     p.add_argument("--no-shiftfs-stats", action="store_true", help="don't collect shiftfs request counters")
+    p.add_argument("--render", metavar="JSON",
+                   help="only redraw latest.md and latest.png from a results JSON (no root needed)")
     a = p.parse_args(argv)
+    if a.render:
+        return a.render, os.path.abspath(a.out or os.path.dirname(os.path.abspath(a.render)))
     cfg = Config.preset("full" if a.full else "quick")
     if a.rounds:
         cfg.rounds = a.rounds
@@ -93,6 +98,13 @@ def _terminate(signum, frame):
 
 def main(argv=None) -> int:
     cfg, out = parse(argv)
+    if isinstance(cfg, str):  # --render
+        with open(cfg) as f:
+            res = json.load(f)
+        res.pop("summary", None)
+        paths = report.write(res, out)
+        log("wrote " + ", ".join(paths.values()))
+        return 0
     if os.geteuid() != 0:
         print("bench: run as root (mounts, drop_caches, idmapped mounts)", file=sys.stderr)
         return 2

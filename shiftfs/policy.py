@@ -421,8 +421,10 @@ class XattrPolicy(OwnershipPolicy):
     # Set through the mount, ACLs are kept escaped (user.containers.override_
     # system.posix_acl_*), so the backing filesystem neither enforces nor
     # inherits them: we do what it would. A default ACL is inherited by new
-    # objects (and replaces the umask); an access ACL sets the mode's group
-    # class from its mask, and a chmod sets the mask.
+    # objects; an access ACL sets the mode's group class from its mask, and a
+    # chmod sets the mask. (A default ACL should also replace the umask, but
+    # the kernel applies the umask before we see the mode: FUSE_DONT_MASK is
+    # not negotiated.) Enforcing ACLs is the kernel's job: FUSE_POSIX_ACL.
 
     def _default_acl(self, parent: Inode) -> list[list[int]] | None:
         if parent.default_acl is False:

@@ -157,13 +157,15 @@ def is_shiftfs_mount(path: str) -> bool:
 def unmount(mountpoint: str, lazy: bool = False) -> None:
     """Unmount a shiftfs mount (``fusermount3 -u`` or umount2 as root)."""
     mp = os.path.abspath(mountpoint)
-    try:
-        os.lstat(mp)
-    except FileNotFoundError:
-        raise UsageError(f"mount point {mountpoint} does not exist; give the directory shiftfs is mounted on") from None
-    except OSError:
-        pass  # ENOTCONN: a mount whose daemon is gone, which is what we are here to clear
+    # Decide from the mount table alone: a stat of the mount point would ask
+    # the daemon, and a hung (or stopped) daemon would hang us with it.
     if not is_shiftfs_mount(mp):
+        try:
+            os.lstat(mp)
+        except FileNotFoundError:
+            raise UsageError(f"mount point {mountpoint} does not exist; give the directory shiftfs is mounted on") from None
+        except OSError:
+            pass
         raise UsageError(f"{mountpoint} is not a shiftfs mount; see 'findmnt -t fuse.shiftfs' for mounts")
     fm = shutil.which("fusermount3")
     if fm:

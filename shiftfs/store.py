@@ -53,6 +53,17 @@ def can_hold_xattr(mode: int) -> bool:
     return stat.S_ISREG(mode) or stat.S_ISDIR(mode)
 
 
+def _open_readonly(path: str) -> sqlite3.Connection:
+    for query in ("mode=ro", "immutable=1"):
+        try:
+            db = sqlite3.connect(f"file:{path}?{query}", uri=True, isolation_level=None, check_same_thread=False)
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return db
+        except sqlite3.OperationalError:
+            continue
+    raise OSError(errno.EACCES, f"cannot read the record side table {path}")
+
+
 class RecordStore:
     """Reads and writes raw record values for inodes under one backing root.
 
@@ -105,7 +116,16 @@ class RecordStore:
                     self._db_missing = True
                     return None
             # The descriptor path pins the directory we opened without following links.
-            db = sqlite3.connect(f"{proc_fd(dfd)}/{_DB_NAME}", isolation_level=None, check_same_thread=False)
+            path = f"{proc_fd(dfd)}/{_DB_NAME}"
+            if not self.create:
+                # Readers (offline tools, possibly root on a user's tree) must not
+                # create files or change the database: open it read-only.
+                db = _open_readonly(path)
+                self._db_dirfd = dfd
+                self._db = db
+                self._db_missing = False
+                return db
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             # (ino, btime) together name an inode; a table made by an earlier

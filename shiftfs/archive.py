@@ -80,9 +80,11 @@ class UsageError(ArchiveError):
     """A bad command line; exit status 2."""
 
 
-def _open_store(root_fd: int, create: bool, legacy: bool = False):
+def _open_store(root_fd: int, create: bool, legacy: bool = False, readonly: bool = False):
     from .store import RecordStore
 
+    if readonly:
+        return RecordStore.open(root_fd, False, readonly=True)
     if legacy:
         return RecordStore.open(root_fd, create, write_legacy=True)
     return RecordStore.open(root_fd, create)
@@ -473,7 +475,7 @@ def export_tree(root: str, out: BinaryIO, fmt: str = "tar", maps: list[str] | No
     """Write an archive of the view of ``root`` to ``out``; returns per-path errors."""
     umap, gmap = parse_map_args(maps or [])
     root_fd = _tree.open_root(root)
-    store = _open_store(root_fd, False)
+    store = _open_store(root_fd, False, readonly=True)
     errors: list[str] = []
     progress = progress or _tree.Progress("export", False)
     try:
@@ -995,7 +997,7 @@ def _fmt_time(ns: int) -> str:
 def _stat_one(path: str, root: str | None, umap, gmap) -> str:
     root = root or _find_root(path)
     root_fd = _tree.open_root(root)
-    store = _open_store(root_fd, False)
+    store = _open_store(root_fd, False, readonly=True)
     try:
         try:
             fd = os.open(path, _PATH_FLAGS)
@@ -1039,7 +1041,7 @@ def _ls(directory: str, long: bool, umap, gmap, out) -> list[str]:
     root = _find_root(directory)
     root_fd = _tree.open_root(root)
     dir_fd = _tree.open_root(directory)
-    store = _open_store(root_fd, False)
+    store = _open_store(root_fd, False, readonly=True)
     is_root = os.path.samestat(os.fstat(root_fd), os.fstat(dir_fd))
     try:
         names = sorted(os.listdir(dir_fd), key=os.fsencode)

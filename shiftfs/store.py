@@ -71,7 +71,9 @@ class RecordStore:
     ``st`` is its ``os.stat(fd)``. Values are the encoded record bytes.
     """
 
-    def __init__(self, root_fd: int, create: bool = True, write_legacy: bool = False):
+    def __init__(self, root_fd: int, create: bool = True, write_legacy: bool = False, readonly: bool = False):
+        #: never write: open the side table read-only (offline readers)
+        self.readonly = readonly
         self.root_fd = root_fd
         self.create = create
         self.write_legacy = write_legacy
@@ -87,8 +89,8 @@ class RecordStore:
         )
 
     @classmethod
-    def open(cls, root_fd: int, create: bool = True, write_legacy: bool = False) -> "RecordStore":
-        return cls(root_fd, create, write_legacy)
+    def open(cls, root_fd: int, create: bool = True, write_legacy: bool = False, readonly: bool = False) -> "RecordStore":
+        return cls(root_fd, create and not readonly, write_legacy, readonly)
 
     # -- side table ---------------------------------------------------------
     def _conn(self, for_write: bool) -> sqlite3.Connection | None:
@@ -117,7 +119,7 @@ class RecordStore:
                     return None
             # The descriptor path pins the directory we opened without following links.
             path = f"{proc_fd(dfd)}/{_DB_NAME}"
-            if not self.create:
+            if self.readonly:
                 # Readers (offline tools, possibly root on a user's tree) must not
                 # create files or change the database: open it read-only.
                 db = _open_readonly(path)

@@ -145,7 +145,10 @@ class Mount:
         return cmd
 
     def mount(self) -> "Mount":
-        os.makedirs(self.mp, exist_ok=True)
+        try:
+            os.mkdir(self.mp)
+        except FileExistsError:
+            pass  # (also a stale mount point, which stats as ENOTCONN)
         r, children = fsutil.spawn_daemons(self.command(), timeout=60)
         if r.returncode != 0:
             for c in children:

@@ -264,11 +264,12 @@ def build_operations(cfg: MountConfig, root_fd: int) -> Operations:
     ops = Operations(
         root_fd, policy, CacheConfig(cfg.cache), trace=cfg.debug, writeback=cfg.writeback, xattr_probes=cfg.xattr_probes
     )
-    # Table mode: the backing filesystem keeps POSIX ACLs (and their mask in
-    # step with chmod), so let the kernel enforce them (FUSE_POSIX_ACL). Without
-    # it, default_permissions checks the mode bits only, and a named-user entry
-    # that denies access (u:1000:---) is ignored through the mount.
-    ops.enable_acl = not cfg.xattr
+    # Let the kernel enforce POSIX ACLs (FUSE_POSIX_ACL): without it,
+    # default_permissions checks the mode bits only, and a named-user entry
+    # that denies access (u:1000:---) is ignored through the mount. The
+    # backing filesystem (table mode) or the policy (xattr mode) keeps the
+    # mask in step with chmod.
+    ops.enable_acl = True
     return ops
 
 

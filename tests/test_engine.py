@@ -974,3 +974,19 @@ def test_fio_verify(fs):
     job = res["jobs"][0]
     assert job["error"] == 0, job
     assert job["write"]["io_bytes"] > 0
+
+
+@pytest.mark.skipif(not have("setfacl", "getfacl"), reason="needs acl tools")
+def test_acls_behave_as_on_disk(fs):
+    """A named-user deny entry is enforced, and chmod narrows the ACL mask."""
+    os.chmod(fs.path(), 0o755)
+    p = fs.path("f")
+    write_file(p, b"x")
+    os.chmod(p, 0o644)
+    subprocess.run(["setfacl", "-m", "u:1000:---", p], check=True)
+    r = subprocess.run(["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "cat", p], capture_output=True)
+    assert r.returncode != 0, "u:1000:--- must deny user 1000"
+    subprocess.run(["setfacl", "-m", "u:1000:rw", p], check=True)
+    os.chmod(p, 0o600)
+    out = subprocess.run(["getfacl", "-n", "-c", "-E", p], capture_output=True, text=True, check=True).stdout
+    assert "mask::---" in out.split(), out

@@ -46,6 +46,8 @@ options (-o, comma separated):
   xattr_probes=off      answer the kernel's first GETXATTR with ENOSYS so it
                         stops asking (no security.capability probe before each
                         write); xattrs can be set but not read through the mount
+  read_ahead_kb=N       read-ahead of the mount in KiB (default 1024; the
+                        kernel's 128 makes many small READ requests; root only)
   log=FILE              daemon log file in the background (default: syslog)
   stats=FILE            write per-request counters as JSON at exit / SIGUSR1
   debug                 trace every request in the log

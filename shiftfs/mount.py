@@ -69,6 +69,7 @@ class MountConfig:
     stats: str | None = None
     foreground: bool = False
     writeback: bool = True
+    read_ahead_kb: int = 1024
     xattr_probes: bool = True
 
 
@@ -116,6 +117,11 @@ def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mo
             elif key in ("writeback", "nowriteback") and not eq:
                 cfg.writeback = key == "writeback"
                 writeback_given = True
+            elif key == "read_ahead_kb" and eq:
+                try:
+                    cfg.read_ahead_kb = int(val)
+                except ValueError:
+                    raise UsageError(f"bad -o read_ahead_kb={val}: give a number of KiB, e.g. read_ahead_kb=1024") from None
             elif key == "xattr_probes" and val in ("on", "off"):
                 cfg.xattr_probes = val == "on"
             else:
@@ -395,6 +401,22 @@ class _StderrCapture:
         return False
 
 
+def _tune_readahead(mountpoint: str, kb: int) -> None:
+    """Raise the read-ahead of our FUSE bdi (128 KiB by default: small READs).
+
+    Runs in a thread once the loop serves requests (the stat is answered by
+    us); only root in the initial namespace may write sysfs, others skip.
+    """
+    try:
+        st = os.stat(mountpoint)
+        path = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
+        with open(path, "w") as f:
+            f.write(str(kb))
+        log.debug("set %s to %d", path, kb)
+    except OSError as e:
+        log.debug("read_ahead_kb left alone: %s", e)
+
+
 def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
     """Mount and serve until unmounted. Reports readiness on ``ready_fd``."""
 
@@ -446,6 +468,12 @@ def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
     log.info("mounted %s on %s (%s mode)", cfg.source, cfg.mountpoint, "xattr" if cfg.xattr else "table")
     if captured.strip():
         log.warning("while mounting: %s", " / ".join(ln.strip() for ln in captured.splitlines() if ln.strip()))
+    if cfg.read_ahead_kb > 0:
+        import threading
+
+        threading.Thread(
+            target=_tune_readahead, args=(os.path.abspath(cfg.mountpoint), cfg.read_ahead_kb), daemon=True
+        ).start()
     clean = False
     try:
         trio.run(_serve, ops, cfg)

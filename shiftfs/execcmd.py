@@ -17,18 +17,21 @@ Process layout, outermost first::
 
     shiftfs exec            host; relays signals, returns the exit status
     └─ userns helper        new user namespace (maps written by the parent)
-       └─ pid 1 of A        private mount namespace; shiftfs mounts at each DST
-          ├─ shiftfs daemons  one per --shift, serving SRC through a descriptor
-          └─ pid 1 of B     own mount namespace, a fresh /proc for pid namespace B
+       └─ pid 1 of A        private mount namespace; a staging tmpfs with one
+          │                 shiftfs view per --shift
+          ├─ shiftfs daemons  serve SRC through a descriptor opened before any mount
+          └─ pid 1 of B     own mount namespace: the views moved onto their DSTs,
+             │              the staging tmpfs gone, a fresh /proc
              └─ COMMAND     cwd and environment of the caller
 
-Each daemon gets SRC as a descriptor opened before any mount is made, so a
-DST over its own SRC, or one shift nested in another, never serves a view
-through a view. The mounts carry ``allow_other``: processes of user
-namespaces COMMAND creates (apt's _apt user, sandboxes, ``unshare -r``) can
-use them too. When COMMAND exits, pid namespace B takes every process and
-mount COMMAND made with it; pid 1 of A then unmounts the views and waits for
-the daemons to write everything out. Nothing is mounted on the host.
+The views reach their DSTs only in B: the daemons, in A, see the host's
+directories unshadowed (the engine opens its record side table in SRC by
+path, which must not lead back into its own view). The mounts carry
+``allow_other``, so processes in user namespaces COMMAND creates (apt's _apt
+user, sandboxes, ``unshare -r``) can use them too. When COMMAND exits, pid
+namespace B takes every process and mount COMMAND made with it; pid 1 of A
+then unmounts the views and waits for the daemons to write everything out.
+Nothing is ever mounted in the host's namespace.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ _DAEMON_EXIT_TIMEOUT = 30.0
 _SRC_FD = 3
 _LOG_FD = 4
 _SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+_STAGING_CANDIDATES = ("/run", "/mnt", "/media", "/srv", "/opt", "/var/tmp", "/tmp", "/home")
 
 
 class ExecError(Exception):
@@ -369,8 +373,8 @@ def _high_fd(fd: int) -> int:
     return new
 
 
-def _start_daemon(cfg: ExecConfig, shift: Shift, src_fd: int, log_fd: int) -> None:
-    """Run ``shiftfs mount`` on ``shift.target`` (as namespace root, so that
+def _start_daemon(cfg: ExecConfig, shift: Shift, src_fd: int, log_fd: int, view: str) -> None:
+    """Run ``shiftfs mount`` on ``view`` (as namespace root, so that
     /dev/fuse is opened in this user namespace), serving the directory open
     on ``src_fd``; return once the mount is live. The daemon stays behind as
     our child in pid namespace A, in its own session (a terminal's ^C must
@@ -379,8 +383,8 @@ def _start_daemon(cfg: ExecConfig, shift: Shift, src_fd: int, log_fd: int) -> No
     if not any(c in shift.source for c in ",\\ \t\n"):
         opts += f",fsname={shift.source}"
     argv = [sys.executable, "-m", "shiftfs", "mount", *cfg.mount_args, "-o", opts,
-            f"/proc/self/fd/{_SRC_FD}", shift.target]
-    before = os.stat(shift.target).st_dev
+            f"/proc/self/fd/{_SRC_FD}", view]
+    before = os.stat(view).st_dev
     log = f"/proc/self/fd/{log_fd}"
     try:
         mounter = os.posix_spawn(
@@ -395,50 +399,82 @@ def _start_daemon(cfg: ExecConfig, shift: Shift, src_fd: int, log_fd: int) -> No
         raise ExecError(f"cannot start the shiftfs daemon ({sys.executable}): "
                         f"{e.strerror}") from None
     status = _wait_pid(mounter, _MOUNT_TIMEOUT)
-    what = f"'shiftfs mount {shift.source} {shift.target}'"
+    what = f"'shiftfs mount {shift.source}'"
     if status is None:
         raise ExecError(f"{what} did not report a live mount within {_MOUNT_TIMEOUT:.0f} s: "
                         f"{_log_tail(log) or 'no output'}")
     if status != 0:
         raise ExecError(f"{what} failed with status {ns.exit_code(status)}: "
                         f"{_log_tail(log) or 'no output'}")
-    if os.stat(shift.target).st_dev == before:
+    if os.stat(view).st_dev == before:
         raise ExecError(f"{what} returned but nothing is mounted; its output: "
                         f"{_log_tail(log) or 'none'}")
 
 
+def _staging_dir(cfg: ExecConfig) -> str:
+    """A host directory that namespace A may hide under the staging tmpfs:
+    one that holds no SRC (the engine opens some files in SRC by path), nor
+    the interpreter or the shiftfs package."""
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    needed = [sys.prefix, sys.base_prefix, sys.executable, os.path.realpath(sys.executable),
+              pkg, os.path.realpath(pkg), "/dev", "/proc", "/sys",
+              *(s.source for s in cfg.shifts)]
+    for cand in _STAGING_CANDIDATES:
+        if os.path.isdir(cand) and not os.path.islink(cand) and \
+                not any(_within(p, cand) for p in needed):
+            return cand
+    raise ExecError("the SRC directories and the interpreter cover every staging directory "
+                    f"({', '.join(_STAGING_CANDIDATES)}); move a SRC elsewhere")
+
+
+def _within(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
 def _mount_init(cfg: ExecConfig) -> int:
-    """Pid 1 of namespace A: mount every shift, run COMMAND in namespace B,
-    then unmount and let the daemons write everything out."""
+    """Pid 1 of namespace A: mount every SRC through shiftfs on a staging
+    tmpfs, run COMMAND in namespace B, then unmount and let the daemons write
+    everything out.
+
+    The views are not mounted at DST here: the daemons live in this mount
+    namespace, and the engine reaches some files in SRC by path (the record
+    side table), which must not lead back into its own view."""
     ns.set_parent_death_signal(signal.SIGKILL)
     os.chdir("/")
     ns.make_rprivate("/")
     log_fd = _high_fd(os.memfd_create("shiftfs-exec-log", os.MFD_CLOEXEC))
     log = f"/proc/self/fd/{log_fd}"
-    # Every SRC is opened before the first mount: a DST over SRC, or inside
-    # another DST, would otherwise resolve SRC through a view.
-    src_fds = [_high_fd(os.open(s.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
-               for s in cfg.shifts]
-    mounted: list[str] = []
-    try:
-        for s, fd in zip(cfg.shifts, src_fds):
-            _start_daemon(cfg, s, fd, log_fd)
-            mounted.append(s.target)
-    finally:
-        for fd in src_fds:
-            os.close(fd)
+    views: list[str] = []
+    if cfg.shifts:
+        # Every SRC is opened before the first mount, so that none is reached
+        # through a view (a SRC under the staging directory, say).
+        src_fds = [_high_fd(os.open(s.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+                   for s in cfg.shifts]
+        stage = _staging_dir(cfg)
+        ns.mount("tmpfs", stage, "tmpfs", ns.MS_NOSUID | ns.MS_NODEV, "mode=0700,size=1m")
+        try:
+            for i, (s, fd) in enumerate(zip(cfg.shifts, src_fds)):
+                view = os.path.join(stage, f"view{i}")
+                os.mkdir(view, 0o755)
+                _start_daemon(cfg, s, fd, log_fd, view)
+                views.append(view)
+        finally:
+            for fd in src_fds:
+                os.close(fd)
+    else:
+        stage = ""
     ns.unshare(ns.CLONE_NEWPID)
     pid = os.fork()
     if pid == 0:
-        _child(_command_init, cfg)
+        _child(_command_init, cfg, stage, views)
     code = ns.exit_code(ns.supervise(pid, reap_any=True))
-    for target in reversed(mounted):
+    for view in reversed(views):
         try:
-            ns.umount2(target)
+            ns.umount2(view)
         except OSError as e:
             if e.errno != errno.EBUSY:
                 raise
-            ns.umount2(target, ns.MNT_DETACH)
+            ns.umount2(view, ns.MNT_DETACH)
     statuses = ns.reap_all(_DAEMON_EXIT_TIMEOUT)
     if any(s != 0 for s in statuses):
         print(f"{PROG}: warning: a shiftfs daemon exited with status "
@@ -447,11 +483,42 @@ def _mount_init(cfg: ExecConfig) -> int:
     return code
 
 
-def _command_init(cfg: ExecConfig) -> int:
-    """Pid 1 of namespace B: own mount namespace with a /proc of this pid
-    namespace, then run COMMAND and pass on its exit status."""
+def _attach_views(cfg: ExecConfig, stage: str, views: list[str]) -> None:
+    """In COMMAND's mount namespace: put each view on its DST, then take the
+    staging tmpfs away, so that the host's directory under it shows again."""
+    try:
+        clones = [ns.open_tree(view) for view in views]
+    except OSError as e:
+        if e.errno != errno.ENOSYS:
+            raise
+        clones = None  # before Linux 5.2: bind while the views are reachable
+    if clones is None:
+        for s, view in zip(cfg.shifts, views):
+            if _within(s.target, stage):
+                raise ExecError(f"--shift {s.source}:{s.target}: DST is under {stage}, which "
+                                "this kernel (no open_tree) cannot show; pick another DST")
+            ns.bind(view, s.target, recursive=False)
+        ns.umount2(stage, ns.MNT_DETACH)
+        return
+    ns.umount2(stage, ns.MNT_DETACH)
+    for s, fd in zip(cfg.shifts, clones):
+        try:
+            ns.move_mount(fd, s.target)
+        except OSError as e:
+            raise ExecError(f"--shift {s.source}:{s.target}: cannot mount the view on "
+                            f"{s.target}: {e.strerror}") from None
+        finally:
+            os.close(fd)
+
+
+def _command_init(cfg: ExecConfig, stage: str, views: list[str]) -> int:
+    """Pid 1 of namespace B: own mount namespace with the views on their
+    DSTs and a /proc of this pid namespace; run COMMAND and pass on its exit
+    status."""
     ns.set_parent_death_signal(signal.SIGKILL)
     ns.unshare(ns.CLONE_NEWNS)
+    if views:
+        _attach_views(cfg, stage, views)
     try:
         ns.mount("proc", "/proc", "proc", ns.MS_NOSUID | ns.MS_NODEV | ns.MS_NOEXEC)
     except OSError as e:

@@ -517,6 +517,35 @@ def mount_setattr(path: str, attr_set: int, attr_clr: int = 0,
         _raise(f"mount_setattr {path}", path)
 
 
+#: open_tree(2) and move_mount(2) (Linux 5.2) have the same numbers on every
+#: architecture (the unified table that starts at 424).
+_OPEN_TREE, _MOVE_MOUNT = 428, 429
+OPEN_TREE_CLONE = 0x1
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+
+
+def open_tree(path: str, recursive: bool = False) -> int:
+    """open_tree(OPEN_TREE_CLONE): a descriptor holding a detached copy of
+    the mount at ``path``, to be attached elsewhere with :func:`move_mount`
+    even after ``path`` itself is gone from the namespace."""
+    flags = OPEN_TREE_CLONE | os.O_CLOEXEC | (AT_RECURSIVE if recursive else 0)
+    fd = _libc.syscall(ctypes.c_long(_OPEN_TREE), ctypes.c_int(-100),
+                       ctypes.c_char_p(os.fsencode(path)), ctypes.c_uint(flags))
+    if fd < 0:
+        _raise(f"open_tree {path}", path)
+    return fd
+
+
+def move_mount(fd: int, target: str) -> None:
+    """Attach the detached mount held by ``fd`` (from :func:`open_tree`) on
+    ``target``."""
+    ret = _libc.syscall(ctypes.c_long(_MOVE_MOUNT), ctypes.c_int(fd), ctypes.c_char_p(b""),
+                        ctypes.c_int(-100), ctypes.c_char_p(os.fsencode(target)),
+                        ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
+    if ret != 0:
+        _raise(f"move_mount on {target}", target)
+
+
 _LOCKABLE = ((os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV), (os.ST_NOEXEC, MS_NOEXEC),
              (os.ST_NOATIME, MS_NOATIME), (os.ST_NODIRATIME, MS_NODIRATIME),
              (os.ST_RELATIME, MS_RELATIME))

@@ -191,7 +191,9 @@ def _caller_cwd() -> str:
 
 
 def parse_shift(spec: str) -> Shift:
-    """SRC[:DST]; relative paths are taken from the working directory."""
+    """SRC[:DST]; relative paths are taken from the working directory. DST
+    is checked later, by :func:`check_targets`: it may lie inside another
+    shift's view."""
     src, sep, dst = spec.partition(":")
     if not src or (sep and not dst):
         raise ExecError(f"--shift {spec!r} is not SRC[:DST]; e.g. --shift ./rootfs or "
@@ -200,17 +202,39 @@ def parse_shift(spec: str) -> Shift:
         raise ExecError(f"--shift {spec}: {src} does not exist; create it with 'mkdir -p {src}'")
     if not os.path.isdir(src):
         raise ExecError(f"--shift {spec}: {src} is not a directory; shiftfs serves directories")
-    dst = dst or src
-    if not os.path.exists(dst):
-        raise ExecError(f"--shift {spec}: DST {dst} does not exist; create it with "
-                        f"'mkdir -p {dst}'")
-    if not os.path.isdir(dst):
-        raise ExecError(f"--shift {spec}: DST {dst} is not a directory")
-    source, target = os.path.realpath(src), os.path.realpath(dst)
+    source, target = os.path.realpath(src), os.path.realpath(dst or src)
     if target == "/":
         raise ExecError(f"--shift {spec}: cannot mount over /; use 'shiftfs run {source}' "
                         "for a whole root filesystem")
     return Shift(source, target)
+
+
+def _seen_at(path: str, shifts: list[Shift]) -> str:
+    """The host path of what COMMAND will find at ``path``: under the
+    innermost other view that covers it, that view's SRC."""
+    outer = [s for s in shifts if s.target != path and _within(path, s.target)]
+    if not outer:
+        return path
+    s = max(outer, key=lambda s: len(s.target))
+    return _seen_at(s.source, [x for x in shifts if x is not s]) + path[len(s.target):]
+
+
+def check_targets(shifts: list[Shift]) -> None:
+    """Every DST must be a directory where COMMAND will see it, and no two
+    shifts may share one."""
+    seen: dict[str, str] = {}
+    for s in shifts:
+        if s.target in seen:
+            raise ExecError(f"--shift {seen[s.target]} and --shift {s.source} both mount on "
+                            f"{s.target}; give each a different DST")
+        seen[s.target] = s.source
+        where = _seen_at(s.target, shifts)
+        shown = s.target if where == s.target else f"{s.target} (that is, {where})"
+        if not os.path.exists(where):
+            raise ExecError(f"--shift {s.source}:{s.target}: DST {shown} does not exist; "
+                            f"create it with 'mkdir -p {where}'")
+        if not os.path.isdir(where):
+            raise ExecError(f"--shift {s.source}:{s.target}: DST {shown} is not a directory")
 
 
 def config_from_args(args: argparse.Namespace) -> ExecConfig:
@@ -231,12 +255,7 @@ def config_from_args(args: argparse.Namespace) -> ExecConfig:
                                 "e.g. --map b:0:0:65536")
         mount_args = [a for spec in args.map for a in ("--map", spec)]
     shifts = [parse_shift(s) for s in args.shift]
-    seen: dict[str, str] = {}
-    for s in shifts:
-        if s.target in seen:
-            raise ExecError(f"--shift {seen[s.target]} and --shift {s.source} both mount on "
-                            f"{s.target}; give each a different DST")
-        seen[s.target] = s.source
+    check_targets(shifts)
     # Outer views first: a DST inside another one is mounted on top of it.
     shifts.sort(key=lambda s: s.target.count("/"))
     return ExecConfig(command=command, shifts=shifts, mount_args=mount_args,

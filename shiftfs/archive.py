@@ -715,6 +715,13 @@ class _Importer:
                 self._xattrs(fd, ti, rel, True)
                 self._stamp(fd, rec, rel)
                 os.utime(fd, ns=(time.time_ns(), _mtime_ns(ti)))
+            except BaseException:
+                # a damaged or truncated member leaves no half-written file behind
+                try:
+                    os.unlink(name, dir_fd=parent)
+                except OSError:
+                    pass
+                raise
             finally:
                 os.close(fd)
         elif ti.issym():

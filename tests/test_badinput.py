@@ -281,8 +281,6 @@ def test_import_of_garbage(work, kind):
     assert os.listdir(root) == [], os.listdir(root)
 
 
-@pytest.mark.xfail(strict=True, reason="archive.py leaves the damaged member as an empty 0600 file without a "
-                   "record (reported); remove this marker once import cleans it up")
 def test_import_of_truncated_archive_leaves_no_half_written_file(work):
     root = work / "root"
     root.mkdir()

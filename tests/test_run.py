@@ -556,8 +556,6 @@ def test_shiftfs_run_inside_shiftfs_run(who, wd):
     assert_clean(root)
 
 
-@pytest.mark.xfail(reason="engine: a shiftfs whose SOURCE is on shiftfs cannot create: the "
-                          "outer mount refuses the inner's .shiftfs~ temporary names (EPERM)")
 def test_create_through_nested_shiftfs(wd):
     root = make_root(wd, ROOT_USER)
     script = f"""

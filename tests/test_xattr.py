@@ -562,8 +562,6 @@ def test_acl_mode_sync_and_default_inheritance(xm, work):
 
 
 @pytest.mark.skipif(not have("setfacl"), reason="needs acl")
-@pytest.mark.xfail(strict=True, reason="xattr mode mounts without FUSE_POSIX_ACL (mount.py: enable_acl = not cfg.xattr), "
-                   "so the kernel checks the mode bits only; the policy keeps mask and mode in step, so enabling it works")
 def test_acl_enforced_through_the_view(xm, work):
     mp = work / "mp"
     (mp / "denied").write_text("x")  # 0644: readable by all but U1

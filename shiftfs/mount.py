@@ -344,7 +344,10 @@ async def _serve(ops: Operations, cfg: MountConfig) -> None:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(signals, nursery.cancel_scope)
-        await pyfuse3.main(min_tasks=1, max_tasks=8)
+        # Handlers never yield (every backing call is a plain syscall), so more
+        # trio tasks only add scheduling: one task measured ~20% less time per
+        # request than eight (stat storm, cache=never, interleaved A/B).
+        await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
 
 

@@ -621,7 +621,7 @@ def debian_build(user):
         remove_tree(d)
 
 
-def test_mmdebstrap_matches_a_real_root_build(user, debian_build):
+def test_mmdebstrap_matches_a_real_root_build(user, debian_build, tmp_path):
     d, rootfs, tar = debian_build
     assert host_owners(d) == {(user.uid, user.gid)}
     with open(os.path.join(rootfs, "var/lib/dpkg/status"), "rb") as f:
@@ -629,7 +629,7 @@ def test_mmdebstrap_matches_a_real_root_build(user, debian_build):
     assert "dpkg" in versions and "apt" in versions
     ref = reference_tar(versions)
     # The kernel refused the device nodes; the table puts back mmdebstrap's /dev.
-    full = os.path.join(d, "rootfs-dev.tar")
+    full = str(tmp_path / "rootfs-dev.tar")
     with open(full, "wb") as out:
         devtable.add_to_tar(tar, out, devtable.DeviceTable(devtable.parse(devtable.MMDEBSTRAP_DEV)))
     want, got = tar_entries(ref), tar_entries(full)

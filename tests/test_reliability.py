@@ -73,9 +73,13 @@ def test_fsstress_mix(work, mode, opts, nofile):
     """4 processes × random create/write/truncate/rename/link/unlink/mkdir/rmdir/symlink/mkfifo/
     chmod/chown(random 32-bit ids)/setxattr; private dirs checked against a model, the whole tree
     against the backing side, again after a remount."""
+    run_fsstress(work, mode, opts, nofile, nproc=4, nops=1500, seconds=6)
+
+
+def run_fsstress(work: Path, mode: str, opts, nofile, nproc: int, nops: int, seconds: float) -> None:
     src, mp = make_pair(work)
     m = Mount(src, mp, mode, opts=opts, nofile=nofile).mount()
-    res = fsstress(mp, mode, nproc=4, nops=1500, seconds=6)
+    res = fsstress(mp, mode, nproc=nproc, nops=nops, seconds=seconds)
     assert not res["failures"], f"seed {res['seed']}:\n" + "\n".join(res["failures"][:40])
     assert res["ops"] >= 400, res
     # chown to unmapped ids must have been tried and refused (table) or stored (xattr)
@@ -361,13 +365,17 @@ def test_kill9_during_untar(work, mode, recover):
     """kill -9 of the daemon while tar extracts and another process writes and fsyncs files:
     ENOTCONN, then umount (or a new mount on the stale point) recovers; fsynced files have
     their data and owner; every record is valid; no temporary name is ever visible."""
+    kill9_during_untar(work, mode, recover, nfiles=1500)
+
+
+def kill9_during_untar(work: Path, mode: str, recover: str, nfiles: int, name="t") -> None:
     need("tar")
-    src, mp = make_pair(work)
-    archive = work / "a.tar"
-    _make_archive(archive)
+    src, mp = make_pair(work, name)
+    archive = work / f"{name}.tar"
+    _make_archive(archive, nfiles)
     m = Mount(src, mp, mode).mount()
     (mp / "untar").mkdir()
-    synced_log = work / "synced.txt"
+    synced_log = work / f"{name}-synced.txt"
     writer = subprocess.Popen([sys.executable, "-c", _SYNCED_WRITER, str(mp), str(synced_log)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     tar = subprocess.Popen(["tar", "-xf", str(archive), "-C", str(mp / "untar")], stdout=subprocess.PIPE,

@@ -10,8 +10,10 @@ generated tree unpacked with ``tar --same-owner`` stands in.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import pty
 import select
 import shutil
 import signal
@@ -330,6 +332,44 @@ def test_sigterm_reaches_command(user, wd):
     assert p.returncode == 42, err
     assert "got-term" in out
     assert record(f"{r}/f") == "5:5:100644"  # written out before exec returned
+    assert_clean(r)
+
+
+def test_ctrl_c_on_a_terminal(wd):
+    """^C on the terminal: COMMAND (in the caller's process group, on the
+    host's /dev) gets SIGINT once; the supervisors do not relay a copy."""
+    r = owned_dir(os.path.join(wd, "r"), ROOT_USER)
+    script = ('n=0; trap \'n=$((n+1)); echo "int $n"\' INT; tty; echo ready; '
+              'sleep 1 & wait; sleep 0.5; echo "total $n"; exit 3')
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(wd)
+        os.execv(exec_argv()[0], [*exec_argv(), "--shift", r, "--", "sh", "-c", script])
+    buf = b""
+    deadline = time.monotonic() + 30
+    sent = False
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            try:
+                chunk = os.read(fd, 1024)
+            except OSError as e:
+                if e.errno == errno.EIO:
+                    break
+                raise
+            if not chunk:
+                break
+            buf += chunk
+        if not sent and b"ready" in buf:
+            time.sleep(0.2)
+            os.write(fd, b"\x03")
+            sent = True
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    text = buf.decode(errors="replace")
+    assert "total 1" in text, text
+    assert "/dev/pts/" in text  # the caller's terminal, as it is
+    assert os.waitstatus_to_exitcode(status) == 3
     assert_clean(r)
 
 

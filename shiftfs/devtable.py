@@ -153,7 +153,8 @@ def parse(text: str, source: str = "device table") -> list[Entry]:
         except ValueError as e:
             raise DeviceTableError(f"{source}:{no}: {e}") from None
         if entry.name in entries:
-            raise DeviceTableError(f"{source}:{no}: {entry.name[1:]} is listed twice; keep one line")
+            raise DeviceTableError(f"{source}:{no}: {entry.name[1:]} is listed twice; "
+                                   "keep one line")
         entries[entry.name] = entry
     return sorted(entries.values(), key=lambda e: e.name)
 

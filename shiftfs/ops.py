@@ -546,17 +546,26 @@ class Operations(pyfuse3.Operations):
                 os.close(fd)
                 raise
             return self._handle(fd, node), self._entry(node, st)
+        # Made invisible (O_TMPFILE, or a temporary name where the backing fs
+        # has no O_TMPFILE), stamped, then linked or renamed into place.
+        tmp = None
+        cflags = oflags & ~os.O_APPEND
         try:
-            fd = os.open(b".", (oflags & ~os.O_APPEND) | os.O_TMPFILE, bmode & 0o7777, dir_fd=parent.fd)
+            fd = os.open(b".", cflags | os.O_TMPFILE, bmode & 0o7777, dir_fd=parent.fd)
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise
-            return self._create_by_rename(parent, name, mode, bmode, du, dg, oflags, flags)
+            tmp = _TMP_PREFIX + secrets.token_hex(8).encode()
+            fd = os.open(tmp, cflags | os.O_CREAT | os.O_EXCL, bmode & 0o7777, dir_fd=parent.fd)
         try:
             st = os.fstat(fd)
             cached = self.policy.stamp(fd, st, du, dg, mode, 0, parent=parent)
             try:
-                link_fd(fd, parent.fd, name)
+                if tmp is None:
+                    link_fd(fd, parent.fd, name)
+                else:
+                    renameat2(parent.fd, tmp, parent.fd, name, RENAME_NOREPLACE)
+                    tmp = None
             except FileExistsError:
                 if flags & os.O_EXCL:
                     raise
@@ -568,6 +577,9 @@ class Operations(pyfuse3.Operations):
             if fd >= 0:
                 os.close(fd)
             raise
+        finally:
+            if tmp is not None:
+                self._unlink_any(parent, tmp)
         if flags & os.O_APPEND and not self.enable_writeback_cache:
             import fcntl
 
@@ -585,33 +597,6 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EEXIST)
         fd = os.open(proc_fd(node.fd), self._open_flags(flags))
         return self._handle(fd, node), self._entry(node, os.fstat(node.fd))
-
-    def _create_by_rename(self, parent, name, mode, bmode, du, dg, oflags, flags):
-        tmp = _TMP_PREFIX + secrets.token_hex(8).encode()
-        fd = os.open(tmp, (oflags & ~os.O_APPEND) | os.O_CREAT | os.O_EXCL, bmode & 0o7777, dir_fd=parent.fd)
-        try:
-            st = os.fstat(fd)
-            cached = self.policy.stamp(fd, st, du, dg, mode, 0, parent=parent)
-            try:
-                renameat2(parent.fd, tmp, parent.fd, name, RENAME_NOREPLACE)
-            except FileExistsError:
-                os.unlink(tmp, dir_fd=parent.fd)
-                if flags & os.O_EXCL:
-                    raise
-                os.close(fd)
-                fd = -1
-                return self.open_existing(parent, name, flags)
-            pfd = os.open(proc_fd(fd), os.O_PATH | os.O_CLOEXEC)
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
-                self._unlink_any(parent, tmp)
-            raise
-        st = os.fstat(pfd)
-        node = self.table.adopt(pfd, st)
-        node.parent, node.name = parent.id, name
-        self.policy.adopted(node, cached)
-        return self._handle(fd, node), self._entry(node, st)
 
     @_op
     def read(self, fh, off, size):

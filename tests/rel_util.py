@@ -19,7 +19,6 @@ import json
 import multiprocessing
 import os
 import random
-import secrets
 import shutil
 import stat
 import subprocess

@@ -22,7 +22,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -33,9 +32,7 @@ from rel_util import (
     TMP_PREFIX,
     Mount,
     check_consistent,
-    is_mounted,
     make_pair,
-    mounts,
     py_as,
     run_as,
     work,  # noqa: F401  (fixture)

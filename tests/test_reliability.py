@@ -21,7 +21,6 @@ import stat
 import subprocess
 import sys
 import tarfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -42,7 +41,6 @@ from rel_util import (
     make_pair,
     mounts,
     need,
-    need_root,
     run_as,
     shiftfs_pids,
     view_tree,

@@ -990,3 +990,85 @@ def test_acls_behave_as_on_disk(fs):
     os.chmod(p, 0o600)
     out = subprocess.run(["getfacl", "-n", "-c", "-E", p], capture_output=True, text=True, check=True).stdout
     assert "mask::---" in out.split(), out
+
+
+# -- concurrent namespace changes ----------------------------------------------------------
+
+STRESS = os.environ.get("SHIFTFS_STRESS") == "1"
+
+WORKER = r"""
+import errno, os, random, sys
+d, seed, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rnd = random.Random(seed)
+names = [f"n{i}" for i in range(24)]
+ok = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR, errno.EPERM, errno.ENXIO}
+bad = {}
+def p(x):
+    return os.path.join(d, x)
+def one():
+    a, b = rnd.choice(names), rnd.choice(names)
+    op = rnd.randrange(11)
+    if op == 0:
+        os.close(os.open(p(a), os.O_CREAT | os.O_WRONLY | os.O_NONBLOCK, 0o644))
+    elif op == 1:
+        os.mkdir(p(a))
+    elif op == 2:
+        os.symlink(b, p(a))
+    elif op == 3:
+        os.rename(p(a), p(b))
+    elif op == 4:
+        os.link(p(a), p(b), follow_symlinks=False)
+    elif op == 5:
+        os.unlink(p(a))
+    elif op == 6:
+        os.rmdir(p(a))
+    elif op == 7:
+        os.lstat(p(a))
+    elif op == 8:
+        os.listdir(d)
+    elif op == 9:
+        fd = os.open(p(a), os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK)  # FIFO: ENXIO
+        try:
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
+    else:
+        os.mkfifo(p(a))
+for _ in range(n):
+    try:
+        one()
+    except OSError as e:
+        if e.errno not in ok and not (e.errno == errno.ELOOP):
+            k = errno.errorcode.get(e.errno, str(e.errno))
+            bad[k] = bad.get(k, 0) + 1
+print(bad)
+"""
+
+
+def test_stress_concurrent_namespace_ops(fs):
+    """Four processes create, link, rename and remove the same few names at once."""
+    n = 5000 if STRESS else 1000
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, fs.path(), str(seed), str(n)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in range(4)]
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+        assert out.strip() == "{}", f"unexpected errors: {out.strip()}"
+    # the view and the disk agree on every name, type, inode and link count
+    view = sorted(os.listdir(fs.path()))
+    back = sorted(os.listdir(fs.backing()))
+    assert view == back
+    for name in view:
+        v, b = os.lstat(fs.path(name)), os.lstat(fs.backing(name))
+        assert stat.S_IFMT(v.st_mode) == stat.S_IFMT(b.st_mode), name
+        assert v.st_ino == b.st_ino, name
+        assert v.st_nlink == b.st_nlink, name
+        assert (v.st_uid, v.st_gid) == (0, 0), name
+        if stat.S_ISLNK(v.st_mode):
+            assert os.readlink(fs.path(name)) == os.readlink(fs.backing(name))

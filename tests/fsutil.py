@@ -269,7 +269,17 @@ class Mount:
         return os.path.join(self.source, *map(str, parts))
 
     def alive(self) -> bool:
-        return any(_exited(p) is None for p in self.pids) if self.status is None else False
+        """Whether the daemon still runs (reaps it, keeping its status, if it exited)."""
+        if self.status is not None:
+            return False
+        running = False
+        for p in self.pids:
+            st = _exited(p)
+            if st is None:
+                running = True
+            else:
+                self.status = st
+        return running
 
     def log_text(self) -> str:
         if not self.log:
@@ -367,6 +377,10 @@ def mount_shiftfs(source, mountpoint, *args, as_uid: int | None = None, as_gid: 
     env = None
     if as_uid is not None:
         gid = as_uid if as_gid is None else as_gid
+        if logfile:  # the daemon runs as that user: let it write its log
+            with open(logfile, "a"):
+                pass
+            os.chown(logfile, as_uid, gid)
         cmd = ["setpriv", f"--reuid={as_uid}", f"--regid={gid}", "--clear-groups", "--"] + cmd
         env = USER_ENV
     r, pids = spawn_daemons(cmd, env=env, timeout=timeout)

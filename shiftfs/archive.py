@@ -34,6 +34,7 @@ exactly as the mount does.
 from __future__ import annotations
 
 import errno
+import dataclasses
 import gzip
 import io
 import lzma
@@ -175,7 +176,17 @@ def _archive_name(rel: str) -> str:
     return f"./{rel}" if rel else "."
 
 
-def _scan(root_fd: int, store, umap: IdMap, gmap: IdMap, errors: list[str], with_xattrs: bool, hardlinks: bool):
+@dataclass
+class _ExportOptions:
+    devices: object = None  # shiftfs.devtable.DeviceTable
+    me: tuple[int, int] = (-1, -1)  # the exporting user's uid, gid
+    self_owner: tuple[int, int] = (0, 0)  # what unrecorded files of ``me`` show as
+
+
+def _scan(
+    root_fd: int, store, umap: IdMap, gmap: IdMap, errors: list[str], with_xattrs: bool, hardlinks: bool,
+    opts: "_ExportOptions | None" = None,
+):
     """Yield an :class:`_Item` for every inode of the tree, in walk order."""
     seen: dict[tuple[int, int], str] = {}
 
@@ -192,7 +203,13 @@ def _scan(root_fd: int, store, umap: IdMap, gmap: IdMap, errors: list[str], with
         except OSError as exc:
             errors.append(f"{e.display}: cannot read its record: {exc.strerror}")
             continue
-        name = _archive_name(e.rel)
+        if opts is not None and not view.has_record and umap.identity and gmap.identity:
+            # No record: as in shiftfs run/exec, the invoking user is view root.
+            if st.st_uid == opts.me[0]:
+                view = dataclasses.replace(view, uid=opts.self_owner[0])
+            if st.st_gid == opts.me[1]:
+                view = dataclasses.replace(view, gid=opts.self_owner[1])
+        name = _archive_name(e.vrel)
         key = (st.st_dev, st.st_ino)
         fmt = stat.S_IFMT(view.mode)
         kind = {
@@ -333,11 +350,14 @@ def _tarinfo(item: _Item) -> tarfile.TarInfo:
     return ti
 
 
-def _export_tar(root_fd, store, out: BinaryIO, umap, gmap, progress, errors) -> None:
+def _export_tar(root_fd, store, out: BinaryIO, umap, gmap, progress, errors, opts=None) -> None:
     tf = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8")
     socks = 0
+    devices = opts.devices if opts is not None else None
     try:
-        for item in _scan(root_fd, store, umap, gmap, errors, True, True):
+        for item in _scan(root_fd, store, umap, gmap, errors, True, True, opts):
+            if devices is not None and devices.covers(item.name):
+                continue
             if item.kind == "sock":
                 socks += 1
                 progress.log(f"shiftfs export: {item.rel}: socket skipped (tar cannot store sockets)")
@@ -361,6 +381,8 @@ def _export_tar(root_fd, store, out: BinaryIO, umap, gmap, progress, errors) -> 
             else:
                 tf.addfile(ti)
             progress.advance(1)
+        if devices is not None:
+            devices.add_to_tarfile(tf)
     finally:
         tf.close()
 
@@ -401,8 +423,12 @@ class _CpioWriter:
             self._write(b"\0" * (512 - self.offset % 512))
 
 
-def _export_cpio(root_fd, store, out: BinaryIO, umap, gmap, progress, errors) -> None:
-    items = list(_scan(root_fd, store, umap, gmap, errors, True, False))
+def _export_cpio(root_fd, store, out: BinaryIO, umap, gmap, progress, errors, opts=None) -> None:
+    devices = opts.devices if opts is not None else None
+    items = [
+        i for i in _scan(root_fd, store, umap, gmap, errors, True, False, opts)
+        if devices is None or not devices.covers(i.name)
+    ]
     # Hard links: every name carries the inode; newc stores the data with
     # the last name only (what GNU cpio and bsdtar write and expect).
     groups: dict[tuple[int, int], list[_Item]] = {}
@@ -455,6 +481,8 @@ def _export_cpio(root_fd, store, out: BinaryIO, umap, gmap, progress, errors) ->
                 os.close(fd)
         w.end_data()
         progress.advance(1)
+    if devices is not None:
+        devices.add_to_cpio(w, len(inos) + 1)
     w.trailer()
     if lost_xattrs:
         progress.log(
@@ -471,20 +499,49 @@ def _has_store(root_fd: int) -> bool:
         return False
 
 
-def export_tree(root: str, out: BinaryIO, fmt: str = "tar", maps: list[str] | None = None, progress=None) -> list[str]:
-    """Write an archive of the view of ``root`` to ``out``; returns per-path errors."""
+def export_tree(
+    root: str,
+    out: BinaryIO,
+    fmt: str = "tar",
+    maps: list[str] | None = None,
+    progress=None,
+    devices=None,
+    self_owner: tuple[int, int] | None = None,
+) -> list[str]:
+    """Write an archive of the view of ``root`` to ``out``; returns per-path errors.
+
+    ``devices`` (a :class:`shiftfs.devtable.DeviceTable`) adds entries a user
+    namespace could not create. ``self_owner`` is what a file without a
+    record that the exporting user owns shows as (default 0:0: in
+    ``shiftfs run``/``exec`` the invoking user is view root).
+    """
     umap, gmap = parse_map_args(maps or [])
     root_fd = _tree.open_root(root)
-    store = _open_store(root_fd, False, readonly=True)
+    # Symlink records live in the side table at the top of the shifted tree,
+    # which may be above ROOT.
+    store_root = _find_root(root) if not _has_store(root_fd) else None
+    store_fd = root_fd
+    if store_root is not None and os.path.realpath(store_root) != os.path.realpath(root):
+        try:
+            store_fd = _tree.open_root(store_root)
+            if os.fstat(store_fd).st_dev != os.fstat(root_fd).st_dev:
+                os.close(store_fd)
+                store_fd = root_fd
+        except TreeError:
+            store_fd = root_fd
+    store = _open_store(store_fd, False, readonly=True)
+    opts = _ExportOptions(devices, (os.getuid(), os.getgid()), self_owner if self_owner is not None else (0, 0))
     errors: list[str] = []
     progress = progress or _tree.Progress("export", False)
     try:
         if fmt == "tar":
-            _export_tar(root_fd, store, out, umap, gmap, progress, errors)
+            _export_tar(root_fd, store, out, umap, gmap, progress, errors, opts)
         else:
-            _export_cpio(root_fd, store, out, umap, gmap, progress, errors)
+            _export_cpio(root_fd, store, out, umap, gmap, progress, errors, opts)
     finally:
         store.close()
+        if store_fd != root_fd:
+            os.close(store_fd)
         os.close(root_fd)
     return errors
 
@@ -1559,6 +1616,19 @@ def _run(cmd: str, fn: Callable[[], int]) -> int:
 def _cmd_export(args) -> int:
     def run() -> int:
         maps = _maps(args)
+        from .devtable import DeviceTable, DeviceTableError
+
+        devices = None
+        if args.device_table:
+            try:
+                devices = DeviceTable.from_file(args.device_table)
+            except DeviceTableError as exc:
+                raise UsageError(str(exc)) from None
+        try:
+            u, _, g = args.self_owner.partition(":")
+            self_owner = (int(u), int(g or u))
+        except ValueError:
+            raise UsageError(f"bad --self-owner {args.self_owner!r}: give numeric UID:GID, e.g. 0:0") from None
         fmt = args.format
         out_path = args.output
         if fmt is None:
@@ -1581,7 +1651,7 @@ def _cmd_export(args) -> int:
             out = lzma.LZMAFile(raw, "wb")
         try:
             with _tree.Progress("export") as progress:
-                errors = export_tree(args.root, out, fmt, maps, progress)
+                errors = export_tree(args.root, out, fmt, maps, progress, devices=devices, self_owner=self_owner)
         finally:
             if out is not raw:
                 out.close()
@@ -1675,6 +1745,19 @@ def register(subparsers) -> None:
     p.add_argument("root", metavar="ROOT")
     p.add_argument("-o", "--output", metavar="FILE", help="archive file (- or omitted: stdout; .gz/.xz compress)")
     p.add_argument("--format", choices=("tar", "cpio"), help="tar (pax, default) or cpio (newc)")
+    p.add_argument(
+        "--device-table",
+        metavar="FILE",
+        help="add entries from a device table (lines 'PATH TYPE MAJOR MINOR MODE UID GID'; "
+        "'python -m shiftfs.devtable mmdebstrap' prints the usual /dev)",
+    )
+    p.add_argument(
+        "--self-owner",
+        metavar="UID:GID",
+        default="0:0",
+        help="what files without a record that you own show as (default 0:0: you are view root "
+        "in shiftfs run/exec); ignored with --map",
+    )
     _add_map(p)
     p.set_defaults(func=_cmd_export)
 

@@ -85,11 +85,12 @@ def open_root(path: str) -> int:
 class Entry:
     """One inode met by :func:`walk`; the descriptors live until the next step."""
 
-    rel: str  # path below the root, "" for the root itself
-    name: str  # last component ("" for the root)
+    rel: str  # backing path below the root, "" for the root itself
+    name: str  # last backing component ("" for the root)
     dirfd: int  # descriptor of the parent directory (the root's own for the root)
     fd: int  # O_PATH | O_NOFOLLOW descriptor of the inode
     st: os.stat_result
+    vrel: str = ""  # the path a mount shows (differs only for escaped names)
 
     @property
     def display(self) -> str:
@@ -128,10 +129,10 @@ def walk(root_fd: int, on_error: Callable[[str, OSError], None] | None = None) -
         yield Entry("", "", root_fd, root_path_fd, st)
     finally:
         os.close(root_path_fd)
-    yield from _walk_dir(root_fd, "", on_error, st.st_dev)
+    yield from _walk_dir(root_fd, "", on_error, st.st_dev, "")
 
 
-def _walk_dir(dfd: int, rel: str, on_error, dev: int) -> Iterator[Entry]:
+def _walk_dir(dfd: int, rel: str, on_error, dev: int, vrel: str) -> Iterator[Entry]:
     try:
         names = sorted(os.listdir(dfd), key=os.fsencode)
     except OSError as e:
@@ -145,7 +146,8 @@ def _walk_dir(dfd: int, rel: str, on_error, dev: int) -> Iterator[Entry]:
         vname = view_name(name)
         if vname is None:
             continue  # a mount's temporary name, never part of the view
-        crel = f"{rel}/{vname}" if rel else vname
+        crel = f"{rel}/{name}" if rel else name
+        cvrel = f"{vrel}/{vname}" if vrel else vname
         try:
             fd = os.open(name, _PATH_FLAGS, dir_fd=dfd)
         except OSError as e:
@@ -161,7 +163,7 @@ def _walk_dir(dfd: int, rel: str, on_error, dev: int) -> Iterator[Entry]:
                     raise exc
                 on_error(crel, exc)
                 continue
-            yield Entry(crel, name, dfd, fd, st)
+            yield Entry(crel, name, dfd, fd, st, cvrel)
         finally:
             os.close(fd)
         if stat.S_ISDIR(st.st_mode):
@@ -175,7 +177,7 @@ def _walk_dir(dfd: int, rel: str, on_error, dev: int) -> Iterator[Entry]:
             try:
                 if os.fstat(sub).st_ino != st.st_ino:
                     raise OSError(errno.ESTALE, "directory replaced during the walk")
-                yield from _walk_dir(sub, crel, on_error, dev)
+                yield from _walk_dir(sub, crel, on_error, dev, cvrel)
             except OSError as e:
                 if on_error is None:
                     raise

@@ -383,6 +383,50 @@ def test_directory_rename_keeps_children(fs):
         os.close(fd)
 
 
+def test_unsupported_calls_fail_cleanly(fs):
+    """Calls FUSE cannot pass on (via pyfuse3) fail with a proper errno or fall back, never EIO or hang."""
+    import fcntl
+
+    assert errno_of(os.open, fs.path(), os.O_TMPFILE | os.O_RDWR, 0o600) in (errno.EOPNOTSUPP, errno.EISDIR)
+    p = fs.path("f")
+    fd = os.open(p, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, 10000)  # glibc falls back to writing zeros
+        assert os.fstat(fd).st_size == 10000
+        # locks stay in the kernel and work between processes
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        r = subprocess.run([sys.executable, "-c",
+                            "import fcntl,sys,os; fd=os.open(sys.argv[1], os.O_RDONLY)\n"
+                            "try:\n fcntl.flock(fd, fcntl.LOCK_EX|fcntl.LOCK_NB); print('got')\n"
+                            "except BlockingIOError: print('busy')", p], capture_output=True, text=True)
+        assert r.stdout.strip() == "busy", r.stderr
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        fcntl.lockf(fd, fcntl.LOCK_EX, 10, 0)
+        fcntl.lockf(fd, fcntl.LOCK_UN, 10, 0)
+    finally:
+        os.close(fd)
+    assert os.stat(fs.backing("f")).st_size == 10000
+
+
+def test_non_utf8_names(fs):
+    base = os.fsencode(fs.path())
+    names = [b"\xff\xfe", b"caf\xe9", "ünïcødé-名前".encode(), b"tab\there", b"nl\nthere", b"-dash", b" sp "]
+    for n in names:
+        with open(base + b"/" + n, "wb") as f:
+            f.write(n)
+    os.mkdir(base + b"/dir\xff")
+    os.symlink(b"target\xff\x80", base + b"/link\xfe")
+    got = sorted(os.listdir(base))
+    assert got == sorted(names + [b"dir\xff", b"link\xfe"])
+    assert sorted(os.listdir(os.fsencode(fs.backing()))) == got
+    for n in names:
+        with open(base + b"/" + n, "rb") as f:
+            assert f.read() == n
+    assert os.readlink(base + b"/link\xfe") == b"target\xff\x80"
+    os.rename(base + b"/\xff\xfe", base + b"/renamed\xff")
+    assert os.path.exists(base + b"/renamed\xff")
+
+
 # -- names ---------------------------------------------------------------------------
 
 def test_mkdir_rmdir(fs):

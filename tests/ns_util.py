@@ -157,6 +157,9 @@ def make_host_root(path: str, owner: User) -> str:
     bind the host's onto, /etc with passwd and group for names."""
     os.makedirs(os.path.join(path, "usr"), exist_ok=True)
     os.makedirs(os.path.join(path, "etc"), exist_ok=True)
+    # As in any root filesystem; a nested shiftfs run stages its mounts there
+    # when the checkout (bound in) lives under /tmp.
+    os.makedirs(os.path.join(path, "mnt"), exist_ok=True)
     for name in ("bin", "sbin", "lib", "lib64"):
         if os.path.isdir(f"/usr/{name}"):
             os.symlink(f"usr/{name}", os.path.join(path, name))

@@ -289,7 +289,9 @@ def _setup_logging(cfg: MountConfig, background: bool) -> None:
         h: logging.Handler = logging.StreamHandler(sys.stderr)
         h.setFormatter(logging.Formatter("shiftfs: %(levelname)s %(message)s"))
     elif cfg.logfile:
-        h = logging.FileHandler(cfg.logfile)
+        # The daemon runs with umask 0: create the log 0644, not world-writable.
+        fd = os.open(cfg.logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        h = logging.StreamHandler(os.fdopen(fd, "a", buffering=1))
         h.setFormatter(logging.Formatter("%(asctime)s " + tag + "%(levelname)s %(message)s"))
     elif os.path.exists("/dev/log"):
         h = logging.handlers.SysLogHandler("/dev/log")
@@ -325,7 +327,8 @@ def _write_stats(ops: Operations, path: str | None) -> None:
         return
     try:
         data = {"counts": dict(ops.counts), "inodes": len(ops.table)}
-        with open(path, "w") as f:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)  # umask is 0 here
+        with os.fdopen(fd, "w") as f:
             json.dump(data, f)
     except OSError as e:
         log.warning("cannot write stats to %s: %s", path, e)

@@ -481,3 +481,15 @@ def test_default_cache_is_long(dirs, shiftfs_mount):
     after = m.read_stats()["counts"]
     for op in ("lookup", "getattr"):
         assert after.get(op, 0) == before.get(op, 0), (op, before, after)
+
+
+def test_log_and_stats_files_not_world_writable(dirs, shiftfs_mount):
+    """The daemon runs with umask 0; the files it creates for the admin must not be 0666."""
+    src, mp = dirs
+    m = shiftfs_mount("--map", MAP, source=src, mountpoint=mp, stats=True)
+    os.stat(os.path.join(mp, "f"))
+    assert m.read_stats()["counts"]
+    for path in (m.log, m.stats):
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        assert mode & 0o022 == 0, (path, oct(mode))
+    assert "mounted" in m.log_text()

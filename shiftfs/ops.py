@@ -195,7 +195,7 @@ class _DirHandle:
 
     def __init__(self, node: Inode):
         self.node = node
-        self.names: list[bytes] | None = None
+        self.names: list[tuple[bytes, bytes]] | None = None  # (view, backing) names
 
 
 class Operations(pyfuse3.Operations):

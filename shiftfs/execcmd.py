@@ -47,6 +47,8 @@ import sys
 from dataclasses import dataclass, field
 
 from . import namespaces as ns
+from . import run as _run
+from .run import _oserror_text
 from .run import (EXIT_CANNOT_EXEC, EXIT_NOT_FOUND, EXIT_SETUP, RunError, _log_tail,
                   _package_paths, _searchable, _wait_pid, check_reachable)
 
@@ -61,7 +63,7 @@ _SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 _STAGING_CANDIDATES = ("/run", "/mnt", "/media", "/srv", "/opt", "/var/tmp", "/tmp", "/home")
 
 
-class ExecError(Exception):
+class ExecError(RunError):
     """A one-line reason, naming the fix, why ``shiftfs exec`` cannot go on."""
 
 
@@ -295,69 +297,19 @@ def check_config(cfg: ExecConfig, idmap: ns.IdMap) -> None:
 # --- the run --------------------------------------------------------------------
 
 
-def _oserror_text(e: OSError) -> str:
-    text = e.strerror or str(e)
-    if e.filename and str(e.filename) not in text:
-        text += f": {e.filename}"
-    return text
-
-
 def _fail(msg: str, code: int = EXIT_SETUP) -> None:
     """Report a setup error from inside a child process and exit it."""
-    try:
-        print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
-    finally:
-        os._exit(code)
+    _run._fail(msg, code, prog=PROG)
 
 
 def _child(func, *args) -> None:
     """Body of a forked child: never returns into the caller's stack."""
-    code = EXIT_SETUP
-    try:
-        code = func(*args)
-    except (ExecError, RunError, ns.NamespaceError) as e:
-        _fail(str(e))
-    except OSError as e:
-        _fail(_oserror_text(e))
-    except BaseException as e:  # noqa: BLE001 - a child must never unwind
-        _fail(f"internal error: {type(e).__name__}: {e}")
-    finally:
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(code)
+    _run._child(func, *args, prog=PROG)
 
 
 def run_exec(cfg: ExecConfig, idmap: ns.IdMap) -> int:
     """Start the namespaces and wait for COMMAND (the host side)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    old_mask = ns.block_signals()
-    try:
-        to_parent_r, to_parent_w = os.pipe()
-        to_child_r, to_child_w = os.pipe()
-        parent = os.getpid()
-        pid = os.fork()
-        if pid == 0:
-            os.close(to_parent_r)
-            os.close(to_child_w)
-            _child(_userns_helper, cfg, idmap, parent, to_parent_w, to_child_r)
-        os.close(to_parent_w)
-        os.close(to_child_r)
-        ready = os.read(to_parent_r, 1)
-        os.close(to_parent_r)
-        if ready == b"u":
-            try:
-                ns.claim_idmap(pid, idmap)
-            except ns.NamespaceError as e:
-                print(f"{PROG}: {e}", file=sys.stderr)
-                os.write(to_child_w, b"x")
-            else:
-                os.write(to_child_w, b"m")
-        os.close(to_child_w)
-        return ns.exit_code(ns.supervise(pid))
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    return _run.start_userns(_userns_helper, cfg, idmap, PROG)
 
 
 def _userns_helper(cfg: ExecConfig, idmap: ns.IdMap, parent: int, wfd: int, rfd: int) -> int:

@@ -429,25 +429,25 @@ def _staging_dir(cfg: RunConfig) -> str:
 # --- the run --------------------------------------------------------------------
 
 
-def _fail(msg: str, code: int = EXIT_SETUP) -> None:
+def _fail(msg: str, code: int = EXIT_SETUP, prog: str = PROG) -> None:
     """Report a setup error from inside a child process and exit it."""
     try:
-        print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
+        print(f"{prog}: {msg}", file=sys.stderr, flush=True)
     finally:
         os._exit(code)
 
 
-def _child(func, *args) -> None:
+def _child(func, *args, prog: str = PROG) -> None:
     """Body of a forked child: never returns into the caller's stack."""
     code = EXIT_SETUP
     try:
         code = func(*args)
     except (RunError, ns.NamespaceError) as e:
-        _fail(str(e))
+        _fail(str(e), prog=prog)
     except OSError as e:
-        _fail(_oserror_text(e))
+        _fail(_oserror_text(e), prog=prog)
     except BaseException as e:  # noqa: BLE001 - a child must never unwind
-        _fail(f"internal error: {type(e).__name__}: {e}")
+        _fail(f"internal error: {type(e).__name__}: {e}", prog=prog)
     finally:
         with contextlib.suppress(Exception):
             sys.stdout.flush()
@@ -464,6 +464,12 @@ def _oserror_text(e: OSError) -> str:
 
 def run(cfg: RunConfig, idmap: ns.IdMap) -> int:
     """Start the container and wait for it (the host side)."""
+    return start_userns(_userns_helper, cfg, idmap, PROG)
+
+
+def start_userns(helper, cfg, idmap: ns.IdMap, prog: str) -> int:
+    """Fork ``helper(cfg, idmap, parent, wfd, rfd)`` into a new user namespace,
+    write its id maps when it asks, and supervise it (shared by run and exec)."""
     sys.stdout.flush()
     sys.stderr.flush()
     old_mask = ns.block_signals()
@@ -475,7 +481,7 @@ def run(cfg: RunConfig, idmap: ns.IdMap) -> int:
         if pid == 0:
             os.close(to_parent_r)
             os.close(to_child_w)
-            _child(_userns_helper, cfg, idmap, parent, to_parent_w, to_child_r)
+            _child(helper, cfg, idmap, parent, to_parent_w, to_child_r, prog=prog)
         os.close(to_parent_w)
         os.close(to_child_r)
         ready = os.read(to_parent_r, 1)
@@ -484,7 +490,7 @@ def run(cfg: RunConfig, idmap: ns.IdMap) -> int:
             try:
                 ns.claim_idmap(pid, idmap)
             except ns.NamespaceError as e:
-                print(f"{PROG}: {e}", file=sys.stderr)
+                print(f"{prog}: {e}", file=sys.stderr)
                 os.write(to_child_w, b"x")
             else:
                 os.write(to_child_w, b"m")

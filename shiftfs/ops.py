@@ -29,7 +29,7 @@ import pyfuse3
 
 from .inodes import ROOT_ID, Inode, InodeTable
 from .policy import OwnershipPolicy
-from .store import STORE_DIR
+from .store import TMP_NEW, TMP_PREFIX, backing_name, view_name
 from .syscalls import (
     RENAME_NOREPLACE,
     link_fd,
@@ -43,12 +43,6 @@ __all__ = ["Operations", "CacheConfig", "TMP_PREFIX"]
 log = logging.getLogger(__name__)
 
 #: Prefix of the hidden names new objects are made under before they are renamed into place.
-TMP_PREFIX = b".shiftfs~"
-#: Temporary names are _TMP_PREFIX + random hex; view names that start with
-#: TMP_PREFIX (or are ``.shiftfs`` at the root) are stored as _ESC_PREFIX + name.
-_TMP_PREFIX = TMP_PREFIX + b"t"
-_ESC_PREFIX = TMP_PREFIX + b"e"
-_STORE_NAME = STORE_DIR.encode()
 NAME_MAX = 255
 _O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NOFOLLOW: the kernel resolved the path already, and we open a /proc/self/fd magic link.
@@ -235,24 +229,10 @@ class Operations(pyfuse3.Operations):
     def _bname(self, parent: Inode, name: bytes) -> bytes:
         """The backing name of a view name (checked; our own names escaped)."""
         _check_name(name)
-        if name.startswith(TMP_PREFIX) or (parent.id == ROOT_ID and name == _STORE_NAME):
-            # A name we use ourselves (e.g. written by a shiftfs mounted on
-            # this one): store it escaped so it can never meet ours.
-            name = _ESC_PREFIX + name
-            if len(name) > NAME_MAX:
-                raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        name = backing_name(name, parent.id == ROOT_ID)
+        if len(name) > NAME_MAX:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         return name
-
-    @staticmethod
-    def _vname(parent: Inode, bname: bytes) -> bytes | None:
-        """The view name of a backing name, or None if it is one of ours."""
-        if bname.startswith(TMP_PREFIX):
-            if bname.startswith(_ESC_PREFIX):
-                return bname[len(_ESC_PREFIX):]
-            return None
-        if parent.id == ROOT_ID and bname == _STORE_NAME:
-            return None
-        return bname
 
     def _attrs(self, node: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -331,7 +311,7 @@ class Operations(pyfuse3.Operations):
             node, st = self.table.child(parent, name)
             return self._entry(node, st)
 
-        tmp = _TMP_PREFIX + secrets.token_hex(8).encode()
+        tmp = TMP_NEW + secrets.token_hex(8).encode()
         create(tmp)
         try:
             fd = os.open(tmp, _O_PATH_FLAGS, dir_fd=parent.fd)
@@ -466,24 +446,22 @@ class Operations(pyfuse3.Operations):
         link_fd(node.fd, parent.fd, new_name)
         return self._entry(node, os.fstat(node.fd))
 
-    @_op
-    def unlink(self, parent_id, name, ctx):
+    def _remove(self, parent_id: int, name: bytes, remove) -> None:
         parent = self.table[parent_id]
         name = self._bname(parent, name)
         victim = self._last_link_check(parent, name)
         held = self._hold(victim, parent, name)
-        os.unlink(name, dir_fd=parent.fd)
+        remove(name, dir_fd=parent.fd)
         self.table.unnamed(held)
         self._after_remove(victim)
 
     @_op
+    def unlink(self, parent_id, name, ctx):
+        self._remove(parent_id, name, os.unlink)
+
+    @_op
     def rmdir(self, parent_id, name, ctx):
-        parent = self.table[parent_id]
-        name = self._bname(parent, name)
-        victim = self._last_link_check(parent, name)
-        held = self._hold(victim, parent, name)
-        os.rmdir(name, dir_fd=parent.fd)
-        self.table.unnamed(held)
+        self._remove(parent_id, name, os.rmdir)
 
     @_op
     def rename(self, old_parent_id, old_name, new_parent_id, new_name, flags, ctx):
@@ -555,7 +533,7 @@ class Operations(pyfuse3.Operations):
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise
-            tmp = _TMP_PREFIX + secrets.token_hex(8).encode()
+            tmp = TMP_NEW + secrets.token_hex(8).encode()
             fd = os.open(tmp, cflags | os.O_CREAT | os.O_EXCL, bmode & 0o7777, dir_fd=parent.fd)
         try:
             st = os.fstat(fd)
@@ -644,7 +622,7 @@ class Operations(pyfuse3.Operations):
             os.close(fd)
         out = [(b".", b"."), (b"..", b"..")]
         for n in names:
-            v = self._vname(node, n)
+            v = view_name(n, node.id == ROOT_ID)
             if v is None:
                 if n.startswith(TMP_PREFIX):
                     # No create is in flight while we run (handlers never

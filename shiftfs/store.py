@@ -38,7 +38,9 @@ import stat
 from . import record as _record
 from .syscalls import birth_time, proc_fd
 
-__all__ = ["RecordStore", "STORE_DIR", "can_hold_xattr"]
+__all__ = [
+    "RecordStore", "STORE_DIR", "TMP_PREFIX", "TMP_NEW", "can_hold_xattr", "backing_name", "view_name",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,31 @@ log = logging.getLogger(__name__)
 STORE_DIR = ".shiftfs"
 _DB_NAME = "records.db"
 _XATTR_REPLACE = getattr(os, "XATTR_REPLACE", 2)
+
+
+#: Names under this prefix belong to shiftfs: temporaries are TMP_NEW + hex;
+#: a view name that starts with TMP_PREFIX (or is ``.shiftfs`` at the root)
+#: is stored escaped as _ESC + name, so one shiftfs can sit on another.
+TMP_PREFIX = b".shiftfs~"
+TMP_NEW = TMP_PREFIX + b"t"
+_ESC = TMP_PREFIX + b"e"
+_STORE_NAME = STORE_DIR.encode()
+
+
+def backing_name(name: bytes, at_root: bool) -> bytes:
+    """The name a view name is stored under (may exceed NAME_MAX: check it)."""
+    if name.startswith(TMP_PREFIX) or (at_root and name == _STORE_NAME):
+        return _ESC + name
+    return name
+
+
+def view_name(name: bytes, at_root: bool) -> bytes | None:
+    """The view name of a backing name, or None for one of shiftfs' own."""
+    if name.startswith(TMP_PREFIX):
+        return name[len(_ESC):] if name.startswith(_ESC) else None
+    if at_root and name == _STORE_NAME:
+        return None
+    return name
 
 
 def can_hold_xattr(mode: int) -> bool:
@@ -111,7 +138,10 @@ class RecordStore:
             dfd = os.open(STORE_DIR, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.root_fd)
         try:
             try:
-                os.stat(_DB_NAME, dir_fd=dfd, follow_symlinks=False)
+                dst = os.stat(_DB_NAME, dir_fd=dfd, follow_symlinks=False)
+                if not stat.S_ISREG(dst.st_mode):
+                    # SQLite opens it by name: never let it follow a planted symlink.
+                    raise OSError(errno.ELOOP, f"{STORE_DIR}/{_DB_NAME} is not a regular file")
             except FileNotFoundError:
                 if not (for_write and self.create):
                     os.close(dfd)

@@ -53,10 +53,8 @@ __all__ = [
     "Progress",
 ]
 
-try:  # the lead's store defines the name; keep working while it is absent
-    from .store import STORE_DIR
-except ImportError:  # pragma: no cover
-    STORE_DIR = ".shiftfs"
+from . import store as _store
+from .store import STORE_DIR
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -97,22 +95,6 @@ class Entry:
         return self.rel or "."
 
 
-_TMP_PREFIX = ".shiftfs~"
-_ESC_PREFIX = ".shiftfs~e"
-
-
-def view_name(name: str) -> str | None:
-    """The name a mount shows for a backing name (see shiftfs.ops), or None if hidden.
-
-    A mount stores view names it uses itself (``.shiftfs~…``, ``.shiftfs`` at
-    the root) escaped as ``.shiftfs~e<name>``, and makes new objects under
-    ``.shiftfs~t<hex>`` before renaming them into place.
-    """
-    if name.startswith(_TMP_PREFIX):
-        return name[len(_ESC_PREFIX):] if name.startswith(_ESC_PREFIX) else None
-    return name
-
-
 def walk(root_fd: int, on_error: Callable[[str, OSError], None] | None = None) -> Iterator[Entry]:
     """Yield every inode below ``root_fd`` (root first, parents before children).
 
@@ -141,11 +123,10 @@ def _walk_dir(dfd: int, rel: str, on_error, dev: int, vrel: str) -> Iterator[Ent
         on_error(rel or ".", e)
         return
     for name in names:
-        if not rel and name == STORE_DIR:
-            continue
-        vname = view_name(name)
-        if vname is None:
-            continue  # a mount's temporary name, never part of the view
+        vbytes = _store.view_name(os.fsencode(name), not rel)
+        if vbytes is None:
+            continue  # the side table, or a mount's temporary name: never part of the view
+        vname = os.fsdecode(vbytes)
         crel = f"{rel}/{name}" if rel else name
         cvrel = f"{vrel}/{vname}" if vrel else vname
         try:

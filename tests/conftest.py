@@ -29,6 +29,17 @@ import fsutil  # noqa: E402
 LINK = "/usr/local/bin/shiftfs"
 
 
+@pytest.fixture(autouse=True)
+def _usual_umask():
+    """Every test starts with umask 022, and none leaks its own (or a module
+    fixture's) into the next test or module."""
+    os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(0o022)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "root: needs uid 0 (skipped otherwise)")
     config.addinivalue_line("markers", "fuse: needs /dev/fuse (skipped otherwise)")

@@ -995,7 +995,11 @@ def rootfs_tar():
     d.chmod(0o755)
     root = d / "root"
     root.mkdir()
-    _make_rootfs(root)
+    old_umask = os.umask(0o022)
+    try:
+        _make_rootfs(root)  # sets its own umask
+    finally:
+        os.umask(old_umask)
     tarball = d / "rootfs.tar"
     sh(f"tar --numeric-owner --sort=name -cf {tarball} -C {root} .")
     tarball.chmod(0o644)

@@ -19,7 +19,7 @@ from .mount import MountError, UsageError
 __all__ = ["main"]
 
 # Modules that add subcommands through ``register(subparsers)``; missing ones are skipped.
-_COMMAND_MODULES = ["shiftfs.run", "shiftfs.execcmd", "shiftfs.archive"]
+_COMMAND_MODULES = ["shiftfs.container.run", "shiftfs.container.exec", "shiftfs.archive"]
 
 MOUNT_HELP = """\
 options (-o, comma separated):

@@ -110,7 +110,7 @@ def throwaway_users(with_range: int = 1, without_range: int = 1) -> Iterator[lis
     in /etc/subuid and /etc/subgid (chosen clear of every range in use).
     Afterwards the users are deleted and exactly the lines we added are
     removed again, so the files are restored byte for byte."""
-    from shiftfs import namespaces as ns
+    from shiftfs.container import userns as ns
 
     users: list[User] = []
     added: dict[str, bool] = {}

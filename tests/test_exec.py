@@ -28,8 +28,8 @@ import pytest
 from ns_util import (CACHE, DEBIAN_TAR, REPO, ROOT_USER, User, mounts_mentioning,
                      processes_mentioning, remove_tree, throwaway_users, workdir)
 from shiftfs import devtable
-from shiftfs import execcmd
-from shiftfs import run as runmod
+from shiftfs.container import exec as execcmd
+from shiftfs.container import launcher
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates test users: run as root")
 
@@ -52,7 +52,7 @@ def users():
 
 @pytest.fixture(scope="module")
 def user(users) -> User:
-    bad = runmod._searchable(execcmd.__file__, 65533, {65533}, 4)
+    bad = launcher.blocked_component(execcmd.__file__, 65533, {65533}, 4)
     if bad:
         pytest.skip(f"{bad} is not searchable by other users; move the checkout (see README)")
     return users[0]
@@ -442,7 +442,7 @@ def test_bad_inputs_get_one_line(users, wd, capsys):
     ]
     for args, needle in cases:
         capsys.readouterr()
-        code = execcmd.main(args)
+        code = execcmd.COMMAND_LINE.main(args)
         err = capsys.readouterr().err
         assert code == 125, (args, err)
         lines = err.strip().splitlines()

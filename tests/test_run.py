@@ -17,8 +17,8 @@ import pytest
 from ns_util import (HOST_USR, REPO, ROOT_USER, User, build_debian_tarball,
                      chown_tree, make_host_root, mounts_mentioning, processes_mentioning,
                      remove_tree, run_argv, throwaway_users, workdir)
-from shiftfs import namespaces as ns
-from shiftfs import run as runmod
+from shiftfs.container import kernel, launcher, userns
+from shiftfs.container import run as runmod
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates test users: run as root")
 
@@ -26,7 +26,7 @@ RECORD = "user.containers.override_stat"
 
 
 def _repo_reachable_by_all() -> str | None:
-    return runmod._searchable(os.path.join(runmod.__file__), 65533, {65533}, 4)
+    return launcher.blocked_component(os.path.join(runmod.__file__), 65533, {65533}, 4)
 
 
 @pytest.fixture(scope="module")
@@ -361,7 +361,7 @@ def test_root_range_is_private(wd):
     assert rows[0] == (0, 0, 1) and rows[2] == (0, 0, 1)
     base = rows[1][1] - 1
     assert rows[1] == (1, base + 1, 65535) and base % 65536 == 0
-    assert ns.CONTAINER_RANGE[0] <= base <= ns.CONTAINER_RANGE[1]
+    assert userns.CONTAINER_RANGE[0] <= base <= userns.CONTAINER_RANGE[1]
     out = shiftfs_run(ROOT_USER, root, "cat", "/proc/self/uid_map",
                       opts=["--userns-base", str(0x70000000 - 0x10000)]).stdout
     assert f"1 {0x70000000 - 0x10000 + 1} 65535" in " ".join(out.split())
@@ -420,12 +420,12 @@ def test_free_block_and_subid_parsing(tmp_path):
     used = [(0x80000, 0x10000), (0x90000 + 5, 1)]
     import random
     for seed in range(20):
-        base = ns.free_block(used, random.Random(seed))
-        assert base % ns.BLOCK == 0 and base not in (0x80000, 0x90000)
+        base = userns.free_block(used, random.Random(seed))
+        assert base % userns.BLOCK == 0 and base not in (0x80000, 0x90000)
     p = tmp_path / "subuid"
     p.write_text("# comment\nbob:100000:65536\n1234:300000:10\nbob:500000:5\nbad line\n")
-    assert ns.parse_subid_file(str(p), "bob", 1) == [(100000, 65536), (500000, 5)]
-    assert ns.parse_subid_file(str(p), "carol", 1234) == [(300000, 10)]
+    assert userns.parse_subid_file(str(p), "bob", 1) == [(100000, 65536), (500000, 5)]
+    assert userns.parse_subid_file(str(p), "carol", 1234) == [(300000, 10)]
 
 
 def test_subid_file_edits_are_undone_exactly(tmp_path):
@@ -448,10 +448,10 @@ def test_resolve_in_root(tmp_path):
     os.symlink("usr/lib", f"{r}/lib")
     os.symlink("/usr", f"{r}/abs")
     os.symlink("../../..", f"{r}/usr/lib/up")
-    assert ns.resolve_in_root(r, "/lib/x") == f"{r}/usr/lib/x"
-    assert ns.resolve_in_root(r, "/abs/lib") == f"{r}/usr/lib"
-    assert ns.resolve_in_root(r, "/usr/lib/up/etc") == f"{r}/etc"
-    assert ns.resolve_in_root(r, "/../../etc") == f"{r}/etc"
+    assert kernel.resolve_in_root(r, "/lib/x") == f"{r}/usr/lib/x"
+    assert kernel.resolve_in_root(r, "/abs/lib") == f"{r}/usr/lib"
+    assert kernel.resolve_in_root(r, "/usr/lib/up/etc") == f"{r}/etc"
+    assert kernel.resolve_in_root(r, "/../../etc") == f"{r}/etc"
 
 
 # --- bad input -----------------------------------------------------------------------
@@ -491,7 +491,7 @@ def test_bad_inputs_get_one_line(users, wd, capsys):
             code, err = res.returncode, res.stderr
         else:  # fails before anything is forked: check in-process, it is quicker
             capsys.readouterr()
-            code = runmod.main(args)
+            code = runmod.COMMAND_LINE.main(args)
             err = capsys.readouterr().err
         assert code == 125, (args, err)
         lines = err.strip().splitlines()

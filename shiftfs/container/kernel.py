@@ -1,22 +1,10 @@
 """
-Linux namespace plumbing for running commands on a shiftfs view: unshare,
-user-namespace id maps, mount helpers, pivot_root and signal relaying.
+Linux system calls for building containers: unshare, mount helpers,
+open_tree/move_mount, pivot_root and path resolution inside a root.
 
 Python 3.11 has no ``os.unshare``, so the system calls go through libc with
-ctypes. Nothing in here knows about shiftfs itself; ``shiftfs run`` builds a
-container out of these pieces, and ``shiftfs exec`` is meant to reuse them.
-
-Id maps follow the usual rule that the namespace's root (*view id* 0) is the
-invoking user, so everything the shiftfs daemon writes on the backing
-filesystem is owned by that user:
-
-* as root, view ids 1..65535 go to a 65536-id block that no running namespace
-  and no /etc/subuid entry uses (see :func:`free_block`);
-* as an unprivileged user, view ids 1.. go to the user's ranges in /etc/subuid
-  and /etc/subgid, written with the setuid helpers newuidmap/newgidmap, like
-  rootless podman;
-* otherwise only view id 0 exists (a *single-id* namespace), and the kernel
-  refuses chown to any other id with EINVAL before the filesystem sees it.
+ctypes. Nothing in here knows about shiftfs itself; :mod:`.launcher` builds
+the namespaces of ``shiftfs run`` and ``shiftfs exec`` out of these pieces.
 """
 
 from __future__ import annotations
@@ -24,19 +12,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import dataclasses
 import errno
-import fcntl
 import os
 import platform
-import pwd
-import random
 import signal
 import stat
-import subprocess
-import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 
 # --- constants (linux/sched.h, linux/mount.h, linux/prctl.h) ----------------
 
@@ -75,13 +55,6 @@ AT_RECURSIVE = 0x8000
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 
-SI_KERNEL = 0x80  # si_code of signals the kernel sends itself (tty ^C, ^\)
-
-#: Size of the id block a full namespace gets, and the range root picks it
-#: from (the one systemd-nspawn uses for containers).
-BLOCK = 0x10000
-CONTAINER_RANGE = (0x00080000, 0x6FFFFFFF)
-
 _SYSCALLS = {
     # machine: (pivot_root, mount_setattr)
     "x86_64": (155, 442),
@@ -94,8 +67,9 @@ _SYSCALLS = {
 }
 
 
-class NamespaceError(Exception):
-    """A one-line, user-facing reason why a namespace operation failed."""
+class SetupError(Exception):
+    """A one-line reason, naming the fix, why a container cannot be set up
+    (``shiftfs run`` and ``shiftfs exec`` exit 125 with it)."""
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -122,7 +96,7 @@ def _syscall_no(index: int) -> int:
     try:
         return _SYSCALLS[platform.machine()][index]
     except KeyError:
-        raise NamespaceError(
+        raise SetupError(
             f"unsupported machine {platform.machine()!r}: add its syscall numbers "
             "to shiftfs/namespaces.py") from None
 
@@ -153,330 +127,6 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
     """Have the kernel send ``sig`` to us when our parent exits."""
     if _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
         _raise("prctl(PR_SET_PDEATHSIG)")
-
-
-def userns_unavailable_hint() -> str:
-    """The sysctl that most likely forbids unprivileged user namespaces."""
-    checks = [
-        ("/proc/sys/kernel/unprivileged_userns_clone", "0",
-         "sysctl -w kernel.unprivileged_userns_clone=1"),
-        ("/proc/sys/user/max_user_namespaces", "0",
-         "sysctl -w user.max_user_namespaces=15000"),
-        ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1",
-         "sysctl -w kernel.apparmor_restrict_unprivileged_userns=0"),
-    ]
-    for path, bad, fix in checks:
-        try:
-            with open(path) as f:
-                if f.read().strip() == bad:
-                    return f"{path} is {bad}; as root run '{fix}'"
-        except OSError:
-            pass
-    return "check that the kernel allows unprivileged user namespaces"
-
-
-# --- id maps ------------------------------------------------------------------
-
-Extent = tuple[int, int, int]  # (view id, host id, count)
-
-
-@dataclass(frozen=True)
-class IdMap:
-    """The uid and gid maps of one user namespace.
-
-    ``kind`` is ``"full"`` or ``"single"``; ``helper`` says whether the maps
-    are written by newuidmap/newgidmap (subordinate ranges) or directly.
-    """
-
-    kind: str
-    uid_map: tuple[Extent, ...]
-    gid_map: tuple[Extent, ...]
-    helper: bool = False
-    base: int | None = None
-    base_fixed: bool = False
-
-    def maps_uid(self, view_id: int) -> bool:
-        return any(v <= view_id < v + n for v, _, n in self.uid_map)
-
-    def maps_gid(self, view_id: int) -> bool:
-        return any(v <= view_id < v + n for v, _, n in self.gid_map)
-
-    @property
-    def setgroups_allowed(self) -> bool:
-        # Unprivileged direct writes need setgroups=deny first.
-        return self.helper or os.geteuid() == 0
-
-    def describe(self) -> str:
-        def fmt(extents: Sequence[Extent]) -> str:
-            return ", ".join(f"{v}-{v + n - 1}->{h}" if n > 1 else f"{v}->{h}"
-                             for v, h, n in extents)
-        return f"uid {fmt(self.uid_map)}; gid {fmt(self.gid_map)}"
-
-
-def parse_subid_file(path: str, user: str | None, uid: int) -> list[tuple[int, int]]:
-    """The (start, count) ranges /etc/subuid or /etc/subgid gives to a user,
-    matched by name or by numeric uid, in file order."""
-    ranges = []
-    try:
-        with open(path) as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        fields = line.strip().split(":")
-        if len(fields) != 3 or line.lstrip().startswith("#"):
-            continue
-        owner, start, count = fields
-        if owner not in (user, str(uid)):
-            continue
-        try:
-            start_i, count_i = int(start), int(count)
-        except ValueError:
-            continue
-        if count_i > 0:
-            ranges.append((start_i, count_i))
-    return ranges
-
-
-def _all_subid_ranges() -> list[tuple[int, int]]:
-    out = []
-    for path in ("/etc/subuid", "/etc/subgid"):
-        try:
-            with open(path) as f:
-                for line in f:
-                    fields = line.strip().split(":")
-                    if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit():
-                        out.append((int(fields[1]), int(fields[2])))
-        except OSError:
-            pass
-    return out
-
-
-def ranges_in_use() -> list[tuple[int, int]]:
-    """Host id ranges (start, count) taken by running user namespaces
-    (/proc/*/uid_map and gid_map) and by /etc/subuid and /etc/subgid."""
-    used = set(_all_subid_ranges())
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        for name in ("uid_map", "gid_map"):
-            try:
-                with open(f"/proc/{pid}/{name}") as f:
-                    text = f.read()
-            except OSError:
-                continue
-            for line in text.splitlines():
-                fields = line.split()
-                if len(fields) != 3:
-                    continue
-                _, outside, count = (int(x) for x in fields)
-                if count >= 0xFFFFFFFF:  # the initial namespace's identity map
-                    continue
-                used.add((outside, count))
-    return sorted(used)
-
-
-def _overlaps(start: int, count: int, used: Iterable[tuple[int, int]]) -> bool:
-    return any(start < s + n and s < start + count for s, n in used)
-
-
-def free_block(used: Sequence[tuple[int, int]] | None = None,
-               rng: random.Random | None = None) -> int:
-    """A 65536-aligned block inside :data:`CONTAINER_RANGE` that overlaps no
-    range in ``used`` (default: :func:`ranges_in_use`). The search starts at a
-    random block so that parallel runs rarely race for the same one."""
-    if used is None:
-        used = ranges_in_use()
-    first = CONTAINER_RANGE[0] // BLOCK
-    last = (CONTAINER_RANGE[1] + 1) // BLOCK - 1
-    nblocks = last - first + 1
-    start = (rng or random).randrange(nblocks)
-    for i in range(nblocks):
-        base = (first + (start + i) % nblocks) * BLOCK
-        if not _overlaps(base, BLOCK, used):
-            return base
-    raise NamespaceError("no free 65536-id block left in 0x80000-0x6fffffff; "
-                         "pass --userns-base N with a free block")
-
-
-def _block_map(view0: int, base: int) -> tuple[Extent, ...]:
-    return ((0, view0, 1), (1, base + 1, BLOCK - 1))
-
-
-def _subid_map(view0: int, ranges: Sequence[tuple[int, int]]) -> tuple[Extent, ...]:
-    extents: list[Extent] = [(0, view0, 1)]
-    view = 1
-    for start, count in ranges:
-        extents.append((view, start, count))
-        view += count
-    return tuple(extents)
-
-
-def suggest_subid_range() -> tuple[int, int]:
-    """A 65536-id range after every range in /etc/subuid and /etc/subgid."""
-    start = max([100000] + [s + n for s, n in _all_subid_ranges()])
-    return start, start + BLOCK - 1
-
-
-def single_id_note(user: str) -> str:
-    """The one-time notice for a single-id namespace."""
-    lo, hi = suggest_subid_range()
-    return (f"note: single-id namespace ({user} has no range in /etc/subuid and "
-            f"/etc/subgid, or newuidmap is missing): chown to any id but 0 fails with "
-            f"EINVAL; to get 65536 ids, as root run 'usermod --add-subuids {lo}-{hi} "
-            f"--add-subgids {lo}-{hi} {user}' (newuidmap comes with package uidmap)")
-
-
-def choose_idmap(mode: str = "auto", base: int | None = None) -> tuple[IdMap, str | None]:
-    """Pick the id map for a new namespace of the calling user.
-
-    ``mode`` is ``auto``, ``full`` or ``single``; ``base`` forces root's
-    block. Returns the map and, for an automatic single-id fallback, the
-    note to print once.
-    """
-    uid, gid = os.getuid(), os.getgid()
-    if mode not in ("auto", "full", "single"):
-        raise NamespaceError(f"--userns {mode!r} is not a mode; use auto, full or single")
-    if base is not None and uid != 0:
-        raise NamespaceError("--userns-base needs root; unprivileged runs take their "
-                             "range from /etc/subuid and /etc/subgid")
-    if base is not None and mode == "single":
-        raise NamespaceError("--userns-base conflicts with --userns single; drop one")
-    if mode == "single":
-        return IdMap("single", ((0, uid, 1),), ((0, gid, 1),)), None
-    cfg_base = base
-    if uid == 0 and base is None and not in_initial_userns():
-        # Nested: hand the ids of this namespace on unchanged.
-        return IdMap("full", _own_extents("uid_map"), _own_extents("gid_map")), None
-    if uid == 0:
-        if base is None:
-            base = free_block()
-        else:
-            if base < 1 or base % BLOCK or base + BLOCK > 0xFFFFFFFF:
-                raise NamespaceError(f"--userns-base {base} must be a positive multiple of "
-                                     f"65536 below {0xFFFFFFFF - BLOCK + 1}; e.g. 524288")
-            if _overlaps(base, BLOCK, ranges_in_use()):
-                raise NamespaceError(f"--userns-base {base} overlaps ids of a running "
-                                     "namespace or /etc/subuid; pick another block or "
-                                     "omit --userns-base")
-        return IdMap("full", _block_map(0, base), _block_map(0, base), base=base,
-                     base_fixed=cfg_base is not None), None
-    try:
-        user = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        user = None
-    subuids = parse_subid_file("/etc/subuid", user, uid)
-    subgids = parse_subid_file("/etc/subgid", user, uid)
-    helpers = all(_which(t) for t in ("newuidmap", "newgidmap"))
-    if subuids and subgids and helpers:
-        return IdMap("full", _subid_map(uid, subuids), _subid_map(gid, subgids),
-                     helper=True), None
-    name = user or str(uid)
-    if mode == "full":
-        if not helpers:
-            raise NamespaceError("--userns full needs newuidmap and newgidmap; as root "
-                                 "run 'apt-get install uidmap' (or use --userns single)")
-        lo, hi = suggest_subid_range()
-        raise NamespaceError(f"--userns full needs ranges for {name} in /etc/subuid and "
-                             f"/etc/subgid; as root run 'usermod --add-subuids {lo}-{hi} "
-                             f"--add-subgids {lo}-{hi} {name}'")
-    return IdMap("single", ((0, uid, 1),), ((0, gid, 1),)), single_id_note(name)
-
-
-def in_initial_userns() -> bool:
-    """Whether we run in the initial user namespace (identity map of all ids)."""
-    try:
-        with open("/proc/self/uid_map") as f:
-            return f.read().split() == ["0", "0", "4294967295"]
-    except OSError:
-        return True
-
-
-def _own_extents(name: str) -> tuple[Extent, ...]:
-    with open(f"/proc/self/{name}") as f:
-        return tuple((int(line.split()[0]), int(line.split()[0]), int(line.split()[2]))
-                     for line in f if line.strip())
-
-
-def _which(tool: str) -> str | None:
-    for d in ("/usr/bin", "/usr/sbin", "/bin", "/sbin"):
-        p = os.path.join(d, tool)
-        if os.access(p, os.X_OK):
-            return p
-    return None
-
-
-@contextlib.contextmanager
-def id_block_lock() -> Iterator[None]:
-    """Serialise root's final block check and map write with other runs (a
-    no-op for unprivileged users). Fork nothing while holding it: a child
-    would inherit the lock."""
-    try:
-        if os.geteuid() != 0:
-            raise PermissionError
-        fd = os.open("/run/shiftfs-userns.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError:
-        yield
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def claim_idmap(pid: int, idmap: IdMap) -> IdMap:
-    """Write the maps of ``pid``; root's block is checked again under
-    :func:`id_block_lock` first and moved if a namespace started since
-    :func:`choose_idmap` took it. Returns the map written."""
-    if idmap.base is None:
-        write_idmap(pid, idmap)
-        return idmap
-    with id_block_lock():
-        if _overlaps(idmap.base, BLOCK, ranges_in_use()):
-            if idmap.base_fixed:
-                raise NamespaceError(f"--userns-base {idmap.base} was taken by another "
-                                     "namespace meanwhile; pick another block")
-            base = free_block()
-            idmap = dataclasses.replace(idmap, uid_map=_block_map(0, base),
-                                        gid_map=_block_map(0, base), base=base)
-        write_idmap(pid, idmap)
-    return idmap
-
-
-def write_idmap(pid: int, idmap: IdMap) -> None:
-    """Write the uid and gid maps of process ``pid``, which has just called
-    ``unshare(CLONE_NEWUSER)``."""
-    if idmap.helper:
-        for tool, extents in (("newuidmap", idmap.uid_map), ("newgidmap", idmap.gid_map)):
-            argv = [_which(tool) or tool, str(pid)]
-            argv += [str(x) for ext in extents for x in ext]
-            res = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True)
-            if res.returncode != 0:
-                msg = " ".join(res.stdout.split()) or f"exit status {res.returncode}"
-                raise NamespaceError(f"{tool} failed: {msg}; check /etc/subuid, /etc/subgid "
-                                     f"and that {tool} is setuid root (package uidmap)")
-        return
-    try:
-        if not idmap.setgroups_allowed:
-            with open(f"/proc/{pid}/setgroups", "w") as f:
-                f.write("deny")
-        for name, extents in (("uid_map", idmap.uid_map), ("gid_map", idmap.gid_map)):
-            with open(f"/proc/{pid}/{name}", "w") as f:
-                f.write("".join(f"{v} {h} {n}\n" for v, h, n in extents))
-    except OSError as e:
-        raise NamespaceError(f"cannot write the id map of process {pid}: "
-                             f"{e.strerror}") from None
-
-
-def become_root(idmap: IdMap) -> None:
-    """Inside a freshly mapped namespace: switch to view id 0 with all the
-    namespace's capabilities, and stay dumpable. Supplementary groups are
-    kept: through them the user may reach files a daemon has to serve."""
-    os.setresgid(0, 0, 0)
-    os.setresuid(0, 0, 0)
-    set_dumpable()
 
 
 # --- mounts -------------------------------------------------------------------
@@ -618,7 +268,7 @@ def resolve_in_root(root: str, path: str) -> str:
                 if stat.S_ISLNK(st.st_mode):
                     hops += 1
                     if hops > 40:
-                        raise NamespaceError(f"{path}: too many symlinks inside the root")
+                        raise SetupError(f"{path}: too many symlinks inside the root")
                     target = os.readlink(here)
                     if target.startswith("/"):
                         done = []
@@ -643,80 +293,3 @@ def make_mountpoint(root: str, path: str, directory: bool = True) -> str:
     else:
         os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
     return target
-
-
-# --- processes and signals ----------------------------------------------------
-
-#: Signals a supervisor passes on to its child. Those the kernel generates for
-#: the terminal's foreground process group (^C, ^\, window size) reach the
-#: command directly, so supervisors drop those copies (si_code SI_KERNEL).
-RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
-           signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
-_WAITED = set(RELAYED) | {signal.SIGCHLD}
-
-
-def _noop(signo: int, frame: object) -> None:
-    pass
-
-
-def block_signals() -> set[int]:
-    """Install handlers (so that a namespace's pid 1 is not immune to them)
-    and block the relayed signals and SIGCHLD; :func:`supervise` collects
-    them. Returns the previous mask. Call before forking the child."""
-    for sig in RELAYED:
-        signal.signal(sig, _noop)
-    return set(signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED))
-
-
-def reset_signals(mask: Iterable[int] = ()) -> None:
-    """In a child about to exec: default dispositions and an open mask."""
-    for sig in (*RELAYED, signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-
-
-def supervise(pid: int, reap_any: bool = False) -> int:
-    """Wait for child ``pid`` while relaying signals to it; return its wait
-    status. With ``reap_any`` (a namespace's pid 1) every other exiting
-    child is reaped too. Signals must be blocked with :func:`block_signals`."""
-    while True:
-        info = signal.sigwaitinfo(_WAITED)
-        if info.si_signo != signal.SIGCHLD:
-            if info.si_code != SI_KERNEL:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, info.si_signo)
-            continue
-        while True:
-            try:
-                wpid, status = os.waitpid(-1 if reap_any else pid, os.WNOHANG)
-            except ChildProcessError:
-                return 255 << 8
-            if wpid == 0:
-                break
-            if wpid == pid:
-                return status
-
-
-def reap_all(timeout: float) -> list[int]:
-    """As a namespace's pid 1: reap children until none is left or
-    ``timeout`` seconds pass. Returns the wait statuses collected."""
-    statuses = []
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            wpid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return statuses
-        if wpid:
-            statuses.append(status)
-            continue
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return statuses
-        signal.sigtimedwait({signal.SIGCHLD}, min(left, 0.5))
-
-
-def exit_code(status: int) -> int:
-    """A shell-style exit code for a wait status (128+N for signal N)."""
-    code = os.waitstatus_to_exitcode(status)
-    return 128 - code if code < 0 else code

@@ -1,0 +1,420 @@
+"""
+The launcher shared by ``shiftfs run`` and ``shiftfs exec``: the options
+both take, the checks made before anything is forked, the user namespace,
+the shiftfs daemons, the staging directory, supervision and exit statuses.
+A command describes only its own layout as a :class:`Layout`: which host
+directories to serve, and what pid 1 of the inner namespace B does with
+the views.
+
+Process layout, outermost first::
+
+    shiftfs run|exec        host; writes the id maps, relays signals,
+    │                       returns COMMAND's exit status
+    └─ userns helper        new user namespace, becomes its root
+       └─ pid 1 of A        private mount namespace; a staging tmpfs with one
+          │                 shiftfs view per served directory
+          ├─ shiftfs daemons  serve each directory through a descriptor opened
+          │                   before any mount
+          └─ pid 1 of B     Layout.inner: the command's own mounts, COMMAND
+
+The daemons live in A, so nothing B does to its mounts (pivot_root, moving
+the views onto their targets) reaches them, and they cannot outlive the run:
+they are in pid namespace A, whose pid 1 unmounts the views and waits for
+them to write everything out. Every mount is made in a private namespace, so
+nothing leaks onto the host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import os
+import signal
+import stat
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import kernel, supervise, userns
+from .kernel import SetupError
+from .supervise import EXIT_SETUP
+
+_MOUNT_TIMEOUT = 30.0
+_DAEMON_EXIT_TIMEOUT = 30.0
+#: Descriptor numbers a daemon finds its directory and its log file on.
+_SRC_FD = 3
+_LOG_FD = 4
+_STAGING_CANDIDATES = ("/run", "/mnt", "/media", "/srv", "/opt", "/var/tmp", "/tmp", "/home")
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --- options both commands take ---------------------------------------------------
+
+
+def int_arg(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def add_namespace_options(p: argparse.ArgumentParser) -> None:
+    """--xattr, --map, --userns and --userns-base."""
+    p.add_argument("--xattr", action="store_true",
+                   help="keep view ownership in records (user.containers.override_stat); "
+                        "the default")
+    p.add_argument("--map", action="append", default=[], metavar="u|g|b:DISK:VIEW:COUNT",
+                   help="map disk ids to view ids instead of keeping records (repeatable)")
+    p.add_argument("--userns", choices=("auto", "full", "single"),
+                   help="auto (default): a full 65536-id range if one is available, "
+                        "else a single id")
+    p.add_argument("--userns-base", type=int_arg, metavar="N",
+                   help="(root) host id of the 65536-id block for view ids 1-65535")
+
+
+def mount_args(args: argparse.Namespace) -> list[str]:
+    """The daemon's mode options from --xattr / --map, checked."""
+    if args.map and args.xattr:
+        raise SetupError("--xattr and --map exclude each other; give one of them")
+    for spec in args.map:
+        f = spec.split(":")
+        if len(f) != 4 or f[0] not in ("u", "g", "b") or not all(x.isdigit() for x in f[1:]):
+            raise SetupError(f"--map {spec!r} is not u|g|b:DISK:VIEW:COUNT; "
+                             "e.g. --map b:0:0:65536")
+    if args.map:
+        return [a for spec in args.map for a in ("--map", spec)]
+    return ["--xattr"]
+
+
+# --- checks before anything is forked -------------------------------------------
+
+
+def blocked_component(path: str, uid: int, gids: set[int], want: int) -> str | None:
+    """The first component of ``path`` that ``uid`` cannot use without
+    capabilities (``want`` is the access the last component needs), or None."""
+    components = []
+    p = os.path.abspath(path)
+    while True:
+        components.append(p)
+        if p == "/":
+            break
+        p = os.path.dirname(p)
+    for i, comp in enumerate(reversed(components)):
+        last = i == len(components) - 1
+        try:
+            st = os.stat(comp)
+        except OSError:
+            return comp
+        need = want if last else 1
+        if st.st_uid == uid:
+            bits = (st.st_mode >> 6) & 7
+        elif st.st_gid in gids:
+            bits = (st.st_mode >> 3) & 7
+        else:
+            bits = st.st_mode & 7
+        if bits & need != need:
+            return comp
+    return None
+
+
+def check_reachable(paths: Sequence[tuple[str, int]], what: str) -> None:
+    """Inside the namespace the daemon is the invoking user *without*
+    capabilities on host files, so plain permission bits must let it reach
+    the interpreter, the shiftfs package and what it serves."""
+    uid = os.getuid()
+    gids = {os.getgid(), *os.getgroups()}
+    for path, want in paths:
+        for variant in dict.fromkeys((path, os.path.realpath(path))):
+            bad = blocked_component(variant, uid, gids, want)
+            if bad:
+                st = os.stat(bad) if os.path.exists(bad) else None
+                mode = f" (mode {stat.S_IMODE(st.st_mode):04o}, owner {st.st_uid})" if st else ""
+                raise SetupError(
+                    f"{bad}{mode} blocks uid {uid} from {what} {variant}, and the namespace "
+                    f"has no capabilities on host files; move it under a directory every "
+                    f"user can enter (e.g. /opt or /work) or 'chmod o+x {bad}'")
+
+
+def check_daemon_can_start(mode_args: Sequence[str], idmap: userns.IdMap) -> None:
+    """What every shiftfs daemon of a run needs: a usable /dev/fuse, a
+    reachable interpreter and package, and disk ids that stay put."""
+    if "--map" in mode_args and idmap.base is not None and not idmap.base_fixed:
+        raise SetupError("--map as root stores disk ids of this run's namespace, whose block "
+                         "changes from run to run; add --userns-base N (disk id k>0 is then "
+                         "host id N+k), or use --xattr")
+    if not os.path.exists("/dev/fuse"):
+        raise SetupError("/dev/fuse is missing; load the fuse module ('modprobe fuse') "
+                         "or create it with 'mknod -m 0666 /dev/fuse c 10 229'")
+    if blocked_component("/dev/fuse", os.getuid(), {os.getgid(), *os.getgroups()}, 6):
+        raise SetupError(f"/dev/fuse (mode {stat.S_IMODE(os.stat('/dev/fuse').st_mode):04o}) "
+                         "is not usable by you; as root run 'make setup' or "
+                         "'chmod 0666 /dev/fuse'")
+    check_reachable([(sys.executable, 5), (os.path.realpath(sys.executable), 5),
+                     (os.path.join(_PACKAGE, "__init__.py"), 4)],
+                    "running the shiftfs daemon")
+
+
+def within(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+# --- what a command asks of the launcher -------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One command's part of a launch.
+
+    ``inner(stage, views)`` is pid 1 of namespace B, forked once every
+    directory in ``sources`` is served: ``views[i]`` is the shiftfs view of
+    ``sources[i]``, on the staging tmpfs mounted at ``stage``. B starts in a
+    copy of A's mount namespace, so it must leave ``stage`` or pivot away
+    from it. ``needed`` are further host paths B uses after the staging
+    tmpfs is mounted (the staging directory must not hide them)."""
+
+    prog: str
+    sources: tuple[str, ...]
+    mode_args: tuple[str, ...]
+    inner: Callable[[str, list[str]], int]
+    mount_opts: str = ""
+    needed: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CommandLine:
+    """A launcher command's command line: its texts, its arguments, how
+    ``configure(args)`` reads them into a config (with ``userns`` and
+    ``userns_base``) and how ``plan(cfg, idmap)`` checks it into a layout."""
+
+    prog: str
+    summary: str
+    usage: str
+    description: str
+    epilog: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    configure: Callable[[argparse.Namespace], Any]
+    plan: Callable[[Any, userns.IdMap], Layout]
+
+    def _texts(self) -> dict[str, Any]:
+        return dict(usage=self.usage, description=self.description, epilog=self.epilog,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def register(self, subparsers: Any) -> None:
+        """Add the subcommand to the ``shiftfs`` command line."""
+        p = subparsers.add_parser(self.prog.split()[-1], help=self.summary, **self._texts())
+        self.add_arguments(p)
+        p.set_defaults(func=self.handler)
+
+    def main(self, argv: list[str] | None = None) -> int:
+        """``python -m shiftfs.container.<module>``: the subcommand on its own."""
+        p = argparse.ArgumentParser(prog=self.prog, **self._texts())
+        self.add_arguments(p)
+        return self.handler(p.parse_args(argv))
+
+    def handler(self, args: argparse.Namespace) -> int:
+        """Returns COMMAND's exit status."""
+        return launch_command(self.prog, lambda: self.configure(args), self.plan)
+
+
+def launch_command(prog: str, configure: Callable[[], Any],
+                   plan: Callable[[Any, userns.IdMap], Layout]) -> int:
+    """The whole of ``shiftfs run`` or ``shiftfs exec``: ``configure()``
+    reads the command line into a config with ``userns`` and
+    ``userns_base``; ``plan(cfg, idmap)`` checks it and returns the layout.
+    Returns COMMAND's exit status, or 125 with one line on stderr."""
+    try:
+        cfg = configure()
+        idmap, note = userns.choose_idmap(cfg.userns, cfg.userns_base)
+        layout = plan(cfg, idmap)
+        if layout.sources:
+            staging_dir(layout)
+    except SetupError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return EXIT_SETUP
+    if note:
+        print(f"{prog}: {note}", file=sys.stderr)
+    try:
+        return launch(layout, idmap)
+    except OSError as e:
+        print(f"{prog}: {supervise.oserror_text(e)}", file=sys.stderr)
+        return EXIT_SETUP
+
+
+def staging_dir(layout: Layout) -> str:
+    """A host directory that namespace A may hide under the staging tmpfs:
+    one that holds nothing the daemons or namespace B still need."""
+    needed = [sys.prefix, sys.base_prefix, sys.executable, os.path.realpath(sys.executable),
+              _PACKAGE, os.path.realpath(_PACKAGE), "/dev", "/proc", "/sys",
+              *layout.sources, *layout.needed]
+    for cand in _STAGING_CANDIDATES:
+        if os.path.isdir(cand) and not os.path.islink(cand) and \
+                not any(within(p, cand) for p in needed):
+            return cand
+    raise SetupError("the directories to serve or bind and the interpreter cover every "
+                     f"staging directory ({', '.join(_STAGING_CANDIDATES)}); move one of "
+                     "them elsewhere")
+
+
+# --- the launch ----------------------------------------------------------------------
+
+
+def launch(layout: Layout, idmap: userns.IdMap) -> int:
+    """Fork the user-namespace helper, write its id maps when it asks, and
+    supervise it (the host side)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    old_mask = supervise.block_signals()
+    try:
+        to_parent_r, to_parent_w = os.pipe()
+        to_child_r, to_child_w = os.pipe()
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            os.close(to_parent_r)
+            os.close(to_child_w)
+            supervise.child(layout.prog, _userns_helper, layout, idmap, parent,
+                            to_parent_w, to_child_r)
+        os.close(to_parent_w)
+        os.close(to_child_r)
+        ready = os.read(to_parent_r, 1)
+        os.close(to_parent_r)
+        if ready == b"u":
+            try:
+                userns.claim_idmap(pid, idmap)
+            except SetupError as e:
+                print(f"{layout.prog}: {e}", file=sys.stderr)
+                os.write(to_child_w, b"x")
+            else:
+                os.write(to_child_w, b"m")
+        os.close(to_child_w)
+        return supervise.exit_code(supervise.supervise(pid))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def _userns_helper(layout: Layout, idmap: userns.IdMap, parent: int, wfd: int,
+                   rfd: int) -> int:
+    """Enter a new user namespace, wait for the maps, then start pid 1 of
+    namespace A and supervise it."""
+    kernel.set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != parent:
+        return EXIT_SETUP
+    try:
+        kernel.unshare(kernel.CLONE_NEWUSER)
+    except OSError as e:
+        if e.errno in (errno.EPERM, errno.EACCES, errno.ENOSPC, errno.EUSERS):
+            raise SetupError(f"cannot create a user namespace ({e.strerror}): "
+                             f"{userns.userns_unavailable_hint()}") from None
+        raise
+    os.write(wfd, b"u")
+    os.close(wfd)
+    if os.read(rfd, 1) != b"m":
+        return EXIT_SETUP
+    os.close(rfd)
+    userns.become_root(idmap)
+    kernel.unshare(kernel.CLONE_NEWNS | kernel.CLONE_NEWPID)
+    return supervise.fork_and_supervise(layout.prog, _serve_and_run, layout, reap_any=False)
+
+
+def _high_fd(fd: int) -> int:
+    """Move ``fd`` above the descriptor numbers a daemon is given (so that
+    the spawn's dup2 calls cannot overwrite one another)."""
+    new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(fd)
+    return new
+
+
+def _serve_and_run(layout: Layout) -> int:
+    """Pid 1 of namespace A: serve every source through shiftfs on a staging
+    tmpfs, run ``layout.inner`` as pid 1 of namespace B, then unmount the
+    views and let the daemons write everything out."""
+    kernel.set_parent_death_signal(signal.SIGKILL)
+    os.chdir("/")
+    kernel.make_rprivate("/")
+    log_fd = _high_fd(os.memfd_create("shiftfs-daemon-log", os.MFD_CLOEXEC))
+    log = f"/proc/self/fd/{log_fd}"
+    views: list[str] = []
+    stage = ""
+    if layout.sources:
+        # Every source is opened before the first mount, so that none is
+        # reached through a view.
+        src_fds = [_high_fd(os.open(s, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+                   for s in layout.sources]
+        stage = staging_dir(layout)
+        kernel.mount("tmpfs", stage, "tmpfs", kernel.MS_NOSUID | kernel.MS_NODEV,
+                     "mode=0700,size=1m")
+        try:
+            for i, (source, fd) in enumerate(zip(layout.sources, src_fds)):
+                view = os.path.join(stage, f"view{i}")
+                os.mkdir(view, 0o755)
+                _start_daemon(layout, source, fd, log_fd, view)
+                views.append(view)
+        finally:
+            for fd in src_fds:
+                os.close(fd)
+    kernel.unshare(kernel.CLONE_NEWPID)
+    code = supervise.fork_and_supervise(layout.prog, layout.inner, stage, views)
+    for view in reversed(views):
+        try:
+            kernel.umount2(view)
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise
+            kernel.umount2(view, kernel.MNT_DETACH)
+    statuses = supervise.reap_all(_DAEMON_EXIT_TIMEOUT)
+    if any(s != 0 for s in statuses):
+        print(f"{layout.prog}: warning: a shiftfs daemon exited with status "
+              f"{supervise.exit_code(next(s for s in statuses if s))}: "
+              f"{log_tail(log, 3) or 'no output'}", file=sys.stderr)
+    return code
+
+
+def _start_daemon(layout: Layout, source: str, src_fd: int, log_fd: int, view: str) -> None:
+    """Run ``shiftfs mount`` on ``view`` (as namespace root, so that
+    /dev/fuse is opened in this user namespace), serving the directory open
+    on ``src_fd``; return once the mount is live. The daemon stays behind as
+    our child in pid namespace A, in its own session (a terminal's ^C must
+    not reach it)."""
+    opts = f"suid,dev,{layout.mount_opts + ',' if layout.mount_opts else ''}" \
+           f"log=/proc/self/fd/{_LOG_FD}"
+    if not any(c in source for c in ",\\ \t\n"):
+        opts += f",fsname={source}"
+    argv = [sys.executable, "-m", "shiftfs", "mount", *layout.mode_args, "-o", opts,
+            f"/proc/self/fd/{_SRC_FD}", view]
+    before = os.stat(view).st_dev
+    log = f"/proc/self/fd/{log_fd}"
+    try:
+        mounter = os.posix_spawn(
+            sys.executable, argv, os.environ,
+            file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                          (os.POSIX_SPAWN_DUP2, log_fd, 1), (os.POSIX_SPAWN_DUP2, log_fd, 2),
+                          (os.POSIX_SPAWN_DUP2, src_fd, _SRC_FD),
+                          (os.POSIX_SPAWN_DUP2, log_fd, _LOG_FD)],
+            setsid=True, setsigmask=set(),
+            setsigdef=(*supervise.RELAYED, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD))
+    except OSError as e:
+        raise SetupError(f"cannot start the shiftfs daemon ({sys.executable}): "
+                         f"{e.strerror}") from None
+    status = supervise.wait_pid(mounter, _MOUNT_TIMEOUT)
+    what = f"'shiftfs mount {source}'"
+    if status is None:
+        raise SetupError(f"{what} did not report a live mount within {_MOUNT_TIMEOUT:.0f} s: "
+                         f"{log_tail(log) or 'no output'}")
+    if status != 0:
+        raise SetupError(f"{what} failed with status {supervise.exit_code(status)}: "
+                         f"{log_tail(log) or 'no output'}")
+    if os.stat(view).st_dev == before:
+        raise SetupError(f"{what} returned but nothing is mounted; its output: "
+                         f"{log_tail(log) or 'none'}")
+
+
+def log_tail(path: str, lines: int = 1) -> str:
+    """The last non-empty lines of a log, joined into one line."""
+    try:
+        with open(path, errors="replace") as f:
+            text = [line.strip() for line in f.read().splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return " | ".join(text[-lines:])

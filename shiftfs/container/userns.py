@@ -1,0 +1,366 @@
+"""
+User namespaces for ``shiftfs run`` and ``shiftfs exec``: which ids the new
+namespace gets, writing its maps, and becoming its root.
+
+Id maps follow the usual rule that the namespace's root (*view id* 0) is the
+invoking user, so everything the shiftfs daemon writes on the backing
+filesystem is owned by that user:
+
+* as root, view ids 1..65535 go to a 65536-id block that no running namespace
+  and no /etc/subuid entry uses (see :func:`free_block`);
+* as an unprivileged user, view ids 1.. go to the user's ranges in /etc/subuid
+  and /etc/subgid, written with the setuid helpers newuidmap/newgidmap, like
+  rootless podman;
+* otherwise only view id 0 exists (a *single-id* namespace), and the kernel
+  refuses chown to any other id with EINVAL before the filesystem sees it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import os
+import pwd
+import random
+import subprocess
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from .kernel import SetupError, set_dumpable
+
+#: Size of the id block a full namespace gets, and the range root picks it
+#: from (the one systemd-nspawn uses for containers).
+BLOCK = 0x10000
+CONTAINER_RANGE = (0x00080000, 0x6FFFFFFF)
+
+
+def userns_unavailable_hint() -> str:
+    """The sysctl that most likely forbids unprivileged user namespaces."""
+    checks = [
+        ("/proc/sys/kernel/unprivileged_userns_clone", "0",
+         "sysctl -w kernel.unprivileged_userns_clone=1"),
+        ("/proc/sys/user/max_user_namespaces", "0",
+         "sysctl -w user.max_user_namespaces=15000"),
+        ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1",
+         "sysctl -w kernel.apparmor_restrict_unprivileged_userns=0"),
+    ]
+    for path, bad, fix in checks:
+        try:
+            with open(path) as f:
+                if f.read().strip() == bad:
+                    return f"{path} is {bad}; as root run '{fix}'"
+        except OSError:
+            pass
+    return "check that the kernel allows unprivileged user namespaces"
+
+
+# --- id maps ------------------------------------------------------------------
+
+# TODO(issue 13): this IdMap is the second one in shiftfs. Its extents are
+# (view id, host id, count), the order of /proc/PID/uid_map; shiftfs/idmap.py's
+# IdMap (the mount's disk <-> view table) keeps (disk id, view id, count). The
+# two are to be merged into one in the ownership package; until then this
+# module is the only place that builds or reads these extents, and the rest of
+# the launcher uses only maps_uid/maps_gid/describe/kind/base.
+Extent = tuple[int, int, int]  # (view id, host id, count)
+
+
+@dataclass(frozen=True)
+class IdMap:
+    """The uid and gid maps of one user namespace.
+
+    ``kind`` is ``"full"`` or ``"single"``; ``helper`` says whether the maps
+    are written by newuidmap/newgidmap (subordinate ranges) or directly.
+    """
+
+    kind: str
+    uid_map: tuple[Extent, ...]
+    gid_map: tuple[Extent, ...]
+    helper: bool = False
+    base: int | None = None
+    base_fixed: bool = False
+
+    def maps_uid(self, view_id: int) -> bool:
+        return any(v <= view_id < v + n for v, _, n in self.uid_map)
+
+    def maps_gid(self, view_id: int) -> bool:
+        return any(v <= view_id < v + n for v, _, n in self.gid_map)
+
+    @property
+    def setgroups_allowed(self) -> bool:
+        # Unprivileged direct writes need setgroups=deny first.
+        return self.helper or os.geteuid() == 0
+
+    def describe(self) -> str:
+        def fmt(extents: Sequence[Extent]) -> str:
+            return ", ".join(f"{v}-{v + n - 1}->{h}" if n > 1 else f"{v}->{h}"
+                             for v, h, n in extents)
+        return f"uid {fmt(self.uid_map)}; gid {fmt(self.gid_map)}"
+
+
+def parse_subid_file(path: str, user: str | None, uid: int) -> list[tuple[int, int]]:
+    """The (start, count) ranges /etc/subuid or /etc/subgid gives to a user,
+    matched by name or by numeric uid, in file order."""
+    ranges = []
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        fields = line.strip().split(":")
+        if len(fields) != 3 or line.lstrip().startswith("#"):
+            continue
+        owner, start, count = fields
+        if owner not in (user, str(uid)):
+            continue
+        try:
+            start_i, count_i = int(start), int(count)
+        except ValueError:
+            continue
+        if count_i > 0:
+            ranges.append((start_i, count_i))
+    return ranges
+
+
+def _all_subid_ranges() -> list[tuple[int, int]]:
+    out = []
+    for path in ("/etc/subuid", "/etc/subgid"):
+        try:
+            with open(path) as f:
+                for line in f:
+                    fields = line.strip().split(":")
+                    if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit():
+                        out.append((int(fields[1]), int(fields[2])))
+        except OSError:
+            pass
+    return out
+
+
+def ranges_in_use() -> list[tuple[int, int]]:
+    """Host id ranges (start, count) taken by running user namespaces
+    (/proc/*/uid_map and gid_map) and by /etc/subuid and /etc/subgid."""
+    used = set(_all_subid_ranges())
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        for name in ("uid_map", "gid_map"):
+            try:
+                with open(f"/proc/{pid}/{name}") as f:
+                    text = f.read()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                fields = line.split()
+                if len(fields) != 3:
+                    continue
+                _, outside, count = (int(x) for x in fields)
+                if count >= 0xFFFFFFFF:  # the initial namespace's identity map
+                    continue
+                used.add((outside, count))
+    return sorted(used)
+
+
+def _overlaps(start: int, count: int, used: Iterable[tuple[int, int]]) -> bool:
+    return any(start < s + n and s < start + count for s, n in used)
+
+
+def free_block(used: Sequence[tuple[int, int]] | None = None,
+               rng: random.Random | None = None) -> int:
+    """A 65536-aligned block inside :data:`CONTAINER_RANGE` that overlaps no
+    range in ``used`` (default: :func:`ranges_in_use`). The search starts at a
+    random block so that parallel runs rarely race for the same one."""
+    if used is None:
+        used = ranges_in_use()
+    first = CONTAINER_RANGE[0] // BLOCK
+    last = (CONTAINER_RANGE[1] + 1) // BLOCK - 1
+    nblocks = last - first + 1
+    start = (rng or random).randrange(nblocks)
+    for i in range(nblocks):
+        base = (first + (start + i) % nblocks) * BLOCK
+        if not _overlaps(base, BLOCK, used):
+            return base
+    raise SetupError("no free 65536-id block left in 0x80000-0x6fffffff; "
+                     "pass --userns-base N with a free block")
+
+
+def _block_map(view0: int, base: int) -> tuple[Extent, ...]:
+    return ((0, view0, 1), (1, base + 1, BLOCK - 1))
+
+
+def _subid_map(view0: int, ranges: Sequence[tuple[int, int]]) -> tuple[Extent, ...]:
+    extents: list[Extent] = [(0, view0, 1)]
+    view = 1
+    for start, count in ranges:
+        extents.append((view, start, count))
+        view += count
+    return tuple(extents)
+
+
+def suggest_subid_range() -> tuple[int, int]:
+    """A 65536-id range after every range in /etc/subuid and /etc/subgid."""
+    start = max([100000] + [s + n for s, n in _all_subid_ranges()])
+    return start, start + BLOCK - 1
+
+
+def single_id_note(user: str) -> str:
+    """The one-time notice for a single-id namespace."""
+    lo, hi = suggest_subid_range()
+    return (f"note: single-id namespace ({user} has no range in /etc/subuid and "
+            f"/etc/subgid, or newuidmap is missing): chown to any id but 0 fails with "
+            f"EINVAL; to get 65536 ids, as root run 'usermod --add-subuids {lo}-{hi} "
+            f"--add-subgids {lo}-{hi} {user}' (newuidmap comes with package uidmap)")
+
+
+def choose_idmap(mode: str = "auto", base: int | None = None) -> tuple[IdMap, str | None]:
+    """Pick the id map for a new namespace of the calling user.
+
+    ``mode`` is ``auto``, ``full`` or ``single``; ``base`` forces root's
+    block. Returns the map and, for an automatic single-id fallback, the
+    note to print once.
+    """
+    uid, gid = os.getuid(), os.getgid()
+    if mode not in ("auto", "full", "single"):
+        raise SetupError(f"--userns {mode!r} is not a mode; use auto, full or single")
+    if base is not None and uid != 0:
+        raise SetupError("--userns-base needs root; unprivileged runs take their "
+                         "range from /etc/subuid and /etc/subgid")
+    if base is not None and mode == "single":
+        raise SetupError("--userns-base conflicts with --userns single; drop one")
+    if mode == "single":
+        return IdMap("single", ((0, uid, 1),), ((0, gid, 1),)), None
+    cfg_base = base
+    if uid == 0 and base is None and not in_initial_userns():
+        # Nested: hand the ids of this namespace on unchanged.
+        return IdMap("full", _own_extents("uid_map"), _own_extents("gid_map")), None
+    if uid == 0:
+        if base is None:
+            base = free_block()
+        else:
+            if base < 1 or base % BLOCK or base + BLOCK > 0xFFFFFFFF:
+                raise SetupError(f"--userns-base {base} must be a positive multiple of "
+                                 f"65536 below {0xFFFFFFFF - BLOCK + 1}; e.g. 524288")
+            if _overlaps(base, BLOCK, ranges_in_use()):
+                raise SetupError(f"--userns-base {base} overlaps ids of a running "
+                                 "namespace or /etc/subuid; pick another block or "
+                                 "omit --userns-base")
+        return IdMap("full", _block_map(0, base), _block_map(0, base), base=base,
+                     base_fixed=cfg_base is not None), None
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = None
+    subuids = parse_subid_file("/etc/subuid", user, uid)
+    subgids = parse_subid_file("/etc/subgid", user, uid)
+    helpers = all(_which(t) for t in ("newuidmap", "newgidmap"))
+    if subuids and subgids and helpers:
+        return IdMap("full", _subid_map(uid, subuids), _subid_map(gid, subgids),
+                     helper=True), None
+    name = user or str(uid)
+    if mode == "full":
+        if not helpers:
+            raise SetupError("--userns full needs newuidmap and newgidmap; as root "
+                             "run 'apt-get install uidmap' (or use --userns single)")
+        lo, hi = suggest_subid_range()
+        raise SetupError(f"--userns full needs ranges for {name} in /etc/subuid and "
+                         f"/etc/subgid; as root run 'usermod --add-subuids {lo}-{hi} "
+                         f"--add-subgids {lo}-{hi} {name}'")
+    return IdMap("single", ((0, uid, 1),), ((0, gid, 1),)), single_id_note(name)
+
+
+def in_initial_userns() -> bool:
+    """Whether we run in the initial user namespace (identity map of all ids)."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return True
+
+
+def _own_extents(name: str) -> tuple[Extent, ...]:
+    with open(f"/proc/self/{name}") as f:
+        return tuple((int(line.split()[0]), int(line.split()[0]), int(line.split()[2]))
+                     for line in f if line.strip())
+
+
+def _which(tool: str) -> str | None:
+    for d in ("/usr/bin", "/usr/sbin", "/bin", "/sbin"):
+        p = os.path.join(d, tool)
+        if os.access(p, os.X_OK):
+            return p
+    return None
+
+
+@contextlib.contextmanager
+def id_block_lock() -> Iterator[None]:
+    """Serialise root's final block check and map write with other runs (a
+    no-op for unprivileged users). Fork nothing while holding it: a child
+    would inherit the lock."""
+    try:
+        if os.geteuid() != 0:
+            raise PermissionError
+        fd = os.open("/run/shiftfs-userns.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def claim_idmap(pid: int, idmap: IdMap) -> IdMap:
+    """Write the maps of ``pid``; root's block is checked again under
+    :func:`id_block_lock` first and moved if a namespace started since
+    :func:`choose_idmap` took it. Returns the map written."""
+    if idmap.base is None:
+        write_idmap(pid, idmap)
+        return idmap
+    with id_block_lock():
+        if _overlaps(idmap.base, BLOCK, ranges_in_use()):
+            if idmap.base_fixed:
+                raise SetupError(f"--userns-base {idmap.base} was taken by another "
+                                 "namespace meanwhile; pick another block")
+            base = free_block()
+            idmap = dataclasses.replace(idmap, uid_map=_block_map(0, base),
+                                        gid_map=_block_map(0, base), base=base)
+        write_idmap(pid, idmap)
+    return idmap
+
+
+def write_idmap(pid: int, idmap: IdMap) -> None:
+    """Write the uid and gid maps of process ``pid``, which has just called
+    ``unshare(CLONE_NEWUSER)``."""
+    if idmap.helper:
+        for tool, extents in (("newuidmap", idmap.uid_map), ("newgidmap", idmap.gid_map)):
+            argv = [_which(tool) or tool, str(pid)]
+            argv += [str(x) for ext in extents for x in ext]
+            res = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+            if res.returncode != 0:
+                msg = " ".join(res.stdout.split()) or f"exit status {res.returncode}"
+                raise SetupError(f"{tool} failed: {msg}; check /etc/subuid, /etc/subgid "
+                                 f"and that {tool} is setuid root (package uidmap)")
+        return
+    try:
+        if not idmap.setgroups_allowed:
+            with open(f"/proc/{pid}/setgroups", "w") as f:
+                f.write("deny")
+        for name, extents in (("uid_map", idmap.uid_map), ("gid_map", idmap.gid_map)):
+            with open(f"/proc/{pid}/{name}", "w") as f:
+                f.write("".join(f"{v} {h} {n}\n" for v, h, n in extents))
+    except OSError as e:
+        raise SetupError(f"cannot write the id map of process {pid}: "
+                         f"{e.strerror}") from None
+
+
+def become_root(idmap: IdMap) -> None:
+    """Inside a freshly mapped namespace: switch to view id 0 with all the
+    namespace's capabilities, and stay dumpable. Supplementary groups are
+    kept: through them the user may reach files a daemon has to serve."""
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+    set_dumpable()
+

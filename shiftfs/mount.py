@@ -304,22 +304,53 @@ def _setup_logging(cfg: MountConfig, background: bool) -> None:
 
 
 def _default_log_file() -> logging.Handler:
-    """~/.cache/shiftfs/shiftfs.log of the daemon's user, else a file in /tmp."""
+    """shiftfs.log of the *real* user behind the daemon (inside a user
+    namespace euid 0 is that user): in $XDG_RUNTIME_DIR, else in
+    ~/.cache/shiftfs, else in a 0700 /tmp/shiftfs-UID; never in a file or
+    directory another user owns (/tmp/shiftfs-0.log was shared by every
+    user's namespace)."""
     import pwd
 
+    uid = _host_uid(os.geteuid())
+    dirs = [(os.environ.get("XDG_RUNTIME_DIR") or "", False)]
     try:
-        home = pwd.getpwuid(os.geteuid()).pw_dir
-        d = os.path.join(home, ".cache", "shiftfs")
-        os.makedirs(d, mode=0o700, exist_ok=True)
-        fd = os.open(os.path.join(d, "shiftfs.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        return logging.StreamHandler(os.fdopen(fd, "a"))
-    except (KeyError, OSError):
+        dirs.append((os.path.join(pwd.getpwuid(uid).pw_dir, ".cache", "shiftfs"), True))
+    except KeyError:
         pass
+    dirs.append((f"/tmp/shiftfs-{uid}", True))
+    for d, create in dirs:
+        try:
+            if not d.startswith("/"):
+                continue
+            if create:
+                os.makedirs(d, mode=0o700, exist_ok=True)
+            dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                st = os.fstat(dfd)
+                if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                    continue
+                flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+                fd = os.open("shiftfs.log", flags, 0o600, dir_fd=dfd)
+            finally:
+                os.close(dfd)
+            return logging.StreamHandler(os.fdopen(fd, "a"))
+        except OSError:
+            continue
+    return logging.NullHandler()
+
+
+def _host_uid(uid: int) -> int:
+    """The uid behind our ``uid`` in the parent user namespace: the real
+    user, for a namespace that user made with unshare."""
     try:
-        fd = os.open(f"/tmp/shiftfs-{os.geteuid()}.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        return logging.StreamHandler(os.fdopen(fd, "a"))
-    except OSError:
-        return logging.NullHandler()
+        with open("/proc/self/uid_map") as f:
+            for line in f:
+                inside, outside, count = (int(x) for x in line.split())
+                if inside <= uid < inside + count:
+                    return outside + uid - inside
+    except (OSError, ValueError):
+        pass
+    return uid
 
 
 def _write_stats(ops: Operations, path: str | None) -> None:

@@ -8,6 +8,7 @@ import os
 import pty
 import select
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -483,6 +484,8 @@ def test_bad_inputs_get_one_line(users, wd, capsys):
         ([root, "--chdir", "/nonexistent", "--", "true"], "--chdir /nonexistent"),
         (["--map", "b:0:0:65536", root, "--", "true"], "--userns-base"),
         (["--xattr", "--map", "b:0:0:1", root, "--", "true"], "exclude each other"),
+        (["--setenv", "1X=2", root, "--", "true"], "NAME must be"),
+        (["--bind", "/usr:/x,ro", root, "--", "true"], "ro and rw go after a colon"),
     ]
     for args, needle in cases:
         if "--chdir" in args and "/nonexistent" in args:  # fails inside the container
@@ -497,6 +500,128 @@ def test_bad_inputs_get_one_line(users, wd, capsys):
         lines = err.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0], (args, err)
         assert lines[0].startswith("shiftfs run: ")
+
+
+# --- environment, --bind forms, shifted trees, logs (issue 16) ---------------------------
+
+
+def _env_of(out: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def test_clean_environment(who, wd):
+    root = make_root(wd, who)
+    host = dict(os.environ, PATH=os.environ["PATH"] + ":/host/only", MAIL="/var/mail/me",
+                OLDPWD="/somewhere",
+                TERM="xterm-shiftfs", FROM_HOST="h")
+    out = shiftfs_run(who, root, "env", env=host,
+                      opts=["--setenv", "A=1", "--env", "FROM_HOST", "--setenv", "B=x=y",
+                            "--env", "UNSET_ON_HOST"]).stdout
+    assert _env_of(out) == {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": "/root", "USER": "root", "LOGNAME": "root", "TERM": "xterm-shiftfs",
+        "container": "shiftfs", "PWD": "/", "A": "1", "FROM_HOST": "h", "B": "x=y"}
+    # useradd and friends are found on the root PATH; --user gets its own HOME
+    out = shiftfs_run(who, root, "sh", "-c", "command -v useradd; echo $HOME $USER $PWD",
+                      opts=["--user", "alice", "--chdir", "/tmp"], env=host).stdout
+    assert out.split() == ["/usr/sbin/useradd", "/home/alice", "alice", "/tmp"]
+
+
+def _tree(root: str) -> set[str]:
+    return {os.path.relpath(os.path.join(d, n), root)
+            for d, dirs, files in os.walk(root) for n in dirs + files}
+
+
+def test_bind_forms_from_the_help(wd):
+    root = make_root(wd, ROOT_USER)
+    data = os.path.join(wd, "data")
+    os.mkdir(data)
+    script = ("touch /srv/shared/f && chown 1000:1000 /srv/shared/f && "
+              "stat -c %u:%g /srv/shared/f && grep -c ' /srv/shared fuse' /proc/mounts")
+    out = shiftfs_run(ROOT_USER, root, "sh", "-c", script,
+                      opts=["--bind", f"{data}:/srv/shared,shift"]).stdout
+    assert out.split() == ["1000:1000", "1"]
+    assert record(os.path.join(data, "f")) == "1000:1000:100644"
+    assert host_owners(data) == {(0, 0)}
+    out = shiftfs_run(ROOT_USER, root, "touch", "/srv/shared/g",
+                      opts=["--bind", f"{data}:/srv/shared:ro,shift"], check=False)
+    assert out.returncode == 1 and "Read-only" in out.stderr
+    out = shiftfs_run(ROOT_USER, root, "stat", "-c", "%u", "/srv/shared/f",
+                      opts=["--bind", f"{data}:/srv/shared:rw"]).stdout
+    assert out.strip() == "0"  # a plain bind: the host owner, no record applied
+    before = _tree(root)
+    assert "srv/shared,shift" not in before
+    for spec, needle in [(f"{data}:/srv/a,ro", "ro and rw go after a colon"),
+                         (f"{data}:/srv/b,shift,ro", "ro and rw go after a colon"),
+                         (f"{data}:/srv/c:ro:x", "too many ':'"),
+                         (f"{data}:/srv/d:shift,ro", "ro, rw and shift"),
+                         (f"{data}:/srv/e:ro,rw", "ro, rw and shift"),
+                         (f"{data}:/srv/f,g:ro", "cannot be bound"),
+                         (data, "separated by one ':'"),
+                         (f"{data}:/", "ROOT itself")]:
+        res = shiftfs_run(ROOT_USER, root, "true", opts=["--bind", spec], check=False)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 125 and len(lines) == 1, (spec, res.stderr)
+        assert lines[0].startswith("shiftfs run: --bind") and needle in lines[0], (spec, lines)
+        assert "SRC:DST[:ro|rw][,shift]" in lines[0] or needle == "ROOT itself"
+    assert _tree(root) == before
+
+
+def test_shifted_tree_gets_the_mount_recipe(wd):
+    root = make_root(wd, ROOT_USER)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in [dirpath] + [os.path.join(dirpath, x) for x in dirnames + filenames]:
+            os.lchown(n, 100000, 100000)  # a classic lxc / rootless-podman tree
+    for opts in (["--map", "b:100000:0:65536"], []):
+        res = subprocess.run([*run_argv(), *HOST_USR, *opts, root, "--", "true"],
+                             capture_output=True, text=True, timeout=30)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 125 and len(lines) == 1, (opts, res.stderr)
+        assert f"shiftfs mount --map b:100000:0:65536 {root} VIEW" in lines[0]
+        assert "systemd-nspawn -D VIEW" in lines[0] and "chown" not in lines[0]
+
+
+def test_daemon_log_belongs_to_the_real_user(users, wd):
+    """A daemon without log= and without syslog, started as namespace root
+    by a user, logs into that user's own place, never a shared /tmp file."""
+    if _repo_reachable_by_all():
+        pytest.skip("the checkout is not reachable by other users")
+    if os.path.exists("/dev/log"):
+        pytest.skip("/dev/log exists: daemons log to syslog")
+    user = users[1]
+    src, mnt, xdg = (os.path.join(wd, n) for n in ("src", "mnt", "xdg"))
+    for d in (src, mnt, xdg):
+        os.mkdir(d, 0o700)
+        os.chown(d, user.uid, user.gid)
+    shared = "/tmp/shiftfs-0.log"
+    shared_size = os.path.getsize(shared) if os.path.exists(shared) else None
+    private = f"/tmp/shiftfs-{user.uid}"
+    remove_tree(private)
+    py = f"{sys.executable} -m shiftfs"
+    script = f"{py} mount --xattr {src} {mnt} && touch {mnt}/f && {py} umount {mnt}"
+
+    def run_in_userns(*env: str) -> None:
+        res = subprocess.run(["runuser", "-u", user.name, "--", "env", "-u", "XDG_RUNTIME_DIR",
+                              "HOME=/", *env, "unshare", "--user", "--map-root-user",
+                              "--mount", "sh", "-c", script],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+
+    try:
+        run_in_userns()  # no $XDG_RUNTIME_DIR, no home: a 0700 directory of the user
+        st = os.stat(private)
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (user.uid, 0o700)
+        log = os.path.join(private, "shiftfs.log")
+        with open(log) as f:
+            assert f"mounted {src} on {mnt}" in f.read()
+        assert os.stat(log).st_uid == user.uid
+        run_in_userns(f"XDG_RUNTIME_DIR={xdg}")
+        with open(os.path.join(xdg, "shiftfs.log")) as f:
+            assert f"mounted {src} on {mnt}" in f.read()
+        assert os.stat(os.path.join(xdg, "shiftfs.log")).st_uid == user.uid
+    finally:
+        remove_tree(private)
+    assert (os.path.getsize(shared) if os.path.exists(shared) else None) == shared_size
 
 
 # --- nesting ---------------------------------------------------------------------------

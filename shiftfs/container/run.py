@@ -22,6 +22,8 @@ import contextlib
 import dataclasses
 import functools
 import os
+import pwd
+import re
 import socket
 from dataclasses import dataclass, field
 
@@ -31,6 +33,10 @@ from .kernel import SetupError
 PROG = "shiftfs run"
 
 _DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty", "fuse")
+#: PATH in the container, as podman and systemd-nspawn set it for root.
+ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+BIND_FORMS = "SRC:DST[:ro|rw][,shift]"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,9 @@ class RunConfig:
     userns_base: int | None = None
     binds: list[Bind] = field(default_factory=list)
     user: tuple[int, int] | None = None
-    user_env: dict[str, str] = field(default_factory=dict)
+    user_env: dict[str, str] = field(default_factory=dict)  # HOME, USER, LOGNAME inside
+    setenv: dict[str, str] = field(default_factory=dict)  # --setenv, over everything
+    term: str | None = None  # the caller's TERM
     chdir: str = "/"
     hostname: str | None = None
 
@@ -60,9 +68,13 @@ class RunConfig:
 
 def _add_options(p: argparse.ArgumentParser) -> None:
     launcher.add_namespace_options(p)
-    p.add_argument("--bind", action="append", default=[], metavar="SRC:DST[:ro][,shift]",
-                   help="bind-mount host SRC on DST in the container (repeatable); with "
-                        "shift, SRC is seen through shiftfs like ROOT")
+    p.add_argument("--bind", action="append", default=[], metavar=BIND_FORMS,
+                   help="bind-mount host SRC on DST in the container (repeatable), read-write "
+                        "unless ro; with shift, SRC is seen through shiftfs like ROOT")
+    p.add_argument("--setenv", "--env", action="append", default=[], dest="setenv",
+                   metavar="NAME[=VALUE]",
+                   help="set NAME in COMMAND's environment (repeatable); NAME alone passes "
+                        "your value on")
     p.add_argument("--user", metavar="UID[:GID]",
                    help="run COMMAND as this view uid/gid (or a name from ROOT/etc/passwd)")
     p.add_argument("--chdir", metavar="DIR",
@@ -98,7 +110,7 @@ def _split_rest(args: argparse.Namespace) -> None:
         # Without --, the command starts at the first word that is not an option.
         late, i = [], 0
         valued = {"--map", "--userns", "--userns-base", "--bind", "--user", "--chdir",
-                  "--hostname"}
+                  "--hostname", "--setenv", "--env"}
         while i < len(rest) and rest[i].startswith("--"):
             late.append(rest[i])
             if rest[i] in valued and i + 1 < len(rest):
@@ -128,6 +140,22 @@ files the container creates there stay yours too). View id 0 is you. As root, vi
 65536-id block no other namespace uses (host id BASE+N); as a user, your ranges in
 /etc/subuid and /etc/subgid (newuidmap), else only id 0 exists.
 
+--bind forms: SRC:DST (read-write), SRC:DST:ro, SRC:DST:rw, and any of them with
+,shift at the end (SRC:DST,shift or SRC:DST:ro,shift; SRC:DST:shift is the same as
+SRC:DST,shift). SRC is a host path, DST an absolute path inside the container;
+neither may contain ':' or ','.
+
+COMMAND starts with a clean environment, as in podman and systemd-nspawn:
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin, HOME, USER and
+LOGNAME of the user inside (from ROOT/etc/passwd), TERM if you have one, and
+container=shiftfs. Add more with --setenv NAME=VALUE (or --env; NAME alone passes
+your value on).
+
+A tree whose ownership is shifted on disk (owned by 100000.., say, for lxc or
+rootless podman) cannot be run: its ids do not exist in run's user namespace.
+As root, mount it with 'shiftfs mount --map b:100000:0:65536 TREE VIEW' and start
+'systemd-nspawn -D VIEW' or 'podman run --rootfs VIEW COMMAND'.
+
 Exit status: COMMAND's (128+N if killed by signal N); 125 if the container could
 not be set up, 126 if COMMAND cannot be executed, 127 if it is not found.
 SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1/2 sent to shiftfs run reach COMMAND.
@@ -135,28 +163,57 @@ SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1/2 sent to shiftfs run reach COMMAND.
 
 
 def _parse_bind(spec: str) -> Bind:
-    """SRC[:DST[:OPTS]] with OPTS a comma list of ro, rw and shift."""
+    """One --bind in the forms the help shows: SRC:DST[:ro|rw][,shift]."""
+    def bad(problem: str) -> SetupError:
+        return SetupError(f"--bind {spec!r}: {problem}; write {BIND_FORMS}, "
+                          "e.g. --bind ~/data:/data:rw,shift")
+
     parts = spec.split(":")
-    flags: set[str] = set()
-    if len(parts) == 3:
-        flags = set(parts.pop().split(","))
-        if not flags <= {"ro", "rw", "shift"} or {"ro", "rw"} <= flags:
-            raise SetupError(f"--bind {spec!r}: options are ro, rw and shift, comma separated; "
-                             "e.g. --bind ~/data:/data:rw,shift")
-    if len(parts) == 1:
-        parts.append(parts[0])
-    if len(parts) != 2 or not parts[0] or not parts[1]:
-        raise SetupError(f"--bind {spec!r} is not SRC:DST[:ro]; e.g. --bind /srv/data:/data:ro")
-    src, dst = parts
+    if len(parts) not in (2, 3):
+        raise bad("SRC and DST are separated by one ':', options by a second"
+                  if len(parts) < 2 else "too many ':' (paths with ':' cannot be bound)")
+    src, dst = parts[0], parts[1]
+    opts = parts[2] if len(parts) == 3 else ""
+    if len(parts) == 2 and "," in dst:
+        dst, _, opts = dst.partition(",")
+        if opts != "shift":
+            raise bad(f"only ,shift may follow DST directly; ro and rw go after a "
+                      f"colon (SRC:DST:{opts})")
+    if "," in src or "," in dst:
+        raise bad("a path with ',' cannot be bound")
+    flags = opts.split(",") if opts else []
+    if len(parts) == 3 and flags[:1] not in (["ro"], ["rw"], ["shift"]) or \
+            flags[1:] not in ([], ["shift"]) or len(set(flags)) != len(flags):
+        raise bad(f"options {opts!r}: the options are ro, rw and shift, given as ro, rw, "
+                  "shift, ro,shift or rw,shift")
+    if not src or not dst:
+        raise bad("SRC and DST must not be empty")
     if not os.path.exists(src):
         raise SetupError(f"--bind {spec}: {src} does not exist; create it or fix the path")
     if not dst.startswith("/"):
         raise SetupError(f"--bind {spec}: DST must be an absolute path inside the container, "
                          f"e.g. /{dst}")
+    if os.path.normpath(dst) == "/":
+        raise SetupError(f"--bind {spec}: DST / is ROOT itself; bind on a directory inside")
     if "shift" in flags and not os.path.isdir(src):
         raise SetupError(f"--bind {spec}: shift needs a directory (shiftfs serves directories); "
                          "bind the directory that holds it")
     return Bind(os.path.realpath(src), os.path.normpath(dst), "ro" in flags, "shift" in flags)
+
+
+def _parse_setenv(specs: list[str]) -> dict[str, str]:
+    """--setenv NAME=VALUE, or NAME alone for the caller's value (skipped if unset)."""
+    env: dict[str, str] = {}
+    for spec in specs:
+        name, eq, value = spec.partition("=")
+        if not _ENV_NAME.match(name):
+            raise SetupError(f"--setenv {spec!r}: NAME must be letters, digits and '_', not "
+                             "starting with a digit; e.g. --setenv LANG=C.UTF-8")
+        if eq:
+            env[name] = value
+        elif name in os.environ:
+            env[name] = os.environ[name]
+    return env
 
 
 def _lookup_user(root: str, spec: str) -> tuple[int, int, dict[str, str]]:
@@ -218,15 +275,30 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     cfg = RunConfig(root=root, command=command, mount_args=mount_args, userns=args.userns or "auto",
                     userns_base=args.userns_base,
                     binds=[_parse_bind(b) for b in args.bind], chdir=chdir,
-                    hostname=args.hostname)
+                    hostname=args.hostname, setenv=_parse_setenv(args.setenv),
+                    term=os.environ.get("TERM"))
     if args.user:
         uid, gid, env = _lookup_user(root, args.user)
         cfg.user, cfg.user_env = (uid, gid), env
     else:  # HOME and USER of the container's root, not the caller's
         entry = _find_db_entry(root, "/etc/passwd", "0", by_id=True)
+        cfg.user_env = {"HOME": "/root"}
         if entry:
             cfg.user_env = {"HOME": entry[5] or "/", "USER": entry[0], "LOGNAME": entry[0]}
     return cfg
+
+
+def container_env(cfg: RunConfig) -> dict[str, str]:
+    """COMMAND's environment: nothing of the caller's but TERM (podman and
+    systemd-nspawn do the same), so that a host PATH without sbin, MAIL or
+    OLDPWD never leaks in; --setenv comes last and wins."""
+    env = {"PATH": ROOT_PATH, "HOME": "/", "container": "shiftfs"}
+    if cfg.term:
+        env["TERM"] = cfg.term
+    env.update(cfg.user_env)
+    env["PWD"] = cfg.chdir
+    env.update(cfg.setenv)
+    return env
 
 
 # --- preflight checks -----------------------------------------------------------
@@ -234,15 +306,23 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def check_config(cfg: RunConfig, idmap: userns.IdMap) -> None:
     uid = os.getuid()
-    st = os.stat(cfg.root)
-    if st.st_uid != uid:
-        raise SetupError(f"ROOT {cfg.root} is owned by uid {st.st_uid}, not by you (uid {uid}); "
-                         f"run as uid {st.st_uid} or 'chown -R {uid} {cfg.root}'")
+    owner = os.stat(cfg.root).st_uid
+    if owner != uid and ("--map" in cfg.mount_args or not _named_user(owner)):
+        # Never advise chown -R here: on a tree shifted on disk it would wipe
+        # the ownership that the shift encodes.
+        raise SetupError(
+            f"ROOT {cfg.root} is owned by uid {owner}, not by you (uid {uid}): its ownership "
+            f"is shifted on disk, and run's user namespace cannot reach those ids; as root, "
+            f"'shiftfs mount --map b:{owner}:0:65536 {cfg.root} VIEW' and then "
+            f"'systemd-nspawn -D VIEW' or 'podman run --rootfs VIEW COMMAND'")
+    if owner != uid:
+        raise SetupError(f"ROOT {cfg.root} is owned by uid {owner}, not by you (uid {uid}); "
+                         f"run as uid {owner} or 'chown -R {uid} {cfg.root}'")
     launcher.check_daemon_can_start(cfg.mount_args, idmap)
     launcher.check_reachable([(cfg.root, 5)], "serving ROOT")
     for b in cfg.binds:
         launcher.check_reachable([(b.source, 4 if not os.path.isdir(b.source) else 5)],
-                        "bind-mounting")
+                                 "bind-mounting")
         owner = os.stat(b.source).st_uid
         if b.shift and owner != uid:
             raise SetupError(f"--bind {b.source}:{b.target}:shift: {b.source} is owned by uid "
@@ -255,6 +335,15 @@ def check_config(cfg: RunConfig, idmap: userns.IdMap) -> None:
                     "(see 'usermod --add-subuids') or use --user 0"
                     if idmap.kind == "single" else "use an id inside the namespace's range")
             raise SetupError(f"--user {vuid}:{vgid} is not mapped ({idmap.describe()}); {hint}")
+
+
+def _named_user(uid: int) -> bool:
+    """Whether ``uid`` is a user of this host (not a shifted id)."""
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
 
 
 def plan(cfg: RunConfig, idmap: userns.IdMap) -> launcher.Layout:
@@ -343,11 +432,8 @@ def _container_init(cfg: RunConfig, idmap: userns.IdMap, stage: str, views: list
 
 
 def _exec_command(cfg: RunConfig) -> int:
-    env = dict(os.environ)
-    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-    env["PWD"] = cfg.chdir
+    env = container_env(cfg)
     uid, gid = cfg.user or (0, 0)
-    env.update(cfg.user_env)
     # Drop the host's supplementary groups (kept so far for the daemon's sake),
     # unless the namespace forbids setgroups (single id, unprivileged).
     with contextlib.suppress(PermissionError):

@@ -272,9 +272,8 @@ def choose_idmap(mode: str = "auto", base: int | None = None) -> tuple[IdMap, st
 def in_initial_userns() -> bool:
     """Whether we run in the initial user namespace (identity map of all ids)."""
     try:
-        with open("/proc/self/uid_map") as f:
-            return f.read().split() == ["0", "0", "4294967295"]
-    except OSError:
+        return _own_extents("uid_map") == ((0, 0, 0xFFFFFFFF),)
+    except (OSError, ValueError):
         return True
 
 

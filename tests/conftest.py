@@ -25,6 +25,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fsutil  # noqa: E402
+import ns_util  # noqa: E402
 
 LINK = "/usr/local/bin/shiftfs"
 
@@ -38,6 +39,17 @@ def _usual_umask():
         yield
     finally:
         os.umask(0o022)
+
+
+@pytest.fixture(scope="session")
+def debian_tar():
+    """The Debian bookworm minbase tarball (mmdebstrap, real root), built on
+    first use into the cache (``SHIFTFS_CACHE_DIR``) and shared by every test
+    that needs a real Debian root; skips only where it cannot be built."""
+    why = ns_util.debian_tarball_unavailable()
+    if why:
+        pytest.skip(why)
+    return ns_util.build_debian_tarball()
 
 
 def pytest_configure(config):

@@ -231,3 +231,10 @@ def test_bench_builds_the_minbase_archive_on_a_fresh_machine(tmp_path):
     assert artifacts.dpkg_status(path) is not None
     assert os.listdir(tmp_path) == [trees.MINBASE_NAME], "no partial artifact may stay behind"
     assert trees.stats(path)["entries"] > 5000
+
+
+def test_chosen_workloads_bring_what_they_need():
+    """`--workloads stat_cold` alone used to time `find` on a tree nobody made."""
+    assert W.with_needs(["stat_cold"]) == ["untar", "stat_cold"]
+    assert W.with_needs(["seq_read", "rm_rf"]) == ["untar", "seq_write", "seq_read", "rm_rf"]
+    assert W.with_needs(["rand_rw"]) == ["rand_rw"]

@@ -27,7 +27,7 @@ import pytest
 
 from ns_util import (CACHE, DEBIAN_TAR, REPO, ROOT_USER, User, mounts_mentioning,
                      processes_mentioning, remove_tree, throwaway_users, workdir)
-from shiftfs import devtable
+from shiftfs.offline import devtable
 from shiftfs import execcmd
 from shiftfs import run as runmod
 

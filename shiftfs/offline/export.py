@@ -33,7 +33,6 @@ exactly as the mount does.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 import stat
@@ -101,9 +100,9 @@ def scan(
         if opts is not None and not view.has_record and umap.identity and gmap.identity:
             # No record: as in shiftfs run/exec, the invoking user is view root.
             if st.st_uid == opts.me[0]:
-                view = dataclasses.replace(view, uid=opts.self_owner[0])
+                view = view._replace(uid=opts.self_owner[0])
             if st.st_gid == opts.me[1]:
-                view = dataclasses.replace(view, gid=opts.self_owner[1])
+                view = view._replace(gid=opts.self_owner[1])
         name = _archive_name(e.vrel)
         key = (st.st_dev, st.st_ino)
         fmt = stat.S_IFMT(view.mode)

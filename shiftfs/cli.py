@@ -14,12 +14,12 @@ import os
 import sys
 
 from . import __version__
-from .mount import MountError, UsageError
+from .errors import MountError, UsageError
 
 __all__ = ["main"]
 
 # Modules that add subcommands through ``register(subparsers)``; missing ones are skipped.
-_COMMAND_MODULES = ["shiftfs.run", "shiftfs.execcmd", "shiftfs.archive"]
+_COMMAND_MODULES = ["shiftfs.run", "shiftfs.execcmd", "shiftfs.offline.commands"]
 
 MOUNT_HELP = """\
 options (-o, comma separated):
@@ -88,7 +88,8 @@ def _add_mount(sub) -> None:
 
 
 def _cmd_mount(args) -> int:
-    from .mount import mount, parse_options
+    from .fs.daemon import mount
+    from .fs.options import parse_options
 
     cfg = parse_options(args.options, args.map, args.xattr, args.source, args.mountpoint)
     cfg.foreground = args.foreground
@@ -96,7 +97,7 @@ def _cmd_mount(args) -> int:
 
 
 def _cmd_umount(args) -> int:
-    from .mount import unmount
+    from .fs.mount import unmount
 
     unmount(args.mountpoint, lazy=args.lazy)
     return 0

@@ -57,10 +57,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "fuse: needs /dev/fuse (skipped otherwise)")
 
 
+#: Modules whose tests need no mount and no root: ``pytest -m "not mount"`` runs just these.
+_NO_MOUNT_MODULES = ("test_unit", "test_record")
+
+
 def pytest_collection_modifyitems(config, items):
     not_root = os.geteuid() != 0
     no_fuse = not os.path.exists("/dev/fuse")
     for item in items:
+        if not item.module.__name__.startswith(_NO_MOUNT_MODULES):
+            item.add_marker(pytest.mark.mount)
         if not_root and item.get_closest_marker("root"):
             item.add_marker(pytest.mark.skip(reason="needs root"))
         if no_fuse and item.get_closest_marker("fuse"):

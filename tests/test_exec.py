@@ -27,7 +27,7 @@ import pytest
 from bench import artifacts
 from ns_util import (CACHE, MIRROR, REPO, ROOT_USER, User, mirror_reachable, mounts_mentioning,
                      processes_mentioning, remove_tree, throwaway_users, workdir)
-from shiftfs import devtable
+from shiftfs.offline import devtable
 from shiftfs import execcmd
 from shiftfs import run as runmod
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 from . import __version__
 from .errors import MountError, UsageError
+from .ownership.idmap import add_map_argument
 
 __all__ = ["main"]
 
@@ -69,13 +69,7 @@ def _add_mount(sub) -> None:
     )
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
-    p.add_argument(
-        "--map",
-        action="append",
-        default=[],
-        metavar="u|g|b:DISK:VIEW:COUNT",
-        help="id table range (repeatable): disk id DISK+k is seen as VIEW+k",
-    )
+    add_map_argument(p)
     p.add_argument("--xattr", action="store_true", help="keep view ownership in user.containers.override_stat records")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS", help="mount options (see below)")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")

@@ -59,6 +59,10 @@ def _check_name(name: bytes) -> None:
         raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
 
 
+#: What statfs passes through from the backing filesystem.
+_STATVFS_FIELDS = ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
+                   "f_favail", "f_namemax")
+
 class Operations(DirectoryHandlers, XattrHandlers, pyfuse3.Operations):
     """The pyfuse3 operations of a shiftfs mount."""
 
@@ -453,13 +457,6 @@ class Operations(DirectoryHandlers, XattrHandlers, pyfuse3.Operations):
     def statfs(self, ctx: Ctx) -> pyfuse3.StatvfsData:
         sv = os.statvfs(self.table.root.fd)
         s = pyfuse3.StatvfsData()
-        s.f_bsize = sv.f_bsize
-        s.f_frsize = sv.f_frsize
-        s.f_blocks = sv.f_blocks
-        s.f_bfree = sv.f_bfree
-        s.f_bavail = sv.f_bavail
-        s.f_files = sv.f_files
-        s.f_ffree = sv.f_ffree
-        s.f_favail = sv.f_favail
-        s.f_namemax = sv.f_namemax
+        for field in _STATVFS_FIELDS:
+            setattr(s, field, getattr(sv, field))
         return s

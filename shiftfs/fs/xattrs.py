@@ -76,13 +76,19 @@ class XattrHandlers:
                 out.append(os.fsencode(v))
         return out
 
-    @fuse_handler
-    def setxattr(self, inode_id: int, name: bytes, value: bytes, ctx: Ctx) -> None:
+    def _writable_xattr(self, inode_id: int, name: bytes) -> tuple[Inode, str, str]:
+        """The inode, view name and backing name of an xattr the caller may
+        set or remove; EPERM for names the view reserves (records)."""
         node = self.table[inode_id]
         vname = os.fsdecode(name)
         bname = self.policy.xattr_to_backing(vname)
         if bname is None:
             raise pyfuse3.FUSEError(errno.EPERM)
+        return node, vname, bname
+
+    @fuse_handler
+    def setxattr(self, inode_id: int, name: bytes, value: bytes, ctx: Ctx) -> None:
+        node, vname, bname = self._writable_xattr(inode_id, name)
         if stat.S_ISLNK(node.ftype):
             raise pyfuse3.FUSEError(errno.EPERM)
         os.setxattr(proc_fd(node.fd), bname, self.policy.xattr_value_in(vname, value))
@@ -98,11 +104,7 @@ class XattrHandlers:
 
     @fuse_handler
     def removexattr(self, inode_id: int, name: bytes, ctx: Ctx) -> None:
-        node = self.table[inode_id]
-        vname = os.fsdecode(name)
-        bname = self.policy.xattr_to_backing(vname)
-        if bname is None:
-            raise pyfuse3.FUSEError(errno.EPERM)
+        node, vname, bname = self._writable_xattr(inode_id, name)
         if stat.S_ISLNK(node.ftype):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         try:

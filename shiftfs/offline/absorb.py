@@ -131,9 +131,7 @@ def absorb(
     umap, gmap = parse_map_args(maps or [])
     root_fd = open_root(root)
     store = open_store(root_fd, True, legacy_xattr)
-    errors: list[str] = []
     progress = progress or Progress("absorb", False)
-    done: set[tuple[int, int]] = set()
     placeholders: dict[tuple[int, int], str] = {}
     times = _DirTimes()
 
@@ -145,27 +143,15 @@ def absorb(
             raise TreeError(f"{e.display}: gid {st.st_gid} is outside --map; extend the map")
         return vu, vg
 
-    def on_error(rel, exc):
-        errors.append(f"{rel}: {exc.strerror or exc}")
+    def absorb_one(e, key, seen: bool) -> None:
+        st = e.st
+        if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            _absorb_device(e, store, to_view(e, st), owner, placeholders, root_fd, times)
+        elif not seen:
+            _absorb_inode(e, store, umap, gmap, to_view, owner)
 
     try:
-        for e in walk(root_fd, on_error, lambda dirfd, name: _remove_leftover(dirfd, name, times)):
-            times.note(e.fd, e.st)
-            if not e.rel:
-                times.begin(root_fd)  # the side table may appear in the root
-            st = e.st
-            key = (st.st_dev, st.st_ino)
-            try:
-                if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-                    _absorb_device(e, store, to_view(e, st), owner, placeholders, root_fd, times)
-                elif key not in done:
-                    _absorb_inode(e, store, umap, gmap, to_view, owner)
-            except TreeError as exc:
-                errors.append(str(exc))
-            except (OSError, ValueError) as exc:
-                errors.append(f"{e.display}: {getattr(exc, 'strerror', None) or exc}")
-            done.add(key)
-            progress.advance(1)
+        errors = _each_inode(root_fd, times, progress, absorb_one)
     finally:
         store.close()
         try:
@@ -173,6 +159,34 @@ def absorb(
             times.end(root_fd)
         finally:
             os.close(root_fd)
+    return errors
+
+
+def _each_inode(root_fd: int, times: "_DirTimes", progress, handle) -> list[str]:
+    """The one walk of absorb and materialize: keeps directory times, removes
+    what an interrupted run left, calls ``handle(entry, key, seen)`` for each
+    entry (``seen``: an earlier hard link of the same inode was handled) and
+    turns each entry's failure into one error line, so one bad file never
+    stops the rest."""
+    errors: list[str] = []
+    done: set[tuple[int, int]] = set()
+
+    def on_error(rel, exc):
+        errors.append(f"{rel}: {exc.strerror or exc}")
+
+    for e in walk(root_fd, on_error, lambda dirfd, name: _remove_leftover(dirfd, name, times)):
+        times.note(e.fd, e.st)
+        if not e.rel:
+            times.begin(root_fd)  # the side table may appear in (or leave) the root
+        key = (e.st.st_dev, e.st.st_ino)
+        try:
+            handle(e, key, key in done)
+        except TreeError as exc:
+            errors.append(str(exc))
+        except (OSError, ValueError) as exc:
+            errors.append(f"{e.display}: {getattr(exc, 'strerror', None) or exc}")
+        done.add(key)
+        progress.advance(1)
     return errors
 
 
@@ -247,16 +261,8 @@ def _absorb_device(e, store, view_ids, owner, placeholders, root_fd, times: _Dir
     key = (st.st_dev, st.st_ino)
     tmp = _tmp(st)
     first = placeholders.get(key)
-    if first is not None:
-        # Another name of a device already turned into a placeholder.
-        src = open_beneath(root_fd, first, O_PATH_NOFOLLOW)
-        try:
-            times.begin(e.dirfd)
-            os.link(proc_fd(src), tmp, dst_dir_fd=e.dirfd, follow_symlinks=True)
-            os.rename(tmp, e.name, src_dir_fd=e.dirfd, dst_dir_fd=e.dirfd)
-        finally:
-            os.close(src)
-        times.end(e.dirfd)
+    if first is not None:  # another name of a device already turned into a placeholder
+        _link_over(e, first, root_fd, times)
         return
     rec = Record(view_ids[0], view_ids[1], st.st_mode, st.st_rdev)
     times.begin(e.dirfd)
@@ -293,35 +299,20 @@ def materialize(root: str, maps: list[str] | None, progress=None) -> list[str]:
     umap, gmap = parse_map_args(maps or [])
     root_fd = open_root(root)
     store = open_store(root_fd, False)
-    errors: list[str] = []
     progress = progress or Progress("materialize", False)
-    done: set[tuple[int, int]] = set()
     devices: dict[tuple[int, int], str] = {}
     times = _DirTimes()
 
-    def on_error(rel, exc):
-        errors.append(f"{rel}: {exc.strerror or exc}")
+    def materialize_one(e, key, seen: bool) -> None:
+        if key in devices:
+            _link_over(e, devices[key], root_fd, times)
+        elif not seen:
+            if _materialize_inode(e, store, umap, gmap, times) is not None:
+                devices[key] = e.rel
 
+    errors: list[str] = []
     try:
-        for e in walk(root_fd, on_error, lambda dirfd, name: _remove_leftover(dirfd, name, times)):
-            times.note(e.fd, e.st)
-            if not e.rel:
-                times.begin(root_fd)  # the side table goes away at the end
-            st = e.st
-            key = (st.st_dev, st.st_ino)
-            try:
-                if key in devices:
-                    _link_over(e, devices[key], root_fd, times)
-                elif key not in done:
-                    made = _materialize_inode(e, store, umap, gmap, times)
-                    if made is not None:
-                        devices[key] = e.rel
-            except TreeError as exc:
-                errors.append(str(exc))
-            except (OSError, ValueError) as exc:
-                errors.append(f"{e.display}: {getattr(exc, 'strerror', None) or exc}")
-            done.add(key)
-            progress.advance(1)
+        errors = _each_inode(root_fd, times, progress, materialize_one)
     finally:
         store.close()
     try:

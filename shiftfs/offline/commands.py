@@ -7,6 +7,7 @@ problem and exits 0, 1 (some paths failed) or 2 (bad command line).
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import lzma
 import os
@@ -19,7 +20,7 @@ from .importer import import_archive
 from .inspect import list_dir, stat_one
 from .walk import Progress
 from ..errors import ArchiveError, TreeError, UsageError
-from ..ownership.idmap import IdMapError, parse_map_args
+from ..ownership.idmap import IdMapError, add_map_argument, parse_map_args
 
 __all__ = ["register"]
 
@@ -214,19 +215,24 @@ def _cmd_materialize(args) -> int:
     return _run("materialize", run)
 
 
-def _add_map(p) -> None:
+def _add_legacy_xattr(p) -> None:
     p.add_argument(
-        "--map",
-        action="append",
-        default=[],
-        metavar="u|g|b:DISK:VIEW:COUNT",
-        help="id table range (repeatable): disk id DISK+k is seen as VIEW+k",
+        "--legacy-xattr",
+        action="store_true",
+        help="also write user.fuseoverlayfs.override_stat (for fuse-overlayfs < 1.14, e.g. Debian 12's 1.10)",
     )
+
+
+def _command(subparsers, func, name: str, **texts) -> argparse.ArgumentParser:
+    """One offline subcommand: its parser, run by ``func``."""
+    p = subparsers.add_parser(name, **texts)
+    p.set_defaults(func=func)
+    return p
 
 
 def register(subparsers) -> None:
     """Add the offline tree commands to the ``shiftfs`` command line."""
-    p = subparsers.add_parser(
+    p = _command(subparsers, _cmd_export,
         "export",
         help="write a tar or cpio archive of a backing tree's view",
         description="Write an archive whose entries carry the view owners, modes, devices and xattrs of ROOT.",
@@ -247,10 +253,9 @@ def register(subparsers) -> None:
         help="what files without a record that you own show as (default 0:0: you are view root "
         "in shiftfs run/exec); ignored with --map",
     )
-    _add_map(p)
-    p.set_defaults(func=_cmd_export)
+    add_map_argument(p)
 
-    p = subparsers.add_parser(
+    p = _command(subparsers, _cmd_import,
         "import",
         help="unpack a tar into a backing tree as records (no privileges needed)",
         description="Unpack ARCHIVE (tar, .gz, .xz, .bz2, .zst; - for stdin) into ROOT, keeping ownership, modes "
@@ -259,30 +264,23 @@ def register(subparsers) -> None:
     p.add_argument("archive", metavar="ARCHIVE")
     p.add_argument("root", metavar="ROOT")
     p.add_argument("--oci-layer", action="store_true", help="apply .wh.NAME whiteouts and .wh..wh..opq")
-    p.add_argument(
-        "--legacy-xattr",
-        action="store_true",
-        help="also write user.fuseoverlayfs.override_stat (for fuse-overlayfs < 1.14, e.g. Debian 12's 1.10)",
-    )
-    p.set_defaults(func=_cmd_import)
+    _add_legacy_xattr(p)
 
-    p = subparsers.add_parser(
+    p = _command(subparsers, _cmd_stat,
         "stat", help="show the view metadata of backing files", description="Show view metadata from records."
     )
     p.add_argument("paths", metavar="PATH", nargs="+")
     p.add_argument("--root", metavar="ROOT", help="the tree root (default: nearest parent with .shiftfs/)")
-    _add_map(p)
-    p.set_defaults(func=_cmd_stat)
+    add_map_argument(p)
 
-    p = subparsers.add_parser(
+    p = _command(subparsers, _cmd_ls,
         "ls", help="list a backing directory with view metadata", description="List DIR with view owners and modes."
     )
     p.add_argument("dir", metavar="DIR")
     p.add_argument("-l", dest="long", action="store_true", help="long listing")
-    _add_map(p)
-    p.set_defaults(func=_cmd_ls)
+    add_map_argument(p)
 
-    p = subparsers.add_parser(
+    p = _command(subparsers, _cmd_absorb,
         "absorb",
         help="(root) turn real ownership into records, files owned by one user",
         description="Turn a tree with real ownership into records; backing files become USER's. Safe to interrupt "
@@ -290,20 +288,14 @@ def register(subparsers) -> None:
     )
     p.add_argument("root", metavar="ROOT")
     p.add_argument("--owner", metavar="USER[:GROUP]", help="owner of the backing files (default: $SUDO_UID)")
-    p.add_argument(
-        "--legacy-xattr",
-        action="store_true",
-        help="also write user.fuseoverlayfs.override_stat (for fuse-overlayfs < 1.14, e.g. Debian 12's 1.10)",
-    )
-    _add_map(p)
-    p.set_defaults(func=_cmd_absorb)
+    _add_legacy_xattr(p)
+    add_map_argument(p)
 
-    p = subparsers.add_parser(
+    p = _command(subparsers, _cmd_materialize,
         "materialize",
         help="(root) turn records back into real ownership",
         description="Apply the records of ROOT as real ownership, modes and device nodes. Safe to interrupt "
         "and rerun.",
     )
     p.add_argument("root", metavar="ROOT")
-    _add_map(p)
-    p.set_defaults(func=_cmd_materialize)
+    add_map_argument(p)

@@ -43,16 +43,19 @@ COPY_CHUNK = 1 << 20
 # -- walking ---------------------------------------------------------------------
 
 
+_ROOT_PROBLEMS = {
+    FileNotFoundError: "no such directory; give an existing tree root",
+    NotADirectoryError: "not a directory; give the root directory of a tree",
+    PermissionError: "permission denied; run as the tree's owner (or root)",
+}
+
+
 def open_root(path: str) -> int:
     """An ``O_RDONLY | O_DIRECTORY`` descriptor of a tree's root directory."""
     try:
         return os.open(path, _DIR_FLAGS & ~os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise TreeError(f"{path}: no such directory; give an existing tree root") from None
-    except NotADirectoryError:
-        raise TreeError(f"{path}: not a directory; give the root directory of a tree") from None
-    except PermissionError:
-        raise TreeError(f"{path}: permission denied; run as the tree's owner (or root)") from None
+    except (FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        raise TreeError(f"{path}: {_ROOT_PROBLEMS[type(e)]}") from None
 
 
 @dataclass
@@ -96,13 +99,27 @@ def walk(
     yield from _walk_dir(root_fd, "", on_error, on_temp, st.st_dev, "")
 
 
+def _report(on_error, rel: str, exc: OSError) -> None:
+    """Hand a failure to the caller's ``on_error``, or raise it if there is none."""
+    if on_error is None:
+        raise exc
+    on_error(rel, exc)
+
+
+def _open_child(dfd: int, name: str, flags: int, on_error, rel: str) -> int | None:
+    """``openat(dfd, name)``, or None after reporting why it failed."""
+    try:
+        return os.open(name, flags, dir_fd=dfd)
+    except OSError as e:
+        _report(on_error, rel, e)
+        return None
+
+
 def _walk_dir(dfd: int, rel: str, on_error, on_temp, dev: int, vrel: str) -> Iterator[Entry]:
     try:
         names = sorted(os.listdir(dfd), key=os.fsencode)
     except OSError as e:
-        if on_error is None:
-            raise
-        on_error(rel or ".", e)
+        _report(on_error, rel or ".", e)
         return
     for name in names:
         bname = os.fsencode(name)
@@ -114,40 +131,28 @@ def _walk_dir(dfd: int, rel: str, on_error, on_temp, dev: int, vrel: str) -> Ite
         vname = os.fsdecode(vbytes)
         crel = f"{rel}/{name}" if rel else name
         cvrel = f"{vrel}/{vname}" if vrel else vname
-        try:
-            fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=dfd)
-        except OSError as e:
-            if on_error is None:
-                raise
-            on_error(crel, e)
+        fd = _open_child(dfd, name, O_PATH_NOFOLLOW, on_error, crel)
+        if fd is None:
             continue
         try:
             st = os.stat(fd)
             if st.st_dev != dev:
-                exc = OSError(errno.EXDEV, "another filesystem is mounted here; skipped (unmount it first)")
-                if on_error is None:
-                    raise exc
-                on_error(crel, exc)
+                _report(on_error, crel, OSError(errno.EXDEV, "another filesystem is mounted here; "
+                                                "skipped (unmount it first)"))
                 continue
             yield Entry(crel, name, dfd, fd, st, cvrel)
         finally:
             os.close(fd)
         if stat.S_ISDIR(st.st_mode):
-            try:
-                sub = os.open(name, _DIR_FLAGS, dir_fd=dfd)
-            except OSError as e:
-                if on_error is None:
-                    raise
-                on_error(crel, e)
+            sub = _open_child(dfd, name, _DIR_FLAGS, on_error, crel)
+            if sub is None:
                 continue
             try:
                 if os.fstat(sub).st_ino != st.st_ino:
                     raise OSError(errno.ESTALE, "directory replaced during the walk")
                 yield from _walk_dir(sub, crel, on_error, on_temp, dev, cvrel)
             except OSError as e:
-                if on_error is None:
-                    raise
-                on_error(crel, e)
+                _report(on_error, crel, e)
             finally:
                 os.close(sub)
 

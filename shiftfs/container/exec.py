@@ -36,7 +36,7 @@ import sys
 from dataclasses import dataclass, field
 
 from . import kernel, launcher, supervise, userns
-from .kernel import SetupError
+from ..errors import SetupError
 
 PROG = "shiftfs exec"
 

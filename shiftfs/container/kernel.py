@@ -18,6 +18,8 @@ import platform
 import signal
 import stat
 
+from ..errors import SetupError
+
 # --- constants (linux/sched.h, linux/mount.h, linux/prctl.h) ----------------
 
 CLONE_NEWNS = 0x00020000
@@ -65,11 +67,6 @@ _SYSCALLS = {
     "i686": (217, 442),
     "armv7l": (218, 442),
 }
-
-
-class SetupError(Exception):
-    """A one-line reason, naming the fix, why a container cannot be set up
-    (``shiftfs run`` and ``shiftfs exec`` exit 125 with it)."""
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)

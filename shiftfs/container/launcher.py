@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import kernel, supervise, userns
-from .kernel import SetupError
+from ..errors import SetupError
 from .supervise import EXIT_SETUP
 
 _MOUNT_TIMEOUT = 30.0

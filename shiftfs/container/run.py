@@ -28,7 +28,7 @@ import socket
 from dataclasses import dataclass, field
 
 from . import kernel, launcher, supervise, userns
-from .kernel import SetupError
+from ..errors import SetupError
 
 PROG = "shiftfs run"
 

@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 
-from .kernel import SetupError
+from ..errors import SetupError
 
 #: Exit statuses of the launcher itself, as docker/podman use them.
 EXIT_SETUP = 125  # the container could not be set up

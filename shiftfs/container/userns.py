@@ -27,7 +27,8 @@ import subprocess
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from .kernel import SetupError, set_dumpable
+from ..errors import SetupError
+from .kernel import set_dumpable
 
 #: Size of the id block a full namespace gets, and the range root picks it
 #: from (the one systemd-nspawn uses for containers).
@@ -58,11 +59,12 @@ def userns_unavailable_hint() -> str:
 # --- id maps ------------------------------------------------------------------
 
 # TODO(issue 13): this IdMap is the second one in shiftfs. Its extents are
-# (view id, host id, count), the order of /proc/PID/uid_map; shiftfs/idmap.py's
-# IdMap (the mount's disk <-> view table) keeps (disk id, view id, count). The
-# two are to be merged into one in the ownership package; until then this
-# module is the only place that builds or reads these extents, and the rest of
-# the launcher uses only maps_uid/maps_gid/describe/kind/base.
+# (view id, host id, count), the order of /proc/PID/uid_map, while
+# shiftfs/ownership/idmap.py's IdMap (the mount's disk <-> view table) keeps
+# (disk id, view id, count). The two are to be merged into one in the
+# ownership package; until then this module is the only place that builds or
+# reads these extents, and the rest of the launcher uses only
+# maps_uid/maps_gid/describe/kind/base.
 Extent = tuple[int, int, int]  # (view id, host id, count)
 
 

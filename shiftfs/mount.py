@@ -71,6 +71,9 @@ class MountConfig:
     writeback: bool = True
     read_ahead_kb: int = 1024
     xattr_probes: bool = True
+    # kernel backend (shiftfs/fs/kernel.py): which backend, and the -o keys given
+    backend: str = "auto"
+    option_keys: list[str] = field(default_factory=list)
 
 
 def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mountpoint: str) -> MountConfig:
@@ -86,6 +89,7 @@ def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mo
             key, eq, val = opt.partition("=")
             if key in _IGNORED or key.startswith("x-") or key.startswith("X-") or key == "comment":
                 continue
+            cfg.option_keys.append(key)
             if key in _KERNEL_FLAGS and not eq:
                 cfg.kernel_opts.append(key)
             elif key == "xattr" and not eq:
@@ -122,6 +126,10 @@ def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mo
                     cfg.read_ahead_kb = int(val)
                 except ValueError:
                     raise UsageError(f"bad -o read_ahead_kb={val}: give a number of KiB, e.g. read_ahead_kb=1024") from None
+            elif key == "backend" and eq:
+                if val not in ("auto", "kernel", "fuse"):
+                    raise UsageError(f"bad -o backend={val}: use backend=auto, backend=kernel or backend=fuse")
+                cfg.backend = val
             elif key == "xattr_probes" and val in ("on", "off"):
                 cfg.xattr_probes = val == "on"
             else:
@@ -156,8 +164,10 @@ def _mountinfo() -> list[tuple[str, str]]:
 
 
 def is_shiftfs_mount(path: str) -> bool:
+    from .fs import kernel
+
     path = os.path.abspath(path)
-    return any(mp == path and t == "fuse.shiftfs" for mp, t in _mountinfo())
+    return any(mp == path and t == "fuse.shiftfs" for mp, t in _mountinfo()) or kernel.is_kernel_mount(path)
 
 
 def unmount(mountpoint: str, lazy: bool = False) -> None:
@@ -173,6 +183,11 @@ def unmount(mountpoint: str, lazy: bool = False) -> None:
         except OSError:
             pass
         raise UsageError(f"{mountpoint} is not a shiftfs mount; see 'findmnt -t fuse.shiftfs' for mounts")
+    from .fs import kernel
+
+    if kernel.is_kernel_mount(mp):  # the kernel backend: no daemon, just the mount
+        kernel.unmount(mp, lazy)
+        return
     fm = shutil.which("fusermount3")
     if fm:
         cmd = [fm, "-u"] + (["-z"] if lazy else []) + [mp]
@@ -198,8 +213,11 @@ def _in_init_userns() -> bool:
         return True
 
 
-def check(cfg: MountConfig) -> None:
-    """Validate inputs before forking; raises :class:`UsageError`."""
+def check(cfg: MountConfig, fuse: bool = True) -> None:
+    """Validate inputs before forking; raises :class:`UsageError`.
+
+    ``fuse=False``: SOURCE and MOUNTPOINT only (the kernel backend needs no /dev/fuse).
+    """
     src, mp = cfg.source, cfg.mountpoint
     if not os.path.exists(src):
         raise UsageError(f"SOURCE {src} does not exist; give an existing directory to shift")
@@ -229,6 +247,8 @@ def check(cfg: MountConfig) -> None:
         raise UsageError(f"MOUNTPOINT {mp} is not a directory; mount on a directory")
     if is_shiftfs_mount(mp):
         raise UsageError(f"{mp} is already a shiftfs mount; unmount it first with 'shiftfs umount {mp}'")
+    if not fuse:
+        return
     if not os.path.exists("/dev/fuse"):
         raise UsageError("/dev/fuse is missing; load the fuse module ('modprobe fuse') or give the container /dev/fuse")
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
@@ -498,6 +518,10 @@ def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
 
 def mount(cfg: MountConfig) -> int:
     """``shiftfs mount``: check, then serve in the foreground or background."""
+    from .fs import kernel
+
+    if kernel.try_mount(cfg):  # table mode as an idmapped bind mount: no daemon
+        return 0
     check(cfg)
     if cfg.foreground:
         _setup_logging(cfg, background=False)

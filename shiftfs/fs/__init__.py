@@ -1,0 +1,1 @@
+"""The mounted filesystem: option parsing, the FUSE daemon and the kernel backend."""

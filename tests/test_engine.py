@@ -39,7 +39,9 @@ from fsutil import (
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 
-MODES = {"table": ("--map", MAP), "xattr": ("--xattr",)}
+MODES = {"table": ("--map", MAP), "xattr": ("--xattr",),
+         # table mode on the kernel backend (an idmapped bind mount, no daemon)
+         "table-kernel": ("--map", MAP, "-o", "backend=kernel")}
 
 
 class View:
@@ -94,7 +96,7 @@ def fs(request, _shared_mounts):
     request.node._shiftfs_mounts = [m]
     sub = re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)
     os.mkdir(m.path(sub))
-    yield View(m, request.param, sub)
+    yield View(m, request.param.removesuffix("-kernel"), sub)
     if not m.alive():
         pytest.fail(f"the {request.param} daemon died during the test (status {m.status})", pytrace=False)
 

@@ -561,3 +561,49 @@ def test_permissions_enforced_for_view_users(tm):
     }
     assert os.path.exists(os.path.join(d, "sticky", "theirs"))
     assert stat.S_IMODE(os.stat(tm.backing("pub", "perm", "readonly")).st_mode) == 0o644
+
+
+# -- where the backends differ (KERNEL_LIMITS.md) ---------------------------------------
+
+def _unmapped_ops(d):
+    out = {}
+
+    def tryit(name, fn):
+        try:
+            fn()
+            out[name] = 0
+        except OSError as e:
+            out[name] = e.errno
+    tryit("read", lambda: open(d + "/r").read())
+    tryit("write", lambda: open(d + "/w", "a").write("x"))
+    tryit("unlink", lambda: os.unlink(d + "/u"))
+    tryit("rename", lambda: os.rename(d + "/n", d + "/n2"))
+    tryit("chmod", lambda: os.chmod(d + "/m", 0o644))
+    tryit("setxattr", lambda: os.setxattr(d + "/x", "user.a", b"1"))
+    tryit("chown_into_table", lambda: os.chown(d + "/c", 5, 5))
+    return out
+
+
+def test_root_on_files_owned_outside_the_table(tm, backend):
+    """Host root acting on 0600 files whose disk owner (0) is outside the table.
+
+    FUSE: the kernel sees the overflow owner 65534 and root's capabilities
+    apply as on any file. Kernel backend: an idmapped mount grants no
+    capability over an inode whose owner it cannot map (EACCES), and refuses
+    to unlink, rename or chmod it (EOVERFLOW); chown into the table works.
+    """
+    d = tm.backing("pub", "unmapped")
+    os.mkdir(d)
+    os.chown(d, BASE, BASE)
+    for n in ("r", "w", "u", "n", "m", "x", "c"):
+        with open(os.path.join(d, n), "w") as f:
+            f.write("data")
+        os.chmod(os.path.join(d, n), 0o600)  # owned by disk root 0:0
+    res = _unmapped_ops(tm.path("pub", "unmapped"))  # as this process: root with all capabilities
+    if backend == "fuse":
+        assert res == {k: 0 for k in res}, res
+    else:
+        assert res == {"read": errno.EACCES, "write": errno.EACCES, "unlink": errno.EOVERFLOW,
+                       "rename": errno.EOVERFLOW, "chmod": errno.EOVERFLOW, "setxattr": errno.EPERM,
+                       "chown_into_table": 0}, res
+    assert lst(os.path.join(d, "c")) == (BASE + 5, BASE + 5)

@@ -282,6 +282,18 @@ def _topmost(path: str) -> tuple[str, list[str]] | None:
     return found
 
 
+def _mounts_below(source: str) -> list[str]:
+    """Mount points strictly below SOURCE (resolved), in mount order."""
+    try:
+        real = os.path.realpath(source)
+        with open("/proc/self/mountinfo") as f:
+            points = [line.split()[4].encode().decode("unicode_escape") for line in f]
+    except (OSError, IndexError):
+        return []
+    prefix = real.rstrip("/") + "/"
+    return [p for p in points if p.startswith(prefix)]
+
+
 def is_kernel_mount(path: str) -> bool:
     """Whether the topmost mount on ``path`` is an idmapped bind mount.
 
@@ -342,6 +354,12 @@ def try_mount(cfg) -> bool:
         return False
     check(cfg, fuse=False)
     src, mp = os.path.abspath(cfg.source), os.path.abspath(cfg.mountpoint)
+    below = _mounts_below(src)
+    if below and backend == "auto":
+        # FUSE shows them; a non-recursive bind would hide them: auto never changes what is seen
+        _say(f"backend fuse: SOURCE has mounts below it ({below[0]}{', ...' if len(below) > 1 else ''}), "
+             "which the kernel backend's bind mount does not carry")
+        return False
     aset, aclr = mount_attrs(cfg.kernel_opts, _in_init_userns())
     try:
         idmapped_bind(src, mp, cfg.uids, cfg.gids, aset, aclr)

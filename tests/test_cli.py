@@ -102,7 +102,7 @@ def test_mount_t_fuse_shiftfs(dirs, tracked, shiftfs_on_path):
     """``mount -t fuse.shiftfs`` finds /sbin/mount.fuse3 (via mount.fuse), which runs ``shiftfs`` from PATH."""
     src, mp = dirs
     r, pids = tracked(["mount", "-t", "fuse.shiftfs", src, mp, "-o",
-                       "uidmap=100000:0:65536,gidmap=100000:0:65536,fsname=shifted-root"], mp)
+                       "backend=fuse,uidmap=100000:0:65536,gidmap=100000:0:65536,fsname=shifted-root"], mp)
     assert r.returncode == 0, r.stderr
     assert len(pids) == 1
     info = find_mount(mp)
@@ -121,7 +121,7 @@ def test_mount_t_keeps_nosuid_nodev(dirs, tracked, shiftfs_on_path, scratch):
     """mount.fuse3 appends dev,suid (mount(8)'s block-device defaults) to every helper call;
     shiftfs still defaults to nosuid,nodev: a setuid file of view uid 0 would be real root."""
     src, mp = dirs
-    r, pids = tracked(["mount", "-t", "fuse.shiftfs", src, mp, "-o", "uidmap=100000:0:65536"], mp)
+    r, pids = tracked(["mount", "-t", "fuse.shiftfs", src, mp, "-o", "backend=fuse,uidmap=100000:0:65536"], mp)
     assert r.returncode == 0, r.stderr
     opts = find_mount(mp).options
     assert "nosuid" in opts and "nodev" in opts, opts
@@ -129,7 +129,8 @@ def test_mount_t_keeps_nosuid_nodev(dirs, tracked, shiftfs_on_path, scratch):
     assert reap(pids[0], 10) is not None
     # asked for explicitly (mount.fuse3 run directly; mount(8) itself drops a
     # plain "suid" from fstab lines before calling the helper): granted
-    r, pids = tracked(["/sbin/mount.fuse3", src, mp, "-t", "fuse.shiftfs", "-o", "uidmap=100000:0:65536,suid"], mp)
+    r, pids = tracked(["/sbin/mount.fuse3", src, mp, "-t", "fuse.shiftfs", "-o", "backend=fuse,uidmap=100000:0:65536,suid"],
+                     mp)
     assert r.returncode == 0, r.stderr
     opts = find_mount(mp).options
     assert "nosuid" not in opts and "nodev" in opts, opts
@@ -148,7 +149,7 @@ def test_fstab_line(dirs, tracked, shiftfs_on_path, scratch):
     fstab = scratch / "fstab"
     fstab.write_text(
         "# a temporary fstab\n"
-        f"{src} {mp} fuse.shiftfs noauto,nofail,x-systemd.automount,uidmap=100000:0:65536,gidmap=100000:0:65536,"
+        f"{src} {mp} fuse.shiftfs noauto,nofail,x-systemd.automount,backend=fuse,uidmap=100000:0:65536,gidmap=100000:0:65536,"
         "fsname=from-fstab,allow_other 0 0\n"
     )
     r, pids = tracked(["mount", "-T", fstab, mp], mp)

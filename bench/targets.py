@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from . import idmap
+from . import kernel_idmap as idmap
 from .sysutil import Cleanup, StepError, mount_entry, run, stop_process, umount, wait_mounted
 
 DISK, VIEW, COUNT = 100000, 0, 65536

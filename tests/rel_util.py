@@ -365,8 +365,8 @@ def table_view_id(disk: int) -> int:
 
 def read_record(src, full: str, st: os.stat_result):
     """The decoded record of a backing inode (via the engine's store), or None; raises on malformed."""
-    from shiftfs import record as _record
-    from shiftfs.store import RecordStore
+    from shiftfs.ownership import record as _record
+    from shiftfs.ownership.store import RecordStore
 
     root_fd = os.open(str(src), os.O_PATH | os.O_DIRECTORY)
     fd = os.open(full, os.O_PATH | os.O_NOFOLLOW)

@@ -1,1 +1,1 @@
-"""The mounted filesystem: option parsing, the FUSE daemon and the kernel backend."""
+"""The mount: FUSE operations, inode table, request log, mount options and the daemon loop."""

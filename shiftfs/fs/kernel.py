@@ -27,7 +27,7 @@ import os
 import signal
 import sys
 
-from ..idmap import IdMap
+from ..ownership.idmap import IdMap
 
 __all__ = ["BACKENDS", "KernelRefused", "try_mount", "is_kernel_mount", "unmount", "userns_fd", "idmapped_bind"]
 
@@ -307,7 +307,7 @@ def is_kernel_mount(path: str) -> bool:
 
 def unmount(mountpoint: str, lazy: bool = False) -> None:
     """umount2 the kernel mount on ``mountpoint``; raises MountError."""
-    from ..mount import MountError
+    from ..errors import MountError
 
     flags = UMOUNT_NOFOLLOW | (MNT_DETACH if lazy else 0)
     if _libc.umount2(os.fsencode(os.path.abspath(mountpoint)), flags) != 0:
@@ -334,7 +334,8 @@ def try_mount(cfg) -> bool:
     is done. False: use the FUSE daemon. Raises UsageError/MountError when
     ``backend=kernel`` cannot be honoured.
     """
-    from ..mount import MountError, UsageError, check
+    from ..errors import MountError, UsageError
+    from .mount import check
 
     backend = getattr(cfg, "backend", "auto")
     if backend == "fuse":

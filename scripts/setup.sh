@@ -48,7 +48,7 @@ stamp=.venv/.shiftfs-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "setup: installing shiftfs and its dependencies into .venv"
     .venv/bin/pip install -q --upgrade pip >/dev/null
-    .venv/bin/pip install -q -e '.[test,bench]'
+    .venv/bin/pip install -q -e '.[test,bench,lint]'
     touch "$stamp"
 fi
 # Make the checkout and venv reachable for other users (tests run commands as them).

@@ -23,6 +23,14 @@ _COMMAND_MODULES = ["shiftfs.container.run", "shiftfs.container.exec", "shiftfs.
 
 MOUNT_HELP = """\
 options (-o, comma separated):
+  backend=auto|kernel|fuse
+                        table mode: kernel = an idmapped bind mount of SOURCE
+                        (no daemon; root on a filesystem that supports it),
+                        fuse = the daemon, auto (default) = kernel when the
+                        kernel allows it, else fuse, saying which in one line.
+                        FUSE-only options are ignored on the kernel backend
+                        (one warning); xattr mode is always fuse. See
+                        KERNEL_LIMITS.md for how the backends differ
   xattr                 xattr mode (same as --xattr)
   uidmap=D:V:C[:D:V:C]  uid table, fuse-overlayfs' colon form
   gidmap=D:V:C[:...]    gid table

@@ -136,7 +136,8 @@ class Mount:
         cmd = [SHIFTFS, "mount"] + (["--xattr"] if self.mode == "xattr" else [])
         for m in self.maps:
             cmd += ["--map", m]
-        cmd += [self.src, self.mp, "-o", ",".join(self.opts + [f"log={self.log}"])]
+        backend = [] if any(o.startswith("backend=") for o in self.opts) else ["backend=fuse"]  # daemon tests
+        cmd += [self.src, self.mp, "-o", ",".join(self.opts + backend + [f"log={self.log}"])]
         if self.nofile:
             cmd = ["prlimit", f"--nofile={self.nofile}:{self.nofile}", "--"] + cmd
         if self.as_uid is not None:

@@ -42,8 +42,10 @@ def _mountinfo() -> list[tuple[str, str]]:
 
 
 def is_shiftfs_mount(path: str) -> bool:
+    from . import kernel
+
     path = os.path.abspath(path)
-    return any(mp == path and t == "fuse.shiftfs" for mp, t in _mountinfo())
+    return any(mp == path and t == "fuse.shiftfs" for mp, t in _mountinfo()) or kernel.is_kernel_mount(path)
 
 
 def unmount(mountpoint: str, lazy: bool = False) -> None:
@@ -59,6 +61,11 @@ def unmount(mountpoint: str, lazy: bool = False) -> None:
         except OSError:
             pass
         raise UsageError(f"{mountpoint} is not a shiftfs mount; see 'findmnt -t fuse.shiftfs' for mounts")
+    from . import kernel
+
+    if kernel.is_kernel_mount(mp):  # the kernel backend: no daemon, just the mount
+        kernel.unmount(mp, lazy)
+        return
     fm = shutil.which("fusermount3")
     if fm:
         cmd = [fm, "-u"] + (["-z"] if lazy else []) + [mp]
@@ -84,8 +91,11 @@ def _in_init_userns() -> bool:
         return True
 
 
-def check(cfg: MountConfig) -> None:
-    """Validate inputs before forking; raises :class:`UsageError`."""
+def check(cfg: MountConfig, fuse: bool = True) -> None:
+    """Validate inputs before forking; raises :class:`UsageError`.
+
+    ``fuse=False``: SOURCE and MOUNTPOINT only (the kernel backend needs no /dev/fuse).
+    """
     src, mp = cfg.source, cfg.mountpoint
     if not os.path.exists(src):
         raise UsageError(f"SOURCE {src} does not exist; give an existing directory to shift")
@@ -115,6 +125,8 @@ def check(cfg: MountConfig) -> None:
         raise UsageError(f"MOUNTPOINT {mp} is not a directory; mount on a directory")
     if is_shiftfs_mount(mp):
         raise UsageError(f"{mp} is already a shiftfs mount; unmount it first with 'shiftfs umount {mp}'")
+    if not fuse:
+        return
     if not os.path.exists("/dev/fuse"):
         raise UsageError("/dev/fuse is missing; load the fuse module ('modprobe fuse') or give the container /dev/fuse")
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):

@@ -69,6 +69,9 @@ class MountConfig:
     writeback: bool = True
     read_ahead_kb: int = 1024
     xattr_probes: bool = True
+    # kernel backend (shiftfs/fs/kernel.py): which backend, and the -o keys given
+    backend: str = "auto"
+    option_keys: list[str] = field(default_factory=list)
 
 
 def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mountpoint: str) -> MountConfig:
@@ -84,6 +87,7 @@ def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mo
             key, eq, val = opt.partition("=")
             if key in _IGNORED or key.startswith("x-") or key.startswith("X-") or key == "comment":
                 continue
+            cfg.option_keys.append(key)
             if key in _KERNEL_FLAGS and not eq:
                 cfg.kernel_opts.append(key)
             elif key == "xattr" and not eq:
@@ -120,6 +124,10 @@ def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mo
                     cfg.read_ahead_kb = int(val)
                 except ValueError:
                     raise UsageError(f"bad -o read_ahead_kb={val}: give a number of KiB, e.g. read_ahead_kb=1024") from None
+            elif key == "backend" and eq:
+                if val not in ("auto", "kernel", "fuse"):
+                    raise UsageError(f"bad -o backend={val}: use backend=auto, backend=kernel or backend=fuse")
+                cfg.backend = val
             elif key == "xattr_probes" and val in ("on", "off"):
                 cfg.xattr_probes = val == "on"
             else:

@@ -35,8 +35,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from . import kernel, launcher, supervise, userns
 from ..errors import SetupError
+from . import kernel, launcher, supervise, userns
 
 PROG = "shiftfs exec"
 

@@ -37,8 +37,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import kernel, supervise, userns
 from ..errors import SetupError
+from . import kernel, supervise, userns
 from .supervise import EXIT_SETUP
 
 _MOUNT_TIMEOUT = 30.0

@@ -27,8 +27,8 @@ import re
 import socket
 from dataclasses import dataclass, field
 
-from . import kernel, launcher, supervise, userns
 from ..errors import SetupError
+from . import kernel, launcher, supervise, userns
 
 PROG = "shiftfs run"
 

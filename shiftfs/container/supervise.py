@@ -75,7 +75,7 @@ def supervise(pid: int, reap_any: bool = False) -> int:
 def reap_all(timeout: float) -> list[int]:
     """As a namespace's pid 1: reap children until none is left or
     ``timeout`` seconds pass. Returns the wait statuses collected."""
-    statuses = []
+    statuses: list[int] = []
     deadline = time.monotonic() + timeout
     while True:
         try:

@@ -662,6 +662,7 @@ def test_mmdebstrap_matches_a_real_root_build(user, debian_build, debian_tar, tm
         {e.name for e in devtable.parse(devtable.MMDEBSTRAP_DEV)} - {"./dev"}
 
 
+@pytest.mark.timeout(1200)  # alone, it builds the module's Debian root first
 def test_changes_inside_land_in_the_export(user, debian_build):
     d, rootfs, _ = debian_build
     script = """

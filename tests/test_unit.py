@@ -142,3 +142,15 @@ def test_walk_hides_temporaries_and_reports_them(tmp_path):
     names = [e.rel for e in walk(os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY), None,
                                  lambda dirfd, name: seen.append(name))]
     assert names == ["", "kept"] and seen == [os.fsdecode(temp_name("7"))]
+
+
+def test_namespace_maps_use_the_one_range_type():
+    """A user namespace's map line INSIDE OUTSIDE COUNT is a Range(disk=OUTSIDE, view=INSIDE)."""
+    from shiftfs.container import userns
+    from shiftfs.ownership.idmap import Range
+
+    m = userns.NamespaceMaps("full", userns._block_map(1000, 524288), userns._subid_map(1000, [(100000, 65536)]))
+    assert m.uid_map == (Range(1000, 0, 1), Range(524289, 1, 65535))
+    assert m.gid_map == (Range(1000, 0, 1), Range(100000, 1, 65536))
+    assert m.maps_uid(0) and m.maps_uid(65535) and not m.maps_uid(65536)
+    assert m.describe() == "uid 0->1000, 1-65535->524289; gid 0->1000, 1-65536->100000"

@@ -182,7 +182,7 @@ def config_from_args(args: argparse.Namespace) -> ExecConfig:
 # --- preflight checks -----------------------------------------------------------
 
 
-def check_config(cfg: ExecConfig, idmap: userns.IdMap) -> None:
+def check_config(cfg: ExecConfig, idmap: userns.NamespaceMaps) -> None:
     uid = os.getuid()
     for s in cfg.shifts:
         owner = os.stat(s.source).st_uid
@@ -195,7 +195,7 @@ def check_config(cfg: ExecConfig, idmap: userns.IdMap) -> None:
             launcher.check_reachable([(s.source, 7)], "serving")
 
 
-def plan(cfg: ExecConfig, idmap: userns.IdMap) -> launcher.Layout:
+def plan(cfg: ExecConfig, idmap: userns.NamespaceMaps) -> launcher.Layout:
     """Check ``cfg`` and describe exec's part of the launch: every SRC is
     served; the views carry allow_other, so that user namespaces and
     sandboxes COMMAND starts can use them too."""

@@ -137,7 +137,7 @@ def check_reachable(paths: Sequence[tuple[str, int]], what: str) -> None:
                     f"user can enter (e.g. /opt or /work) or 'chmod o+x {bad}'")
 
 
-def check_daemon_can_start(mode_args: Sequence[str], idmap: userns.IdMap) -> None:
+def check_daemon_can_start(mode_args: Sequence[str], idmap: userns.NamespaceMaps) -> None:
     """What every shiftfs daemon of a run needs: a usable /dev/fuse, a
     reachable interpreter and package, and disk ids that stay put."""
     if "--map" in mode_args and idmap.base is not None and not idmap.base_fixed:
@@ -195,7 +195,7 @@ class CommandLine:
     epilog: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     configure: Callable[[argparse.Namespace], Any]
-    plan: Callable[[Any, userns.IdMap], Layout]
+    plan: Callable[[Any, userns.NamespaceMaps], Layout]
 
     def _texts(self) -> dict[str, Any]:
         return dict(usage=self.usage, description=self.description, epilog=self.epilog,
@@ -219,7 +219,7 @@ class CommandLine:
 
 
 def launch_command(prog: str, configure: Callable[[], Any],
-                   plan: Callable[[Any, userns.IdMap], Layout]) -> int:
+                   plan: Callable[[Any, userns.NamespaceMaps], Layout]) -> int:
     """The whole of ``shiftfs run`` or ``shiftfs exec``: ``configure()``
     reads the command line into a config with ``userns`` and
     ``userns_base``; ``plan(cfg, idmap)`` checks it and returns the layout.
@@ -260,7 +260,7 @@ def staging_dir(layout: Layout) -> str:
 # --- the launch ----------------------------------------------------------------------
 
 
-def launch(layout: Layout, idmap: userns.IdMap) -> int:
+def launch(layout: Layout, idmap: userns.NamespaceMaps) -> int:
     """Fork the user-namespace helper, write its id maps when it asks, and
     supervise it (the host side)."""
     sys.stdout.flush()
@@ -294,7 +294,7 @@ def launch(layout: Layout, idmap: userns.IdMap) -> int:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
-def _userns_helper(layout: Layout, idmap: userns.IdMap, parent: int, wfd: int,
+def _userns_helper(layout: Layout, idmap: userns.NamespaceMaps, parent: int, wfd: int,
                    rfd: int) -> int:
     """Enter a new user namespace, wait for the maps, then start pid 1 of
     namespace A and supervise it."""

@@ -304,7 +304,7 @@ def container_env(cfg: RunConfig) -> dict[str, str]:
 # --- preflight checks -----------------------------------------------------------
 
 
-def check_config(cfg: RunConfig, idmap: userns.IdMap) -> None:
+def check_config(cfg: RunConfig, idmap: userns.NamespaceMaps) -> None:
     uid = os.getuid()
     owner = os.stat(cfg.root).st_uid
     if owner != uid and ("--map" in cfg.mount_args or not _named_user(owner)):
@@ -346,7 +346,7 @@ def _named_user(uid: int) -> bool:
     return True
 
 
-def plan(cfg: RunConfig, idmap: userns.IdMap) -> launcher.Layout:
+def plan(cfg: RunConfig, idmap: userns.NamespaceMaps) -> launcher.Layout:
     """Check ``cfg`` and describe run's part of the launch: ROOT and every
     shifted bind are served, in that order."""
     check_config(cfg, idmap)
@@ -370,7 +370,7 @@ def _terminal() -> str | None:
     return None
 
 
-def _setup_root(cfg: RunConfig, idmap: userns.IdMap, root: str) -> None:
+def _setup_root(cfg: RunConfig, idmap: userns.NamespaceMaps, root: str) -> None:
     """Mount /proc, /dev, /sys, /tmp and the binds under ``root``."""
     proc = kernel.make_mountpoint(root, "/proc")
     kernel.mount("proc", proc, "proc", kernel.MS_NOSUID | kernel.MS_NODEV | kernel.MS_NOEXEC)
@@ -415,7 +415,7 @@ def _setup_root(cfg: RunConfig, idmap: userns.IdMap, root: str) -> None:
             raise SetupError(f"--bind {b.source}:{b.target}: {e.strerror}") from None
 
 
-def _container_init(cfg: RunConfig, idmap: userns.IdMap, stage: str, views: list[str]) -> int:
+def _container_init(cfg: RunConfig, idmap: userns.NamespaceMaps, stage: str, views: list[str]) -> int:
     """Pid 1 of namespace B: build the container's mounts, pivot into the
     view of ROOT (``views[0]``; the shifted binds follow in order), run
     COMMAND and pass on its exit status."""

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from ..errors import SetupError
+from ..ownership.idmap import Range
 from .kernel import set_dumpable
 
 #: Size of the id block a full namespace gets, and the range root picks it
@@ -58,18 +59,12 @@ def userns_unavailable_hint() -> str:
 
 # --- id maps ------------------------------------------------------------------
 
-# TODO(issue 13): this IdMap is the second one in shiftfs. Its extents are
-# (view id, host id, count), the order of /proc/PID/uid_map, while
-# shiftfs/ownership/idmap.py's IdMap (the mount's disk <-> view table) keeps
-# (disk id, view id, count). The two are to be merged into one in the
-# ownership package; until then this module is the only place that builds or
-# reads these extents, and the rest of the launcher uses only
-# maps_uid/maps_gid/describe/kind/base.
-Extent = tuple[int, int, int]  # (view id, host id, count)
-
-
+# A namespace's map line "INSIDE OUTSIDE COUNT" is an ownership Range read the
+# shiftfs way: the id a process inside sees is the *view* id, the id the host
+# kernel stores is the *disk* id. One Range type serves the mount's tables and
+# the namespaces' maps, so no triple order has to be remembered.
 @dataclass(frozen=True)
-class IdMap:
+class NamespaceMaps:
     """The uid and gid maps of one user namespace.
 
     ``kind`` is ``"full"`` or ``"single"``; ``helper`` says whether the maps
@@ -77,17 +72,17 @@ class IdMap:
     """
 
     kind: str
-    uid_map: tuple[Extent, ...]
-    gid_map: tuple[Extent, ...]
+    uid_map: tuple[Range, ...]
+    gid_map: tuple[Range, ...]
     helper: bool = False
     base: int | None = None
     base_fixed: bool = False
 
     def maps_uid(self, view_id: int) -> bool:
-        return any(v <= view_id < v + n for v, _, n in self.uid_map)
+        return any(r.view <= view_id < r.view + r.count for r in self.uid_map)
 
     def maps_gid(self, view_id: int) -> bool:
-        return any(v <= view_id < v + n for v, _, n in self.gid_map)
+        return any(r.view <= view_id < r.view + r.count for r in self.gid_map)
 
     @property
     def setgroups_allowed(self) -> bool:
@@ -95,9 +90,9 @@ class IdMap:
         return self.helper or os.geteuid() == 0
 
     def describe(self) -> str:
-        def fmt(extents: Sequence[Extent]) -> str:
-            return ", ".join(f"{v}-{v + n - 1}->{h}" if n > 1 else f"{v}->{h}"
-                             for v, h, n in extents)
+        def fmt(ranges: Sequence[Range]) -> str:
+            return ", ".join(f"{r.view}-{r.view + r.count - 1}->{r.disk}" if r.count > 1
+                             else f"{r.view}->{r.disk}" for r in ranges)
         return f"uid {fmt(self.uid_map)}; gid {fmt(self.gid_map)}"
 
 
@@ -187,17 +182,19 @@ def free_block(used: Sequence[tuple[int, int]] | None = None,
                      "pass --userns-base N with a free block")
 
 
-def _block_map(view0: int, base: int) -> tuple[Extent, ...]:
-    return ((0, view0, 1), (1, base + 1, BLOCK - 1))
+def _block_map(host0: int, base: int) -> tuple[Range, ...]:
+    """View 0 is ``host0``; view 1..65535 are ``base+1``.."""
+    return (Range(host0, 0, 1), Range(base + 1, 1, BLOCK - 1))
 
 
-def _subid_map(view0: int, ranges: Sequence[tuple[int, int]]) -> tuple[Extent, ...]:
-    extents: list[Extent] = [(0, view0, 1)]
+def _subid_map(host0: int, ranges: Sequence[tuple[int, int]]) -> tuple[Range, ...]:
+    """View 0 is ``host0``; then the subordinate ranges, one after another."""
+    out = [Range(host0, 0, 1)]
     view = 1
     for start, count in ranges:
-        extents.append((view, start, count))
+        out.append(Range(start, view, count))
         view += count
-    return tuple(extents)
+    return tuple(out)
 
 
 def suggest_subid_range() -> tuple[int, int]:
@@ -215,7 +212,7 @@ def single_id_note(user: str) -> str:
             f"--add-subgids {lo}-{hi} {user}' (newuidmap comes with package uidmap)")
 
 
-def choose_idmap(mode: str = "auto", base: int | None = None) -> tuple[IdMap, str | None]:
+def choose_idmap(mode: str = "auto", base: int | None = None) -> tuple[NamespaceMaps, str | None]:
     """Pick the id map for a new namespace of the calling user.
 
     ``mode`` is ``auto``, ``full`` or ``single``; ``base`` forces root's
@@ -231,11 +228,11 @@ def choose_idmap(mode: str = "auto", base: int | None = None) -> tuple[IdMap, st
     if base is not None and mode == "single":
         raise SetupError("--userns-base conflicts with --userns single; drop one")
     if mode == "single":
-        return IdMap("single", ((0, uid, 1),), ((0, gid, 1),)), None
+        return NamespaceMaps("single", (Range(uid, 0, 1),), (Range(gid, 0, 1),)), None
     cfg_base = base
     if uid == 0 and base is None and not in_initial_userns():
         # Nested: hand the ids of this namespace on unchanged.
-        return IdMap("full", _own_extents("uid_map"), _own_extents("gid_map")), None
+        return NamespaceMaps("full", _own_extents("uid_map"), _own_extents("gid_map")), None
     if uid == 0:
         if base is None:
             base = free_block()
@@ -247,7 +244,7 @@ def choose_idmap(mode: str = "auto", base: int | None = None) -> tuple[IdMap, st
                 raise SetupError(f"--userns-base {base} overlaps ids of a running "
                                  "namespace or /etc/subuid; pick another block or "
                                  "omit --userns-base")
-        return IdMap("full", _block_map(0, base), _block_map(0, base), base=base,
+        return NamespaceMaps("full", _block_map(0, base), _block_map(0, base), base=base,
                      base_fixed=cfg_base is not None), None
     try:
         user = pwd.getpwuid(uid).pw_name
@@ -257,7 +254,7 @@ def choose_idmap(mode: str = "auto", base: int | None = None) -> tuple[IdMap, st
     subgids = parse_subid_file("/etc/subgid", user, uid)
     helpers = all(_which(t) for t in ("newuidmap", "newgidmap"))
     if subuids and subgids and helpers:
-        return IdMap("full", _subid_map(uid, subuids), _subid_map(gid, subgids),
+        return NamespaceMaps("full", _subid_map(uid, subuids), _subid_map(gid, subgids),
                      helper=True), None
     name = user or str(uid)
     if mode == "full":
@@ -268,21 +265,22 @@ def choose_idmap(mode: str = "auto", base: int | None = None) -> tuple[IdMap, st
         raise SetupError(f"--userns full needs ranges for {name} in /etc/subuid and "
                          f"/etc/subgid; as root run 'usermod --add-subuids {lo}-{hi} "
                          f"--add-subgids {lo}-{hi} {name}'")
-    return IdMap("single", ((0, uid, 1),), ((0, gid, 1),)), single_id_note(name)
+    return NamespaceMaps("single", (Range(uid, 0, 1),), (Range(gid, 0, 1),)), single_id_note(name)
 
 
 def in_initial_userns() -> bool:
     """Whether we run in the initial user namespace (identity map of all ids)."""
     try:
-        return _own_extents("uid_map") == ((0, 0, 0xFFFFFFFF),)
+        return _own_extents("uid_map") == (Range(0, 0, 0xFFFFFFFF),)
     except (OSError, ValueError):
         return True
 
 
-def _own_extents(name: str) -> tuple[Extent, ...]:
+def _own_extents(name: str) -> tuple[Range, ...]:
+    """This namespace's own ids, each mapped to itself (to hand on unchanged)."""
     with open(f"/proc/self/{name}") as f:
-        return tuple((int(line.split()[0]), int(line.split()[0]), int(line.split()[2]))
-                     for line in f if line.strip())
+        rows = [line.split() for line in f if line.strip()]
+    return tuple(Range(int(r[0]), int(r[0]), int(r[2])) for r in rows)
 
 
 def _which(tool: str) -> str | None:
@@ -312,7 +310,7 @@ def id_block_lock() -> Iterator[None]:
         os.close(fd)
 
 
-def claim_idmap(pid: int, idmap: IdMap) -> IdMap:
+def claim_idmap(pid: int, idmap: NamespaceMaps) -> NamespaceMaps:
     """Write the maps of ``pid``; root's block is checked again under
     :func:`id_block_lock` first and moved if a namespace started since
     :func:`choose_idmap` took it. Returns the map written."""
@@ -331,13 +329,13 @@ def claim_idmap(pid: int, idmap: IdMap) -> IdMap:
     return idmap
 
 
-def write_idmap(pid: int, idmap: IdMap) -> None:
+def write_idmap(pid: int, idmap: NamespaceMaps) -> None:
     """Write the uid and gid maps of process ``pid``, which has just called
     ``unshare(CLONE_NEWUSER)``."""
     if idmap.helper:
         for tool, extents in (("newuidmap", idmap.uid_map), ("newgidmap", idmap.gid_map)):
             argv = [_which(tool) or tool, str(pid)]
-            argv += [str(x) for ext in extents for x in ext]
+            argv += [str(x) for r in extents for x in (r.view, r.disk, r.count)]
             res = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True)
             if res.returncode != 0:
@@ -351,13 +349,13 @@ def write_idmap(pid: int, idmap: IdMap) -> None:
                 f.write("deny")
         for name, extents in (("uid_map", idmap.uid_map), ("gid_map", idmap.gid_map)):
             with open(f"/proc/{pid}/{name}", "w") as f:
-                f.write("".join(f"{v} {h} {n}\n" for v, h, n in extents))
+                f.write("".join(f"{r.view} {r.disk} {r.count}\n" for r in extents))
     except OSError as e:
         raise SetupError(f"cannot write the id map of process {pid}: "
                          f"{e.strerror}") from None
 
 
-def become_root(idmap: IdMap) -> None:
+def become_root(idmap: NamespaceMaps) -> None:
     """Inside a freshly mapped namespace: switch to view id 0 with all the
     namespace's capabilities, and stay dumpable. Supplementary groups are
     kept: through them the user may reach files a daemon has to serve."""

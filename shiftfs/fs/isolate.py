@@ -46,7 +46,9 @@ CAP_SYS_ADMIN over that namespace, which its plain-user peers lack.
 Unmounting. The served mount is not in the daemon's namespace any more, so
 on a signal the daemon closes the connection and then detaches the mount
 from a short-lived thread that joins the served namespace
-(:meth:`Isolation.unmount_served`), as libfuse itself would have.
+(:meth:`Isolation.unmount_served`), as libfuse itself would have. It
+keeps no descriptor of the served namespace, so when the namespace's last
+process exits the view goes with it and the daemon exits.
 """
 
 from __future__ import annotations
@@ -133,18 +135,45 @@ def _mount_dev(mountpoint: str, mountinfo: str = "/proc/self/mountinfo", dir_fd:
 
 @dataclass
 class Isolation:
-    """The daemon lives in its own mount namespace; how to reach the served one."""
+    """The daemon lives in its own mount namespace; how to find the served one again."""
 
-    served_ns: int
+    served_ns: tuple[int, int]  # (st_dev, st_ino) of the served namespace: no descriptor, see unmount_served
     mountpoint: str
     dev: str | None
     proc_fd: int
 
+    def _enter_served(self) -> bool:
+        """Join the served namespace through a process still in it (this thread only)."""
+        dfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.proc_fd)
+        try:
+            names = os.listdir(dfd)
+        finally:
+            os.close(dfd)
+        for name in names:
+            if not name.isdigit() or int(name) == os.getpid():
+                continue
+            try:
+                st = os.stat(f"{name}/ns/mnt", dir_fd=self.proc_fd)
+                if (st.st_dev, st.st_ino) != self.served_ns:
+                    continue
+                fd = os.open(f"{name}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.proc_fd)
+            except OSError:
+                continue
+            try:
+                _ok(_libc.setns(fd, _CLONE_NEWNS), "setns to the served mount namespace")
+                return True
+            finally:
+                os.close(fd)
+        return False
+
     def unmount_served(self, timeout: float = 10.0) -> None:
         """Detach our mount in the served namespace; call after the FUSE connection is closed.
 
-        A thread unshares its fs state and joins the served namespace; it
-        unmounts only if that namespace still has our mount at its path (a
+        The daemon holds no descriptor of the served namespace: one would keep
+        it, and the view mounted in it, alive after its last process exits,
+        and the daemon with it. A thread unshares its fs state and joins the
+        namespace through a process still in it (none: nothing to unmount).
+        It unmounts only if that namespace still has our mount at its path (a
         pivot may have made the view the root there: then it is left alone).
         With the connection closed no lookup through the view can wait on us.
         """
@@ -152,7 +181,8 @@ class Isolation:
         def work() -> None:
             try:
                 _ok(_libc.unshare(_CLONE_FS), "unshare(CLONE_FS)")
-                _ok(_libc.setns(self.served_ns, _CLONE_NEWNS), "setns to the served mount namespace")
+                if not self._enter_served():
+                    return
                 if self.dev is None or _mount_dev(self.mountpoint, "thread-self/mountinfo", self.proc_fd) != self.dev:
                     return
                 _ok(_libc.umount2(os.fsencode(self.mountpoint), _MNT_DETACH | _UMOUNT_NOFOLLOW), "umount2")
@@ -217,7 +247,8 @@ def isolate_daemon(root_fd: int, mountpoint: str) -> Isolation | None:
         return None
     dev = _mount_dev(mountpoint)
     trees: list[int] = []
-    served = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    served = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)  # kept only while isolating
+    ns = os.fstat(served)
     try:
         trees.append(_clone_tree(root_fd, b"", _AT_EMPTY_PATH))
         trees.append(_clone_tree(_AT_FDCWD, b"/proc", 0))
@@ -250,11 +281,10 @@ def isolate_daemon(root_fd: int, mountpoint: str) -> Isolation | None:
         # copy of the view, which would outlive the user's umount.
         _libc.setns(served, _CLONE_NEWNS)
         os.chdir("/")
-        os.close(served)
         log.warning("the daemon shares the mount namespace it serves (%s)", e)
         return None
     finally:
-        for fd in trees:
+        for fd in trees + [served]:
             os.close(fd)
     log.debug("daemon isolated in its own mount namespace (root: tmpfs with /proc and %s)", SOURCE)
-    return Isolation(served, mountpoint, dev, proc_fd)
+    return Isolation((ns.st_dev, ns.st_ino), mountpoint, dev, proc_fd)

@@ -234,7 +234,7 @@ def _build_root(source: int, proc: int) -> None:
 
 
 def isolate_daemon(root_fd: int, mountpoint: str) -> Isolation | None:
-    """Move this thread (the daemon's only one) into a mount namespace of its own.
+    """Move the calling thread (the one that serves) into a mount namespace of its own.
 
     ``root_fd`` (the backing root, O_PATH) is replaced in place by the same
     directory inside the new namespace. Returns None, logging why, when the
@@ -255,7 +255,8 @@ def isolate_daemon(root_fd: int, mountpoint: str) -> Isolation | None:
     except OSError as e:
         for fd in trees + [served]:
             os.close(fd)
-        how = log.info if e.errno in (errno.EPERM, errno.ENOSYS) else log.warning
+        # EPERM: no CAP_SYS_ADMIN here, and so neither have this namespace's other plain users.
+        how = log.debug if e.errno in (errno.EPERM, errno.ENOSYS) else log.warning
         how("the daemon shares the mount namespace it serves (%s); a pivot_root into the view there "
             "would hang it", e)
         return None
@@ -279,9 +280,12 @@ def isolate_daemon(root_fd: int, mountpoint: str) -> Isolation | None:
     except OSError as e:
         # Back to the served namespace: a half-built private one could hold a
         # copy of the view, which would outlive the user's umount.
-        _libc.setns(served, _CLONE_NEWNS)
+        if _libc.setns(served, _CLONE_NEWNS) != 0:
+            log.error("cannot return to the served mount namespace (%s) after: %s; "
+                      "unmounting may not end this daemon, stop it with SIGTERM", os.strerror(ctypes.get_errno()), e)
+        else:
+            log.warning("the daemon shares the mount namespace it serves (%s)", e)
         os.chdir("/")
-        log.warning("the daemon shares the mount namespace it serves (%s)", e)
         return None
     finally:
         for fd in trees + [served]:

@@ -1,7 +1,7 @@
 # shiftfs — the README's two commands are `make demo` and `make test`.
 PY := .venv/bin/python
 
-.PHONY: setup demo test bench bench-quick stress clean
+.PHONY: setup demo test lint bench bench-quick stress clean
 setup:
 	@./scripts/setup.sh
 
@@ -10,6 +10,12 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -ra tests
+
+# ruff (lint and format check) and mypy; CI runs it before the tests.
+lint: setup
+	$(PY) -m ruff check shiftfs bench tests
+	$(PY) -m ruff format --check shiftfs bench tests
+	$(PY) -m mypy
 
 bench: setup
 	$(PY) -m bench --full

@@ -32,7 +32,8 @@ def parse(argv=None):
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="tiny sizes, 1 round, disk backing (default)")
     g.add_argument("--full", action="store_true", help="Debian minbase, 1 GiB I/O, 5 rounds, disk + tmpfs")
-    p.add_argument("--out", help="output directory (default: bench/results, or bench/results/quick for --quick)")
+    p.add_argument("--out", help="output directory (default: bench/results for a whole full run, "
+                                 "bench/results/partial with --targets/--workloads, bench/results/quick for --quick)")
     p.add_argument("--rounds", type=int, help="rounds (interleaved repetitions)")
     p.add_argument("--targets", help="comma list, from: " + ",".join(T.BY_NAME))
     p.add_argument("--workloads", help="comma list, from: " + ",".join(W.BY_NAME))
@@ -67,6 +68,11 @@ def parse(argv=None):
         bad = [x for x in cfg.workloads if x not in W.BY_NAME]
         if bad:
             p.error(f"unknown workload(s): {', '.join(bad)}")
+        full = W.with_needs(cfg.workloads)
+        if len(full) > len(cfg.workloads):
+            added = [x for x in full if x not in cfg.workloads]
+            log(f"also running {', '.join(added)}: the chosen workloads work on what it makes")
+        cfg.workloads = full
     if a.tree:
         cfg.tree = a.tree
     if a.scale:
@@ -88,7 +94,10 @@ def parse(argv=None):
     if a.shiftfs:
         cfg.shiftfs_cmd = a.shiftfs.split()
     cfg.shiftfs_stats = not a.no_shiftfs_stats
-    out = a.out or os.path.join(HERE, "results", "quick" if cfg.mode == "quick" else "")
+    # Only a whole full run replaces the published results (bench/results/latest.*);
+    # a run of chosen targets or workloads goes beside them.
+    sub = "quick" if cfg.mode == "quick" else "partial" if (a.targets or a.workloads) else ""
+    out = a.out or os.path.join(HERE, "results", sub)
     return cfg, os.path.abspath(out)
 
 
@@ -117,4 +126,8 @@ def main(argv=None) -> int:
     log("wrote " + ", ".join(paths.values()))
     with open(paths["md"]) as f:
         print(f.read())
+    failed = sum(1 for r in res["records"] if r.get("error"))
+    if failed:
+        log(f"{failed} step(s) failed: see the Errors section of {paths['md']}")
+        return 1
     return 0

@@ -99,6 +99,34 @@ def _fmt_s(x) -> str:
     return f"{x:.3f} s" if x < 10 else f"{x:.1f} s"
 
 
+def _per_request(rows: dict, req_t: list, targets: dict, entries: int) -> list[str]:
+    """FUSE requests per tree entry (or per run for I/O workloads) and daemon CPU
+    microseconds per request: the numbers the next speed lever is chosen from."""
+    lines = ["Per-request accounting (medians): FUSE requests per tree entry (I/O workloads: "
+             "requests per run) / daemon CPU µs per request. Counted by the kernel's "
+             "fuse_request_send tracepoint, the same way for every FUSE daemon.", ""]
+    lines.append("| workload | " + " | ".join(targets[t]["label"] for t in req_t) + " |")
+    lines.append("|---|" + "---:|" * len(req_t))
+    for w in W.ALL:
+        row = rows.get(w.name)
+        if not row:
+            continue
+        per_entry = w.guard == "tree" or w.needs == "untar"
+        cells = []
+        for t in req_t:
+            c = row.get(t)
+            n = sum(c["requests"].values()) if c and c.get("requests") else 0
+            if not n:
+                cells.append("–")
+                continue
+            count = f"{n / entries:.2f}" if per_entry else f"{n:.0f}"
+            cpu = c.get("daemon_cpu_s")
+            cells.append(count + (f" / {cpu * 1e6 / n:.0f} µs" if cpu is not None else ""))
+        lines.append(f"| {w.name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
 def markdown(res: dict, summary: dict) -> str:
     m = res["machine"]
     tree = res["tree"]
@@ -161,6 +189,8 @@ def markdown(res: dict, summary: dict) -> str:
                 lines.append(f"| {w.name} | " + " | ".join(cells) + " |")
             lines.append("")
         req_t = [t for t in cols if any(rows.get(w.name, {}).get(t, {}).get("requests") for w in W.ALL)]
+        if req_t:
+            lines += _per_request(rows, req_t, targets, res["tree"]["entries"])
         for t in req_t:
             lines.append(f"FUSE requests served by {targets[t]['label']} (median per run, top 6):")
             lines.append("")

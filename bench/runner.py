@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from . import guard, trees
 from . import targets as T
 from . import workloads as W
+from .fusetrace import RequestTrace
 from .sysutil import (Cleanup, StepError, cpu_seconds, drop_caches, fs_of, log, reset_hwm, run,
                       status_kib)
 
@@ -129,6 +130,7 @@ class Runner:
         self.notes: list[str] = []
         self.rounds_meta: list[dict] = []
         self.workdir = None
+        self.trace: RequestTrace | None = None
 
     # ------------------------------------------------------------------
     def run(self) -> dict:
@@ -158,9 +160,14 @@ class Runner:
                         rand_file_bytes=cfg.rand_file_bytes, rand_io_bytes=cfg.rand_io_bytes,
                         timeout=cfg.step_timeout)
             ids = sorted(set(st["ids"]) | set(ctx.chown_to) | {0})
+            self.trace = RequestTrace()
+            if not self.trace.available:
+                self.notes.append("no fuse:fuse_request_send tracepoint: request counts are shiftfs's own only")
             for backing in cfg.backings:
                 self._run_backing(base, backing, ctx, ids)
         finally:
+            if self.trace:
+                self.trace.close()
             problems = self.cleanup.run()
             for p in problems:
                 log(f"cleanup: {p}")
@@ -301,9 +308,13 @@ class Runner:
                 reset_hwm(pid)
                 cpu0 = cpu_seconds(pid)
                 c0 = t.counters()
+                traced = self.trace is not None and t.kind != "native"
+                if traced:
+                    self.trace.start(t.view)
                 t0 = time.perf_counter()
                 extra = w.run(t, ctx)
                 seconds = time.perf_counter() - t0
+                kernel_counts = self.trace.stop() if traced else None
                 if extra and "seconds" in extra:  # the tool timed itself (fio)
                     extra["wall_s"] = round(seconds, 6)
                     seconds = extra.pop("seconds")
@@ -314,6 +325,8 @@ class Runner:
                 c1 = t.counters()
                 if c0 is not None and c1 is not None:
                     counters = {k: v - c0.get(k, 0) for k, v in c1.items() if v - c0.get(k, 0)}
+                if kernel_counts:  # what the kernel sent: the same count for every FUSE daemon
+                    counters = kernel_counts
                 if w.guard:
                     snaps[(t.name, w.name)] = self._snapshot(t, w.guard)
                 if w.after:

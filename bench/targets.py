@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from . import idmap
+from . import kernel_idmap as idmap
 from .sysutil import Cleanup, StepError, mount_entry, run, stop_process, umount, wait_mounted
 
 DISK, VIEW, COUNT = 100000, 0, 65536
@@ -251,11 +251,33 @@ class ShiftfsBase(Target):
 
 
 class ShiftfsTable(ShiftfsBase):
-    name, label = "shiftfs-table", "shiftfs (table)"
+    name, label = "shiftfs-table", "shiftfs-table (fuse)"
 
     def mount(self):
-        self._start_daemon(self.shiftfs_cmd + ["mount", "-f", "--map", f"b:{DISK}:{VIEW}:{COUNT}"]
+        self._start_daemon(self.shiftfs_cmd + ["mount", "-f", "--map", f"b:{DISK}:{VIEW}:{COUNT}", "-o", "backend=fuse"]
                            + self._stats_opts() + [self.src, self.mnt])
+
+
+class ShiftfsTableKernel(ShiftfsBase):
+    """Table mode on the kernel backend: ``shiftfs mount`` makes an idmapped bind mount and exits (no daemon)."""
+
+    name, label, kind = "shiftfs-table-kernel", "shiftfs-table (kernel)", "kernel"
+
+    def _note(self):
+        self.notes.append("-o backend=kernel: an idmapped bind mount made by `shiftfs mount`; no daemon")
+
+    def mount(self):
+        cmd = self.shiftfs_cmd + ["mount", "--map", f"b:{DISK}:{VIEW}:{COUNT}", "-o", "backend=kernel",
+                                  self.src, self.mnt]
+        self.options = " ".join(cmd)
+        cp = subprocess.run(cmd, capture_output=True, text=True, timeout=MOUNT_TIMEOUT)
+        with open(self.log, "a") as f:
+            f.write(f"\n$ {self.options}\n{cp.stdout}{cp.stderr}")
+        self.cleanup.add_mount(self.mnt)
+        self.mounted = True
+        if cp.returncode != 0 or mount_entry(self.mnt) is None:
+            self.unmount()
+            raise StepError(f"shiftfs kernel backend mount failed: {(cp.stderr or cp.stdout).strip()[-300:]}")
 
 
 class ShiftfsXattr(ShiftfsBase):
@@ -334,5 +356,5 @@ class FuseOverlayfsXattr(FuseOverlayfs):
         return (None, None, None, backing)
 
 
-ALL = [Native, KernelIdmap, ShiftfsTable, ShiftfsXattr, Bindfs, FuseOverlayfs, FuseOverlayfsXattr]
+ALL = [Native, KernelIdmap, ShiftfsTable, ShiftfsTableKernel, ShiftfsXattr, Bindfs, FuseOverlayfs, FuseOverlayfsXattr]
 BY_NAME = {t.name: t for t in ALL}

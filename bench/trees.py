@@ -1,7 +1,7 @@
 """The root filesystem archive that the untar workload extracts.
 
 Preferred: a Debian bookworm minbase built once with mmdebstrap and cached under
-bench/cache/.  Fallback (no network, or quick mode): a deterministic generated
+bench/cache/ (or ``$SHIFTFS_CACHE_DIR``, see :mod:`bench.artifacts`).  Fallback (no network, or quick mode): a deterministic generated
 tree of the same shape (entry counts by type, size quantiles, directory depth,
 files per directory, owners and special modes measured on the minbase archive).
 """
@@ -15,14 +15,14 @@ import json
 import math
 import os
 import random
-import subprocess
 import tarfile
 
-from .sysutil import StepError, log, run
+from . import artifacts
+from .sysutil import StepError, log
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CACHE = os.path.join(HERE, "cache")
-MINBASE = os.path.join(CACHE, "debian-bookworm-minbase.tar")
+CACHE = artifacts.cache_dir(os.path.join(HERE, "cache"))
+MINBASE_NAME = "debian-bookworm-minbase.tar"
 
 # Shape of `mmdebstrap --variant=minbase bookworm` (measured 2026-11 on this project's
 # build machine): 8743 entries.
@@ -137,7 +137,7 @@ def generate(path: str, scale: float = 1.0, seed: int = 6) -> None:
 
     mtime = 1700000000
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".part"
+    tmp = artifacts.partial_name(path)
     with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tf:
         def add(ti, fobj=None):
             ti.mtime = mtime
@@ -186,16 +186,12 @@ def generate(path: str, scale: float = 1.0, seed: int = 6) -> None:
 
 
 def build_minbase(path: str, timeout: float = 1200) -> None:
-    tmp = path + ".part"
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    """Build the minbase archive at *path* (atomically, under a ``.partial.tar`` name)."""
     log("building the Debian bookworm minbase archive with mmdebstrap (cached afterwards)")
     try:
-        run(["mmdebstrap", "--quiet", "--variant=minbase", "--mode=root", "bookworm", tmp],
-            timeout=timeout)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        artifacts.build_minbase(path, timeout=timeout)
+    except RuntimeError as e:
+        raise StepError(str(e)) from e
 
 
 def stats(path: str) -> dict:
@@ -241,22 +237,30 @@ def stats(path: str) -> dict:
     return d
 
 
-def obtain(kind: str, scale: float) -> tuple[str, dict]:
-    """Return (archive path, description).  kind: auto | minbase | generated."""
+def obtain(kind: str, scale: float, cache: str = CACHE) -> tuple[str, dict]:
+    """Return (archive path, description).  kind: auto | minbase | generated.
+
+    A cached archive that does not read as one (a directory left by an old
+    build, a truncated file) is discarded and built again."""
     notes = []
+    minbase = os.path.join(cache, MINBASE_NAME)
     if kind in ("auto", "minbase"):
-        if not os.path.exists(MINBASE):
+        if artifacts.dpkg_status(minbase) is None:
+            if os.path.lexists(minbase):
+                notes.append(f"discarded an unreadable cached archive at {minbase}")
+                artifacts.discard(minbase)
             try:
-                build_minbase(MINBASE)
+                build_minbase(minbase)
             except StepError as e:
                 notes.append(f"mmdebstrap failed ({e}); using a generated tree of the same shape")
                 if kind == "minbase":
                     raise
-        if os.path.exists(MINBASE):
-            return MINBASE, {"kind": "debian-bookworm-minbase", "source": "mmdebstrap --variant=minbase bookworm",
+        if artifacts.dpkg_status(minbase) is not None:
+            return minbase, {"kind": "debian-bookworm-minbase", "source": "mmdebstrap --variant=minbase bookworm",
                              "notes": notes}
-    gen = os.path.join(CACHE, f"generated-minbase-shape-x{scale:g}.tar")
-    if not os.path.exists(gen):
+    gen = os.path.join(cache, f"generated-minbase-shape-x{scale:g}.tar")
+    if not artifacts.readable_tar(gen):
+        artifacts.discard(gen)
         log(f"generating a synthetic root filesystem tree (scale {scale:g})")
         generate(gen, scale=scale)
     return gen, {"kind": "generated", "source": f"bench.trees.generate(scale={scale:g}, seed=6)",
@@ -269,4 +273,3 @@ if __name__ == "__main__":  # pragma: no cover - manual helper
     generate(p, scale=float(sys.argv[2]) if len(sys.argv) > 2 else 1.0)
     s = stats(p)
     print(json.dumps({k: v for k, v in s.items() if k != "regular"}, indent=1))
-    _ = subprocess

@@ -36,6 +36,7 @@ class Workload:
     prep: Callable | None = None     # untimed, before the cold remount
     after: Callable | None = None    # untimed, after the guard snapshot
     guard: str | None = None         # subtree of view/store compared with native ("tree", "io")
+    needs: str | None = None         # workload that makes what this one works on (run first)
     unit: str = "s"
     extra: dict = field(default_factory=dict)
 
@@ -180,15 +181,27 @@ def rand_after(t, c: Ctx):
 
 PHASES = [
     [Workload("untar", "untar root filesystem", untar, prep=untar_prep, guard="tree")],
-    [Workload("stat_cold", "stat storm, cold (find -printf)", stat_storm, cold=True),
-     Workload("stat_warm", "stat storm, warm", stat_storm)],
-    [Workload("read_small", "read every small file, cold", read_small, cold=True)],
-    [Workload("chown_r", "chown -R", chown_r, guard="tree")],
+    [Workload("stat_cold", "stat storm, cold (find -printf)", stat_storm, cold=True, needs="untar"),
+     Workload("stat_warm", "stat storm, warm", stat_storm, needs="untar")],
+    [Workload("read_small", "read every small file, cold", read_small, cold=True, needs="untar")],
+    [Workload("chown_r", "chown -R", chown_r, guard="tree", needs="untar")],
     [Workload("seq_write", "sequential write + fsync", seq_write, prep=seq_prep, guard="io"),
-     Workload("seq_read", "sequential read, cold", seq_read, cold=True, after=seq_after)],
+     Workload("seq_read", "sequential read, cold", seq_read, cold=True, after=seq_after,
+              needs="seq_write")],
     [Workload("rand_rw", "random 4 KiB read/write (fio)", rand_rw, prep=rand_prep, after=rand_after,
               guard="io")],
-    [Workload("rm_rf", "rm -rf tree", rm_rf, guard="tree")],
+    [Workload("rm_rf", "rm -rf tree", rm_rf, guard="tree", needs="untar")],
 ]
 ALL = [w for ph in PHASES for w in ph]
 BY_NAME = {w.name: w for w in ALL}
+
+
+def with_needs(names: list[str]) -> list[str]:
+    """*names* plus the workloads they need (``stat_cold`` works on the tree that
+    ``untar`` makes), in run order."""
+    want = set(names)
+    for n in names:
+        while BY_NAME[n].needs:
+            n = BY_NAME[n].needs
+            want.add(n)
+    return [w.name for w in ALL if w.name in want]

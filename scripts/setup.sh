@@ -39,11 +39,16 @@ if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv with $PY"
     $PY -m venv .venv
 fi
+# SHIFTFS_CACHE_DIR (CI sets it to an empty directory) also moves pip's cache, so a
+# run with it set downloads and builds everything as a fresh machine does.
+if [ -n "${SHIFTFS_CACHE_DIR:-}" ]; then
+    export PIP_CACHE_DIR="$SHIFTFS_CACHE_DIR/pip"
+fi
 stamp=.venv/.shiftfs-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "setup: installing shiftfs and its dependencies into .venv"
     .venv/bin/pip install -q --upgrade pip >/dev/null
-    .venv/bin/pip install -q -e '.[test,bench]'
+    .venv/bin/pip install -q -e '.[test,bench,lint]'
     touch "$stamp"
 fi
 # Make the checkout and venv reachable for other users (tests run commands as them).
@@ -59,9 +64,10 @@ fi
 # Unprivileged users (shiftfs run/exec) need to reach the venv and the package.
 d=$(pwd -P)
 while [ "$d" != / ]; do
-    if [ "$(stat -c %A "$d" | cut -c10)" != x ]; then
+    # the last mode letter is x, or t for a sticky directory that others may search (/tmp)
+    case "$(stat -c %A "$d" | cut -c10)" in x|t) ;; *)
         echo "setup: warning: $d (mode $(stat -c %a "$d")) is not searchable by other users, so they cannot run shiftfs from this checkout; move it (e.g. to /opt/shiftfs) or 'chmod o+x $d'" >&2
-        break
-    fi
+        break ;;
+    esac
     d=$(dirname "$d")
 done

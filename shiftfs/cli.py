@@ -10,19 +10,27 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 from . import __version__
-from .mount import MountError, UsageError
+from .errors import MountError, UsageError
+from .ownership.idmap import add_map_argument
 
 __all__ = ["main"]
 
 # Modules that add subcommands through ``register(subparsers)``; missing ones are skipped.
-_COMMAND_MODULES = ["shiftfs.run", "shiftfs.execcmd", "shiftfs.archive"]
+_COMMAND_MODULES = ["shiftfs.run", "shiftfs.execcmd", "shiftfs.offline.commands"]
 
 MOUNT_HELP = """\
 options (-o, comma separated):
+  backend=auto|kernel|fuse
+                        table mode: kernel = an idmapped bind mount of SOURCE
+                        (no daemon; root on a filesystem that supports it),
+                        fuse = the daemon, auto (default) = kernel when the
+                        kernel allows it, else fuse, saying which in one line.
+                        FUSE-only options are ignored on the kernel backend
+                        (one warning); xattr mode is always fuse. See
+                        KERNEL_LIMITS.md for how the backends differ
   xattr                 xattr mode (same as --xattr)
   uidmap=D:V:C[:D:V:C]  uid table, fuse-overlayfs' colon form
   gidmap=D:V:C[:...]    gid table
@@ -69,13 +77,7 @@ def _add_mount(sub) -> None:
     )
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
-    p.add_argument(
-        "--map",
-        action="append",
-        default=[],
-        metavar="u|g|b:DISK:VIEW:COUNT",
-        help="id table range (repeatable): disk id DISK+k is seen as VIEW+k",
-    )
+    add_map_argument(p)
     p.add_argument("--xattr", action="store_true", help="keep view ownership in user.containers.override_stat records")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS", help="mount options (see below)")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
@@ -88,7 +90,8 @@ def _add_mount(sub) -> None:
 
 
 def _cmd_mount(args) -> int:
-    from .mount import mount, parse_options
+    from .fs.daemon import mount
+    from .fs.options import parse_options
 
     cfg = parse_options(args.options, args.map, args.xattr, args.source, args.mountpoint)
     cfg.foreground = args.foreground
@@ -96,7 +99,7 @@ def _cmd_mount(args) -> int:
 
 
 def _cmd_umount(args) -> int:
-    from .mount import unmount
+    from .fs.mount import unmount
 
     unmount(args.mountpoint, lazy=args.lazy)
     return 0

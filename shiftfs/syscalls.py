@@ -28,6 +28,7 @@ __all__ = [
     "link_fd",
     "birth_time",
     "proc_fd",
+    "O_PATH_NOFOLLOW",
 ]
 
 AT_FDCWD = -100
@@ -41,6 +42,8 @@ RENAME_WHITEOUT = 4
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 STATX_BTIME = 0x800
+#: How every backing inode is held: a descriptor that names it, never following a symlink.
+O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 

@@ -25,6 +25,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fsutil  # noqa: E402
+import ns_util  # noqa: E402
 
 LINK = "/usr/local/bin/shiftfs"
 
@@ -40,15 +41,32 @@ def _usual_umask():
         os.umask(0o022)
 
 
+@pytest.fixture(scope="session")
+def debian_tar():
+    """The Debian bookworm minbase tarball (mmdebstrap, real root), built on
+    first use into the cache (``SHIFTFS_CACHE_DIR``) and shared by every test
+    that needs a real Debian root; skips only where it cannot be built."""
+    why = ns_util.debian_tarball_unavailable()
+    if why:
+        pytest.skip(why)
+    return ns_util.build_debian_tarball()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "root: needs uid 0 (skipped otherwise)")
     config.addinivalue_line("markers", "fuse: needs /dev/fuse (skipped otherwise)")
+
+
+#: Modules whose tests need no mount and no root: ``pytest -m "not mount"`` runs just these.
+_NO_MOUNT_MODULES = ("test_unit", "test_record")
 
 
 def pytest_collection_modifyitems(config, items):
     not_root = os.geteuid() != 0
     no_fuse = not os.path.exists("/dev/fuse")
     for item in items:
+        if not item.module.__name__.startswith(_NO_MOUNT_MODULES):
+            item.add_marker(pytest.mark.mount)
         if not_root and item.get_closest_marker("root"):
             item.add_marker(pytest.mark.skip(reason="needs root"))
         if no_fuse and item.get_closest_marker("fuse"):

@@ -14,13 +14,21 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE = "/var/cache/shiftfs-test"
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from bench import artifacts  # noqa: E402
+
+#: Cached artifacts; ``SHIFTFS_CACHE_DIR`` moves them (CI empties it every run).
+CACHE = artifacts.cache_dir("/var/cache/shiftfs-test")
 DEBIAN_TAR = os.path.join(CACHE, "bookworm-minbase.tar")
+MIRROR = "http://deb.debian.org/debian/dists/bookworm/InRelease"
 SUBID_FILES = ("/etc/subuid", "/etc/subgid")
 
 #: Host binaries inside a container: ROOT gets Debian's merged-/usr symlinks
@@ -205,24 +213,29 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def build_debian_tarball(timeout: float = 900) -> str | None:
-    """The cached ``mmdebstrap --variant=minbase bookworm`` tarball, built on
-    first use (needs root and the Debian mirror). None if it cannot be built."""
-    if os.path.exists(DEBIAN_TAR):
-        return DEBIAN_TAR
-    if os.geteuid() != 0 or not shutil.which("mmdebstrap"):
-        return None
-    os.makedirs(CACHE, exist_ok=True)
-    part = DEBIAN_TAR.replace(".tar", ".partial.tar")
+def mirror_reachable() -> bool:
+    """Whether the Debian mirror answers (mmdebstrap needs it)."""
     try:
-        res = subprocess.run(["mmdebstrap", "--variant=minbase", "--mode=root", "bookworm",
-                              part], capture_output=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return None
-    if res.returncode != 0:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(part)
-        return None
-    os.chmod(part, 0o644)
-    os.rename(part, DEBIAN_TAR)
-    return DEBIAN_TAR
+        req = urllib.request.Request(MIRROR, method="HEAD")
+        with urllib.request.urlopen(req, timeout=15) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def debian_tarball_unavailable() -> str | None:
+    """Why the minbase tarball cannot be built here, or None if it can."""
+    if os.geteuid() != 0:
+        return "building the Debian tarball needs root"
+    if not shutil.which("mmdebstrap"):
+        return "mmdebstrap is missing (apt-get install mmdebstrap)"
+    if artifacts.dpkg_status(DEBIAN_TAR) is None and not mirror_reachable():
+        return f"{MIRROR} is not reachable, so mmdebstrap cannot build the Debian tarball"
+    return None
+
+
+def build_debian_tarball(timeout: float = 900) -> str:
+    """The cached ``mmdebstrap --variant=minbase bookworm`` tarball, built (or
+    rebuilt, if what is cached is not a readable Debian root tarball) on first
+    use. Raises RuntimeError if mmdebstrap fails."""
+    return artifacts.cached_minbase(DEBIAN_TAR, timeout=timeout)

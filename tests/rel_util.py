@@ -136,7 +136,8 @@ class Mount:
         cmd = [SHIFTFS, "mount"] + (["--xattr"] if self.mode == "xattr" else [])
         for m in self.maps:
             cmd += ["--map", m]
-        cmd += [self.src, self.mp, "-o", ",".join(self.opts + [f"log={self.log}"])]
+        backend = [] if any(o.startswith("backend=") for o in self.opts) else ["backend=fuse"]  # daemon tests
+        cmd += [self.src, self.mp, "-o", ",".join(self.opts + backend + [f"log={self.log}"])]
         if self.nofile:
             cmd = ["prlimit", f"--nofile={self.nofile}:{self.nofile}", "--"] + cmd
         if self.as_uid is not None:
@@ -364,8 +365,8 @@ def table_view_id(disk: int) -> int:
 
 def read_record(src, full: str, st: os.stat_result):
     """The decoded record of a backing inode (via the engine's store), or None; raises on malformed."""
-    from shiftfs import record as _record
-    from shiftfs.store import RecordStore
+    from shiftfs.ownership import record as _record
+    from shiftfs.ownership.store import RecordStore
 
     root_fd = os.open(str(src), os.O_PATH | os.O_DIRECTORY)
     fd = os.open(full, os.O_PATH | os.O_NOFOLLOW)

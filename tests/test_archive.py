@@ -36,8 +36,8 @@ from archive_util import (
     snapshot,
     workdir,
 )
-from shiftfs import record as _record
-from shiftfs.tree import map_acl
+from shiftfs.ownership import record as _record
+from shiftfs.ownership.acl import map_ids
 
 pytestmark = [
     pytest.mark.skipif(not IS_ROOT, reason="builds device nodes and runs setpriv: needs root"),
@@ -330,11 +330,11 @@ def test_absorb_then_materialize_is_identity(world, priv_copy):
 
 def _check_nothing_lost(root: Path, before: dict) -> None:
     """Each inode shows its original owner and mode, or has a record saying so."""
-    from shiftfs.store import RecordStore
-    from shiftfs.tree import open_root, walk
+    from shiftfs.ownership.store import RecordStore
+    from shiftfs.offline.walk import open_root, walk
 
     root_fd = open_root(str(root))
-    store = RecordStore.open(root_fd, False)
+    store = RecordStore(root_fd, False)
     try:
         for e in walk(root_fd):
             rel = os.fsencode(e.rel) if e.rel else b"."
@@ -388,7 +388,7 @@ def test_absorb_and_export_with_map(world):
                 os.chmod(p, stat.S_IMODE(mode))  # chown dropped setuid bits
                 for acl in ("system.posix_acl_access", "system.posix_acl_default"):
                     if acl in os.listxattr(p):
-                        value = map_acl(os.getxattr(p, acl), lambda i: i + 100000, lambda i: i + 100000)
+                        value = map_ids(os.getxattr(p, acl), lambda i: i + 100000, lambda i: i + 100000)
                         os.setxattr(p, acl, value)
     before = snapshot(shifted)
     # table mode: export through the map shows the unshifted ids

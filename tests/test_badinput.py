@@ -152,7 +152,8 @@ def test_unprivileged_user_without_access_to_the_mountpoint(work, pair):
 
 def test_unwritable_log_leaves_nothing_mounted(work, pair):
     src, mp = pair
-    r, pids = run([SHIFTFS, "mount", "--map", "b:100000:0:65536", src, mp, "-o", f"log={work}/no/such/dir/log"])
+    r, pids = run([SHIFTFS, "mount", "--map", "b:100000:0:65536", src, mp, "-o",
+                   f"backend=fuse,log={work}/no/such/dir/log"])
     assert "log" in one_line(r, 1)
     nothing_left(mp, pids)
 

@@ -20,6 +20,7 @@ from fsutil import (
     MAP,
     SHIFTFS,
     USER_ENV,
+    errno_of,
     find_mount,
     is_mounted,
     mount_shiftfs,
@@ -60,7 +61,7 @@ def tracked(request):
     yield run
     for mp, pids in started:
         m = find_mount(mp)
-        if m is not None and m.fstype.startswith("fuse"):
+        if m is not None and (m.fstype.startswith("fuse") or "idmapped" in m.options):
             unmount_lazy(mp)
         for p in pids:
             reap(p, 10)
@@ -87,7 +88,8 @@ def check_table_view(mp):
 def test_helper_form(dirs, tracked):
     """What mount.fuse3 runs: ``shiftfs SOURCE MOUNTPOINT -o OPTS`` (with its rw,dev,suid additions)."""
     src, mp = dirs
-    r, pids = tracked([SHIFTFS, src, mp, "-o", "rw,uidmap=100000:0:65536,gidmap=100000:0:65536,dev,suid"], mp)
+    r, pids = tracked([SHIFTFS, src, mp, "-o", "rw,backend=fuse,uidmap=100000:0:65536,gidmap=100000:0:65536,dev,suid"],
+                      mp)
     assert r.returncode == 0, r.stderr
     assert len(pids) == 1
     info = find_mount(mp)
@@ -100,7 +102,7 @@ def test_mount_t_fuse_shiftfs(dirs, tracked, shiftfs_on_path):
     """``mount -t fuse.shiftfs`` finds /sbin/mount.fuse3 (via mount.fuse), which runs ``shiftfs`` from PATH."""
     src, mp = dirs
     r, pids = tracked(["mount", "-t", "fuse.shiftfs", src, mp, "-o",
-                       "uidmap=100000:0:65536,gidmap=100000:0:65536,fsname=shifted-root"], mp)
+                       "backend=fuse,uidmap=100000:0:65536,gidmap=100000:0:65536,fsname=shifted-root"], mp)
     assert r.returncode == 0, r.stderr
     assert len(pids) == 1
     info = find_mount(mp)
@@ -119,7 +121,7 @@ def test_mount_t_keeps_nosuid_nodev(dirs, tracked, shiftfs_on_path, scratch):
     """mount.fuse3 appends dev,suid (mount(8)'s block-device defaults) to every helper call;
     shiftfs still defaults to nosuid,nodev: a setuid file of view uid 0 would be real root."""
     src, mp = dirs
-    r, pids = tracked(["mount", "-t", "fuse.shiftfs", src, mp, "-o", "uidmap=100000:0:65536"], mp)
+    r, pids = tracked(["mount", "-t", "fuse.shiftfs", src, mp, "-o", "backend=fuse,uidmap=100000:0:65536"], mp)
     assert r.returncode == 0, r.stderr
     opts = find_mount(mp).options
     assert "nosuid" in opts and "nodev" in opts, opts
@@ -127,7 +129,8 @@ def test_mount_t_keeps_nosuid_nodev(dirs, tracked, shiftfs_on_path, scratch):
     assert reap(pids[0], 10) is not None
     # asked for explicitly (mount.fuse3 run directly; mount(8) itself drops a
     # plain "suid" from fstab lines before calling the helper): granted
-    r, pids = tracked(["/sbin/mount.fuse3", src, mp, "-t", "fuse.shiftfs", "-o", "uidmap=100000:0:65536,suid"], mp)
+    r, pids = tracked(["/sbin/mount.fuse3", src, mp, "-t", "fuse.shiftfs", "-o", "backend=fuse,uidmap=100000:0:65536,suid"],
+                     mp)
     assert r.returncode == 0, r.stderr
     opts = find_mount(mp).options
     assert "nosuid" not in opts and "nodev" in opts, opts
@@ -146,7 +149,7 @@ def test_fstab_line(dirs, tracked, shiftfs_on_path, scratch):
     fstab = scratch / "fstab"
     fstab.write_text(
         "# a temporary fstab\n"
-        f"{src} {mp} fuse.shiftfs noauto,nofail,x-systemd.automount,uidmap=100000:0:65536,gidmap=100000:0:65536,"
+        f"{src} {mp} fuse.shiftfs noauto,nofail,x-systemd.automount,backend=fuse,uidmap=100000:0:65536,gidmap=100000:0:65536,"
         "fsname=from-fstab,allow_other 0 0\n"
     )
     r, pids = tracked(["mount", "-T", fstab, mp], mp)
@@ -187,7 +190,7 @@ def test_fsname_and_subtype(dirs, shiftfs_mount):
 def test_exit_zero_means_live(dirs, tracked):
     src, mp = dirs
     for i in range(3):
-        r, pids = tracked([SHIFTFS, "mount", "--map", MAP, src, mp], mp)
+        r, pids = tracked([SHIFTFS, "mount", "--map", MAP, "-o", "backend=fuse", src, mp], mp)
         # no waiting: the moment the command returns, the mount answers
         assert r.returncode == 0, r.stderr
         st = os.stat(mp)
@@ -294,7 +297,7 @@ def test_bad_paths(dirs, tracked, scratch):
 def test_already_mounted(dirs, shiftfs_mount, tracked):
     src, mp = dirs
     m = shiftfs_mount("--map", MAP, source=src, mountpoint=mp)
-    r, pids = tracked([SHIFTFS, "mount", "--map", MAP, src, mp], mp)
+    r, pids = tracked([SHIFTFS, "mount", "--map", MAP, "-o", "backend=fuse", src, mp], mp)
     line = one_line_error(r)
     assert "already a shiftfs mount" in line
     assert pids == []
@@ -388,7 +391,7 @@ def test_daemon_exits_cleanly_on_signal(dirs, shiftfs_mount, sig):
 
 def test_foreground_sigint(dirs):
     src, mp = dirs
-    p = subprocess.Popen([SHIFTFS, "mount", "-f", "--map", MAP, str(src), str(mp)],
+    p = subprocess.Popen([SHIFTFS, "mount", "-f", "--map", MAP, "-o", "backend=fuse", str(src), str(mp)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: is_mounted(mp) or p.poll() is not None, 30, what="foreground mount")
@@ -493,3 +496,148 @@ def test_log_and_stats_files_not_world_writable(dirs, shiftfs_mount):
         mode = stat.S_IMODE(os.stat(path).st_mode)
         assert mode & 0o022 == 0, (path, oct(mode))
     assert "mounted" in m.log_text()
+
+
+# -- the kernel backend (-o backend=auto|kernel|fuse) -----------------------------------------
+
+def _info_lines(r):
+    return [ln for ln in r.stderr.splitlines() if ln.strip()]
+
+
+def test_auto_picks_kernel_and_says_so(dirs, tracked):
+    """Root, ext4: ``auto`` makes an idmapped bind mount, says so in one line, runs no daemon."""
+    src, mp = dirs
+    r, pids = tracked([SHIFTFS, "mount", "--map", MAP, src, mp], mp)
+    assert r.returncode == 0, r.stderr
+    lines = _info_lines(r)
+    assert len(lines) == 1 and lines[0].startswith("shiftfs: backend kernel:"), r.stderr
+    assert pids == []
+    info = find_mount(mp)
+    assert "idmapped" in info.options and {"nosuid", "nodev"} <= set(info.options), info.options
+    check_table_view(mp)
+    # 'already mounted' and umount know it
+    r2, _ = tracked([SHIFTFS, "mount", "--map", MAP, src, mp], mp)
+    assert "already a shiftfs mount" in one_line_error(r2)
+    r3 = subprocess.run([SHIFTFS, "umount", str(mp)], capture_output=True, text=True)
+    assert r3.returncode == 0 and r3.stderr == "", r3.stderr
+    assert not is_mounted(mp)
+    r4 = subprocess.run([SHIFTFS, "umount", str(mp)], capture_output=True, text=True)
+    assert "not a shiftfs mount" in one_line_error(r4)
+
+
+def test_kernel_backend_helper_form_and_flags(dirs, tracked):
+    """The helper form mount.fuse3 runs (with its trailing dev,suid); ro and noexec apply to the bind."""
+    src, mp = dirs
+    r, pids = tracked([SHIFTFS, src, mp, "-o", "backend=kernel,ro,noexec,uidmap=100000:0:65536,"
+                       "gidmap=100000:0:65536,dev,suid"], mp)
+    assert r.returncode == 0 and r.stderr == "", r.stderr  # backend asked for: nothing to say
+    assert pids == []
+    opts = set(find_mount(mp).options)
+    assert {"ro", "noexec", "nosuid", "nodev", "idmapped"} <= opts, opts
+    check_table_view(mp)
+    assert errno_of(open, os.path.join(mp, "new"), "w") == errno.EROFS
+    # explicit suid,dev clear the defaults
+    subprocess.run([SHIFTFS, "umount", str(mp)], check=True)
+    r, _ = tracked([SHIFTFS, "mount", "--map", MAP, "-o", "backend=kernel,suid,dev", src, mp], mp)
+    assert r.returncode == 0, r.stderr
+    opts = set(find_mount(mp).options)
+    assert not {"nosuid", "nodev"} & opts, opts
+
+
+def test_mount_t_fuse_shiftfs_kernel_backend(dirs, tracked, shiftfs_on_path):
+    """``mount -t fuse.shiftfs -o backend=kernel`` (the shared /usr/local/bin/shiftfs must be this checkout)."""
+    if os.path.realpath(shiftfs_on_path) != os.path.realpath(SHIFTFS):
+        pytest.skip(f"{shiftfs_on_path} runs another checkout ({os.path.realpath(shiftfs_on_path)})")
+    src, mp = dirs
+    r, pids = tracked(["mount", "-t", "fuse.shiftfs", src, mp, "-o",
+                       "backend=kernel,uidmap=100000:0:65536,gidmap=100000:0:65536"], mp)
+    assert r.returncode == 0, r.stderr
+    assert pids == [] and "idmapped" in find_mount(mp).options
+    check_table_view(mp)
+    r = subprocess.run(["umount", str(mp)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert not is_mounted(mp)
+
+
+def test_kernel_backend_foreground(dirs):
+    """``-f``: the mount lives as long as the command; SIGINT takes it down."""
+    src, mp = dirs
+    p = subprocess.Popen([SHIFTFS, "mount", "-f", "--map", MAP, "-o", "backend=kernel", str(src), str(mp)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: is_mounted(mp) or p.poll() is not None, 30, what="foreground mount")
+        assert p.poll() is None, p.communicate()
+        check_table_view(mp)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=20)
+        assert p.returncode == 0, err
+        assert not is_mounted(mp)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        unmount_lazy(mp)
+
+
+def test_auto_falls_back_to_fuse(dirs, tracked, shiftfs_mount, scratch):
+    """A SOURCE whose filesystem cannot be idmapped (here: a FUSE mount) gets FUSE, with the reason."""
+    src, mp = dirs
+    inner = shiftfs_mount("-o", "backend=fuse", source=src, mountpoint=mp)  # identity FUSE: SOURCE for the next
+    mp2 = scratch / "mp2"
+    mp2.mkdir()
+    r, pids = tracked([SHIFTFS, "mount", "--map", "b:100005:0:10", "-o", "log=" + str(scratch / "l"), inner.mountpoint,
+                       mp2], mp2)
+    assert r.returncode == 0, r.stderr
+    lines = _info_lines(r)
+    assert len(lines) == 1 and lines[0].startswith("shiftfs: backend fuse:") and "idmapped" in lines[0], r.stderr
+    assert len(pids) == 1 and find_mount(mp2).fstype == "fuse.shiftfs"
+    assert os.stat(mp2 / "f").st_uid == 0  # disk 100005 -> inner (identity) 100005 -> outer view 0
+    # backend=kernel there: one line, exit 1, nothing mounted
+    unmount_lazy(mp2)
+    reap(pids[0], 10)
+    r, pids = tracked([SHIFTFS, "mount", "--map", MAP, "-o", "backend=kernel", inner.mountpoint, mp2], mp2)
+    line = one_line_error(r, code=1)
+    assert "kernel backend" in line and "backend=fuse" in line
+    assert pids == [] and not is_mounted(mp2)
+
+
+def test_auto_unprivileged_user_gets_fuse(scratch, tracked):
+    src, mp = scratch / "usrc", scratch / "ump"
+    for d in (src, mp):
+        d.mkdir()
+        os.chown(d, 1000, 1000)
+    cmd = ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "--", SHIFTFS, "mount", "--map",
+           "b:1000:0:1", "-o", f"log={scratch}/u.log", src, mp]
+    with open(scratch / "u.log", "w"):
+        pass
+    os.chown(scratch / "u.log", 1000, 1000)
+    r, pids = tracked(cmd, mp, env=USER_ENV)
+    assert r.returncode == 0, r.stderr
+    lines = _info_lines(r)
+    assert len(lines) == 1 and lines[0].startswith("shiftfs: backend fuse:") and "CAP_SYS_ADMIN" in lines[0], r.stderr
+    assert find_mount(mp).fstype == "fuse.shiftfs"
+    r = run_as(1000, 1000, [SHIFTFS, "umount", str(mp)])
+    assert r.returncode == 0, r.stderr
+    assert reap(pids[0], 10, kill=False) is not None
+
+
+@pytest.mark.parametrize("args,words,code", [
+    (["--xattr", "-o", "backend=kernel"], "table mode only", 2),
+    (["--map", MAP, "-o", "backend=turbo"], "backend=auto, backend=kernel or backend=fuse", 2),
+    (["--map", MAP, "-o", "backend=kernel,sync"], "bind mount cannot carry", 2),
+])
+def test_kernel_backend_bad_input(dirs, tracked, args, words, code):
+    src, mp = dirs
+    r, pids = tracked([SHIFTFS, "mount", *args, src, mp], mp)
+    assert words in one_line_error(r, code)
+    assert pids == [] and not is_mounted(mp)
+
+
+def test_kernel_backend_fuse_only_options_warned(dirs, tracked):
+    """FUSE-only options are ignored on the kernel backend, in the one line it prints."""
+    src, mp = dirs
+    r, pids = tracked([SHIFTFS, "mount", "--map", MAP, "-o", "cache=never,nowriteback", src, mp], mp)
+    assert r.returncode == 0, r.stderr
+    lines = _info_lines(r)
+    assert len(lines) == 1 and "ignoring FUSE-only -o cache,nowriteback" in lines[0], r.stderr
+    assert pids == [] and "idmapped" in find_mount(mp).options

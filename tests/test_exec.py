@@ -21,13 +21,13 @@ import subprocess
 import sys
 import tarfile
 import time
-import urllib.request
 
 import pytest
 
-from ns_util import (CACHE, DEBIAN_TAR, REPO, ROOT_USER, User, mounts_mentioning,
+from bench import artifacts
+from ns_util import (CACHE, MIRROR, REPO, ROOT_USER, User, mirror_reachable, mounts_mentioning,
                      processes_mentioning, remove_tree, throwaway_users, workdir)
-from shiftfs import devtable
+from shiftfs.offline import devtable
 from shiftfs import execcmd
 from shiftfs import run as runmod
 
@@ -35,7 +35,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates test users: r
 
 RECORD = "user.containers.override_stat"
 REFERENCE_TAR = os.path.join(CACHE, "bookworm-minbase-exec-reference.tar")
-MIRROR = "http://deb.debian.org/debian/dists/bookworm/InRelease"
 
 
 def exec_argv() -> list[str]:
@@ -592,15 +591,6 @@ def test_tar_same_owner_as_namespace_root(user, wd):
     assert diff_entries(want, got) == []
 
 
-def _mirror_reachable() -> bool:
-    try:
-        req = urllib.request.Request(MIRROR, method="HEAD")
-        with urllib.request.urlopen(req, timeout=15) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 def _dpkg_versions(status: bytes) -> dict[str, str]:
     out, pkg = {}, None
     for line in status.decode(errors="replace").splitlines():
@@ -612,28 +602,19 @@ def _dpkg_versions(status: bytes) -> dict[str, str]:
 
 
 def _tar_versions(path: str) -> dict[str, str] | None:
-    try:
-        with tarfile.open(path) as tf:
-            f = tf.extractfile("./var/lib/dpkg/status")
-            return _dpkg_versions(f.read()) if f else None
-    except (OSError, KeyError, tarfile.TarError):
-        return None
+    status = artifacts.dpkg_status(path)
+    return None if status is None else _dpkg_versions(status)
 
 
-def reference_tar(versions: dict[str, str]) -> str:
+def reference_tar(debian_tar: str, versions: dict[str, str]) -> str:
     """The real-root build (mmdebstrap --mode=root, tar output) with these
-    package versions: the run tests' cached tarball or our own cached one,
-    rebuilt when the mirror has moved on since."""
-    for path in (DEBIAN_TAR, REFERENCE_TAR):
-        if os.path.exists(path) and _tar_versions(path) == versions:
-            return path
-    os.makedirs(CACHE, exist_ok=True)
-    part = REFERENCE_TAR + ".partial"
-    res = subprocess.run(["mmdebstrap", "--mode=root", "--variant=minbase", "bookworm", part],
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    os.chmod(part, 0o644)
-    os.replace(part, REFERENCE_TAR)
+    package versions: the shared cached tarball, or our own one, rebuilt when
+    the mirror has moved on since."""
+    if _tar_versions(debian_tar) == versions:
+        return debian_tar
+    if _tar_versions(REFERENCE_TAR) == versions:
+        return REFERENCE_TAR
+    artifacts.build_minbase(REFERENCE_TAR, timeout=900)
     got = _tar_versions(REFERENCE_TAR)
     assert got == versions, "the Debian mirror changed between the two builds; rerun"
     return REFERENCE_TAR
@@ -645,7 +626,7 @@ def debian_build(user):
     test user; yields (workdir, rootfs, export made right after the build)."""
     if not shutil.which("mmdebstrap"):
         pytest.skip("mmdebstrap is missing (apt-get install mmdebstrap)")
-    if not _mirror_reachable():
+    if not mirror_reachable():
         pytest.skip(f"{MIRROR} is not reachable: test_tar_same_owner_as_namespace_root "
                     "covers unpacking without it")
     d = workdir()
@@ -661,13 +642,14 @@ def debian_build(user):
         remove_tree(d)
 
 
-def test_mmdebstrap_matches_a_real_root_build(user, debian_build, tmp_path):
+@pytest.mark.timeout(1200)  # may build the shared real-root tarball first
+def test_mmdebstrap_matches_a_real_root_build(user, debian_build, debian_tar, tmp_path):
     d, rootfs, tar = debian_build
     assert host_owners(d) == {(user.uid, user.gid)}
     with open(os.path.join(rootfs, "var/lib/dpkg/status"), "rb") as f:
         versions = _dpkg_versions(f.read())
     assert "dpkg" in versions and "apt" in versions
-    ref = reference_tar(versions)
+    ref = reference_tar(debian_tar, versions)
     # The kernel refused the device nodes; the table puts back mmdebstrap's /dev.
     full = str(tmp_path / "rootfs-dev.tar")
     with open(full, "wb") as out:

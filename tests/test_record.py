@@ -5,7 +5,8 @@ import stat
 
 import pytest
 
-from shiftfs.record import (
+from shiftfs.ownership.names import escape_xattr_name, unescape_xattr_name
+from shiftfs.ownership.record import (
     LEGACY_RECORD_NAME,
     MAX_ID,
     RECORD_NAME,
@@ -13,8 +14,6 @@ from shiftfs.record import (
     RecordError,
     decode,
     encode,
-    escape_xattr_name,
-    unescape_xattr_name,
 )
 
 REG = stat.S_IFREG

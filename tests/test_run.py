@@ -14,8 +14,7 @@ import time
 
 import pytest
 
-from ns_util import (HOST_USR, REPO, ROOT_USER, User, build_debian_tarball,
-                     chown_tree, make_host_root, mounts_mentioning, processes_mentioning,
+from ns_util import (HOST_USR, REPO, ROOT_USER, User, chown_tree, make_host_root, mounts_mentioning, processes_mentioning,
                      remove_tree, run_argv, throwaway_users, workdir)
 from shiftfs import namespaces as ns
 from shiftfs import run as runmod
@@ -572,14 +571,7 @@ def test_create_through_nested_shiftfs(wd):
 # --- a real Debian root ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def debian_tar():
-    tar = build_debian_tarball()
-    if not tar:
-        pytest.skip("cannot build the Debian tarball (mmdebstrap or the mirror unavailable)")
-    return tar
-
-
+@pytest.mark.timeout(1200)  # the first user of debian_tar builds it
 def test_debian_rootfs(debian_tar, wd):
     work = make_root(wd, ROOT_USER, "work")
     os.mkdir(os.path.join(work, "target"))

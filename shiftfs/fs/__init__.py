@@ -1,1 +1,1 @@
-"""The FUSE daemon: mounting, options, and how the daemon keeps itself apart from what it serves."""
+"""The mount: FUSE operations, inode table, request log, mount options and the daemon loop."""

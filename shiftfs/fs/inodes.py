@@ -6,7 +6,7 @@ so every call works relative to it without resolving a path.
 
 Lookup counting lives here and only here: every reply that hands the kernel an
 entry (lookup, create, mkdir, mknod, symlink, link and each READDIRPLUS entry
-pyfuse3 reports as sent) calls :meth:`InodeTable.remember`, and ``forget``
+pyfuse3 reports as sent) calls :meth:`InodeTable.count_lookup`, and ``forget``
 calls :meth:`InodeTable.forget`.
 
 Descriptors are bounded (RLIMIT_NOFILE is 20000 here and cannot be raised
@@ -33,13 +33,16 @@ import resource
 import stat
 from collections import OrderedDict
 
+from typing import Callable
+
 import pyfuse3
+
+from ..syscalls import O_PATH_NOFOLLOW
 
 __all__ = ["Inode", "InodeTable", "ROOT_ID"]
 
 ROOT_ID = pyfuse3.ROOT_INODE
 _SYNTHETIC_BASE = 1 << 62
-_O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _UNLOADED = object()
 
@@ -52,6 +55,10 @@ class Inode:
     ``security.capability`` probe and ``ls -l``'s ACL probe are answered from
     memory. ``parent``/``name`` are the last place we saw the inode, used to
     reopen it; ``pins`` counts reasons its descriptor must stay open.
+
+    Who writes what: the table owns ``parent``, ``name``, ``pins``,
+    ``nlookup`` and the descriptor; the ownership policy owns ``record`` and
+    ``default_acl``; the operations own ``xnames``.
     """
 
     __slots__ = (
@@ -87,10 +94,9 @@ class Inode:
     def record_loaded(self) -> bool:
         return self.record is not _UNLOADED
 
-    def drop_caches(self) -> None:
-        self.record = _UNLOADED
-        self.xnames = None
-        self.default_acl = None
+    def view_path(self) -> str:
+        """The last known path of the inode below the root, for log lines."""
+        return self._table.path_of(self)
 
     def __repr__(self) -> str:
         return f"<Inode {self.id} fd={self._fd} n={self.nlookup} {self.name!r}>"
@@ -104,8 +110,15 @@ def _fd_budget() -> int:
     return max(64, min(soft - 1024, soft * 3 // 4))
 
 
+def _printable(s: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+
+
+GoneHook = Callable[[Inode, os.stat_result], None]
+
+
 class InodeTable:
-    def __init__(self, root_fd: int, max_fds: int | None = None):
+    def __init__(self, root_fd: int, max_fds: int | None = None, on_gone: GoneHook | None = None):
         #: most inode descriptors kept open at once
         self.max_fds = max_fds or _fd_budget()
         st = os.fstat(root_fd)
@@ -120,14 +133,10 @@ class InodeTable:
         #: open file handles; each holds a descriptor (and pins one) outside the LRU
         self._pin_count = 0
         #: called with an inode and its stat when the inode is dropped with no links left
-        self.on_gone = None
+        self.on_gone = on_gone
 
     def __len__(self) -> int:
         return len(self._by_id)
-
-    @property
-    def open_fds(self) -> int:
-        return len(self._lru)
 
     def __getitem__(self, id: int) -> Inode:
         try:
@@ -140,6 +149,18 @@ class InodeTable:
 
     def by_key(self, key: tuple[int, int]) -> Inode | None:
         return self._by_key.get(key)
+
+    def path_of(self, node: Inode) -> str:
+        """The last known path of an inode (backing names), for log lines."""
+        names = []
+        cur: Inode | None = node
+        while cur is not None and cur.id != ROOT_ID and len(names) < 64:
+            if not cur.name:
+                names.append(f"<inode {cur.id}>")
+                break
+            names.append(os.fsdecode(cur.name))
+            cur = self._by_id.get(cur.parent)
+        return _printable("/" + "/".join(reversed(names)))
 
     # -- ids -------------------------------------------------------------------
     def _new_id(self, st: os.stat_result) -> int:
@@ -160,7 +181,7 @@ class InodeTable:
     # -- finding and adding inodes ------------------------------------------------
     def child(self, parent: Inode, name: bytes) -> tuple[Inode, os.stat_result]:
         """Find or add the inode named ``name`` in ``parent`` (no reference taken)."""
-        fd = os.open(name, _O_PATH_FLAGS, dir_fd=parent.fd)
+        fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=parent.fd)
         try:
             st = os.fstat(fd)
         except BaseException:
@@ -226,7 +247,7 @@ class InodeTable:
             cur = parent
         for n in reversed(chain):
             try:
-                fd = os.open(n.name, _O_PATH_FLAGS, dir_fd=self._by_id[n.parent].fd)
+                fd = os.open(n.name, O_PATH_NOFOLLOW, dir_fd=self._by_id[n.parent].fd)
             except FileNotFoundError:
                 raise pyfuse3.FUSEError(errno.ESTALE) from None
             st = os.fstat(fd)
@@ -258,22 +279,26 @@ class InodeTable:
                     self._track(node)
                 # a nameless inode keeps its descriptor until it is forgotten
 
-    def holding(self, key: tuple[int, int], parent: Inode, name: bytes) -> Inode | None:
-        """Before ``name`` in ``parent`` goes away: the inode we reach by it, opened."""
+    def open_before_unlink(self, key: tuple[int, int], parent: Inode, name: bytes) -> Inode | None:
+        """Before ``name`` in ``parent`` goes away: the inode we reach by it, opened.
+
+        Its descriptor must be open now: once the name is gone it cannot be
+        reopened by name. Pass the result to :meth:`name_removed` afterwards.
+        """
         node = self._by_key.get(key)
         if node is not None and node.parent == parent.id and node.name == name and node is not self.root:
             node.fd
             return node
         return None
 
-    def unnamed(self, node: Inode | None) -> None:
+    def name_removed(self, node: Inode | None) -> None:
         """The name we reached ``node`` by is gone: keep its descriptor until forget."""
         if node is not None:
             node.name = b""
             self._lru.pop(node.id, None)
 
     def renamed(self, key: tuple[int, int], parent: Inode, name: bytes) -> None:
-        """Keep the last known name of an inode right after a rename."""
+        """Keep the last known name of an inode right after a rename (or after publishing a new one)."""
         node = self._by_key.get(key)
         if node is not None:
             node.parent = parent.id
@@ -282,7 +307,7 @@ class InodeTable:
                 self._track(node)
 
     # -- lookup counts -------------------------------------------------------------
-    def remember(self, node: Inode) -> None:
+    def count_lookup(self, node: Inode) -> None:
         """The kernel got an entry for ``node``: count one lookup reference."""
         node.nlookup += 1
 

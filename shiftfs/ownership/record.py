@@ -49,19 +49,8 @@ write one of two forms:
   mode keeps fuse-overlayfs 1.10 from ORing ``S_IFCHR`` into ``S_IFREG``
   (which would give ``S_IFLNK``); 1.10 shows a plain regular file instead.
 
-Names. Some xattrs set through the mount cannot be stored under their own
-names on the backing filesystem: ``security.*`` and ``trusted.*`` need
-privilege, and POSIX ACLs would change who may access the backing file.
-Names under our own prefixes would forge or overwrite a record. All of these
-are stored as ``user.containers.override_<name>``, the same encoding
-fuse-overlayfs uses with ``xattr_permissions=2``
-(``user.containers.override_security.capability``). Every other name is
-stored as is. Decoding is the exact inverse of encoding. A backing name that
-encoding could not have produced (the record itself, fuse-overlayfs'
-internal names, ``user.containers.override_user.foo``, the backing inode's
-own ``security.*`` or ACL xattrs, which belong to the host) is hidden, so every
-backing name has at most one view name. Since every name under our prefixes
-gets escaped, no name set through the mount can ever write a record.
+Xattr names (how an xattr set through the mount is stored) are
+:mod:`shiftfs.ownership.names`' business.
 """
 
 from __future__ import annotations
@@ -69,6 +58,8 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
+
+from .idmap import MAX_ID
 
 __all__ = [
     "RECORD_NAME",
@@ -78,8 +69,6 @@ __all__ = [
     "RecordError",
     "decode",
     "encode",
-    "escape_xattr_name",
-    "unescape_xattr_name",
 ]
 
 #: The xattr that holds a record (containers/storage, fuse-overlayfs >= 1.14).
@@ -87,13 +76,6 @@ RECORD_NAME = "user.containers.override_stat"
 #: The name older fuse-overlayfs releases read and write.
 LEGACY_RECORD_NAME = "user.fuseoverlayfs.override_stat"
 
-#: Largest id a record may hold; ``2**32 - 1`` is ``(uid_t) -1``, "no change".
-MAX_ID = 2**32 - 2
-
-_ESCAPE_PREFIX = "user.containers.override_"
-_OUR_PREFIXES = ("user.containers.", "user.fuseoverlayfs.")
-_PRIVILEGED_PREFIXES = ("security.", "trusted.")
-_ACL_NAMES = ("system.posix_acl_access", "system.posix_acl_default")
 
 _TYPE_NAMES = {
     "file": stat.S_IFREG,
@@ -248,32 +230,3 @@ def encode(rec: Record) -> bytes:
     if rec.rdev:
         raise RecordError(f"record for mode {rec.mode:o} has a device number; only devices carry rdev")
     return f"{rec.uid}:{rec.gid}:{rec.mode:o}".encode()
-
-
-def _needs_escape(name: str) -> bool:
-    return name.startswith(_PRIVILEGED_PREFIXES) or name in _ACL_NAMES or name.startswith(_OUR_PREFIXES)
-
-
-def escape_xattr_name(name: str) -> str:
-    """The backing name under which an xattr set through the mount is stored.
-
-    The result can exceed the kernel's 255-byte name limit; setting it then
-    fails with ``ERANGE``, as it would for any overlong name.
-    """
-    if _needs_escape(name):
-        return _ESCAPE_PREFIX + name
-    return name
-
-
-def unescape_xattr_name(backing: str) -> str | None:
-    """The view name of a backing xattr name, or ``None`` if it must be hidden."""
-    if backing.startswith(_ESCAPE_PREFIX):
-        inner = backing[len(_ESCAPE_PREFIX) :]
-        if _needs_escape(inner):
-            return inner
-        return None
-    if _needs_escape(backing):
-        # The backing inode's own security.*, trusted.* and ACL xattrs belong
-        # to the host, and our own names are never shown.
-        return None
-    return backing

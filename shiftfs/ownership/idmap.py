@@ -163,3 +163,14 @@ def parse_map_args(
         granges += _parse_triples(gidmap, "gid", "gidmap=" + gidmap)
     ou, og = overflow_ids()
     return IdMap(uranges, ou, "uid"), IdMap(granges, og, "gid")
+
+
+def add_map_argument(parser) -> None:
+    """The ``--map`` option, the same for ``mount`` and the offline tools."""
+    parser.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="u|g|b:DISK:VIEW:COUNT",
+        help="id table range (repeatable): disk id DISK+k is seen as VIEW+k",
+    )

@@ -24,55 +24,49 @@ left behind by an inode deleted outside the mount harmless when the inode
 number is reused, and keeps inodes of different filesystems below ROOT that
 share a number apart. The same table takes records for regular files and
 directories on filesystems without user xattrs. ``.shiftfs`` at the root is
-hidden from the view.
+hidden from the view. Side-table failures surface as :class:`SideTableError`
+(an OSError), so sqlite stays inside this module.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import sqlite3
 import stat
 
-from . import record as _record
-from .syscalls import birth_time, proc_fd
+from .names import STORE_DIR
+from .record import LEGACY_RECORD_NAME, RECORD_NAME, Record, encode
+from ..syscalls import O_PATH_NOFOLLOW, birth_time, proc_fd
 
-__all__ = [
-    "RecordStore", "STORE_DIR", "TMP_PREFIX", "TMP_NEW", "can_hold_xattr", "backing_name", "view_name",
-]
+__all__ = ["RecordStore", "SideTableError", "can_hold_xattr"]
 
 log = logging.getLogger(__name__)
 
-#: Name of the directory at the backing root that holds the side table.
-STORE_DIR = ".shiftfs"
 _DB_NAME = "records.db"
 _XATTR_REPLACE = getattr(os, "XATTR_REPLACE", 2)
+# sqlite result codes (the side table) and the errnos they stand for
+_SQLITE_ERRNOS = {13: errno.ENOSPC, 8: errno.EROFS, 5: errno.EAGAIN, 6: errno.EAGAIN, 3: errno.EACCES, 23: errno.EACCES}
 
 
-#: Names under this prefix belong to shiftfs: temporaries are TMP_NEW + hex;
-#: a view name that starts with TMP_PREFIX (or is ``.shiftfs`` at the root)
-#: is stored escaped as _ESC + name, so one shiftfs can sit on another.
-TMP_PREFIX = b".shiftfs~"
-TMP_NEW = TMP_PREFIX + b"t"
-_ESC = TMP_PREFIX + b"e"
-_STORE_NAME = STORE_DIR.encode()
+class SideTableError(OSError):
+    """The record side table failed; an OSError with the errno the sqlite error stands for."""
 
 
-def backing_name(name: bytes, at_root: bool) -> bytes:
-    """The name a view name is stored under (may exceed NAME_MAX: check it)."""
-    if name.startswith(TMP_PREFIX) or (at_root and name == _STORE_NAME):
-        return _ESC + name
-    return name
+def _side_table_errors(fn):
+    """Turn sqlite3 errors into :class:`SideTableError`, so no caller needs to know sqlite."""
 
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except sqlite3.Error as e:
+            code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+            raise SideTableError(_SQLITE_ERRNOS.get(code, errno.EIO), f"record side table: {e}") from None
 
-def view_name(name: bytes, at_root: bool) -> bytes | None:
-    """The view name of a backing name, or None for one of shiftfs' own."""
-    if name.startswith(TMP_PREFIX):
-        return name[len(_ESC):] if name.startswith(_ESC) else None
-    if at_root and name == _STORE_NAME:
-        return None
-    return name
+    return wrapper
 
 
 def can_hold_xattr(mode: int) -> bool:
@@ -110,14 +104,10 @@ class RecordStore:
         self._xattr_ok = True
         # Which name to try first: see the module docstring.
         self._read_names = (
-            (_record.LEGACY_RECORD_NAME, _record.RECORD_NAME)
+            (LEGACY_RECORD_NAME, RECORD_NAME)
             if write_legacy
-            else (_record.RECORD_NAME, _record.LEGACY_RECORD_NAME)
+            else (RECORD_NAME, LEGACY_RECORD_NAME)
         )
-
-    @classmethod
-    def open(cls, root_fd: int, create: bool = True, write_legacy: bool = False, readonly: bool = False) -> "RecordStore":
-        return cls(root_fd, create and not readonly, write_legacy, readonly)
 
     # -- side table ---------------------------------------------------------
     def _conn(self, for_write: bool) -> sqlite3.Connection | None:
@@ -126,7 +116,7 @@ class RecordStore:
         if self._db_missing and not for_write:
             return None
         try:
-            dfd = os.open(STORE_DIR, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.root_fd)
+            dfd = os.open(STORE_DIR, O_PATH_NOFOLLOW | os.O_DIRECTORY, dir_fd=self.root_fd)
         except FileNotFoundError:
             if not (for_write and self.create):
                 self._db_missing = True
@@ -135,7 +125,7 @@ class RecordStore:
                 os.mkdir(STORE_DIR, 0o700, dir_fd=self.root_fd)
             except FileExistsError:
                 pass
-            dfd = os.open(STORE_DIR, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.root_fd)
+            dfd = os.open(STORE_DIR, O_PATH_NOFOLLOW | os.O_DIRECTORY, dir_fd=self.root_fd)
         try:
             try:
                 dst = os.stat(_DB_NAME, dir_fd=dfd, follow_symlinks=False)
@@ -181,18 +171,18 @@ class RecordStore:
 
     def _stamp_own(self, dirfd: int, name: str, mode: int) -> None:
         try:
-            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+            fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=dirfd)
         except OSError:
             return
         try:
             try:
-                os.getxattr(proc_fd(fd), _record.LEGACY_RECORD_NAME)
+                os.getxattr(proc_fd(fd), LEGACY_RECORD_NAME)
                 return
             except OSError as e:
                 if e.errno != errno.ENODATA:
                     return
             st = os.fstat(fd)
-            self.write(fd, st, _record.encode(_record.Record(st.st_uid, st.st_gid, mode)))
+            self.write(fd, st, encode(Record(st.st_uid, st.st_gid, mode)))
         except OSError as e:
             log.warning("cannot give %s/%s a record: %s", STORE_DIR, name, e)
         finally:
@@ -234,6 +224,7 @@ class RecordStore:
         return not (can_hold_xattr(st.st_mode) and self._xattr_ok)
 
     # -- public API ---------------------------------------------------------
+    @_side_table_errors
     def read(self, fd: int, st: os.stat_result) -> bytes | None:
         """The raw record value of an inode, or ``None`` if it has none."""
         if self._uses_side(st):
@@ -252,6 +243,7 @@ class RecordStore:
             return self._side_read(fd, st)
         return None
 
+    @_side_table_errors
     def write(self, fd: int, st: os.stat_result, value: bytes) -> None:
         """Store the record value of an inode (replacing any previous one)."""
         if self._uses_side(st):
@@ -260,7 +252,7 @@ class RecordStore:
         path = proc_fd(fd)
         try:
             try:
-                os.setxattr(path, _record.RECORD_NAME, value)
+                os.setxattr(path, RECORD_NAME, value)
             except PermissionError:
                 # A read-only file or directory of ours made outside the mount
                 # (user xattrs need write access): give ourselves the access
@@ -268,7 +260,7 @@ class RecordStore:
                 if st.st_uid != os.geteuid():
                     raise
                 os.chmod(path, stat.S_IMODE(st.st_mode) | (0o700 if stat.S_ISDIR(st.st_mode) else 0o600))
-                os.setxattr(path, _record.RECORD_NAME, value)
+                os.setxattr(path, RECORD_NAME, value)
         except OSError as e:
             if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
                 raise
@@ -277,14 +269,15 @@ class RecordStore:
             self._side_write(fd, st, value)
             return
         if self.write_legacy:
-            os.setxattr(path, _record.LEGACY_RECORD_NAME, value)
+            os.setxattr(path, LEGACY_RECORD_NAME, value)
         else:
             try:
-                os.setxattr(path, _record.LEGACY_RECORD_NAME, value, _XATTR_REPLACE)
+                os.setxattr(path, LEGACY_RECORD_NAME, value, _XATTR_REPLACE)
             except OSError as e:
                 if e.errno != errno.ENODATA:
                     raise
 
+    @_side_table_errors
     def remove(self, fd: int | None, st: os.stat_result) -> None:
         """Forget the record of an inode (used when its last link is gone)."""
         if self._uses_side(st):
@@ -292,12 +285,13 @@ class RecordStore:
             return
         if fd is None:
             return
-        for name in (_record.RECORD_NAME, _record.LEGACY_RECORD_NAME):
+        for name in (RECORD_NAME, LEGACY_RECORD_NAME):
             try:
                 os.removexattr(proc_fd(fd), name)
             except OSError:
                 pass
 
+    @_side_table_errors
     def forget_inode(self, st: os.stat_result) -> None:
         """Drop a side-table row of an inode that no longer exists."""
         if self._uses_side(st):

@@ -1,0 +1,132 @@
+"""Directory handlers: listing a backing directory as the view shows it.
+
+A listing is a snapshot of (view name, backing name) pairs taken at
+``opendir``/offset 0; shiftfs' own names are left out (see
+:mod:`shiftfs.ownership.names`) and stale temporaries are removed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import Any
+
+import pyfuse3
+
+from .inodes import ROOT_ID, Inode, InodeTable
+from .requestlog import fuse_handler
+from ..ownership.names import is_temp_name, view_name
+
+__all__ = ["DirectoryHandlers", "DirHandle", "unlink_any"]
+
+Ctx = pyfuse3.RequestContext
+
+
+def unlink_any(parent: Inode, name: bytes) -> None:
+    try:
+        os.unlink(name, dir_fd=parent.fd)
+    except IsADirectoryError:
+        try:
+            os.rmdir(name, dir_fd=parent.fd)
+        except OSError:
+            pass
+    except OSError:
+        pass
+
+
+class DirHandle:
+    __slots__ = ("node", "names")
+
+    def __init__(self, node: Inode):
+        self.node = node
+        self.names: list[tuple[bytes, bytes]] | None = None  # (view, backing) names
+
+
+class DirectoryHandlers:
+    """The directory handlers of :class:`shiftfs.fs.ops.Operations`."""
+
+    table: InodeTable
+    _dirs: dict[int, DirHandle]
+    _next_dh: int
+
+    def _attrs(self, node: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        raise NotImplementedError
+
+    # -- directories -------------------------------------------------------------
+    @fuse_handler
+    def opendir(self, inode_id: int, ctx: Ctx) -> int:
+        node = self.table[inode_id]
+        if not stat.S_ISDIR(node.ftype):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        dh = self._next_dh
+        self._next_dh += 1
+        self._dirs[dh] = DirHandle(node)
+        return dh
+
+    def _snapshot(self, node: Inode) -> list[tuple[bytes, bytes]]:
+        """(view name, backing name) of every entry, ``.`` and ``..`` first."""
+        fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=node.fd)
+        try:
+            names = [os.fsencode(n) for n in os.listdir(fd)]
+        finally:
+            os.close(fd)
+        out = [(b".", b"."), (b"..", b"..")]
+        for n in names:
+            v = view_name(n, node.id == ROOT_ID)
+            if v is None:
+                if is_temp_name(n):
+                    # No create is in flight while we run (handlers never
+                    # yield), so this is left over from a killed daemon.
+                    unlink_any(node, n)
+                continue
+            out.append((v, n))
+        return out
+
+    @fuse_handler
+    def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        dh = self._dirs[fh]
+        node = dh.node
+        if dh.names is None or start_id == 0:
+            dh.names = self._snapshot(node)
+        names = dh.names
+        for i in range(start_id, len(names)):
+            name, bname = names[i]
+            if i < 2:
+                e = pyfuse3.EntryAttributes()
+                if i == 0:
+                    e.st_ino = node.id
+                else:
+                    e.st_ino = ROOT_ID if node.id == ROOT_ID else self._dotdot_id(node)
+                e.st_mode = stat.S_IFDIR | 0o755
+                if not pyfuse3.readdir_reply(token, name, e, i + 1):
+                    return
+                continue
+            try:
+                child, st = self.table.child(node, bname)
+            except FileNotFoundError:
+                continue  # removed since the snapshot
+            attrs = self._attrs(child, st)
+            if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
+                self.table.drop_if_unused(child)
+                return
+            self.table.count_lookup(child)
+
+    def _dotdot_id(self, node: Inode) -> int:
+        try:
+            return self.table.id_for(os.stat(b"..", dir_fd=node.fd, follow_symlinks=False))
+        except OSError:
+            return ROOT_ID
+
+    @fuse_handler
+    def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    @fuse_handler
+    def fsyncdir(self, fh: int, datasync: bool) -> None:
+        dh = self._dirs[fh]
+        fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dh.node.fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

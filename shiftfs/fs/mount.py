@@ -1,0 +1,177 @@
+"""Mounting and unmounting: checks before forking, the kernel options, the operations.
+
+``shiftfs mount`` itself (forking the daemon, serving) is :mod:`shiftfs.fs.daemon`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import stat
+import subprocess
+
+from .ops import CacheConfig, Operations
+from .options import MountConfig
+from ..errors import MountError, UsageError
+from ..ownership.policy import OwnershipPolicy
+from ..ownership.store import RecordStore
+from ..ownership.table import TablePolicy
+from ..ownership.xattr import XattrPolicy
+
+__all__ = ["is_shiftfs_mount", "unmount", "check", "kernel_options", "build_operations"]
+
+log = logging.getLogger("shiftfs")
+
+
+def _mountinfo() -> list[tuple[str, str]]:
+    """(mount point, fs type) of every mount we can see."""
+    out = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                parts = left.split()
+                fstype = right.split()[0] if right else ""
+                mp = parts[4].encode().decode("unicode_escape")
+                out.append((mp, fstype))
+    except OSError:
+        pass
+    return out
+
+
+def is_shiftfs_mount(path: str) -> bool:
+    from . import kernel
+
+    path = os.path.abspath(path)
+    return any(mp == path and t == "fuse.shiftfs" for mp, t in _mountinfo()) or kernel.is_kernel_mount(path)
+
+
+def unmount(mountpoint: str, lazy: bool = False) -> None:
+    """Unmount a shiftfs mount (``fusermount3 -u`` or umount2 as root)."""
+    mp = os.path.abspath(mountpoint)
+    # Decide from the mount table alone: a stat of the mount point would ask
+    # the daemon, and a hung (or stopped) daemon would hang us with it.
+    if not is_shiftfs_mount(mp):
+        try:
+            os.lstat(mp)
+        except FileNotFoundError:
+            raise UsageError(f"mount point {mountpoint} does not exist; give the directory shiftfs is mounted on") from None
+        except OSError:
+            pass
+        raise UsageError(f"{mountpoint} is not a shiftfs mount; see 'findmnt -t fuse.shiftfs' for mounts")
+    from . import kernel
+
+    if kernel.is_kernel_mount(mp):  # the kernel backend: no daemon, just the mount
+        kernel.unmount(mp, lazy)
+        return
+    fm = shutil.which("fusermount3")
+    if fm:
+        cmd = [fm, "-u"] + (["-z"] if lazy else []) + [mp]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode == 0:
+            return
+        err = r.stderr.strip()
+    else:
+        err = "fusermount3 not found"
+    if os.geteuid() == 0:
+        r = subprocess.run(["umount"] + (["-l"] if lazy else []) + [mp], capture_output=True, text=True)
+        if r.returncode == 0:
+            return
+        err = r.stderr.strip() or err
+    raise MountError(f"cannot unmount {mountpoint}: {err}; close programs using it or use 'shiftfs umount --lazy'")
+
+
+def _in_init_userns() -> bool:
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return True
+
+
+def check(cfg: MountConfig, fuse: bool = True) -> None:
+    """Validate inputs before forking; raises :class:`UsageError`.
+
+    ``fuse=False``: SOURCE and MOUNTPOINT only (the kernel backend needs no /dev/fuse).
+    """
+    src, mp = cfg.source, cfg.mountpoint
+    if not os.path.exists(src):
+        raise UsageError(f"SOURCE {src} does not exist; give an existing directory to shift")
+    if not os.path.isdir(src):
+        raise UsageError(f"SOURCE {src} is not a directory; give a directory to shift")
+    if not os.access(src, os.R_OK | os.X_OK):
+        raise UsageError(f"SOURCE {src} is not readable by uid {os.geteuid()}; fix its permissions or mount as its owner")
+    try:
+        st = os.stat(mp)
+        if is_shiftfs_mount(mp):
+            # stat may be answered from the kernel's cache; statfs always asks
+            # the daemon, so a dead one shows as ENOTCONN here
+            os.statvfs(mp)
+    except FileNotFoundError:
+        raise UsageError(f"MOUNTPOINT {mp} does not exist; create it with 'mkdir -p {mp}'") from None
+    except OSError as e:
+        if e.errno == errno.ENOTCONN and is_shiftfs_mount(mp):
+            log.info("%s is a stale shiftfs mount (daemon gone); unmounting it first", mp)
+            try:
+                unmount(mp, lazy=True)
+            except (MountError, UsageError) as e2:
+                raise UsageError(f"MOUNTPOINT {mp} is a stale mount that cannot be cleared: {e2}") from None
+            st = os.stat(mp)
+        else:
+            raise UsageError(f"MOUNTPOINT {mp} is not usable ({e.strerror}); unmount or recreate it") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"MOUNTPOINT {mp} is not a directory; mount on a directory")
+    if is_shiftfs_mount(mp):
+        raise UsageError(f"{mp} is already a shiftfs mount; unmount it first with 'shiftfs umount {mp}'")
+    if not fuse:
+        return
+    if not os.path.exists("/dev/fuse"):
+        raise UsageError("/dev/fuse is missing; load the fuse module ('modprobe fuse') or give the container /dev/fuse")
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise UsageError(
+            "/dev/fuse is not accessible to this user; run 'make setup' as root (makes it 0666 as udev does) or 'chmod 0666 /dev/fuse'"
+        )
+    if os.geteuid() != 0 and not shutil.which("fusermount3"):
+        raise UsageError("fusermount3 is missing; install it with 'apt-get install fuse3'")
+    if cfg.xattr and cfg.default_owner is None:
+        pass
+
+
+def kernel_options(cfg: MountConfig) -> set[str]:
+    opts = {"default_permissions", "subtype=shiftfs", f"fsname={cfg.fsname or os.path.abspath(cfg.source)}"}
+    flags = list(cfg.kernel_opts)
+    if os.geteuid() == 0 and "allow_other" not in flags:
+        flags.append("allow_other")
+    # Outside a user namespace a setuid file shown as view uid 0 would be
+    # real root: nosuid,nodev unless asked. Inside one, ids are the namespace's.
+    if not _in_init_userns():
+        if "nosuid" not in flags and "suid" not in flags:
+            flags.append("suid")
+    for f in flags:
+        if f == "rw":
+            continue
+        if f in ("nosuid", "nodev", "exec", "atime", "norelatime", "async"):
+            continue  # libfuse's defaults already
+        opts.add(f)
+    return opts
+
+
+def build_operations(cfg: MountConfig, root_fd: int) -> Operations:
+    policy: OwnershipPolicy
+    if cfg.xattr:
+        store = RecordStore(root_fd, create=True, write_legacy=cfg.legacy_xattr)
+        policy = XattrPolicy(cfg.uids, cfg.gids, store, cfg.default_owner)
+    else:
+        policy = TablePolicy(cfg.uids, cfg.gids)
+    ops = Operations(
+        root_fd, policy, CacheConfig(cfg.cache), trace=cfg.debug, writeback=cfg.writeback, xattr_probes=cfg.xattr_probes
+    )
+    # Let the kernel enforce POSIX ACLs (FUSE_POSIX_ACL): without it,
+    # default_permissions checks the mode bits only, and a named-user entry
+    # that denies access (u:1000:---) is ignored through the mount. The
+    # backing filesystem (table mode) or the policy (xattr mode) keeps the
+    # mask in step with chmod.
+    ops.enable_acl = True
+    return ops

@@ -1,0 +1,145 @@
+"""Mount options: ``-o`` lists and ``--map`` arguments into a :class:`MountConfig`.
+
+Every option shiftfs does not know is refused with a one-line message; the
+kernel's own flags pass through, and mount(8)/fstab words that mean nothing
+to us are ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import UsageError
+from ..ownership.idmap import IdMap, IdMapError, parse_map_args
+
+__all__ = ["MountConfig", "CacheConfig", "parse_options", "CACHE_MODES"]
+
+#: The ``-o cache=`` values (see :class:`CacheConfig`).
+CACHE_MODES = ("always", "auto", "never")
+
+
+class CacheConfig:
+    """How long the kernel may trust what we tell it.
+
+    ``always`` (default): the mount owns SOURCE; entries and attributes are
+    cached for a long time, misses are cached too, and file pages survive
+    reopening. ``auto``: one second. ``never``: nothing is cached, for a
+    SOURCE that other programs change at the same time.
+    """
+
+    MODES = CACHE_MODES
+
+    def __init__(self, mode: str = "always"):
+        if mode not in self.MODES:
+            raise ValueError(f"unknown cache mode {mode!r}; use one of {', '.join(self.MODES)}")
+        self.mode = mode
+        if mode == "always":
+            self.timeout, self.negative_timeout, self.keep_cache, self.xattr_cache = 86400.0 * 365, 86400.0 * 365, True, True
+        elif mode == "auto":
+            self.timeout, self.negative_timeout, self.keep_cache, self.xattr_cache = 1.0, 1.0, False, False
+        else:
+            self.timeout, self.negative_timeout, self.keep_cache, self.xattr_cache = 0.0, 0.0, False, False
+
+
+# Options passed to the kernel / libfuse as they are.
+_KERNEL_FLAGS = {
+    "allow_other", "suid", "nosuid", "dev", "nodev", "exec", "noexec", "ro", "rw",
+    "atime", "noatime", "relatime", "norelatime", "strictatime", "nodiratime",
+    "sync", "async", "dirsync", "auto_unmount",
+}
+# mount(8)/fstab words that mean nothing to us.
+_IGNORED = {"defaults", "auto", "noauto", "user", "nouser", "users", "nofail", "_netdev", "default_permissions"}
+
+@dataclass
+class MountConfig:
+    source: str
+    mountpoint: str
+    xattr: bool = False
+    uids: IdMap = field(default_factory=lambda: IdMap(what="uid"))
+    gids: IdMap = field(default_factory=lambda: IdMap(what="gid", overflow=65534))
+    cache: str = "always"
+    default_owner: tuple[int, int] | None = None
+    legacy_xattr: bool = False
+    fsname: str | None = None
+    kernel_opts: list[str] = field(default_factory=list)
+    debug: bool = False
+    logfile: str | None = None
+    stats: str | None = None
+    foreground: bool = False
+    writeback: bool = True
+    read_ahead_kb: int = 1024
+    xattr_probes: bool = True
+    # kernel backend (shiftfs/fs/kernel.py): which backend, and the -o keys given
+    backend: str = "auto"
+    option_keys: list[str] = field(default_factory=list)
+
+
+def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mountpoint: str) -> MountConfig:
+    """Turn ``-o`` lists and ``--map`` arguments into a :class:`MountConfig`."""
+    cfg = MountConfig(source=source, mountpoint=mountpoint, xattr=xattr)
+    writeback_given = False
+    uidmap = gidmap = None
+    for group in opts:
+        for opt in group.split(","):
+            opt = opt.strip()
+            if not opt:
+                continue
+            key, eq, val = opt.partition("=")
+            if key in _IGNORED or key.startswith("x-") or key.startswith("X-") or key == "comment":
+                continue
+            cfg.option_keys.append(key)
+            if key in _KERNEL_FLAGS and not eq:
+                cfg.kernel_opts.append(key)
+            elif key == "xattr" and not eq:
+                cfg.xattr = True
+            elif key == "uidmap" and eq:
+                uidmap = val
+            elif key == "gidmap" and eq:
+                gidmap = val
+            elif key == "cache" and eq:
+                if val not in CACHE_MODES:
+                    raise UsageError(f"bad -o cache={val}: use cache=always, cache=auto or cache=never")
+                cfg.cache = val
+            elif key == "default_owner" and eq:
+                try:
+                    u, _, g = val.partition(":")
+                    cfg.default_owner = (int(u), int(g or u))
+                except ValueError:
+                    raise UsageError(f"bad -o default_owner={val}: give numeric UID:GID, e.g. default_owner=0:0") from None
+            elif key in ("legacy_xattr", "fuseoverlayfs_compat") and not eq:
+                cfg.legacy_xattr = True
+            elif key == "fsname" and eq:
+                cfg.fsname = val
+            elif key == "debug" and not eq:
+                cfg.debug = True
+            elif key == "log" and eq:
+                cfg.logfile = val
+            elif key == "stats" and eq:
+                cfg.stats = val
+            elif key in ("writeback", "nowriteback") and not eq:
+                cfg.writeback = key == "writeback"
+                writeback_given = True
+            elif key == "read_ahead_kb" and eq:
+                try:
+                    cfg.read_ahead_kb = int(val)
+                except ValueError:
+                    raise UsageError(f"bad -o read_ahead_kb={val}: give a number of KiB, e.g. read_ahead_kb=1024") from None
+            elif key == "backend" and eq:
+                if val not in ("auto", "kernel", "fuse"):
+                    raise UsageError(f"bad -o backend={val}: use backend=auto, backend=kernel or backend=fuse")
+                cfg.backend = val
+            elif key == "xattr_probes" and val in ("on", "off"):
+                cfg.xattr_probes = val == "on"
+            else:
+                raise UsageError(
+                    f"unknown -o option {opt!r}; see 'shiftfs mount --help' for the options shiftfs understands"
+                )
+    if not writeback_given and cfg.cache != "always":
+        # With a writeback cache the kernel trusts its own file sizes and
+        # mtimes, so changes made to SOURCE behind the mount would not show.
+        cfg.writeback = False
+    try:
+        cfg.uids, cfg.gids = parse_map_args(maps, uidmap, gidmap)
+    except IdMapError as e:
+        raise UsageError(str(e)) from None
+    return cfg

@@ -1,0 +1,114 @@
+"""The request log and error door of the FUSE handlers.
+
+Every handler of :class:`shiftfs.fs.ops.Operations` is wrapped by
+:func:`fuse_handler`: it counts the request (``-o stats``), traces it with
+``-o debug``, and maps what the handler raises to one errno. Unexpected
+errors are logged as one line naming the request and the view path.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+
+import pyfuse3
+
+from .inodes import Inode
+from ..ownership.store import SideTableError
+
+__all__ = ["fuse_handler"]
+
+log = logging.getLogger("shiftfs.fs.ops")
+
+#: backing errnos that mean something is wrong with the daemon or the disk: logged
+_LOGGED_ERRNOS = {
+    errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EBADF, errno.EFAULT, errno.EUCLEAN,
+    errno.EBADMSG, errno.EDEADLK, errno.ENOTCONN,
+}
+# handlers whose first argument is a file handle / a directory handle, not an inode
+_FH_OPS = {"read", "write", "flush", "release", "fsync"}
+_DH_OPS = {"readdir", "releasedir", "fsyncdir"}
+# handlers whose first two arguments are a directory inode and a name in it
+_NAMED_OPS = {"lookup", "mknod", "mkdir", "symlink", "unlink", "rmdir", "create"}
+
+
+def _printable(s: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+
+
+def _view_path(ops, node: Inode | None, inode_id=None) -> str:
+    """The last known view path of an inode, for the log."""
+    if node is None:
+        return f"<inode {inode_id}>"
+    return node.view_path()
+
+
+def _describe(ops, name: str, args: tuple) -> str:
+    """A request in one log line: inodes and handles as view paths, buffers as lengths."""
+    try:
+        args = tuple(a for a in args if not isinstance(a, pyfuse3.RequestContext))
+        if not args:
+            return ""
+        first, rest = args[0], list(args[1:])
+        if name in _FH_OPS:
+            head = _view_path(ops, ops.open_file_node(first), f"fh {first}")
+        elif name in _DH_OPS:
+            head = _view_path(ops, ops.open_dir_node(first), f"dh {first}")
+        elif isinstance(first, int):
+            head = _view_path(ops, ops.table.get(first), first)
+        else:
+            head = repr(first)
+        if name in _NAMED_OPS and rest and isinstance(rest[0], bytes):
+            head = head.rstrip("/") + "/" + _printable(os.fsdecode(rest.pop(0)))
+        elif name == "link" and len(rest) >= 2:
+            head += " -> " + _view_path(ops, ops.table.get(rest[0]), rest[0]).rstrip("/") + "/" + _printable(
+                os.fsdecode(rest[1]))
+            rest = rest[2:]
+        elif name == "rename" and len(rest) >= 3:
+            head = head.rstrip("/") + "/" + _printable(os.fsdecode(rest[0])) + " -> " + _view_path(
+                ops, ops.table.get(rest[1]), rest[1]).rstrip("/") + "/" + _printable(os.fsdecode(rest[2]))
+            rest = rest[3:]
+        shown = []
+        for a in rest:
+            if isinstance(a, (bytes, bytearray, memoryview)) and len(a) > 64:
+                shown.append(f"<{len(a)} bytes>")
+            elif isinstance(a, (int, bytes, str, type(None))):
+                shown.append(repr(a))
+        return " ".join([head] + shown)
+    except Exception:  # never let the log line break the request
+        return _printable(repr(args)[:200])
+
+
+def fuse_handler(fn):
+    """Run a synchronous handler as a pyfuse3 coroutine; map errors to errnos.
+
+    Unexpected errors are logged as one line naming the request and the view
+    path (the traceback only with ``-o debug``); ``-o debug`` traces requests.
+    """
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def handler(self, *args):
+        self.counts[name] += 1
+        if self.trace:
+            log.debug("-> %s %s", name, _describe(self, name, args))
+        try:
+            return fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except SideTableError as e:
+            if e.errno != errno.ENOSPC:
+                log.error("%s %s: %s", name, _describe(self, name, args), _printable(e.strerror or str(e)))
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except OSError as e:
+            if e.errno in _LOGGED_ERRNOS or not e.errno:
+                log.warning("%s %s: %s", name, _describe(self, name, args), _printable(str(e)))
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception as e:
+            log.error("%s %s: unexpected %s: %s", name, _describe(self, name, args), type(e).__name__,
+                      _printable(str(e)), exc_info=self.trace)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return handler

@@ -1,0 +1,277 @@
+"""Walking a backing tree without a mount.
+
+The offline tools walk a backing tree ("ROOT") through directory
+descriptors, never following a symlink and skipping what no view shows: the
+record side table ``ROOT/.shiftfs`` and shiftfs' temporary names (see
+:mod:`shiftfs.ownership.names`). What each inode looks like is
+:mod:`shiftfs.ownership.view`'s business, the same rule the mount follows.
+
+Inodes are named by an ``O_PATH | O_NOFOLLOW`` descriptor. Operations on the
+inode itself go through its ``/proc/self/fd`` link, which reaches the inode
+(a symlink included) without resolving a backing path string again.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from ..errors import TreeError
+from ..ownership.idmap import IdMap
+from ..ownership.names import STORE_DIR, is_temp_name, view_name
+from ..ownership.record import RecordError
+from ..ownership.store import RecordStore
+from ..ownership.view import View, read_view
+from ..syscalls import O_PATH_NOFOLLOW
+
+__all__ = [
+    "Entry", "open_root", "open_beneath", "open_store", "find_root", "has_store", "walk", "view_at", "Progress",
+    "DIR_PATH_FLAGS", "COPY_CHUNK",
+]
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+DIR_PATH_FLAGS = O_PATH_NOFOLLOW | os.O_DIRECTORY
+#: Copy buffer size of the archive tools.
+COPY_CHUNK = 1 << 20
+
+
+# -- walking ---------------------------------------------------------------------
+
+
+_ROOT_PROBLEMS = {
+    FileNotFoundError: "no such directory; give an existing tree root",
+    NotADirectoryError: "not a directory; give the root directory of a tree",
+    PermissionError: "permission denied; run as the tree's owner (or root)",
+}
+
+
+def open_root(path: str) -> int:
+    """An ``O_RDONLY | O_DIRECTORY`` descriptor of a tree's root directory."""
+    try:
+        return os.open(path, _DIR_FLAGS & ~os.O_NOFOLLOW)
+    except (FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        raise TreeError(f"{path}: {_ROOT_PROBLEMS[type(e)]}") from None
+
+
+@dataclass
+class Entry:
+    """One inode met by :func:`walk`; the descriptors live until the next step."""
+
+    rel: str  # backing path below the root, "" for the root itself
+    name: str  # last backing component ("" for the root)
+    dirfd: int  # descriptor of the parent directory (the root's own for the root)
+    fd: int  # O_PATH | O_NOFOLLOW descriptor of the inode
+    st: os.stat_result
+    vrel: str = ""  # the path a mount shows (differs only for escaped names)
+
+    @property
+    def display(self) -> str:
+        return self.rel or "."
+
+
+def walk(
+    root_fd: int,
+    on_error: Callable[[str, OSError], None] | None = None,
+    on_temp: Callable[[int, str], None] | None = None,
+) -> Iterator[Entry]:
+    """Yield every inode below ``root_fd`` (root first, parents before children).
+
+    Names are visited in byte order so archives come out reproducible. The
+    side table directory at the root is skipped, and so is anything on
+    another filesystem (a mounted ``/proc`` in a chroot must never be
+    chowned or archived): it is reported as an ``EXDEV`` error. Errors
+    opening or listing an entry go to ``on_error(rel, exc)`` and the walk
+    goes on; without a handler they are raised. Temporary names (left by a
+    killed daemon or tool) are never yielded; ``on_temp(dirfd, name)`` may
+    remove them.
+    """
+    root_path_fd = os.open(".", O_PATH_NOFOLLOW | os.O_DIRECTORY, dir_fd=root_fd)
+    try:
+        st = os.stat(root_path_fd)
+        yield Entry("", "", root_fd, root_path_fd, st)
+    finally:
+        os.close(root_path_fd)
+    yield from _walk_dir(root_fd, "", on_error, on_temp, st.st_dev, "")
+
+
+def _report(on_error, rel: str, exc: OSError) -> None:
+    """Hand a failure to the caller's ``on_error``, or raise it if there is none."""
+    if on_error is None:
+        raise exc
+    on_error(rel, exc)
+
+
+def _open_child(dfd: int, name: str, flags: int, on_error, rel: str) -> int | None:
+    """``openat(dfd, name)``, or None after reporting why it failed."""
+    try:
+        return os.open(name, flags, dir_fd=dfd)
+    except OSError as e:
+        _report(on_error, rel, e)
+        return None
+
+
+def _walk_dir(dfd: int, rel: str, on_error, on_temp, dev: int, vrel: str) -> Iterator[Entry]:
+    try:
+        names = sorted(os.listdir(dfd), key=os.fsencode)
+    except OSError as e:
+        _report(on_error, rel or ".", e)
+        return
+    for name in names:
+        bname = os.fsencode(name)
+        vbytes = view_name(bname, not rel)
+        if vbytes is None:
+            if on_temp is not None and is_temp_name(bname):
+                on_temp(dfd, name)
+            continue  # the side table, or a mount's temporary name: never part of the view
+        vname = os.fsdecode(vbytes)
+        crel = f"{rel}/{name}" if rel else name
+        cvrel = f"{vrel}/{vname}" if vrel else vname
+        fd = _open_child(dfd, name, O_PATH_NOFOLLOW, on_error, crel)
+        if fd is None:
+            continue
+        try:
+            st = os.stat(fd)
+            if st.st_dev != dev:
+                _report(on_error, crel, OSError(errno.EXDEV, "another filesystem is mounted here; "
+                                                "skipped (unmount it first)"))
+                continue
+            yield Entry(crel, name, dfd, fd, st, cvrel)
+        finally:
+            os.close(fd)
+        if stat.S_ISDIR(st.st_mode):
+            sub = _open_child(dfd, name, _DIR_FLAGS, on_error, crel)
+            if sub is None:
+                continue
+            try:
+                if os.fstat(sub).st_ino != st.st_ino:
+                    raise OSError(errno.ESTALE, "directory replaced during the walk")
+                yield from _walk_dir(sub, crel, on_error, on_temp, dev, cvrel)
+            except OSError as e:
+                _report(on_error, crel, e)
+            finally:
+                os.close(sub)
+
+
+def view_at(store, fd: int, st: os.stat_result, umap: IdMap, gmap: IdMap, rel: str = "") -> View:
+    """The view of one inode (the mount's rule); a bad record is a TreeError naming ``rel``."""
+    try:
+        return read_view(store, fd, st, umap, gmap)
+    except RecordError as e:
+        raise TreeError(f"{rel or '.'}: {e}") from None
+
+
+def open_beneath(root_fd: int, rel: str, flags: int = O_PATH_NOFOLLOW) -> int:
+    """Open ``rel`` below ``root_fd`` without following any symlink."""
+    parts = [p for p in rel.split("/") if p]
+    if not parts:
+        return os.open(".", flags | os.O_DIRECTORY, dir_fd=root_fd)
+    cur = root_fd
+    opened = []
+    try:
+        for p in parts[:-1]:
+            cur = os.open(p, DIR_PATH_FLAGS, dir_fd=cur)
+            opened.append(cur)
+        return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur)
+    finally:
+        for fd in opened:
+            os.close(fd)
+
+
+def open_store(root_fd: int, create: bool, legacy: bool = False, readonly: bool = False) -> RecordStore:
+    """The record store of a tree: read-only for readers, creating for writers."""
+    if readonly:
+        return RecordStore(root_fd, False, readonly=True)
+    return RecordStore(root_fd, create, write_legacy=legacy)
+
+
+def has_store(root_fd: int) -> bool:
+    """Whether the tree has a record side table at its root."""
+    try:
+        os.stat(STORE_DIR, dir_fd=root_fd, follow_symlinks=False)
+        return True
+    except OSError:
+        return False
+
+
+def find_root(path: str) -> str:
+    """The nearest ancestor holding a record side table (else the parent)."""
+    cur = os.path.abspath(path)
+    start = os.path.dirname(cur) if not os.path.isdir(cur) or os.path.islink(cur) else cur
+    d = start
+    while True:
+        if os.path.isdir(os.path.join(d, STORE_DIR)):
+            return d
+        up = os.path.dirname(d)
+        if up == d:
+            return start
+        d = up
+
+
+# -- progress ---------------------------------------------------------------------
+
+
+class Progress:
+    """A rich progress line (files, bytes, throughput) on a terminal, else silent."""
+
+    def __init__(self, what: str, enabled: bool | None = None):
+        self.files = 0
+        self.bytes = 0
+        self._start = time.monotonic()
+        if enabled is None:
+            enabled = sys.stderr.isatty()
+        self._progress = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import (
+                DownloadColumn,
+                Progress as _RichProgress,
+                SpinnerColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TransferSpeedColumn,
+            )
+
+            self._progress = _RichProgress(
+                SpinnerColumn(),
+                TextColumn("[bold]{task.description}"),
+                TextColumn("{task.fields[files]} files"),
+                TextColumn("{task.fields[rate]:.0f} files/s"),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+                transient=False,
+            )
+            self._task = self._progress.add_task(what, total=None, files=0, rate=0.0)
+
+    def __enter__(self) -> "Progress":
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._update()
+            self._progress.stop()
+
+    def advance(self, files: int = 1, nbytes: int = 0) -> None:
+        self.files += files
+        self.bytes += nbytes
+        if self._progress is not None:
+            self._update()
+
+    def _update(self) -> None:
+        elapsed = max(time.monotonic() - self._start, 1e-6)
+        self._progress.update(self._task, completed=self.bytes, files=self.files, rate=self.files / elapsed)
+
+    def log(self, message: str) -> None:
+        """Print a message above the progress line (stderr)."""
+        if self._progress is not None:
+            self._progress.console.print(message, markup=False, highlight=False)
+        else:
+            print(message, file=sys.stderr)

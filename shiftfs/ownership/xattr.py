@@ -1,0 +1,253 @@
+"""Xattr mode: view ownership and mode live in records; backing files stay the daemon's.
+
+Records are kept by a :class:`~shiftfs.ownership.store.RecordStore`. ACLs set
+through the mount are kept escaped (``user.containers.override_system.posix_acl_*``),
+so the backing filesystem neither enforces nor inherits them: we do what it
+would. A default ACL is inherited by new objects; an access ACL sets the
+mode's group class from its mask, and a chmod sets the mask. (A default ACL
+should also replace the umask, but the kernel applies the umask before we see
+the mode: FUSE_DONT_MASK is not negotiated.) Enforcing ACLs is the kernel's
+job: FUSE_POSIX_ACL.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+
+import pyfuse3
+
+from . import acl
+from .idmap import IdMap
+from .names import escape_xattr_name, unescape_xattr_name
+from .policy import CreatePlan, OwnershipPolicy, XattrEffect
+from .record import LEGACY_RECORD_NAME, Record, decode, encode
+from .store import RecordStore, SideTableError, can_hold_xattr
+from .view import backing_perm, backing_type, backing_view, check_fits, record_view
+from ..fs.inodes import Inode
+from ..syscalls import proc_fd
+
+__all__ = ["XattrPolicy"]
+
+log = logging.getLogger(__name__)
+
+_SPECIAL = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
+_ESC_ACL_ACCESS = escape_xattr_name(acl.ACL_ACCESS)
+_ESC_ACL_DEFAULT = escape_xattr_name(acl.ACL_DEFAULT)
+
+
+class XattrPolicy(OwnershipPolicy):
+    """View ownership and mode live in records; backing files stay the daemon's."""
+
+    def __init__(self, uids: IdMap, gids: IdMap, store: RecordStore, default_owner: tuple[int, int] | None = None):
+        super().__init__(uids, gids)
+        self.store = store
+        self.default_owner = default_owner
+        self._warned: set[tuple[int, int]] = set()
+        self._store_errors: set[str] = set()
+        if store.write_legacy:
+            self._legacy_root()
+
+    def _legacy_root(self) -> None:
+        """Give the root a legacy record: fuse-overlayfs 1.10 fails on a directory without one."""
+        fd = self.store.root_fd
+        try:
+            os.getxattr(proc_fd(fd), LEGACY_RECORD_NAME)
+            return
+        except OSError as e:
+            if e.errno != errno.ENODATA:
+                return  # no user xattrs here: nothing an old fuse-overlayfs could read either
+        try:
+            st = os.fstat(fd)
+            raw = self.store.read(fd, st)
+            rec = None
+            if raw is not None:
+                try:
+                    rec = decode(raw, stat.S_IFDIR)
+                except ValueError:
+                    rec = None
+            if rec is None or rec.type != stat.S_IFDIR:
+                if self.default_owner is not None:
+                    du, dg = self.disk_ids(*self.default_owner)
+                else:
+                    du, dg = st.st_uid, st.st_gid
+                rec = Record(du, dg, st.st_mode)
+            self.store.write(fd, st, encode(rec))
+        except (OSError, ValueError, pyfuse3.FUSEError) as e:
+            log.warning("cannot give the root a record for -o legacy_xattr: %s", e)
+
+    # records ----------------------------------------------------------------
+    def _load_record(self, node: Inode, st: os.stat_result) -> Record | None:
+        """The inode's record (cached on the inode), or None if it has no usable one."""
+        if node.record_loaded:
+            return node.record
+        rec = None
+        try:
+            raw = self.store.read(node.fd, st)
+        except SideTableError as e:
+            # The side table as a whole: say so once, not once per inode.
+            if str(e) not in self._store_errors:
+                self._store_errors.add(str(e))
+                log.warning("cannot read the record side table (%s; first seen for %s); inodes whose "
+                            "records live there show their backing owner", e, node.view_path())
+            raw = None
+        except OSError as e:
+            if node.key not in self._warned:
+                self._warned.add(node.key)
+                log.warning("cannot read the record of %s: %s", node.view_path(), e)
+            raw = None
+        if raw is not None:
+            try:
+                rec = decode(raw, stat.S_IFMT(st.st_mode))
+                check_fits(rec, st)
+            except ValueError as e:
+                if node.key not in self._warned:
+                    self._warned.add(node.key)
+                    log.warning("malformed record %r on %s (%s); showing the default owner",
+                                raw, node.view_path(), e)
+                rec = None
+        node.record = rec
+        return rec
+
+    def view(self, node, st):
+        rec = self._load_record(node, st)
+        if rec is None:
+            return backing_view(st, self.uids, self.gids, self.default_owner)
+        return record_view(rec, st, self.uids, self.gids)
+
+    def backing_mode(self, mode, rdev):
+        return backing_type(mode) | backing_perm(mode), 0
+
+    # ACLs -----------------------------------------------------------------
+    def _default_acl(self, parent: Inode) -> list[acl.Entry] | None:
+        if parent.default_acl is False:
+            return None
+        try:
+            raw = os.getxattr(proc_fd(parent.fd), _ESC_ACL_DEFAULT)
+        except OSError:
+            parent.default_acl = False
+            return None
+        parent.default_acl = True
+        try:
+            return acl.parse(raw)
+        except ValueError as e:
+            log.warning("ignoring the malformed default ACL of %s: %s", parent.view_path(), e)
+            return None
+
+    def create_mode(self, parent, mode, umask):
+        dacl = self._default_acl(parent)
+        if dacl is None:
+            return mode & ~(umask & 0o777)
+        return acl.create_masq(dacl, mode)[1]
+
+    def _inherit(self, fd: int, st: os.stat_result, mode: int, parent: Inode) -> None:
+        if not can_hold_xattr(st.st_mode) or stat.S_ISLNK(mode):
+            return  # FIFOs and sockets carry no ACLs in xattr mode; symlinks none anywhere
+        dacl = self._default_acl(parent)
+        if dacl is None:
+            return
+        access, _, not_equiv = acl.create_masq(dacl, mode)
+        path = proc_fd(fd)
+        if stat.S_ISDIR(mode):
+            os.setxattr(path, _ESC_ACL_DEFAULT, acl.pack(dacl))
+        if not_equiv:
+            os.setxattr(path, _ESC_ACL_ACCESS, acl.pack(access))
+
+    def stamp(self, node: Inode, plan: CreatePlan) -> None:
+        fd = node.fd
+        st = os.fstat(fd)
+        if st.st_mode & _SPECIAL and not stat.S_ISLNK(st.st_mode):
+            # A directory made in a backing directory that is setgid (a tree
+            # not made through the mount) inherits the bit: not on our side.
+            os.chmod(proc_fd(fd), st.st_mode & 0o777)
+        self._inherit(fd, st, plan.mode, plan.parent)
+        dev = stat.S_ISCHR(plan.mode) or stat.S_ISBLK(plan.mode)
+        rec = Record(plan.uid, plan.gid, plan.mode, plan.rdev if dev else 0)
+        self.store.write(fd, st, encode(rec))
+        node.record = rec
+
+    def xattr_stored(self, node, name, value):
+        super().xattr_stored(node, name, value)
+        if name != acl.ACL_ACCESS:
+            return XattrEffect()
+        try:
+            entries = acl.parse(value)
+        except ValueError:
+            return XattrEffect()
+        bits, equiv = acl.equiv_mode(entries)
+        st = os.fstat(node.fd)
+        cur = self._current(node, st)
+        changed = cur.mode & 0o777 != bits
+        if changed:
+            self._set_mode(node, st, cur, (cur.mode & ~0o777) | bits)
+        if equiv:  # the mode says it all: keep no ACL, as the kernel does
+            try:
+                os.removexattr(proc_fd(node.fd), _ESC_ACL_ACCESS)
+            except OSError:
+                pass
+        return XattrEffect(changed, equiv)
+
+    def _sync_acl_to_mode(self, node: Inode, st: os.stat_result, mode: int) -> None:
+        if not can_hold_xattr(st.st_mode):
+            return
+        path = proc_fd(node.fd)
+        try:
+            raw = os.getxattr(path, _ESC_ACL_ACCESS)
+        except OSError:
+            return
+        try:
+            os.setxattr(path, _ESC_ACL_ACCESS, acl.pack(acl.chmod_masq(acl.parse(raw), mode)))
+        except ValueError as e:
+            log.warning("leaving the malformed access ACL of %s alone: %s", node.view_path(), e)
+
+    def _current(self, node: Inode, st: os.stat_result) -> Record:
+        """What the view shows now, with disk ids (what a new record starts from)."""
+        rec = self._load_record(node, st)
+        if rec is not None:
+            return rec
+        if self.default_owner is not None:
+            du, dg = self.disk_ids(*self.default_owner)
+        else:
+            du, dg = st.st_uid, st.st_gid
+        dev = stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+        return Record(du, dg, st.st_mode, st.st_rdev if dev else 0)
+
+    def change(self, node, st, uid, gid, mode):
+        cur = self._current(node, st)
+        # Unchanged ids stay as stored: an id the table cannot map back (shown
+        # as the overflow id) survives a chmod.
+        du, dg = self.disk_ids(uid, gid)
+        du = cur.uid if uid is None else du
+        dg = cur.gid if gid is None else dg
+        new_mode = cur.mode if mode is None else (stat.S_IFMT(cur.mode) | (mode & 0o7777))
+        self._set_mode(node, st, Record(du, dg, cur.mode, cur.rdev), new_mode)
+        if mode is not None:
+            self._sync_acl_to_mode(node, st, new_mode)
+
+    def _set_mode(self, node: Inode, st: os.stat_result, cur: Record, new_mode: int) -> None:
+        """Write the record ``cur`` with ``new_mode``, and the backing permissions that go with it."""
+        rec = Record(cur.uid, cur.gid, new_mode, cur.rdev)
+        self.store.write(node.fd, st, encode(rec))
+        node.record = rec
+        if not stat.S_ISLNK(st.st_mode):
+            want = backing_perm(new_mode if not stat.S_ISREG(st.st_mode) else (stat.S_IFREG | new_mode & 0o777))
+            if st.st_mode & 0o7777 != want:
+                try:
+                    os.chmod(proc_fd(node.fd), want)
+                except PermissionError:
+                    pass  # not ours on the backing fs; the record is what counts
+
+    def gone(self, node, st):
+        # Records in xattrs go with the inode; rows of the side table do not.
+        try:
+            self.store.forget_inode(st)
+        except OSError as e:
+            log.warning("cannot drop the side record of inode %d: %s", st.st_ino, e)
+
+    def xattr_to_backing(self, name):
+        return escape_xattr_name(name)
+
+    def xattr_to_view(self, backing):
+        return unescape_xattr_name(backing)

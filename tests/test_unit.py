@@ -1,0 +1,144 @@
+"""Fast unit tests: no mount, no root, no subprocess (``pytest -m "not mount"``)."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import tarfile
+import types
+
+import pytest
+
+from shiftfs.errors import UsageError
+from shiftfs.fs.options import parse_options
+from shiftfs.offline.export import export_tree
+from shiftfs.offline.members import mtime_ns, ns_to_pax, pax_to_ns, xattrs_of
+from shiftfs.offline.walk import walk
+from shiftfs.ownership import acl
+from shiftfs.ownership.idmap import IdMap, IdMapError, Range, parse_map_args
+from shiftfs.ownership.names import (
+    ESCAPE_PREFIX, RESERVED_PREFIX, STORE_DIR, backing_name, is_temp_name, temp_name, view_name,
+)
+from shiftfs.ownership.record import Record, decode, encode
+from shiftfs.ownership.view import View, backing_perm, record_view, type_fits
+
+
+# -- record codec ------------------------------------------------------------------
+
+def test_record_round_trip_device_and_pipe():
+    dev = Record(0, 0, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    assert decode(encode(dev)) == dev
+    pipe = decode(b"0:0:0644:pipe", stat.S_IFREG)
+    assert pipe.type == stat.S_IFIFO and stat.S_IMODE(pipe.mode) == 0o644
+
+
+# -- id maps -----------------------------------------------------------------------
+
+def test_idmap_translates_both_ways_and_overflows():
+    m = IdMap([Range(100000, 0, 65536)], overflow=65534)
+    assert m.to_view(100000) == 0 and m.to_disk(0) == 100000
+    assert m.to_view(5) == 65534 and m.to_disk(70000) is None
+
+
+def test_parse_map_args_rejects_overlap():
+    with pytest.raises(IdMapError, match="overlap"):
+        parse_map_args(["u:0:0:10", "u:5:100:10"])
+
+
+# -- mount options -----------------------------------------------------------------
+
+def test_options_parse_and_refuse():
+    cfg = parse_options(["xattr,cache=never,default_owner=0:0"], ["b:100000:0:65536"], False, "s", "m")
+    assert cfg.xattr and cfg.cache == "never" and cfg.default_owner == (0, 0)
+    assert cfg.writeback is False  # cache=never turns the writeback cache off
+    assert cfg.uids.to_disk(0) == 100000
+    with pytest.raises(UsageError, match="unknown -o option"):
+        parse_options(["bogus"], [], False, "s", "m")
+
+
+# -- the view rule -----------------------------------------------------------------
+
+@pytest.mark.parametrize("view_type", [stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK])
+def test_regular_file_stands_in_for_special_files(view_type):
+    assert type_fits(view_type, stat.S_IFREG)
+    assert not type_fits(view_type, stat.S_IFDIR)
+    assert not type_fits(stat.S_IFREG, stat.S_IFLNK)
+
+
+def test_record_view_is_a_named_view():
+    st = types.SimpleNamespace(st_mode=stat.S_IFREG | 0o600)
+    ident = IdMap()
+    v = record_view(Record(1, 2, stat.S_IFIFO | 0o644), st, ident, ident)
+    assert isinstance(v, View) and v.placeholder and v.has_record
+    assert (v.mode, v.uid, v.gid, v.rdev) == (stat.S_IFIFO | 0o644, 1, 2, 0)
+
+
+def test_backing_perm_never_special():
+    assert backing_perm(stat.S_IFREG | 0o4755) == 0o755
+    assert backing_perm(stat.S_IFDIR | 0o1000) == 0o700
+    assert backing_perm(stat.S_IFIFO | 0o644) == 0o644
+
+
+# -- the name codec ----------------------------------------------------------------
+
+def test_names_escape_and_hide():
+    assert backing_name(b"a", True) == b"a"
+    assert view_name(backing_name(RESERVED_PREFIX + b"x", False), False) == RESERVED_PREFIX + b"x"
+    assert view_name(backing_name(STORE_DIR.encode(), True), True) == STORE_DIR.encode()
+    assert view_name(STORE_DIR.encode(), True) is None
+    t = temp_name()
+    assert is_temp_name(t) and view_name(t, False) is None
+    assert not is_temp_name(ESCAPE_PREFIX + b"x")
+
+
+# -- ACLs --------------------------------------------------------------------------
+
+def test_acl_text_round_trip_and_id_map():
+    raw = acl.from_text("user::rw-\nuser:1000:r--\ngroup::r--\nmask::r--\nother::---\n")
+    assert acl.to_text(raw).splitlines()[1] == "user:1000:r--"
+    mapped = acl.map_ids(raw, lambda i: i + 1, lambda i: i)
+    assert "user:1001:r--" in acl.to_text(mapped)
+    with pytest.raises(acl.UnmappedAclId):
+        acl.map_ids(raw, lambda i: None, lambda i: i)
+
+
+# -- archive members ---------------------------------------------------------------
+
+def test_pax_times_round_trip():
+    for ns in (0, 1_500_000_000_123456789, -1_000_000_001):
+        assert pax_to_ns(ns_to_pax(ns)) == ns
+    ti = tarfile.TarInfo("x")
+    ti.mtime = 5
+    ti.pax_headers["mtime"] = "5.25"
+    assert mtime_ns(ti) == 5_250_000_000
+
+
+def test_xattrs_of_reads_the_three_spellings():
+    ti = tarfile.TarInfo("x")
+    ti.pax_headers = {"SCHILY.xattr.user.a": "1", "LIBARCHIVE.xattr.user.b": "Mg", "RHT.security.selinux": "l"}
+    assert xattrs_of(ti) == {"user.a": b"1", "user.b": b"2", "security.selinux": b"l\0"}
+
+
+# -- one view rule: offline export accepts what the mount shows ------------------------
+
+def test_pipe_record_on_regular_file_exports_as_fifo(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "fifo").write_bytes(b"")
+    os.setxattr(root / "fifo", "user.containers.override_stat", b"0:0:0644:pipe")
+    out = io.BytesIO()
+    assert export_tree(str(root), out) == []
+    out.seek(0)
+    with tarfile.open(fileobj=out) as tf:
+        member = tf.getmember("./fifo")
+    assert member.isfifo() and member.mode == 0o644
+
+
+def test_walk_hides_temporaries_and_reports_them(tmp_path):
+    (tmp_path / os.fsdecode(temp_name("7"))).write_bytes(b"")
+    (tmp_path / "kept").write_bytes(b"")
+    seen = []
+    names = [e.rel for e in walk(os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY), None,
+                                 lambda dirfd, name: seen.append(name))]
+    assert names == ["", "kept"] and seen == [os.fsdecode(temp_name("7"))]

@@ -30,7 +30,10 @@ other mounts (in a namespace with private propagation, as ``unshare
 would not exit, devices would stay busy). Nothing done in the served
 namespace (``pivot_root``, ``umount -l``, new mounts) reaches the daemon's
 root or cwd, and a stray path-based call fails with ENOENT instead of
-deadlocking.
+deadlocking. The price: nothing outside is reachable by name any more, so
+code that runs after the mount must not import lazily (modules load from
+disk), open files by name (``-o stats`` goes through :func:`reachable`), or
+reconnect to ``/dev/log``; tracebacks in the log lack source lines.
 
 Not taken: (1) a private copy of the whole namespace with only our own FUSE
 copy detached keeps every path working but holds copies of every other
@@ -56,7 +59,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import fcntl  # noqa: F401  ops imports it lazily; after isolating no import can load a file
+import fcntl  # noqa: F401  loaded now: once isolated, no import can read a module from disk
 import logging
 import os
 import platform

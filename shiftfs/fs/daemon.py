@@ -20,6 +20,7 @@ import sys
 import pyfuse3
 import trio
 
+from . import isolate
 from .mount import build_operations, check, kernel_options
 from .ops import Operations
 from .options import MountConfig
@@ -247,21 +248,27 @@ def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
             report(f"error: cannot set up logging: {e}; give -o log=FILE")
             pyfuse3.close(unmount=True)
             return 1
-    report("ok")
+    if cfg.read_ahead_kb > 0:
+        import threading
+
+        # Started before isolating: this thread stays in the served namespace, where /sys is.
+        threading.Thread(
+            target=_tune_readahead, args=(os.path.abspath(cfg.mountpoint), cfg.read_ahead_kb), daemon=True
+        ).start()
     if ready_fd is not None:
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         os.close(devnull)
+    # Before reporting ready: from then on the user may pivot_root into the view.
+    cfg.stats = isolate.reachable(cfg.stats)
+    isolation = isolate.isolate_daemon(root_fd, cfg.mountpoint)
+    if isolation is not None and cfg.xattr:
+        ops.policy.store.close()  # SQLite named its files from outside; it reopens them from inside
+    report("ok")
     log.info("mounted %s on %s (%s mode)", cfg.source, cfg.mountpoint, "xattr" if cfg.xattr else "table")
     if captured.strip():
         log.warning("while mounting: %s", " / ".join(ln.strip() for ln in captured.splitlines() if ln.strip()))
-    if cfg.read_ahead_kb > 0:
-        import threading
-
-        threading.Thread(
-            target=_tune_readahead, args=(os.path.abspath(cfg.mountpoint), cfg.read_ahead_kb), daemon=True
-        ).start()
     clean = False
     try:
         trio.run(_serve, ops, cfg)
@@ -271,9 +278,11 @@ def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
     finally:
         _write_stats(ops, cfg.stats)
         try:
-            pyfuse3.close(unmount=True)
+            pyfuse3.close(unmount=isolation is None)
         except Exception:
             pass
+        if isolation is not None:
+            isolation.unmount_served()
     log.info("unmounted %s", cfg.mountpoint)
     return 0 if clean else 1
 

@@ -1,0 +1,297 @@
+"""The daemon's own mount namespace: immune to a pivot_root in the namespace it serves.
+
+Why. ``pivot_root`` moves the root and cwd of every process of the mount
+namespace whose root (or cwd) is the old root. A user who pivots into a
+shiftfs view (``cd view && pivot_root . mnt/oldroot``) therefore moves the
+daemon's root into the view too, and the daemon's next path-based call
+(every ``getxattr("/proc/self/fd/N")``, SQLite opening ``records.db-wal``)
+becomes a FUSE request to the daemon itself: it waits for itself for good,
+and only host root can free it through fusectl's ``abort``.
+
+Mechanism. Once the mount is live, and before the daemon reports ready, it
+moves into a mount namespace of its own whose root is a tiny read-only
+tmpfs holding exactly two mounts:
+
+* ``/proc``: a clone of the served namespace's /proc, for the
+  ``/proc/self/fd/N`` magic links that xattr calls and hard links use;
+* ``/source``: a clone of the backing directory. The root descriptor is
+  re-opened there (``dup2`` onto the same number), so every descriptor the
+  daemon opens afterwards lies below its own root. That matters for SQLite:
+  it resolves ``/proc/self/fd/N/records.db`` to a string path and opens
+  ``records.db``, ``-wal``, ``-shm`` and ``-journal`` by that name (strace
+  shows ``openat(AT_FDCWD, "/var/tmp/.../.shiftfs/records.db-wal")``); the
+  name is now ``/source/.shiftfs/...`` inside the daemon's namespace.
+
+The old root is detached right after ``pivot_root``, so the daemon holds no
+copy of any other mount: not of its own FUSE mount (a copy would keep the
+connection, and the daemon, alive after the user's ``umount``), nor of
+other mounts (in a namespace with private propagation, as ``unshare
+--mount`` makes, an unmount would never reach such copies: other daemons
+would not exit, devices would stay busy). Nothing done in the served
+namespace (``pivot_root``, ``umount -l``, new mounts) reaches the daemon's
+root or cwd, and a stray path-based call fails with ENOENT instead of
+deadlocking. The price: nothing outside is reachable by name any more, so
+code that runs after the mount must not import lazily (modules load from
+disk), open files by name (``-o stats`` goes through :func:`reachable`), or
+reconnect to ``/dev/log``; tracebacks in the log lack source lines.
+
+Not taken: (1) a private copy of the whole namespace with only our own FUSE
+copy detached keeps every path working but holds copies of every other
+mount, see above; (2) descriptors only, without a namespace: ``fgetxattr``
+refuses O_PATH descriptors, so xattr calls go through ``/proc/self/fd``
+(resolved from the root), and SQLite resolves and opens names itself.
+
+Who can. It takes CAP_SYS_ADMIN in the daemon's user namespace (root, or
+root of a user namespace as after ``unshare --user --map-root-user``). A
+daemon without it stays where it is: pivoting its namespace takes
+CAP_SYS_ADMIN over that namespace, which its plain-user peers lack.
+
+Unmounting. The served mount is not in the daemon's namespace any more, so
+on a signal the daemon closes the connection and then detaches the mount
+from a short-lived thread that joins the served namespace
+(:meth:`Isolation.unmount_served`), as libfuse itself would have. It
+keeps no descriptor of the served namespace, so when the namespace's last
+process exits the view goes with it and the daemon exits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl  # noqa: F401  loaded now: once isolated, no import can read a module from disk
+import logging
+import os
+import platform
+import threading
+from dataclasses import dataclass
+
+__all__ = ["Isolation", "isolate_daemon", "reachable"]
+
+log = logging.getLogger(__name__)
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+_CLONE_FS = 0x00000200
+_CLONE_NEWNS = 0x00020000
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
+_MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
+_MNT_DETACH, _UMOUNT_NOFOLLOW = 2, 8
+_AT_FDCWD, _AT_EMPTY_PATH, _AT_RECURSIVE = -100, 0x1000, 0x8000
+_OPEN_TREE_CLONE = 1
+_MOVE_MOUNT_F_EMPTY_PATH = 4
+# open_tree and move_mount have one number on every architecture; pivot_root does not.
+_SYS_OPEN_TREE, _SYS_MOVE_MOUNT = 428, 429
+_SYS_PIVOT_ROOT = {
+    "x86_64": 155, "aarch64": 41, "riscv64": 41, "loongarch64": 41, "i686": 217, "i386": 217,
+    "armv7l": 218, "armv6l": 218, "ppc64le": 203, "ppc64": 203, "s390x": 217,
+}
+
+#: Where the backing directory and /proc sit inside the daemon's namespace.
+SOURCE = "/source"
+_RO_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def _ok(res: int, what: str) -> int:
+    if res < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+    return res
+
+
+def _clone_tree(dfd: int, path: bytes, flags: int) -> int:
+    """A detached copy of the mount at ``path`` (recursive only if locked submounts demand it)."""
+    base = _OPEN_TREE_CLONE | os.O_CLOEXEC | flags
+    try:
+        return _ok(_libc.syscall(_SYS_OPEN_TREE, dfd, path, base), f"open_tree {path.decode() or dfd}")
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+    return _ok(_libc.syscall(_SYS_OPEN_TREE, dfd, path, base | _AT_RECURSIVE), f"open_tree {path.decode() or dfd}")
+
+
+def _attach(tree: int, target: bytes) -> None:
+    _ok(_libc.syscall(_SYS_MOVE_MOUNT, tree, b"", _AT_FDCWD, target, _MOVE_MOUNT_F_EMPTY_PATH), f"move_mount {target}")
+
+
+def _mount(src: bytes | None, target: bytes, fstype: bytes | None, flags: int, data: bytes | None = None) -> None:
+    _ok(_libc.mount(src, target, fstype, ctypes.c_ulong(flags), data), f"mount {target}")
+
+
+def _mount_dev(mountpoint: str, mountinfo: str = "/proc/self/mountinfo", dir_fd: int | None = None) -> str | None:
+    """``major:minor`` of the topmost fuse.shiftfs mount on ``mountpoint``."""
+    found = None
+    try:
+        fd = os.open(mountinfo, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+        with os.fdopen(fd, "rb") as f:
+            for line in f:
+                left, _, right = line.partition(b" - ")
+                parts = left.split()
+                mp = parts[4].decode("unicode_escape").encode("latin-1").decode(errors="surrogateescape")
+                if mp == mountpoint and right.split()[:1] == [b"fuse.shiftfs"]:
+                    found = parts[2].decode()
+    except (OSError, IndexError, ValueError):
+        return None
+    return found
+
+
+@dataclass
+class Isolation:
+    """The daemon lives in its own mount namespace; how to find the served one again."""
+
+    served_ns: tuple[int, int]  # (st_dev, st_ino) of the served namespace: no descriptor, see unmount_served
+    mountpoint: str
+    dev: str | None
+    proc_fd: int
+
+    def _enter_served(self) -> bool:
+        """Join the served namespace through a process still in it (this thread only)."""
+        dfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.proc_fd)
+        try:
+            names = os.listdir(dfd)
+        finally:
+            os.close(dfd)
+        for name in names:
+            if not name.isdigit() or int(name) == os.getpid():
+                continue
+            try:
+                st = os.stat(f"{name}/ns/mnt", dir_fd=self.proc_fd)
+                if (st.st_dev, st.st_ino) != self.served_ns:
+                    continue
+                fd = os.open(f"{name}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.proc_fd)
+            except OSError:
+                continue
+            try:
+                _ok(_libc.setns(fd, _CLONE_NEWNS), "setns to the served mount namespace")
+                return True
+            finally:
+                os.close(fd)
+        return False
+
+    def unmount_served(self, timeout: float = 10.0) -> None:
+        """Detach our mount in the served namespace; call after the FUSE connection is closed.
+
+        The daemon holds no descriptor of the served namespace: one would keep
+        it, and the view mounted in it, alive after its last process exits,
+        and the daemon with it. A thread unshares its fs state and joins the
+        namespace through a process still in it (none: nothing to unmount).
+        It unmounts only if that namespace still has our mount at its path (a
+        pivot may have made the view the root there: then it is left alone).
+        With the connection closed no lookup through the view can wait on us.
+        """
+
+        def work() -> None:
+            try:
+                _ok(_libc.unshare(_CLONE_FS), "unshare(CLONE_FS)")
+                if not self._enter_served():
+                    return
+                if self.dev is None or _mount_dev(self.mountpoint, "thread-self/mountinfo", self.proc_fd) != self.dev:
+                    return
+                _ok(_libc.umount2(os.fsencode(self.mountpoint), _MNT_DETACH | _UMOUNT_NOFOLLOW), "umount2")
+            except OSError as e:
+                log.warning("cannot unmount %s in the served namespace: %s; unmount it by hand", self.mountpoint, e)
+
+        t = threading.Thread(target=work, name="shiftfs-unmount", daemon=True)
+        t.start()
+        t.join(timeout)
+
+
+def reachable(path: str | None) -> str | None:
+    """A name for ``path``, a file the daemon writes later (``-o stats``), that still works once it
+    is isolated: ``/proc/self/fd/N/NAME`` of its directory, opened now. Call before isolating."""
+    if not path:
+        return path
+    d, name = os.path.split(os.path.abspath(path))
+    try:
+        dfd = os.open(d, _RO_DIR)
+    except OSError as e:
+        log.warning("cannot keep a handle on %s: %s", d, e)
+        return path
+    return f"/proc/self/fd/{dfd}/{name}"
+
+
+def _build_root(source: int, proc: int) -> None:
+    """Private propagation, a tmpfs root with /proc and SOURCE, the old root detached."""
+    # First: nothing mounted or unmounted below may propagate back to the served namespace.
+    _mount(None, b"/", None, _MS_REC | _MS_PRIVATE)
+    # /proc exists wherever the daemon can run at all; in this namespace we may cover it.
+    _mount(b"shiftfs", b"/proc", b"tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, b"mode=0755,size=16k,nr_inodes=16")
+    os.mkdir("/proc/proc", 0o555)
+    os.mkdir("/proc" + SOURCE, 0o555)
+    _attach(proc, b"/proc/proc")
+    _attach(source, b"/proc" + os.fsencode(SOURCE))
+    old = os.open("/", _RO_DIR)
+    new = os.open("/proc", _RO_DIR)
+    try:
+        nr = _SYS_PIVOT_ROOT[platform.machine()]
+        os.fchdir(new)
+        _ok(_libc.syscall(nr, b".", b"."), "pivot_root")
+        os.fchdir(old)
+        _ok(_libc.umount2(b".", _MNT_DETACH), "umount2 of the old root")
+    finally:
+        os.close(old)
+        os.close(new)
+        os.chdir("/")
+    _mount(None, b"/", None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+
+
+def isolate_daemon(root_fd: int, mountpoint: str) -> Isolation | None:
+    """Move the calling thread (the one that serves) into a mount namespace of its own.
+
+    ``root_fd`` (the backing root, O_PATH) is replaced in place by the same
+    directory inside the new namespace. Returns None, logging why, when the
+    daemon lacks the privilege or the kernel the calls (open_tree: 5.2); the
+    daemon then serves as before.
+    """
+    mountpoint = os.path.abspath(mountpoint)
+    if platform.machine() not in _SYS_PIVOT_ROOT:
+        log.warning("no pivot_root number for %s: the daemon shares the mount namespace it serves", platform.machine())
+        return None
+    dev = _mount_dev(mountpoint)
+    trees: list[int] = []
+    served = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)  # kept only while isolating
+    ns = os.fstat(served)
+    try:
+        trees.append(_clone_tree(root_fd, b"", _AT_EMPTY_PATH))
+        trees.append(_clone_tree(_AT_FDCWD, b"/proc", 0))
+    except OSError as e:
+        for fd in trees + [served]:
+            os.close(fd)
+        # EPERM: no CAP_SYS_ADMIN here, and so neither have this namespace's other plain users.
+        how = log.debug if e.errno in (errno.EPERM, errno.ENOSYS) else log.warning
+        how("the daemon shares the mount namespace it serves (%s); a pivot_root into the view there "
+            "would hang it", e)
+        return None
+    try:
+        _ok(_libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    except OSError as e:
+        for fd in trees + [served]:
+            os.close(fd)
+        log.warning("the daemon shares the mount namespace it serves (%s)", e)
+        return None
+    try:
+        _build_root(trees[0], trees[1])
+        fd = os.open(SOURCE, _RO_DIR)
+        a, b = os.fstat(fd), os.fstat(root_fd)
+        if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+            os.close(fd)
+            raise OSError(errno.EXDEV, f"{SOURCE} is not the backing directory")
+        os.dup2(fd, root_fd, inheritable=False)
+        os.close(fd)
+        proc_fd = os.open("/proc", _RO_DIR)
+    except OSError as e:
+        # Back to the served namespace: a half-built private one could hold a
+        # copy of the view, which would outlive the user's umount.
+        if _libc.setns(served, _CLONE_NEWNS) != 0:
+            log.error("cannot return to the served mount namespace (%s) after: %s; "
+                      "unmounting may not end this daemon, stop it with SIGTERM", os.strerror(ctypes.get_errno()), e)
+        else:
+            log.warning("the daemon shares the mount namespace it serves (%s)", e)
+        os.chdir("/")
+        return None
+    finally:
+        for fd in trees + [served]:
+            os.close(fd)
+    log.debug("daemon isolated in its own mount namespace (root: tmpfs with /proc and %s)", SOURCE)
+    return Isolation((ns.st_dev, ns.st_ino), mountpoint, dev, proc_fd)

@@ -77,7 +77,7 @@ COMMAND keeps your working directory and environment (sbin directories are added
 PATH); it gets its own pid namespace and a fresh /proc. The shiftfs mounts use
 allow_other, so user namespaces and sandboxes COMMAND starts can use them. Device
 nodes cannot be created in a user namespace (EPERM from the kernel): add them to
-the archive instead ('python -m shiftfs.devtable --help'). Export SRC itself, not a
+the archive instead ('shiftfs devtable --help'). Export SRC itself, not a
 directory inside it: records of symlinks live in SRC/.shiftfs.
 
 Exit status: COMMAND's (128+N if killed by signal N); 125 if the namespace could

@@ -1,6 +1,6 @@
 """The offline commands on the ``shiftfs`` command line.
 
-``export``, ``import``, ``stat``, ``ls``, ``absorb`` and ``materialize``
+``export``, ``import``, ``stat``, ``ls``, ``devtable``, ``absorb`` and ``materialize``
 work on a backing tree's records without a mount; each prints one line per
 problem and exits 0, 1 (some paths failed) or 2 (bad command line).
 """
@@ -192,6 +192,12 @@ def _cmd_ls(args) -> int:
     return _run("ls", run)
 
 
+def _cmd_devtable(args) -> int:
+    from .devtable import run
+
+    return run(args)
+
+
 def _cmd_absorb(args) -> int:
     def run() -> int:
         maps = _maps(args)
@@ -244,7 +250,7 @@ def register(subparsers) -> None:
         "--device-table",
         metavar="FILE",
         help="add entries from a device table (lines 'PATH TYPE MAJOR MINOR MODE UID GID'; "
-        "'python -m shiftfs.devtable mmdebstrap' prints the usual /dev)",
+        "'shiftfs devtable mmdebstrap' prints the usual /dev)",
     )
     p.add_argument(
         "--self-owner",
@@ -279,6 +285,17 @@ def register(subparsers) -> None:
     p.add_argument("dir", metavar="DIR")
     p.add_argument("-l", dest="long", action="store_true", help="long listing")
     add_map_argument(p)
+
+    from .devtable import DESCRIPTION, EPILOG, add_arguments
+
+    p = _command(subparsers, _cmd_devtable,
+        "devtable",
+        help="device tables: print mmdebstrap's /dev, or add a table's entries to a tar",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
 
     p = _command(subparsers, _cmd_absorb,
         "absorb",

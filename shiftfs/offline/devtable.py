@@ -27,7 +27,7 @@ Two ways to apply a table:
 * ``shiftfs export ROOT --device-table FILE`` (:meth:`DeviceTable.covers`,
   :meth:`DeviceTable.add_to_tarfile` and :meth:`DeviceTable.add_to_cpio` are
   the hooks the exporter calls);
-* ``python -m shiftfs.devtable add FILE IN.tar OUT.tar`` on an archive
+* ``shiftfs devtable add FILE IN.tar OUT.tar`` on an archive
   already written: members are copied byte for byte, those the table replaces
   are dropped, and the table's entries are appended.
 """
@@ -274,19 +274,42 @@ def _copy(raw: BinaryIO, out: BinaryIO, start: int, end: int) -> None:
         left -= len(chunk)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m shiftfs.devtable",
-        description="Add device nodes (and other entries a user namespace cannot create) "
-                    "to a tar written by 'shiftfs export'.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("add", help="copy IN.tar to OUT.tar with the table's entries")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``add`` and ``mmdebstrap`` actions, on ``shiftfs devtable`` and on the
+    ``python -m shiftfs.devtable`` shim alike."""
+    sub = p.add_subparsers(dest="devtable_cmd", metavar="ACTION", parser_class=type(p))
+    sub.required = True
+    a = sub.add_parser("add", help="copy IN.tar to OUT.tar with the table's entries",
+                       description="Copy IN.tar to OUT.tar byte for byte, dropping the members "
+                                   "TABLE replaces and appending TABLE's entries.")
     a.add_argument("table", metavar="TABLE", help="device table file ('-' for mmdebstrap's /dev)")
     a.add_argument("input", metavar="IN.tar", help="uncompressed tar")
     a.add_argument("output", metavar="OUT.tar")
-    sub.add_parser("mmdebstrap", help="print the table of the /dev mmdebstrap makes as root")
-    args = p.parse_args(argv)
-    if args.cmd == "mmdebstrap":
+    sub.add_parser("mmdebstrap", help="print the table of the /dev mmdebstrap makes as root",
+                   description="Print the device table of the /dev that mmdebstrap makes as real "
+                               "root, for 'shiftfs export --device-table'.")
+
+
+DESCRIPTION = ("Device tables: entries a tree built in a user namespace cannot hold (device "
+               "nodes). 'mmdebstrap' prints the usual /dev; 'add' appends a table to a tar "
+               "written by 'shiftfs export' (or give the table to 'shiftfs export "
+               "--device-table FILE' directly).")
+
+EPILOG = """\
+table lines: PATH TYPE MAJOR MINOR MODE UID GID [TARGET]
+  TYPE c (char device), b (block device), p (FIFO), d (directory), l (symlink);
+  MAJOR MINOR decimal for c/b, '-' otherwise; MODE octal; UID GID numeric view ids.
+  /dev/null  c 1 3 0666 0 0
+
+example:
+  shiftfs devtable mmdebstrap > dev.table
+  shiftfs export ./rootfs --device-table dev.table -o rootfs.tar
+"""
+
+
+def run(args: argparse.Namespace) -> int:
+    """Carry out a parsed ``shiftfs devtable`` command; one line per problem."""
+    if args.devtable_cmd == "mmdebstrap":
         sys.stdout.write(MMDEBSTRAP_DEV)
         return 0
     try:
@@ -310,6 +333,16 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m shiftfs.devtable``: the same as ``shiftfs devtable``."""
+    from ..cli import _Parser  # one-line usage errors, as on the shiftfs command line
+
+    p = _Parser(prog="shiftfs devtable", description=DESCRIPTION, epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

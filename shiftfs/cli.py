@@ -40,7 +40,8 @@ options (-o, comma separated):
                         (1 s), never (SOURCE is changed by others too)
   default_owner=UID:GID xattr mode: owner shown for files without a record
   legacy_xattr          xattr mode: also write user.fuseoverlayfs.override_stat
-                        (for fuse-overlayfs < 1.14, e.g. Debian 12's 1.10)
+                        (for fuse-overlayfs < 1.14, e.g. Debian 12's 1.10,
+                        using the tree as its upper layer)
   fsname=NAME           source name in mount tables (default: SOURCE)
   allow_other           let other users in (default when mounted by uid 0)
   suid, dev, ro, noexec, noatime, ...

@@ -16,10 +16,40 @@ import tarfile
 
 import pytest
 
-from fsutil import SHIFTFS, USER_ENV, run_as
+import ns_util
+from fsutil import SHIFTFS, USER_ENV, have, run_as
 
 #: An ordinary user for the unprivileged cases (no passwd entry needed).
 USER = 4716
+
+
+@pytest.fixture(scope="module")
+def user():
+    """A throwaway user with a passwd entry (fusermount3 needs a name) and a
+    65536-id range in /etc/subuid and /etc/subgid (unshare --map-auto, podman)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a throwaway user")
+    if not os.path.exists("/usr/sbin/useradd"):
+        pytest.skip("useradd is missing (package passwd)")
+    with ns_util.throwaway_users(with_range=1, without_range=0) as users:
+        yield users[0]
+
+
+@pytest.fixture
+def wd(user):
+    """A fresh working directory owned by ``user`` under a 0755 parent."""
+    parent = ns_util.workdir()
+    d = os.path.join(parent, "w")
+    os.mkdir(d)
+    os.chown(d, user.uid, user.gid)
+    yield d
+    ns_util.remove_tree(parent)
+
+
+def as_user(user, script: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run a sh script as ``user`` (``set -e``); output captured as text."""
+    return subprocess.run(user.wrap(["sh", "-ec", script]), capture_output=True, text=True,
+                          errors="replace", timeout=timeout)
 
 
 def _user_dir(scratch, name: str = "home") -> str:
@@ -75,3 +105,87 @@ def test_no_help_text_shows_python_m_devtable():
                            "shiftfs/offline/commands.py", "shiftfs/cli.py"],
                           cwd=repo, capture_output=True, text=True, env=USER_ENV).stdout
     assert hits == ""
+
+
+# --- item 5: fuse-overlayfs reads a tree shiftfs wrote ------------------------------------------
+
+
+def _fuse_overlayfs_listing(layout: str) -> str:
+    """sh lines: mount ``tree`` with Debian's fuse-overlayfs (``xattr_permissions=2``,
+    as the bench and rootless podman run it) as its lower or its upper layer,
+    list the root and a subtree, unmount."""
+    layers = ("lowerdir=tree,upperdir=up,workdir=fow" if layout == "lower"
+              else "lowerdir=empty,upperdir=tree,workdir=fow")
+    return f"""
+rm -rf up fow empty fo; mkdir up fow empty fo
+fuse-overlayfs -o {layers},xattr_permissions=2 fo
+trap 'fusermount3 -u fo' EXIT
+echo ROOT; ls -A fo
+echo SUB; ls -A fo/etc/sub
+echo MODE; stat -c %a fo/etc/f
+"""
+
+
+@pytest.mark.skipif(not have("fuse-overlayfs"), reason="needs fuse-overlayfs")
+@pytest.mark.parametrize("layout,opts", [("lower", ""), ("lower", "-o legacy_xattr"),
+                                         ("upper", "-o legacy_xattr")],
+                         ids=["lower", "lower-legacy", "upper-legacy"])
+def test_fuse_overlayfs_lists_a_tree_shiftfs_wrote(user, wd, layout, opts):
+    """fuse-overlayfs picks a layer's record name by probing the layer root and
+    fails a listing that meets a directory or file without a record: the root
+    and .shiftfs get records on the first mount, so it lists the root and reads
+    our records in subtrees (1.10 reads user.containers.override_stat on a
+    lower layer whose root has it; on its upper layer only the legacy name,
+    hence -o legacy_xattr)."""
+    r = as_user(user, f"""
+cd {wd}
+mkdir tree mp
+{SHIFTFS} mount --xattr {opts} tree mp
+mkdir -p mp/etc/sub mp/usr
+echo hi > mp/etc/f; echo a > mp/etc/sub/g; ln -s f mp/etc/link; chmod 4755 mp/etc/f
+{SHIFTFS} umount mp
+""" + _fuse_overlayfs_listing(layout))
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout.split()
+    root = out[out.index("ROOT") + 1:out.index("SUB")]
+    assert sorted(root) == [".shiftfs", "etc", "usr"], r.stdout
+    assert out[out.index("SUB") + 1:out.index("MODE")] == ["g"], r.stdout
+    assert out[out.index("MODE") + 1] == "4755", r.stdout  # the record, not the backing mode 0755
+    rec = os.getxattr(os.path.join(wd, "tree"), "user.containers.override_stat")
+    assert rec == f"{user.uid}:{user.gid}:40755".encode()  # the view the root showed
+    assert os.getxattr(os.path.join(wd, "tree", ".shiftfs"), "user.containers.override_stat") == (
+        f"{user.uid}:{user.gid}:40700".encode())
+
+
+@pytest.mark.skipif(not have("fuse-overlayfs"), reason="needs fuse-overlayfs")
+def test_root_record_added_to_an_older_tree_and_never_replaced(user, wd):
+    """A tree an earlier shiftfs wrote (no root or .shiftfs record) gets them at
+    its next mount; a root record that is there already is kept, whatever its
+    name (it tells fuse-overlayfs which name the tree uses); a read-only mount
+    writes nothing."""
+    tree = os.path.join(wd, "tree")
+    r = as_user(user, f"""
+cd {wd}
+mkdir tree mp
+{SHIFTFS} mount --xattr tree mp
+mkdir -p mp/etc/sub; echo a > mp/etc/sub/g; echo hi > mp/etc/f; chmod 4755 mp/etc/f; ln -s f mp/etc/link
+{SHIFTFS} umount mp
+setfattr -x user.containers.override_stat tree
+setfattr -x user.containers.override_stat tree/.shiftfs
+{SHIFTFS} mount --xattr -o ro tree mp
+ls mp/etc >/dev/null
+{SHIFTFS} umount mp
+getfattr -n user.containers.override_stat tree 2>/dev/null && exit 3
+getfattr -n user.containers.override_stat tree/.shiftfs 2>/dev/null && exit 4
+{SHIFTFS} mount --xattr tree mp
+{SHIFTFS} umount mp
+""" + _fuse_overlayfs_listing("lower"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "4755" in r.stdout.split()
+    assert os.getxattr(os.path.join(tree, ".shiftfs"), "user.containers.override_stat")
+    # a legacy-only root record stays as it is (a tree fuse-overlayfs 1.10 wrote as its upper layer)
+    os.removexattr(tree, "user.containers.override_stat")
+    os.setxattr(tree, "user.fuseoverlayfs.override_stat", b"0:0:40755")
+    r = as_user(user, f"cd {wd}; {SHIFTFS} mount --xattr tree mp; {SHIFTFS} umount mp")
+    assert r.returncode == 0, r.stderr
+    assert "user.containers.override_stat" not in os.listxattr(tree)

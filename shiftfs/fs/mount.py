@@ -161,8 +161,10 @@ def kernel_options(cfg: MountConfig) -> set[str]:
 def build_operations(cfg: MountConfig, root_fd: int) -> Operations:
     policy: OwnershipPolicy
     if cfg.xattr:
-        store = RecordStore(root_fd, create=True, write_legacy=cfg.legacy_xattr)
-        policy = XattrPolicy(cfg.uids, cfg.gids, store, cfg.default_owner)
+        # A read-only mount changes nothing on disk: no records for the root and .shiftfs.
+        ro = "ro" in cfg.kernel_opts
+        store = RecordStore(root_fd, create=True, write_legacy=cfg.legacy_xattr, stamp=not ro)
+        policy = XattrPolicy(cfg.uids, cfg.gids, store, cfg.default_owner, stamp_root=not ro)
     else:
         policy = TablePolicy(cfg.uids, cfg.gids)
     ops = Operations(

@@ -3,7 +3,9 @@
 A *record* is the value of the xattr ``user.containers.override_stat``. Podman's
 containers/storage writes it when a storage driver runs with ``force_mask``,
 and fuse-overlayfs reads it with ``xattr_permissions=2``. Older fuse-overlayfs
-releases (Debian 12 ships 1.10) know only ``user.fuseoverlayfs.override_stat``.
+releases (Debian 12 ships 1.10) write only ``user.fuseoverlayfs.override_stat``
+and read the name the root of each layer carries (only the legacy one on the
+upper layer, which they stamp with it).
 Speaking the same format lets a backing tree move between shiftfs, podman and
 fuse-overlayfs unchanged.
 

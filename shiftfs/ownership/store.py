@@ -92,9 +92,12 @@ class RecordStore:
     ``st`` is its ``os.stat(fd)``. Values are the encoded record bytes.
     """
 
-    def __init__(self, root_fd: int, create: bool = True, write_legacy: bool = False, readonly: bool = False):
+    def __init__(self, root_fd: int, create: bool = True, write_legacy: bool = False, readonly: bool = False,
+                 stamp: bool = True):
         #: never write: open the side table read-only (offline readers)
         self.readonly = readonly
+        #: give ``.shiftfs`` and the side table records (off for read-only mounts)
+        self.stamp = stamp and not readonly
         self.root_fd = root_fd
         self.create = create
         self.write_legacy = write_legacy
@@ -162,26 +165,52 @@ class RecordStore:
         self._db_dirfd = dfd
         self._db = db
         self._db_missing = False
-        if self.write_legacy:
-            # fuse-overlayfs 1.10 fails to list a directory holding a regular
-            # file or directory without a record: give our own files records.
-            self._stamp_own(self.root_fd, STORE_DIR, stat.S_IFDIR | 0o700)
-            self._stamp_own(dfd, _DB_NAME, stat.S_IFREG | 0o600)
+        # fuse-overlayfs fails to list a directory holding a regular file or
+        # directory without a record: give our own files records.
+        self._stamp_own(self.root_fd, STORE_DIR, stat.S_IFDIR | 0o700)
+        self._stamp_own(dfd, _DB_NAME, stat.S_IFREG | 0o600)
         return db
 
+    def has_record(self, fd: int) -> bool:
+        """Whether a directory or regular file already carries the record
+        fuse-overlayfs looks for: either name, or with ``write_legacy`` the
+        legacy one (fuse-overlayfs 1.10 reads only that name on its upper
+        layer). True as well when the filesystem takes no user xattrs, as
+        there is nothing to add then."""
+        for name in (LEGACY_RECORD_NAME,) if self.write_legacy else (RECORD_NAME, LEGACY_RECORD_NAME):
+            try:
+                os.getxattr(proc_fd(fd), name)
+                return True
+            except OSError as e:
+                if e.errno != errno.ENODATA:
+                    return True
+        return False
+
+    def stamp_own_files(self) -> None:
+        """Records for ``.shiftfs`` and the side table, if they exist already
+        (made by a version that did not stamp them); new ones are stamped when
+        they are created."""
+        try:
+            dfd = os.open(STORE_DIR, O_PATH_NOFOLLOW | os.O_DIRECTORY, dir_fd=self.root_fd)
+        except OSError:
+            return
+        try:
+            self._stamp_own(self.root_fd, STORE_DIR, stat.S_IFDIR | 0o700)
+            self._stamp_own(dfd, _DB_NAME, stat.S_IFREG | 0o600)
+        finally:
+            os.close(dfd)
+
     def _stamp_own(self, dirfd: int, name: str, mode: int) -> None:
+        if not self.stamp:
+            return
         try:
             fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=dirfd)
         except OSError:
             return
         try:
-            try:
-                os.getxattr(proc_fd(fd), LEGACY_RECORD_NAME)
-                return
-            except OSError as e:
-                if e.errno != errno.ENODATA:
-                    return
             st = os.fstat(fd)
+            if stat.S_IFMT(st.st_mode) != stat.S_IFMT(mode) or self.has_record(fd):
+                return
             self.write(fd, st, encode(Record(st.st_uid, st.st_gid, mode)))
         except OSError as e:
             log.warning("cannot give %s/%s a record: %s", STORE_DIR, name, e)

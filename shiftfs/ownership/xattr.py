@@ -23,7 +23,7 @@ from . import acl
 from .idmap import IdMap
 from .names import escape_xattr_name, unescape_xattr_name
 from .policy import CreatePlan, OwnershipPolicy, XattrEffect
-from .record import LEGACY_RECORD_NAME, Record, decode, encode
+from .record import Record, decode, encode
 from .store import RecordStore, SideTableError, can_hold_xattr
 from .view import backing_perm, backing_type, backing_view, check_fits, record_view
 from ..fs.inodes import Inode
@@ -41,24 +41,31 @@ _ESC_ACL_DEFAULT = escape_xattr_name(acl.ACL_DEFAULT)
 class XattrPolicy(OwnershipPolicy):
     """View ownership and mode live in records; backing files stay the daemon's."""
 
-    def __init__(self, uids: IdMap, gids: IdMap, store: RecordStore, default_owner: tuple[int, int] | None = None):
+    def __init__(self, uids: IdMap, gids: IdMap, store: RecordStore, default_owner: tuple[int, int] | None = None,
+                 stamp_root: bool = True):
         super().__init__(uids, gids)
         self.store = store
         self.default_owner = default_owner
         self._warned: set[tuple[int, int]] = set()
         self._store_errors: set[str] = set()
-        if store.write_legacy:
-            self._legacy_root()
+        if stamp_root:
+            self._record_root()
+            store.stamp_own_files()
 
-    def _legacy_root(self) -> None:
-        """Give the root a legacy record: fuse-overlayfs 1.10 fails on a directory without one."""
+    def _record_root(self) -> None:
+        """Give the tree root a record of the view it already shows.
+
+        fuse-overlayfs (1.10 at least) picks the record name of a layer by
+        probing the layer's root, and then fails every directory listing
+        that meets a directory or regular file without a record ("No data
+        available"): a tree whose root has no record cannot be listed. A root
+        that has a record under either name keeps it (its name tells
+        fuse-overlayfs which one the tree uses); with ``-o legacy_xattr`` the
+        root needs the legacy name too.
+        """
         fd = self.store.root_fd
-        try:
-            os.getxattr(proc_fd(fd), LEGACY_RECORD_NAME)
+        if self.store.has_record(fd):
             return
-        except OSError as e:
-            if e.errno != errno.ENODATA:
-                return  # no user xattrs here: nothing an old fuse-overlayfs could read either
         try:
             st = os.fstat(fd)
             raw = self.store.read(fd, st)
@@ -76,7 +83,7 @@ class XattrPolicy(OwnershipPolicy):
                 rec = Record(du, dg, st.st_mode)
             self.store.write(fd, st, encode(rec))
         except (OSError, ValueError, pyfuse3.FUSEError) as e:
-            log.warning("cannot give the root a record for -o legacy_xattr: %s", e)
+            log.warning("cannot give the root a record (fuse-overlayfs will not list this tree): %s", e)
 
     # records ----------------------------------------------------------------
     def _load_record(self, node: Inode, st: os.stat_result) -> Record | None:

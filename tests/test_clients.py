@@ -10,6 +10,7 @@ is not installed skips its test with a reason.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -17,7 +18,7 @@ import tarfile
 import pytest
 
 import ns_util
-from fsutil import SHIFTFS, USER_ENV, have, run_as
+from fsutil import MAP, SHIFTFS, USER_ENV, have, is_mounted, reap, run_as, spawn_daemons, unmount_lazy, wait_for
 
 #: An ordinary user for the unprivileged cases (no passwd entry needed).
 USER = 4716
@@ -189,3 +190,114 @@ getfattr -n user.containers.override_stat tree/.shiftfs 2>/dev/null && exit 4
     r = as_user(user, f"cd {wd}; {SHIFTFS} mount --xattr tree mp; {SHIFTFS} umount mp")
     assert r.returncode == 0, r.stderr
     assert "user.containers.override_stat" not in os.listxattr(tree)
+
+
+# --- item 6: umount while other mount namespaces hold a copy ------------------------------------
+
+
+def _mount_tracked(argv: list[str]) -> list[int]:
+    """Run a mounting command; return the daemon pids it left (ours to reap)."""
+    r, pids = spawn_daemons(argv, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert pids, "no daemon left running"
+    return pids
+
+
+def _end(p: subprocess.Popen) -> None:
+    """Kill a holder and everything it started (runuser forks the command)."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait(timeout=10)
+
+
+def _stop(procs, daemons, mp) -> None:
+    for p in procs:
+        _end(p)
+    unmount_lazy(mp)
+    for pid in daemons:
+        reap(pid)
+
+
+def _holder(argv: list[str], mp: str) -> subprocess.Popen:
+    """A process in a new mount namespace made after the mount (it holds a copy)."""
+    p = subprocess.Popen(argv + ["sleep", "120"], start_new_session=True)
+    wait_for(lambda: _sees(p.pid, mp), what=f"pid {p.pid} sees {mp}")
+    return p
+
+
+def _sees(pid: int, mp: str) -> bool:
+    try:
+        for q in [pid] + [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]:
+            if any(f" {mp} " in line for line in open(f"/proc/{q}/mountinfo")):
+                return True
+    except OSError:
+        pass
+    return False
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not have("unshare"), reason="needs unshare (util-linux)")
+def test_umount_says_other_namespaces_still_hold_the_mount(scratch):
+    """Root: a mount namespace made after the mount (``unshare --mount``) holds
+    a copy; umount succeeds here, says so in one line with the holder's pid,
+    and the daemon serves on until the holder exits."""
+    src, mp = scratch / "src", scratch / "mp"
+    src.mkdir()
+    mp.mkdir()
+    daemons = _mount_tracked([SHIFTFS, "mount", "--map", MAP, "-o", "backend=fuse", str(src), str(mp)])
+    procs = []
+    try:
+        procs.append(_holder(["unshare", "--mount"], str(mp)))
+        r = subprocess.run([SHIFTFS, "umount", str(mp)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1, r.stderr
+        assert "is unmounted here, but 1 other mount namespace" in lines[0]
+        assert str(procs[0].pid) in lines[0] and "keeps serving" in lines[0]
+        assert not is_mounted(mp)
+        assert reap(daemons[0], timeout=1, kill=False) is None  # still serving the copy
+        _end(procs[0])
+        assert reap(daemons[0], timeout=20, kill=False) is not None  # the last copy went: it exits
+        # Nobody else holds it: umount says nothing.
+        daemons += _mount_tracked([SHIFTFS, "mount", "--map", MAP, "-o", "backend=fuse", str(src), str(mp)])
+        r = subprocess.run([SHIFTFS, "umount", str(mp)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+    finally:
+        _stop(procs, daemons, mp)
+
+
+@pytest.mark.skipif(not have("unshare"), reason="needs unshare (util-linux)")
+def test_umount_of_a_locked_copy_and_user_namespace_holders(user, wd):
+    """A user: inside ``unshare --user --map-root-user --mount`` the copy of a
+    mount made outside is locked, and umount says that instead of "not
+    mounted … use --lazy"; outside, umount names the namespaces that keep the
+    daemon serving."""
+    mp = os.path.join(wd, "mp")
+    os.mkdir(os.path.join(wd, "src"))
+    os.mkdir(mp)
+    for d in ("src", "mp"):
+        os.chown(os.path.join(wd, d), user.uid, user.gid)
+    daemons = _mount_tracked(user.wrap([SHIFTFS, "mount", "--xattr", os.path.join(wd, "src"), mp]))
+    procs = []
+    try:
+        for lazy in ([], ["--lazy"]):
+            r = subprocess.run(user.wrap(["unshare", "--user", "--map-root-user", "--mount",
+                                          SHIFTFS, "umount", *lazy, mp]),
+                               capture_output=True, text=True, timeout=60)
+            assert r.returncode == 1, r.stderr
+            lines = r.stderr.strip().splitlines()
+            assert len(lines) == 1 and "mounted outside this user namespace" in lines[0], r.stderr
+            assert "not mounted" not in lines[0] and "use 'shiftfs umount --lazy'" not in lines[0]
+        procs = [_holder(user.wrap(["unshare", "--user", "--map-root-user", "--mount"]), mp) for _ in range(2)]
+        r = subprocess.run(user.wrap([SHIFTFS, "umount", mp]), capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "but 2 other mount namespaces" in lines[0], r.stderr
+        assert reap(daemons[0], timeout=1, kill=False) is None
+        for p in procs:
+            _end(p)
+        assert reap(daemons[0], timeout=20, kill=False) is not None
+    finally:
+        _stop(procs, daemons, mp)

@@ -11,7 +11,9 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 
+from . import holders
 from .ops import CacheConfig, Operations
 from .options import MountConfig
 from ..errors import MountError, UsageError
@@ -49,7 +51,12 @@ def is_shiftfs_mount(path: str) -> bool:
 
 
 def unmount(mountpoint: str, lazy: bool = False) -> None:
-    """Unmount a shiftfs mount (``fusermount3 -u`` or umount2 as root)."""
+    """Unmount a shiftfs mount (``fusermount3 -u`` or umount2 as root).
+
+    Says in one line (on stderr) when other mount namespaces still hold a
+    copy, and explains a locked copy instead of "not mounted"; see
+    :mod:`shiftfs.fs.holders`.
+    """
     mp = os.path.abspath(mountpoint)
     # Decide from the mount table alone: a stat of the mount point would ask
     # the daemon, and a hung (or stopped) daemon would hang us with it.
@@ -66,21 +73,64 @@ def unmount(mountpoint: str, lazy: bool = False) -> None:
     if kernel.is_kernel_mount(mp):  # the kernel backend: no daemon, just the mount
         kernel.unmount(mp, lazy)
         return
+    entry = holders.entry_of(mp)
+    err = _detach(mp, lazy)
+    if err is None:
+        _say_other_holders(mp, entry)
+        return
+    if os.geteuid() == 0 and holders.entry_of(mp) == entry and _umount2(mp, lazy) == errno.EINVAL:
+        # Root of a user namespace, the mount is right there, and still the kernel says
+        # "not mounted": a locked copy (MNT_LOCKED) that came from outside the user namespace.
+        raise MountError(
+            f"cannot unmount {mountpoint}: it was mounted outside this user namespace (e.g. before "
+            f"'podman unshare' or 'unshare --user'), and the kernel lets no one unmount such a locked "
+            f"copy in here, not even lazily; run 'shiftfs umount {mountpoint}' outside (this copy may then "
+            f"stay until this namespace's processes exit)"
+        )
+    raise MountError(f"cannot unmount {mountpoint}: {err}; close programs using it or use 'shiftfs umount --lazy'")
+
+
+def _detach(mp: str, lazy: bool) -> str | None:
+    """Unmount in our namespace; None on success, else what the tools said."""
     fm = shutil.which("fusermount3")
     if fm:
         cmd = [fm, "-u"] + (["-z"] if lazy else []) + [mp]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode == 0:
-            return
+            return None
         err = r.stderr.strip()
     else:
         err = "fusermount3 not found"
     if os.geteuid() == 0:
         r = subprocess.run(["umount"] + (["-l"] if lazy else []) + [mp], capture_output=True, text=True)
         if r.returncode == 0:
-            return
+            return None
         err = r.stderr.strip() or err
-    raise MountError(f"cannot unmount {mountpoint}: {err}; close programs using it or use 'shiftfs umount --lazy'")
+    return err
+
+
+def _umount2(mp: str, lazy: bool) -> int:
+    """umount2(2) itself, for its errno (0 on success)."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    flags = 8 | (2 if lazy else 0)  # UMOUNT_NOFOLLOW | MNT_DETACH
+    if libc.umount2(os.fsencode(mp), flags) == 0:
+        return 0
+    return ctypes.get_errno()
+
+
+def _say_other_holders(mp: str, entry: holders.MountEntry | None) -> None:
+    """After our copy is gone: one line if other namespaces keep the daemon serving."""
+    if entry is None:
+        return
+    try:
+        found = holders.other_holders(entry.dev, {entry.mount_id}, entry.fstype)
+    except OSError:
+        return
+    if found:
+        print(f"shiftfs umount: {holders.describe(mp, found)}", file=sys.stderr)
 
 
 def _in_init_userns() -> bool:

@@ -301,3 +301,169 @@ def test_umount_of_a_locked_copy_and_user_namespace_holders(user, wd):
         assert reap(daemons[0], timeout=20, kill=False) is not None
     finally:
         _stop(procs, daemons, mp)
+
+
+# --- the README's container-tool recipes --------------------------------------------------------
+
+#: Commands the small root filesystems of these tests carry (copied from the host with their libraries).
+_TOOLS = ("sh", "id", "ls", "stat", "touch", "chown", "cat", "mkdir")
+
+
+def _tiny_rootfs(into: str) -> None:
+    """A root filesystem of a few host binaries and their libraries, written
+    through ``into`` (a view, so the view decides the ownership on disk):
+    cheap, and enough for a container tool to start a shell in."""
+    import shutil
+
+    files: set[str] = set()
+    for tool in _TOOLS:
+        path = os.path.realpath(shutil.which(tool, path="/usr/bin:/bin"))
+        files.add(path)
+        out = subprocess.run(["ldd", path], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            for part in line.split():
+                if part.startswith("/"):
+                    files.add(os.path.realpath(part))
+                    files.add(part)
+    for d in ("usr/bin", "usr/lib", "usr/lib64", "etc", "proc", "sys", "dev", "tmp", "root", "run", "home"):
+        os.makedirs(os.path.join(into, d), exist_ok=True)
+    for name in ("bin", "lib", "lib64"):
+        os.symlink(f"usr/{name}", os.path.join(into, name))
+    for f in sorted(files):
+        dst = os.path.join(into, "usr", f.lstrip("/").removeprefix("usr/"))
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if os.path.islink(f):
+            if not os.path.lexists(dst):
+                os.symlink(os.readlink(f), dst)
+        elif not os.path.exists(dst):
+            shutil.copy2(f, dst)
+    for tool in _TOOLS:
+        src = os.path.realpath(shutil.which(tool, path="/usr/bin:/bin"))
+        dst = os.path.join(into, "usr/bin", tool)
+        if not os.path.lexists(dst):
+            os.symlink(os.path.relpath(os.path.join(into, "usr", src.lstrip("/").removeprefix("usr/")),
+                                       os.path.dirname(dst)), dst)
+    with open(os.path.join(into, "etc/passwd"), "w") as f:
+        f.write("root:x:0:0:root:/root:/bin/sh\nbob:x:1000:1000::/home/bob:/bin/sh\n")
+    with open(os.path.join(into, "etc/group"), "w") as f:
+        f.write("root:x:0:\nbob:x:1000:\n")
+
+
+def _podman_argv() -> list[str]:
+    """podman with what this kind of machine needs (README, "Using it with container
+    tools"): runc where crun refuses a hybrid cgroup tree, limits a process
+    without CAP_SYS_RESOURCE may set, the host network (no slirp4netns needed)."""
+    argv = ["podman"]
+    if have("runc"):
+        argv += ["--runtime", "runc"]
+    return argv
+
+
+_PODMAN_RUN = ["run", "--rm", "--network", "host", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
+#: In the container: who am I, and what ownership a chown leaves (view side).
+_IN_CONTAINER = "id -u; touch /home/x; chown 1000:1000 /home/x; stat -c %u:%g /home/x /etc/passwd"
+
+
+def _mount_view(src: str, view: str, *args: str) -> list[int]:
+    os.makedirs(src, exist_ok=True)
+    os.makedirs(view, exist_ok=True)
+    return _mount_tracked([SHIFTFS, "mount", *args, src, view])
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not have("podman"), reason="needs podman (apt-get install podman)")
+def test_recipe_root_podman_on_a_table_view(scratch):
+    """``podman run --rootfs VIEW``: the container's root is view root, and what
+    it chowns lands on disk shifted by the table."""
+    src, view = str(scratch / "rootfs"), str(scratch / "view")
+    daemons = _mount_view(src, view, "--map", MAP, "-o", "backend=fuse")
+    try:
+        _tiny_rootfs(view)
+        assert os.stat(os.path.join(src, "etc/passwd")).st_uid == 100000
+        r = subprocess.run(_podman_argv() + _PODMAN_RUN + ["--rootfs", view, "sh", "-c", _IN_CONTAINER],
+                           capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == ["0", "1000:1000", "0:0"], r.stdout
+        st = os.stat(os.path.join(src, "home/x"))
+        assert (st.st_uid, st.st_gid) == (101000, 101000)
+    finally:
+        _stop([], daemons, view)
+
+
+@pytest.mark.skipif(not have("podman"), reason="needs podman (apt-get install podman)")
+def test_recipe_rootless_podman_mounts_inside_podman_unshare(user, wd):
+    """Rootless podman: the view is mounted inside ``podman unshare`` (so view
+    ids are the namespace's); ``podman run --rootfs VIEW`` then works, and on
+    the host every file stays the user's, with the ownership in records."""
+    home = os.path.join(wd, "home")
+    run_dir = os.path.join(wd, "run")
+    for d in (home, run_dir):
+        os.mkdir(d, 0o700)
+        os.chown(d, user.uid, user.gid)
+    env = ["env", f"HOME={home}", f"XDG_RUNTIME_DIR={run_dir}", "PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
+    src, view = os.path.join(home, "rootfs"), os.path.join(home, "view")
+
+    def podman(*args, timeout=180):
+        return subprocess.run(["runuser", "-u", user.name, "--", *env, *_podman_argv(), *args],
+                              capture_output=True, text=True, timeout=timeout)
+
+    try:
+        r = subprocess.run(["runuser", "-u", user.name, "--", *env, "mkdir", src, view])
+        assert r.returncode == 0
+        r = podman("unshare", SHIFTFS, "mount", "--xattr", src, view)
+        assert r.returncode == 0, r.stderr
+        # Fill it as namespace root, through the view (podman unshare runs as uid 0 there).
+        r = podman("unshare", sys.executable, "-c",
+                   f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+                   f"import test_clients as t; t._tiny_rootfs({view!r})")
+        assert r.returncode == 0, r.stderr
+        r = podman(*_PODMAN_RUN, "--rootfs", view, "sh", "-c", _IN_CONTAINER)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == ["0", "1000:1000", "0:0"], r.stdout
+        st = os.stat(os.path.join(src, "home/x"))
+        assert (st.st_uid, st.st_gid) == (user.uid, user.gid)
+        assert os.getxattr(os.path.join(src, "home/x"), "user.containers.override_stat") == b"1000:1000:100644"
+        # shiftfs umount inside podman unshare ends the mount (the daemon with it)
+        r = podman("unshare", SHIFTFS, "umount", view)
+        assert r.returncode == 0, r.stderr
+    finally:
+        podman("system", "migrate", timeout=60)  # stops the pause process and its namespaces
+        ns_util.remove_tree(home)
+
+
+#: systemd-nspawn without systemd as PID 1 and without D-Bus: no machined
+#: registration and no scope unit of its own (README, "Using it with container tools").
+_NSPAWN = ["systemd-nspawn", "-q", "--register=no", "--keep-unit"]
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not have("systemd-nspawn"), reason="needs systemd-nspawn (apt-get install systemd-container)")
+def test_recipe_nspawn_on_table_views(scratch):
+    """``systemd-nspawn -D VIEW`` on a table view; and with a user namespace
+    (``--private-users=BASE:65536 --private-users-ownership=off``) on a second
+    table of the same tree whose view side starts at BASE."""
+    base = 0x80000
+    src, view, view2 = str(scratch / "rootfs"), str(scratch / "view"), str(scratch / "view2")
+    daemons = _mount_view(src, view, "--map", MAP, "-o", "backend=fuse")
+    try:
+        _tiny_rootfs(view)
+        r = subprocess.run(_NSPAWN + ["-D", view, "sh", "-c", _IN_CONTAINER],
+                           capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == ["0", "1000:1000", "0:0"], r.stdout
+        assert os.stat(os.path.join(src, "home/x")).st_uid == 101000
+        # --private-users=pick would chown the tree into a range the table cannot show
+        daemons += _mount_view(src, view2, "--map", f"b:100000:{base}:65536", "-o", "backend=fuse")
+        assert os.stat(os.path.join(view2, "etc/passwd")).st_uid == base
+        r = subprocess.run(_NSPAWN + [f"--private-users={base}:65536", "--private-users-ownership=off",
+                                      "-D", view2, "sh", "-c",
+                                      "cat /proc/self/uid_map; touch /home/y; chown 1000:1000 /home/y; "
+                                      "stat -c %u:%g /home/y /etc/passwd"],
+                           capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == ["0", str(base), "65536", "1000:1000", "0:0"], r.stdout
+        st = os.stat(os.path.join(src, "home/y"))
+        assert (st.st_uid, st.st_gid) == (101000, 101000)
+    finally:
+        _stop([], daemons[1:], view2)
+        _stop([], daemons[:1], view)

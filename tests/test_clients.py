@@ -15,9 +15,8 @@ import subprocess
 import sys
 import tarfile
 
-import pytest
-
 import ns_util
+import pytest
 from fsutil import MAP, SHIFTFS, USER_ENV, have, is_mounted, reap, run_as, spawn_daemons, unmount_lazy, wait_for
 
 #: An ordinary user for the unprivileged cases (no passwd entry needed).

@@ -21,6 +21,7 @@ namespace). Nothing here stats the mount point: a hung daemon would hang us.
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 __all__ = ["MountEntry", "Holder", "entry_of", "other_holders", "describe"]
@@ -71,7 +72,7 @@ def entry_of(mountpoint: str) -> MountEntry | None:
     return found
 
 
-def other_holders(dev: str, own_ids: set[str] = frozenset(), fstype: str = "") -> list[Holder]:
+def other_holders(dev: str, own_ids: Collection[str] = (), fstype: str = "") -> list[Holder]:
     """Mount namespaces other than ours with a mount of device ``dev``.
 
     ``own_ids`` are the mount ids of our own copies (ours are skipped even if

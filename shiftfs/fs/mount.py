@@ -13,14 +13,14 @@ import stat
 import subprocess
 import sys
 
-from . import holders
-from .ops import CacheConfig, Operations
-from .options import MountConfig
 from ..errors import MountError, UsageError
 from ..ownership.policy import OwnershipPolicy
 from ..ownership.store import RecordStore
 from ..ownership.table import TablePolicy
 from ..ownership.xattr import XattrPolicy
+from . import holders
+from .ops import CacheConfig, Operations
+from .options import MountConfig
 
 __all__ = ["is_shiftfs_mount", "unmount", "check", "kernel_options", "build_operations"]
 

@@ -12,13 +12,14 @@ job: FUSE_POSIX_ACL.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import stat
 
 import pyfuse3
 
+from ..fs.inodes import Inode
+from ..syscalls import proc_fd
 from . import acl
 from .idmap import IdMap
 from .names import escape_xattr_name, unescape_xattr_name
@@ -26,8 +27,6 @@ from .policy import CreatePlan, OwnershipPolicy, XattrEffect
 from .record import Record, decode, encode
 from .store import RecordStore, SideTableError, can_hold_xattr
 from .view import backing_perm, backing_type, backing_view, check_fits, record_view
-from ..fs.inodes import Inode
-from ..syscalls import proc_fd
 
 __all__ = ["XattrPolicy"]
 

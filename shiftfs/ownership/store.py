@@ -224,6 +224,10 @@ class RecordStore:
         return not (can_hold_xattr(st.st_mode) and self._xattr_ok)
 
     # -- public API ---------------------------------------------------------
+    def in_side_table(self, st: os.stat_result) -> bool:
+        """Whether this inode's record lives in the side table (so writing it leaves the inode's ctime)."""
+        return self._uses_side(st)
+
     @_side_table_errors
     def read(self, fd: int, st: os.stat_result) -> bytes | None:
         """The raw record value of an inode, or ``None`` if it has none."""

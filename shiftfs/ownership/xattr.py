@@ -237,7 +237,7 @@ class XattrPolicy(OwnershipPolicy):
             try:
                 touch_ctime(node.fd)
             except OSError as e:
-                log.debug("cannot update the ctime of %s: %s", self.describe(node), e)
+                log.debug("cannot update the ctime of inode %d: %s", node.id, e)
         if not stat.S_ISLNK(st.st_mode):
             want = backing_perm(new_mode if not stat.S_ISREG(st.st_mode) else (stat.S_IFREG | new_mode & 0o777))
             if st.st_mode & 0o7777 != want:

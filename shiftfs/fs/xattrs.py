@@ -13,6 +13,7 @@ import stat
 
 import pyfuse3
 
+from .caller import in_group_or_capable
 from .inodes import Inode, InodeTable
 from .options import CacheConfig
 from .requestlog import fuse_handler
@@ -97,10 +98,28 @@ class XattrHandlers:
         effect = self.policy.xattr_stored(node, vname, value)
         if effect.names_changed:
             node.xnames = None
-        if effect.attrs_changed:
+        changed = effect.attrs_changed
+        if vname == "system.posix_acl_access":
+            changed = self._acl_kill_sgid(node, ctx) or changed
+        if changed:
             # e.g. an access ACL set the mode's group class: the kernel's
             # cached attributes are stale (attributes only: takes no locks)
             pyfuse3.invalidate_inode(node.id, attr_only=True)
+
+    def _acl_kill_sgid(self, node: Inode, ctx: Ctx) -> bool:
+        """Clear SGID after an access ACL write by a caller outside the file's group without CAP_FSETID.
+
+        The kernel's posix_acl_update_mode does this on a local filesystem,
+        and its chmod path does it before a SETATTR reaches us; for ACLs it
+        leaves the mode to a FUSE_POSIX_ACL daemon. The backing filesystem
+        judges the daemon instead, which may keep the bit.
+        """
+        st = os.fstat(node.fd)
+        view = self.policy.view(node, st)
+        if not view.mode & stat.S_ISGID or in_group_or_capable(ctx.pid, ctx.gid, view.uid, view.gid):
+            return False
+        self.policy.change(node, st, None, None, view.mode & 0o7777 & ~stat.S_ISGID)
+        return True
 
     @fuse_handler
     def removexattr(self, inode_id: int, name: bytes, ctx: Ctx) -> None:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["in_group_or_capable"]
+__all__ = ["in_group_or_capable", "sees_trusted"]
 
 CAP_FSETID = 4
+CAP_SYS_ADMIN = 21
 
 
 def _status(pid: int) -> dict[str, str]:
@@ -55,5 +56,20 @@ def in_group_or_capable(pid: int, fsgid: int, uid: int, gid: int) -> bool:
         if os.stat(f"/proc/{pid}/ns/user").st_ino == os.stat("/proc/self/ns/user").st_ino:
             return True
         return _mapped(pid, "uid", uid) and _mapped(pid, "gid", gid)
+    except (OSError, ValueError):
+        return False
+
+
+def sees_trusted(pid: int) -> bool:
+    """Whether the caller may see ``trusted.*`` names: CAP_SYS_ADMIN in the initial user namespace.
+
+    What a local filesystem's listxattr checks (``capable()``); the kernel
+    passes a FUSE daemon's list through as it is.
+    """
+    try:
+        if not int(_status(pid).get("CapEff", "0"), 16) & (1 << CAP_SYS_ADMIN):
+            return False
+        with open(f"/proc/{pid}/uid_map") as f:
+            return f.read().split() == ["0", "0", "4294967295"]
     except (OSError, ValueError):
         return False

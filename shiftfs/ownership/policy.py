@@ -157,6 +157,10 @@ class OwnershipPolicy:
         """The last link of an inode was removed."""
 
     # -- xattrs ------------------------------------------------------------
+    def side_xattrs(self, node: Inode):
+        """The store that keeps this inode's xattrs when the inode cannot carry them; None: the inode does."""
+        return None
+
     def xattr_stored(self, node: Inode, name: str, value: bytes) -> XattrEffect:
         """An xattr was set through the mount."""
         if name == acl.ACL_DEFAULT:

@@ -253,6 +253,10 @@ class XattrPolicy(OwnershipPolicy):
         except OSError as e:
             log.warning("cannot drop the side record of inode %d: %s", st.st_ino, e)
 
+    def side_xattrs(self, node):
+        # The escaped names are user.* xattrs, which symlinks, FIFOs and sockets cannot carry.
+        return None if can_hold_xattr(node.ftype) else self.store
+
     def xattr_to_backing(self, name):
         return escape_xattr_name(name)
 

@@ -221,6 +221,17 @@ def test_remount_keeps_nosuid_when_not_given(m):
     assert "ro" in opts and "nosuid" in opts and "nodev" in opts
 
 
+def test_remount_of_fstab_mount(m):
+    """mount(8) merges an fstab line's options (uidmap=…, backend=fuse) into a remount: they stay as
+    mounted, with one line saying so, and ro still applies."""
+    r = _helper(m.source, m.mountpoint, "ro,nosuid,nodev,relatime,remount,user_id=0,group_id=0,default_permissions,"
+                "allow_other,backend=fuse,uidmap=100000:0:65536,gidmap=100000:0:65536")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "uidmap" in r.stderr
+    assert "ro" in find_mount(m.mountpoint).options
+    assert m.alive()
+
+
 def test_remount_refuses_what_cannot_change(m):
     r = _helper(m.source, m.mountpoint, "rw,remount,cache=never")
     assert r.returncode != 0

@@ -78,6 +78,8 @@ class MountConfig:
     remount: bool = False
     #: the daemon's own options given (a remount cannot change them)
     daemon_opts: list[str] = field(default_factory=list)
+    #: the list carries the kernel's FUSE options (user_id=…): mount(8) built it from the mount table and fstab
+    from_mount_table: bool = False
 
 
 def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mountpoint: str) -> MountConfig:
@@ -153,6 +155,7 @@ def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mo
         raise UsageError(
             f"unknown -o option {fuse_shown[0]!r}; see 'shiftfs mount --help' for the options shiftfs understands"
         )
+    cfg.from_mount_table = bool(fuse_shown)
     if cfg.remount:
         if xattr:
             cfg.daemon_opts.insert(0, "--xattr")

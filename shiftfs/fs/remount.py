@@ -4,9 +4,12 @@
 runs ``shiftfs SOURCE MOUNTPOINT -o ro,nosuid,…,remount,user_id=0,…`` with the
 mount's current options from the mount table. The kernel can change a live
 FUSE mount's read-only state and its per-mount flags (``nosuid``, ``nodev``,
-``noexec``, atime); everything else is the daemon's and stays as mounted, so
-a remount that names one of those is refused. The remount itself is one
-``mount(2)`` with ``MS_REMOUNT``; the daemon is not involved.
+``noexec``, atime); everything else is the daemon's and stays as mounted. A
+remount that names one of those is refused, except when mount(8) built the
+list (it carries the mount table's ``user_id=``): mount(8) merges an fstab
+line's options into every remount, so those are left as mounted with a
+one-line notice. The remount itself is one ``mount(2)`` with ``MS_REMOUNT``;
+the daemon is not involved.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import sys
 
 from .mount import is_shiftfs_mount
 from .options import MountConfig
@@ -74,10 +78,15 @@ def remount(cfg: MountConfig) -> int:
     mp = os.path.abspath(cfg.mountpoint)
     if cfg.daemon_opts:
         given = ", ".join(dict.fromkeys(cfg.daemon_opts))
-        raise UsageError(
-            f"cannot change {given} on a remount (a remount changes only ro/rw, nosuid, nodev, noexec and atime); "
-            f"unmount {mp} and mount it again with the new options"
-        )
+        if not cfg.from_mount_table:
+            raise UsageError(
+                f"cannot change {given} on a remount (a remount changes only ro/rw, nosuid, nodev, noexec and "
+                f"atime); unmount {mp} and mount it again with the new options"
+            )
+        # mount(8) merges an fstab line's options into every remount of that
+        # mount: refusing them would make its mounts impossible to remount.
+        print(f"shiftfs: remount of {mp} leaves {given} as mounted (a remount changes only ro/rw, nosuid, "
+              f"nodev, noexec and atime)", file=sys.stderr)
     if not is_shiftfs_mount(mp):
         raise UsageError(f"{mp} is not a shiftfs mount; remount needs the mount point of a live shiftfs mount")
     flags = _current_flags(mp)

@@ -12,12 +12,11 @@ import errno
 import os
 import socket
 import stat
-import sys
 import subprocess
+import sys
 import time
 
 import pytest
-
 from fsutil import MAP, SHIFTFS, find_mount, have, py_as, renameat2, run_as
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
@@ -40,6 +39,7 @@ def m(shiftfs_mount, mode):
 
 
 # -- 1: ctime on chown of objects whose record lives in the side table ----------------
+
 
 def _make_special(path: str, kind: str) -> None:
     if kind == "file":
@@ -83,6 +83,7 @@ def test_chmod_to_same_mode_updates_ctime(m):
 
 
 # -- 2: RENAME_WHITEOUT gives the whiteout the caller's ids --------------------------
+
 
 def test_rename_whiteout_owner_table(shiftfs_mount):
     """As on a kernel idmapped mount: the whiteout belongs to the caller (view 0:0, disk 100000)."""
@@ -128,6 +129,7 @@ def test_rename_whiteout_xattr(shiftfs_mount):
 
 # -- 5: an ACL write that changes the mode clears SGID like chmod does ----------------
 
+
 @pytest.mark.skipif(not have("setfacl"), reason="needs setfacl")
 @pytest.mark.parametrize("kind", ["file", "dir"])
 def test_setfacl_clears_sgid_outside_group(m, kind):
@@ -160,13 +162,19 @@ def test_setfacl_keeps_sgid_in_group(m):
 
 # -- 6: a default ACL shapes the mode of new objects ------------------------------------
 
+
 @pytest.mark.skipif(not have("setfacl"), reason="needs setfacl")
 def test_default_acl_masks_create(m):
     d = m.path("d")
     os.mkdir(d)
     subprocess.run(["setfacl", "-d", "-m", "u::r-x,g::r--,o::---", d], check=True)
-    r = py_as(0, 0, f"fd = os.open({os.path.join(d, 'f')!r}, os.O_CREAT | os.O_WRONLY, 0o666)\n"
-                    f"os.close(fd)\nreturn os.stat({os.path.join(d, 'f')!r}).st_mode", umask=0)
+    r = py_as(
+        0,
+        0,
+        f"fd = os.open({os.path.join(d, 'f')!r}, os.O_CREAT | os.O_WRONLY, 0o666)\n"
+        f"os.close(fd)\nreturn os.stat({os.path.join(d, 'f')!r}).st_mode",
+        umask=0,
+    )
     assert stat.filemode(r["ok"]) == "-r--r-----"
 
 
@@ -184,6 +192,7 @@ def test_default_acl_masks_mkdir(m):
 
 
 # -- 7: remount ro/rw ----------------------------------------------------------------------
+
 
 def _helper(src, mp, opts) -> subprocess.CompletedProcess:
     """What mount.fuse3 runs for ``mount -o remount,...`` (measured: the mount's options from mountinfo)."""
@@ -214,8 +223,9 @@ def test_remount_ro_rw_helper_form(m):
 
 def test_remount_keeps_nosuid_when_not_given(m):
     """``shiftfs mount -o remount,ro`` must not drop the mount's nosuid/nodev."""
-    r = subprocess.run([SHIFTFS, "mount", "-o", "remount,ro", m.source, m.mountpoint],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [SHIFTFS, "mount", "-o", "remount,ro", m.source, m.mountpoint], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stderr
     opts = find_mount(m.mountpoint).options
     assert "ro" in opts and "nosuid" in opts and "nodev" in opts
@@ -224,8 +234,12 @@ def test_remount_keeps_nosuid_when_not_given(m):
 def test_remount_of_fstab_mount(m):
     """mount(8) merges an fstab line's options (uidmap=…, backend=fuse) into a remount: they stay as
     mounted, with one line saying so, and ro still applies."""
-    r = _helper(m.source, m.mountpoint, "ro,nosuid,nodev,relatime,remount,user_id=0,group_id=0,default_permissions,"
-                "allow_other,backend=fuse,uidmap=100000:0:65536,gidmap=100000:0:65536")
+    r = _helper(
+        m.source,
+        m.mountpoint,
+        "ro,nosuid,nodev,relatime,remount,user_id=0,group_id=0,default_permissions,"
+        "allow_other,backend=fuse,uidmap=100000:0:65536,gidmap=100000:0:65536",
+    )
     assert r.returncode == 0, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "uidmap" in r.stderr
     assert "ro" in find_mount(m.mountpoint).options
@@ -254,6 +268,7 @@ def test_remount_through_mount8(m, shiftfs_on_path):
 
 
 # -- 4: trusted.* xattrs on symlinks and FIFOs -------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["symlink", "fifo", "file"])
 def test_trusted_xattr_on_special(m, kind):
@@ -290,6 +305,7 @@ def test_trusted_xattr_symlink_gone_with_inode(shiftfs_mount):
 
 # -- 3: O_DIRECT writes and buffered readers -----------------------------------------------
 
+
 def test_direct_write_seen_by_buffered_reader(m):
     p = m.path("f")
     size = 1 << 20
@@ -322,7 +338,7 @@ def test_direct_writes_racing_buffered_reader(m):
 import os, sys, time
 fd = os.open({p!r}, os.O_RDONLY)
 end = time.time() + 30
-while not os.path.exists({p + '.done'!r}) and time.time() < end:
+while not os.path.exists({p + ".done"!r}) and time.time() < end:
     for off in range(0, {size}, {chunk}):
         os.pread(fd, {chunk}, off)
 """

@@ -19,9 +19,9 @@ import ctypes.util
 import os
 import sys
 
+from ..errors import MountError, UsageError
 from .mount import is_shiftfs_mount
 from .options import MountConfig
-from ..errors import MountError, UsageError
 
 __all__ = ["remount"]
 
@@ -32,20 +32,35 @@ _ATIME = MS_NOATIME | MS_RELATIME | MS_STRICTATIME
 
 #: option → (flags it sets, flags it clears)
 _FLAGS = {
-    "ro": (MS_RDONLY, 0), "rw": (0, MS_RDONLY),
-    "nosuid": (MS_NOSUID, 0), "suid": (0, MS_NOSUID),
-    "nodev": (MS_NODEV, 0), "dev": (0, MS_NODEV),
-    "noexec": (MS_NOEXEC, 0), "exec": (0, MS_NOEXEC),
-    "sync": (MS_SYNCHRONOUS, 0), "async": (0, MS_SYNCHRONOUS),
+    "ro": (MS_RDONLY, 0),
+    "rw": (0, MS_RDONLY),
+    "nosuid": (MS_NOSUID, 0),
+    "suid": (0, MS_NOSUID),
+    "nodev": (MS_NODEV, 0),
+    "dev": (0, MS_NODEV),
+    "noexec": (MS_NOEXEC, 0),
+    "exec": (0, MS_NOEXEC),
+    "sync": (MS_SYNCHRONOUS, 0),
+    "async": (0, MS_SYNCHRONOUS),
     "dirsync": (MS_DIRSYNC, 0),
-    "noatime": (MS_NOATIME, _ATIME), "relatime": (MS_RELATIME, _ATIME),
-    "strictatime": (MS_STRICTATIME, _ATIME), "atime": (0, MS_NOATIME), "norelatime": (0, MS_RELATIME),
+    "noatime": (MS_NOATIME, _ATIME),
+    "relatime": (MS_RELATIME, _ATIME),
+    "strictatime": (MS_STRICTATIME, _ATIME),
+    "atime": (0, MS_NOATIME),
+    "norelatime": (0, MS_RELATIME),
     "nodiratime": (MS_NODIRATIME, 0),
 }
 # what the mount table shows (per-mount and superblock options)
 _SHOWN = {
-    "ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "sync": MS_SYNCHRONOUS,
-    "dirsync": MS_DIRSYNC, "noatime": MS_NOATIME, "relatime": MS_RELATIME, "nodiratime": MS_NODIRATIME,
+    "ro": MS_RDONLY,
+    "nosuid": MS_NOSUID,
+    "nodev": MS_NODEV,
+    "noexec": MS_NOEXEC,
+    "sync": MS_SYNCHRONOUS,
+    "dirsync": MS_DIRSYNC,
+    "noatime": MS_NOATIME,
+    "relatime": MS_RELATIME,
+    "nodiratime": MS_NODIRATIME,
 }
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -85,8 +100,11 @@ def remount(cfg: MountConfig) -> int:
             )
         # mount(8) merges an fstab line's options into every remount of that
         # mount: refusing them would make its mounts impossible to remount.
-        print(f"shiftfs: remount of {mp} leaves {given} as mounted (a remount changes only ro/rw, nosuid, "
-              f"nodev, noexec and atime)", file=sys.stderr)
+        print(
+            f"shiftfs: remount of {mp} leaves {given} as mounted (a remount changes only ro/rw, nosuid, "
+            f"nodev, noexec and atime)",
+            file=sys.stderr,
+        )
     if not is_shiftfs_mount(mp):
         raise UsageError(f"{mp} is not a shiftfs mount; remount needs the mount point of a live shiftfs mount")
     flags = _current_flags(mp)

@@ -20,9 +20,9 @@ import os
 
 import pyfuse3
 
-from .inodes import Inode, InodeTable
 from ..ownership.store import RecordStore
 from ..syscalls import proc_fd, touch_ctime
+from .inodes import Inode, InodeTable
 
 __all__ = ["InodeXattrs", "LinkXattrs", "SideXattrs"]
 
@@ -67,10 +67,9 @@ class LinkXattrs(InodeXattrs):
         if (st.st_dev, st.st_ino) == node.key:  # else renamed behind the mount's back
             self.path = path
 
-    def _reachable(self) -> bytes:
+    def _reachable(self) -> None:
         if not self.path:
             raise pyfuse3.FUSEError(errno.ESTALE)
-        return self.path
 
     def names(self) -> set[str]:
         return super().names() if self.path else set()

@@ -13,12 +13,12 @@ import stat
 
 import pyfuse3
 
+from ..ownership.policy import OwnershipPolicy
 from .caller import in_group_or_capable, sees_trusted
 from .inodes import Inode, InodeTable
 from .options import CacheConfig
 from .requestlog import fuse_handler
 from .xattr_io import InodeXattrs, LinkXattrs, SideXattrs
-from ..ownership.policy import OwnershipPolicy
 
 __all__ = ["XattrHandlers"]
 

@@ -101,6 +101,15 @@ def fchown_fd(fd: int, uid: int, gid: int) -> None:
     _check(_libc.fchownat(fd, b"", uid & 0xFFFFFFFF, gid & 0xFFFFFFFF, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW))
 
 
+def touch_ctime(fd: int) -> None:
+    """Set the ctime of the inode of ``fd`` to now and change nothing else.
+
+    ``chown(-1, -1)`` is a change of nothing, which the kernel still stamps
+    with a new ctime and allows without ownership of the inode.
+    """
+    fchown_fd(fd, -1, -1)
+
+
 _libc.linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
 
 

@@ -140,7 +140,10 @@ def run_recipe(argv: list[str], scratch) -> tuple[subprocess.CompletedProcess | 
         finally:
             _prctl_subreaper(False)
         new = sorted(fsutil._children() - before)
-    daemons = [pid for pid in new if "mount" in fsutil._cmdline(pid) or _state(pid) == "Z"]
+    # A daemon that is exiting right now has already dropped its memory (empty
+    # cmdline) but may not be a zombie yet: count it as well.
+    daemons = [pid for pid in new if "mount" in fsutil._cmdline(pid) or not fsutil._cmdline(pid)
+               or _state(pid) == "Z"]
     return subprocess.CompletedProcess(argv, p.returncode, out, err), daemons, hung
 
 

@@ -10,7 +10,7 @@ is not installed skips its test with a reason.
 from __future__ import annotations
 
 import os
-import signal
+import re
 import subprocess
 import sys
 import tarfile
@@ -202,38 +202,74 @@ def _mount_tracked(argv: list[str]) -> list[int]:
     return pids
 
 
-def _end(p: subprocess.Popen) -> None:
-    """Kill a holder and everything it started (runuser forks the command)."""
-    try:
-        os.killpg(p.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    p.wait(timeout=10)
-
-
 def _stop(procs, daemons, mp) -> None:
     for p in procs:
-        _end(p)
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=10)
     unmount_lazy(mp)
     for pid in daemons:
         reap(pid)
 
 
-def _holder(argv: list[str], mp: str) -> subprocess.Popen:
-    """A process in a new mount namespace made after the mount (it holds a copy)."""
-    p = subprocess.Popen(argv + ["sleep", "120"], start_new_session=True)
-    wait_for(lambda: _sees(p.pid, mp), what=f"pid {p.pid} sees {mp}")
-    return p
+#: The scenario, in a mount namespace of the test's own made *before* the mount,
+#: so that namespaces other programs on the machine make meanwhile get no copy and
+#: the counts are exact. ``$NS`` is how a holder makes its namespace, ``$LOCKED``
+#: how a namespace whose copy is locked is made ('' to skip that part).
+_UMOUNT_SCENARIO = r"""
+cd "$WD"; mkdir -p src mp
+"$SHIFTFS" mount -f $MOUNTARGS src mp 2>daemon.log &
+daemon=$!
+n=0; until grep -q " $WD/mp " /proc/self/mountinfo; do
+  n=$((n+1)); [ $n -lt 300 ] || { echo "no mount"; cat daemon.log; exit 9; }; sleep 0.1
+done
+if [ -n "$LOCKED" ]; then
+  for lazy in "" --lazy; do
+    rc=0; $LOCKED "$SHIFTFS" umount $lazy mp 2>locked.err || rc=$?
+    echo "LOCKED rc=$rc lines=$(wc -l <locked.err)"; cat locked.err
+  done
+fi
+holders=""
+for i in $(seq "$HOLDERS"); do
+  $NS sleep 120 & holders="$holders $!"
+done
+n=0; until [ "$(grep -l " $WD/mp " /proc/[0-9]*/mountinfo 2>/dev/null | wc -l)" -gt "$HOLDERS" ]; do
+  n=$((n+1)); [ $n -lt 300 ] || { echo "no holder"; exit 8; }; sleep 0.1
+done
+echo "HOLDERS$holders"
+rc=0; "$SHIFTFS" umount mp 2>umount.err || rc=$?
+echo "UMOUNT rc=$rc lines=$(wc -l <umount.err)"; cat umount.err
+grep -q " $WD/mp " /proc/self/mountinfo && echo "STILL MOUNTED HERE"
+kill -0 $daemon && echo "DAEMON SERVES ON"
+kill $holders; wait $holders 2>/dev/null || true
+n=0; while kill -0 $daemon 2>/dev/null; do
+  n=$((n+1)); [ $n -lt 300 ] || { echo "DAEMON STAYS"; kill $daemon; exit 7; }; sleep 0.1
+done
+wait $daemon || true
+echo "DAEMON EXITED"
+"""
 
 
-def _sees(pid: int, mp: str) -> bool:
-    try:
-        for q in [pid] + [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]:
-            if any(f" {mp} " in line for line in open(f"/proc/{q}/mountinfo")):
-                return True
-    except OSError:
-        pass
-    return False
+def _umount_scenario(wrap: list[str], wd: str, mountargs: str, ns: str, holders: int, locked: str = ""):
+    env = dict(USER_ENV, WD=wd, SHIFTFS=SHIFTFS, MOUNTARGS=mountargs, NS=ns, HOLDERS=str(holders),
+               LOCKED=locked)
+    r = subprocess.run(wrap + ["sh", "-ec", _UMOUNT_SCENARIO], capture_output=True, text=True,
+                       errors="replace", timeout=180, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def _check_umount_report(out: str, holders: int) -> None:
+    lines = out.splitlines()
+    pids = lines[[i for i, ln in enumerate(lines) if ln.startswith("HOLDERS")][0]].split()[1:]
+    i = lines.index("UMOUNT rc=0 lines=1")
+    said = lines[i + 1]
+    many = "s" if holders > 1 else ""
+    assert f"is unmounted here, but {holders} other mount namespace{many} (" in said, said
+    assert "keeps serving" in said
+    assert all(re.search(rf"\b{p}\b", said) for p in pids), (pids, said)
+    assert "STILL MOUNTED HERE" not in out
+    assert "DAEMON SERVES ON" in out and out.rstrip().endswith("DAEMON EXITED"), out
 
 
 @pytest.mark.root
@@ -242,64 +278,27 @@ def test_umount_says_other_namespaces_still_hold_the_mount(scratch):
     """Root: a mount namespace made after the mount (``unshare --mount``) holds
     a copy; umount succeeds here, says so in one line with the holder's pid,
     and the daemon serves on until the holder exits."""
-    src, mp = scratch / "src", scratch / "mp"
-    src.mkdir()
-    mp.mkdir()
-    daemons = _mount_tracked([SHIFTFS, "mount", "--map", MAP, "-o", "backend=fuse", str(src), str(mp)])
-    procs = []
-    try:
-        procs.append(_holder(["unshare", "--mount"], str(mp)))
-        r = subprocess.run([SHIFTFS, "umount", str(mp)], capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0, r.stderr
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1, r.stderr
-        assert "is unmounted here, but 1 other mount namespace" in lines[0]
-        assert str(procs[0].pid) in lines[0] and "keeps serving" in lines[0]
-        assert not is_mounted(mp)
-        assert reap(daemons[0], timeout=1, kill=False) is None  # still serving the copy
-        _end(procs[0])
-        assert reap(daemons[0], timeout=20, kill=False) is not None  # the last copy went: it exits
-        # Nobody else holds it: umount says nothing.
-        daemons += _mount_tracked([SHIFTFS, "mount", "--map", MAP, "-o", "backend=fuse", str(src), str(mp)])
-        r = subprocess.run([SHIFTFS, "umount", str(mp)], capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0 and r.stderr == "", r.stderr
-    finally:
-        _stop(procs, daemons, mp)
+    out = _umount_scenario(["unshare", "--mount", "--propagation", "private"], str(scratch),
+                           f"--map {MAP} -o backend=fuse", "unshare --mount", 1)
+    _check_umount_report(out, 1)
 
 
 @pytest.mark.skipif(not have("unshare"), reason="needs unshare (util-linux)")
 def test_umount_of_a_locked_copy_and_user_namespace_holders(user, wd):
-    """A user: inside ``unshare --user --map-root-user --mount`` the copy of a
-    mount made outside is locked, and umount says that instead of "not
-    mounted … use --lazy"; outside, umount names the namespaces that keep the
-    daemon serving."""
-    mp = os.path.join(wd, "mp")
-    os.mkdir(os.path.join(wd, "src"))
-    os.mkdir(mp)
-    for d in ("src", "mp"):
-        os.chown(os.path.join(wd, d), user.uid, user.gid)
-    daemons = _mount_tracked(user.wrap([SHIFTFS, "mount", "--xattr", os.path.join(wd, "src"), mp]))
-    procs = []
-    try:
-        for lazy in ([], ["--lazy"]):
-            r = subprocess.run(user.wrap(["unshare", "--user", "--map-root-user", "--mount",
-                                          SHIFTFS, "umount", *lazy, mp]),
-                               capture_output=True, text=True, timeout=60)
-            assert r.returncode == 1, r.stderr
-            lines = r.stderr.strip().splitlines()
-            assert len(lines) == 1 and "mounted outside this user namespace" in lines[0], r.stderr
-            assert "not mounted" not in lines[0] and "use 'shiftfs umount --lazy'" not in lines[0]
-        procs = [_holder(user.wrap(["unshare", "--user", "--map-root-user", "--mount"]), mp) for _ in range(2)]
-        r = subprocess.run(user.wrap([SHIFTFS, "umount", mp]), capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0, r.stderr
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and "but 2 other mount namespaces" in lines[0], r.stderr
-        assert reap(daemons[0], timeout=1, kill=False) is None
-        for p in procs:
-            _end(p)
-        assert reap(daemons[0], timeout=20, kill=False) is not None
-    finally:
-        _stop(procs, daemons, mp)
+    """A user in a user namespace of their own (as ``podman unshare``): in a
+    nested user namespace the copy of the mount is locked, and umount says that
+    instead of "not mounted … use --lazy"; outside it, umount names the
+    namespaces that keep the daemon serving."""
+    userns = "unshare --user --map-root-user --mount"
+    out = _umount_scenario(user.wrap(userns.split()), wd, "--xattr", userns, 2, locked=userns)
+    lines = out.splitlines()
+    for i, ln in enumerate(lines):
+        if ln.startswith("LOCKED"):
+            assert ln == "LOCKED rc=1 lines=1", out
+            assert "mounted outside this user namespace" in lines[i + 1], out
+            assert "not mounted" not in lines[i + 1] and "--lazy'" not in lines[i + 1]
+    assert sum(ln.startswith("LOCKED") for ln in lines) == 2
+    _check_umount_report(out, 2)
 
 
 # --- the README's container-tool recipes --------------------------------------------------------

@@ -19,6 +19,7 @@ from ..ownership.policy import OwnershipPolicy
 from ..ownership.store import RecordStore
 from ..ownership.table import TablePolicy
 from ..ownership.xattr import XattrPolicy
+from ..sys.mounts import in_init_userns
 
 __all__ = ["is_shiftfs_mount", "unmount", "check", "kernel_options", "build_operations"]
 
@@ -42,10 +43,10 @@ def _mountinfo() -> list[tuple[str, str]]:
 
 
 def is_shiftfs_mount(path: str) -> bool:
-    from . import kernel
+    from . import idmapped
 
     path = os.path.abspath(path)
-    return any(mp == path and t == "fuse.shiftfs" for mp, t in _mountinfo()) or kernel.is_kernel_mount(path)
+    return any(mp == path and t == "fuse.shiftfs" for mp, t in _mountinfo()) or idmapped.is_kernel_mount(path)
 
 
 def unmount(mountpoint: str, lazy: bool = False) -> None:
@@ -61,10 +62,10 @@ def unmount(mountpoint: str, lazy: bool = False) -> None:
         except OSError:
             pass
         raise UsageError(f"{mountpoint} is not a shiftfs mount; see 'findmnt -t fuse.shiftfs' for mounts")
-    from . import kernel
+    from . import idmapped
 
-    if kernel.is_kernel_mount(mp):  # the kernel backend: no daemon, just the mount
-        kernel.unmount(mp, lazy)
+    if idmapped.is_kernel_mount(mp):  # the kernel backend: no daemon, just the mount
+        idmapped.unmount(mp, lazy)
         return
     fm = shutil.which("fusermount3")
     if fm:
@@ -81,14 +82,6 @@ def unmount(mountpoint: str, lazy: bool = False) -> None:
             return
         err = r.stderr.strip() or err
     raise MountError(f"cannot unmount {mountpoint}: {err}; close programs using it or use 'shiftfs umount --lazy'")
-
-
-def _in_init_userns() -> bool:
-    try:
-        with open("/proc/self/uid_map") as f:
-            return f.read().split() == ["0", "0", "4294967295"]
-    except OSError:
-        return True
 
 
 def check(cfg: MountConfig, fuse: bool = True) -> None:
@@ -146,7 +139,7 @@ def kernel_options(cfg: MountConfig) -> set[str]:
         flags.append("allow_other")
     # Outside a user namespace a setuid file shown as view uid 0 would be
     # real root: nosuid,nodev unless asked. Inside one, ids are the namespace's.
-    if not _in_init_userns():
+    if not in_init_userns():
         if "nosuid" not in flags and "suid" not in flags:
             flags.append("suid")
     for f in flags:

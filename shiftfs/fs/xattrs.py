@@ -17,7 +17,7 @@ from .inodes import Inode, InodeTable
 from .options import CacheConfig
 from .requestlog import fuse_handler
 from ..ownership.policy import OwnershipPolicy
-from ..syscalls import proc_fd
+from ..sys.files import proc_fd
 
 __all__ = ["XattrHandlers"]
 

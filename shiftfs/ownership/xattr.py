@@ -27,7 +27,7 @@ from .record import LEGACY_RECORD_NAME, Record, decode, encode
 from .store import RecordStore, SideTableError, can_hold_xattr
 from .view import backing_perm, backing_type, backing_view, check_fits, record_view
 from ..fs.inodes import Inode
-from ..syscalls import proc_fd
+from ..sys.files import proc_fd
 
 __all__ = ["XattrPolicy"]
 

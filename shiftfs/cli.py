@@ -59,6 +59,9 @@ options (-o, comma separated):
   log=FILE              daemon log file in the background (default: syslog)
   stats=FILE            write per-request counters as JSON at exit / SIGUSR1
   debug                 trace every request in the log
+  remount               change a live mount: ro/rw and the nosuid, nodev,
+                        noexec and atime flags (what 'mount -o remount,ro'
+                        asks); the other options stay as mounted
 """
 
 
@@ -94,6 +97,10 @@ def _cmd_mount(args) -> int:
     from .fs.options import parse_options
 
     cfg = parse_options(args.options, args.map, args.xattr, args.source, args.mountpoint)
+    if cfg.remount:
+        from .fs.remount import remount
+
+        return remount(cfg)
     cfg.foreground = args.foreground
     return mount(cfg)
 

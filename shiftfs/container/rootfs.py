@@ -14,53 +14,36 @@ import os
 import stat
 
 from ..errors import SetupError
-from ..sys.mounts import (
-    MNT_DETACH,
-    MOUNT_ATTR_RDONLY,
-    MS_BIND,
-    MS_NOATIME,
-    MS_NODEV,
-    MS_NODIRATIME,
-    MS_NOEXEC,
-    MS_NOSUID,
-    MS_RDONLY,
-    MS_REC,
-    MS_RELATIME,
-    MS_REMOUNT,
-    mount,
-    mount_setattr,
-    pivot_root,
-    umount2,
-)
+from ..sys import mounts
 
 __all__ = ["make_readonly", "bind", "pivot_into", "resolve_in_root", "make_mountpoint"]
 
-_LOCKABLE = ((os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV), (os.ST_NOEXEC, MS_NOEXEC),
-             (os.ST_NOATIME, MS_NOATIME), (os.ST_NODIRATIME, MS_NODIRATIME),
-             (os.ST_RELATIME, MS_RELATIME))
+_LOCKABLE = ((os.ST_NOSUID, mounts.MS_NOSUID), (os.ST_NODEV, mounts.MS_NODEV), (os.ST_NOEXEC, mounts.MS_NOEXEC),
+             (os.ST_NOATIME, mounts.MS_NOATIME), (os.ST_NODIRATIME, mounts.MS_NODIRATIME),
+             (os.ST_RELATIME, mounts.MS_RELATIME))
 
 
 def make_readonly(path: str) -> None:
     """Make the mount tree at ``path`` read-only (recursively where the kernel
     has mount_setattr, else the top mount only)."""
     try:
-        mount_setattr(path, MOUNT_ATTR_RDONLY)
+        mounts.mount_setattr(path, mounts.MOUNT_ATTR_RDONLY)
         return
     except OSError as e:
         if e.errno not in (errno.ENOSYS, errno.EINVAL):
             raise
     # A remount inside a user namespace must repeat the flags the kernel locked.
     st = os.statvfs(path)
-    flags = MS_REMOUNT | MS_BIND | MS_RDONLY
+    flags = mounts.MS_REMOUNT | mounts.MS_BIND | mounts.MS_RDONLY
     for st_flag, ms_flag in _LOCKABLE:
         if st.f_flag & st_flag:
             flags |= ms_flag
-    mount(None, path, None, flags)
+    mounts.mount(None, path, None, flags)
 
 
 def bind(source: str, target: str, readonly: bool = False, recursive: bool = True) -> None:
     """Bind-mount ``source`` on ``target`` (recursively, optionally read-only)."""
-    mount(source, target, None, MS_BIND | (MS_REC if recursive else 0))
+    mounts.mount(source, target, None, mounts.MS_BIND | (mounts.MS_REC if recursive else 0))
     if readonly:
         make_readonly(target)
 
@@ -70,8 +53,8 @@ def pivot_into(new_root: str) -> None:
     the old root entirely, without needing a spare directory in the new root
     (the ``pivot_root(".", ".")`` idiom of pivot_root(2))."""
     os.chdir(new_root)
-    pivot_root(".", ".")
-    umount2(".", MNT_DETACH)
+    mounts.pivot_root(".", ".")
+    mounts.umount2(".", mounts.MNT_DETACH)
     os.chdir("/")
 
 

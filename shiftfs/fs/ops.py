@@ -35,6 +35,7 @@ from ..ownership.policy import CreatePlan, OwnershipPolicy
 from ..sys.files import (
     O_PATH_NOFOLLOW,
     RENAME_NOREPLACE,
+    RENAME_WHITEOUT,
     link_fd,
     proc_fd,
     renameat2,
@@ -330,7 +331,12 @@ class Operations(DirectoryHandlers, XattrHandlers, pyfuse3.Operations):
         moved = os.stat(old_name, dir_fd=op.fd, follow_symlinks=False)
         other = self._last_link_check(np, new_name)
         held = None if flags & pyfuse3.RENAME_EXCHANGE else self._hold(other, np, new_name)
+        # The whiteout is a new inode of the caller's, as on a kernel idmapped
+        # mount: plan its owner first (EOVERFLOW changes nothing).
+        whiteout = self._plan(op, stat.S_IFCHR, 0, ctx) if flags & RENAME_WHITEOUT else None
         renameat2(op.fd, old_name, np.fd, new_name, flags)
+        if whiteout is not None and not whiteout.direct:
+            self._own_whiteout(op, old_name, whiteout)
         self.table.name_removed(held)
         self.table.renamed((moved.st_dev, moved.st_ino), np, new_name)
         if other is not None:
@@ -338,6 +344,15 @@ class Operations(DirectoryHandlers, XattrHandlers, pyfuse3.Operations):
                 self.table.renamed((other.st_dev, other.st_ino), op, old_name)
             else:
                 self._after_remove(other)
+
+    def _own_whiteout(self, parent: Inode, name: bytes, plan: CreatePlan) -> None:
+        """Give the whiteout a rename left at ``name`` its planned owner (the kernel made it the daemon's)."""
+        node, st = self.table.child(parent, name)
+        try:
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                self.policy.stamp(node, plan)
+        finally:
+            self.table.drop_if_unused(node)
 
     # -- files -----------------------------------------------------------------
     def _open_flags(self, flags: int) -> int:

@@ -49,6 +49,8 @@ _KERNEL_FLAGS = {
 }
 # mount(8)/fstab words that mean nothing to us.
 _IGNORED = {"defaults", "auto", "noauto", "user", "nouser", "users", "nofail", "_netdev", "default_permissions"}
+# The kernel's FUSE options, which mount(8) copies from the mount table into a remount.
+_FUSE_SHOWN = {"user_id", "group_id", "max_read", "blksize", "rootmode"}
 
 @dataclass
 class MountConfig:
@@ -72,6 +74,12 @@ class MountConfig:
     # kernel backend (shiftfs/fs/kernel.py): which backend, and the -o keys given
     backend: str = "auto"
     option_keys: list[str] = field(default_factory=list)
+    #: ``-o remount``: change the flags of a live mount instead of mounting
+    remount: bool = False
+    #: the daemon's own options given (a remount cannot change them)
+    daemon_opts: list[str] = field(default_factory=list)
+    #: the list carries the kernel's FUSE options (user_id=…): mount(8) built it from the mount table and fstab
+    from_mount_table: bool = False
 
 
 def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mountpoint: str) -> MountConfig:
@@ -79,6 +87,7 @@ def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mo
     cfg = MountConfig(source=source, mountpoint=mountpoint, xattr=xattr)
     writeback_given = False
     uidmap = gidmap = None
+    fuse_shown: list[str] = []
     for group in opts:
         for opt in group.split(","):
             opt = opt.strip()
@@ -88,6 +97,14 @@ def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mo
             if key in _IGNORED or key.startswith("x-") or key.startswith("X-") or key == "comment":
                 continue
             cfg.option_keys.append(key)
+            if key == "remount" and not eq:
+                cfg.remount = True
+                continue
+            if key in _FUSE_SHOWN and eq:
+                fuse_shown.append(opt)
+                continue
+            if key not in _KERNEL_FLAGS:
+                cfg.daemon_opts.append(key)
             if key in _KERNEL_FLAGS and not eq:
                 cfg.kernel_opts.append(key)
             elif key == "xattr" and not eq:
@@ -134,6 +151,17 @@ def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mo
                 raise UsageError(
                     f"unknown -o option {opt!r}; see 'shiftfs mount --help' for the options shiftfs understands"
                 )
+    if fuse_shown and not cfg.remount:
+        raise UsageError(
+            f"unknown -o option {fuse_shown[0]!r}; see 'shiftfs mount --help' for the options shiftfs understands"
+        )
+    cfg.from_mount_table = bool(fuse_shown)
+    if cfg.remount:
+        if xattr:
+            cfg.daemon_opts.insert(0, "--xattr")
+        if maps:
+            cfg.daemon_opts.insert(0, "--map")
+        return cfg
     if not writeback_given and cfg.cache != "always":
         # With a writeback cache the kernel trusts its own file sizes and
         # mtimes, so changes made to SOURCE behind the mount would not show.

@@ -13,11 +13,12 @@ import stat
 
 import pyfuse3
 
+from ..ownership.policy import OwnershipPolicy
+from .caller import in_group_or_capable, sees_trusted
 from .inodes import Inode, InodeTable
 from .options import CacheConfig
 from .requestlog import fuse_handler
-from ..ownership.policy import OwnershipPolicy
-from ..sys.files import proc_fd
+from .xattr_io import InodeXattrs, LinkXattrs, SideXattrs
 
 __all__ = ["XattrHandlers"]
 
@@ -33,18 +34,19 @@ class XattrHandlers:
     xattr_probes: bool
 
     # -- xattrs ------------------------------------------------------------------
+    def _xio(self, node: Inode) -> InodeXattrs | SideXattrs:
+        """Where this inode's backing xattrs are (see :mod:`shiftfs.fs.xattr_io`)."""
+        store = self.policy.side_xattrs(node)
+        if store is not None:
+            return SideXattrs(store, node)
+        if stat.S_ISLNK(node.ftype):
+            return LinkXattrs(self.table, node)
+        return InodeXattrs(node)
+
     def _xnames(self, node: Inode) -> set[str]:
         if node.xnames is not None and self.cache.xattr_cache:
             return node.xnames
-        if stat.S_ISLNK(node.ftype):
-            names: set[str] = set()
-        else:
-            try:
-                names = set(os.listxattr(proc_fd(node.fd)))
-            except OSError as e:
-                if e.errno not in (errno.ENOTSUP, errno.EPERM):
-                    raise
-                names = set()
+        names = self._xio(node).names()
         node.xnames = names
         return names
 
@@ -58,7 +60,7 @@ class XattrHandlers:
         if bname is None or bname not in self._xnames(node):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         try:
-            value = os.getxattr(proc_fd(node.fd), bname)
+            value = self._xio(node).get(bname)
         except OSError as e:
             if e.errno == errno.ENODATA:
                 node.xnames = None
@@ -74,6 +76,8 @@ class XattrHandlers:
             v = self.policy.xattr_to_view(b)
             if v is not None:
                 out.append(os.fsencode(v))
+        if any(v.startswith(b"trusted.") for v in out) and not sees_trusted(ctx.pid):
+            out = [v for v in out if not v.startswith(b"trusted.")]
         return out
 
     def _writable_xattr(self, inode_id: int, name: bytes) -> tuple[Inode, str, str]:
@@ -89,26 +93,40 @@ class XattrHandlers:
     @fuse_handler
     def setxattr(self, inode_id: int, name: bytes, value: bytes, ctx: Ctx) -> None:
         node, vname, bname = self._writable_xattr(inode_id, name)
-        if stat.S_ISLNK(node.ftype):
-            raise pyfuse3.FUSEError(errno.EPERM)
-        os.setxattr(proc_fd(node.fd), bname, self.policy.xattr_value_in(vname, value))
+        self._xio(node).set(bname, self.policy.xattr_value_in(vname, value))
         if node.xnames is not None:
             node.xnames.add(bname)
         effect = self.policy.xattr_stored(node, vname, value)
         if effect.names_changed:
             node.xnames = None
-        if effect.attrs_changed:
+        changed = effect.attrs_changed
+        if vname == "system.posix_acl_access":
+            changed = self._acl_kill_sgid(node, ctx) or changed
+        if changed:
             # e.g. an access ACL set the mode's group class: the kernel's
             # cached attributes are stale (attributes only: takes no locks)
             pyfuse3.invalidate_inode(node.id, attr_only=True)
 
+    def _acl_kill_sgid(self, node: Inode, ctx: Ctx) -> bool:
+        """Clear SGID after an access ACL write by a caller outside the file's group without CAP_FSETID.
+
+        The kernel's posix_acl_update_mode does this on a local filesystem,
+        and its chmod path does it before a SETATTR reaches us; for ACLs it
+        leaves the mode to a FUSE_POSIX_ACL daemon. The backing filesystem
+        judges the daemon instead, which may keep the bit.
+        """
+        st = os.fstat(node.fd)
+        view = self.policy.view(node, st)
+        if not view.mode & stat.S_ISGID or in_group_or_capable(ctx.pid, ctx.gid, view.uid, view.gid):
+            return False
+        self.policy.change(node, st, None, None, view.mode & 0o7777 & ~stat.S_ISGID)
+        return True
+
     @fuse_handler
     def removexattr(self, inode_id: int, name: bytes, ctx: Ctx) -> None:
         node, vname, bname = self._writable_xattr(inode_id, name)
-        if stat.S_ISLNK(node.ftype):
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         try:
-            os.removexattr(proc_fd(node.fd), bname)
+            self._xio(node).remove(bname)
         except OSError as e:
             if e.errno == errno.ENODATA:
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None

@@ -116,20 +116,26 @@ class OwnershipPolicy:
     def create_mode(self, parent: Inode, mode: int, umask: int) -> int:
         """The mode of a new object, from the mode asked for and the caller's umask.
 
-        A default ACL on the parent replaces the umask. Here that ACL is the
-        backing directory's own, which the backing filesystem applies itself
-        when we create the object. (The kernel has usually applied the umask
-        already: FUSE_DONT_MASK is not negotiated.)
+        A default ACL on the parent replaces the umask and masks the mode
+        (posix_acl_create). Here that ACL is the backing directory's own. The
+        backing filesystem applies it too when we create the object, but an
+        object made under a temporary name is then chmod-ed to the mode
+        planned here, so it must be the masked one. (The kernel has usually
+        applied the umask already: FUSE_DONT_MASK is not negotiated.)
         """
-        if parent.default_acl is None:
+        raw = None
+        if parent.default_acl is not False:
             try:
-                os.getxattr(proc_fd(parent.fd), acl.ACL_DEFAULT)
+                raw = os.getxattr(proc_fd(parent.fd), acl.ACL_DEFAULT)
                 parent.default_acl = True
             except OSError:
                 parent.default_acl = False
-        if parent.default_acl:
-            return mode
-        return mode & ~(umask & 0o777)
+        if raw is None:
+            return mode & ~(umask & 0o777)
+        try:
+            return acl.create_masq(acl.parse(raw), mode)[1]
+        except ValueError:
+            return mode  # a malformed ACL: the backing filesystem's own rules apply
 
     def backing_mode(self, mode: int, rdev: int) -> tuple[int, int]:
         """The ``(mode, rdev)`` to create on the backing fs for a view object."""
@@ -151,6 +157,10 @@ class OwnershipPolicy:
         """The last link of an inode was removed."""
 
     # -- xattrs ------------------------------------------------------------
+    def side_xattrs(self, node: Inode):
+        """The store that keeps this inode's xattrs when the inode cannot carry them; None: the inode does."""
+        return None
+
     def xattr_stored(self, node: Inode, name: str, value: bytes) -> XattrEffect:
         """An xattr was set through the mount."""
         if name == acl.ACL_DEFAULT:

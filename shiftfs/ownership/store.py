@@ -156,6 +156,10 @@ class RecordStore:
                 "CREATE TABLE IF NOT EXISTS records ("
                 "ino INTEGER NOT NULL, btime INTEGER NOT NULL, value BLOB NOT NULL, PRIMARY KEY (ino, btime))"
             )
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS xattrs (ino INTEGER NOT NULL, btime INTEGER NOT NULL, "
+                "name TEXT NOT NULL, value BLOB NOT NULL, PRIMARY KEY (ino, btime, name))"
+            )
         except BaseException:
             os.close(dfd)
             raise
@@ -211,7 +215,9 @@ class RecordStore:
             return
         if fd is not None:
             try:
-                db.execute("DELETE FROM records WHERE ino=? AND btime=?", (st.st_ino, birth_time(fd)))
+                key = (st.st_ino, birth_time(fd))
+                db.execute("DELETE FROM records WHERE ino=? AND btime=?", key)
+                db.execute("DELETE FROM xattrs WHERE ino=? AND btime=?", key)
                 return
             except OSError:
                 pass
@@ -219,11 +225,16 @@ class RecordStore:
         # this filesystem is stale. (Rows of another filesystem's inode with
         # the same number would go too; those are rare and only lose a record.)
         db.execute("DELETE FROM records WHERE ino=?", (st.st_ino,))
+        db.execute("DELETE FROM xattrs WHERE ino=?", (st.st_ino,))
 
     def _uses_side(self, st: os.stat_result) -> bool:
         return not (can_hold_xattr(st.st_mode) and self._xattr_ok)
 
     # -- public API ---------------------------------------------------------
+    def in_side_table(self, st: os.stat_result) -> bool:
+        """Whether this inode's record lives in the side table (so writing it leaves the inode's ctime)."""
+        return self._uses_side(st)
+
     @_side_table_errors
     def read(self, fd: int, st: os.stat_result) -> bytes | None:
         """The raw record value of an inode, or ``None`` if it has none."""
@@ -292,6 +303,42 @@ class RecordStore:
                 pass
 
     @_side_table_errors
+    # Xattrs of inodes that take no user.* xattrs (symlinks, FIFOs, sockets):
+    # the escaped privileged names set on them through the mount (trusted.*,
+    # security.*) are rows of the side table, keyed like their records.
+    @_side_table_errors
+    def side_xattrs(self, fd: int, st: os.stat_result) -> dict[str, bytes]:
+        """The stored xattrs (backing names) of an inode whose xattrs live in the side table."""
+        db = self._conn(False)
+        if db is None:
+            return {}
+        try:
+            rows = db.execute(
+                "SELECT name, value FROM xattrs WHERE ino=? AND btime=?", (st.st_ino, birth_time(fd))
+            ).fetchall()
+        except sqlite3.OperationalError:
+            return {}  # a read-only table made before xattrs were kept
+        return {name: bytes(value) for name, value in rows}
+
+    @_side_table_errors
+    def side_xattr_set(self, fd: int, st: os.stat_result, name: str, value: bytes) -> None:
+        db = self._conn(True)
+        if db is None:
+            raise OSError(errno.EROFS, "no record side table and creation disabled")
+        db.execute(
+            "INSERT OR REPLACE INTO xattrs (ino, btime, name, value) VALUES (?, ?, ?, ?)",
+            (st.st_ino, birth_time(fd), name, value),
+        )
+
+    @_side_table_errors
+    def side_xattr_remove(self, fd: int, st: os.stat_result, name: str) -> bool:
+        """Remove one stored xattr; False if it was not there."""
+        db = self._conn(False)
+        if db is None:
+            return False
+        cur = db.execute("DELETE FROM xattrs WHERE ino=? AND btime=? AND name=?", (st.st_ino, birth_time(fd), name))
+        return cur.rowcount > 0
+
     def forget_inode(self, st: os.stat_result) -> None:
         """Drop a side-table row of an inode that no longer exists."""
         if self._uses_side(st):

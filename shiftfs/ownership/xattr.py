@@ -27,7 +27,7 @@ from .record import LEGACY_RECORD_NAME, Record, decode, encode
 from .store import RecordStore, SideTableError, can_hold_xattr
 from .view import backing_perm, backing_type, backing_view, check_fits, record_view
 from ..fs.inodes import Inode
-from ..sys.files import proc_fd
+from ..sys.files import proc_fd, touch_ctime
 
 __all__ = ["XattrPolicy"]
 
@@ -231,6 +231,13 @@ class XattrPolicy(OwnershipPolicy):
         rec = Record(cur.uid, cur.gid, new_mode, cur.rdev)
         self.store.write(node.fd, st, encode(rec))
         node.record = rec
+        if self.store.in_side_table(st):
+            # A row in the side table is not the inode: give it the new ctime
+            # that a chown or chmod must leave (POSIX), as an xattr write would.
+            try:
+                touch_ctime(node.fd)
+            except OSError as e:
+                log.debug("cannot update the ctime of inode %d: %s", node.id, e)
         if not stat.S_ISLNK(st.st_mode):
             want = backing_perm(new_mode if not stat.S_ISREG(st.st_mode) else (stat.S_IFREG | new_mode & 0o777))
             if st.st_mode & 0o7777 != want:
@@ -245,6 +252,10 @@ class XattrPolicy(OwnershipPolicy):
             self.store.forget_inode(st)
         except OSError as e:
             log.warning("cannot drop the side record of inode %d: %s", st.st_ino, e)
+
+    def side_xattrs(self, node):
+        # The escaped names are user.* xattrs, which symlinks, FIFOs and sockets cannot carry.
+        return None if can_hold_xattr(node.ftype) else self.store
 
     def xattr_to_backing(self, name):
         return escape_xattr_name(name)

@@ -11,8 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-from .libc import AT_EMPTY_PATH, AT_FDCWD, check
-from .libc import libc as _libc
+from .libc import AT_EMPTY_PATH, AT_FDCWD, check, libc
 
 __all__ = [
     "AT_EMPTY_PATH",
@@ -49,18 +48,18 @@ def proc_fd(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
 
-_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 
 
 def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flags: int = 0) -> None:
-    check(_libc.renameat2(olddirfd, oldname, newdirfd, newname, flags))
+    check(libc.renameat2(olddirfd, oldname, newdirfd, newname, flags))
 
 
 class _Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
 
-_libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
+libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
 
 
 def _ts(ns: int | None, special: int | None) -> _Timespec:
@@ -79,18 +78,27 @@ def utimens_fd(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
         _ts(atime_ns, UTIME_OMIT if atime_ns is None else None),
         _ts(mtime_ns, UTIME_OMIT if mtime_ns is None else None),
     )
-    check(_libc.utimensat(fd, b"", times, AT_EMPTY_PATH))
+    check(libc.utimensat(fd, b"", times, AT_EMPTY_PATH))
 
 
-_libc.fchownat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_int]
+libc.fchownat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_int]
 
 
 def fchown_fd(fd: int, uid: int, gid: int) -> None:
     """chown the inode of ``fd`` itself (O_PATH fine; never follows a symlink). -1 keeps."""
-    check(_libc.fchownat(fd, b"", uid & 0xFFFFFFFF, gid & 0xFFFFFFFF, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW))
+    check(libc.fchownat(fd, b"", uid & 0xFFFFFFFF, gid & 0xFFFFFFFF, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW))
 
 
-_libc.linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+def touch_ctime(fd: int) -> None:
+    """Set the ctime of the inode of ``fd`` to now and change nothing else.
+
+    ``chown(-1, -1)`` is a change of nothing, which the kernel still stamps
+    with a new ctime and allows without ownership of the inode.
+    """
+    fchown_fd(fd, -1, -1)
+
+
+libc.linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
 
 
 def link_fd(fd: int, newdirfd: int, newname: bytes) -> None:
@@ -100,7 +108,7 @@ def link_fd(fd: int, newdirfd: int, newname: bytes) -> None:
     the descriptor refers to (a symlink itself, never its target) and, unlike
     AT_EMPTY_PATH, needs no CAP_DAC_READ_SEARCH.
     """
-    check(_libc.linkat(AT_FDCWD, proc_fd(fd).encode(), newdirfd, newname, AT_SYMLINK_FOLLOW))
+    check(libc.linkat(AT_FDCWD, proc_fd(fd).encode(), newdirfd, newname, AT_SYMLINK_FOLLOW))
 
 
 class _StatxTs(ctypes.Structure):
@@ -121,14 +129,14 @@ class _Statx(ctypes.Structure):
     ]
 
 
-_libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(_Statx)]
+libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(_Statx)]
 
 
 def birth_time(fd: int) -> int:
     """Birth time of the inode of ``fd`` in ns, or 0 if the filesystem has none."""
     buf = _Statx()
     flags = AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW | AT_STATX_DONT_SYNC
-    check(_libc.statx(fd, b"", flags, STATX_BTIME, ctypes.byref(buf)))
+    check(libc.statx(fd, b"", flags, STATX_BTIME, ctypes.byref(buf)))
     if not buf.stx_mask & STATX_BTIME:
         return 0
     return buf.stx_btime.tv_sec * 1_000_000_000 + buf.stx_btime.tv_nsec

@@ -37,7 +37,9 @@ MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8
+MS_SYNCHRONOUS = 0x10
 MS_REMOUNT = 0x20
+MS_DIRSYNC = 0x80
 MS_NOATIME = 0x400
 MS_NODIRATIME = 0x800
 MS_BIND = 0x1000
@@ -46,6 +48,7 @@ MS_REC = 0x4000
 MS_PRIVATE = 0x40000
 MS_SLAVE = 0x80000
 MS_RELATIME = 0x200000
+MS_STRICTATIME = 0x1000000
 
 MNT_FORCE = 0x1
 MNT_DETACH = 0x2
@@ -227,6 +230,7 @@ class MountEntry:
     mountpoint: str  # octal escapes (\\040 …) undone, undecodable bytes surrogate-escaped
     options: tuple[str, ...]  # per-mount options: rw/ro, nosuid, idmapped …
     fstype: str
+    super_options: tuple[str, ...] = ()  # the filesystem's: rw/ro, sync, dirsync, user_id= …
 
 
 def _unescape(field: bytes) -> str:
@@ -247,9 +251,11 @@ def mountinfo(path: str = "/proc/self/mountinfo", dir_fd: int | None = None) -> 
             for line in f:
                 left, _, right = line.partition(b" - ")
                 parts = left.split()
-                fstype = right.split()[0].decode(errors="replace") if right.strip() else ""
+                tail = [field.decode(errors="replace") for field in right.split()]
+                fstype = tail[0] if tail else ""
+                sb_opts = tuple(tail[2].split(",")) if len(tail) > 2 else ()
                 out.append(MountEntry(parts[2].decode(), _unescape(parts[4]),
-                                      tuple(parts[5].decode().split(",")), fstype))
+                                      tuple(parts[5].decode().split(",")), fstype, sb_opts))
     except (OSError, IndexError, ValueError):
         return []
     return out

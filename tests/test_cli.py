@@ -544,6 +544,19 @@ def test_kernel_backend_helper_form_and_flags(dirs, tracked):
     assert not {"nosuid", "nodev"} & opts, opts
 
 
+def test_kernel_backend_mountpoint_with_space_and_utf8(scratch, tracked):
+    """The mount table escapes a space as \\040 and keeps UTF-8 bytes: umount still finds the mount."""
+    src, mp = scratch / "src", scratch / "mount point ü"
+    src.mkdir()
+    mp.mkdir()
+    r, pids = tracked([SHIFTFS, "mount", "--map", MAP, "-o", "backend=kernel", src, mp], mp)
+    assert r.returncode == 0 and pids == [], r.stderr
+    assert "idmapped" in find_mount(mp).options
+    r2 = subprocess.run([SHIFTFS, "umount", str(mp)], capture_output=True, text=True)
+    assert r2.returncode == 0 and r2.stderr == "", r2.stderr
+    assert not is_mounted(mp)
+
+
 def test_mount_t_fuse_shiftfs_kernel_backend(dirs, tracked, shiftfs_on_path):
     """``mount -t fuse.shiftfs -o backend=kernel`` (the shared /usr/local/bin/shiftfs must be this checkout)."""
     if os.path.realpath(shiftfs_on_path) != os.path.realpath(SHIFTFS):

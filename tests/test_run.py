@@ -17,7 +17,7 @@ import pytest
 
 from ns_util import (HOST_USR, REPO, ROOT_USER, User, chown_tree, make_host_root, mounts_mentioning, processes_mentioning,
                      remove_tree, run_argv, throwaway_users, workdir)
-from shiftfs.container import kernel, launcher, userns
+from shiftfs.container import launcher, rootfs, userns
 from shiftfs.container import run as runmod
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates test users: run as root")
@@ -448,10 +448,10 @@ def test_resolve_in_root(tmp_path):
     os.symlink("usr/lib", f"{r}/lib")
     os.symlink("/usr", f"{r}/abs")
     os.symlink("../../..", f"{r}/usr/lib/up")
-    assert kernel.resolve_in_root(r, "/lib/x") == f"{r}/usr/lib/x"
-    assert kernel.resolve_in_root(r, "/abs/lib") == f"{r}/usr/lib"
-    assert kernel.resolve_in_root(r, "/usr/lib/up/etc") == f"{r}/etc"
-    assert kernel.resolve_in_root(r, "/../../etc") == f"{r}/etc"
+    assert rootfs.resolve_in_root(r, "/lib/x") == f"{r}/usr/lib/x"
+    assert rootfs.resolve_in_root(r, "/abs/lib") == f"{r}/usr/lib"
+    assert rootfs.resolve_in_root(r, "/usr/lib/up/etc") == f"{r}/etc"
+    assert rootfs.resolve_in_root(r, "/../../etc") == f"{r}/etc"
 
 
 # --- bad input -----------------------------------------------------------------------

@@ -36,7 +36,8 @@ import sys
 from dataclasses import dataclass, field
 
 from ..errors import SetupError
-from . import kernel, launcher, supervise, userns
+from ..sys import mounts
+from . import launcher, rootfs, supervise, userns
 
 PROG = "shiftfs exec"
 
@@ -210,7 +211,7 @@ def _attach_views(cfg: ExecConfig, stage: str, views: list[str]) -> None:
     """In COMMAND's mount namespace: put each view on its DST, then take the
     staging tmpfs away, so that the host's directory under it shows again."""
     try:
-        clones = [kernel.open_tree(view) for view in views]
+        clones = [mounts.open_tree(view) for view in views]
     except OSError as e:
         if e.errno != errno.ENOSYS:
             raise
@@ -220,13 +221,13 @@ def _attach_views(cfg: ExecConfig, stage: str, views: list[str]) -> None:
             if launcher.within(s.target, stage):
                 raise SetupError(f"--shift {s.source}:{s.target}: DST is under {stage}, which "
                                 "this kernel (no open_tree) cannot show; pick another DST")
-            kernel.bind(view, s.target, recursive=False)
-        kernel.umount2(stage, kernel.MNT_DETACH)
+            rootfs.bind(view, s.target, recursive=False)
+        mounts.umount2(stage, mounts.MNT_DETACH)
         return
-    kernel.umount2(stage, kernel.MNT_DETACH)
+    mounts.umount2(stage, mounts.MNT_DETACH)
     for s, fd in zip(cfg.shifts, clones):
         try:
-            kernel.move_mount(fd, s.target)
+            mounts.move_mount(fd, s.target)
         except OSError as e:
             raise SetupError(f"--shift {s.source}:{s.target}: cannot mount the view on "
                             f"{s.target}: {e.strerror}") from None
@@ -238,12 +239,12 @@ def _command_init(cfg: ExecConfig, stage: str, views: list[str]) -> int:
     """Pid 1 of namespace B: own mount namespace with the views on their
     DSTs and a /proc of this pid namespace; run COMMAND and pass on its exit
     status."""
-    kernel.set_parent_death_signal()
-    kernel.unshare(kernel.CLONE_NEWNS)
+    mounts.set_parent_death_signal()
+    mounts.unshare(mounts.CLONE_NEWNS)
     if views:
         _attach_views(cfg, stage, views)
     try:
-        kernel.mount("proc", "/proc", "proc", kernel.MS_NOSUID | kernel.MS_NODEV | kernel.MS_NOEXEC)
+        mounts.mount("proc", "/proc", "proc", mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC)
     except OSError as e:
         print(f"{PROG}: warning: cannot mount a /proc for the new pid namespace "
               f"({e.strerror}); COMMAND sees the host's", file=sys.stderr)

@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import SetupError
-from . import kernel, supervise, userns
+from ..sys import mounts
+from . import supervise, userns
 from .supervise import EXIT_SETUP
 
 _MOUNT_TIMEOUT = 30.0
@@ -298,11 +299,11 @@ def _userns_helper(layout: Layout, idmap: userns.NamespaceMaps, parent: int, wfd
                    rfd: int) -> int:
     """Enter a new user namespace, wait for the maps, then start pid 1 of
     namespace A and supervise it."""
-    kernel.set_parent_death_signal(signal.SIGKILL)
+    mounts.set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != parent:
         return EXIT_SETUP
     try:
-        kernel.unshare(kernel.CLONE_NEWUSER)
+        mounts.unshare(mounts.CLONE_NEWUSER)
     except OSError as e:
         if e.errno in (errno.EPERM, errno.EACCES, errno.ENOSPC, errno.EUSERS):
             raise SetupError(f"cannot create a user namespace ({e.strerror}): "
@@ -314,7 +315,7 @@ def _userns_helper(layout: Layout, idmap: userns.NamespaceMaps, parent: int, wfd
         return EXIT_SETUP
     os.close(rfd)
     userns.become_root(idmap)
-    kernel.unshare(kernel.CLONE_NEWNS | kernel.CLONE_NEWPID)
+    mounts.unshare(mounts.CLONE_NEWNS | mounts.CLONE_NEWPID)
     return supervise.fork_and_supervise(layout.prog, _serve_and_run, layout, reap_any=False)
 
 
@@ -330,9 +331,9 @@ def _serve_and_run(layout: Layout) -> int:
     """Pid 1 of namespace A: serve every source through shiftfs on a staging
     tmpfs, run ``layout.inner`` as pid 1 of namespace B, then unmount the
     views and let the daemons write everything out."""
-    kernel.set_parent_death_signal(signal.SIGKILL)
+    mounts.set_parent_death_signal(signal.SIGKILL)
     os.chdir("/")
-    kernel.make_rprivate("/")
+    mounts.make_rprivate("/")
     log_fd = _high_fd(os.memfd_create("shiftfs-daemon-log", os.MFD_CLOEXEC))
     log = f"/proc/self/fd/{log_fd}"
     views: list[str] = []
@@ -343,7 +344,7 @@ def _serve_and_run(layout: Layout) -> int:
         src_fds = [_high_fd(os.open(s, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
                    for s in layout.sources]
         stage = staging_dir(layout)
-        kernel.mount("tmpfs", stage, "tmpfs", kernel.MS_NOSUID | kernel.MS_NODEV,
+        mounts.mount("tmpfs", stage, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV,
                      "mode=0700,size=1m")
         try:
             for i, (source, fd) in enumerate(zip(layout.sources, src_fds)):
@@ -354,15 +355,15 @@ def _serve_and_run(layout: Layout) -> int:
         finally:
             for fd in src_fds:
                 os.close(fd)
-    kernel.unshare(kernel.CLONE_NEWPID)
+    mounts.unshare(mounts.CLONE_NEWPID)
     code = supervise.fork_and_supervise(layout.prog, layout.inner, stage, views)
     for view in reversed(views):
         try:
-            kernel.umount2(view)
+            mounts.umount2(view)
         except OSError as e:
             if e.errno != errno.EBUSY:
                 raise
-            kernel.umount2(view, kernel.MNT_DETACH)
+            mounts.umount2(view, mounts.MNT_DETACH)
     statuses = supervise.reap_all(_DAEMON_EXIT_TIMEOUT)
     if any(s != 0 for s in statuses):
         print(f"{layout.prog}: warning: a shiftfs daemon exited with status "

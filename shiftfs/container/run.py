@@ -28,7 +28,8 @@ import socket
 from dataclasses import dataclass, field
 
 from ..errors import SetupError
-from . import kernel, launcher, supervise, userns
+from ..sys import mounts
+from . import launcher, rootfs, supervise, userns
 
 PROG = "shiftfs run"
 
@@ -247,7 +248,7 @@ def _lookup_user(root: str, spec: str) -> tuple[int, int, dict[str, str]]:
 
 def _find_db_entry(root: str, path: str, key: str, by_id: bool) -> list[str] | None:
     try:
-        with open(kernel.resolve_in_root(root, path), errors="replace") as f:
+        with open(rootfs.resolve_in_root(root, path), errors="replace") as f:
             for line in f:
                 fields = line.rstrip("\n").split(":")
                 if len(fields) >= 4 and fields[2 if by_id else 0] == key:
@@ -372,45 +373,45 @@ def _terminal() -> str | None:
 
 def _setup_root(cfg: RunConfig, idmap: userns.NamespaceMaps, root: str) -> None:
     """Mount /proc, /dev, /sys, /tmp and the binds under ``root``."""
-    proc = kernel.make_mountpoint(root, "/proc")
-    kernel.mount("proc", proc, "proc", kernel.MS_NOSUID | kernel.MS_NODEV | kernel.MS_NOEXEC)
+    proc = rootfs.make_mountpoint(root, "/proc")
+    mounts.mount("proc", proc, "proc", mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC)
 
-    dev = kernel.make_mountpoint(root, "/dev")
-    kernel.mount("tmpfs", dev, "tmpfs", kernel.MS_NOSUID | kernel.MS_NOEXEC, "mode=0755,size=1m")
+    dev = rootfs.make_mountpoint(root, "/dev")
+    mounts.mount("tmpfs", dev, "tmpfs", mounts.MS_NOSUID | mounts.MS_NOEXEC, "mode=0755,size=1m")
     for name in _DEV_NODES:
         host = f"/dev/{name}"
         if os.path.exists(host):
             target = os.path.join(dev, name)
             os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
-            kernel.bind(host, target, recursive=False)
+            rootfs.bind(host, target, recursive=False)
     console = _terminal()
     if console:  # so that ttyname() finds the terminal inside: it scans /dev
         target = os.path.join(dev, "console")
         os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-        kernel.bind(console, target, recursive=False)
+        rootfs.bind(console, target, recursive=False)
     pts = os.path.join(dev, "pts")
     os.mkdir(pts, 0o755)
     opts = "newinstance,ptmxmode=0666,mode=0620" + (",gid=5" if idmap.maps_gid(5) else "")
-    kernel.mount("devpts", pts, "devpts", kernel.MS_NOSUID | kernel.MS_NOEXEC, opts)
+    mounts.mount("devpts", pts, "devpts", mounts.MS_NOSUID | mounts.MS_NOEXEC, opts)
     os.symlink("pts/ptmx", os.path.join(dev, "ptmx"))
     shm = os.path.join(dev, "shm")
     os.mkdir(shm, 0o1777)
-    kernel.mount("tmpfs", shm, "tmpfs", kernel.MS_NOSUID | kernel.MS_NODEV, "mode=1777")
+    mounts.mount("tmpfs", shm, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, "mode=1777")
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
                          ("core", "/proc/kcore")):
         os.symlink(target, os.path.join(dev, name))
 
-    sys_dir = kernel.make_mountpoint(root, "/sys")
-    kernel.bind("/sys", sys_dir, readonly=True)
+    sys_dir = rootfs.make_mountpoint(root, "/sys")
+    rootfs.bind("/sys", sys_dir, readonly=True)
 
-    tmp = kernel.make_mountpoint(root, "/tmp")
-    kernel.mount("tmpfs", tmp, "tmpfs", kernel.MS_NOSUID | kernel.MS_NODEV, "mode=1777")
+    tmp = rootfs.make_mountpoint(root, "/tmp")
+    mounts.mount("tmpfs", tmp, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, "mode=1777")
 
     for b in cfg.binds:
-        target = kernel.make_mountpoint(root, b.target, directory=os.path.isdir(b.source))
+        target = rootfs.make_mountpoint(root, b.target, directory=os.path.isdir(b.source))
         try:
-            kernel.bind(b.source, target, readonly=b.readonly)
+            rootfs.bind(b.source, target, readonly=b.readonly)
         except OSError as e:
             raise SetupError(f"--bind {b.source}:{b.target}: {e.strerror}") from None
 
@@ -419,15 +420,15 @@ def _container_init(cfg: RunConfig, idmap: userns.NamespaceMaps, stage: str, vie
     """Pid 1 of namespace B: build the container's mounts, pivot into the
     view of ROOT (``views[0]``; the shifted binds follow in order), run
     COMMAND and pass on its exit status."""
-    kernel.set_parent_death_signal()
-    kernel.unshare(kernel.CLONE_NEWNS | kernel.CLONE_NEWUTS | kernel.CLONE_NEWIPC)
+    mounts.set_parent_death_signal()
+    mounts.unshare(mounts.CLONE_NEWNS | mounts.CLONE_NEWUTS | mounts.CLONE_NEWIPC)
     if cfg.hostname:
         socket.sethostname(cfg.hostname)
     shifted = iter(views[1:])
     binds = [dataclasses.replace(b, source=next(shifted)) if b.shift else b for b in cfg.binds]
     mnt = views[0]
     _setup_root(dataclasses.replace(cfg, binds=binds), idmap, mnt)
-    kernel.pivot_into(mnt)
+    rootfs.pivot_into(mnt)
     return supervise.fork_and_supervise(PROG, _exec_command, cfg)
 
 

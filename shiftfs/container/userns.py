@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from ..errors import SetupError
 from ..ownership.idmap import Range
-from .kernel import set_dumpable
+from ..sys.mounts import set_dumpable
 
 #: Size of the id block a full namespace gets, and the range root picks it
 #: from (the one systemd-nspawn uses for containers).

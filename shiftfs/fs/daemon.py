@@ -289,9 +289,9 @@ def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
 
 def mount(cfg: MountConfig) -> int:
     """``shiftfs mount``: check, then serve in the foreground or background."""
-    from . import kernel
+    from . import idmapped
 
-    if kernel.try_mount(cfg):  # table mode as an idmapped bind mount: no daemon
+    if idmapped.try_mount(cfg):  # table mode as an idmapped bind mount: no daemon
         return 0
     check(cfg)
     if cfg.foreground:

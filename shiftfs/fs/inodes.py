@@ -37,7 +37,7 @@ from typing import Callable
 
 import pyfuse3
 
-from ..syscalls import O_PATH_NOFOLLOW
+from ..sys.files import O_PATH_NOFOLLOW
 
 __all__ = ["Inode", "InodeTable", "ROOT_ID"]
 

@@ -56,8 +56,6 @@ process exits the view goes with it and the daemon exits.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import fcntl  # noqa: F401  loaded now: once isolated, no import can read a module from disk
 import logging
@@ -66,73 +64,48 @@ import platform
 import threading
 from dataclasses import dataclass
 
+from ..sys import mounts
+from ..sys.libc import AT_FDCWD
+from ..sys.mounts import (
+    CLONE_FS,
+    CLONE_NEWNS,
+    MNT_DETACH,
+    MS_BIND,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_RDONLY,
+    MS_REC,
+    MS_REMOUNT,
+    UMOUNT_NOFOLLOW,
+)
+
 __all__ = ["Isolation", "isolate_daemon", "reachable"]
 
 log = logging.getLogger(__name__)
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-_CLONE_FS = 0x00000200
-_CLONE_NEWNS = 0x00020000
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
-_MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
-_MNT_DETACH, _UMOUNT_NOFOLLOW = 2, 8
-_AT_FDCWD, _AT_EMPTY_PATH, _AT_RECURSIVE = -100, 0x1000, 0x8000
-_OPEN_TREE_CLONE = 1
-_MOVE_MOUNT_F_EMPTY_PATH = 4
-# open_tree and move_mount have one number on every architecture; pivot_root does not.
-_SYS_OPEN_TREE, _SYS_MOVE_MOUNT = 428, 429
-_SYS_PIVOT_ROOT = {
-    "x86_64": 155, "aarch64": 41, "riscv64": 41, "loongarch64": 41, "i686": 217, "i386": 217,
-    "armv7l": 218, "armv6l": 218, "ppc64le": 203, "ppc64": 203, "s390x": 217,
-}
 
 #: Where the backing directory and /proc sit inside the daemon's namespace.
 SOURCE = "/source"
 _RO_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 
 
-def _ok(res: int, what: str) -> int:
-    if res < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"{what}: {os.strerror(e)}")
-    return res
-
-
-def _clone_tree(dfd: int, path: bytes, flags: int) -> int:
+def _clone_tree(path: str, dfd: int = AT_FDCWD) -> int:
     """A detached copy of the mount at ``path`` (recursive only if locked submounts demand it)."""
-    base = _OPEN_TREE_CLONE | os.O_CLOEXEC | flags
     try:
-        return _ok(_libc.syscall(_SYS_OPEN_TREE, dfd, path, base), f"open_tree {path.decode() or dfd}")
+        return mounts.open_tree(path, recursive=False, dfd=dfd)
     except OSError as e:
         if e.errno != errno.EINVAL:
             raise
-    return _ok(_libc.syscall(_SYS_OPEN_TREE, dfd, path, base | _AT_RECURSIVE), f"open_tree {path.decode() or dfd}")
-
-
-def _attach(tree: int, target: bytes) -> None:
-    _ok(_libc.syscall(_SYS_MOVE_MOUNT, tree, b"", _AT_FDCWD, target, _MOVE_MOUNT_F_EMPTY_PATH), f"move_mount {target}")
-
-
-def _mount(src: bytes | None, target: bytes, fstype: bytes | None, flags: int, data: bytes | None = None) -> None:
-    _ok(_libc.mount(src, target, fstype, ctypes.c_ulong(flags), data), f"mount {target}")
+    return mounts.open_tree(path, recursive=True, dfd=dfd)
 
 
 def _mount_dev(mountpoint: str, mountinfo: str = "/proc/self/mountinfo", dir_fd: int | None = None) -> str | None:
     """``major:minor`` of the topmost fuse.shiftfs mount on ``mountpoint``."""
     found = None
-    try:
-        fd = os.open(mountinfo, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
-        with os.fdopen(fd, "rb") as f:
-            for line in f:
-                left, _, right = line.partition(b" - ")
-                parts = left.split()
-                mp = parts[4].decode("unicode_escape").encode("latin-1").decode(errors="surrogateescape")
-                if mp == mountpoint and right.split()[:1] == [b"fuse.shiftfs"]:
-                    found = parts[2].decode()
-    except (OSError, IndexError, ValueError):
-        return None
+    for m in mounts.mountinfo(mountinfo, dir_fd):
+        if m.mountpoint == mountpoint and m.fstype == "fuse.shiftfs":
+            found = m.dev
     return found
 
 
@@ -163,7 +136,7 @@ class Isolation:
             except OSError:
                 continue
             try:
-                _ok(_libc.setns(fd, _CLONE_NEWNS), "setns to the served mount namespace")
+                mounts.setns(fd, CLONE_NEWNS)
                 return True
             finally:
                 os.close(fd)
@@ -183,12 +156,12 @@ class Isolation:
 
         def work() -> None:
             try:
-                _ok(_libc.unshare(_CLONE_FS), "unshare(CLONE_FS)")
+                mounts.unshare(CLONE_FS)
                 if not self._enter_served():
                     return
                 if self.dev is None or _mount_dev(self.mountpoint, "thread-self/mountinfo", self.proc_fd) != self.dev:
                     return
-                _ok(_libc.umount2(os.fsencode(self.mountpoint), _MNT_DETACH | _UMOUNT_NOFOLLOW), "umount2")
+                mounts.umount2(self.mountpoint, MNT_DETACH | UMOUNT_NOFOLLOW)
             except OSError as e:
                 log.warning("cannot unmount %s in the served namespace: %s; unmount it by hand", self.mountpoint, e)
 
@@ -214,26 +187,25 @@ def reachable(path: str | None) -> str | None:
 def _build_root(source: int, proc: int) -> None:
     """Private propagation, a tmpfs root with /proc and SOURCE, the old root detached."""
     # First: nothing mounted or unmounted below may propagate back to the served namespace.
-    _mount(None, b"/", None, _MS_REC | _MS_PRIVATE)
+    mounts.mount(None, "/", None, MS_REC | MS_PRIVATE)
     # /proc exists wherever the daemon can run at all; in this namespace we may cover it.
-    _mount(b"shiftfs", b"/proc", b"tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, b"mode=0755,size=16k,nr_inodes=16")
+    mounts.mount("shiftfs", "/proc", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=16k,nr_inodes=16")
     os.mkdir("/proc/proc", 0o555)
     os.mkdir("/proc" + SOURCE, 0o555)
-    _attach(proc, b"/proc/proc")
-    _attach(source, b"/proc" + os.fsencode(SOURCE))
+    mounts.move_mount(proc, "/proc/proc")
+    mounts.move_mount(source, "/proc" + SOURCE)
     old = os.open("/", _RO_DIR)
     new = os.open("/proc", _RO_DIR)
     try:
-        nr = _SYS_PIVOT_ROOT[platform.machine()]
         os.fchdir(new)
-        _ok(_libc.syscall(nr, b".", b"."), "pivot_root")
+        mounts.pivot_root(".", ".")
         os.fchdir(old)
-        _ok(_libc.umount2(b".", _MNT_DETACH), "umount2 of the old root")
+        mounts.umount2(".", MNT_DETACH)  # the old root
     finally:
         os.close(old)
         os.close(new)
         os.chdir("/")
-    _mount(None, b"/", None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    mounts.mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
 def isolate_daemon(root_fd: int, mountpoint: str) -> Isolation | None:
@@ -245,7 +217,7 @@ def isolate_daemon(root_fd: int, mountpoint: str) -> Isolation | None:
     daemon then serves as before.
     """
     mountpoint = os.path.abspath(mountpoint)
-    if platform.machine() not in _SYS_PIVOT_ROOT:
+    if not mounts.can_pivot_root():
         log.warning("no pivot_root number for %s: the daemon shares the mount namespace it serves", platform.machine())
         return None
     dev = _mount_dev(mountpoint)
@@ -253,8 +225,8 @@ def isolate_daemon(root_fd: int, mountpoint: str) -> Isolation | None:
     served = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)  # kept only while isolating
     ns = os.fstat(served)
     try:
-        trees.append(_clone_tree(root_fd, b"", _AT_EMPTY_PATH))
-        trees.append(_clone_tree(_AT_FDCWD, b"/proc", 0))
+        trees.append(_clone_tree("", root_fd))
+        trees.append(_clone_tree("/proc"))
     except OSError as e:
         for fd in trees + [served]:
             os.close(fd)
@@ -264,7 +236,7 @@ def isolate_daemon(root_fd: int, mountpoint: str) -> Isolation | None:
             "would hang it", e)
         return None
     try:
-        _ok(_libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+        mounts.unshare(CLONE_NEWNS)
     except OSError as e:
         for fd in trees + [served]:
             os.close(fd)
@@ -283,9 +255,11 @@ def isolate_daemon(root_fd: int, mountpoint: str) -> Isolation | None:
     except OSError as e:
         # Back to the served namespace: a half-built private one could hold a
         # copy of the view, which would outlive the user's umount.
-        if _libc.setns(served, _CLONE_NEWNS) != 0:
+        try:
+            mounts.setns(served, CLONE_NEWNS)
+        except OSError as back:
             log.error("cannot return to the served mount namespace (%s) after: %s; "
-                      "unmounting may not end this daemon, stop it with SIGTERM", os.strerror(ctypes.get_errno()), e)
+                      "unmounting may not end this daemon, stop it with SIGTERM", back.strerror, e)
         else:
             log.warning("the daemon shares the mount namespace it serves (%s)", e)
         os.chdir("/")

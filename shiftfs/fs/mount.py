@@ -18,6 +18,7 @@ from ..ownership.policy import OwnershipPolicy
 from ..ownership.store import RecordStore
 from ..ownership.table import TablePolicy
 from ..ownership.xattr import XattrPolicy
+from ..sys.mounts import in_init_userns
 from . import holders
 from .ops import CacheConfig, Operations
 from .options import MountConfig
@@ -44,10 +45,10 @@ def _mountinfo() -> list[tuple[str, str]]:
 
 
 def is_shiftfs_mount(path: str) -> bool:
-    from . import kernel
+    from . import idmapped
 
     path = os.path.abspath(path)
-    return any(mp == path and t == "fuse.shiftfs" for mp, t in _mountinfo()) or kernel.is_kernel_mount(path)
+    return any(mp == path and t == "fuse.shiftfs" for mp, t in _mountinfo()) or idmapped.is_kernel_mount(path)
 
 
 def unmount(mountpoint: str, lazy: bool = False) -> None:
@@ -68,10 +69,10 @@ def unmount(mountpoint: str, lazy: bool = False) -> None:
         except OSError:
             pass
         raise UsageError(f"{mountpoint} is not a shiftfs mount; see 'findmnt -t fuse.shiftfs' for mounts")
-    from . import kernel
+    from . import idmapped
 
-    if kernel.is_kernel_mount(mp):  # the kernel backend: no daemon, just the mount
-        kernel.unmount(mp, lazy)
+    if idmapped.is_kernel_mount(mp):  # the kernel backend: no daemon, just the mount
+        idmapped.unmount(mp, lazy)
         return
     entry = holders.entry_of(mp)
     err = _detach(mp, lazy)
@@ -133,14 +134,6 @@ def _say_other_holders(mp: str, entry: holders.MountEntry | None) -> None:
         print(f"shiftfs umount: {holders.describe(mp, found)}", file=sys.stderr)
 
 
-def _in_init_userns() -> bool:
-    try:
-        with open("/proc/self/uid_map") as f:
-            return f.read().split() == ["0", "0", "4294967295"]
-    except OSError:
-        return True
-
-
 def check(cfg: MountConfig, fuse: bool = True) -> None:
     """Validate inputs before forking; raises :class:`UsageError`.
 
@@ -196,7 +189,7 @@ def kernel_options(cfg: MountConfig) -> set[str]:
         flags.append("allow_other")
     # Outside a user namespace a setuid file shown as view uid 0 would be
     # real root: nosuid,nodev unless asked. Inside one, ids are the namespace's.
-    if not _in_init_userns():
+    if not in_init_userns():
         if "nosuid" not in flags and "suid" not in flags:
             flags.append("suid")
     for f in flags:

@@ -32,7 +32,7 @@ from .requestlog import fuse_handler
 from .xattrs import XattrHandlers
 from ..ownership.names import backing_name, temp_name
 from ..ownership.policy import CreatePlan, OwnershipPolicy
-from ..syscalls import (
+from ..sys.files import (
     O_PATH_NOFOLLOW,
     RENAME_NOREPLACE,
     RENAME_WHITEOUT,

@@ -71,7 +71,7 @@ class MountConfig:
     writeback: bool = True
     read_ahead_kb: int = 1024
     xattr_probes: bool = True
-    # kernel backend (shiftfs/fs/kernel.py): which backend, and the -o keys given
+    # kernel backend (shiftfs/fs/idmapped.py): which backend, and the -o keys given
     backend: str = "auto"
     option_keys: list[str] = field(default_factory=list)
     #: ``-o remount``: change the flags of a live mount instead of mounting

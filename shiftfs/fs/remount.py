@@ -14,20 +14,30 @@ the daemon is not involved.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+import errno
 import os
 import sys
 
 from ..errors import MountError, UsageError
+from ..sys import mounts
+from ..sys.mounts import (
+    MS_DIRSYNC,
+    MS_NOATIME,
+    MS_NODEV,
+    MS_NODIRATIME,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_RDONLY,
+    MS_RELATIME,
+    MS_REMOUNT,
+    MS_STRICTATIME,
+    MS_SYNCHRONOUS,
+)
 from .mount import is_shiftfs_mount
 from .options import MountConfig
 
 __all__ = ["remount"]
 
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_SYNCHRONOUS = 1, 2, 4, 8, 16
-MS_REMOUNT, MS_DIRSYNC, MS_NOATIME, MS_NODIRATIME = 32, 128, 1024, 2048
-MS_RELATIME, MS_STRICTATIME = 1 << 21, 1 << 24
 _ATIME = MS_NOATIME | MS_RELATIME | MS_STRICTATIME
 
 #: option → (flags it sets, flags it clears)
@@ -63,20 +73,12 @@ _SHOWN = {
     "nodiratime": MS_NODIRATIME,
 }
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
-
-
 def _current_flags(mp: str) -> int:
     """The flags of the mount on ``mp`` now (the topmost one), from /proc/self/mountinfo."""
     flags = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            parts = left.split()
-            if parts[4].encode().decode("unicode_escape") != mp:
-                continue
-            opts = set(parts[5].split(",")) | set(right.split()[2].split(",") if len(right.split()) > 2 else ())
+    for m in mounts.mountinfo():
+        if m.mountpoint == mp:
+            opts = set(m.options) | set(m.super_options)
             flags = 0
             for name, bit in _SHOWN.items():
                 if name in opts:
@@ -112,8 +114,10 @@ def remount(cfg: MountConfig) -> int:
     for opt in cfg.kernel_opts:
         on, off = _FLAGS.get(opt, (0, 0))
         flags = (flags & ~off) | on
-    if _libc.mount(None, mp.encode(), None, MS_REMOUNT | flags, None) != 0:
-        e = ctypes.get_errno()
-        hint = "remounting needs root (or root of the user namespace that mounted it)" if e == 1 else "see dmesg"
-        raise MountError(f"cannot remount {mp}: {os.strerror(e)}; {hint}")
+    try:
+        mounts.mount(None, mp, None, MS_REMOUNT | flags)
+    except OSError as e:
+        perm = e.errno == errno.EPERM
+        hint = "remounting needs root (or root of the user namespace that mounted it)" if perm else "see dmesg"
+        raise MountError(f"cannot remount {mp}: {os.strerror(e.errno or 0)}; {hint}") from None
     return 0

@@ -21,7 +21,7 @@ import os
 import pyfuse3
 
 from ..ownership.store import RecordStore
-from ..syscalls import proc_fd, touch_ctime
+from ..sys.files import proc_fd, touch_ctime
 from .inodes import Inode, InodeTable
 
 __all__ = ["InodeXattrs", "LinkXattrs", "SideXattrs"]

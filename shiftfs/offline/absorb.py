@@ -22,7 +22,7 @@ from ..ownership.idmap import IdMap, parse_map_args
 from ..ownership.names import STORE_DIR, escape_xattr_name, is_privileged_xattr, temp_name, unescape_xattr_name
 from ..ownership.record import Record, RecordError, decode, encode
 from ..ownership.view import type_fits, backing_perm, capability_for_disk, get_xattr, list_xattrs, map_capability
-from ..syscalls import O_PATH_NOFOLLOW, fchown_fd, proc_fd, utimens_fd
+from ..sys.files import O_PATH_NOFOLLOW, fchown_fd, proc_fd, utimens_fd
 
 __all__ = ["absorb", "materialize"]
 

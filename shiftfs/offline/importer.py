@@ -29,7 +29,7 @@ from ..ownership.idmap import MAX_ID
 from ..ownership.names import STORE_DIR, escape_xattr_name
 from ..ownership.record import Record, encode
 from ..ownership.view import backing_perm
-from ..syscalls import O_PATH_NOFOLLOW, proc_fd, utimens_fd
+from ..sys.files import O_PATH_NOFOLLOW, proc_fd, utimens_fd
 
 __all__ = ["import_archive"]
 

@@ -10,7 +10,7 @@ from .walk import find_root, open_root, open_store, view_at
 from ..errors import ArchiveError, TreeError
 from ..ownership.names import view_name
 from ..ownership.view import view_xattrs
-from ..syscalls import O_PATH_NOFOLLOW
+from ..sys.files import O_PATH_NOFOLLOW
 
 __all__ = ["stat_one", "list_dir"]
 

@@ -27,7 +27,7 @@ from ..ownership.names import STORE_DIR, is_temp_name, view_name
 from ..ownership.record import RecordError
 from ..ownership.store import RecordStore
 from ..ownership.view import View, read_view
-from ..syscalls import O_PATH_NOFOLLOW
+from ..sys.files import O_PATH_NOFOLLOW
 
 __all__ = [
     "Entry", "open_root", "open_beneath", "open_store", "find_root", "has_store", "walk", "view_at", "Progress",

@@ -34,7 +34,7 @@ from .idmap import IdMap
 from .names import OUR_XATTR_PREFIXES
 from .view import View
 from ..fs.inodes import Inode
-from ..syscalls import proc_fd
+from ..sys.files import proc_fd
 
 __all__ = ["OwnershipPolicy", "CreatePlan", "XattrEffect", "eoverflow"]
 

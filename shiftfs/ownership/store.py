@@ -39,7 +39,7 @@ import stat
 
 from .names import STORE_DIR
 from .record import LEGACY_RECORD_NAME, RECORD_NAME, Record, encode
-from ..syscalls import O_PATH_NOFOLLOW, birth_time, proc_fd
+from ..sys.files import O_PATH_NOFOLLOW, birth_time, proc_fd
 
 __all__ = ["RecordStore", "SideTableError", "can_hold_xattr"]
 

@@ -11,7 +11,7 @@ import stat
 from .idmap import IdMap
 from .policy import CreatePlan, OwnershipPolicy
 from .view import backing_view
-from ..syscalls import fchown_fd, proc_fd
+from ..sys.files import fchown_fd, proc_fd
 
 __all__ = ["TablePolicy"]
 

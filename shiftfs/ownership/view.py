@@ -26,7 +26,7 @@ from . import acl
 from .idmap import IdMap
 from .names import OUR_XATTR_PREFIXES, unescape_xattr_name
 from .record import Record, RecordError, decode
-from ..syscalls import proc_fd
+from ..sys.files import proc_fd
 
 __all__ = [
     "View", "type_fits", "record_view", "backing_view", "read_view", "backing_perm", "backing_type",

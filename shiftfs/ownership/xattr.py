@@ -19,7 +19,7 @@ import stat
 import pyfuse3
 
 from ..fs.inodes import Inode
-from ..syscalls import proc_fd, touch_ctime
+from ..sys.files import proc_fd, touch_ctime
 from . import acl
 from .idmap import IdMap
 from .names import escape_xattr_name, unescape_xattr_name

@@ -3,15 +3,15 @@
 Every call here works relative to a held file descriptor and never resolves a
 backing path string: ``renameat2`` (with ``RENAME_NOREPLACE`` and
 ``RENAME_EXCHANGE``), ``utimensat`` on an ``O_PATH`` descriptor, ``fchownat``
-and ``linkat`` with ``AT_EMPTY_PATH``, ``statx`` for birth times, and
-``mknodat`` with a full device number.
+and ``linkat`` with ``AT_EMPTY_PATH``, and ``statx`` for birth times.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
+
+from .libc import AT_EMPTY_PATH, AT_FDCWD, check, libc
 
 __all__ = [
     "AT_EMPTY_PATH",
@@ -31,10 +31,8 @@ __all__ = [
     "O_PATH_NOFOLLOW",
 ]
 
-AT_FDCWD = -100
 AT_SYMLINK_NOFOLLOW = 0x100
 AT_SYMLINK_FOLLOW = 0x400
-AT_EMPTY_PATH = 0x1000
 AT_STATX_DONT_SYNC = 0x4000
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -45,33 +43,23 @@ STATX_BTIME = 0x800
 #: How every backing inode is held: a descriptor that names it, never following a symlink.
 O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def _check(res: int, *args) -> int:
-    if res < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), *args)
-    return res
-
-
 def proc_fd(fd: int) -> str:
     """The magic link naming a descriptor we hold (not a backing path)."""
     return f"/proc/self/fd/{fd}"
 
 
-_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 
 
 def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flags: int = 0) -> None:
-    _check(_libc.renameat2(olddirfd, oldname, newdirfd, newname, flags))
+    check(libc.renameat2(olddirfd, oldname, newdirfd, newname, flags))
 
 
 class _Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
 
-_libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
+libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
 
 
 def _ts(ns: int | None, special: int | None) -> _Timespec:
@@ -90,15 +78,15 @@ def utimens_fd(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
         _ts(atime_ns, UTIME_OMIT if atime_ns is None else None),
         _ts(mtime_ns, UTIME_OMIT if mtime_ns is None else None),
     )
-    _check(_libc.utimensat(fd, b"", times, AT_EMPTY_PATH))
+    check(libc.utimensat(fd, b"", times, AT_EMPTY_PATH))
 
 
-_libc.fchownat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_int]
+libc.fchownat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_int]
 
 
 def fchown_fd(fd: int, uid: int, gid: int) -> None:
     """chown the inode of ``fd`` itself (O_PATH fine; never follows a symlink). -1 keeps."""
-    _check(_libc.fchownat(fd, b"", uid & 0xFFFFFFFF, gid & 0xFFFFFFFF, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW))
+    check(libc.fchownat(fd, b"", uid & 0xFFFFFFFF, gid & 0xFFFFFFFF, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW))
 
 
 def touch_ctime(fd: int) -> None:
@@ -110,7 +98,7 @@ def touch_ctime(fd: int) -> None:
     fchown_fd(fd, -1, -1)
 
 
-_libc.linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+libc.linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
 
 
 def link_fd(fd: int, newdirfd: int, newname: bytes) -> None:
@@ -120,7 +108,7 @@ def link_fd(fd: int, newdirfd: int, newname: bytes) -> None:
     the descriptor refers to (a symlink itself, never its target) and, unlike
     AT_EMPTY_PATH, needs no CAP_DAC_READ_SEARCH.
     """
-    _check(_libc.linkat(AT_FDCWD, proc_fd(fd).encode(), newdirfd, newname, AT_SYMLINK_FOLLOW))
+    check(libc.linkat(AT_FDCWD, proc_fd(fd).encode(), newdirfd, newname, AT_SYMLINK_FOLLOW))
 
 
 class _StatxTs(ctypes.Structure):
@@ -128,45 +116,28 @@ class _StatxTs(ctypes.Structure):
 
 
 class _Statx(ctypes.Structure):
+    """``struct statx`` (linux/stat.h), 256 bytes; only the mask and btime are read."""
+
+    _u16, _u32, _u64 = ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
     _fields_ = [
-        ("stx_mask", ctypes.c_uint32),
-        ("stx_blksize", ctypes.c_uint32),
-        ("stx_attributes", ctypes.c_uint64),
-        ("stx_nlink", ctypes.c_uint32),
-        ("stx_uid", ctypes.c_uint32),
-        ("stx_gid", ctypes.c_uint32),
-        ("stx_mode", ctypes.c_uint16),
-        ("_spare0", ctypes.c_uint16),
-        ("stx_ino", ctypes.c_uint64),
-        ("stx_size", ctypes.c_uint64),
-        ("stx_blocks", ctypes.c_uint64),
-        ("stx_attributes_mask", ctypes.c_uint64),
-        ("stx_atime", _StatxTs),
-        ("stx_btime", _StatxTs),
-        ("stx_ctime", _StatxTs),
-        ("stx_mtime", _StatxTs),
-        ("stx_rdev_major", ctypes.c_uint32),
-        ("stx_rdev_minor", ctypes.c_uint32),
-        ("stx_dev_major", ctypes.c_uint32),
-        ("stx_dev_minor", ctypes.c_uint32),
-        ("_spare", ctypes.c_uint64 * 14),
+        ("stx_mask", _u32), ("stx_blksize", _u32), ("stx_attributes", _u64),
+        ("stx_nlink", _u32), ("stx_uid", _u32), ("stx_gid", _u32), ("stx_mode", _u16), ("_spare0", _u16),
+        ("stx_ino", _u64), ("stx_size", _u64), ("stx_blocks", _u64), ("stx_attributes_mask", _u64),
+        ("stx_atime", _StatxTs), ("stx_btime", _StatxTs), ("stx_ctime", _StatxTs), ("stx_mtime", _StatxTs),
+        ("stx_rdev_major", _u32), ("stx_rdev_minor", _u32), ("stx_dev_major", _u32), ("stx_dev_minor", _u32),
+        ("_spare", _u64 * 14),
     ]
 
 
-_libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(_Statx)]
+libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(_Statx)]
 
 
 def birth_time(fd: int) -> int:
     """Birth time of the inode of ``fd`` in ns, or 0 if the filesystem has none."""
     buf = _Statx()
-    _check(_libc.statx(fd, b"", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW | AT_STATX_DONT_SYNC, STATX_BTIME, ctypes.byref(buf)))
+    flags = AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW | AT_STATX_DONT_SYNC
+    check(libc.statx(fd, b"", flags, STATX_BTIME, ctypes.byref(buf)))
     if not buf.stx_mask & STATX_BTIME:
         return 0
     return buf.stx_btime.tv_sec * 1_000_000_000 + buf.stx_btime.tv_nsec
 
-
-_libc.mknodat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint64]
-
-
-def mknodat(dirfd: int, name: bytes, mode: int, rdev: int) -> None:
-    os.mknod(name, mode, rdev, dir_fd=dirfd)

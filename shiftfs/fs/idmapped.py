@@ -20,45 +20,34 @@ in one line on stderr). See KERNEL_LIMITS.md for how the two differ.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+import contextlib
 import errno
 import os
 import signal
 import sys
 
 from ..ownership.idmap import IdMap
+from ..sys import mounts
+from ..sys.mounts import (
+    CLONE_NEWUSER,
+    MNT_DETACH,
+    MOUNT_ATTR__ATIME,
+    MOUNT_ATTR_IDMAP,
+    MOUNT_ATTR_NOATIME,
+    MOUNT_ATTR_NODEV,
+    MOUNT_ATTR_NODIRATIME,
+    MOUNT_ATTR_NOEXEC,
+    MOUNT_ATTR_NOSUID,
+    MOUNT_ATTR_RDONLY,
+    MOUNT_ATTR_RELATIME,
+    MOUNT_ATTR_STRICTATIME,
+    UMOUNT_NOFOLLOW,
+    in_init_userns,
+)
 
 __all__ = ["BACKENDS", "KernelRefused", "try_mount", "is_kernel_mount", "unmount", "userns_fd", "idmapped_bind"]
 
 BACKENDS = ("auto", "kernel", "fuse")
-
-# Linux's unified syscall numbers (the same on every architecture since 5.1).
-SYS_open_tree = 428
-SYS_move_mount = 429
-SYS_mount_setattr = 442
-
-AT_FDCWD = -100
-AT_EMPTY_PATH = 0x1000
-OPEN_TREE_CLONE = 1
-OPEN_TREE_CLOEXEC = 0o2000000
-MOVE_MOUNT_F_EMPTY_PATH = 0x4
-CLONE_NEWUSER = 0x10000000
-MNT_DETACH = 2
-UMOUNT_NOFOLLOW = 8
-
-MOUNT_ATTR_RDONLY = 0x1
-MOUNT_ATTR_NOSUID = 0x2
-MOUNT_ATTR_NODEV = 0x4
-MOUNT_ATTR_NOEXEC = 0x8
-MOUNT_ATTR__ATIME = 0x70
-MOUNT_ATTR_RELATIME = 0x0
-MOUNT_ATTR_NOATIME = 0x10
-MOUNT_ATTR_STRICTATIME = 0x20
-MOUNT_ATTR_NODIRATIME = 0x80
-MOUNT_ATTR_IDMAP = 0x100000
-MOUNT_ATTR_NOSYMFOLLOW = 0x200000
-MOUNT_ATTR_SIZE_VER0 = 32
 
 #: Lines a uid_map/gid_map may hold (kernel 4.15+).
 MAX_MAP_LINES = 340
@@ -73,11 +62,6 @@ FUSE_ONLY = {
 #: ``auto`` picks FUSE for them, ``backend=kernel`` refuses them.
 NEEDS_FUSE = {"sync", "dirsync"}
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-_libc.unshare.argtypes = [ctypes.c_int]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-
 
 class KernelRefused(Exception):
     """The kernel (or the caller's privileges) did not allow the idmapped mount.
@@ -88,23 +72,6 @@ class KernelRefused(Exception):
     def __init__(self, reason: str, err: int = 0):
         super().__init__(reason)
         self.errno = err
-
-
-class _MountAttr(ctypes.Structure):
-    _fields_ = [
-        ("attr_set", ctypes.c_uint64),
-        ("attr_clr", ctypes.c_uint64),
-        ("propagation", ctypes.c_uint64),
-        ("userns_fd", ctypes.c_uint64),
-    ]
-
-
-def _sys(what: str, *args) -> int:
-    rc = _libc.syscall(*args)
-    if rc < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"{what}: {os.strerror(e)}")
-    return rc
 
 
 # -- the user namespace that carries the table ------------------------------------------
@@ -136,8 +103,11 @@ def userns_fd(uids: IdMap, gids: IdMap) -> int:
         try:
             os.close(ready_r)
             os.close(go_w)
-            ok = _libc.unshare(CLONE_NEWUSER) == 0
-            os.write(ready_w, b"1" if ok else str(ctypes.get_errno()).encode())
+            try:
+                mounts.unshare(CLONE_NEWUSER)
+                os.write(ready_w, b"1")
+            except OSError as err:
+                os.write(ready_w, str(err.errno).encode())
             os.read(go_r, 1)
         finally:
             os._exit(0)
@@ -194,29 +164,16 @@ def mount_attrs(kernel_opts: list[str], in_init_userns: bool) -> tuple[int, int]
     return aset, aclr
 
 
-def _in_init_userns() -> bool:
-    try:
-        with open("/proc/self/uid_map") as f:
-            return f.read().split() == ["0", "0", "4294967295"]
-    except OSError:
-        return True
-
-
 # -- the mount ---------------------------------------------------------------------------------
 
 def _fstype_of(path: str) -> str:
     """The filesystem type holding ``path`` (for messages)."""
     try:
         dev = os.stat(path).st_dev
-        want = f"{os.major(dev)}:{os.minor(dev)}"
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                if left.split()[2] == want and right:
-                    return right.split()[0]
-    except (OSError, IndexError):
-        pass
-    return "?"
+    except OSError:
+        return "?"
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    return next((m.fstype for m in mounts.mountinfo() if m.dev == want and m.fstype), "?")
 
 
 def idmapped_bind(source: str, mountpoint: str, uids: IdMap, gids: IdMap, attr_set: int = 0,
@@ -227,20 +184,18 @@ def idmapped_bind(source: str, mountpoint: str, uids: IdMap, gids: IdMap, attr_s
     filesystem without idmap support would make the whole call fail).
     """
     try:
-        tree = _sys("open_tree", SYS_open_tree, ctypes.c_int(AT_FDCWD), os.fsencode(source),
-                    ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC))
+        tree = mounts.open_tree(source)
     except OSError as e:
         if e.errno == errno.ENOSYS:
             raise KernelRefused("this kernel has no open_tree (idmapped mounts need Linux 5.12+)", e.errno) from None
         if e.errno == errno.EPERM:
             raise KernelRefused("cloning a mount needs CAP_SYS_ADMIN (open_tree: EPERM)", e.errno) from None
-        raise KernelRefused(f"cannot clone the mount of SOURCE ({e.strerror})", e.errno or 0) from None
+        raise KernelRefused(f"cannot clone the mount of SOURCE (open_tree: {os.strerror(e.errno or 0)})",
+                            e.errno or 0) from None
     try:
         ns = userns_fd(uids, gids)
         try:
-            attr = _MountAttr(attr_set=MOUNT_ATTR_IDMAP | attr_set, attr_clr=attr_clr, propagation=0, userns_fd=ns)
-            _sys("mount_setattr", SYS_mount_setattr, ctypes.c_int(tree), b"", ctypes.c_uint(AT_EMPTY_PATH),
-                 ctypes.byref(attr), ctypes.c_size_t(MOUNT_ATTR_SIZE_VER0))
+            mounts.mount_setattr("", MOUNT_ATTR_IDMAP | attr_set, attr_clr, recursive=False, dfd=tree, userns_fd=ns)
         except OSError as e:
             fstype = _fstype_of(source)
             if e.errno == errno.EINVAL:
@@ -251,15 +206,14 @@ def idmapped_bind(source: str, mountpoint: str, uids: IdMap, gids: IdMap, attr_s
             elif e.errno == errno.ENOSYS:
                 why = "this kernel has no mount_setattr (idmapped mounts need Linux 5.12+)"
             else:
-                why = f"the kernel refused to idmap SOURCE ({fstype}): mount_setattr: {e.strerror}"
+                why = f"the kernel refused to idmap SOURCE ({fstype}): mount_setattr: {os.strerror(e.errno or 0)}"
             raise KernelRefused(why, e.errno or 0) from None
         finally:
             os.close(ns)
         try:
-            _sys("move_mount", SYS_move_mount, ctypes.c_int(tree), b"", ctypes.c_int(AT_FDCWD),
-                 os.fsencode(mountpoint), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
+            mounts.move_mount(tree, mountpoint)
         except OSError as e:
-            raise KernelRefused(f"cannot attach the mount on MOUNTPOINT (move_mount: {e.strerror})",
+            raise KernelRefused(f"cannot attach the mount on MOUNTPOINT (move_mount: {os.strerror(e.errno or 0)})",
                                 e.errno or 0) from None
     finally:
         os.close(tree)
@@ -267,31 +221,10 @@ def idmapped_bind(source: str, mountpoint: str, uids: IdMap, gids: IdMap, attr_s
 
 # -- finding and removing our mounts ---------------------------------------------------------
 
-def _topmost(path: str) -> tuple[str, list[str]] | None:
-    """(fs type, per-mount options) of the topmost mount on ``path``."""
-    found = None
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                parts = left.split()
-                if parts[4].encode().decode("unicode_escape") == path:
-                    found = (right.split()[0] if right else "", parts[5].split(","))
-    except (OSError, IndexError):
-        return None
-    return found
-
-
 def _mounts_below(source: str) -> list[str]:
     """Mount points strictly below SOURCE (resolved), in mount order."""
-    try:
-        real = os.path.realpath(source)
-        with open("/proc/self/mountinfo") as f:
-            points = [line.split()[4].encode().decode("unicode_escape") for line in f]
-    except (OSError, IndexError):
-        return []
-    prefix = real.rstrip("/") + "/"
-    return [p for p in points if p.startswith(prefix)]
+    prefix = os.path.realpath(source).rstrip("/") + "/"
+    return [m.mountpoint for m in mounts.mountinfo() if m.mountpoint.startswith(prefix)]
 
 
 def is_kernel_mount(path: str) -> bool:
@@ -301,8 +234,9 @@ def is_kernel_mount(path: str) -> bool:
     namespace carrying the full range), so ``idmapped`` in mountinfo is
     what marks one. Another tool's idmapped mount looks the same.
     """
-    top = _topmost(os.path.abspath(path))
-    return top is not None and not top[0].startswith("fuse") and "idmapped" in top[1]
+    path = os.path.abspath(path)
+    top = [m for m in mounts.mountinfo() if m.mountpoint == path][-1:]
+    return bool(top) and not top[0].fstype.startswith("fuse") and "idmapped" in top[0].options
 
 
 def unmount(mountpoint: str, lazy: bool = False) -> None:
@@ -310,15 +244,16 @@ def unmount(mountpoint: str, lazy: bool = False) -> None:
     from ..errors import MountError
 
     flags = UMOUNT_NOFOLLOW | (MNT_DETACH if lazy else 0)
-    if _libc.umount2(os.fsencode(os.path.abspath(mountpoint)), flags) != 0:
-        e = ctypes.get_errno()
-        if e == errno.EBUSY:
+    try:
+        mounts.umount2(os.path.abspath(mountpoint), flags)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
             hint = "close programs using it or use 'shiftfs umount --lazy'"
-        elif e == errno.EPERM:
+        elif e.errno == errno.EPERM:
             hint = "a kernel-backend mount is unmounted by root (the user who made it)"
         else:
             hint = "check 'findmnt " + mountpoint + "'"
-        raise MountError(f"cannot unmount {mountpoint}: {os.strerror(e)}; {hint}")
+        raise MountError(f"cannot unmount {mountpoint}: {os.strerror(e.errno or 0)}; {hint}") from None
 
 
 # -- choosing the backend -------------------------------------------------------------------
@@ -361,7 +296,7 @@ def try_mount(cfg) -> bool:
         _say(f"backend fuse: SOURCE has mounts below it ({below[0]}{', ...' if len(below) > 1 else ''}), "
              "which the kernel backend's bind mount does not carry")
         return False
-    aset, aclr = mount_attrs(cfg.kernel_opts, _in_init_userns())
+    aset, aclr = mount_attrs(cfg.kernel_opts, in_init_userns())
     try:
         idmapped_bind(src, mp, cfg.uids, cfg.gids, aset, aclr)
     except KernelRefused as e:
@@ -393,7 +328,8 @@ def _stay_in_foreground(mp: str) -> None:
         while is_kernel_mount(mp):
             if signal.sigtimedwait(sigs, 1.0) is not None:
                 if is_kernel_mount(mp):
-                    _libc.umount2(os.fsencode(mp), UMOUNT_NOFOLLOW | MNT_DETACH)
+                    with contextlib.suppress(OSError):
+                        mounts.umount2(mp, UMOUNT_NOFOLLOW | MNT_DETACH)
                 return
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)

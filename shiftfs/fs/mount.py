@@ -18,7 +18,7 @@ from ..ownership.policy import OwnershipPolicy
 from ..ownership.store import RecordStore
 from ..ownership.table import TablePolicy
 from ..ownership.xattr import XattrPolicy
-from ..sys.mounts import in_init_userns
+from ..sys.mounts import in_init_userns, mountinfo
 from . import holders
 from .ops import CacheConfig, Operations
 from .options import MountConfig
@@ -28,27 +28,11 @@ __all__ = ["is_shiftfs_mount", "unmount", "check", "kernel_options", "build_oper
 log = logging.getLogger("shiftfs")
 
 
-def _mountinfo() -> list[tuple[str, str]]:
-    """(mount point, fs type) of every mount we can see."""
-    out = []
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                parts = left.split()
-                fstype = right.split()[0] if right else ""
-                mp = parts[4].encode().decode("unicode_escape")
-                out.append((mp, fstype))
-    except OSError:
-        pass
-    return out
-
-
 def is_shiftfs_mount(path: str) -> bool:
     from . import idmapped
 
     path = os.path.abspath(path)
-    return any(mp == path and t == "fuse.shiftfs" for mp, t in _mountinfo()) or idmapped.is_kernel_mount(path)
+    return any(e.mountpoint == path and e.fstype == "fuse.shiftfs" for e in mountinfo()) or idmapped.is_kernel_mount(path)
 
 
 def unmount(mountpoint: str, lazy: bool = False) -> None:

@@ -30,7 +30,7 @@ options (-o, comma separated):
                         kernel allows it, else fuse, saying which in one line.
                         FUSE-only options are ignored on the kernel backend
                         (one warning); xattr mode is always fuse. See
-                        KERNEL_LIMITS.md for how the backends differ
+                        docs/kernel-backend.md for how the backends differ
   xattr                 xattr mode (same as --xattr)
   uidmap=D:V:C[:D:V:C]  uid table, fuse-overlayfs' colon form
   gidmap=D:V:C[:...]    gid table

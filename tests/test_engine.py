@@ -77,7 +77,7 @@ def _shared_mounts():
             mp.mkdir()
             if mode == "table-kernel":
                 # root acts as view root: the kernel grants it no DAC override on SOURCE
-                # while disk root (outside the table) owns it (KERNEL_LIMITS.md)
+                # while disk root (outside the table) owns it (docs/kernel-backend.md)
                 os.chown(src, 100000, 100000)
             m = stack.enter_context(mount_shiftfs(src, mp, *MODES[mode]))
             mounts[mode] = m
@@ -663,7 +663,7 @@ def test_readdir_10k_with_concurrent_unlink(fs):
     d = fs.backing("big")
     os.mkdir(d)
     # the kernel backend refuses to unlink files whose disk owner is outside the table
-    # (EOVERFLOW) and grants root no DAC override on them (KERNEL_LIMITS.md): own them by view root
+    # (EOVERFLOW) and grants root no DAC override on them (docs/kernel-backend.md): own them by view root
     owner = (100000, 100000) if not fs.mount.pids else None
     if owner:
         os.chown(d, *owner)
@@ -997,7 +997,7 @@ def test_no_temporary_names_leak(fs):
 def test_names_the_engine_uses_itself(fs):
     """A view name shaped like our temporaries (a shiftfs on a shiftfs) is stored escaped."""
     if not fs.mount.pids:
-        pytest.skip("the kernel backend stores every name as given (KERNEL_LIMITS.md)")
+        pytest.skip("the kernel backend stores every name as given (docs/kernel-backend.md)")
     names = [".shiftfs~t0123456789abcdef", ".shiftfs~plain", ".shiftfs~e.shiftfs~x"]
     for n in names:
         os.mkdir(fs.path(n))

@@ -343,7 +343,7 @@ def test_acl_ids_translated(tm, backend):
     os.chown(b, BASE, BASE)
     subprocess.run(["setfacl", "-m", f"u:{BASE + 7}:r,g:{BASE + 8}:rw,u:42:r", b], check=True)
     view = _getfacl(tm.path("g"))
-    # (the kernel shows an unmapped ACL entry as (uid_t)-1, not the overflow id: KERNEL_LIMITS.md)
+    # (the kernel shows an unmapped ACL entry as (uid_t)-1, not the overflow id: docs/kernel-backend.md)
     unmapped = 4294967295 if backend == "kernel" else OVERFLOW
     assert {"user:7:r--", "group:8:rw-", f"user:{unmapped}:r--"} <= view
     # default ACLs too, and they are inherited by new files with the right ids
@@ -563,7 +563,7 @@ def test_permissions_enforced_for_view_users(tm):
     assert stat.S_IMODE(os.stat(tm.backing("pub", "perm", "readonly")).st_mode) == 0o644
 
 
-# -- where the backends differ (KERNEL_LIMITS.md) ---------------------------------------
+# -- where the backends differ (docs/kernel-backend.md) ---------------------------------------
 
 def _unmapped_ops(d):
     out = {}

@@ -15,7 +15,7 @@ tests/test_table.py, which runs every case on both backends).
 
 ``-o backend=`` picks: ``fuse`` (the daemon), ``kernel`` (this, or fail),
 ``auto`` (default: this when the kernel allows it, else FUSE, saying which
-in one line on stderr). See KERNEL_LIMITS.md for how the two differ.
+in one line on stderr). See docs/kernel-backend.md for how the two differ.
 """
 
 from __future__ import annotations

@@ -81,7 +81,8 @@ def ranges_in_use() -> list[tuple[int, int]]:
                 with open(f"/proc/{pid}/{name}") as f:
                     for row in f.read().split("\n"):
                         cols = row.split()
-                        if len(cols) == 3:
+                        # the initial namespace's identity map covers every id: not a claim
+                        if len(cols) == 3 and int(cols[2]) < 0xFFFF_FFFF:
                             used.append((int(cols[1]), int(cols[2])))
             except (OSError, ValueError):
                 continue

@@ -240,10 +240,10 @@ def markdown(res: dict, summary: dict) -> str:
         f"disk {res['map']['disk']}.. ↔ view {res['map']['view']}.. ×{res['map']['count']}. "
         f"Run took {res['duration_s'] / 60:.1f} min.",
         "",
-        "Cells: median time ratio to native (min–max over rounds); lower is better. "
-        "✗guard = the tree differed from native's (see below).",
-        "",
     ]
+    if any(summary.values()):
+        lines += ["Cells: median time ratio to native (min–max over rounds); lower is better. "
+                  "✗guard = the tree differed from native's (see below).", ""]
     for backing, rows in summary.items():
         if not rows:
             continue
@@ -295,11 +295,12 @@ def markdown(res: dict, summary: dict) -> str:
             lines.append("")
     lines += image_build_md(res, summarize_image_build(res))
     fails = [g for g in res["guards"] if not g["passed"]]
-    lines += ["## Correctness guard", ""]
-    npass = sum(1 for g in res["guards"] if g["passed"])
-    lines.append(f"{npass} of {len(res['guards'])} checks passed (view: type, size, mode, owner, group, link "
-                 "target, rdev, nlink vs native; store: owners as the target should write them).")
-    lines.append("")
+    if res["guards"] or any(summary.values()):
+        lines += ["## Correctness guard", ""]
+        npass = sum(1 for g in res["guards"] if g["passed"])
+        lines.append(f"{npass} of {len(res['guards'])} checks passed (view: type, size, mode, owner, group, "
+                     "link target, rdev, nlink vs native; store: owners as the target should write them).")
+        lines.append("")
     seen = set()
     for g in fails:
         key = (g["backing"], g["workload"], g["target"])
@@ -313,7 +314,8 @@ def markdown(res: dict, summary: dict) -> str:
         lines += ["", "## Errors", ""]
         for r in errs[:30]:
             lines.append(f"- {r['target']} {r['workload']} ({r['backing']}, round {r['round']}): {r['error']}")
-    lines += ["", "## Targets", ""]
+    if targets:
+        lines += ["", "## Targets", ""]
     for t, i in targets.items():
         st = ", ".join(f"{b}: {s}" for b, s in i["status"].items())
         line = f"- **{i['label']}** ({i.get('version') or 'n/a'}): {st}"

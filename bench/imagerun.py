@@ -35,7 +35,10 @@ def _timed(argv: list[str], timeout: float, cwd: str | None = None) -> float:
         raise StepError(f"timeout after {timeout:.0f}s: {' '.join(argv)[:160]}") from None
     seconds = time.perf_counter() - t0
     if p.returncode != 0:
-        tail = " | ".join(err.decode(errors="replace").strip().splitlines()[-3:])
+        lines = err.decode(errors="replace").strip().splitlines()
+        # mmdebstrap ends with the failed command line; the cause is in an earlier error line
+        cause = [ln for ln in lines[:-1] if "error" in ln.lower() and not ln.startswith("E: setup failed")]
+        tail = " | ".join(cause[-2:] + lines[-1:])
         raise StepError(f"{os.path.basename(argv[0])} exited {p.returncode}: {tail[:400]}")
     return seconds
 
@@ -202,7 +205,7 @@ class ImageBuilds:
                     os.unlink(out)
                 else:
                     got = tree
-                res = IB.compare_trees(ref, got)
+                res = IB.compare_trees(ref, got, name)
             except (StepError, OSError) as e:
                 res = {"passed": False, "checked": 0, "mismatches": 0, "examples": [f"check failed: {e}"]}
             res.update({"backing": backing, "build": name,

@@ -145,8 +145,8 @@ def image_build_md(res: dict, summary: dict) -> list[str]:
                 verdict = "not run"
             elif chk["passed"]:
                 verdict = (f"same tree ({chk.get('entries_got')} entries, via {chk.get('how')}"
-                           + (f"; {chk['devices_not_made']} device nodes not made in a user namespace"
-                              if chk.get("devices_not_made") else "") + ")")
+                           + (f"; {chk['dev_not_made']} entries of /dev not made: mmdebstrap populates "
+                              "/dev only where mknod works" if chk.get("dev_not_made") else "") + ")")
             else:
                 verdict = (f"✗ {chk['mismatches']} differences, e.g. "
                            + "; ".join(f"`{e}`" for e in chk["examples"][:2]))

@@ -9,6 +9,7 @@ against the real-root tree before they are removed.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -61,7 +62,7 @@ class ImageBuilds:
     # ------------------------------------------------------------------
     def prepare(self, base: str) -> bool:
         """Fill the package cache (untimed) once per run; False if impossible."""
-        if not IB.shutil.which("mmdebstrap"):
+        if not shutil.which("mmdebstrap"):
             self.info["notes"].append("mmdebstrap is not installed: no image build")
             return False
         try:

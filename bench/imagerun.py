@@ -9,6 +9,7 @@ against the real-root tree before they are removed.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,10 @@ from .subusers import throwaway_user
 from .sysutil import StepError, cpu_seconds, log
 
 PEERS = ("fuse-overlayfs-xattr", "bindfs")
+#: Lines of a failed build's output that name the cause (dpkg's progress lines
+#: mention package names such as libgpg-error0; mmdebstrap's last line is the command).
+_CAUSE = re.compile(r"error|failed|denied|not permitted", re.I)
+_NOISE = re.compile(r"(Selecting|Preparing|Unpacking|Setting up|E: setup failed|E: mmdebstrap failed)")
 
 
 def _timed(argv: list[str], timeout: float, cwd: str | None = None) -> float:
@@ -38,8 +43,8 @@ def _timed(argv: list[str], timeout: float, cwd: str | None = None) -> float:
     if p.returncode != 0:
         lines = err.decode(errors="replace").strip().splitlines()
         # mmdebstrap ends with the failed command line; the cause is in an earlier error line
-        cause = [ln for ln in lines[:-1] if "error" in ln.lower() and not ln.startswith("E: setup failed")]
-        tail = " | ".join(cause[-2:] + lines[-1:])
+        cause = [ln.strip() for ln in lines[:-1] if _CAUSE.search(ln) and not _NOISE.match(ln)]
+        tail = " | ".join(cause[:3] + lines[-1:])
         raise StepError(f"{os.path.basename(argv[0])} exited {p.returncode}: {tail[:400]}")
     return seconds
 

@@ -111,7 +111,8 @@ def mmdebstrap_argv(debs: str, target: str) -> list[str]:
     as in any build (so the trees compare equal)."""
     hook = (f'mkdir -p "$1"/var/cache/apt/archives && '
             f'cp {shlex.quote(debs)}/*.deb "$1"/var/cache/apt/archives/')
-    return [*MMDEBSTRAP, "--quiet", f"--setup-hook={hook}", SUITE, target]
+    # not --quiet: a failed build's reason is in dpkg's output (see imagerun._timed)
+    return [*MMDEBSTRAP, f"--setup-hook={hook}", SUITE, target]
 
 
 def missing_from_cache(rootfs: str, debs: list[str]) -> list[str]:

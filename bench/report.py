@@ -105,6 +105,11 @@ def summarize_image_build(res: dict) -> dict:
     return out
 
 
+def _cell(text: str) -> str:
+    """Text safe inside a markdown table cell (tool output carries '|')."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def image_build_md(res: dict, summary: dict) -> list[str]:
     """The "Image build" section: seconds per build and the ratio to real root."""
     info = res.get("image_build")
@@ -126,7 +131,7 @@ def image_build_md(res: dict, summary: dict) -> list[str]:
         for name, b in info["builds"].items():
             c = row.get(name)
             if b["status"].get(backing) == "cannot":
-                lines.append(f"| {b['label']} | {b['how']} | cannot | – | {b.get('reason', '')} |")
+                lines.append(f"| {b['label']} | {b['how']} | cannot | – | {_cell(b.get('reason', ''))} |")
                 continue
             if not c:
                 continue
@@ -150,7 +155,7 @@ def image_build_md(res: dict, summary: dict) -> list[str]:
             else:
                 verdict = (f"✗ {chk['mismatches']} differences, e.g. "
                            + "; ".join(f"`{e}`" for e in chk["examples"][:2]))
-            lines.append(f"| {b['label']} | {b['how']} | {secs} | {ratio} | {verdict} |")
+            lines.append(f"| {b['label']} | {b['how']} | {secs} | {ratio} | {_cell(verdict)} |")
         lines.append("")
     for n in info.get("notes", []):
         lines.append(f"- {n}")

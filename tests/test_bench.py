@@ -271,7 +271,7 @@ def _image_result():
     from bench.imagebuild import BUILDS
     builds = {n: {"label": lab, "how": how, "status": {"disk": "ok"}} for n, (lab, how) in BUILDS.items()}
     builds["bindfs"]["status"]["disk"] = "cannot"
-    builds["bindfs"]["reason"] = "the build failed: mmdebstrap exited 1: E: no"
+    builds["bindfs"]["reason"] = "the build failed: mmdebstrap exited 1: E: usrmerge failed. | E: no"
     return {
         "schema": 1, "date": "2026-12-01T00:00:00Z", "duration_s": 300.0, "mode": "full",
         "config": {"rounds": 2}, "map": {"disk": 100000, "view": 0, "count": 65536},
@@ -300,7 +300,9 @@ def test_image_build_report_from_a_fabricated_result(tmp_path):
     assert "| real root |" in sec and "reference" in sec
     bad = next(ln for ln in sec.splitlines() if ln.startswith("| fuse-overlayfs (xattr)"))
     assert "✗ 3 differences" in bad
-    assert "| bindfs |" in sec and "cannot" in sec and "mmdebstrap exited 1" in sec
+    cannot = next(ln for ln in sec.splitlines() if ln.startswith("| bindfs |"))
+    assert "cannot" in cannot and "mmdebstrap exited 1" in cannot
+    assert "usrmerge failed. \\| E: no |" in cannot, "a '|' in a reason must not split the table cell"
     assert "apt-get update` still runs" in sec
     assert "## Backing: disk" not in md, "a run of only the image build has no per-target table"
     with open(paths["json"]) as f:

@@ -11,7 +11,7 @@ import sys
 from . import report
 from . import targets as T
 from . import workloads as W
-from .runner import MiB, Config, Runner
+from .runner import IMAGE_BUILD, MiB, Config, Runner
 from .sysutil import log
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -36,7 +36,9 @@ def parse(argv=None):
                                  "bench/results/partial with --targets/--workloads, bench/results/quick for --quick)")
     p.add_argument("--rounds", type=int, help="rounds (interleaved repetitions)")
     p.add_argument("--targets", help="comma list, from: " + ",".join(T.BY_NAME))
-    p.add_argument("--workloads", help="comma list, from: " + ",".join(W.BY_NAME))
+    p.add_argument("--workloads", help="comma list, from: " + ",".join([*W.BY_NAME, IMAGE_BUILD])
+                   + f" ({IMAGE_BUILD}: mmdebstrap minbase as real root, under shiftfs exec and through "
+                   "peers; in --full by default, in --quick only when named)")
     p.add_argument("--tree", choices=["auto", "minbase", "generated"],
                    help="archive to untar: cached mmdebstrap minbase, or a generated tree of the same shape")
     p.add_argument("--scale", type=float, help="generated tree size relative to minbase (quick: 0.1)")
@@ -64,15 +66,17 @@ def parse(argv=None):
         if "native" not in cfg.targets:
             cfg.targets.insert(0, "native")
     if a.workloads:
-        cfg.workloads = [x for x in a.workloads.split(",") if x]
-        bad = [x for x in cfg.workloads if x not in W.BY_NAME]
+        chosen = [x for x in a.workloads.split(",") if x]
+        bad = [x for x in chosen if x not in W.BY_NAME and x != IMAGE_BUILD]
         if bad:
-            p.error(f"unknown workload(s): {', '.join(bad)}")
-        full = W.with_needs(cfg.workloads)
-        if len(full) > len(cfg.workloads):
-            added = [x for x in full if x not in cfg.workloads]
+            p.error(f"unknown workload(s): {', '.join(bad)}; choose from "
+                    + ",".join([*W.BY_NAME, IMAGE_BUILD]))
+        phases = [x for x in chosen if x != IMAGE_BUILD]
+        full = W.with_needs(phases)
+        if len(full) > len(phases):
+            added = [x for x in full if x not in phases]
             log(f"also running {', '.join(added)}: the chosen workloads work on what it makes")
-        cfg.workloads = full
+        cfg.workloads = full + ([IMAGE_BUILD] if IMAGE_BUILD in chosen else [])
     if a.tree:
         cfg.tree = a.tree
     if a.scale:

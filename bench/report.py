@@ -76,6 +76,94 @@ def summarize(res: dict) -> dict:
     return out
 
 
+def summarize_image_build(res: dict) -> dict:
+    """summary[backing][build] = {n, median_s, min_s, max_s, ratio (to real root,
+    paired by round), errors}: the image build's own table."""
+    info = res.get("image_build")
+    if not info:
+        return {}
+    recs = [r for r in res["records"] if r["workload"] == "image_build" and r["target"] in info["builds"]]
+    ref = {(r["backing"], r["round"]): r["seconds"] for r in recs
+           if r["target"] == "real-root" and not r["error"] and r["seconds"]}
+    out = {}
+    for backing in dict.fromkeys(r["backing"] for r in recs):
+        row = {}
+        for name in info["builds"]:
+            mine = [r for r in recs if r["backing"] == backing and r["target"] == name]
+            if not mine:
+                continue
+            times = [r["seconds"] for r in mine if not r["error"]]
+            ratios = [r["seconds"] / ref[(backing, r["round"])] for r in mine
+                      if not r["error"] and (backing, r["round"]) in ref]
+            cpu = [r["daemon_cpu_s"] for r in mine if r.get("daemon_cpu_s") is not None]
+            row[name] = {"n": len(times), "median_s": _median(times),
+                         "min_s": min(times) if times else None, "max_s": max(times) if times else None,
+                         "ratio": _median(ratios), "ratio_min": min(ratios) if ratios else None,
+                         "ratio_max": max(ratios) if ratios else None,
+                         "daemon_cpu_s": _median(cpu), "errors": [r["error"] for r in mine if r["error"]]}
+        out[backing] = row
+    return out
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a markdown table cell (tool output carries '|')."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def image_build_md(res: dict, summary: dict) -> list[str]:
+    """The "Image build" section: seconds per build and the ratio to real root."""
+    info = res.get("image_build")
+    if not info:
+        return []
+    debs = info.get("debs") or {}
+    lines = ["## Image build", "",
+             f"`mmdebstrap --variant=minbase --mode=root {info['suite']} DIR`, the packages from a local cache "
+             f"({debs.get('count', '?')} .debs, {debs.get('bytes', 0) / 1e6:.0f} MB, copied into the new root's "
+             "/var/cache/apt/archives by a setup hook, so no .deb is downloaded in the timed build; "
+             "`apt-get update` still runs and its network time, about 10 s, is in every build). "
+             "Ratios are to the real-root build of the same round; lower is better.", ""]
+    for backing, row in summary.items():
+        fstype = res["backings"].get(backing, {}).get("fstype", "?")
+        lines += [f"Backing: {backing} ({fstype})", "",
+                  "| build | how | seconds (median, min–max) | ratio to real root | tree check |",
+                  "|---|---|---:|---:|---|"]
+        checks = {c["build"]: c for c in info["checks"] if c["backing"] == backing}
+        for name, b in info["builds"].items():
+            c = row.get(name)
+            if b["status"].get(backing) == "cannot":
+                lines.append(f"| {b['label']} | {b['how']} | cannot | – | {_cell(b.get('reason', ''))} |")
+                continue
+            if not c:
+                continue
+            secs = _fmt_s(c["median_s"])
+            if c["n"] > 1:
+                secs += f" ({c['min_s']:.1f}–{c['max_s']:.1f})"
+            if c["errors"]:
+                secs += f" ⚠{len(c['errors'])} err"
+            ratio = "–" if c["ratio"] is None else f"{c['ratio']:.2f}×"
+            if c["n"] > 1 and c["ratio_min"] is not None:
+                ratio += f" ({c['ratio_min']:.2f}–{c['ratio_max']:.2f})"
+            chk = checks.get(name)
+            if name == "real-root":
+                verdict = "reference"
+            elif chk is None:
+                verdict = "not run"
+            elif chk["passed"]:
+                verdict = (f"same tree ({chk.get('entries_got')} entries, via {chk.get('how')}"
+                           + (f"; {chk['dev_not_made']} entries of /dev not made: mmdebstrap populates "
+                              "/dev only where mknod works" if chk.get("dev_not_made") else "") + ")")
+            else:
+                verdict = (f"✗ {chk['mismatches']} differences, e.g. "
+                           + "; ".join(f"`{e}`" for e in chk["examples"][:2]))
+            lines.append(f"| {b['label']} | {b['how']} | {secs} | {ratio} | {_cell(verdict)} |")
+        lines.append("")
+    for n in info.get("notes", []):
+        lines.append(f"- {n}")
+    if info.get("notes"):
+        lines.append("")
+    return lines
+
+
 def _fmt_ratio(c) -> str:
     if c is None:
         return "–"
@@ -128,6 +216,7 @@ def _per_request(rows: dict, req_t: list, targets: dict, entries: int) -> list[s
 
 
 def markdown(res: dict, summary: dict) -> str:
+    """latest.md: the per-target tables, then the image build, guard, errors, targets."""
     m = res["machine"]
     tree = res["tree"]
     cfg = res["config"]
@@ -140,22 +229,29 @@ def markdown(res: dict, summary: dict) -> str:
         f"kernel {m.get('kernel')}, {m.get('os', '')}; Python {m.get('python')}, pyfuse3 {m.get('pyfuse3', '?')}, "
         f"libfuse {m.get('libfuse3', '?')}. Shared VM: absolute times are noisy, ratios are paired per round.",
         f"- **Backing:** " + "; ".join(f"{b}: {i['fstype']} ({i['options']})" for b, i in res["backings"].items()),
-        f"- **Tree:** {tree['kind']} — {tree['entries']} entries "
-        f"({', '.join(f'{v} {k}' for k, v in tree['counts'].items() if v)}), {tree['bytes'] / 1e6:.0f} MB; "
-        f"{tree['small_files']} files ≤ {cfg['small_limit'] // 1024} KiB read by read_small.",
-        f"- **I/O sizes:** sequential {cfg['seq_bytes'] >> 20} MiB in 1 MiB read()/write() calls (write ends "
-        f"with fsync); random: fio 4 KiB psync 50/50 read/write, {cfg['rand_io_bytes'] >> 20} MiB of I/O in a "
-        f"{cfg['rand_file_bytes'] >> 20} MiB file, page cache, timed by fio's job runtime.",
+    ]
+    if tree:  # a run of only the image build untars no tree
+        lines += [
+            f"- **Tree:** {tree['kind']} — {tree['entries']} entries "
+            f"({', '.join(f'{v} {k}' for k, v in tree['counts'].items() if v)}), {tree['bytes'] / 1e6:.0f} MB; "
+            f"{tree['small_files']} files ≤ {cfg['small_limit'] // 1024} KiB read by read_small.",
+            f"- **I/O sizes:** sequential {cfg['seq_bytes'] >> 20} MiB in 1 MiB read()/write() calls (write ends "
+            f"with fsync); random: fio 4 KiB psync 50/50 read/write, {cfg['rand_io_bytes'] >> 20} MiB of I/O in a "
+            f"{cfg['rand_file_bytes'] >> 20} MiB file, page cache, timed by fio's job runtime.",
+        ]
+    lines += [
         f"- **Method:** {cfg['rounds']} round(s), targets interleaved per phase and rotated each round; "
         "cold = `sync; echo 3 > drop_caches` plus a fresh mount for mounted targets; ownership map "
         f"disk {res['map']['disk']}.. ↔ view {res['map']['view']}.. ×{res['map']['count']}. "
         f"Run took {res['duration_s'] / 60:.1f} min.",
         "",
-        "Cells: median time ratio to native (min–max over rounds); lower is better. "
-        "✗guard = the tree differed from native's (see below).",
-        "",
     ]
+    if any(summary.values()):
+        lines += ["Cells: median time ratio to native (min–max over rounds); lower is better. "
+                  "✗guard = the tree differed from native's (see below).", ""]
     for backing, rows in summary.items():
+        if not rows:
+            continue
         lines += [f"## Backing: {backing} ({res['backings'][backing]['fstype']})", ""]
         cols = [t for t in shown if t != "native"]
         lines.append("| workload | native | " + " | ".join(targets[t]["label"] for t in cols) + " |")
@@ -202,12 +298,14 @@ def markdown(res: dict, summary: dict) -> str:
                 total = sum(v for _, v in top)
                 lines.append(f"- {w.name}: {total:.0f} — " + ", ".join(f"{k} {v:.0f}" for k, v in top[:6]))
             lines.append("")
+    lines += image_build_md(res, summarize_image_build(res))
     fails = [g for g in res["guards"] if not g["passed"]]
-    lines += ["## Correctness guard", ""]
-    npass = sum(1 for g in res["guards"] if g["passed"])
-    lines.append(f"{npass} of {len(res['guards'])} checks passed (view: type, size, mode, owner, group, link "
-                 "target, rdev, nlink vs native; store: owners as the target should write them).")
-    lines.append("")
+    if res["guards"] or any(summary.values()):
+        lines += ["## Correctness guard", ""]
+        npass = sum(1 for g in res["guards"] if g["passed"])
+        lines.append(f"{npass} of {len(res['guards'])} checks passed (view: type, size, mode, owner, group, "
+                     "link target, rdev, nlink vs native; store: owners as the target should write them).")
+        lines.append("")
     seen = set()
     for g in fails:
         key = (g["backing"], g["workload"], g["target"])
@@ -221,7 +319,8 @@ def markdown(res: dict, summary: dict) -> str:
         lines += ["", "## Errors", ""]
         for r in errs[:30]:
             lines.append(f"- {r['target']} {r['workload']} ({r['backing']}, round {r['round']}): {r['error']}")
-    lines += ["", "## Targets", ""]
+    if targets:
+        lines += ["", "## Targets", ""]
     for t, i in targets.items():
         st = ", ".join(f"{b}: {s}" for b, s in i["status"].items())
         line = f"- **{i['label']}** ({i.get('version') or 'n/a'}): {st}"
@@ -294,6 +393,8 @@ def write(res: dict, out_dir: str) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     summary = summarize(res)
     res = dict(res, summary=summary)
+    if res.get("image_build"):
+        res["image_build"] = dict(res["image_build"], summary=summarize_image_build(res))
     paths = {k: os.path.join(out_dir, f"latest.{k}") for k in ("json", "md", "png")}
     tmp = paths["json"] + ".part"
     with open(tmp, "w") as f:
@@ -303,7 +404,8 @@ def write(res: dict, out_dir: str) -> dict:
     with open(paths["md"], "w") as f:
         f.write(markdown(res, summary))
     try:
-        chart(res, summary, paths["png"])
+        if any(summary.values()):  # nothing to draw for a run of only the image build
+            chart(res, summary, paths["png"])
     except Exception as e:  # noqa: BLE001 - the chart is optional, the numbers are not
         res["notes"].append(f"chart not drawn: {e}")
         with open(paths["md"], "a") as f:

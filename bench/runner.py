@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import guard, trees
+from .imagerun import ImageBuilds
 from . import targets as T
 from . import workloads as W
 from .fusetrace import RequestTrace
@@ -18,6 +19,8 @@ from .sysutil import (Cleanup, StepError, cpu_seconds, drop_caches, fs_of, log, 
                       status_kib)
 
 MiB = 1 << 20
+#: Not a per-target phase workload: its own step after the phases (bench.imagerun).
+IMAGE_BUILD = "image_build"
 
 
 @dataclass
@@ -44,7 +47,7 @@ class Config:
         if mode == "full":
             return cls(mode="full", rounds=5, tree="auto", gen_scale=1.0, seq_bytes=1024 * MiB,
                        rand_file_bytes=256 * MiB, rand_io_bytes=64 * MiB, backings=["disk", "tmpfs"],
-                       step_timeout=1800.0)
+                       step_timeout=1800.0, workloads=[w.name for w in W.ALL] + [IMAGE_BUILD])
         return cls()
 
 
@@ -131,19 +134,30 @@ class Runner:
         self.rounds_meta: list[dict] = []
         self.workdir = None
         self.trace: RequestTrace | None = None
+        self.images: ImageBuilds | None = None
+
+    @property
+    def phase_workloads(self) -> list[str]:
+        return [w for w in self.cfg.workloads if w in W.BY_NAME]
 
     # ------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.cfg
         started = time.time()
+        machine, tree_desc, ctx, ids = {}, {}, None, [0]
         try:
-            archive, tree_desc = trees.obtain(cfg.tree, cfg.gen_scale)
-            st = trees.stats(archive)
-            tree_desc.update({k: st[k] for k in ("sha256", "bytes", "entries", "counts", "ids")})
-            tree_desc["archive"] = os.path.relpath(archive, os.path.dirname(trees.HERE))
-            small = [rel for rel, size in st["regular"] if size <= cfg.small_limit]
-            tree_desc["small_files"] = len(small)
-            self.notes.extend(tree_desc.get("notes", []))
+            if self.phase_workloads:
+                archive, tree_desc = trees.obtain(cfg.tree, cfg.gen_scale)
+                st = trees.stats(archive)
+                tree_desc.update({k: st[k] for k in ("sha256", "bytes", "entries", "counts", "ids")})
+                tree_desc["archive"] = os.path.relpath(archive, os.path.dirname(trees.HERE))
+                small = [rel for rel, size in st["regular"] if size <= cfg.small_limit]
+                tree_desc["small_files"] = len(small)
+                self.notes.extend(tree_desc.get("notes", []))
+                ctx = W.Ctx(archive=archive, small_files=small, seq_bytes=cfg.seq_bytes,
+                            rand_file_bytes=cfg.rand_file_bytes, rand_io_bytes=cfg.rand_io_bytes,
+                            timeout=cfg.step_timeout)
+                ids = sorted(set(st["ids"]) | set(ctx.chown_to) | {0})
 
             os.makedirs(cfg.workdir, exist_ok=True)
             base = tempfile.mkdtemp(prefix="shiftfs-bench.", dir=cfg.workdir)
@@ -156,13 +170,16 @@ class Runner:
             run(["mount", "--make-private", base])
             machine = machine_info(base)
 
-            ctx = W.Ctx(archive=archive, small_files=small, seq_bytes=cfg.seq_bytes,
-                        rand_file_bytes=cfg.rand_file_bytes, rand_io_bytes=cfg.rand_io_bytes,
-                        timeout=cfg.step_timeout)
-            ids = sorted(set(st["ids"]) | set(ctx.chown_to) | {0})
-            self.trace = RequestTrace()
-            if not self.trace.available:
-                self.notes.append("no fuse:fuse_request_send tracepoint: request counts are shiftfs's own only")
+            if ctx is not None:
+                self.trace = RequestTrace()
+                if not self.trace.available:
+                    self.notes.append("no fuse:fuse_request_send tracepoint: request counts are shiftfs's own only")
+            if IMAGE_BUILD in cfg.workloads:
+                images = ImageBuilds(self, trees.CACHE)
+                if images.prepare(base):
+                    self.images = images
+                else:
+                    self.notes.extend(images.info["notes"])
             for backing in cfg.backings:
                 self._run_backing(base, backing, ctx, ids)
         finally:
@@ -188,6 +205,7 @@ class Runner:
             "guards": self.guards,
             "notes": self.notes,
             "workdir": self.workdir,
+            **({"image_build": self.images.info} if self.images else {}),
         }
 
     # ------------------------------------------------------------------
@@ -202,7 +220,24 @@ class Runner:
         self.backing_info[backing] = {"fstype": e.get("fstype"), "options": e.get("super_options"),
                                       "source": e.get("source")}
         log(f"backing '{backing}': {e.get('fstype')} at {root}")
+        if ctx is not None:
+            self._run_targets(root, backing, ctx, ids)
+        if self.images is not None:
+            try:
+                self.images.run_backing(backing, root)
+            except (StepError, OSError, RuntimeError, subprocess.SubprocessError) as e:
+                msg = f"image build stopped: {type(e).__name__}: {e}"
+                log(msg)
+                self.records.append({"backing": backing, "round": 0, "target": "image build",
+                                     "workload": IMAGE_BUILD, "seconds": None, "error": msg})
+        if backing == "tmpfs":
+            self.cleanup.drop_mount(root)
+            run(["umount", root], check=False)
 
+    def _run_targets(self, root: str, backing: str, ctx: W.Ctx, ids: list[int]) -> None:
+        """The per-target phases: rounds x phases x targets, interleaved."""
+        cfg = self.cfg
+        base = os.path.dirname(root)
         targets = []
         for name in cfg.targets:
             cls = T.BY_NAME[name]
@@ -283,9 +318,6 @@ class Runner:
             for t in order:
                 t.destroy()
             self.rounds_meta[-1]["loadavg_end"] = loadavg()
-        if backing == "tmpfs":
-            self.cleanup.drop_mount(root)
-            run(["umount", root], check=False)
 
     # ------------------------------------------------------------------
     def _step(self, backing, r, t, w: W.Workload, ctx: W.Ctx, snaps) -> bool:

@@ -238,3 +238,148 @@ def test_chosen_workloads_bring_what_they_need():
     assert W.with_needs(["stat_cold"]) == ["untar", "stat_cold"]
     assert W.with_needs(["seq_read", "rm_rf"]) == ["untar", "seq_write", "seq_read", "rm_rf"]
     assert W.with_needs(["rand_rw"]) == ["rand_rw"]
+
+
+# ---- image build (bench.imagebuild / imagerun): the plumbing, cheaply ------------------------
+# A real build takes several minutes (two mmdebstrap runs plus the cache fill), so it is
+# verified by `python -m bench --full --rounds 1 --workloads image_build`, not here.
+
+def test_image_build_is_its_own_step_in_the_cli():
+    from bench import cli
+    from bench.runner import IMAGE_BUILD
+    cfg, _ = cli.parse(["--full"])
+    assert cfg.workloads[-1] == IMAGE_BUILD and "untar" in cfg.workloads
+    cfg, _ = cli.parse(["--quick"])
+    assert IMAGE_BUILD not in cfg.workloads, "--quick skips the image build unless asked"
+    cfg, out = cli.parse(["--quick", "--workloads", IMAGE_BUILD])
+    assert cfg.workloads == [IMAGE_BUILD]
+    cfg, out = cli.parse(["--full", "--workloads", f"stat_cold,{IMAGE_BUILD}"])
+    assert cfg.workloads == ["untar", "stat_cold", IMAGE_BUILD] and out.endswith("partial")
+    with pytest.raises(SystemExit):
+        cli.parse(["--workloads", "image-build"])
+
+
+def _image_result():
+    recs = []
+    for rd, (root, shift, peer) in enumerate([(30.0, 60.0, 45.0), (28.0, 70.0, 42.0)]):
+        recs += [{"backing": "disk", "round": rd, "target": "real-root", "workload": "image_build",
+                  "seconds": root, "error": None},
+                 {"backing": "disk", "round": rd, "target": "shiftfs-exec", "workload": "image_build",
+                  "seconds": shift, "error": None},
+                 {"backing": "disk", "round": rd, "target": "fuse-overlayfs-xattr", "workload": "image_build",
+                  "seconds": peer, "error": None, "daemon_cpu_s": 9.5}]
+    from bench.imagebuild import BUILDS
+    builds = {n: {"label": lab, "how": how, "status": {"disk": "ok"}} for n, (lab, how) in BUILDS.items()}
+    builds["bindfs"]["status"]["disk"] = "cannot"
+    builds["bindfs"]["reason"] = "the build failed: mmdebstrap exited 1: E: usrmerge failed. | E: no"
+    return {
+        "schema": 1, "date": "2026-12-01T00:00:00Z", "duration_s": 300.0, "mode": "full",
+        "config": {"rounds": 2}, "map": {"disk": 100000, "view": 0, "count": 65536},
+        "machine": {"cores": 2}, "tree": {}, "targets": {}, "rounds": [], "guards": [], "notes": [],
+        "backings": {"disk": {"fstype": "ext4", "options": "rw"}}, "records": recs, "workdir": None,
+        "image_build": {"suite": "bookworm", "variant": "minbase", "command": "mmdebstrap ...",
+                        "builds": builds, "notes": [], "debs": {"dir": "/c", "count": 96, "bytes": 38e6},
+                        "checks": [{"backing": "disk", "build": "shiftfs-exec", "passed": True, "checked": 8700,
+                                    "mismatches": 0, "examples": [], "dev_not_made": 8,
+                                    "entries_ref": 8708, "entries_got": 8700, "how": "shiftfs export"},
+                                   {"backing": "disk", "build": "fuse-overlayfs-xattr", "passed": False,
+                                    "checked": 8708, "mismatches": 3, "examples": ["dev/null: view mode"],
+                                    "entries_ref": 8708, "entries_got": 8708, "how": "the view"}]},
+    }
+
+
+def test_image_build_report_from_a_fabricated_result(tmp_path):
+    from bench import report
+    paths = report.write(_image_result(), str(tmp_path))
+    md = open(paths["md"]).read()
+    sec = md[md.index("## Image build"):]
+    row = next(ln for ln in sec.splitlines() if ln.startswith("| shiftfs exec"))
+    # medians 65 s and 2.25x (pairs 60/30 = 2.0, 70/28 = 2.5), with the min-max
+    assert "65.0 s (60.0–70.0)" in row and "2.25× (2.00–2.50)" in row and "same tree" in row
+    assert "8 entries of /dev not made" in row
+    assert "| real root |" in sec and "reference" in sec
+    bad = next(ln for ln in sec.splitlines() if ln.startswith("| fuse-overlayfs (xattr)"))
+    assert "✗ 3 differences" in bad
+    cannot = next(ln for ln in sec.splitlines() if ln.startswith("| bindfs |"))
+    assert "cannot" in cannot and "mmdebstrap exited 1" in cannot
+    assert "usrmerge failed. \\| E: no |" in cannot, "a '|' in a reason must not split the table cell"
+    assert "apt-get update` still runs" in sec
+    assert "## Backing: disk" not in md, "a run of only the image build has no per-target table"
+    with open(paths["json"]) as f:
+        res = json.load(f)
+    s = res["image_build"]["summary"]["disk"]
+    assert s["shiftfs-exec"]["ratio"] == pytest.approx(2.25) and s["real-root"]["ratio"] == 1.0
+    assert s["fuse-overlayfs-xattr"]["daemon_cpu_s"] == 9.5
+    # --render redraws the same from the JSON
+    from bench import cli
+    assert cli.main(["--render", paths["json"], "--out", str(tmp_path / "again")]) == 0
+    assert "## Image build" in (tmp_path / "again" / "latest.md").read_text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="makes owned files and device nodes: needs root")
+def test_image_build_tree_check(tmp_path):
+    """The check compares a directory tree with an exported tar: owners, modes,
+    types and link targets; the /dev entries mmdebstrap makes only where mknod
+    works are counted apart, anything else differing is a mismatch."""
+    import tarfile
+    from bench import imagebuild as IB
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "dev").mkdir()
+    (root / "etc/shadow").write_text("x")
+    os.chown(root / "etc/shadow", 0, 42)
+    os.chmod(root / "etc/shadow", 0o640)
+    os.symlink("shadow", root / "etc/link")
+    os.mknod(root / "dev/null", 0o666 | 0o020000, os.makedev(1, 3))
+    os.chmod(root, 0o755)
+    tar = tmp_path / "export.tar"
+    with tarfile.open(tar, "w") as tf:
+        tf.add(root, arcname=".", filter=lambda ti: None if ti.name == "./dev/null" else ti)
+    ref = IB.dir_snapshot(str(root))
+    res = IB.compare_trees(ref, IB.tar_snapshot(str(tar)))
+    assert res["passed"] and res["dev_not_made"] == 1, res
+    with tarfile.open(tar, "w") as tf:
+        def wrong(ti):
+            if ti.name == "./etc/shadow":
+                ti.gid = 0
+            return ti
+        tf.add(root, arcname=".", filter=wrong)
+    res = IB.compare_trees(ref, IB.tar_snapshot(str(tar)))
+    assert not res["passed"] and res["mismatches"] == 1 and "etc/shadow" in res["examples"][0]
+
+
+def test_image_build_cache_counts_only_when_complete(tmp_path):
+    from bench import imagebuild as IB
+    d = tmp_path / IB.DEBS_NAME
+    d.mkdir()
+    (d / "apt_2.6.1_amd64.deb").write_bytes(b"x")
+    (d / "base-files_12.4%3a1_amd64.deb").write_bytes(b"x")
+    assert IB.cached_debs(str(tmp_path)) == [], "a fill cut off before its marker is not trusted"
+    (d / IB.COMPLETE).write_text("done")
+    debs = IB.cached_debs(str(tmp_path))
+    assert len(debs) == 2
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "var/lib/dpkg").mkdir(parents=True)
+    (rootfs / "var/lib/dpkg/status").write_text(
+        "Package: apt\nStatus: install ok installed\nVersion: 2.6.1\n\n"
+        "Package: base-files\nStatus: install ok installed\nVersion: 12.4:1\n\n"
+        "Package: dpkg\nStatus: install ok installed\nVersion: 1.21.22\n")
+    assert IB.missing_from_cache(str(rootfs), debs) == ["dpkg_1.21.22"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creates a user: needs root")
+def test_throwaway_user_is_removed_even_on_failure():
+    import pwd
+    from bench.subusers import SUBID_FILES, throwaway_user
+    before = {p: open(p, "rb").read() if os.path.exists(p) else b"" for p in SUBID_FILES}
+    with pytest.raises(RuntimeError, match="boom"):
+        with throwaway_user() as u:
+            assert pwd.getpwnam(u.name).pw_uid == u.uid
+            assert f"{u.name}:{u.subid[0]}:65536\n" in open("/etc/subuid").read()
+            raise RuntimeError("boom")
+    with pytest.raises(KeyError):
+        pwd.getpwnam(u.name)
+    after = {p: open(p, "rb").read() if os.path.exists(p) else b"" for p in SUBID_FILES}
+    assert u.name.encode() not in after["/etc/subuid"] and u.name.encode() not in after["/etc/subgid"]
+    # other sessions may edit the files meanwhile; without them the bytes are the same
+    assert all(after[p] == before[p] or u.name.encode() not in after[p] for p in SUBID_FILES)

@@ -1,0 +1,230 @@
+"""Running the image-build step of a benchmark run (see :mod:`bench.imagebuild`).
+
+One backing at a time: the builds of a round run back to back, their order
+rotating from round to round like the targets' order; each starts with
+``sync`` and a fresh, empty root. The first round's trees are checked
+against the real-root tree before they are removed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+
+from . import imagebuild as IB
+from . import targets as T
+from .subusers import throwaway_user
+from .sysutil import StepError, cpu_seconds, log
+
+PEERS = ("fuse-overlayfs-xattr", "bindfs")
+#: Lines of a failed build's output that name the cause (dpkg's progress lines
+#: mention package names such as libgpg-error0; mmdebstrap's last line is the command).
+_CAUSE = re.compile(r"error|failed|denied|not permitted", re.I)
+_NOISE = re.compile(r"(Selecting|Preparing|Unpacking|Setting up|E: setup failed|E: mmdebstrap failed)")
+
+
+def _timed(argv: list[str], timeout: float, cwd: str | None = None) -> float:
+    """Run argv in its own process group; seconds it took. On a timeout the
+    whole group (everything the build started) is killed, by its id."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise StepError(f"timeout after {timeout:.0f}s: {' '.join(argv)[:160]}") from None
+    seconds = time.perf_counter() - t0
+    if p.returncode != 0:
+        lines = err.decode(errors="replace").strip().splitlines()
+        # mmdebstrap ends with the failed command line; the cause is in an earlier error line
+        cause = [ln.strip() for ln in lines[:-1] if _CAUSE.search(ln) and not _NOISE.match(ln)]
+        tail = " | ".join(cause[:3] + lines[-1:])
+        raise StepError(f"{os.path.basename(argv[0])} exited {p.returncode}: {tail[:400]}")
+    return seconds
+
+
+class ImageBuilds:
+    """The image-build step for one run: owns its info block of the results."""
+
+    def __init__(self, runner, cache: str):
+        self.r = runner
+        self.cfg = runner.cfg
+        self.cache = cache
+        self.timeout = max(self.cfg.step_timeout, 1200.0)
+        self.shiftfs_cmd = self.cfg.shiftfs_cmd or T.default_shiftfs()
+        self.info = {"suite": IB.SUITE, "variant": "minbase",
+                     "command": " ".join(IB.mmdebstrap_argv("DEBS", "DIR")),
+                     "builds": {n: {"label": lab, "how": how, "status": {}} for n, (lab, how) in IB.BUILDS.items()},
+                     "checks": [], "notes": [], "debs": None}
+        self.debs: list[str] = []
+
+    # ------------------------------------------------------------------
+    def prepare(self, base: str) -> bool:
+        """Fill the package cache (untimed) once per run; False if impossible."""
+        if not shutil.which("mmdebstrap"):
+            self.info["notes"].append("mmdebstrap is not installed: no image build")
+            return False
+        try:
+            self.debs = IB.ensure_debs(self.cache, base, self.timeout)
+        except StepError as e:
+            self.info["notes"].append(f"could not fill the package cache: {e}")
+            log(f"image build: could not fill the package cache: {e}")
+            return False
+        self.info["debs"] = {"dir": IB.debs_dir(self.cache), "count": len(self.debs),
+                             "bytes": sum(os.path.getsize(p) for p in self.debs)}
+        # the throwaway user walks into the work dir (mkdtemp made it 0700)
+        os.chmod(base, 0o711)
+        return True
+
+    def run_backing(self, backing: str, root: str) -> None:
+        ib = os.path.join(root, "image_build")
+        os.makedirs(ib, mode=0o755)
+        staged = IB.stage_debs(self.debs, os.path.join(ib, "debs"))
+        builds = ["real-root"]
+        why = IB.can_exec_as_user()
+        self._status("shiftfs-exec", backing, "cannot" if why else "ok", why)
+        if not why:
+            builds.append("shiftfs-exec")
+        peers = {}
+        for name in PEERS:
+            t = T.BY_NAME[name](ib, self.r.cleanup, ids=IB.MINBASE_IDS, shiftfs_cmd=self.cfg.shiftfs_cmd)
+            why = t.probe()
+            if why:
+                self._status(name, backing, "cannot", why)
+                continue
+            peers[name] = t
+            builds.append(name)
+            self._status(name, backing, "ok")
+        self._status("real-root", backing, "ok")
+        user_cm = throwaway_user() if "shiftfs-exec" in builds else _no_user()
+        with user_cm as user:
+            for r in range(self.cfg.rounds):
+                k = r % len(builds)
+                order = builds[k:] + builds[:k]
+                log(f"[{backing}] image build round {r + 1}/{self.cfg.rounds}: {' '.join(order)}")
+                trees = {}
+                for name in order:
+                    if self.info["builds"][name]["status"].get(backing) == "cannot":
+                        continue
+                    trees[name] = self._build(backing, r, name, ib, staged, user, peers.get(name))
+                if r == 0:
+                    self._check(backing, trees, user)
+                for name, tree in trees.items():
+                    if name in peers:
+                        peers[name].destroy()
+                    elif tree:
+                        IB.remove_tree(os.path.dirname(tree))
+        IB.remove_tree(staged)
+
+    # ------------------------------------------------------------------
+    def _status(self, name, backing, status, why=None):
+        b = self.info["builds"][name]
+        b["status"][backing] = status
+        if why:
+            b.setdefault("reason", why)
+
+    def _build(self, backing, r, name, ib, staged, user, peer):
+        """One timed build; returns where its tree is (or a snapshot for a peer)."""
+        seconds = err = cpu = None
+        tree = None
+        try:
+            if name == "real-root":
+                work = os.path.join(ib, name)
+                os.makedirs(work)
+                tree = os.path.join(work, "rootfs")
+                os.sync()
+                seconds = _timed(IB.mmdebstrap_argv(staged, tree), self.timeout)
+                missing = IB.missing_from_cache(tree, self.debs)
+                if missing:
+                    self._stale(missing)
+            elif name == "shiftfs-exec":
+                work = os.path.join(ib, name)
+                os.makedirs(work, mode=0o755)
+                tree = os.path.join(work, "rootfs")
+                os.makedirs(tree, mode=0o755)
+                for d in (work, tree):
+                    os.chown(d, user.uid, user.gid)
+                os.sync()
+                argv = user.wrap([*self.shiftfs_cmd, "exec", "--shift", "./rootfs", "--",
+                                  *IB.mmdebstrap_argv(staged, "./rootfs")])
+                seconds = _timed(argv, self.timeout, cwd=work)
+            else:
+                peer.prepare()
+                peer.mount()
+                tree = os.path.join(peer.view, "rootfs")
+                os.sync()
+                cpu0 = cpu_seconds(peer.pid)
+                seconds = _timed(IB.mmdebstrap_argv(staged, tree), self.timeout)
+                c1 = cpu_seconds(peer.pid)
+                cpu = round(c1 - cpu0, 3) if None not in (c1, cpu0) else None
+                tree = IB.dir_snapshot(tree) if r == 0 else None
+        except (StepError, OSError) as e:
+            err = str(e) if isinstance(e, StepError) else f"{type(e).__name__}: {e}"
+            if name in PEERS and r == 0:
+                # a peer that cannot build in the first round is listed, not counted as an error
+                self._status(name, backing, "cannot", f"the build failed: {err}")
+                log(f"  image_build {name:<21} cannot: {err}")
+                return None
+            tree = None
+        finally:
+            if peer is not None:
+                peer.unmount()
+        rec = {"backing": backing, "round": r, "target": name, "workload": "image_build",
+               "seconds": round(seconds, 3) if seconds is not None else None, "error": err}
+        if cpu is not None:
+            rec["daemon_cpu_s"] = cpu
+        self.r.records.append(rec)
+        log(f"  image_build {name:<21} " + (f"{seconds:8.1f}s" if err is None else f"ERROR {err}"))
+        return tree
+
+    def _stale(self, missing):
+        note = (f"{len(missing)} installed package(s) were not in the local cache, so apt downloaded them "
+                f"in the timed build (the mirror moved on), e.g. {', '.join(missing[:3])}; "
+                "the cache is refilled on the next run")
+        if note not in self.info["notes"]:
+            self.info["notes"].append(note)
+            log("image build: " + note)
+        try:
+            os.unlink(os.path.join(IB.debs_dir(self.cache), IB.COMPLETE))
+        except OSError:
+            pass
+
+    def _check(self, backing, trees, user):
+        ref_dir = trees.get("real-root")
+        if not ref_dir:
+            return
+        ref = IB.dir_snapshot(ref_dir)
+        for name, tree in trees.items():
+            if name == "real-root" or not tree:
+                continue
+            try:
+                if name == "shiftfs-exec":
+                    out = os.path.join(os.path.dirname(tree), "export.tar")
+                    IB.export(user.wrap([]), self.shiftfs_cmd, tree, out, self.timeout)
+                    got = IB.tar_snapshot(out)
+                    os.unlink(out)
+                else:
+                    got = tree
+                res = IB.compare_trees(ref, got, name)
+            except (StepError, OSError) as e:
+                res = {"passed": False, "checked": 0, "mismatches": 0, "examples": [f"check failed: {e}"]}
+            res.update({"backing": backing, "build": name,
+                        "how": "shiftfs export, then the tar" if name == "shiftfs-exec" else "the view"})
+            self.info["checks"].append(res)
+            log(f"  image_build check {name}: {'pass' if res['passed'] else 'FAIL'} "
+                f"({res.get('entries_got', 0)} entries vs {res.get('entries_ref', 0)}; "
+                f"{res['mismatches']} mismatches)")
+
+
+class _no_user:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

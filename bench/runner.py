@@ -222,7 +222,8 @@ class Runner:
         log(f"backing '{backing}': {e.get('fstype')} at {root}")
         if ctx is not None:
             self._run_targets(root, backing, ctx, ids)
-        if self.images is not None:
+        # The image build is a whole mmdebstrap per build (minutes): on the first backing only.
+        if self.images is not None and backing == self.cfg.backings[0]:
             try:
                 self.images.run_backing(backing, root)
             except (StepError, OSError, RuntimeError, subprocess.SubprocessError) as e:

@@ -97,7 +97,9 @@ def scan(
         except OSError as exc:
             errors.append(f"{e.display}: cannot read its record: {exc.strerror}")
             continue
-        if opts is not None and not view.has_record and umap.identity and gmap.identity:
+        if view.distrust and st.st_uid == store.trusted_uid:
+            errors.append(f"{e.display}: its record is not believed: {view.distrust} (or mount the tree once)")
+        if opts is not None and not view.has_record and not view.distrust and umap.identity and gmap.identity:
             # No record: as in shiftfs run/exec, the invoking user is view root.
             if st.st_uid == opts.me[0]:
                 view = view._replace(uid=opts.self_owner[0])

@@ -185,8 +185,16 @@ def open_beneath(root_fd: int, rel: str, flags: int = O_PATH_NOFOLLOW) -> int:
 def open_store(root_fd: int, create: bool, legacy: bool = False, readonly: bool = False) -> RecordStore:
     """The record store of a tree: read-only for readers, creating for writers."""
     if readonly:
-        return RecordStore(root_fd, False, readonly=True)
-    return RecordStore(root_fd, create, write_legacy=legacy)
+        store = RecordStore(root_fd, False, readonly=True)
+    else:
+        store = RecordStore(root_fd, create, write_legacy=legacy)
+    # A side table someone else could have written is refused (shiftfs.ownership.trust).
+    try:
+        store.check_private(store.trusted_uid, fix=not readonly)
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
 def has_store(root_fd: int) -> bool:

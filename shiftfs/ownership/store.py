@@ -41,7 +41,7 @@ from .names import STORE_DIR
 from .record import LEGACY_RECORD_NAME, RECORD_NAME, Record, encode
 from ..sys.files import O_PATH_NOFOLLOW, birth_time, proc_fd
 
-__all__ = ["RecordStore", "SideTableError", "can_hold_xattr"]
+__all__ = ["RecordStore", "SideTableError", "StoreTrustError", "can_hold_xattr"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,16 @@ def _open_readonly(path: str) -> sqlite3.Connection:
     raise OSError(errno.EACCES, f"cannot read the record side table {path}")
 
 
+class StoreTrustError(OSError):
+    """The side table is not the trusted user's alone; the message names the file and the fix."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.EPERM, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 class RecordStore:
     """Reads and writes raw record values for inodes under one backing root.
 
@@ -99,6 +109,9 @@ class RecordStore:
         #: give ``.shiftfs`` and the side table records (off for read-only mounts)
         self.stamp = stamp and not readonly
         self.root_fd = root_fd
+        #: whose records count offline (shiftfs.ownership.trust): the owner of the tree's
+        #: root; the mount believes its own user instead (XattrPolicy.trusted_uid)
+        self.trusted_uid = os.fstat(root_fd).st_uid
         self.create = create
         self.write_legacy = write_legacy
         self._db: sqlite3.Connection | None = None
@@ -113,6 +126,58 @@ class RecordStore:
         )
 
     # -- side table ---------------------------------------------------------
+    def check_private(self, owner_uid: int, fix: bool) -> list[str]:
+        """Refuse a side table someone else could have written (see :mod:`shiftfs.trust`).
+
+        ``.shiftfs`` and ``records.db`` with its ``-wal``, ``-shm`` and
+        ``-journal`` (SQLite opens those by name and replays a WAL it finds)
+        must be owned by ``owner_uid``, the user whose records count. Others
+        must not be able to write them: with ``fix`` (the mount) that is
+        repaired with a chmod and said in the returned notes, otherwise it is
+        refused too. Raises :class:`StoreTrustError` with one line naming the
+        file and the fix.
+        """
+        notes: list[str] = []
+        try:
+            dfd = os.open(STORE_DIR, O_PATH_NOFOLLOW, dir_fd=self.root_fd)
+        except FileNotFoundError:
+            return notes
+        try:
+            entries = [(STORE_DIR, dfd, None)]
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                entries.append((f"{STORE_DIR}/{_DB_NAME}{suffix}", dfd, _DB_NAME + suffix))
+            for shown, dirfd, name in entries:
+                try:
+                    st = os.fstat(dirfd) if name is None else os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                want = stat.S_ISDIR if name is None else stat.S_ISREG
+                if not want(st.st_mode):
+                    raise StoreTrustError(f"{shown} is not a {'directory' if name is None else 'regular file'}; "
+                                          f"someone else may have planted it: inspect it, then remove it")
+                if st.st_uid != owner_uid:
+                    raise StoreTrustError(
+                        f"{shown} is owned by uid {st.st_uid}, not by uid {owner_uid} whose records count: "
+                        f"someone else could forge records there; inspect it, then remove it (or "
+                        f"'chown {owner_uid}' it if it is yours)")
+                if st.st_mode & 0o022:
+                    if not fix:
+                        raise StoreTrustError(f"{shown} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                                              f"run 'chmod go-w' on it (a mount does this itself)")
+                    perm = 0o700 if name is None else 0o600
+                    if name is None:
+                        os.chmod(proc_fd(dfd), perm)
+                    else:
+                        fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=dfd)
+                        try:
+                            os.chmod(proc_fd(fd), perm)
+                        finally:
+                            os.close(fd)
+                    notes.append(f"{shown} was {stat.S_IMODE(st.st_mode):04o}, now {perm:04o}")
+        finally:
+            os.close(dfd)
+        return notes
+
     def _conn(self, for_write: bool) -> sqlite3.Connection | None:
         if self._db is not None:
             return self._db

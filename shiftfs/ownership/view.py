@@ -10,8 +10,12 @@ tree shows the same owners, modes, types and xattrs either way:
   file standing in for a device, FIFO or socket (the placeholders we and
   containers/storage write);
 * an inode without one shows its backing mode and its disk ids translated;
+* a record counts only as :mod:`shiftfs.ownership.trust` says: on an inode
+  of the trusted user that nobody else can write; another user's inode
+  shows as the overflow id without setuid/setgid (:func:`foreign_view`);
 * a backing file of an xattr-mode tree gets :func:`backing_perm`: the view's
-  rwx bits plus owner access, never setuid, setgid or sticky.
+  read and search bits plus owner access, never group or other write,
+  setuid, setgid or sticky.
 """
 
 from __future__ import annotations
@@ -22,14 +26,14 @@ import stat
 import struct
 from typing import Callable, NamedTuple
 
-from . import acl
-from .idmap import IdMap
+from . import acl, trust
+from .idmap import IdMap, overflow_ids
 from .names import OUR_XATTR_PREFIXES, unescape_xattr_name
 from .record import Record, RecordError, decode
 from ..sys.files import proc_fd
 
 __all__ = [
-    "View", "type_fits", "record_view", "backing_view", "read_view", "backing_perm", "backing_type",
+    "View", "type_fits", "record_view", "backing_view", "foreign_view", "read_view", "backing_perm", "backing_type",
     "view_xattrs", "list_xattrs", "get_xattr", "map_capability", "capability_for_disk",
 ]
 
@@ -46,6 +50,8 @@ class View(NamedTuple):
     has_record: bool = False
     #: a backing regular file standing in for a device, FIFO or socket
     placeholder: bool = False
+    #: why a record of this inode was not believed (shiftfs.ownership.trust), else ""
+    distrust: str = ""
 
 
 def type_fits(view_type: int, backing_type: int) -> bool:
@@ -79,9 +85,33 @@ def backing_view(st: os.stat_result, uids: IdMap, gids: IdMap, owner: tuple[int,
     return View(st.st_mode, owner[0], owner[1], st.st_rdev)
 
 
+def foreign_view(st: os.stat_result, uids: IdMap, gids: IdMap, trusted_uid: int) -> View:
+    """The view of an inode that is not the trusted user's: its record is not read.
+
+    Owned by an id the table maps, it shows through the table (table
+    semantics: the disk owner is real). Otherwise the overflow ids, without
+    setuid/setgid: nobody we trust said this file may run as anyone.
+    """
+    why = trust.why_foreign(st, trusted_uid)
+    if st.st_uid != trusted_uid and not uids.identity and uids.to_view(st.st_uid) != uids.overflow:
+        return View(st.st_mode, uids.to_view(st.st_uid), gids.to_view(st.st_gid), st.st_rdev, distrust=why)
+    ou, og = overflow_ids()
+    return View(st.st_mode & ~(stat.S_ISUID | stat.S_ISGID), ou, og, st.st_rdev, distrust=why)
+
+
 def read_view(store, fd: int, st: os.stat_result, uids: IdMap, gids: IdMap) -> View:
-    """The view of one inode from its record or its disk ids; raises RecordError on a bad record."""
+    """The view of one inode from its record or its disk ids; raises RecordError on a bad record.
+
+    The trusted user is ``store.trusted_uid`` (offline: the owner of the
+    tree's root). A record on one of its inodes that others can write is not
+    believed: the inode shows as if it had none, and ``distrust`` says why.
+    """
+    trusted = store.trusted_uid
+    if st.st_uid != trusted:
+        return foreign_view(st, uids, gids, trusted)
     raw = store.read(fd, st)
+    if raw is not None and not trust.record_counts(st, trusted):
+        return backing_view(st, uids, gids)._replace(distrust=trust.why_foreign(st, trusted))
     if raw is None:
         return backing_view(st, uids, gids)
     rec = decode(raw, stat.S_IFMT(st.st_mode))
@@ -92,11 +122,13 @@ def read_view(store, fd: int, st: os.stat_result, uids: IdMap, gids: IdMap) -> V
 def backing_perm(view_mode: int) -> int:
     """Permission bits for the backing file of an inode with this view mode.
 
-    The view's rwx bits, plus owner read and write (and search for
-    directories) so the owning user can always manage the file; setuid,
-    setgid and sticky live only in the record.
+    The view's read and search bits, plus owner read and write (and search
+    for directories) so the owning user can always manage the file. Never
+    group or other write: user xattrs need write access, so others could
+    write records (shiftfs.ownership.trust, rule 1); a view /tmp (1777) is
+    0755 on disk. Setuid, setgid and sticky live only in the record.
     """
-    perm = view_mode & 0o777
+    perm = view_mode & 0o777 & ~trust.OTHERS_WRITE
     if stat.S_ISDIR(view_mode):
         return perm | 0o700
     if stat.S_ISREG(view_mode) or stat.S_ISCHR(view_mode) or stat.S_ISBLK(view_mode):

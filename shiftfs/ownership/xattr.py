@@ -12,6 +12,7 @@ job: FUSE_POSIX_ACL.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -20,13 +21,13 @@ import pyfuse3
 
 from ..fs.inodes import Inode
 from ..sys.files import proc_fd, touch_ctime
-from . import acl
+from . import acl, trust
 from .idmap import IdMap
 from .names import escape_xattr_name, unescape_xattr_name
 from .policy import CreatePlan, OwnershipPolicy, XattrEffect
 from .record import Record, decode, encode
 from .store import RecordStore, SideTableError, can_hold_xattr
-from .view import backing_perm, backing_type, backing_view, check_fits, record_view
+from .view import backing_perm, backing_type, backing_view, check_fits, foreign_view, record_view
 
 __all__ = ["XattrPolicy"]
 
@@ -47,6 +48,10 @@ class XattrPolicy(OwnershipPolicy):
         self.default_owner = default_owner
         self._warned: set[tuple[int, int]] = set()
         self._store_errors: set[str] = set()
+        #: whose records count (shiftfs.ownership.trust): the daemon's own user, which is
+        #: root for a root daemon and namespace root (the invoking user) in run/exec
+        self.trusted_uid = os.geteuid()
+        self._distrusted: set[tuple[int, int]] = set()
         if stamp_root:
             self._record_root()
             store.stamp_own_files()
@@ -104,6 +109,8 @@ class XattrPolicy(OwnershipPolicy):
                 self._warned.add(node.key)
                 log.warning("cannot read the record of %s: %s", node.view_path(), e)
             raw = None
+        if raw is not None and not self._counts(node, st):
+            raw = None  # ours, but others can write it on disk: shown as if it had no record
         if raw is not None:
             try:
                 rec = decode(raw, stat.S_IFMT(st.st_mode))
@@ -117,7 +124,21 @@ class XattrPolicy(OwnershipPolicy):
         node.record = rec
         return rec
 
+    def _counts(self, node: Inode, st: os.stat_result) -> bool:
+        """Whether a record of this inode may be believed; says so once per inode when not."""
+        if trust.record_counts(st, self.trusted_uid):
+            return True
+        if node.key not in self._distrusted:
+            self._distrusted.add(node.key)
+            shown = "the overflow id, without setuid/setgid" if st.st_uid != self.trusted_uid else "if it had none"
+            log.warning("not believing the record of %s: %s; it shows as %s",
+                        node.view_path(), trust.why_foreign(st, self.trusted_uid), shown)
+        return False
+
     def view(self, node, st):
+        if st.st_uid != self.trusted_uid:
+            self._counts(node, st)
+            return foreign_view(st, self.uids, self.gids, self.trusted_uid)
         rec = self._load_record(node, st)
         if rec is None:
             return backing_view(st, self.uids, self.gids, self.default_owner)
@@ -184,6 +205,8 @@ class XattrPolicy(OwnershipPolicy):
             return XattrEffect()
         bits, equiv = acl.equiv_mode(entries)
         st = os.fstat(node.fd)
+        if st.st_uid != self.trusted_uid:
+            return XattrEffect()  # another user's inode: no record of ours goes on it
         cur = self._current(node, st)
         changed = cur.mode & 0o777 != bits
         if changed:
@@ -209,7 +232,13 @@ class XattrPolicy(OwnershipPolicy):
             log.warning("leaving the malformed access ACL of %s alone: %s", node.view_path(), e)
 
     def _current(self, node: Inode, st: os.stat_result) -> Record:
-        """What the view shows now, with disk ids (what a new record starts from)."""
+        """What the view shows now, with disk ids (what a new record starts from).
+
+        Another user's inode gets no record from us (EPERM): it would not be
+        believed, and its owner, not the daemon's user, controls it.
+        """
+        if st.st_uid != self.trusted_uid:
+            raise pyfuse3.FUSEError(errno.EPERM)
         rec = self._load_record(node, st)
         if rec is not None:
             return rec

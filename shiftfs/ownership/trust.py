@@ -1,0 +1,232 @@
+"""Whom xattr mode believes: the three rules that keep other users out (issue 14).
+
+In xattr mode a record (``user.containers.override_stat``) says who owns a
+file in the view and whether it is setuid. Anyone who can write that xattr,
+or the side table, can therefore make a setuid-root file appear inside
+somebody else's container. Three rules, each kept here and nowhere else:
+
+1. **Backing modes** (:func:`shiftfs.ownership.view.backing_perm`, the one
+   rule for the mount and the offline writers; :func:`fix_backing_modes` for
+   trees written before it). The view's mode lives in the
+   record, so the backing inode needs only what the daemon's user needs:
+   owner rw (rwx for directories) plus the view's read and search bits, and
+   never group or other write, setuid, setgid or sticky. A view ``/tmp``
+   (1777) is 0755 on disk. User xattrs need write access to the inode, so
+   this alone keeps other users from writing records on our inodes.
+
+2. **Whose records count** (:func:`record_counts`; what such an inode shows
+   is :func:`shiftfs.ownership.view.foreign_view`). A
+   record counts only on an inode owned by the *trusted user* and not
+   writable by group or others on disk. The trusted user is the daemon's own
+   (effective) uid: the unprivileged user for a user's mount, namespace root
+   (= the invoking user) inside ``shiftfs run``/``exec``, and root for a root
+   daemon with ``--xattr``. The offline tools (export, ls, stat) trust the
+   owner of the tree's root directory, so root exporting a user's tree reads
+   that user's records. Any other inode shows as the overflow id (65534) with
+   setuid/setgid stripped, its record ignored, unless a table (``--map``)
+   maps its owner: then it shows through the table, as a kernel idmapped
+   mount would, still without its record.
+
+3. **SOURCE must be private** (:func:`source_problem`). If another user can
+   write into SOURCE or replace it or a directory above it, they can plant
+   inodes and side tables whose owner we would believe. Mounting (and
+   ``run``/``exec``) refuses such a SOURCE unless told
+   ``allow_shared_source``. A sticky world-writable directory owned by root
+   or by us (``/tmp``, ``/var/tmp``) is fine above SOURCE: others can add
+   siblings there but cannot rename or remove an entry they do not own, and
+   the entry below it must then be ours (or root's) anyway.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from .names import STORE_DIR
+from .record import Record, decode, encode
+from ..sys.files import O_PATH_NOFOLLOW, proc_fd
+
+__all__ = [
+    "OTHERS_WRITE", "needs_fix", "fix_backing_modes", "record_counts", "why_foreign", "source_problem",
+]
+
+#: group or other write
+OTHERS_WRITE = 0o022
+_SETID = stat.S_ISUID | stat.S_ISGID
+_SPECIAL = _SETID | stat.S_ISVTX
+
+
+
+
+# -- rule 1: backing modes (view.backing_perm) ------------------------------------------
+
+
+def needs_fix(st: os.stat_result) -> bool:
+    """Whether a backing inode's mode breaks rule 1 (symlinks have no mode of their own)."""
+    return not stat.S_ISLNK(st.st_mode) and bool(st.st_mode & (OTHERS_WRITE | _SPECIAL))
+
+
+# -- rule 2: whose records count --------------------------------------------------------
+
+
+def record_counts(st: os.stat_result, trusted_uid: int) -> bool:
+    """Whether a record on (or for) this backing inode may be believed.
+
+    Owned by the trusted user, and, for the types that carry their record as
+    a user xattr (regular files, directories), not writable by anyone else.
+    """
+    if st.st_uid != trusted_uid:
+        return False
+    if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+        return not st.st_mode & OTHERS_WRITE
+    return True
+
+
+def why_foreign(st: os.stat_result, trusted_uid: int) -> str:
+    """The log line's reason for :func:`record_counts` saying no."""
+    if st.st_uid != trusted_uid:
+        return f"owned by uid {st.st_uid}, not by uid {trusted_uid}"
+    return f"writable by others on disk (mode {stat.S_IMODE(st.st_mode):04o}; 'chmod go-w' it)"
+
+
+# -- rule 3: SOURCE must be private ---------------------------------------------------------
+
+
+def _components(path: str) -> list[str]:
+    out = []
+    p = path
+    while True:
+        out.append(p)
+        if p == "/":
+            break
+        p = os.path.dirname(p)
+    return out[::-1]
+
+
+def _private_group(gid: int, uid: int) -> bool:
+    """Whether ``gid`` is ``uid``'s own group and nobody else's (Debian's user private groups,
+    where the usual umask 002 makes new directories group-writable)."""
+    import grp
+    import pwd
+
+    try:
+        g = grp.getgrgid(gid)
+        me = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return False
+    if any(m != me for m in g.gr_mem):
+        return False
+    return all(p.pw_uid == uid for p in pwd.getpwall() if p.pw_gid == gid)
+
+
+def _others_write(st: os.stat_result, uid: int) -> bool:
+    if st.st_mode & 0o002:
+        return True
+    return bool(st.st_mode & 0o020) and not (uid != 0 and _private_group(st.st_gid, uid))
+
+
+def source_problem(source: str, uid: int, flag: str = "-o allow_shared_source") -> str | None:
+    """Why another user could write into ``source`` (one line with the fix), or None.
+
+    Checked along both the path as given and its real path, so that a
+    symlink on the way counts as well as what it points to.
+    """
+    trusted = {0, uid}
+    paths = dict.fromkeys((os.path.abspath(source), os.path.realpath(source)))
+    for path in paths:
+        comps = _components(path)
+        for i, comp in enumerate(comps):
+            try:
+                st = os.lstat(comp)
+            except OSError as e:
+                return f"cannot check {comp} ({e.strerror}); fix the path of SOURCE"
+            last = i == len(comps) - 1
+            if stat.S_ISLNK(st.st_mode):
+                # The link itself can only be replaced through its directory (checked
+                # just before); where it points is checked as the real path.
+                if st.st_uid not in trusted:
+                    return (f"{comp} is a symlink owned by uid {st.st_uid}, who can point it elsewhere; "
+                            f"give SOURCE by a path without it, or pass {flag}")
+                continue
+            if st.st_uid not in trusted:
+                what = "SOURCE" if last else "a directory above SOURCE"
+                return (f"{comp} ({what}) is owned by uid {st.st_uid}, who could replace what is below it; "
+                        f"move SOURCE somewhere only you (uid {uid}) or root control, or pass {flag}")
+            if last:
+                if _others_write(st, uid):
+                    return (f"SOURCE {comp} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}), who "
+                            f"could plant records in it; run 'chmod 700 {comp}', or pass {flag}")
+            elif _others_write(st, uid) and not st.st_mode & stat.S_ISVTX:
+                return (f"{comp} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}), who could "
+                        f"replace SOURCE below it; run 'chmod go-w {comp}', or pass {flag}")
+    return None
+
+
+# -- trees written before rule 1 -------------------------------------------------------------
+
+
+def fix_backing_modes(store, trusted_uid: int, unrecorded) -> tuple[int, list[str]]:
+    """Apply rule 1 to every backing inode of the trusted user below the store's root.
+
+    Older versions stored a view ``/tmp`` (1777) as 0777 and a 0666 view file
+    as 0666 on disk. Each such inode keeps its view: its record if it has
+    one, else ``unrecorded(st)`` (the record of what it shows now) is written
+    first; then it gets :func:`backing_perm`. A record that makes a file that
+    others could write setuid or setgid may have been planted: those bits are
+    dropped from it (and said). Runs once per mount, before serving, through
+    descriptors only (no symlink is followed, other filesystems are skipped).
+    Returns the number of inodes fixed and notes for the log.
+    """
+    from .view import backing_perm  # (view imports this module)
+
+    fixed = 0
+    notes: list[str] = []
+
+    def fix(fd: int, st: os.stat_result, rel: str) -> None:
+        nonlocal fixed
+        raw = store.read(fd, st)
+        rec = None
+        if raw is not None:
+            try:
+                rec = decode(raw, stat.S_IFMT(st.st_mode))
+            except ValueError:
+                rec = None  # shown as the default owner; its mode below is the disk's
+        if rec is None:
+            rec = unrecorded(st)
+            store.write(fd, st, encode(rec))
+        elif stat.S_ISREG(st.st_mode) and st.st_mode & OTHERS_WRITE and rec.mode & _SETID:
+            rec = Record(rec.uid, rec.gid, rec.mode & ~_SETID, rec.rdev)
+            store.write(fd, st, encode(rec))
+            notes.append(f"dropped setuid/setgid from the record of {rel}: others could write it on disk")
+        view_mode = rec.mode if stat.S_IFMT(rec.mode) else rec.mode | stat.S_IFMT(st.st_mode)
+        os.chmod(proc_fd(fd), backing_perm(view_mode))
+        fixed += 1
+        if fixed == 1:
+            notes.insert(0, f"first: {rel or '.'} was {stat.S_IMODE(st.st_mode):04o}")
+
+    def visit(dirfd: int, name: str, rel: str, dev: int) -> None:
+        fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=dirfd)
+        try:
+            st = os.fstat(fd)
+            if st.st_dev != dev:
+                return
+            if st.st_uid == trusted_uid and needs_fix(st):
+                fix(fd, st, rel)
+            if not stat.S_ISDIR(st.st_mode):
+                return
+            sub = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+        finally:
+            os.close(fd)
+        try:
+            for child in sorted(os.listdir(sub)):
+                if not rel and child == STORE_DIR:
+                    continue  # checked on its own (RecordStore.check_private)
+                try:
+                    visit(sub, child, f"{rel}/{child}" if rel else child, dev)
+                except (FileNotFoundError, PermissionError):
+                    continue  # gone meanwhile, or another user's directory we cannot enter
+        finally:
+            os.close(sub)
+
+    visit(store.root_fd, ".", "", os.fstat(store.root_fd).st_dev)
+    return fixed, notes

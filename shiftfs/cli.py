@@ -42,6 +42,8 @@ options (-o, comma separated):
   legacy_xattr          xattr mode: also write user.fuseoverlayfs.override_stat
                         (for fuse-overlayfs < 1.14, e.g. Debian 12's 1.10,
                         using the tree as its upper layer)
+  allow_shared_source   xattr mode: mount a SOURCE that other users could write
+                        into (refused otherwise: they could plant records)
   fsname=NAME           source name in mount tables (default: SOURCE)
   allow_other           let other users in (default when mounted by uid 0)
   suid, dev, ro, noexec, noatime, ...

@@ -267,6 +267,8 @@ def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
         ops.policy.store.close()  # SQLite named its files from outside; it reopens them from inside
     report("ok")
     log.info("mounted %s on %s (%s mode)", cfg.source, cfg.mountpoint, "xattr" if cfg.xattr else "table")
+    for note in cfg.notes:
+        log.warning("%s", note)
     if captured.strip():
         log.warning("while mounting: %s", " / ".join(ln.strip() for ln in captured.splitlines() if ln.strip()))
     clean = False

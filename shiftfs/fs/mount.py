@@ -14,7 +14,9 @@ import subprocess
 import sys
 
 from ..errors import MountError, UsageError
+from ..ownership import trust
 from ..ownership.policy import OwnershipPolicy
+from ..ownership.record import Record
 from ..ownership.store import RecordStore
 from ..ownership.table import TablePolicy
 from ..ownership.xattr import XattrPolicy
@@ -162,8 +164,11 @@ def check(cfg: MountConfig, fuse: bool = True) -> None:
         )
     if os.geteuid() != 0 and not shutil.which("fusermount3"):
         raise UsageError("fusermount3 is missing; install it with 'apt-get install fuse3'")
-    if cfg.xattr and cfg.default_owner is None:
-        pass
+    if cfg.xattr and not cfg.allow_shared_source:
+        # Records on inodes others could write would be believed: SOURCE must be private.
+        problem = trust.source_problem(src, os.geteuid())
+        if problem:
+            raise UsageError(problem)
 
 
 def kernel_options(cfg: MountConfig) -> set[str]:
@@ -185,13 +190,46 @@ def kernel_options(cfg: MountConfig) -> set[str]:
     return opts
 
 
+def _secure_backing(policy: XattrPolicy, store: RecordStore, fix: bool) -> list[str]:
+    """Before serving: close backing modes older versions left open to others
+    (shiftfs.ownership.trust, rule 1). Returns log lines.
+
+    A read-only mount (``fix=False``) changes nothing on disk: records others
+    could have written are then simply not believed.
+    """
+    notes: list[str] = []
+    if not fix:
+        return notes
+
+    def unrecorded(st):
+        cur_mode, du, dg = st.st_mode, st.st_uid, st.st_gid
+        if policy.default_owner is not None:
+            du, dg = policy.disk_ids(*policy.default_owner)
+        dev = stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+        return Record(du, dg, cur_mode, st.st_rdev if dev else 0)
+
+    try:
+        fixed, more = trust.fix_backing_modes(store, policy.trusted_uid, unrecorded)
+    except OSError as e:
+        if e.errno != errno.EROFS:
+            raise
+        return notes + [f"backing modes left as they are: {e.strerror}"]
+    if fixed:
+        notes.append(f"fixed the backing mode of {fixed} inode(s) that others could write or that carried "
+                     f"setuid/setgid/sticky on disk (the view keeps them in records); " + "; ".join(more))
+    return notes
+
+
 def build_operations(cfg: MountConfig, root_fd: int) -> Operations:
     policy: OwnershipPolicy
     if cfg.xattr:
         # A read-only mount changes nothing on disk: no records for the root and .shiftfs.
         ro = "ro" in cfg.kernel_opts
         store = RecordStore(root_fd, create=True, write_legacy=cfg.legacy_xattr, stamp=not ro)
+        # Before anything opens the side table (SQLite would replay a planted -wal).
+        side = store.check_private(os.geteuid(), fix=not ro)
         policy = XattrPolicy(cfg.uids, cfg.gids, store, cfg.default_owner, stamp_root=not ro)
+        cfg.notes = [f"side table: {n}" for n in side] + _secure_backing(policy, store, fix=not ro)
     else:
         policy = TablePolicy(cfg.uids, cfg.gids)
     ops = Operations(

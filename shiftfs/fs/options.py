@@ -80,6 +80,10 @@ class MountConfig:
     daemon_opts: list[str] = field(default_factory=list)
     #: the list carries the kernel's FUSE options (user_id=…): mount(8) built it from the mount table and fstab
     from_mount_table: bool = False
+    #: xattr mode: mount a SOURCE that other users could write into (shiftfs.ownership.trust)
+    allow_shared_source: bool = False
+    #: what securing the backing tree did, logged once the log is set up
+    notes: list = field(default_factory=list)
 
 
 def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mountpoint: str) -> MountConfig:
@@ -145,6 +149,8 @@ def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mo
                 if val not in ("auto", "kernel", "fuse"):
                     raise UsageError(f"bad -o backend={val}: use backend=auto, backend=kernel or backend=fuse")
                 cfg.backend = val
+            elif key == "allow_shared_source" and not eq:
+                cfg.allow_shared_source = True
             elif key == "xattr_probes" and val in ("on", "off"):
                 cfg.xattr_probes = val == "on"
             else:

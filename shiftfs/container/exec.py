@@ -58,6 +58,7 @@ class ExecConfig:
     userns: str = "auto"
     userns_base: int | None = None
     cwd: str = "/"
+    allow_shared_source: bool = False
 
 
 # --- command line -------------------------------------------------------------
@@ -86,7 +87,7 @@ not be set up, 126 if COMMAND cannot be executed, 127 if it is not found.
 SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1/2 sent to shiftfs exec reach COMMAND.
 
 example:
-  mkdir rootfs
+  mkdir -m 700 rootfs
   shiftfs exec --shift rootfs -- mmdebstrap --mode=root --variant=minbase bookworm rootfs
   shiftfs export rootfs -o rootfs.tar
 """
@@ -177,7 +178,7 @@ def config_from_args(args: argparse.Namespace) -> ExecConfig:
     shifts.sort(key=lambda s: s.target.count("/"))
     return ExecConfig(command=command, shifts=shifts, mount_args=mount_args,
                       userns=args.userns or "auto", userns_base=args.userns_base,
-                      cwd=_caller_cwd())
+                      cwd=_caller_cwd(), allow_shared_source=args.allow_shared_source)
 
 
 # --- preflight checks -----------------------------------------------------------
@@ -194,6 +195,8 @@ def check_config(cfg: ExecConfig, idmap: userns.NamespaceMaps) -> None:
         launcher.check_daemon_can_start(cfg.mount_args, idmap)
         for s in cfg.shifts:
             launcher.check_reachable([(s.source, 7)], "serving")
+        launcher.check_private_source([s.source for s in cfg.shifts], cfg.mount_args,
+                                      cfg.allow_shared_source)
 
 
 def plan(cfg: ExecConfig, idmap: userns.NamespaceMaps) -> launcher.Layout:

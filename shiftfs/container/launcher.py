@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import SetupError
+from ..ownership import trust
 from ..sys import mounts
 from . import supervise, userns
 from .supervise import EXIT_SETUP
@@ -62,7 +63,7 @@ def int_arg(text: str) -> int:
 
 
 def add_namespace_options(p: argparse.ArgumentParser) -> None:
-    """--xattr, --map, --userns and --userns-base."""
+    """--xattr, --map, --userns, --userns-base and --allow-shared-source."""
     p.add_argument("--xattr", action="store_true",
                    help="keep view ownership in records (user.containers.override_stat); "
                         "the default")
@@ -73,6 +74,9 @@ def add_namespace_options(p: argparse.ArgumentParser) -> None:
                         "else a single id")
     p.add_argument("--userns-base", type=int_arg, metavar="N",
                    help="(root) host id of the 65536-id block for view ids 1-65535")
+    p.add_argument("--allow-shared-source", action="store_true",
+                   help="serve a tree that other users could write into; refused otherwise "
+                        "in xattr mode, since they could plant records")
 
 
 def mount_args(args: argparse.Namespace) -> list[str]:
@@ -136,6 +140,21 @@ def check_reachable(paths: Sequence[tuple[str, int]], what: str) -> None:
                     f"{bad}{mode} blocks uid {uid} from {what} {variant}, and the namespace "
                     f"has no capabilities on host files; move it under a directory every "
                     f"user can enter (e.g. /opt or /work) or 'chmod o+x {bad}'")
+
+
+def check_private_source(sources: Sequence[str], mode_args: Sequence[str], allow_shared: bool) -> None:
+    """Xattr mode: nobody else may write into a served tree (shiftfs.ownership.trust).
+
+    Checked here on the host, as the invoking user; inside the namespace the
+    owners of the directories above SOURCE are unmapped, so the daemon is
+    told ``allow_shared_source`` (see :func:`_start_daemon`).
+    """
+    if "--xattr" not in mode_args or allow_shared:
+        return
+    for source in sources:
+        problem = trust.source_problem(source, os.getuid(), "--allow-shared-source")
+        if problem:
+            raise SetupError(problem)
 
 
 def check_daemon_can_start(mode_args: Sequence[str], idmap: userns.NamespaceMaps) -> None:
@@ -378,7 +397,8 @@ def _start_daemon(layout: Layout, source: str, src_fd: int, log_fd: int, view: s
     on ``src_fd``; return once the mount is live. The daemon stays behind as
     our child in pid namespace A, in its own session (a terminal's ^C must
     not reach it)."""
-    opts = f"suid,dev,{layout.mount_opts + ',' if layout.mount_opts else ''}" \
+    # allow_shared_source: SOURCE was checked on the host (check_private_source).
+    opts = f"suid,dev,allow_shared_source,{layout.mount_opts + ',' if layout.mount_opts else ''}" \
            f"log=/proc/self/fd/{_LOG_FD}"
     if not any(c in source for c in ",\\ \t\n"):
         opts += f",fsname={source}"

@@ -62,6 +62,7 @@ class RunConfig:
     term: str | None = None  # the caller's TERM
     chdir: str = "/"
     hostname: str | None = None
+    allow_shared_source: bool = False
 
 
 # --- command line -------------------------------------------------------------
@@ -277,7 +278,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                     userns_base=args.userns_base,
                     binds=[_parse_bind(b) for b in args.bind], chdir=chdir,
                     hostname=args.hostname, setenv=_parse_setenv(args.setenv),
-                    term=os.environ.get("TERM"))
+                    term=os.environ.get("TERM"), allow_shared_source=args.allow_shared_source)
     if args.user:
         uid, gid, env = _lookup_user(root, args.user)
         cfg.user, cfg.user_env = (uid, gid), env
@@ -329,6 +330,8 @@ def check_config(cfg: RunConfig, idmap: userns.NamespaceMaps) -> None:
             raise SetupError(f"--bind {b.source}:{b.target}:shift: {b.source} is owned by uid "
                              f"{owner}, not by you (uid {uid}); drop shift or "
                              f"'chown -R {uid} {b.source}'")
+    launcher.check_private_source([cfg.root] + [b.source for b in cfg.binds if b.shift],
+                                  cfg.mount_args, cfg.allow_shared_source)
     if cfg.user:
         vuid, vgid = cfg.user
         if not idmap.maps_uid(vuid) or not idmap.maps_gid(vgid):

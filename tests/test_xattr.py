@@ -675,18 +675,24 @@ def test_no_record_and_malformed_records(work):
     src, mp = work / "src", work / "mp"
     for name in ("plain", "garbage", "toolarge", "wrongtype", "dir-as-link"):
         (src / name).write_text("data")
+    (src / "foreign").write_text("data")
     os.mkdir(src / "dir")
-    os.chown(src / "plain", 123, 456)
+    os.chown(src / "plain", 0, 456)
     os.chmod(src / "plain", 0o640)
+    # Another user's file: its record is not read, it shows as the overflow id (issue 14).
+    os.chown(src / "foreign", 123, 456)
+    os.chmod(src / "foreign", 0o4750)
+    os.setxattr(src / "foreign", RECORD, b"0:0:104755")
     os.setxattr(src / "garbage", RECORD, b"not a record")
     os.setxattr(src / "toolarge", RECORD, b"99999999999:0:100644")
     os.setxattr(src / "wrongtype", RECORD, b"0:0:40755")  # a dir record on a regular file
     os.setxattr(src / "dir", RECORD, b"0:0:120777")  # a symlink record on a dir
     os.setxattr(src / "dir-as-link", RECORD, b"0:0:0644:symlink")
-    os.chown(src / "garbage", 77, 77)
+    os.chown(src / "garbage", 0, 77)
     m = new_mount(work)
-    assert owner(mp / "plain") == (123, 456) and perm(mp / "plain") == 0o640
-    assert owner(mp / "garbage") == (77, 77)
+    assert owner(mp / "plain") == (0, 456) and perm(mp / "plain") == 0o640
+    assert owner(mp / "foreign") == (65534, 65534) and perm(mp / "foreign") == 0o750
+    assert owner(mp / "garbage") == (0, 77)
     for name in ("toolarge", "wrongtype", "dir-as-link"):
         assert stat.S_ISREG(lst(mp / name).st_mode), name
         assert (mp / name).read_text() == "data"
@@ -695,34 +701,51 @@ def test_no_record_and_malformed_records(work):
     # re-read after the kernel forgot the inodes: still no crash, one warning per inode
     sh("sync; echo 2 > /proc/sys/vm/drop_caches")
     for _ in range(3):
-        assert owner(mp / "garbage") == (77, 77)
+        assert owner(mp / "garbage") == (0, 77)
     log = m.log_text()
     assert log.count("malformed record") == 5, log
     assert "not a record" in log
-    # a change writes a good record
+    assert log.count("not believing") == 1, log
+    # a change writes a good record; another user's file gets none
     os.chmod(mp / "garbage", 0o600)
-    assert record(src / "garbage") == b"77:77:100600"
+    assert record(src / "garbage") == b"0:77:100600"
+    with pytest.raises(PermissionError):
+        os.chmod(mp / "foreign", 0o4755)
     m.umount()
 
     m2 = new_mount(work, ["default_owner=0:0"], mp="mp")
     assert owner(mp / "plain") == (0, 0) and perm(mp / "plain") == 0o640
     assert owner(mp / "wrongtype") == (0, 0)
-    assert owner(mp / "garbage") == (77, 77)  # has a good record now
+    assert owner(mp / "garbage") == (0, 77)  # has a good record now
+    assert owner(mp / "foreign") == (65534, 65534)
     m2.umount()
 
 
 def test_tree_made_outside_the_mount(work):
-    """A backing tree with real owners and privilege bits and no records (e.g. untarred natively)."""
+    """A backing tree with real owners and privilege bits and no records (e.g. untarred natively).
+
+    The daemon's own inodes (root's here) show their backing owner and mode;
+    the mount moves setuid/setgid and group write into records before
+    serving. Other users' inodes show as the overflow id without
+    setuid/setgid (issue 14: only the daemon's user is believed).
+    """
     src, mp = work / "src", work / "mp"
     (src / "sg").mkdir()
     os.chown(src / "sg", 0, 50)
     os.chmod(src / "sg", 0o2775)
     (src / "suid").write_text("")
-    os.chown(src / "suid", 7, 8)
+    os.chown(src / "suid", 0, 8)
     os.chmod(src / "suid", 0o4755)
+    (src / "other").write_text("")
+    os.chown(src / "other", 7, 8)
+    os.chmod(src / "other", 0o4755)
     with ShiftMount(src, mp):
         # no record: the backing owner and mode, as they are
-        assert owner(mp / "suid") == (7, 8) and perm(mp / "suid") == 0o4755
+        assert owner(mp / "suid") == (0, 8) and perm(mp / "suid") == 0o4755
+        assert owner(mp / "other") == (65534, 65534) and perm(mp / "other") == 0o755
+        # on disk the privilege bits now live in records only
+        assert perm(src / "suid") == 0o755 and record(src / "suid") == b"0:8:104755"
+        assert perm(src / "sg") == 0o755 and record(src / "sg") == b"0:50:42775"
         assert owner(mp / "sg") == (0, 50) and perm(mp / "sg") == 0o2775
         os.mkdir(mp / "sg" / "sub")
         (mp / "sg" / "f").write_text("")
@@ -732,8 +755,8 @@ def test_tree_made_outside_the_mount(work):
         assert owner(mp / "sg" / "f")[1] == 50
         # the first change writes a record and leaves a plain backing file
         os.chmod(mp / "suid", 0o4750)
-        assert record(src / "suid") == b"7:8:104750"
-        assert perm(src / "suid") == 0o750 and owner(mp / "suid") == (7, 8)
+        assert record(src / "suid") == b"0:8:104750"
+        assert perm(src / "suid") == 0o750 and owner(mp / "suid") == (0, 8)
 
 
 def test_unprivileged_daemon_over_read_only_tree(work):

@@ -130,7 +130,7 @@ def absorb(
     """
     umap, gmap = parse_map_args(maps or [])
     root_fd = open_root(root)
-    store = open_store(root_fd, True, legacy_xattr)
+    store = open_store(root_fd, True, legacy_xattr, check=False)
     progress = progress or Progress("absorb", False)
     placeholders: dict[tuple[int, int], str] = {}
     times = _DirTimes()
@@ -298,7 +298,7 @@ def materialize(root: str, maps: list[str] | None, progress=None) -> list[str]:
     """
     umap, gmap = parse_map_args(maps or [])
     root_fd = open_root(root)
-    store = open_store(root_fd, False)
+    store = open_store(root_fd, False, check=False)
     progress = progress or Progress("materialize", False)
     devices: dict[tuple[int, int], str] = {}
     times = _DirTimes()

@@ -182,13 +182,21 @@ def open_beneath(root_fd: int, rel: str, flags: int = O_PATH_NOFOLLOW) -> int:
             os.close(fd)
 
 
-def open_store(root_fd: int, create: bool, legacy: bool = False, readonly: bool = False) -> RecordStore:
-    """The record store of a tree: read-only for readers, creating for writers."""
+def open_store(root_fd: int, create: bool, legacy: bool = False, readonly: bool = False,
+               check: bool = True) -> RecordStore:
+    """The record store of a tree: read-only for readers, creating for writers.
+
+    ``check=False`` is for absorb/materialize: root rewriting the ownership
+    of the whole tree, side table included, where the tree root's owner
+    changes half way and a rerun must read what the first run wrote.
+    """
     if readonly:
         store = RecordStore(root_fd, False, readonly=True)
     else:
         store = RecordStore(root_fd, create, write_legacy=legacy)
     # A side table someone else could have written is refused (shiftfs.ownership.trust).
+    if not check:
+        return store
     try:
         store.check_private(store.trusted_uid, fix=not readonly)
     except BaseException:

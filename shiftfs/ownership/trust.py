@@ -204,29 +204,49 @@ def fix_backing_modes(store, trusted_uid: int, unrecorded) -> tuple[int, list[st
         if fixed == 1:
             notes.insert(0, f"first: {rel or '.'} was {stat.S_IMODE(st.st_mode):04o}")
 
-    def visit(dirfd: int, name: str, rel: str, dev: int) -> None:
+    def look(dirfd: int, name: str, rel: str, dev: int) -> int | None:
+        """Fix one inode; an O_RDONLY descriptor of it if it is a directory to go into."""
         fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=dirfd)
         try:
             st = os.fstat(fd)
             if st.st_dev != dev:
-                return
+                return None
             if st.st_uid == trusted_uid and needs_fix(st):
                 fix(fd, st, rel)
             if not stat.S_ISDIR(st.st_mode):
-                return
-            sub = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+                return None
+            return os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
         finally:
             os.close(fd)
-        try:
-            for child in sorted(os.listdir(sub)):
-                if not rel and child == STORE_DIR:
-                    continue  # checked on its own (RecordStore.check_private)
-                try:
-                    visit(sub, child, f"{rel}/{child}" if rel else child, dev)
-                except (FileNotFoundError, PermissionError):
-                    continue  # gone meanwhile, or another user's directory we cannot enter
-        finally:
-            os.close(sub)
 
-    visit(store.root_fd, ".", "", os.fstat(store.root_fd).st_dev)
+    # Depth first without recursion (a deep tree must not hit Python's recursion
+    # limit), holding one directory descriptor per level.
+    dev = os.fstat(store.root_fd).st_dev
+    stack: list[tuple[int, list[str], str]] = []
+    try:
+        top = look(store.root_fd, ".", "", dev)
+        stack.append((top, sorted(os.listdir(top), reverse=True), ""))
+        while stack:
+            dfd, names, rel = stack[-1]
+            if not names:
+                os.close(dfd)
+                stack.pop()
+                continue
+            name = names.pop()
+            if not rel and name == STORE_DIR:
+                continue  # checked on its own (RecordStore.check_private)
+            crel = f"{rel}/{name}" if rel else name
+            try:
+                sub = look(dfd, name, crel, dev)
+                if sub is not None:
+                    try:
+                        stack.append((sub, sorted(os.listdir(sub), reverse=True), crel))
+                    except BaseException:
+                        os.close(sub)
+                        raise
+            except (FileNotFoundError, PermissionError):
+                continue  # gone meanwhile, or another user's directory we cannot enter
+    finally:
+        for dfd, _, _ in stack:
+            os.close(dfd)
     return fixed, notes

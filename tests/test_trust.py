@@ -31,9 +31,8 @@ import tarfile
 import time
 
 import pytest
-
-from fsutil import mount_shiftfs, py_as, run_as, SHIFTFS, USER_ENV
-from ns_util import make_host_root, remove_tree, throwaway_users, workdir, HOST_USR
+from fsutil import SHIFTFS, USER_ENV, mount_shiftfs, py_as, run_as
+from ns_util import HOST_USR, make_host_root, remove_tree, throwaway_users, workdir
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates test users: run as root")
 
@@ -432,7 +431,8 @@ def _run(user, *args, timeout=120):
     return subprocess.run(user.wrap(argv), capture_output=True, text=True, timeout=timeout, cwd="/")
 
 
-STAT = "for f in tmp/forged tmp/hardlink tmp/legit tmp/evil tmp/evildir tmp/evildir/x opt/legit; do stat -c '%n %u:%g %a' $f; done"
+STAT = ("for f in tmp/forged tmp/hardlink tmp/legit tmp/evil tmp/evildir tmp/evildir/x opt/legit; "
+        "do stat -c '%n %u:%g %a' $f; done")
 
 
 def _expect_clean(lines: list[str], prefix: str = "") -> None:

@@ -42,9 +42,12 @@ from __future__ import annotations
 import os
 import stat
 
+from ..syscalls import O_PATH_NOFOLLOW, proc_fd
 from .names import STORE_DIR
 from .record import Record, decode, encode
 from ..sys.files import O_PATH_NOFOLLOW, proc_fd
+from .names import STORE_DIR
+from .record import Record, decode, encode
 
 __all__ = [
     "OTHERS_WRITE", "needs_fix", "fix_backing_modes", "record_counts", "why_foreign", "source_problem",

@@ -42,9 +42,6 @@ from __future__ import annotations
 import os
 import stat
 
-from ..syscalls import O_PATH_NOFOLLOW, proc_fd
-from .names import STORE_DIR
-from .record import Record, decode, encode
 from ..sys.files import O_PATH_NOFOLLOW, proc_fd
 from .names import STORE_DIR
 from .record import Record, decode, encode

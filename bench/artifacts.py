@@ -105,8 +105,9 @@ def build_minbase(path: str, timeout: float = 1200, quiet: bool = True) -> None:
         except subprocess.TimeoutExpired as e:
             raise RuntimeError(f"mmdebstrap timed out after {timeout:.0f} s") from e
         if res.returncode != 0:
-            raise RuntimeError(f"mmdebstrap failed (exit {res.returncode}): "
-                               + (res.stderr.strip().splitlines() or ["no output"])[-1])
+            raise RuntimeError(
+                f"mmdebstrap failed (exit {res.returncode}): " + (res.stderr.strip().splitlines() or ["no output"])[-1]
+            )
         if dpkg_status(part) is None:
             raise RuntimeError(f"mmdebstrap did not write a Debian root tarball at {part}")
         os.chmod(part, 0o644)

@@ -11,7 +11,7 @@ import sys
 from . import report
 from . import targets as T
 from . import workloads as W
-from .runner import IMAGE_BUILD, MiB, Config, Runner
+from .runner import IMAGE_BUILD, Config, MiB, Runner
 from .sysutil import log
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -26,21 +26,33 @@ def _size(s: str) -> int:
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench",
-                                description="Benchmark shiftfs against native, a kernel idmapped mount and "
-                                            "FUSE peers on the same backing filesystem (run as root).")
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark shiftfs against native, a kernel idmapped mount and "
+        "FUSE peers on the same backing filesystem (run as root).",
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="tiny sizes, 1 round, disk backing (default)")
     g.add_argument("--full", action="store_true", help="Debian minbase, 1 GiB I/O, 5 rounds, disk + tmpfs")
-    p.add_argument("--out", help="output directory (default: bench/results for a whole full run, "
-                                 "bench/results/partial with --targets/--workloads, bench/results/quick for --quick)")
+    p.add_argument(
+        "--out",
+        help="output directory (default: bench/results for a whole full run, "
+        "bench/results/partial with --targets/--workloads, bench/results/quick for --quick)",
+    )
     p.add_argument("--rounds", type=int, help="rounds (interleaved repetitions)")
     p.add_argument("--targets", help="comma list, from: " + ",".join(T.BY_NAME))
-    p.add_argument("--workloads", help="comma list, from: " + ",".join([*W.BY_NAME, IMAGE_BUILD])
-                   + f" ({IMAGE_BUILD}: mmdebstrap minbase as real root, under shiftfs exec and through "
-                   "peers; in --full by default, in --quick only when named)")
-    p.add_argument("--tree", choices=["auto", "minbase", "generated"],
-                   help="archive to untar: cached mmdebstrap minbase, or a generated tree of the same shape")
+    p.add_argument(
+        "--workloads",
+        help="comma list, from: "
+        + ",".join([*W.BY_NAME, IMAGE_BUILD])
+        + f" ({IMAGE_BUILD}: mmdebstrap minbase as real root, under shiftfs exec and through "
+        "peers; in --full by default, in --quick only when named)",
+    )
+    p.add_argument(
+        "--tree",
+        choices=["auto", "minbase", "generated"],
+        help="archive to untar: cached mmdebstrap minbase, or a generated tree of the same shape",
+    )
     p.add_argument("--scale", type=float, help="generated tree size relative to minbase (quick: 0.1)")
     p.add_argument("--seq-size", type=_size, help="sequential file size, e.g. 1g")
     p.add_argument("--rand-size", type=_size, help="random I/O file size")
@@ -50,8 +62,9 @@ def parse(argv=None):
     p.add_argument("--timeout", type=float, help="per step time limit, seconds")
     p.add_argument("--shiftfs", help="shiftfs command (default: the venv's shiftfs)")
     p.add_argument("--no-shiftfs-stats", action="store_true", help="don't collect shiftfs request counters")
-    p.add_argument("--render", metavar="JSON",
-                   help="only redraw latest.md and latest.png from a results JSON (no root needed)")
+    p.add_argument(
+        "--render", metavar="JSON", help="only redraw latest.md and latest.png from a results JSON (no root needed)"
+    )
     a = p.parse_args(argv)
     if a.render:
         return a.render, os.path.abspath(a.out or os.path.dirname(os.path.abspath(a.render)))
@@ -69,8 +82,7 @@ def parse(argv=None):
         chosen = [x for x in a.workloads.split(",") if x]
         bad = [x for x in chosen if x not in W.BY_NAME and x != IMAGE_BUILD]
         if bad:
-            p.error(f"unknown workload(s): {', '.join(bad)}; choose from "
-                    + ",".join([*W.BY_NAME, IMAGE_BUILD]))
+            p.error(f"unknown workload(s): {', '.join(bad)}; choose from " + ",".join([*W.BY_NAME, IMAGE_BUILD]))
         phases = [x for x in chosen if x != IMAGE_BUILD]
         full = W.with_needs(phases)
         if len(full) > len(phases):
@@ -123,8 +135,10 @@ def main(argv=None) -> int:
         return 2
     for s in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, _terminate)
-    log(f"{cfg.mode} run: rounds={cfg.rounds} tree={cfg.tree} seq={cfg.seq_bytes // MiB} MiB "
-        f"backings={','.join(cfg.backings)} out={out}")
+    log(
+        f"{cfg.mode} run: rounds={cfg.rounds} tree={cfg.tree} seq={cfg.seq_bytes // MiB} MiB "
+        f"backings={','.join(cfg.backings)} out={out}"
+    )
     res = Runner(cfg).run()
     paths = report.write(res, out)
     log("wrote " + ", ".join(paths.values()))

@@ -17,8 +17,15 @@ import stat
 
 OVERRIDE_XATTRS = ("user.containers.override_stat", "user.fuseoverlayfs.override_stat")
 
-_TYPES = {stat.S_IFDIR: "dir", stat.S_IFREG: "file", stat.S_IFLNK: "symlink", stat.S_IFCHR: "chr",
-          stat.S_IFBLK: "blk", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "sock"}
+_TYPES = {
+    stat.S_IFDIR: "dir",
+    stat.S_IFREG: "file",
+    stat.S_IFLNK: "symlink",
+    stat.S_IFCHR: "chr",
+    stat.S_IFBLK: "blk",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "sock",
+}
 
 
 def _walk(root: str):
@@ -108,8 +115,9 @@ def store_snapshot(root: str, style: str) -> dict:
     return snap
 
 
-def compare(name: str, native_view: dict, target_view: dict, target_store: dict | None,
-            expect_store, limit: int = 8) -> dict:
+def compare(
+    name: str, native_view: dict, target_view: dict, target_store: dict | None, expect_store, limit: int = 8
+) -> dict:
     """Return {'passed', 'checked', 'mismatches', 'examples'}.
 
     expect_store(view_entry) -> expected store tuple (or None to skip that entry).

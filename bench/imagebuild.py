@@ -43,10 +43,14 @@ MMDEBSTRAP = ["mmdebstrap", "--variant=minbase", "--mode=root"]
 #: Every build: real root first (the reference), then shiftfs exec, then peers.
 BUILDS = {
     "real-root": ("real root", "mmdebstrap --mode=root as root into a plain directory"),
-    "shiftfs-exec": ("shiftfs exec (xattr, unprivileged)",
-                     "a throwaway user with a subordinate range: shiftfs exec --shift ./rootfs -- mmdebstrap ..."),
-    "fuse-overlayfs-xattr": ("fuse-overlayfs (xattr)",
-                             "as root into fuse-overlayfs -o xattr_permissions=2 (empty lowerdir)"),
+    "shiftfs-exec": (
+        "shiftfs exec (xattr, unprivileged)",
+        "a throwaway user with a subordinate range: shiftfs exec --shift ./rootfs -- mmdebstrap ...",
+    ),
+    "fuse-overlayfs-xattr": (
+        "fuse-overlayfs (xattr)",
+        "as root into fuse-overlayfs -o xattr_permissions=2 (empty lowerdir)",
+    ),
     "bindfs": ("bindfs", "as root into bindfs --map (disk 100000+i <-> view i)"),
 }
 #: Ids a minbase build uses (root, shadow 42, utmp 43, staff 50, mail 8, _apt 42, nogroup).
@@ -79,9 +83,16 @@ def ensure_debs(cache: str, workdir: str, timeout: float) -> list[str]:
     scratch = os.path.join(workdir, "fill-rootfs")
     log(f"filling the image-build package cache {d} (one untimed mmdebstrap run with downloads)")
     try:
-        run([*MMDEBSTRAP, "--skip=cleanup/apt/cache,essential/unlink",
-             f"--customize-hook=cp \"$1\"/var/cache/apt/archives/*.deb {shlex.quote(part)}/",
-             SUITE, scratch], timeout=timeout)
+        run(
+            [
+                *MMDEBSTRAP,
+                "--skip=cleanup/apt/cache,essential/unlink",
+                f'--customize-hook=cp "$1"/var/cache/apt/archives/*.deb {shlex.quote(part)}/',
+                SUITE,
+                scratch,
+            ],
+            timeout=timeout,
+        )
         if not glob.glob(os.path.join(part, "*.deb")):
             raise StepError("the cache fill copied no .deb out of /var/cache/apt/archives")
         with open(os.path.join(part, COMPLETE), "w") as f:
@@ -109,8 +120,7 @@ def stage_debs(debs: list[str], dest: str) -> str:
 def mmdebstrap_argv(debs: str, target: str) -> list[str]:
     """The timed build: packages from *debs*, the apt cache cleaned afterwards
     as in any build (so the trees compare equal)."""
-    hook = (f'mkdir -p "$1"/var/cache/apt/archives && '
-            f'cp {shlex.quote(debs)}/*.deb "$1"/var/cache/apt/archives/')
+    hook = f'mkdir -p "$1"/var/cache/apt/archives && cp {shlex.quote(debs)}/*.deb "$1"/var/cache/apt/archives/'
     # not --quiet: a failed build's reason is in dpkg's output (see imagerun._timed)
     return [*MMDEBSTRAP, f"--setup-hook={hook}", SUITE, target]
 
@@ -118,8 +128,9 @@ def mmdebstrap_argv(debs: str, target: str) -> list[str]:
 def missing_from_cache(rootfs: str, debs: list[str]) -> list[str]:
     """Installed packages (name_version) with no .deb in the cache: what apt had
     to download in the timed build because the mirror moved on."""
-    have = {os.path.basename(p).split("_")[0] + "_" + os.path.basename(p).split("_")[1].replace("%3a", ":")
-            for p in debs}
+    have = {
+        os.path.basename(p).split("_")[0] + "_" + os.path.basename(p).split("_")[1].replace("%3a", ":") for p in debs
+    }
     out = []
     try:
         with open(os.path.join(rootfs, "var/lib/dpkg/status"), errors="replace") as f:
@@ -137,6 +148,7 @@ def missing_from_cache(rootfs: str, debs: list[str]) -> list[str]:
 
 # ---- comparing the trees ------------------------------------------------------
 
+
 def _entry(t, mode, uid, gid, link):
     # guard.VIEW_FIELDS order; size, rdev and nlink are not compared
     # (logs and caches differ in size between two builds)
@@ -153,9 +165,16 @@ def dir_snapshot(root: str) -> dict:
     return snap
 
 
-_TAR_TYPES = {tarfile.REGTYPE: "file", tarfile.AREGTYPE: "file", tarfile.LNKTYPE: "file",
-              tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink", tarfile.CHRTYPE: "chr",
-              tarfile.BLKTYPE: "blk", tarfile.FIFOTYPE: "fifo"}
+_TAR_TYPES = {
+    tarfile.REGTYPE: "file",
+    tarfile.AREGTYPE: "file",
+    tarfile.LNKTYPE: "file",
+    tarfile.DIRTYPE: "dir",
+    tarfile.SYMTYPE: "symlink",
+    tarfile.CHRTYPE: "chr",
+    tarfile.BLKTYPE: "blk",
+    tarfile.FIFOTYPE: "fifo",
+}
 
 
 def tar_snapshot(path: str) -> dict:
@@ -164,8 +183,9 @@ def tar_snapshot(path: str) -> dict:
         for m in tf:
             rel = os.path.normpath(m.name.lstrip("/"))
             rel = "." if rel in ("", ".") else rel.removeprefix("./")
-            snap[rel] = _entry(_TAR_TYPES.get(m.type, "other"), m.mode, m.uid, m.gid,
-                               m.linkname if m.type == tarfile.SYMTYPE else None)
+            snap[rel] = _entry(
+                _TAR_TYPES.get(m.type, "other"), m.mode, m.uid, m.gid, m.linkname if m.type == tarfile.SYMTYPE else None
+            )
     return snap
 
 

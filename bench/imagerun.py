@@ -31,8 +31,14 @@ def _timed(argv: list[str], timeout: float, cwd: str | None = None) -> float:
     """Run argv in its own process group; seconds it took. On a timeout the
     whole group (everything the build started) is killed, by its id."""
     t0 = time.perf_counter()
-    p = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, start_new_session=True)
+    p = subprocess.Popen(
+        argv,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         _, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -49,9 +55,9 @@ def _timed(argv: list[str], timeout: float, cwd: str | None = None) -> float:
     return seconds
 
 
-
 #: Image-build rounds at most (each is one mmdebstrap per build, minutes long).
 MAX_ROUNDS = 3
+
 
 class ImageBuilds:
     """The image-build step for one run: owns its info block of the results."""
@@ -62,10 +68,15 @@ class ImageBuilds:
         self.cache = cache
         self.timeout = max(self.cfg.step_timeout, 1200.0)
         self.shiftfs_cmd = self.cfg.shiftfs_cmd or T.default_shiftfs()
-        self.info = {"suite": IB.SUITE, "variant": "minbase",
-                     "command": " ".join(IB.mmdebstrap_argv("DEBS", "DIR")),
-                     "builds": {n: {"label": lab, "how": how, "status": {}} for n, (lab, how) in IB.BUILDS.items()},
-                     "checks": [], "notes": [], "debs": None}
+        self.info = {
+            "suite": IB.SUITE,
+            "variant": "minbase",
+            "command": " ".join(IB.mmdebstrap_argv("DEBS", "DIR")),
+            "builds": {n: {"label": lab, "how": how, "status": {}} for n, (lab, how) in IB.BUILDS.items()},
+            "checks": [],
+            "notes": [],
+            "debs": None,
+        }
         self.debs: list[str] = []
 
     # ------------------------------------------------------------------
@@ -80,8 +91,11 @@ class ImageBuilds:
             self.info["notes"].append(f"could not fill the package cache: {e}")
             log(f"image build: could not fill the package cache: {e}")
             return False
-        self.info["debs"] = {"dir": IB.debs_dir(self.cache), "count": len(self.debs),
-                             "bytes": sum(os.path.getsize(p) for p in self.debs)}
+        self.info["debs"] = {
+            "dir": IB.debs_dir(self.cache),
+            "count": len(self.debs),
+            "bytes": sum(os.path.getsize(p) for p in self.debs),
+        }
         # the throwaway user walks into the work dir (mkdtemp made it 0700)
         os.chmod(base, 0o711)
         return True
@@ -156,8 +170,9 @@ class ImageBuilds:
                 for d in (work, tree):
                     os.chown(d, user.uid, user.gid)
                 os.sync()
-                argv = user.wrap([*self.shiftfs_cmd, "exec", "--shift", "./rootfs", "--",
-                                  *IB.mmdebstrap_argv(staged, "./rootfs")])
+                argv = user.wrap(
+                    [*self.shiftfs_cmd, "exec", "--shift", "./rootfs", "--", *IB.mmdebstrap_argv(staged, "./rootfs")]
+                )
                 seconds = _timed(argv, self.timeout, cwd=work)
             else:
                 peer.prepare()
@@ -180,8 +195,14 @@ class ImageBuilds:
         finally:
             if peer is not None:
                 peer.unmount()
-        rec = {"backing": backing, "round": r, "target": name, "workload": "image_build",
-               "seconds": round(seconds, 3) if seconds is not None else None, "error": err}
+        rec = {
+            "backing": backing,
+            "round": r,
+            "target": name,
+            "workload": "image_build",
+            "seconds": round(seconds, 3) if seconds is not None else None,
+            "error": err,
+        }
         if cpu is not None:
             rec["daemon_cpu_s"] = cpu
         self.r.records.append(rec)
@@ -189,9 +210,11 @@ class ImageBuilds:
         return tree
 
     def _stale(self, missing):
-        note = (f"{len(missing)} installed package(s) were not in the local cache, so apt downloaded them "
-                f"in the timed build (the mirror moved on), e.g. {', '.join(missing[:3])}; "
-                "the cache is refilled on the next run")
+        note = (
+            f"{len(missing)} installed package(s) were not in the local cache, so apt downloaded them "
+            f"in the timed build (the mirror moved on), e.g. {', '.join(missing[:3])}; "
+            "the cache is refilled on the next run"
+        )
         if note not in self.info["notes"]:
             self.info["notes"].append(note)
             log("image build: " + note)
@@ -219,12 +242,19 @@ class ImageBuilds:
                 res = IB.compare_trees(ref, got, name)
             except (StepError, OSError) as e:
                 res = {"passed": False, "checked": 0, "mismatches": 0, "examples": [f"check failed: {e}"]}
-            res.update({"backing": backing, "build": name,
-                        "how": "shiftfs export, then the tar" if name == "shiftfs-exec" else "the view"})
+            res.update(
+                {
+                    "backing": backing,
+                    "build": name,
+                    "how": "shiftfs export, then the tar" if name == "shiftfs-exec" else "the view",
+                }
+            )
             self.info["checks"].append(res)
-            log(f"  image_build check {name}: {'pass' if res['passed'] else 'FAIL'} "
+            log(
+                f"  image_build check {name}: {'pass' if res['passed'] else 'FAIL'} "
                 f"({res.get('entries_got', 0)} entries vs {res.get('entries_ref', 0)}; "
-                f"{res['mismatches']} mismatches)")
+                f"{res['mismatches']} mismatches)"
+            )
 
 
 class _no_user:

@@ -88,16 +88,38 @@ def make_userns(disk: int, view: int, count: int) -> int:
 
 def idmapped_bind(src: str, dst: str, userns_fd: int) -> None:
     """Bind-mount src on dst with the idmap of userns_fd (not recursive)."""
-    fd = _check(_libc.syscall(ctypes.c_long(SYS_open_tree), ctypes.c_long(AT_FDCWD),
-                              ctypes.c_char_p(os.fsencode(src)),
-                              ctypes.c_ulong(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC)), "open_tree")
+    fd = _check(
+        _libc.syscall(
+            ctypes.c_long(SYS_open_tree),
+            ctypes.c_long(AT_FDCWD),
+            ctypes.c_char_p(os.fsencode(src)),
+            ctypes.c_ulong(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC),
+        ),
+        "open_tree",
+    )
     try:
         attr = MountAttr(attr_set=MOUNT_ATTR_IDMAP, attr_clr=0, propagation=0, userns_fd=userns_fd)
-        _check(_libc.syscall(ctypes.c_long(SYS_mount_setattr), ctypes.c_long(fd), ctypes.c_char_p(b""),
-                             ctypes.c_ulong(AT_EMPTY_PATH), ctypes.byref(attr),
-                             ctypes.c_size_t(MOUNT_ATTR_SIZE_VER0)), "mount_setattr(MOUNT_ATTR_IDMAP)")
-        _check(_libc.syscall(ctypes.c_long(SYS_move_mount), ctypes.c_long(fd), ctypes.c_char_p(b""),
-                             ctypes.c_long(AT_FDCWD), ctypes.c_char_p(os.fsencode(dst)),
-                             ctypes.c_ulong(MOVE_MOUNT_F_EMPTY_PATH)), "move_mount")
+        _check(
+            _libc.syscall(
+                ctypes.c_long(SYS_mount_setattr),
+                ctypes.c_long(fd),
+                ctypes.c_char_p(b""),
+                ctypes.c_ulong(AT_EMPTY_PATH),
+                ctypes.byref(attr),
+                ctypes.c_size_t(MOUNT_ATTR_SIZE_VER0),
+            ),
+            "mount_setattr(MOUNT_ATTR_IDMAP)",
+        )
+        _check(
+            _libc.syscall(
+                ctypes.c_long(SYS_move_mount),
+                ctypes.c_long(fd),
+                ctypes.c_char_p(b""),
+                ctypes.c_long(AT_FDCWD),
+                ctypes.c_char_p(os.fsencode(dst)),
+                ctypes.c_ulong(MOVE_MOUNT_F_EMPTY_PATH),
+            ),
+            "move_mount",
+        )
     finally:
         os.close(fd)

@@ -62,8 +62,15 @@ def summarize(res: dict) -> dict:
                     "ratio_min": min(ratios) if ratios else None,
                     "ratio_max": max(ratios) if ratios else None,
                     "errors": errors,
-                    "guard": ("n/a" if not w.guard else "pass" if gl and all(g["passed"] for g in gl)
-                              else "fail" if gl else "not run"),
+                    "guard": (
+                        "n/a"
+                        if not w.guard
+                        else "pass"
+                        if gl and all(g["passed"] for g in gl)
+                        else "fail"
+                        if gl
+                        else "not run"
+                    ),
                     "peak_rss_kib": max(rss) if rss else None,
                     "daemon_cpu_s": _median(cpu),
                 }
@@ -83,8 +90,11 @@ def summarize_image_build(res: dict) -> dict:
     if not info:
         return {}
     recs = [r for r in res["records"] if r["workload"] == "image_build" and r["target"] in info["builds"]]
-    ref = {(r["backing"], r["round"]): r["seconds"] for r in recs
-           if r["target"] == "real-root" and not r["error"] and r["seconds"]}
+    ref = {
+        (r["backing"], r["round"]): r["seconds"]
+        for r in recs
+        if r["target"] == "real-root" and not r["error"] and r["seconds"]
+    }
     out = {}
     for backing in dict.fromkeys(r["backing"] for r in recs):
         row = {}
@@ -93,14 +103,23 @@ def summarize_image_build(res: dict) -> dict:
             if not mine:
                 continue
             times = [r["seconds"] for r in mine if not r["error"]]
-            ratios = [r["seconds"] / ref[(backing, r["round"])] for r in mine
-                      if not r["error"] and (backing, r["round"]) in ref]
+            ratios = [
+                r["seconds"] / ref[(backing, r["round"])]
+                for r in mine
+                if not r["error"] and (backing, r["round"]) in ref
+            ]
             cpu = [r["daemon_cpu_s"] for r in mine if r.get("daemon_cpu_s") is not None]
-            row[name] = {"n": len(times), "median_s": _median(times),
-                         "min_s": min(times) if times else None, "max_s": max(times) if times else None,
-                         "ratio": _median(ratios), "ratio_min": min(ratios) if ratios else None,
-                         "ratio_max": max(ratios) if ratios else None,
-                         "daemon_cpu_s": _median(cpu), "errors": [r["error"] for r in mine if r["error"]]}
+            row[name] = {
+                "n": len(times),
+                "median_s": _median(times),
+                "min_s": min(times) if times else None,
+                "max_s": max(times) if times else None,
+                "ratio": _median(ratios),
+                "ratio_min": min(ratios) if ratios else None,
+                "ratio_max": max(ratios) if ratios else None,
+                "daemon_cpu_s": _median(cpu),
+                "errors": [r["error"] for r in mine if r["error"]],
+            }
         out[backing] = row
     return out
 
@@ -116,17 +135,24 @@ def image_build_md(res: dict, summary: dict) -> list[str]:
     if not info:
         return []
     debs = info.get("debs") or {}
-    lines = ["## Image build", "",
-             f"`mmdebstrap --variant=minbase --mode=root {info['suite']} DIR`, the packages from a local cache "
-             f"({debs.get('count', '?')} .debs, {debs.get('bytes', 0) / 1e6:.0f} MB, copied into the new root's "
-             "/var/cache/apt/archives by a setup hook, so no .deb is downloaded in the timed build; "
-             "`apt-get update` still runs and its network time, about 10 s, is in every build). "
-             "Ratios are to the real-root build of the same round; lower is better.", ""]
+    lines = [
+        "## Image build",
+        "",
+        f"`mmdebstrap --variant=minbase --mode=root {info['suite']} DIR`, the packages from a local cache "
+        f"({debs.get('count', '?')} .debs, {debs.get('bytes', 0) / 1e6:.0f} MB, copied into the new root's "
+        "/var/cache/apt/archives by a setup hook, so no .deb is downloaded in the timed build; "
+        "`apt-get update` still runs and its network time, about 10 s, is in every build). "
+        "Ratios are to the real-root build of the same round; lower is better.",
+        "",
+    ]
     for backing, row in summary.items():
         fstype = res["backings"].get(backing, {}).get("fstype", "?")
-        lines += [f"Backing: {backing} ({fstype})", "",
-                  "| build | how | seconds (median, min–max) | ratio to real root | tree check |",
-                  "|---|---|---:|---:|---|"]
+        lines += [
+            f"Backing: {backing} ({fstype})",
+            "",
+            "| build | how | seconds (median, min–max) | ratio to real root | tree check |",
+            "|---|---|---:|---:|---|",
+        ]
         checks = {c["build"]: c for c in info["checks"] if c["backing"] == backing}
         for name, b in info["builds"].items():
             c = row.get(name)
@@ -149,12 +175,18 @@ def image_build_md(res: dict, summary: dict) -> list[str]:
             elif chk is None:
                 verdict = "not run"
             elif chk["passed"]:
-                verdict = (f"same tree ({chk.get('entries_got')} entries, via {chk.get('how')}"
-                           + (f"; {chk['dev_not_made']} entries of /dev not made: mmdebstrap populates "
-                              "/dev only where mknod works" if chk.get("dev_not_made") else "") + ")")
+                verdict = (
+                    f"same tree ({chk.get('entries_got')} entries, via {chk.get('how')}"
+                    + (
+                        f"; {chk['dev_not_made']} entries of /dev not made: mmdebstrap populates "
+                        "/dev only where mknod works"
+                        if chk.get("dev_not_made")
+                        else ""
+                    )
+                    + ")"
+                )
             else:
-                verdict = (f"✗ {chk['mismatches']} differences, e.g. "
-                           + "; ".join(f"`{e}`" for e in chk["examples"][:2]))
+                verdict = f"✗ {chk['mismatches']} differences, e.g. " + "; ".join(f"`{e}`" for e in chk["examples"][:2])
             lines.append(f"| {b['label']} | {b['how']} | {secs} | {ratio} | {_cell(verdict)} |")
         lines.append("")
     for n in info.get("notes", []):
@@ -190,9 +222,12 @@ def _fmt_s(x) -> str:
 def _per_request(rows: dict, req_t: list, targets: dict, entries: int) -> list[str]:
     """FUSE requests per tree entry (or per run for I/O workloads) and daemon CPU
     microseconds per request: the numbers the next speed lever is chosen from."""
-    lines = ["Per-request accounting (medians): FUSE requests per tree entry (I/O workloads: "
-             "requests per run) / daemon CPU µs per request. Counted by the kernel's "
-             "fuse_request_send tracepoint, the same way for every FUSE daemon.", ""]
+    lines = [
+        "Per-request accounting (medians): FUSE requests per tree entry (I/O workloads: "
+        "requests per run) / daemon CPU µs per request. Counted by the kernel's "
+        "fuse_request_send tracepoint, the same way for every FUSE daemon.",
+        "",
+    ]
     lines.append("| workload | " + " | ".join(targets[t]["label"] for t in req_t) + " |")
     lines.append("|---|" + "---:|" * len(req_t))
     for w in W.ALL:
@@ -228,7 +263,7 @@ def markdown(res: dict, summary: dict) -> str:
         f"- **Machine:** {m.get('cpu', '?')}, {m.get('cores')} cores, {m.get('mem_gib')} GiB, "
         f"kernel {m.get('kernel')}, {m.get('os', '')}; Python {m.get('python')}, pyfuse3 {m.get('pyfuse3', '?')}, "
         f"libfuse {m.get('libfuse3', '?')}. Shared VM: absolute times are noisy, ratios are paired per round.",
-        f"- **Backing:** " + "; ".join(f"{b}: {i['fstype']} ({i['options']})" for b, i in res["backings"].items()),
+        "- **Backing:** " + "; ".join(f"{b}: {i['fstype']} ({i['options']})" for b, i in res["backings"].items()),
     ]
     if tree:  # a run of only the image build untars no tree
         lines += [
@@ -247,8 +282,11 @@ def markdown(res: dict, summary: dict) -> str:
         "",
     ]
     if any(summary.values()):
-        lines += ["Cells: median time ratio to native (min–max over rounds); lower is better. "
-                  "✗guard = the tree differed from native's (see below).", ""]
+        lines += [
+            "Cells: median time ratio to native (min–max over rounds); lower is better. "
+            "✗guard = the tree differed from native's (see below).",
+            "",
+        ]
     for backing, rows in summary.items():
         if not rows:
             continue
@@ -303,8 +341,10 @@ def markdown(res: dict, summary: dict) -> str:
     if res["guards"] or any(summary.values()):
         lines += ["## Correctness guard", ""]
         npass = sum(1 for g in res["guards"] if g["passed"])
-        lines.append(f"{npass} of {len(res['guards'])} checks passed (view: type, size, mode, owner, group, "
-                     "link target, rdev, nlink vs native; store: owners as the target should write them).")
+        lines.append(
+            f"{npass} of {len(res['guards'])} checks passed (view: type, size, mode, owner, group, "
+            "link target, rdev, nlink vs native; store: owners as the target should write them)."
+        )
         lines.append("")
     seen = set()
     for g in fails:
@@ -312,8 +352,10 @@ def markdown(res: dict, summary: dict) -> str:
         if key in seen:
             continue
         seen.add(key)
-        lines.append(f"- **{targets[g['target']]['label']}**, {g['workload']} on {g['backing']}: "
-                     f"{g['mismatches']} mismatches, e.g. " + "; ".join(f"`{e}`" for e in g["examples"][:3]))
+        lines.append(
+            f"- **{targets[g['target']]['label']}**, {g['workload']} on {g['backing']}: "
+            f"{g['mismatches']} mismatches, e.g. " + "; ".join(f"`{e}`" for e in g["examples"][:3])
+        )
     errs = [r for r in res["records"] if r["error"]]
     if errs:
         lines += ["", "## Errors", ""]
@@ -321,7 +363,7 @@ def markdown(res: dict, summary: dict) -> str:
             lines.append(f"- {r['target']} {r['workload']} ({r['backing']}, round {r['round']}): {r['error']}")
     if targets:
         lines += ["", "## Targets", ""]
-    for t, i in targets.items():
+    for i in targets.values():
         st = ", ".join(f"{b}: {s}" for b, s in i["status"].items())
         line = f"- **{i['label']}** ({i.get('version') or 'n/a'}): {st}"
         if i.get("skip_reason"):
@@ -341,6 +383,7 @@ def markdown(res: dict, summary: dict) -> str:
 
 def chart(res: dict, summary: dict, path: str) -> None:
     import matplotlib  # noqa: PLC0415
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
@@ -364,8 +407,16 @@ def chart(res: dict, summary: dict, path: str) -> None:
                 lo.append(c["ratio"] - (c["ratio_min"] or c["ratio"]))
                 hi.append((c["ratio_max"] or c["ratio"]) - c["ratio"])
                 fail.append(c["guard"] == "fail")
-            bars = ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, color=cmap(i % 10),
-                          label=targets[t]["label"], error_kw={"elinewidth": 0.8})
+            bars = ax.bar(
+                xs,
+                ys,
+                width,
+                yerr=[lo, hi],
+                capsize=2,
+                color=cmap(i % 10),
+                label=targets[t]["label"],
+                error_kw={"elinewidth": 0.8},
+            )
             for b, f in zip(bars, fail):
                 if f:
                     b.set_hatch("xxx")
@@ -375,15 +426,19 @@ def chart(res: dict, summary: dict, path: str) -> None:
         ax.set_xticks(range(len(wl)))
         ax.set_xticklabels([w.name for w in wl], rotation=0, fontsize=8)
         ax.set_ylabel("time / native (log)")
-        ax.set_title(f"{backing} backing ({res['backings'][backing]['fstype']}) — median of "
-                     f"{res['config']['rounds']} round(s), bars = min–max; hatched = guard failed",
-                     fontsize=9)
+        ax.set_title(
+            f"{backing} backing ({res['backings'][backing]['fstype']}) — median of "
+            f"{res['config']['rounds']} round(s), bars = min–max; hatched = guard failed",
+            fontsize=9,
+        )
         ax.grid(axis="y", which="both", alpha=0.3)
         ax.legend(fontsize=7, ncol=3, loc="upper left")
     m = res["machine"]
-    fig.suptitle(f"shiftfs benchmark ({res['mode']}, {res['date'][:10]}, {m.get('cores')} cores, "
-                 f"kernel {m.get('kernel')}, tree {res['tree']['kind']} {res['tree']['entries']} entries)",
-                 fontsize=10)
+    fig.suptitle(
+        f"shiftfs benchmark ({res['mode']}, {res['date'][:10]}, {m.get('cores')} cores, "
+        f"kernel {m.get('kernel')}, tree {res['tree']['kind']} {res['tree']['entries']} entries)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -11,12 +11,11 @@ import time
 from dataclasses import dataclass, field
 
 from . import guard, trees
-from .imagerun import ImageBuilds
 from . import targets as T
 from . import workloads as W
 from .fusetrace import RequestTrace
-from .sysutil import (Cleanup, StepError, cpu_seconds, drop_caches, fs_of, log, reset_hwm, run,
-                      status_kib)
+from .imagerun import ImageBuilds
+from .sysutil import Cleanup, StepError, cpu_seconds, drop_caches, fs_of, log, reset_hwm, run, status_kib
 
 MiB = 1 << 20
 #: Not a per-target phase workload: its own step after the phases (bench.imagerun).
@@ -27,7 +26,7 @@ IMAGE_BUILD = "image_build"
 class Config:
     mode: str = "quick"
     rounds: int = 1
-    tree: str = "generated"          # auto | minbase | generated
+    tree: str = "generated"  # auto | minbase | generated
     gen_scale: float = 0.1
     seq_bytes: int = 64 * MiB
     rand_file_bytes: int = 16 * MiB
@@ -43,11 +42,20 @@ class Config:
     shiftfs_stats: bool = True
 
     @classmethod
-    def preset(cls, mode: str) -> "Config":
+    def preset(cls, mode: str) -> Config:
         if mode == "full":
-            return cls(mode="full", rounds=5, tree="auto", gen_scale=1.0, seq_bytes=1024 * MiB,
-                       rand_file_bytes=256 * MiB, rand_io_bytes=64 * MiB, backings=["disk", "tmpfs"],
-                       step_timeout=1800.0, workloads=[w.name for w in W.ALL] + [IMAGE_BUILD])
+            return cls(
+                mode="full",
+                rounds=5,
+                tree="auto",
+                gen_scale=1.0,
+                seq_bytes=1024 * MiB,
+                rand_file_bytes=256 * MiB,
+                rand_io_bytes=64 * MiB,
+                backings=["disk", "tmpfs"],
+                step_timeout=1800.0,
+                workloads=[w.name for w in W.ALL] + [IMAGE_BUILD],
+            )
         return cls()
 
 
@@ -76,8 +84,13 @@ class Watchdog:
 
 
 def machine_info(path: str) -> dict:
-    info = {"hostname": platform.node(), "kernel": platform.release(), "arch": platform.machine(),
-            "cores": os.cpu_count(), "python": platform.python_version()}
+    info = {
+        "hostname": platform.node(),
+        "kernel": platform.release(),
+        "arch": platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+    }
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -94,23 +107,34 @@ def machine_info(path: str) -> dict:
         pass
     try:
         import pyfuse3  # noqa: PLC0415
+
         info["pyfuse3"] = pyfuse3.__version__
     except Exception:  # noqa: BLE001
         pass
     try:
-        info["libfuse3"] = subprocess.run(["fusermount3", "--version"], capture_output=True, text=True,
-                                          timeout=10).stdout.strip().split()[-1]
+        info["libfuse3"] = (
+            subprocess.run(["fusermount3", "--version"], capture_output=True, text=True, timeout=10)
+            .stdout.strip()
+            .split()[-1]
+        )
     except Exception:  # noqa: BLE001
         pass
     for tool in ("fio", "tar"):
         try:
-            info[tool] = subprocess.run([tool, "--version"], capture_output=True, text=True,
-                                        timeout=10).stdout.strip().splitlines()[0]
+            info[tool] = (
+                subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=10)
+                .stdout.strip()
+                .splitlines()[0]
+            )
         except Exception:  # noqa: BLE001
             pass
     e = fs_of(path)
-    info["workdir_fs"] = {"fstype": e.get("fstype"), "source": e.get("source"),
-                          "options": e.get("super_options"), "mountpoint": e.get("mountpoint")}
+    info["workdir_fs"] = {
+        "fstype": e.get("fstype"),
+        "source": e.get("source"),
+        "options": e.get("super_options"),
+        "mountpoint": e.get("mountpoint"),
+    }
     return info
 
 
@@ -154,9 +178,14 @@ class Runner:
                 small = [rel for rel, size in st["regular"] if size <= cfg.small_limit]
                 tree_desc["small_files"] = len(small)
                 self.notes.extend(tree_desc.get("notes", []))
-                ctx = W.Ctx(archive=archive, small_files=small, seq_bytes=cfg.seq_bytes,
-                            rand_file_bytes=cfg.rand_file_bytes, rand_io_bytes=cfg.rand_io_bytes,
-                            timeout=cfg.step_timeout)
+                ctx = W.Ctx(
+                    archive=archive,
+                    small_files=small,
+                    seq_bytes=cfg.seq_bytes,
+                    rand_file_bytes=cfg.rand_file_bytes,
+                    rand_io_bytes=cfg.rand_io_bytes,
+                    timeout=cfg.step_timeout,
+                )
                 ids = sorted(set(st["ids"]) | set(ctx.chown_to) | {0})
 
             os.makedirs(cfg.workdir, exist_ok=True)
@@ -217,8 +246,11 @@ class Runner:
             run(["mount", "-t", "tmpfs", "-o", f"size={cfg.tmpfs_size},mode=0755", "bench-tmpfs", root])
             self.cleanup.add_mount(root)
         e = fs_of(root)
-        self.backing_info[backing] = {"fstype": e.get("fstype"), "options": e.get("super_options"),
-                                      "source": e.get("source")}
+        self.backing_info[backing] = {
+            "fstype": e.get("fstype"),
+            "options": e.get("super_options"),
+            "source": e.get("source"),
+        }
         log(f"backing '{backing}': {e.get('fstype')} at {root}")
         if ctx is not None:
             self._run_targets(root, backing, ctx, ids)
@@ -229,8 +261,16 @@ class Runner:
             except (StepError, OSError, RuntimeError, subprocess.SubprocessError) as e:
                 msg = f"image build stopped: {type(e).__name__}: {e}"
                 log(msg)
-                self.records.append({"backing": backing, "round": 0, "target": "image build",
-                                     "workload": IMAGE_BUILD, "seconds": None, "error": msg})
+                self.records.append(
+                    {
+                        "backing": backing,
+                        "round": 0,
+                        "target": "image build",
+                        "workload": IMAGE_BUILD,
+                        "seconds": None,
+                        "error": msg,
+                    }
+                )
         if backing == "tmpfs":
             self.cleanup.drop_mount(root)
             run(["umount", root], check=False)
@@ -243,8 +283,7 @@ class Runner:
         for name in cfg.targets:
             cls = T.BY_NAME[name]
             t = cls(root, self.cleanup, ids=ids, shiftfs_cmd=cfg.shiftfs_cmd)
-            info = self.target_info.setdefault(name, {"label": t.label, "kind": t.kind, "status": {},
-                                                      "notes": []})
+            info = self.target_info.setdefault(name, {"label": t.label, "kind": t.kind, "status": {}, "notes": []})
             why = t.probe()
             info["version"] = t.version
             for n in t.notes:
@@ -271,8 +310,9 @@ class Runner:
         for r in range(cfg.rounds):
             k = r % len(targets)
             order = targets[k:] + targets[:k]
-            self.rounds_meta.append({"backing": backing, "round": r, "order": [t.name for t in order],
-                                     "loadavg_start": loadavg()})
+            self.rounds_meta.append(
+                {"backing": backing, "round": r, "order": [t.name for t in order], "loadavg_start": loadavg()}
+            )
             log(f"[{backing}] round {r + 1}/{cfg.rounds}: {' '.join(t.name for t in order)}")
             alive = {}
             for t in order:
@@ -370,16 +410,20 @@ class Runner:
             err = str(e)
             if isinstance(e, OSError) and not isinstance(e, StepError):
                 err = f"{type(e).__name__}: {e}"
-        self._record(backing, r, t, w, seconds=seconds, error=err, extra=extra, hwm=hwm, cpu=cpu,
-                     counters=counters)
+        self._record(backing, r, t, w, seconds=seconds, error=err, extra=extra, hwm=hwm, cpu=cpu, counters=counters)
         status = f"{seconds:8.3f}s" if err is None else f"ERROR {err}"
         log(f"  {w.name:<10} {t.name:<21} {status}" + (f"  rss {hwm // 1024} MiB" if hwm else ""))
         return err is None
 
-    def _record(self, backing, r, t, w, seconds=None, error=None, extra=None, hwm=None, cpu=None,
-                counters=None):
-        rec = {"backing": backing, "round": r, "target": t.name, "workload": w.name if w else None,
-               "seconds": round(seconds, 6) if seconds is not None else None, "error": error}
+    def _record(self, backing, r, t, w, seconds=None, error=None, extra=None, hwm=None, cpu=None, counters=None):
+        rec = {
+            "backing": backing,
+            "round": r,
+            "target": t.name,
+            "workload": w.name if w else None,
+            "seconds": round(seconds, 6) if seconds is not None else None,
+            "error": error,
+        }
         if extra:
             rec["extra"] = extra
         if hwm is not None:
@@ -407,13 +451,18 @@ class Runner:
                 if got is None:
                     continue  # the step failed; the error is recorded
                 if ref is None:
-                    res = {"passed": False, "checked": 0, "mismatches": 0,
-                           "examples": ["no native reference (native failed)"]}
+                    res = {
+                        "passed": False,
+                        "checked": 0,
+                        "mismatches": 0,
+                        "examples": ["no native reference (native failed)"],
+                    }
                 else:
-                    res = guard.compare(t.name, ref[0], got[0], got[1],
-                                        t.expect_store if t.kind != "native" else None)
+                    res = guard.compare(t.name, ref[0], got[0], got[1], t.expect_store if t.kind != "native" else None)
                 res.update({"backing": backing, "round": r, "target": t.name, "workload": w.name})
                 self.guards.append(res)
                 if not res["passed"]:
-                    log(f"  GUARD FAILED {w.name} {t.name}: {res['mismatches']} mismatches, e.g. "
-                        + "; ".join(res["examples"][:3]))
+                    log(
+                        f"  GUARD FAILED {w.name} {t.name}: {res['mismatches']} mismatches, e.g. "
+                        + "; ".join(res["examples"][:3])
+                    )

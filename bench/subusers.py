@@ -107,9 +107,23 @@ def throwaway_user(prefix: str = "sfb") -> Iterator[SubUser]:
     fixed: dict[str, bool] = {}
     try:
         with _locked():
-            subprocess.run(["useradd", "-M", "-s", "/bin/sh", "-d", "/nonexistent",
-                            "-K", "SUB_UID_COUNT=0", "-K", "SUB_GID_COUNT=0", name],
-                           check=True, capture_output=True)
+            subprocess.run(
+                [
+                    "useradd",
+                    "-M",
+                    "-s",
+                    "/bin/sh",
+                    "-d",
+                    "/nonexistent",
+                    "-K",
+                    "SUB_UID_COUNT=0",
+                    "-K",
+                    "SUB_GID_COUNT=0",
+                    name,
+                ],
+                check=True,
+                capture_output=True,
+            )
             pw = pwd.getpwnam(name)
             start = free_block(ranges_in_use())
             for path in SUBID_FILES:
@@ -123,8 +137,9 @@ def throwaway_user(prefix: str = "sfb") -> Iterator[SubUser]:
                 if path not in fixed:
                     continue
                 data = _read(path)
-                keep = [ln for ln in data.splitlines(keepends=True)
-                        if ln.split(b":", 1)[0].decode(errors="replace") != name]
+                keep = [
+                    ln for ln in data.splitlines(keepends=True) if ln.split(b":", 1)[0].decode(errors="replace") != name
+                ]
                 out = b"".join(keep)
                 if fixed[path] and out.endswith(b"\n"):
                     out = out[:-1]

@@ -48,8 +48,8 @@ def _unescape(s: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as \ooo
     out, i = [], 0
     while i < len(s):
-        if s[i] == "\\" and len(s[i + 1:i + 4]) == 3 and s[i + 1:i + 4].isdigit():
-            out.append(chr(int(s[i + 1:i + 4], 8)))
+        if s[i] == "\\" and len(s[i + 1 : i + 4]) == 3 and s[i + 1 : i + 4].isdigit():
+            out.append(chr(int(s[i + 1 : i + 4], 8)))
             i += 4
         else:
             out.append(s[i])
@@ -64,12 +64,17 @@ def mountinfo() -> list[dict]:
             left, _, right = line.rstrip("\n").partition(" - ")
             a = left.split()
             b = right.split()
-            rows.append({
-                "id": a[0], "mountpoint": _unescape(a[4]), "options": a[5],
-                "fstype": b[0] if b else "", "source": _unescape(b[1]) if len(b) > 1 else "",
-                "super_options": b[2] if len(b) > 2 else "",
-                "optional": " ".join(a[6:]),
-            })
+            rows.append(
+                {
+                    "id": a[0],
+                    "mountpoint": _unescape(a[4]),
+                    "options": a[5],
+                    "fstype": b[0] if b else "",
+                    "source": _unescape(b[1]) if len(b) > 1 else "",
+                    "super_options": b[2] if len(b) > 2 else "",
+                    "optional": " ".join(a[6:]),
+                }
+            )
     return rows
 
 
@@ -141,6 +146,7 @@ def stop_process(proc: subprocess.Popen | None, grace: float = 10) -> None:
 
 # ---- daemon accounting -------------------------------------------------------
 
+
 def reset_hwm(pid: int | None) -> None:
     if not pid:
         return
@@ -175,19 +181,21 @@ def cpu_seconds(pid: int | None) -> float | None:
             data = f.read()
     except OSError:
         return None
-    fields = data[data.rindex(")") + 2:].split()
+    fields = data[data.rindex(")") + 2 :].split()
     # fields[0] is field 3 (state); utime and stime are fields 14 and 15
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 # ---- cleanup registry -------------------------------------------------------
 
+
 @dataclass
 class Cleanup:
     """Everything this run created, undone in reverse order."""
-    mounts: list = field(default_factory=list)      # mount points
-    procs: list = field(default_factory=list)       # Popen objects we started
-    dirs: list = field(default_factory=list)        # temp dirs to remove
+
+    mounts: list = field(default_factory=list)  # mount points
+    procs: list = field(default_factory=list)  # Popen objects we started
+    dirs: list = field(default_factory=list)  # temp dirs to remove
     fds: list = field(default_factory=list)
 
     def add_mount(self, p):

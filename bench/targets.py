@@ -37,12 +37,11 @@ def default_shiftfs() -> list[str]:
 class Target:
     name = "?"
     label = "?"
-    kind = "fuse"            # native | kernel | fuse
-    store_style = "plain"    # plain | xattr
+    kind = "fuse"  # native | kernel | fuse
+    store_style = "plain"  # plain | xattr
     store_root_owner = (DISK, DISK)
 
-    def __init__(self, base: str, cleanup: Cleanup, ids: list[int] | None = None,
-                 shiftfs_cmd: list[str] | None = None):
+    def __init__(self, base: str, cleanup: Cleanup, ids: list[int] | None = None, shiftfs_cmd: list[str] | None = None):
         self.base = os.path.join(base, self.name)
         self.cleanup = cleanup
         self.ids = ids or [0]
@@ -137,8 +136,9 @@ class Target:
         try:
             logf.write(f"\n$ {self.options}\n".encode())
             logf.flush()
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True
+            )
         finally:
             logf.close()
         self.cleanup.procs.append(self.proc)
@@ -214,12 +214,15 @@ class ShiftfsBase(Target):
         self._note()
         try:
             here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-            self.version = subprocess.run(["git", "-C", here, "log", "-1", "--format=%h %cs", "--", "shiftfs"],
-                                          capture_output=True, text=True, timeout=10).stdout.strip()
+            self.version = subprocess.run(
+                ["git", "-C", here, "log", "-1", "--format=%h %cs", "--", "shiftfs"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             self.version = ""
         return None
-
 
     def _stats_opts(self) -> list[str]:
         return ["-o", f"stats={self.stats_file}"] if self.stats_file else []
@@ -245,7 +248,6 @@ class ShiftfsBase(Target):
             time.sleep(0.01)
         return None
 
-
     def _note(self):
         self.notes.append("default options (cache=always: long kernel cache timeouts, the mount owns SOURCE)")
 
@@ -254,8 +256,12 @@ class ShiftfsTable(ShiftfsBase):
     name, label = "shiftfs-table", "shiftfs-table (fuse)"
 
     def mount(self):
-        self._start_daemon(self.shiftfs_cmd + ["mount", "-f", "--map", f"b:{DISK}:{VIEW}:{COUNT}", "-o", "backend=fuse"]
-                           + self._stats_opts() + [self.src, self.mnt])
+        self._start_daemon(
+            self.shiftfs_cmd
+            + ["mount", "-f", "--map", f"b:{DISK}:{VIEW}:{COUNT}", "-o", "backend=fuse"]
+            + self._stats_opts()
+            + [self.src, self.mnt]
+        )
 
 
 class ShiftfsTableKernel(ShiftfsBase):
@@ -267,8 +273,15 @@ class ShiftfsTableKernel(ShiftfsBase):
         self.notes.append("-o backend=kernel: an idmapped bind mount made by `shiftfs mount`; no daemon")
 
     def mount(self):
-        cmd = self.shiftfs_cmd + ["mount", "--map", f"b:{DISK}:{VIEW}:{COUNT}", "-o", "backend=kernel",
-                                  self.src, self.mnt]
+        cmd = self.shiftfs_cmd + [
+            "mount",
+            "--map",
+            f"b:{DISK}:{VIEW}:{COUNT}",
+            "-o",
+            "backend=kernel",
+            self.src,
+            self.mnt,
+        ]
         self.options = " ".join(cmd)
         cp = subprocess.run(cmd, capture_output=True, text=True, timeout=MOUNT_TIMEOUT)
         with open(self.log, "a") as f:
@@ -292,8 +305,7 @@ class ShiftfsXattr(ShiftfsBase):
         return (None, None, None, backing)
 
     def mount(self):
-        self._start_daemon(self.shiftfs_cmd + ["mount", "-f", "--xattr"] + self._stats_opts()
-                           + [self.src, self.mnt])
+        self._start_daemon(self.shiftfs_cmd + ["mount", "-f", "--xattr"] + self._stats_opts() + [self.src, self.mnt])
 
 
 class Bindfs(Target):
@@ -304,10 +316,14 @@ class Bindfs(Target):
             return "bindfs is not installed"
         cp = subprocess.run(["bindfs", "--version"], capture_output=True, text=True)
         self.version = cp.stdout.strip().splitlines()[0] if cp.stdout.strip() else ""
-        self.notes.append("kernel entry/attribute timeouts 0 (bindfs default): every lookup and stat "
-                          "reaches the daemon; libfuse2 build, single-threaded")
-        self.notes.append("bindfs 1.14 has no range map and its negative --uid-offset stores wrong ids on "
-                          "create, so --map lists each id the workload uses (disk 100000+i <-> view i)")
+        self.notes.append(
+            "kernel entry/attribute timeouts 0 (bindfs default): every lookup and stat "
+            "reaches the daemon; libfuse2 build, single-threaded"
+        )
+        self.notes.append(
+            "bindfs 1.14 has no range map and its negative --uid-offset stores wrong ids on "
+            "create, so --map lists each id the workload uses (disk 100000+i <-> view i)"
+        )
         return None
 
     def mount(self):
@@ -328,8 +344,10 @@ class FuseOverlayfs(Target):
         cp = subprocess.run(["fuse-overlayfs", "--version"], capture_output=True, text=True)
         lines = [ln for ln in (cp.stdout + cp.stderr).splitlines() if ln.startswith("fuse-overlayfs")]
         self.version = lines[0] if lines else ""
-        self.notes.append("kernel cache timeouts 1e9 s and writeback cache (fuse-overlayfs defaults); "
-                          "empty lowerdir, the tree lives in upperdir")
+        self.notes.append(
+            "kernel cache timeouts 1e9 s and writeback cache (fuse-overlayfs defaults); "
+            "empty lowerdir, the tree lives in upperdir"
+        )
         return None
 
     def prepare(self):

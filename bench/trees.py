@@ -1,8 +1,8 @@
 """The root filesystem archive that the untar workload extracts.
 
 Preferred: a Debian bookworm minbase built once with mmdebstrap and cached under
-bench/cache/ (or ``$SHIFTFS_CACHE_DIR``, see :mod:`bench.artifacts`).  Fallback (no network, or quick mode): a deterministic generated
-tree of the same shape (entry counts by type, size quantiles, directory depth,
+bench/cache/ (or ``$SHIFTFS_CACHE_DIR``, see :mod:`bench.artifacts`).  Fallback (no network,
+or quick mode): a deterministic generated tree of the same shape (entry counts by type, size quantiles, directory depth,
 files per directory, owners and special modes measured on the minbase archive).
 """
 
@@ -28,19 +28,50 @@ MINBASE_NAME = "debian-bookworm-minbase.tar"
 # build machine): 8743 entries.
 SHAPE = {"dir": 1132, "file": 6946, "symlink": 655, "hardlink": 2, "chardev": 8}
 # Regular-file size quantiles (percent -> bytes); sizes are drawn log-linearly between them.
-SIZE_Q = [(0, 0), (0.32, 0), (5, 161), (10, 360), (15, 543), (20, 629), (25, 753), (30, 955),
-          (35, 1220), (40, 1540), (45, 1882), (50, 2256), (55, 2745), (60, 3686), (65, 5071),
-          (70, 7984), (75, 12632), (80, 18680), (85, 23248), (90, 41082), (95, 80192),
-          (97.5, 151344), (99, 328052), (99.5, 529216), (99.9, 2190440), (100, 4472989)]
+SIZE_Q = [
+    (0, 0),
+    (0.32, 0),
+    (5, 161),
+    (10, 360),
+    (15, 543),
+    (20, 629),
+    (25, 753),
+    (30, 955),
+    (35, 1220),
+    (40, 1540),
+    (45, 1882),
+    (50, 2256),
+    (55, 2745),
+    (60, 3686),
+    (65, 5071),
+    (70, 7984),
+    (75, 12632),
+    (80, 18680),
+    (85, 23248),
+    (90, 41082),
+    (95, 80192),
+    (97.5, 151344),
+    (99, 328052),
+    (99.5, 529216),
+    (99.9, 2190440),
+    (100, 4472989),
+]
 # Directory depth histogram (depth -> count) and the heaviest directories' file counts.
 DEPTH = {1: 15, 2: 50, 3: 78, 4: 288, 5: 317, 6: 116, 7: 226, 8: 36, 9: 5}
 # (uid, gid, count) of non-root owned entries, and special modes, per full-size tree.
 ODD_OWNERS = [(0, 42, 5), (0, 43, 3), (42, 0, 2), (0, 50, 1), (0, 8, 1)]
-FILE_MODES = [(0o644, 6414), (0o755, 507), (0o4755, 8), (0o640, 6), (0o600, 5), (0o2755, 3),
-              (0o664, 2), (0o660, 1)]
+FILE_MODES = [(0o644, 6414), (0o755, 507), (0o4755, 8), (0o640, 6), (0o600, 5), (0o2755, 3), (0o664, 2), (0o660, 1)]
 DIR_MODES = [(0o755, 1123), (0o700, 4), (0o1777, 3), (0o2775, 2)]
-DEVICES = [("console", 5, 1), ("full", 1, 7), ("null", 1, 3), ("ptmx", 5, 2), ("random", 1, 8),
-           ("tty", 5, 0), ("urandom", 1, 9), ("zero", 1, 5)]
+DEVICES = [
+    ("console", 5, 1),
+    ("full", 1, 7),
+    ("null", 1, 3),
+    ("ptmx", 5, 2),
+    ("random", 1, 8),
+    ("tty", 5, 0),
+    ("urandom", 1, 9),
+    ("zero", 1, 5),
+]
 
 
 def _draw_size(rng: random.Random) -> int:
@@ -90,8 +121,11 @@ def generate(path: str, scale: float = 1.0, seed: int = 6) -> None:
         want = max(1, round(DEPTH[depth] / total_depth * (n["dir"] - 1)))
         for _ in range(want):
             parents = by_depth.get(depth - 1) or by_depth[max(by_depth)]
-            parent = parents[min(int(rng.paretovariate(1.2)) - 1, len(parents) - 1)] \
-                if rng.random() < 0.5 else rng.choice(parents)
+            parent = (
+                parents[min(int(rng.paretovariate(1.2)) - 1, len(parents) - 1)]
+                if rng.random() < 0.5
+                else rng.choice(parents)
+            )
             nm = _name(rng, names[parent])
             d = f"{parent}/{nm}" if parent else nm
             names[d] = set()
@@ -130,7 +164,7 @@ def generate(path: str, scale: float = 1.0, seed: int = 6) -> None:
         while size > 0:
             k = min(size, len(buf))
             off = rng.randrange(0, len(buf) - k + 1)
-            out.write(buf[off:off + k])
+            out.write(buf[off : off + k])
             size -= k
         out.seek(0)
         return out
@@ -139,6 +173,7 @@ def generate(path: str, scale: float = 1.0, seed: int = 6) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = artifacts.partial_name(path)
     with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tf:
+
         def add(ti, fobj=None):
             ti.mtime = mtime
             ti.uname = ti.gname = ""
@@ -163,7 +198,7 @@ def generate(path: str, scale: float = 1.0, seed: int = 6) -> None:
             ti.mode = _weighted(FILE_MODES, rng)
             ti.uid, ti.gid = odd.get(f, (0, 0))
             add(ti, data(ti.size))
-        for i in range(n["symlink"]):
+        for _ in range(n["symlink"]):
             d = pick_dir()
             nm = _name(rng, names[d])
             tgt = rng.choice(files)
@@ -211,8 +246,7 @@ def stats(path: str) -> dict:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    counts = {"dir": 0, "file": 0, "symlink": 0, "hardlink": 0, "chardev": 0, "blockdev": 0,
-              "fifo": 0, "other": 0}
+    counts = {"dir": 0, "file": 0, "symlink": 0, "hardlink": 0, "chardev": 0, "blockdev": 0, "fifo": 0, "other": 0}
     total = 0
     regular = []  # (relpath, size)
     ids = set()
@@ -222,15 +256,37 @@ def stats(path: str) -> dict:
             rel = os.path.normpath(m.name).lstrip("/")
             if rel == ".":
                 continue
-            kind = ("dir" if m.isdir() else "file" if m.isreg() else "symlink" if m.issym()
-                    else "hardlink" if m.islnk() else "chardev" if m.ischr()
-                    else "blockdev" if m.isblk() else "fifo" if m.isfifo() else "other")
+            kind = (
+                "dir"
+                if m.isdir()
+                else "file"
+                if m.isreg()
+                else "symlink"
+                if m.issym()
+                else "hardlink"
+                if m.islnk()
+                else "chardev"
+                if m.ischr()
+                else "blockdev"
+                if m.isblk()
+                else "fifo"
+                if m.isfifo()
+                else "other"
+            )
             counts[kind] += 1
             if m.isreg():
                 total += m.size
                 regular.append((rel, m.size))
-    d = {"version": 2, "key": key, "sha256": h.hexdigest(), "bytes": total,
-         "entries": sum(counts.values()), "counts": counts, "ids": sorted(ids), "regular": regular}
+    d = {
+        "version": 2,
+        "key": key,
+        "sha256": h.hexdigest(),
+        "bytes": total,
+        "entries": sum(counts.values()),
+        "counts": counts,
+        "ids": sorted(ids),
+        "regular": regular,
+    }
     with open(side + ".part", "w") as f:
         json.dump(d, f)
     os.replace(side + ".part", side)
@@ -256,19 +312,22 @@ def obtain(kind: str, scale: float, cache: str = CACHE) -> tuple[str, dict]:
                 if kind == "minbase":
                     raise
         if artifacts.dpkg_status(minbase) is not None:
-            return minbase, {"kind": "debian-bookworm-minbase", "source": "mmdebstrap --variant=minbase bookworm",
-                             "notes": notes}
+            return minbase, {
+                "kind": "debian-bookworm-minbase",
+                "source": "mmdebstrap --variant=minbase bookworm",
+                "notes": notes,
+            }
     gen = os.path.join(cache, f"generated-minbase-shape-x{scale:g}.tar")
     if not artifacts.readable_tar(gen):
         artifacts.discard(gen)
         log(f"generating a synthetic root filesystem tree (scale {scale:g})")
         generate(gen, scale=scale)
-    return gen, {"kind": "generated", "source": f"bench.trees.generate(scale={scale:g}, seed=6)",
-                 "notes": notes}
+    return gen, {"kind": "generated", "source": f"bench.trees.generate(scale={scale:g}, seed=6)", "notes": notes}
 
 
 if __name__ == "__main__":  # pragma: no cover - manual helper
     import sys
+
     p = sys.argv[1] if len(sys.argv) > 1 else os.path.join(CACHE, "generated-test.tar")
     generate(p, scale=float(sys.argv[2]) if len(sys.argv) > 2 else 1.0)
     s = stats(p)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .sysutil import StepError, run
 
@@ -19,7 +19,7 @@ from .sysutil import StepError, run
 @dataclass
 class Ctx:
     archive: str
-    small_files: list          # relpaths of regular files <= small_limit
+    small_files: list  # relpaths of regular files <= small_limit
     seq_bytes: int
     rand_file_bytes: int
     rand_io_bytes: int
@@ -33,10 +33,10 @@ class Workload:
     title: str
     run: Callable
     cold: bool = False
-    prep: Callable | None = None     # untimed, before the cold remount
-    after: Callable | None = None    # untimed, after the guard snapshot
-    guard: str | None = None         # subtree of view/store compared with native ("tree", "io")
-    needs: str | None = None         # workload that makes what this one works on (run first)
+    prep: Callable | None = None  # untimed, before the cold remount
+    after: Callable | None = None  # untimed, after the guard snapshot
+    guard: str | None = None  # subtree of view/store compared with native ("tree", "io")
+    needs: str | None = None  # workload that makes what this one works on (run first)
     unit: str = "s"
     extra: dict = field(default_factory=dict)
 
@@ -50,6 +50,7 @@ def iodir(t) -> str:
 
 
 # ---- untar ---------------------------------------------------------------
+
 
 def untar_prep(t, c: Ctx):
     os.makedirs(tree(t), exist_ok=True)
@@ -65,11 +66,13 @@ def untar(t, c: Ctx):
 
 # ---- stat storms --------------------------------------------------------------
 
+
 def stat_storm(t, c: Ctx):
     run(["find", tree(t), "-printf", "%u %g %m %p\n"], timeout=c.timeout)
 
 
 # ---- small files --------------------------------------------------------------
+
 
 def read_small(t, c: Ctx):
     root = tree(t)
@@ -89,6 +92,7 @@ def read_small(t, c: Ctx):
 
 
 # ---- chown / rm ---------------------------------------------------------------
+
 
 def chown_r(t, c: Ctx):
     run(["chown", "-R", f"{c.chown_to[0]}:{c.chown_to[1]}", tree(t)], timeout=c.timeout)
@@ -110,7 +114,7 @@ def _write_file(path: str, size: int, fsync: bool = True) -> None:
         view = memoryview(_PATTERN)
         left = size
         while left > 0:
-            n = os.write(fd, view[:min(left, _BLOCK)])
+            n = os.write(fd, view[: min(left, _BLOCK)])
             left -= n
         if fsync:
             os.fsync(fd)
@@ -159,12 +163,26 @@ def rand_rw(t, c: Ctx):
     """fio 4 KiB random 50/50 read/write through the page cache (no fsync): the
     per-request cost.  Timed by fio itself (job_runtime), so fio's ~0.3 s start-up
     is not counted; the runner uses extra['seconds'] when present."""
-    cp = run(["fio", "--name=randrw", f"--filename={os.path.join(iodir(t), 'rand.dat')}",
-              "--ioengine=psync", "--rw=randrw", "--rwmixread=50", "--bs=4k",
-              f"--size={c.rand_file_bytes}", f"--io_size={c.rand_io_bytes}", "--randrepeat=1",
-              "--norandommap", "--output-format=json"], timeout=c.timeout, stdout=subprocess.PIPE)
+    cp = run(
+        [
+            "fio",
+            "--name=randrw",
+            f"--filename={os.path.join(iodir(t), 'rand.dat')}",
+            "--ioengine=psync",
+            "--rw=randrw",
+            "--rwmixread=50",
+            "--bs=4k",
+            f"--size={c.rand_file_bytes}",
+            f"--io_size={c.rand_io_bytes}",
+            "--randrepeat=1",
+            "--norandommap",
+            "--output-format=json",
+        ],
+        timeout=c.timeout,
+        stdout=subprocess.PIPE,
+    )
     try:
-        job = json.loads(cp.stdout[cp.stdout.index(b"{"):])["jobs"][0]
+        job = json.loads(cp.stdout[cp.stdout.index(b"{") :])["jobs"][0]
     except (ValueError, KeyError, IndexError) as e:
         raise StepError(f"cannot parse fio output: {e}") from None
     out = {"seconds": job["job_runtime"] / 1000.0}
@@ -181,15 +199,17 @@ def rand_after(t, c: Ctx):
 
 PHASES = [
     [Workload("untar", "untar root filesystem", untar, prep=untar_prep, guard="tree")],
-    [Workload("stat_cold", "stat storm, cold (find -printf)", stat_storm, cold=True, needs="untar"),
-     Workload("stat_warm", "stat storm, warm", stat_storm, needs="untar")],
+    [
+        Workload("stat_cold", "stat storm, cold (find -printf)", stat_storm, cold=True, needs="untar"),
+        Workload("stat_warm", "stat storm, warm", stat_storm, needs="untar"),
+    ],
     [Workload("read_small", "read every small file, cold", read_small, cold=True, needs="untar")],
     [Workload("chown_r", "chown -R", chown_r, guard="tree", needs="untar")],
-    [Workload("seq_write", "sequential write + fsync", seq_write, prep=seq_prep, guard="io"),
-     Workload("seq_read", "sequential read, cold", seq_read, cold=True, after=seq_after,
-              needs="seq_write")],
-    [Workload("rand_rw", "random 4 KiB read/write (fio)", rand_rw, prep=rand_prep, after=rand_after,
-              guard="io")],
+    [
+        Workload("seq_write", "sequential write + fsync", seq_write, prep=seq_prep, guard="io"),
+        Workload("seq_read", "sequential read, cold", seq_read, cold=True, after=seq_after, needs="seq_write"),
+    ],
+    [Workload("rand_rw", "random 4 KiB read/write (fio)", rand_rw, prep=rand_prep, after=rand_after, guard="io")],
     [Workload("rm_rf", "rm -rf tree", rm_rf, guard="tree", needs="untar")],
 ]
 ALL = [w for ph in PHASES for w in ph]

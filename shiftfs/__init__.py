@@ -1,2 +1,3 @@
 """shiftfs: a FUSE filesystem that shifts ownership."""
+
 __version__ = "0.1.0"

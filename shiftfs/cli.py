@@ -152,7 +152,7 @@ def _drop_mount_fuse_defaults(argv: list[str]) -> list[str]:
         return argv
     opts = argv[last + 1].split(",")
     tail = (["dev"] if "nodev" not in opts else []) + (["suid"] if "nosuid" not in opts else [])
-    if tail and opts[-len(tail):] == tail:
+    if tail and opts[-len(tail) :] == tail:
         opts = opts[: -len(tail)]
         argv = argv[: last + 1] + [",".join(opts)] + argv[last + 2 :]
     return argv

@@ -118,7 +118,9 @@ def build_rootfs(root: Path, with_socket: bool = False) -> None:
     for i, (dirpath, dirnames, filenames) in enumerate(os.walk(root, topdown=False)):
         for n in filenames + dirnames:
             p = os.path.join(dirpath, n)
-            os.utime(p, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000 + i * 1_000_123_457), follow_symlinks=False)
+            os.utime(
+                p, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000 + i * 1_000_123_457), follow_symlinks=False
+            )
     os.utime(root / "etc/empty", ns=(0, 86400 * 1_000_000_000))
     if with_socket:
         s = socket.socket(socket.AF_UNIX)
@@ -130,7 +132,21 @@ def build_rootfs(root: Path, with_socket: bool = False) -> None:
 
 
 def gnu_tar_create(src: Path, out: Path) -> None:
-    run(["tar", "--xattrs", "--acls", "--xattrs-include=*", "--numeric-owner", "--sort=name", "-C", str(src), "-cf", str(out), "."])
+    run(
+        [
+            "tar",
+            "--xattrs",
+            "--acls",
+            "--xattrs-include=*",
+            "--numeric-owner",
+            "--sort=name",
+            "-C",
+            str(src),
+            "-cf",
+            str(out),
+            ".",
+        ]
+    )
 
 
 def gnu_tar_extract(archive: Path, dest: Path) -> None:
@@ -164,7 +180,11 @@ def snapshot(root: Path, xattrs: bool = True, dir_mtimes: bool = True, skip=(b".
             target = os.readlink(p) if stat.S_ISLNK(st.st_mode) else None
             xa = None
             if xattrs:
-                xa = tuple(sorted((n, os.getxattr(p, n, follow_symlinks=False)) for n in os.listxattr(p, follow_symlinks=False)))
+                xa = tuple(
+                    sorted(
+                        (n, os.getxattr(p, n, follow_symlinks=False)) for n in os.listxattr(p, follow_symlinks=False)
+                    )
+                )
             mtime = st.st_mtime_ns if (dir_mtimes or not stat.S_ISDIR(st.st_mode)) else None
             rdev = st.st_rdev if (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)) else 0
             out[rel] = (st.st_mode, st.st_uid, st.st_gid, rdev, st.st_size, mtime, content, target, xa, group)

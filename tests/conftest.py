@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import sys
+
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

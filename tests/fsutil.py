@@ -79,6 +79,7 @@ def have(*cmds: str) -> bool:
 
 # -- mount table -----------------------------------------------------------------
 
+
 def _unescape(s: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as \ooo
     return s.encode().decode("unicode_escape").encode("latin-1").decode(errors="surrogateescape")
@@ -107,8 +108,14 @@ def mountinfo(pid: str = "self") -> list[MountInfo]:
             r = right.split()
             out.append(
                 MountInfo(
-                    int(p[0]), p[2], _unescape(p[3]), _unescape(p[4]), p[5].split(","),
-                    r[0], _unescape(r[1]) if len(r) > 1 else "", r[2].split(",") if len(r) > 2 else [],
+                    int(p[0]),
+                    p[2],
+                    _unescape(p[3]),
+                    _unescape(p[4]),
+                    p[5].split(","),
+                    r[0],
+                    _unescape(r[1]) if len(r) > 1 else "",
+                    r[2].split(",") if len(r) > 2 else [],
                 )
             )
     return out
@@ -180,8 +187,9 @@ def spawn_daemons(cmd, *, env=None, timeout: float = 60, input=None) -> tuple[su
         if _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
         try:
-            r = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env, timeout=timeout,
-                               input=input)
+            r = subprocess.run(
+                cmd, capture_output=True, text=True, errors="replace", env=env, timeout=timeout, input=input
+            )
         finally:
             _libc.prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
         new = sorted(_children() - before)
@@ -240,6 +248,7 @@ def unmount_lazy(mp) -> None:
 
 
 # -- mounting ----------------------------------------------------------------------
+
 
 @dataclass
 class Mount:
@@ -313,8 +322,12 @@ class Mount:
 
     def umount(self, lazy: bool = False) -> subprocess.CompletedProcess:
         """Unmount with ``shiftfs umount`` and wait for the daemon to exit."""
-        r = subprocess.run([SHIFTFS, "umount"] + (["--lazy"] if lazy else []) + [self.mountpoint],
-                           capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [SHIFTFS, "umount"] + (["--lazy"] if lazy else []) + [self.mountpoint],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if r.returncode == 0:
             self.wait_exit(20)
         return r
@@ -363,8 +376,17 @@ def _opt_value(args, name: str) -> str | None:
 
 
 @contextlib.contextmanager
-def mount_shiftfs(source, mountpoint, *args, as_uid: int | None = None, as_gid: int | None = None,
-                  log: bool | str = True, stats: bool = False, timeout: float = 60, check_log: bool = True):
+def mount_shiftfs(
+    source,
+    mountpoint,
+    *args,
+    as_uid: int | None = None,
+    as_gid: int | None = None,
+    log: bool | str = True,
+    stats: bool = False,
+    timeout: float = 60,
+    check_log: bool = True,
+):
     """Mount ``source`` on ``mountpoint`` with ``shiftfs mount ARGS...``; yield a :class:`Mount`.
 
     ``args`` go to the command line as they are (``"--map", MAP``,
@@ -424,8 +446,19 @@ def mount_shiftfs(source, mountpoint, *args, as_uid: int | None = None, as_gid: 
 
 # -- acting as other users ---------------------------------------------------------
 
-def run_as(uid: int, gid: int, cmd, *, groups=(), check: bool = False, input=None, cwd=None,
-           umask: int | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+
+def run_as(
+    uid: int,
+    gid: int,
+    cmd,
+    *,
+    groups=(),
+    check: bool = False,
+    input=None,
+    cwd=None,
+    umask: int | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess:
     """Run ``cmd`` (argv list, or a string for ``sh -c``) as ``uid:gid``.
 
     Uses ``setpriv --reuid U --regid G --clear-groups`` (or ``--groups`` when
@@ -440,8 +473,9 @@ def run_as(uid: int, gid: int, cmd, *, groups=(), check: bool = False, input=Non
     argv = pre + [str(c) for c in cmd]
     if umask is not None:
         argv = pre + ["sh", "-c", f'umask {umask:03o}; exec "$@"', "sh"] + [str(c) for c in cmd]
-    r = subprocess.run(argv, capture_output=True, text=True, errors="replace", input=input, cwd=cwd,
-                       timeout=timeout, env=USER_ENV)
+    r = subprocess.run(
+        argv, capture_output=True, text=True, errors="replace", input=input, cwd=cwd, timeout=timeout, env=USER_ENV
+    )
     if check and r.returncode != 0:
         raise AssertionError(f"{cmd} as {uid}:{gid} failed ({r.returncode}): {r.stderr.strip()}")
     return r
@@ -478,6 +512,7 @@ def py_as(uid: int, gid: int, code: str, *, groups=(), umask: int | None = None,
 
 
 # -- scratch directories -------------------------------------------------------------
+
 
 def make_scratch(prefix: str = "shiftfs-test-", base: str | None = None) -> Path:
     """A fresh world-searchable directory (0755) so other users can reach mounts in it."""

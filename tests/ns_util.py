@@ -103,8 +103,9 @@ def _remove_lines(path: str, names: set[str], newline_added: bool) -> None:
     """Drop the lines of ``names``: the file is then byte for byte what it was
     before we added them, whatever other lines changed meanwhile."""
     data = _read(path)
-    keep = [line for line in data.splitlines(keepends=True)
-            if line.split(b":", 1)[0].decode(errors="replace") not in names]
+    keep = [
+        line for line in data.splitlines(keepends=True) if line.split(b":", 1)[0].decode(errors="replace") not in names
+    ]
     out = b"".join(keep)
     if newline_added and out.endswith(b"\n"):
         out = out[:-1]
@@ -130,9 +131,23 @@ def throwaway_users(with_range: int = 1, without_range: int = 1) -> Iterator[lis
             for i in range(with_range + without_range):
                 name = f"sft{uuid.uuid4().hex[:8]}"
                 names.add(name)
-                subprocess.run(["useradd", "-M", "-s", "/bin/sh", "-d", "/nonexistent",
-                                "-K", "SUB_UID_COUNT=0", "-K", "SUB_GID_COUNT=0", name],
-                               check=True, capture_output=True)
+                subprocess.run(
+                    [
+                        "useradd",
+                        "-M",
+                        "-s",
+                        "/bin/sh",
+                        "-d",
+                        "/nonexistent",
+                        "-K",
+                        "SUB_UID_COUNT=0",
+                        "-K",
+                        "SUB_GID_COUNT=0",
+                        name,
+                    ],
+                    check=True,
+                    capture_output=True,
+                )
                 pw = pwd.getpwnam(name)
                 subid = None
                 if i < with_range:
@@ -172,8 +187,10 @@ def make_host_root(path: str, owner: User) -> str:
         if os.path.isdir(f"/usr/{name}"):
             os.symlink(f"usr/{name}", os.path.join(path, name))
     with open(os.path.join(path, "etc/passwd"), "w") as f:
-        f.write("root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n"
-                "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n")
+        f.write(
+            "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n"
+            "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+        )
     with open(os.path.join(path, "etc/group"), "w") as f:
         f.write("root:x:0:\ntty:x:5:\nalice:x:1000:\nnogroup:x:65534:\n")
     chown_tree(path, owner)

@@ -26,9 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 import fsutil  # the shared helpers: scratch dirs, daemons tracked as our children
+import pytest
 
 SHIFTFS = str(Path(sys.executable).with_name("shiftfs"))
 MAP = "b:100000:0:65536"  # the table every table-mode test uses
@@ -144,7 +143,7 @@ class Mount:
             cmd = ["setpriv", f"--reuid={self.as_uid}", f"--regid={self.as_uid}", "--clear-groups", "--"] + cmd
         return cmd
 
-    def mount(self) -> "Mount":
+    def mount(self) -> Mount:
         try:
             os.mkdir(self.mp)
         except FileExistsError:
@@ -198,7 +197,7 @@ class Mount:
             fsutil.reap(self.pid, 20)
         self.pid = None
 
-    def remount(self) -> "Mount":
+    def remount(self) -> Mount:
         self.umount()
         return self.mount()
 
@@ -211,7 +210,8 @@ class Mount:
     def bad_log_lines(self) -> list[str]:
         """Log lines that report an unexpected error (traceback, ERROR, 'unexpected')."""
         return [
-            ln for ln in self.log_text().splitlines()
+            ln
+            for ln in self.log_text().splitlines()
             if "ERROR" in ln or "Traceback" in ln or "unexpected" in ln.lower() or "CRITICAL" in ln
         ]
 
@@ -257,8 +257,16 @@ def run_as(uid: int, gid: int, cmd, groups=(), check=False, input=None, cwd=None
         pre = ["setpriv", f"--reuid={uid}", f"--regid={gid}"]
         pre += [f"--groups={','.join(map(str, groups))}"] if groups else ["--clear-groups"]
         pre += ["--inh-caps=-all", "--"]
-    r = subprocess.run(pre + list(cmd), capture_output=True, text=True, errors="replace", input=input, cwd=cwd,
-                       timeout=timeout, env=env)
+    r = subprocess.run(
+        pre + list(cmd),
+        capture_output=True,
+        text=True,
+        errors="replace",
+        input=input,
+        cwd=cwd,
+        timeout=timeout,
+        env=env,
+    )
     if check and r.returncode != 0:
         raise AssertionError(f"{cmd} as {uid}:{gid} failed ({r.returncode}): {r.stderr.strip()}")
     return r
@@ -343,7 +351,7 @@ def _walk(root: str, skip_top=(), backing=False):
                     if not name.startswith(ESC_PREFIX):
                         yield None, de.path, None
                         continue
-                    name = name[len(ESC_PREFIX):]
+                    name = name[len(ESC_PREFIX) :]
                 r = f"{rel}/{name}" if rel else name
                 st = os.lstat(de.path)
                 yield r, de.path, st
@@ -396,8 +404,9 @@ def expected_view(src, mode: str, content=True) -> tuple[dict[str, dict], list[s
             problems.append(f"{os.path.relpath(full, src)}: temporary name left in the backing tree")
             continue
         if mode == "table":
-            out[rel] = _entry(full, st, st.st_mode, table_view_id(st.st_uid), table_view_id(st.st_gid), st.st_rdev,
-                              content)
+            out[rel] = _entry(
+                full, st, st.st_mode, table_view_id(st.st_uid), table_view_id(st.st_gid), st.st_rdev, content
+            )
             continue
         try:
             rec = read_record(src, full, st)
@@ -440,8 +449,20 @@ def check_consistent(m: Mount, content=True) -> None:
 # -- fsstress: a random metadata + data mix -------------------------------------------------
 # errnos the shared (racy) area may see; anything else is a failure
 _SHARED_OK = {
-    errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR, errno.EINVAL, errno.ELOOP,
-    errno.EOVERFLOW, errno.ENODATA, errno.EPERM, errno.EMLINK, errno.ENXIO, errno.EAGAIN, errno.ESPIPE,
+    errno.ENOENT,
+    errno.EEXIST,
+    errno.ENOTEMPTY,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EINVAL,
+    errno.ELOOP,
+    errno.EOVERFLOW,
+    errno.ENODATA,
+    errno.EPERM,
+    errno.EMLINK,
+    errno.ENXIO,
+    errno.EAGAIN,
+    errno.ESPIPE,
 }
 
 
@@ -499,8 +520,10 @@ class _Worker:
             res = fn()
         except OSError as e:
             if e.errno != want_errno:
-                self.fail(f"{what}: got {errno.errorcode.get(e.errno, e.errno)}, expected "
-                          f"{'success' if want_errno is None else errno.errorcode[want_errno]}")
+                self.fail(
+                    f"{what}: got {errno.errorcode.get(e.errno, e.errno)}, expected "
+                    f"{'success' if want_errno is None else errno.errorcode[want_errno]}"
+                )
             return None, e.errno
         if want_errno is not None:
             self.fail(f"{what}: succeeded, expected {errno.errorcode[want_errno]}")
@@ -522,24 +545,49 @@ class _Worker:
         m = self.model
         name = self._pname()
         cur = m.get(name)
-        op = rng.choice(["create", "create", "write", "write", "truncate", "rename", "link", "unlink", "mkdir",
-                         "rmdir", "symlink", "chmod", "chown", "chown", "setxattr", "removexattr", "mkfifo",
-                         "check", "check"])
+        op = rng.choice(
+            [
+                "create",
+                "create",
+                "write",
+                "write",
+                "truncate",
+                "rename",
+                "link",
+                "unlink",
+                "mkdir",
+                "rmdir",
+                "symlink",
+                "chmod",
+                "chown",
+                "chown",
+                "setxattr",
+                "removexattr",
+                "mkfifo",
+                "check",
+                "check",
+            ]
+        )
         self.counts[op] = self.counts.get(op, 0) + 1
         path = self._p(name)
         if op == "create":
             perm = rng.choice([0o644, 0o600, 0o755, 0o640, 0o4755, 0o2755, 0o444])
             if cur is not None:
-                self._expect(f"create {name}", lambda: os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY,
-                                                                         perm)), errno.EEXIST)
+                self._expect(
+                    f"create {name}",
+                    lambda: os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, perm)),
+                    errno.EEXIST,
+                )
                 return
             data = rng.randbytes(rng.randrange(0, 9000))
+
             def create():
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, perm)
                 try:
                     os.write(fd, data)
                 finally:
                     os.close(fd)
+
             _, err = self._expect(f"create {name}", create, None)
             if err is None:
                 ino = _Ino("f", perm)
@@ -549,17 +597,19 @@ class _Worker:
         elif op == "write" and cur is not None and cur.type == "f":
             off = rng.randrange(0, len(cur.data) + 2000)
             data = rng.randbytes(rng.randrange(1, 6000))
+
             def write():
                 fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
                 try:
                     os.pwrite(fd, data, off)
                 finally:
                     os.close(fd)
+
             _, err = self._expect(f"write {name}", write, None)
             if err is None:
                 if off > len(cur.data):
                     cur.data.extend(b"\0" * (off - len(cur.data)))
-                cur.data[off:off + len(data)] = data
+                cur.data[off : off + len(data)] = data
                 self._refresh_special(cur, name)
         elif op == "truncate" and cur is not None and cur.type == "f":
             n = rng.randrange(0, len(cur.data) + 3000)
@@ -594,8 +644,9 @@ class _Worker:
                 want = errno.EPERM
             else:
                 want = None
-            _, err = self._expect(f"link {name} {new}",
-                                  lambda: os.link(path, self._p(new), follow_symlinks=False), want)
+            _, err = self._expect(
+                f"link {name} {new}", lambda: os.link(path, self._p(new), follow_symlinks=False), want
+            )
             if err is None and want is None:
                 m[new] = cur
         elif op == "unlink":
@@ -640,8 +691,10 @@ class _Worker:
             res = lchown_raw(path, u32, g32)
             want = 0 if ok else errno.EOVERFLOW
             if res != want:
-                self.fail(f"lchown {name} {uid}:{gid}: got {errno.errorcode.get(res, res)}, expected "
-                          f"{errno.errorcode.get(want, want)}")
+                self.fail(
+                    f"lchown {name} {uid}:{gid}: got {errno.errorcode.get(res, res)}, expected "
+                    f"{errno.errorcode.get(want, want)}"
+                )
             if res == 0:
                 if uid != -1:
                     cur.uid = uid
@@ -702,8 +755,27 @@ class _Worker:
     def shared_op(self) -> None:
         rng = self.rng
         p = self._spath()
-        op = rng.choice(["create", "write", "truncate", "rename", "rename", "link", "unlink", "mkdir", "rmdir",
-                         "symlink", "chmod", "chown", "setxattr", "listdir", "stat", "read", "mkfifo"])
+        op = rng.choice(
+            [
+                "create",
+                "write",
+                "truncate",
+                "rename",
+                "rename",
+                "link",
+                "unlink",
+                "mkdir",
+                "rmdir",
+                "symlink",
+                "chmod",
+                "chown",
+                "setxattr",
+                "listdir",
+                "stat",
+                "read",
+                "mkfifo",
+            ]
+        )
         self.counts["s-" + op] = self.counts.get("s-" + op, 0) + 1
         if rng.random() < 0.03:  # renames may have moved a shared dir away
             for d in self._DIRS:
@@ -758,8 +830,7 @@ class _Worker:
                 elif res not in (0, errno.ENOENT, errno.EOVERFLOW) or (res == errno.EOVERFLOW and ok):
                     self.fail(f"shared lchown {p} {uid}:{gid}: {errno.errorcode.get(res, res)}")
             elif op == "setxattr":
-                os.setxattr(p, f"user.k{rng.randrange(4)}", rng.randbytes(rng.randrange(0, 100)),
-                            follow_symlinks=False)
+                os.setxattr(p, f"user.k{rng.randrange(4)}", rng.randbytes(rng.randrange(0, 100)), follow_symlinks=False)
             elif op == "listdir":
                 names = os.listdir(os.path.dirname(p))
                 if len(names) != len(set(names)):
@@ -798,14 +869,23 @@ class _Worker:
             for p in self.check_one(n, ino):
                 self.fail("final: " + p)
         return {
-            "ops": self.ops, "failures": self.failures, "counts": self.counts,
+            "ops": self.ops,
+            "failures": self.failures,
+            "counts": self.counts,
             "model": {n: _dump_ino(i) for n, i in self.model.items()},
         }
 
 
 def _dump_ino(i: _Ino) -> dict:
-    return {"type": i.type, "data": bytes(i.data).hex(), "mode": i.mode, "uid": i.uid, "gid": i.gid,
-            "xattrs": {k: v.hex() for k, v in i.xattrs.items()}, "target": i.target}
+    return {
+        "type": i.type,
+        "data": bytes(i.data).hex(),
+        "mode": i.mode,
+        "uid": i.uid,
+        "gid": i.gid,
+        "xattrs": {k: v.hex() for k, v in i.xattrs.items()},
+        "target": i.target,
+    }
 
 
 def _load_ino(d: dict) -> _Ino:
@@ -847,8 +927,7 @@ def fsstress(root, mode: str, nproc=4, nops=2000, seconds=15.0, seed=None) -> di
         with os.fdopen(r) as f:
             data = f.read()
         p.join(seconds + 120)
-        results.append(json.loads(data) if data else {"ops": 0, "failures": ["worker died"], "counts": {},
-                                                      "model": {}})
+        results.append(json.loads(data) if data else {"ops": 0, "failures": ["worker died"], "counts": {}, "model": {}})
     counts: dict[str, int] = {}
     for res in results:
         for k, v in res["counts"].items():

@@ -18,7 +18,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 from archive_util import (
     ACL_UID,
     HAVE_TOOLS,
@@ -36,6 +35,7 @@ from archive_util import (
     snapshot,
     workdir,
 )
+
 from shiftfs.ownership import record as _record
 from shiftfs.ownership.acl import map_ids
 
@@ -119,7 +119,9 @@ def test_import_records(world):
 
 def test_import_special_files_records_via_stat(world):
     """Symlinks and FIFOs keep their owners (in the side table)."""
-    out = shiftfs("stat", world["imported"] / "usr/lib/su-symlink", world["imported"] / "var/spool/fifo").stdout.decode()
+    out = shiftfs(
+        "stat", world["imported"] / "usr/lib/su-symlink", world["imported"] / "var/spool/fifo"
+    ).stdout.decode()
     assert "Uid: 33 " in out and "Gid: 44" in out
     assert "(0620/prw--w----)" in out and "Uid: 100 " in out and "Gid: 101" in out
 
@@ -193,9 +195,12 @@ def test_export_cpio(world):
     run(["cpio", "-idm", "--quiet", "--no-absolute-filenames"], input=cp.read_bytes(), cwd=dest)
     a = snapshot(world["priv"], xattrs=False, dir_mtimes=False)
     b = snapshot(dest, xattrs=False, dir_mtimes=False)
+
     # newc keeps whole seconds; GNU cpio does not restore symlink mtimes
     def strip(snap):
-        return {k: v[:5] + (None if stat.S_ISLNK(v[0]) or v[5] is None else v[5] // 10**9,) + v[6:] for k, v in snap.items()}
+        return {
+            k: v[:5] + (None if stat.S_ISLNK(v[0]) or v[5] is None else v[5] // 10**9,) + v[6:] for k, v in snap.items()
+        }
 
     assert diff_snapshots(strip(a), strip(b)) == []
 
@@ -278,16 +283,32 @@ def _tar(path: Path, entries) -> Path:
 
 def test_oci_layer_whiteouts(world):
     w = world["user"]
-    base = _tar(w / "base.tar", [
-        ("etc", "dir", None), ("etc/keep", "file", b"k"), ("etc/gone", "file", b"g"),
-        ("opq", "dir", None), ("opq/old1", "file", b"1"), ("opq/sub", "dir", None), ("opq/sub/x", "file", b"x"),
-        ("gonedir", "dir", None), ("gonedir/f", "file", b"f"),
-    ])
-    layer = _tar(w / "layer.tar", [
-        ("etc/.wh.gone", "file", b""), (".wh.gonedir", "file", b""),
-        ("opq", "dir", None), ("opq/new", "file", b"n"), ("opq/.wh..wh..opq", "file", b""),
-        ("etc/added", "file", b"a"), ("nowhere/.wh.x", "file", b""),
-    ])
+    base = _tar(
+        w / "base.tar",
+        [
+            ("etc", "dir", None),
+            ("etc/keep", "file", b"k"),
+            ("etc/gone", "file", b"g"),
+            ("opq", "dir", None),
+            ("opq/old1", "file", b"1"),
+            ("opq/sub", "dir", None),
+            ("opq/sub/x", "file", b"x"),
+            ("gonedir", "dir", None),
+            ("gonedir/f", "file", b"f"),
+        ],
+    )
+    layer = _tar(
+        w / "layer.tar",
+        [
+            ("etc/.wh.gone", "file", b""),
+            (".wh.gonedir", "file", b""),
+            ("opq", "dir", None),
+            ("opq/new", "file", b"n"),
+            ("opq/.wh..wh..opq", "file", b""),
+            ("etc/added", "file", b"a"),
+            ("nowhere/.wh.x", "file", b""),
+        ],
+    )
     dest = w / "oci"
     shiftfs("import", base, dest, user=USER)
     shiftfs("import", "--oci-layer", layer, dest, user=USER)
@@ -330,8 +351,8 @@ def test_absorb_then_materialize_is_identity(world, priv_copy):
 
 def _check_nothing_lost(root: Path, before: dict) -> None:
     """Each inode shows its original owner and mode, or has a record saying so."""
-    from shiftfs.ownership.store import RecordStore
     from shiftfs.offline.walk import open_root, walk
+    from shiftfs.ownership.store import RecordStore
 
     root_fd = open_root(str(root))
     store = RecordStore(root_fd, False)
@@ -439,16 +460,19 @@ def test_hostile_archive_stays_inside_root(world):
     w = world["user"]
     outside = w / "outside"
     outside.mkdir()
-    evil = _tar(w / "evil.tar", [
-        ("../escape", "file", b"x"),
-        ("/abs-file", "file", b"abs"),
-        ("link", "sym", str(outside)),
-        ("link/through-symlink", "file", b"y"),
-        ("hl", "link", "../../etc/passwd"),
-        ("dangling", "link", "not-there"),
-        (".shiftfs/records.db", "file", b"forged"),
-        ("ok", "file", b"fine"),
-    ])
+    evil = _tar(
+        w / "evil.tar",
+        [
+            ("../escape", "file", b"x"),
+            ("/abs-file", "file", b"abs"),
+            ("link", "sym", str(outside)),
+            ("link/through-symlink", "file", b"y"),
+            ("hl", "link", "../../etc/passwd"),
+            ("dangling", "link", "not-there"),
+            (".shiftfs/records.db", "file", b"forged"),
+            ("ok", "file", b"fine"),
+        ],
+    )
     dest = w / "evil-root"
     proc = shiftfs("import", evil, dest, user=USER, check=False)
     err = proc.stderr.decode()
@@ -500,7 +524,9 @@ def test_malformed_record_is_reported_by_path(world):
 # -- interoperability -------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not shutil.which("fuse-overlayfs") or not os.path.exists("/dev/fuse"), reason="needs fuse-overlayfs")
+@pytest.mark.skipif(
+    not shutil.which("fuse-overlayfs") or not os.path.exists("/dev/fuse"), reason="needs fuse-overlayfs"
+)
 def test_fuse_overlayfs_reads_our_records(world):
     """fuse-overlayfs (Debian 12 ships 1.10: legacy name only) shows the view."""
     w = world["user"]

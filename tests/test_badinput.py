@@ -25,7 +25,6 @@ from pathlib import Path
 
 import fsutil
 import pytest
-
 from rel_util import SHIFTFS, Mount, is_mounted, make_pair, shiftfs_pids, work  # noqa: F401
 
 U = 1000
@@ -66,28 +65,31 @@ def pair(work):
 
 
 # -- the command line itself ------------------------------------------------------------------------
-@pytest.mark.parametrize("argv,code,words", [
-    ([], 2, "no command"),
-    (["frobnicate"], 2, "unknown command"),
-    (["--frobnicate"], 2, "unrecognized"),
-    (["mount"], 2, "required"),
-    (["mount", "--map"], 2, "expected one argument"),
-    (["mount", "-o"], 2, "expected one argument"),
-    (["umount"], 2, "required"),
-    (["umount", "-x", "/tmp"], 2, "unrecognized"),
-    (["export"], 2, "required"),
-    (["export", "--format", "zip", "/tmp"], 2, "invalid choice"),
-    (["import"], 2, "required"),
-    (["import", "only-one"], 2, "required"),
-    (["stat"], 2, "required"),
-    (["ls"], 2, "required"),
-    (["ls", "--map", "b:1:2", "/tmp"], 2, "map"),
-    (["absorb", "/tmp/nowhere-x"], 2, "--owner"),
-    (["absorb", "--owner", "no-such-user-xyz", "/tmp"], 2, "no user"),
-    (["materialize"], 2, "required"),
-    (["run"], 125, "no ROOT"),
-    (["exec"], 125, "no COMMAND"),
-])
+@pytest.mark.parametrize(
+    "argv,code,words",
+    [
+        ([], 2, "no command"),
+        (["frobnicate"], 2, "unknown command"),
+        (["--frobnicate"], 2, "unrecognized"),
+        (["mount"], 2, "required"),
+        (["mount", "--map"], 2, "expected one argument"),
+        (["mount", "-o"], 2, "expected one argument"),
+        (["umount"], 2, "required"),
+        (["umount", "-x", "/tmp"], 2, "unrecognized"),
+        (["export"], 2, "required"),
+        (["export", "--format", "zip", "/tmp"], 2, "invalid choice"),
+        (["import"], 2, "required"),
+        (["import", "only-one"], 2, "required"),
+        (["stat"], 2, "required"),
+        (["ls"], 2, "required"),
+        (["ls", "--map", "b:1:2", "/tmp"], 2, "map"),
+        (["absorb", "/tmp/nowhere-x"], 2, "--owner"),
+        (["absorb", "--owner", "no-such-user-xyz", "/tmp"], 2, "no user"),
+        (["materialize"], 2, "required"),
+        (["run"], 125, "no ROOT"),
+        (["exec"], 125, "no COMMAND"),
+    ],
+)
 def test_usage_errors(argv, code, words):
     r, pids = run([SHIFTFS, *argv])
     line = one_line(r, code)
@@ -134,8 +136,10 @@ def test_unreadable_source(work, pair):
     src, mp = pair
     os.chmod(src, 0o700)
     os.chown(mp, U, U)
-    r, pids = run(["setpriv", f"--reuid={U}", f"--regid={U}", "--clear-groups", "--", SHIFTFS, "mount", "--xattr",
-                   src, mp], env=fsutil.USER_ENV)
+    r, pids = run(
+        ["setpriv", f"--reuid={U}", f"--regid={U}", "--clear-groups", "--", SHIFTFS, "mount", "--xattr", src, mp],
+        env=fsutil.USER_ENV,
+    )
     assert "not readable" in one_line(r, 2)
     nothing_left(mp, pids)
 
@@ -143,8 +147,10 @@ def test_unreadable_source(work, pair):
 def test_unprivileged_user_without_access_to_the_mountpoint(work, pair):
     src, mp = pair
     os.chown(src, U, U)  # SOURCE is the user's, the mount point root's (0755)
-    r, pids = run(["setpriv", f"--reuid={U}", f"--regid={U}", "--clear-groups", "--", SHIFTFS, "mount", "--xattr",
-                   src, mp], env=fsutil.USER_ENV)
+    r, pids = run(
+        ["setpriv", f"--reuid={U}", f"--regid={U}", "--clear-groups", "--", SHIFTFS, "mount", "--xattr", src, mp],
+        env=fsutil.USER_ENV,
+    )
     line = one_line(r, 1)
     assert "write access" in line or "ermission" in line, line
     nothing_left(mp, pids)
@@ -152,8 +158,9 @@ def test_unprivileged_user_without_access_to_the_mountpoint(work, pair):
 
 def test_unwritable_log_leaves_nothing_mounted(work, pair):
     src, mp = pair
-    r, pids = run([SHIFTFS, "mount", "--map", "b:100000:0:65536", src, mp, "-o",
-                   f"backend=fuse,log={work}/no/such/dir/log"])
+    r, pids = run(
+        [SHIFTFS, "mount", "--map", "b:100000:0:65536", src, mp, "-o", f"backend=fuse,log={work}/no/such/dir/log"]
+    )
     assert "log" in one_line(r, 1)
     nothing_left(mp, pids)
 
@@ -165,8 +172,12 @@ def test_no_dev_fuse(work, pair):
     for script, code, words in [
         (f"mount -t tmpfs none /dev && exec {SHIFTFS} mount --xattr {src} {mp}", 2, "/dev/fuse is missing"),
         (f"mount --bind /dev/null /dev/fuse && exec {SHIFTFS} mount --xattr {src} {mp}", 1, "cannot mount"),
-        (f"mount --bind /dev/null /dev/fuse && exec setpriv --reuid={U} --regid={U} --clear-groups -- "
-         f"{SHIFTFS} mount --xattr {src} {mp}", None, None),
+        (
+            f"mount --bind /dev/null /dev/fuse && exec setpriv --reuid={U} --regid={U} --clear-groups -- "
+            f"{SHIFTFS} mount --xattr {src} {mp}",
+            None,
+            None,
+        ),
     ]:
         if "setpriv" in script:
             os.chown(src, U, U)

@@ -18,10 +18,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench import guard  # noqa: E402
 from bench import targets as T  # noqa: E402
 from bench import workloads as W  # noqa: E402
-
-from bench import guard  # noqa: E402
 
 NEEDS = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the benchmark mounts and drops caches: needs root"),
@@ -35,6 +34,7 @@ def needs_run(f):
         f = m(f)
     return f
 
+
 PEERS = {"bindfs": "bindfs", "fuse-overlayfs": "fuse-overlayfs", "fuse-overlayfs-xattr": "fuse-overlayfs"}
 SHIFTFS = ("shiftfs-table", "shiftfs-xattr")
 # Targets whose tree must match native's exactly.  The peers' own defects (bindfs 1.14
@@ -47,8 +47,13 @@ STRICT = ("native", "idmapped", "shiftfs-table-kernel") + SHIFTFS
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-quick")
-    cp = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=ROOT,
-                        capture_output=True, text=True, timeout=270)
+    cp = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=270,
+    )
     assert cp.returncode == 0, f"bench failed:\n{cp.stdout[-4000:]}\n{cp.stderr[-4000:]}"
     with open(out / "latest.json") as f:
         res = json.load(f)
@@ -61,8 +66,11 @@ def _usable(res, target):
     if target in PEERS and not shutil.which(PEERS[target]):
         pytest.skip(f"{PEERS[target]} is not installed")
     reason = info.get("skip_reason") or ""
-    if target in SHIFTFS and info["status"].get("disk") != "ok" and (
-            "not available yet" in reason or "not runnable" in reason):
+    if (
+        target in SHIFTFS
+        and info["status"].get("disk") != "ok"
+        and ("not available yet" in reason or "not runnable" in reason)
+    ):
         pytest.skip(f"shiftfs target skipped by the bench: {reason}")
     if target == "idmapped" and "user namespace" in reason:
         pytest.skip(reason)
@@ -128,6 +136,7 @@ def test_correctness_guard(quick, target):
 
 # ---- the guard itself (no root needed) ------------------------------------------
 
+
 def _tree(root, mode=0o644, link="a", size=3):
     os.makedirs(root / "d")
     (root / "d" / "a").write_bytes(b"x" * size)
@@ -139,18 +148,19 @@ def _tree(root, mode=0o644, link="a", size=3):
 def test_guard_passes_identical_trees(tmp_path):
     _tree(tmp_path / "n")
     _tree(tmp_path / "t")
-    res = guard.compare("t", guard.view_snapshot(str(tmp_path / "n")),
-                        guard.view_snapshot(str(tmp_path / "t")), None, None)
+    res = guard.compare(
+        "t", guard.view_snapshot(str(tmp_path / "n")), guard.view_snapshot(str(tmp_path / "t")), None, None
+    )
     assert res["passed"] and res["checked"] == 5
 
 
-@pytest.mark.parametrize("kw,field", [({"mode": 0o600}, "mode"), ({"link": "b"}, "link"),
-                                      ({"size": 4}, "size")])
+@pytest.mark.parametrize("kw,field", [({"mode": 0o600}, "mode"), ({"link": "b"}, "link"), ({"size": 4}, "size")])
 def test_guard_catches_a_wrong_tree(tmp_path, kw, field):
     _tree(tmp_path / "n")
     _tree(tmp_path / "t", **kw)
-    res = guard.compare("t", guard.view_snapshot(str(tmp_path / "n")),
-                        guard.view_snapshot(str(tmp_path / "t")), None, None)
+    res = guard.compare(
+        "t", guard.view_snapshot(str(tmp_path / "n")), guard.view_snapshot(str(tmp_path / "t")), None, None
+    )
     assert not res["passed"] and any(field in e for e in res["examples"])
 
 
@@ -159,8 +169,9 @@ def test_guard_catches_missing_and_extra(tmp_path):
     _tree(tmp_path / "t")
     os.unlink(tmp_path / "t" / "d" / "s")
     (tmp_path / "t" / "extra").write_text("")
-    res = guard.compare("t", guard.view_snapshot(str(tmp_path / "n")),
-                        guard.view_snapshot(str(tmp_path / "t")), None, None)
+    res = guard.compare(
+        "t", guard.view_snapshot(str(tmp_path / "n")), guard.view_snapshot(str(tmp_path / "t")), None, None
+    )
     assert res["mismatches"] == 2
 
 
@@ -181,6 +192,7 @@ def test_override_xattr_format():
 
 def test_generated_tree_shape(tmp_path):
     from bench import trees
+
     p = str(tmp_path / "g.tar")
     trees.generate(p, scale=0.05)
     st = trees.stats(p)
@@ -193,6 +205,7 @@ def test_partial_names_keep_the_extension():
     """mmdebstrap (and tar -a) choose the format from the name: a half-built
     artifact keeps the real extension, so it is a tar, not a directory."""
     from bench import artifacts
+
     assert artifacts.partial_name("/c/debian-bookworm-minbase.tar") == "/c/debian-bookworm-minbase.partial.tar"
     assert artifacts.partial_name("/c/rootfs.tar.zst") == "/c/rootfs.partial.tar.zst"
     assert artifacts.partial_name("x.cpio") == "x.partial.cpio"
@@ -202,6 +215,7 @@ def test_bad_cached_generated_tree_is_rebuilt(tmp_path):
     """A directory or a truncated file where the cached archive should be is
     discarded and rebuilt, never handed to a workload."""
     from bench import trees
+
     gen = tmp_path / "generated-minbase-shape-x0.02.tar"
     gen.mkdir()
     (gen / "junk").write_text("left by an old run")
@@ -219,8 +233,10 @@ def test_bench_builds_the_minbase_archive_on_a_fresh_machine(tmp_path):
     directory left where it should be (what a build under a `.part` name used
     to leave), gives a real Debian root tarball built with mmdebstrap."""
     from bench import artifacts, trees
+
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import ns_util
+
     why = ns_util.debian_tarball_unavailable()
     if why:
         pytest.skip(why)
@@ -244,9 +260,11 @@ def test_chosen_workloads_bring_what_they_need():
 # A real build takes several minutes (two mmdebstrap runs plus the cache fill), so it is
 # verified by `python -m bench --full --rounds 1 --workloads image_build`, not here.
 
+
 def test_image_build_is_its_own_step_in_the_cli():
     from bench import cli
     from bench.runner import IMAGE_BUILD
+
     cfg, _ = cli.parse(["--full"])
     assert cfg.workloads[-1] == IMAGE_BUILD and "untar" in cfg.workloads
     cfg, _ = cli.parse(["--quick"])
@@ -262,37 +280,96 @@ def test_image_build_is_its_own_step_in_the_cli():
 def _image_result():
     recs = []
     for rd, (root, shift, peer) in enumerate([(30.0, 60.0, 45.0), (28.0, 70.0, 42.0)]):
-        recs += [{"backing": "disk", "round": rd, "target": "real-root", "workload": "image_build",
-                  "seconds": root, "error": None},
-                 {"backing": "disk", "round": rd, "target": "shiftfs-exec", "workload": "image_build",
-                  "seconds": shift, "error": None},
-                 {"backing": "disk", "round": rd, "target": "fuse-overlayfs-xattr", "workload": "image_build",
-                  "seconds": peer, "error": None, "daemon_cpu_s": 9.5}]
+        recs += [
+            {
+                "backing": "disk",
+                "round": rd,
+                "target": "real-root",
+                "workload": "image_build",
+                "seconds": root,
+                "error": None,
+            },
+            {
+                "backing": "disk",
+                "round": rd,
+                "target": "shiftfs-exec",
+                "workload": "image_build",
+                "seconds": shift,
+                "error": None,
+            },
+            {
+                "backing": "disk",
+                "round": rd,
+                "target": "fuse-overlayfs-xattr",
+                "workload": "image_build",
+                "seconds": peer,
+                "error": None,
+                "daemon_cpu_s": 9.5,
+            },
+        ]
     from bench.imagebuild import BUILDS
+
     builds = {n: {"label": lab, "how": how, "status": {"disk": "ok"}} for n, (lab, how) in BUILDS.items()}
     builds["bindfs"]["status"]["disk"] = "cannot"
     builds["bindfs"]["reason"] = "the build failed: mmdebstrap exited 1: E: usrmerge failed. | E: no"
     return {
-        "schema": 1, "date": "2026-12-01T00:00:00Z", "duration_s": 300.0, "mode": "full",
-        "config": {"rounds": 2}, "map": {"disk": 100000, "view": 0, "count": 65536},
-        "machine": {"cores": 2}, "tree": {}, "targets": {}, "rounds": [], "guards": [], "notes": [],
-        "backings": {"disk": {"fstype": "ext4", "options": "rw"}}, "records": recs, "workdir": None,
-        "image_build": {"suite": "bookworm", "variant": "minbase", "command": "mmdebstrap ...",
-                        "builds": builds, "notes": [], "debs": {"dir": "/c", "count": 96, "bytes": 38e6},
-                        "checks": [{"backing": "disk", "build": "shiftfs-exec", "passed": True, "checked": 8700,
-                                    "mismatches": 0, "examples": [], "dev_not_made": 8,
-                                    "entries_ref": 8708, "entries_got": 8700, "how": "shiftfs export"},
-                                   {"backing": "disk", "build": "fuse-overlayfs-xattr", "passed": False,
-                                    "checked": 8708, "mismatches": 3, "examples": ["dev/null: view mode"],
-                                    "entries_ref": 8708, "entries_got": 8708, "how": "the view"}]},
+        "schema": 1,
+        "date": "2026-12-01T00:00:00Z",
+        "duration_s": 300.0,
+        "mode": "full",
+        "config": {"rounds": 2},
+        "map": {"disk": 100000, "view": 0, "count": 65536},
+        "machine": {"cores": 2},
+        "tree": {},
+        "targets": {},
+        "rounds": [],
+        "guards": [],
+        "notes": [],
+        "backings": {"disk": {"fstype": "ext4", "options": "rw"}},
+        "records": recs,
+        "workdir": None,
+        "image_build": {
+            "suite": "bookworm",
+            "variant": "minbase",
+            "command": "mmdebstrap ...",
+            "builds": builds,
+            "notes": [],
+            "debs": {"dir": "/c", "count": 96, "bytes": 38e6},
+            "checks": [
+                {
+                    "backing": "disk",
+                    "build": "shiftfs-exec",
+                    "passed": True,
+                    "checked": 8700,
+                    "mismatches": 0,
+                    "examples": [],
+                    "dev_not_made": 8,
+                    "entries_ref": 8708,
+                    "entries_got": 8700,
+                    "how": "shiftfs export",
+                },
+                {
+                    "backing": "disk",
+                    "build": "fuse-overlayfs-xattr",
+                    "passed": False,
+                    "checked": 8708,
+                    "mismatches": 3,
+                    "examples": ["dev/null: view mode"],
+                    "entries_ref": 8708,
+                    "entries_got": 8708,
+                    "how": "the view",
+                },
+            ],
+        },
     }
 
 
 def test_image_build_report_from_a_fabricated_result(tmp_path):
     from bench import report
+
     paths = report.write(_image_result(), str(tmp_path))
     md = open(paths["md"]).read()
-    sec = md[md.index("## Image build"):]
+    sec = md[md.index("## Image build") :]
     row = next(ln for ln in sec.splitlines() if ln.startswith("| shiftfs exec"))
     # medians 65 s and 2.25x (pairs 60/30 = 2.0, 70/28 = 2.5), with the min-max
     assert "65.0 s (60.0–70.0)" in row and "2.25× (2.00–2.50)" in row and "same tree" in row
@@ -312,6 +389,7 @@ def test_image_build_report_from_a_fabricated_result(tmp_path):
     assert s["fuse-overlayfs-xattr"]["daemon_cpu_s"] == 9.5
     # --render redraws the same from the JSON
     from bench import cli
+
     assert cli.main(["--render", paths["json"], "--out", str(tmp_path / "again")]) == 0
     assert "## Image build" in (tmp_path / "again" / "latest.md").read_text()
 
@@ -322,7 +400,9 @@ def test_image_build_tree_check(tmp_path):
     types and link targets; the /dev entries mmdebstrap makes only where mknod
     works are counted apart, anything else differing is a mismatch."""
     import tarfile
+
     from bench import imagebuild as IB
+
     root = tmp_path / "root"
     (root / "etc").mkdir(parents=True)
     (root / "dev").mkdir()
@@ -339,10 +419,12 @@ def test_image_build_tree_check(tmp_path):
     res = IB.compare_trees(ref, IB.tar_snapshot(str(tar)))
     assert res["passed"] and res["dev_not_made"] == 1, res
     with tarfile.open(tar, "w") as tf:
+
         def wrong(ti):
             if ti.name == "./etc/shadow":
                 ti.gid = 0
             return ti
+
         tf.add(root, arcname=".", filter=wrong)
     res = IB.compare_trees(ref, IB.tar_snapshot(str(tar)))
     assert not res["passed"] and res["mismatches"] == 1 and "etc/shadow" in res["examples"][0]
@@ -350,6 +432,7 @@ def test_image_build_tree_check(tmp_path):
 
 def test_image_build_cache_counts_only_when_complete(tmp_path):
     from bench import imagebuild as IB
+
     d = tmp_path / IB.DEBS_NAME
     d.mkdir()
     (d / "apt_2.6.1_amd64.deb").write_bytes(b"x")
@@ -363,14 +446,17 @@ def test_image_build_cache_counts_only_when_complete(tmp_path):
     (rootfs / "var/lib/dpkg/status").write_text(
         "Package: apt\nStatus: install ok installed\nVersion: 2.6.1\n\n"
         "Package: base-files\nStatus: install ok installed\nVersion: 12.4:1\n\n"
-        "Package: dpkg\nStatus: install ok installed\nVersion: 1.21.22\n")
+        "Package: dpkg\nStatus: install ok installed\nVersion: 1.21.22\n"
+    )
     assert IB.missing_from_cache(str(rootfs), debs) == ["dpkg_1.21.22"]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="creates a user: needs root")
 def test_throwaway_user_is_removed_even_on_failure():
     import pwd
+
     from bench.subusers import SUBID_FILES, throwaway_user
+
     before = {p: open(p, "rb").read() if os.path.exists(p) else b"" for p in SUBID_FILES}
     with pytest.raises(RuntimeError, match="boom"):
         with throwaway_user() as u:

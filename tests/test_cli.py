@@ -15,7 +15,6 @@ import subprocess
 import time
 
 import pytest
-
 from fsutil import (
     MAP,
     SHIFTFS,
@@ -85,11 +84,13 @@ def check_table_view(mp):
 
 # -- mount(8) and the helper form -----------------------------------------------------
 
+
 def test_helper_form(dirs, tracked):
     """What mount.fuse3 runs: ``shiftfs SOURCE MOUNTPOINT -o OPTS`` (with its rw,dev,suid additions)."""
     src, mp = dirs
-    r, pids = tracked([SHIFTFS, src, mp, "-o", "rw,backend=fuse,uidmap=100000:0:65536,gidmap=100000:0:65536,dev,suid"],
-                      mp)
+    r, pids = tracked(
+        [SHIFTFS, src, mp, "-o", "rw,backend=fuse,uidmap=100000:0:65536,gidmap=100000:0:65536,dev,suid"], mp
+    )
     assert r.returncode == 0, r.stderr
     assert len(pids) == 1
     info = find_mount(mp)
@@ -101,8 +102,18 @@ def test_helper_form(dirs, tracked):
 def test_mount_t_fuse_shiftfs(dirs, tracked, shiftfs_on_path):
     """``mount -t fuse.shiftfs`` finds /sbin/mount.fuse3 (via mount.fuse), which runs ``shiftfs`` from PATH."""
     src, mp = dirs
-    r, pids = tracked(["mount", "-t", "fuse.shiftfs", src, mp, "-o",
-                       "backend=fuse,uidmap=100000:0:65536,gidmap=100000:0:65536,fsname=shifted-root"], mp)
+    r, pids = tracked(
+        [
+            "mount",
+            "-t",
+            "fuse.shiftfs",
+            src,
+            mp,
+            "-o",
+            "backend=fuse,uidmap=100000:0:65536,gidmap=100000:0:65536,fsname=shifted-root",
+        ],
+        mp,
+    )
     assert r.returncode == 0, r.stderr
     assert len(pids) == 1
     info = find_mount(mp)
@@ -129,8 +140,9 @@ def test_mount_t_keeps_nosuid_nodev(dirs, tracked, shiftfs_on_path, scratch):
     assert reap(pids[0], 10) is not None
     # asked for explicitly (mount.fuse3 run directly; mount(8) itself drops a
     # plain "suid" from fstab lines before calling the helper): granted
-    r, pids = tracked(["/sbin/mount.fuse3", src, mp, "-t", "fuse.shiftfs", "-o", "backend=fuse,uidmap=100000:0:65536,suid"],
-                     mp)
+    r, pids = tracked(
+        ["/sbin/mount.fuse3", src, mp, "-t", "fuse.shiftfs", "-o", "backend=fuse,uidmap=100000:0:65536,suid"], mp
+    )
     assert r.returncode == 0, r.stderr
     opts = find_mount(mp).options
     assert "nosuid" not in opts and "nodev" in opts, opts
@@ -149,7 +161,8 @@ def test_fstab_line(dirs, tracked, shiftfs_on_path, scratch):
     fstab = scratch / "fstab"
     fstab.write_text(
         "# a temporary fstab\n"
-        f"{src} {mp} fuse.shiftfs noauto,nofail,x-systemd.automount,backend=fuse,uidmap=100000:0:65536,gidmap=100000:0:65536,"
+        f"{src} {mp} fuse.shiftfs noauto,nofail,x-systemd.automount,backend=fuse,"
+        "uidmap=100000:0:65536,gidmap=100000:0:65536,"
         "fsname=from-fstab,allow_other 0 0\n"
     )
     r, pids = tracked(["mount", "-T", fstab, mp], mp)
@@ -187,9 +200,10 @@ def test_fsname_and_subtype(dirs, shiftfs_mount):
 
 # -- backgrounding ------------------------------------------------------------------------
 
+
 def test_exit_zero_means_live(dirs, tracked):
     src, mp = dirs
-    for i in range(3):
+    for _i in range(3):
         r, pids = tracked([SHIFTFS, "mount", "--map", MAP, "-o", "backend=fuse", src, mp], mp)
         # no waiting: the moment the command returns, the mount answers
         assert r.returncode == 0, r.stderr
@@ -230,8 +244,20 @@ def test_unprivileged_user_mount_and_umount(scratch, tracked):
     logdir = scratch / "ulog"
     logdir.mkdir()
     os.chown(logdir, 1000, 1000)
-    cmd = ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "--", SHIFTFS, "mount", "--xattr",
-           "-o", f"log={logdir}/user.log", src, mp]
+    cmd = [
+        "setpriv",
+        "--reuid=1000",
+        "--regid=1000",
+        "--clear-groups",
+        "--",
+        SHIFTFS,
+        "mount",
+        "--xattr",
+        "-o",
+        f"log={logdir}/user.log",
+        src,
+        mp,
+    ]
     r, pids = tracked(cmd, mp, env=USER_ENV)
     assert r.returncode == 0, r.stderr
     assert find_mount(mp).fstype == "fuse.shiftfs"
@@ -338,6 +364,7 @@ def test_usage_errors(tracked, scratch):
 
 # -- umount ----------------------------------------------------------------------------------
 
+
 def test_umount(dirs, shiftfs_mount, scratch):
     src, mp = dirs
     m = shiftfs_mount("--map", MAP, source=src, mountpoint=mp)
@@ -375,6 +402,7 @@ def test_umount_busy_and_lazy(dirs, shiftfs_mount):
 
 # -- signals --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_daemon_exits_cleanly_on_signal(dirs, shiftfs_mount, sig):
     src, mp = dirs
@@ -391,8 +419,12 @@ def test_daemon_exits_cleanly_on_signal(dirs, shiftfs_mount, sig):
 
 def test_foreground_sigint(dirs):
     src, mp = dirs
-    p = subprocess.Popen([SHIFTFS, "mount", "-f", "--map", MAP, "-o", "backend=fuse", str(src), str(mp)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [SHIFTFS, "mount", "-f", "--map", MAP, "-o", "backend=fuse", str(src), str(mp)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(lambda: is_mounted(mp) or p.poll() is not None, 30, what="foreground mount")
         assert p.poll() is None, p.communicate()
@@ -427,6 +459,7 @@ def test_signal_while_busy(dirs, shiftfs_mount):
 
 
 # -- caching -----------------------------------------------------------------------------------
+
 
 def test_cache_never_sees_backing_changes(dirs, shiftfs_mount):
     src, mp = dirs
@@ -500,6 +533,7 @@ def test_log_and_stats_files_not_world_writable(dirs, shiftfs_mount):
 
 # -- the kernel backend (-o backend=auto|kernel|fuse) -----------------------------------------
 
+
 def _info_lines(r):
     return [ln for ln in r.stderr.splitlines() if ln.strip()]
 
@@ -528,8 +562,9 @@ def test_auto_picks_kernel_and_says_so(dirs, tracked):
 def test_kernel_backend_helper_form_and_flags(dirs, tracked):
     """The helper form mount.fuse3 runs (with its trailing dev,suid); ro and noexec apply to the bind."""
     src, mp = dirs
-    r, pids = tracked([SHIFTFS, src, mp, "-o", "backend=kernel,ro,noexec,uidmap=100000:0:65536,"
-                       "gidmap=100000:0:65536,dev,suid"], mp)
+    r, pids = tracked(
+        [SHIFTFS, src, mp, "-o", "backend=kernel,ro,noexec,uidmap=100000:0:65536,gidmap=100000:0:65536,dev,suid"], mp
+    )
     assert r.returncode == 0 and r.stderr == "", r.stderr  # backend asked for: nothing to say
     assert pids == []
     opts = set(find_mount(mp).options)
@@ -562,8 +597,9 @@ def test_mount_t_fuse_shiftfs_kernel_backend(dirs, tracked, shiftfs_on_path):
     if os.path.realpath(shiftfs_on_path) != os.path.realpath(SHIFTFS):
         pytest.skip(f"{shiftfs_on_path} runs another checkout ({os.path.realpath(shiftfs_on_path)})")
     src, mp = dirs
-    r, pids = tracked(["mount", "-t", "fuse.shiftfs", src, mp, "-o",
-                       "backend=kernel,uidmap=100000:0:65536,gidmap=100000:0:65536"], mp)
+    r, pids = tracked(
+        ["mount", "-t", "fuse.shiftfs", src, mp, "-o", "backend=kernel,uidmap=100000:0:65536,gidmap=100000:0:65536"], mp
+    )
     assert r.returncode == 0, r.stderr
     assert pids == [] and "idmapped" in find_mount(mp).options
     check_table_view(mp)
@@ -575,8 +611,12 @@ def test_mount_t_fuse_shiftfs_kernel_backend(dirs, tracked, shiftfs_on_path):
 def test_kernel_backend_foreground(dirs):
     """``-f``: the mount lives as long as the command; SIGINT takes it down."""
     src, mp = dirs
-    p = subprocess.Popen([SHIFTFS, "mount", "-f", "--map", MAP, "-o", "backend=kernel", str(src), str(mp)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [SHIFTFS, "mount", "-f", "--map", MAP, "-o", "backend=kernel", str(src), str(mp)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(lambda: is_mounted(mp) or p.poll() is not None, 30, what="foreground mount")
         assert p.poll() is None, p.communicate()
@@ -598,8 +638,9 @@ def test_auto_falls_back_to_fuse(dirs, tracked, shiftfs_mount, scratch):
     inner = shiftfs_mount("-o", "backend=fuse", source=src, mountpoint=mp)  # identity FUSE: SOURCE for the next
     mp2 = scratch / "mp2"
     mp2.mkdir()
-    r, pids = tracked([SHIFTFS, "mount", "--map", "b:100005:0:10", "-o", "log=" + str(scratch / "l"), inner.mountpoint,
-                       mp2], mp2)
+    r, pids = tracked(
+        [SHIFTFS, "mount", "--map", "b:100005:0:10", "-o", "log=" + str(scratch / "l"), inner.mountpoint, mp2], mp2
+    )
     assert r.returncode == 0, r.stderr
     lines = _info_lines(r)
     assert len(lines) == 1 and lines[0].startswith("shiftfs: backend fuse:") and "idmapped" in lines[0], r.stderr
@@ -619,8 +660,21 @@ def test_auto_unprivileged_user_gets_fuse(scratch, tracked):
     for d in (src, mp):
         d.mkdir()
         os.chown(d, 1000, 1000)
-    cmd = ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "--", SHIFTFS, "mount", "--map",
-           "b:1000:0:1", "-o", f"log={scratch}/u.log", src, mp]
+    cmd = [
+        "setpriv",
+        "--reuid=1000",
+        "--regid=1000",
+        "--clear-groups",
+        "--",
+        SHIFTFS,
+        "mount",
+        "--map",
+        "b:1000:0:1",
+        "-o",
+        f"log={scratch}/u.log",
+        src,
+        mp,
+    ]
     with open(scratch / "u.log", "w"):
         pass
     os.chown(scratch / "u.log", 1000, 1000)
@@ -634,11 +688,14 @@ def test_auto_unprivileged_user_gets_fuse(scratch, tracked):
     assert reap(pids[0], 10, kill=False) is not None
 
 
-@pytest.mark.parametrize("args,words,code", [
-    (["--xattr", "-o", "backend=kernel"], "table mode only", 2),
-    (["--map", MAP, "-o", "backend=turbo"], "backend=auto, backend=kernel or backend=fuse", 2),
-    (["--map", MAP, "-o", "backend=kernel,sync"], "bind mount cannot carry", 2),
-])
+@pytest.mark.parametrize(
+    "args,words,code",
+    [
+        (["--xattr", "-o", "backend=kernel"], "table mode only", 2),
+        (["--map", MAP, "-o", "backend=turbo"], "backend=auto, backend=kernel or backend=fuse", 2),
+        (["--map", MAP, "-o", "backend=kernel,sync"], "bind mount cannot carry", 2),
+    ],
+)
 def test_kernel_backend_bad_input(dirs, tracked, args, words, code):
     src, mp = dirs
     r, pids = tracked([SHIFTFS, "mount", *args, src, mp], mp)

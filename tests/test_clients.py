@@ -48,8 +48,9 @@ def wd(user):
 
 def as_user(user, script: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run a sh script as ``user`` (``set -e``); output captured as text."""
-    return subprocess.run(user.wrap(["sh", "-ec", script]), capture_output=True, text=True,
-                          errors="replace", timeout=timeout)
+    return subprocess.run(
+        user.wrap(["sh", "-ec", script]), capture_output=True, text=True, errors="replace", timeout=timeout
+    )
 
 
 def _user_dir(scratch, name: str = "home") -> str:
@@ -68,10 +69,14 @@ def test_devtable_subcommand_as_a_user(scratch):
     ordinary user through the ``shiftfs`` command (not ``python3 -m``, which
     is Debian's python without the venv)."""
     home = _user_dir(scratch)
-    r = run_as(USER, USER, f"cd {home} && mkdir -p rootfs/etc && echo x > rootfs/etc/hostname && "
-                           f"{SHIFTFS} devtable mmdebstrap > dev.table && "
-                           f"{SHIFTFS} export ./rootfs --device-table dev.table -o rootfs.tar && "
-                           f"{SHIFTFS} devtable add - rootfs.tar added.tar")
+    r = run_as(
+        USER,
+        USER,
+        f"cd {home} && mkdir -p rootfs/etc && echo x > rootfs/etc/hostname && "
+        f"{SHIFTFS} devtable mmdebstrap > dev.table && "
+        f"{SHIFTFS} export ./rootfs --device-table dev.table -o rootfs.tar && "
+        f"{SHIFTFS} devtable add - rootfs.tar added.tar",
+    )
     assert r.returncode == 0, r.stderr
     for name in ("rootfs.tar", "added.tar"):
         with tarfile.open(os.path.join(home, name)) as tf:
@@ -84,8 +89,18 @@ def test_devtable_subcommand_as_a_user(scratch):
     # A bad table line is one line naming the file, the line and the fix; exit 2.
     with open(os.path.join(home, "bad.table"), "w") as f:
         f.write("/dev/null c 1 3 0666 0\n")
-    r = run_as(USER, USER, [SHIFTFS, "devtable", "add", os.path.join(home, "bad.table"),
-                            os.path.join(home, "rootfs.tar"), os.path.join(home, "x.tar")])
+    r = run_as(
+        USER,
+        USER,
+        [
+            SHIFTFS,
+            "devtable",
+            "add",
+            os.path.join(home, "bad.table"),
+            os.path.join(home, "rootfs.tar"),
+            os.path.join(home, "x.tar"),
+        ],
+    )
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "bad.table" in r.stderr and not os.path.exists(os.path.join(home, "x.tar"))
     # No action: one usage line, exit 2.
@@ -101,9 +116,22 @@ def test_devtable_subcommand_as_a_user(scratch):
 def test_no_help_text_shows_python_m_devtable():
     """Every place that tells a user how to make a device table names the subcommand."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    hits = subprocess.run(["grep", "-rn", "-e", "-m shiftfs.devtable", "README.md", "shiftfs/container",
-                           "shiftfs/offline/commands.py", "shiftfs/cli.py"],
-                          cwd=repo, capture_output=True, text=True, env=USER_ENV).stdout
+    hits = subprocess.run(
+        [
+            "grep",
+            "-rn",
+            "-e",
+            "-m shiftfs.devtable",
+            "README.md",
+            "shiftfs/container",
+            "shiftfs/offline/commands.py",
+            "shiftfs/cli.py",
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env=USER_ENV,
+    ).stdout
     assert hits == ""
 
 
@@ -114,8 +142,9 @@ def _fuse_overlayfs_listing(layout: str) -> str:
     """sh lines: mount ``tree`` with Debian's fuse-overlayfs (``xattr_permissions=2``,
     as the bench and rootless podman run it) as its lower or its upper layer,
     list the root and a subtree, unmount."""
-    layers = ("lowerdir=tree,upperdir=up,workdir=fow" if layout == "lower"
-              else "lowerdir=empty,upperdir=tree,workdir=fow")
+    layers = (
+        "lowerdir=tree,upperdir=up,workdir=fow" if layout == "lower" else "lowerdir=empty,upperdir=tree,workdir=fow"
+    )
     return f"""
 rm -rf up fow empty fo; mkdir up fow empty fo
 fuse-overlayfs -o {layers},xattr_permissions=2 fo
@@ -127,9 +156,11 @@ echo MODE; stat -c %a fo/etc/f
 
 
 @pytest.mark.skipif(not have("fuse-overlayfs"), reason="needs fuse-overlayfs")
-@pytest.mark.parametrize("layout,opts", [("lower", ""), ("lower", "-o legacy_xattr"),
-                                         ("upper", "-o legacy_xattr")],
-                         ids=["lower", "lower-legacy", "upper-legacy"])
+@pytest.mark.parametrize(
+    "layout,opts",
+    [("lower", ""), ("lower", "-o legacy_xattr"), ("upper", "-o legacy_xattr")],
+    ids=["lower", "lower-legacy", "upper-legacy"],
+)
 def test_fuse_overlayfs_lists_a_tree_shiftfs_wrote(user, wd, layout, opts):
     """fuse-overlayfs picks a layer's record name by probing the layer root and
     fails a listing that meets a directory or file without a record: the root
@@ -137,24 +168,29 @@ def test_fuse_overlayfs_lists_a_tree_shiftfs_wrote(user, wd, layout, opts):
     our records in subtrees (1.10 reads user.containers.override_stat on a
     lower layer whose root has it; on its upper layer only the legacy name,
     hence -o legacy_xattr)."""
-    r = as_user(user, f"""
+    r = as_user(
+        user,
+        f"""
 cd {wd}
 mkdir tree mp
 {SHIFTFS} mount --xattr {opts} tree mp
 mkdir -p mp/etc/sub mp/usr
 echo hi > mp/etc/f; echo a > mp/etc/sub/g; ln -s f mp/etc/link; chmod 4755 mp/etc/f
 {SHIFTFS} umount mp
-""" + _fuse_overlayfs_listing(layout))
+"""
+        + _fuse_overlayfs_listing(layout),
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout.split()
-    root = out[out.index("ROOT") + 1:out.index("SUB")]
+    root = out[out.index("ROOT") + 1 : out.index("SUB")]
     assert sorted(root) == [".shiftfs", "etc", "usr"], r.stdout
-    assert out[out.index("SUB") + 1:out.index("MODE")] == ["g"], r.stdout
+    assert out[out.index("SUB") + 1 : out.index("MODE")] == ["g"], r.stdout
     assert out[out.index("MODE") + 1] == "4755", r.stdout  # the record, not the backing mode 0755
     rec = os.getxattr(os.path.join(wd, "tree"), "user.containers.override_stat")
     assert rec == f"{user.uid}:{user.gid}:40755".encode()  # the view the root showed
     assert os.getxattr(os.path.join(wd, "tree", ".shiftfs"), "user.containers.override_stat") == (
-        f"{user.uid}:{user.gid}:40700".encode())
+        f"{user.uid}:{user.gid}:40700".encode()
+    )
 
 
 @pytest.mark.skipif(not have("fuse-overlayfs"), reason="needs fuse-overlayfs")
@@ -164,7 +200,9 @@ def test_root_record_added_to_an_older_tree_and_never_replaced(user, wd):
     name (it tells fuse-overlayfs which name the tree uses); a read-only mount
     writes nothing."""
     tree = os.path.join(wd, "tree")
-    r = as_user(user, f"""
+    r = as_user(
+        user,
+        f"""
 cd {wd}
 mkdir tree mp
 {SHIFTFS} mount --xattr tree mp
@@ -179,7 +217,9 @@ getfattr -n user.containers.override_stat tree 2>/dev/null && exit 3
 getfattr -n user.containers.override_stat tree/.shiftfs 2>/dev/null && exit 4
 {SHIFTFS} mount --xattr tree mp
 {SHIFTFS} umount mp
-""" + _fuse_overlayfs_listing("lower"))
+"""
+        + _fuse_overlayfs_listing("lower"),
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "4755" in r.stdout.split()
     assert os.getxattr(os.path.join(tree, ".shiftfs"), "user.containers.override_stat")
@@ -251,10 +291,10 @@ echo "DAEMON EXITED"
 
 
 def _umount_scenario(wrap: list[str], wd: str, mountargs: str, ns: str, holders: int, locked: str = ""):
-    env = dict(USER_ENV, WD=wd, SHIFTFS=SHIFTFS, MOUNTARGS=mountargs, NS=ns, HOLDERS=str(holders),
-               LOCKED=locked)
-    r = subprocess.run(wrap + ["sh", "-ec", _UMOUNT_SCENARIO], capture_output=True, text=True,
-                       errors="replace", timeout=180, env=env)
+    env = dict(USER_ENV, WD=wd, SHIFTFS=SHIFTFS, MOUNTARGS=mountargs, NS=ns, HOLDERS=str(holders), LOCKED=locked)
+    r = subprocess.run(
+        wrap + ["sh", "-ec", _UMOUNT_SCENARIO], capture_output=True, text=True, errors="replace", timeout=180, env=env
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout
 
@@ -278,8 +318,13 @@ def test_umount_says_other_namespaces_still_hold_the_mount(scratch):
     """Root: a mount namespace made after the mount (``unshare --mount``) holds
     a copy; umount succeeds here, says so in one line with the holder's pid,
     and the daemon serves on until the holder exits."""
-    out = _umount_scenario(["unshare", "--mount", "--propagation", "private"], str(scratch),
-                           f"--map {MAP} -o backend=fuse", "unshare --mount", 1)
+    out = _umount_scenario(
+        ["unshare", "--mount", "--propagation", "private"],
+        str(scratch),
+        f"--map {MAP} -o backend=fuse",
+        "unshare --mount",
+        1,
+    )
     _check_umount_report(out, 1)
 
 
@@ -339,8 +384,10 @@ def _tiny_rootfs(into: str) -> None:
         src = os.path.realpath(shutil.which(tool, path="/usr/bin:/bin"))
         dst = os.path.join(into, "usr/bin", tool)
         if not os.path.lexists(dst):
-            os.symlink(os.path.relpath(os.path.join(into, "usr", src.lstrip("/").removeprefix("usr/")),
-                                       os.path.dirname(dst)), dst)
+            os.symlink(
+                os.path.relpath(os.path.join(into, "usr", src.lstrip("/").removeprefix("usr/")), os.path.dirname(dst)),
+                dst,
+            )
     with open(os.path.join(into, "etc/passwd"), "w") as f:
         f.write("root:x:0:0:root:/root:/bin/sh\nbob:x:1000:1000::/home/bob:/bin/sh\n")
     with open(os.path.join(into, "etc/group"), "w") as f:
@@ -378,8 +425,12 @@ def test_recipe_root_podman_on_a_table_view(scratch):
     try:
         _tiny_rootfs(view)
         assert os.stat(os.path.join(src, "etc/passwd")).st_uid == 100000
-        r = subprocess.run(_podman_argv() + _PODMAN_RUN + ["--rootfs", view, "sh", "-c", _IN_CONTAINER],
-                           capture_output=True, text=True, timeout=180)
+        r = subprocess.run(
+            _podman_argv() + _PODMAN_RUN + ["--rootfs", view, "sh", "-c", _IN_CONTAINER],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert r.returncode == 0, r.stderr
         assert r.stdout.split() == ["0", "1000:1000", "0:0"], r.stdout
         st = os.stat(os.path.join(src, "home/x"))
@@ -402,8 +453,12 @@ def test_recipe_rootless_podman_mounts_inside_podman_unshare(user, wd):
     src, view = os.path.join(home, "rootfs"), os.path.join(home, "view")
 
     def podman(*args, timeout=180):
-        return subprocess.run(["runuser", "-u", user.name, "--", *env, *_podman_argv(), *args],
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            ["runuser", "-u", user.name, "--", *env, *_podman_argv(), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     try:
         r = subprocess.run(["runuser", "-u", user.name, "--", *env, "mkdir", src, view])
@@ -411,9 +466,13 @@ def test_recipe_rootless_podman_mounts_inside_podman_unshare(user, wd):
         r = podman("unshare", SHIFTFS, "mount", "--xattr", src, view)
         assert r.returncode == 0, r.stderr
         # Fill it as namespace root, through the view (podman unshare runs as uid 0 there).
-        r = podman("unshare", sys.executable, "-c",
-                   f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
-                   f"import test_clients as t; t._tiny_rootfs({view!r})")
+        r = podman(
+            "unshare",
+            sys.executable,
+            "-c",
+            f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+            f"import test_clients as t; t._tiny_rootfs({view!r})",
+        )
         assert r.returncode == 0, r.stderr
         r = podman(*_PODMAN_RUN, "--rootfs", view, "sh", "-c", _IN_CONTAINER)
         assert r.returncode == 0, r.stderr
@@ -445,19 +504,30 @@ def test_recipe_nspawn_on_table_views(scratch):
     daemons = _mount_view(src, view, "--map", MAP, "-o", "backend=fuse")
     try:
         _tiny_rootfs(view)
-        r = subprocess.run(_NSPAWN + ["-D", view, "sh", "-c", _IN_CONTAINER],
-                           capture_output=True, text=True, timeout=180)
+        r = subprocess.run(
+            _NSPAWN + ["-D", view, "sh", "-c", _IN_CONTAINER], capture_output=True, text=True, timeout=180
+        )
         assert r.returncode == 0, r.stderr
         assert r.stdout.split() == ["0", "1000:1000", "0:0"], r.stdout
         assert os.stat(os.path.join(src, "home/x")).st_uid == 101000
         # --private-users=pick would chown the tree into a range the table cannot show
         daemons += _mount_view(src, view2, "--map", f"b:100000:{base}:65536", "-o", "backend=fuse")
         assert os.stat(os.path.join(view2, "etc/passwd")).st_uid == base
-        r = subprocess.run(_NSPAWN + [f"--private-users={base}:65536", "--private-users-ownership=off",
-                                      "-D", view2, "sh", "-c",
-                                      "cat /proc/self/uid_map; touch /home/y; chown 1000:1000 /home/y; "
-                                      "stat -c %u:%g /home/y /etc/passwd"],
-                           capture_output=True, text=True, timeout=180)
+        r = subprocess.run(
+            _NSPAWN
+            + [
+                f"--private-users={base}:65536",
+                "--private-users-ownership=off",
+                "-D",
+                view2,
+                "sh",
+                "-c",
+                "cat /proc/self/uid_map; touch /home/y; chown 1000:1000 /home/y; stat -c %u:%g /home/y /etc/passwd",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert r.returncode == 0, r.stderr
         assert r.stdout.split() == ["0", str(base), "65536", "1000:1000", "0:0"], r.stdout
         st = os.stat(os.path.join(src, "home/y"))

@@ -20,7 +20,6 @@ import threading
 import time
 
 import pytest
-
 from fsutil import (
     MAP,
     RENAME_EXCHANGE,
@@ -39,9 +38,12 @@ from fsutil import (
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 
-MODES = {"table": ("--map", MAP), "xattr": ("--xattr",),
-         # table mode on the kernel backend (an idmapped bind mount, no daemon)
-         "table-kernel": ("--map", MAP, "-o", "backend=kernel")}
+MODES = {
+    "table": ("--map", MAP),
+    "xattr": ("--xattr",),
+    # table mode on the kernel backend (an idmapped bind mount, no daemon)
+    "table-kernel": ("--map", MAP, "-o", "backend=kernel"),
+}
 
 
 class View:
@@ -116,6 +118,7 @@ def read_file(path) -> bytes:
 
 
 # -- data ---------------------------------------------------------------------------
+
 
 def test_read_write_seek(fs):
     p = fs.path("f")
@@ -404,10 +407,18 @@ def test_unsupported_calls_fail_cleanly(fs):
         assert os.fstat(fd).st_size == 10000
         # locks stay in the kernel and work between processes
         fcntl.flock(fd, fcntl.LOCK_EX)
-        r = subprocess.run([sys.executable, "-c",
-                            "import fcntl,sys,os; fd=os.open(sys.argv[1], os.O_RDONLY)\n"
-                            "try:\n fcntl.flock(fd, fcntl.LOCK_EX|fcntl.LOCK_NB); print('got')\n"
-                            "except BlockingIOError: print('busy')", p], capture_output=True, text=True)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import fcntl,sys,os; fd=os.open(sys.argv[1], os.O_RDONLY)\n"
+                "try:\n fcntl.flock(fd, fcntl.LOCK_EX|fcntl.LOCK_NB); print('got')\n"
+                "except BlockingIOError: print('busy')",
+                p,
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert r.stdout.strip() == "busy", r.stderr
         fcntl.flock(fd, fcntl.LOCK_UN)
         fcntl.lockf(fd, fcntl.LOCK_EX, 10, 0)
@@ -437,6 +448,7 @@ def test_non_utf8_names(fs):
 
 
 # -- names ---------------------------------------------------------------------------
+
 
 def test_mkdir_rmdir(fs):
     d = fs.path("d")
@@ -679,7 +691,9 @@ def test_readdir_10k_with_concurrent_unlink(fs):
     doomed = set(names[::2])  # half of them are unlinked while we list
     proc = subprocess.Popen(
         [sys.executable, "-c", UNLINKER, view, *sorted(doomed)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout.readline().strip() == "go"
@@ -738,6 +752,7 @@ def test_readdir_types_and_inodes(fs):
 
 
 # -- filesystem-wide -----------------------------------------------------------------
+
 
 def test_statvfs(fs):
     v, b = os.statvfs(fs.path()), os.statvfs(fs.backing())
@@ -895,6 +910,7 @@ def test_device_nodes(fs):
 
 # -- hard links and ownership ------------------------------------------------------------
 
+
 def test_hardlinks_share_attributes(fs):
     os.mkdir(fs.path("a"))
     os.mkdir(fs.path("b"))
@@ -1023,16 +1039,30 @@ def test_names_the_engine_uses_itself(fs):
 def test_fio_verify(fs):
     r = subprocess.run(
         [
-            "fio", "--name=verify", f"--directory={fs.path()}", "--ioengine=psync", "--rw=randwrite",
-            "--bsrange=4k-64k", "--size=16m", "--numjobs=2", "--verify=crc32c",
-            "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0", "--group_reporting", "--output-format=json",
+            "fio",
+            "--name=verify",
+            f"--directory={fs.path()}",
+            "--ioengine=psync",
+            "--rw=randwrite",
+            "--bsrange=4k-64k",
+            "--size=16m",
+            "--numjobs=2",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+            "--verify_state_save=0",
+            "--group_reporting",
+            "--output-format=json",
         ],
-        capture_output=True, text=True, timeout=300, cwd=fs.path(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=fs.path(),
     )
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
     import json
 
-    res = json.loads(r.stdout[r.stdout.index("{"):])
+    res = json.loads(r.stdout[r.stdout.index("{") :])
     job = res["jobs"][0]
     assert job["error"] == 0, job
     assert job["write"]["io_bytes"] > 0
@@ -1110,8 +1140,15 @@ print(bad)
 def test_stress_concurrent_namespace_ops(fs):
     """Four processes create, link, rename and remove the same few names at once."""
     n = 5000 if STRESS else 1000
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, fs.path(), str(seed), str(n)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, fs.path(), str(seed), str(n)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for seed in range(4)
+    ]
     try:
         outs = [p.communicate(timeout=240) for p in procs]
     finally:

@@ -23,10 +23,21 @@ import tarfile
 import time
 
 import pytest
+from ns_util import (
+    CACHE,
+    MIRROR,
+    REPO,
+    ROOT_USER,
+    User,
+    mirror_reachable,
+    mounts_mentioning,
+    processes_mentioning,
+    remove_tree,
+    throwaway_users,
+    workdir,
+)
 
 from bench import artifacts
-from ns_util import (CACHE, MIRROR, REPO, ROOT_USER, User, mirror_reachable, mounts_mentioning,
-                     processes_mentioning, remove_tree, throwaway_users, workdir)
 from shiftfs.container import exec as execcmd
 from shiftfs.container import launcher
 from shiftfs.offline import devtable
@@ -77,11 +88,11 @@ def owned_dir(path: str, owner: User) -> str:
     return path
 
 
-def shiftfs_exec(owner: User, *args: str, cwd: str, timeout: float = 60, check: bool = True,
-                 env: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def shiftfs_exec(
+    owner: User, *args: str, cwd: str, timeout: float = 60, check: bool = True, env: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     argv = ["env", *env, *exec_argv(), *args] if env else [*exec_argv(), *args]
-    res = subprocess.run(owner.wrap(argv), capture_output=True, text=True, timeout=timeout,
-                         cwd=cwd)
+    res = subprocess.run(owner.wrap(argv), capture_output=True, text=True, timeout=timeout, cwd=cwd)
     if check and res.returncode != 0:
         raise AssertionError(f"exit {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr}")
     return res
@@ -97,8 +108,9 @@ def host_owners(top: str) -> set[tuple[int, int]]:
 
 
 def record(path: str) -> str:
-    return subprocess.run(["getfattr", "--only-values", "-n", RECORD, path],
-                          capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["getfattr", "--only-values", "-n", RECORD, path], capture_output=True, text=True
+    ).stdout.strip()
 
 
 def assert_clean(marker: str) -> None:
@@ -110,14 +122,26 @@ def assert_clean(marker: str) -> None:
 
 
 def export(owner: User, root: str, out: str) -> str:
-    subprocess.run(owner.wrap([sys.executable, "-m", "shiftfs", "export", root, "-o", out]),
-                   check=True, capture_output=True, timeout=300, cwd="/")
+    subprocess.run(
+        owner.wrap([sys.executable, "-m", "shiftfs", "export", root, "-o", out]),
+        check=True,
+        capture_output=True,
+        timeout=300,
+        cwd="/",
+    )
     return out
 
 
-_KINDS = {tarfile.REGTYPE: "reg", tarfile.AREGTYPE: "reg", tarfile.LNKTYPE: "reg",
-          tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink", tarfile.CHRTYPE: "chr",
-          tarfile.BLKTYPE: "blk", tarfile.FIFOTYPE: "fifo"}
+_KINDS = {
+    tarfile.REGTYPE: "reg",
+    tarfile.AREGTYPE: "reg",
+    tarfile.LNKTYPE: "reg",
+    tarfile.DIRTYPE: "dir",
+    tarfile.SYMTYPE: "symlink",
+    tarfile.CHRTYPE: "chr",
+    tarfile.BLKTYPE: "blk",
+    tarfile.FIFOTYPE: "fifo",
+}
 
 
 def tar_entries(path: str) -> dict[str, tuple]:
@@ -137,10 +161,15 @@ def tar_entries(path: str) -> dict[str, tuple]:
     out = {}
     for name, m in raw.items():
         kind = _KINDS[m.type]
-        out[name] = (kind, f"{m.mode:04o}", m.uid, m.gid,
-                     m.linkname if kind == "symlink" else "",
-                     (m.devmajor, m.devminor) if kind in ("chr", "blk") else None,
-                     member_of.get(name))
+        out[name] = (
+            kind,
+            f"{m.mode:04o}",
+            m.uid,
+            m.gid,
+            m.linkname if kind == "symlink" else "",
+            (m.devmajor, m.devminor) if kind in ("chr", "blk") else None,
+            member_of.get(name),
+        )
     return out
 
 
@@ -180,8 +209,13 @@ def test_shift_over_itself(who, wd):
     r = owned_dir(os.path.join(wd, "r"), who)
     out = shiftfs_exec(who, "--shift", "r", "--", "sh", "-c", SCRIPT, cwd=wd).stdout.splitlines()
     assert out[:2] == ["0", wd]
-    assert out[2:] == ["r/file 1000:1000 644", "r/suid 0:0 4755", "r/home/alice 1000:1000 700",
-                       "r/link 7:8 777", "allow_other"]
+    assert out[2:] == [
+        "r/file 1000:1000 644",
+        "r/suid 0:0 4755",
+        "r/home/alice 1000:1000 700",
+        "r/link 7:8 777",
+        "allow_other",
+    ]
     # On the host: everything is the caller's, the records hold the view.
     assert host_owners(r) == {(who.uid, who.gid)}
     assert record(f"{r}/file") == "1000:1000:100644"
@@ -189,8 +223,9 @@ def test_shift_over_itself(who, wd):
     assert not os.stat(f"{r}/suid").st_mode & 0o4000
     assert_clean(r)
     # A second command sees the same view, also from a cwd inside it.
-    out = shiftfs_exec(who, "--shift", r, "--", "sh", "-c",
-                       "pwd; stat -c '%u:%g %a' ../file alice", cwd=os.path.join(r, "home"))
+    out = shiftfs_exec(
+        who, "--shift", r, "--", "sh", "-c", "pwd; stat -c '%u:%g %a' ../file alice", cwd=os.path.join(r, "home")
+    )
     assert out.stdout.splitlines() == [os.path.join(r, "home"), "1000:1000 644", "1000:1000 700"]
     # The export carries the view.
     tar = export(who, r, os.path.join(wd, "r.tar"))
@@ -217,8 +252,9 @@ def test_dst_elsewhere_and_nested(user, wd):
     touch dst/sub/g && chown 2000:2000 dst/sub/g
     stat -c '%n %u:%g' dst/f src/f dst/sub/g inner/g
     """
-    out = shiftfs_exec(user, "--shift", f"inner:{wd}/dst/sub", "--shift", "src:dst", "--",
-                       "sh", "-c", script, cwd=wd).stdout.splitlines()
+    out = shiftfs_exec(
+        user, "--shift", f"inner:{wd}/dst/sub", "--shift", "src:dst", "--", "sh", "-c", script, cwd=wd
+    ).stdout.splitlines()
     # src itself is the host directory: the caller's files are view id 0.
     assert out == ["dst/f 1000:1000", "src/f 0:0", "dst/sub/g 2000:2000", "inner/g 0:0"]
     assert record(f"{src}/f") == "1000:1000:100644"
@@ -259,8 +295,9 @@ def test_host_filesystem_as_it_is(user, wd):
     touch outside && stat -c %u outside
     echo $PATH | tr : '\\n' | grep -cx /usr/sbin
     """
-    out = shiftfs_exec(user, "--shift", "r", "--", "sh", "-c", script, cwd=wd,
-                       env=("HOME=/nonexistent-home", "PATH=/usr/bin:/bin"))
+    out = shiftfs_exec(
+        user, "--shift", "r", "--", "sh", "-c", script, cwd=wd, env=("HOME=/nonexistent-home", "PATH=/usr/bin:/bin")
+    )
     lines = out.stdout.splitlines()
     assert lines[0] == hostname
     assert lines[1] == "2 /nonexistent-home"  # own pid namespace, caller's environment
@@ -272,10 +309,16 @@ def test_host_filesystem_as_it_is(user, wd):
 # --- exit status, signals, teardown ------------------------------------------------------
 
 
-@pytest.mark.parametrize("cmd,code", [
-    (["true"], 0), (["sh", "-c", "exit 7"], 7), (["sh", "-c", "kill -9 $$"], 137),
-    (["no-such-command"], 127), (["/etc"], 126),
-])
+@pytest.mark.parametrize(
+    "cmd,code",
+    [
+        (["true"], 0),
+        (["sh", "-c", "exit 7"], 7),
+        (["sh", "-c", "kill -9 $$"], 137),
+        (["no-such-command"], 127),
+        (["/etc"], 126),
+    ],
+)
 def test_exit_status(wd, cmd, code):
     r = owned_dir(os.path.join(wd, "r"), ROOT_USER)
     res = shiftfs_exec(ROOT_USER, "--shift", r, "--", *cmd, cwd=wd, check=False)
@@ -287,8 +330,9 @@ def test_exit_status(wd, cmd, code):
 
 
 def _start(owner: User, cwd: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(owner.wrap([*exec_argv(), *args]), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=cwd)
+    return subprocess.Popen(
+        owner.wrap([*exec_argv(), *args]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd
+    )
 
 
 def _exec_pid(p: subprocess.Popen, owner: User) -> int:
@@ -322,9 +366,16 @@ def _wait_for_line(stream, text: str, timeout: float = 30) -> None:
 def test_sigterm_reaches_command(user, wd):
     owned_dir(wd, user)
     r = owned_dir(os.path.join(wd, "r"), user)
-    p = _start(user, wd, "--shift", "r", "--", "sh", "-c",
-               'trap "chown 5:5 r/f; echo got-term; exit 42" TERM; touch r/f; echo ready; '
-               'while :; do sleep 0.05; done')
+    p = _start(
+        user,
+        wd,
+        "--shift",
+        "r",
+        "--",
+        "sh",
+        "-c",
+        'trap "chown 5:5 r/f; echo got-term; exit 42" TERM; touch r/f; echo ready; while :; do sleep 0.05; done',
+    )
     _wait_for_line(p.stdout, "ready")
     os.kill(_exec_pid(p, user), signal.SIGTERM)
     out, err = p.communicate(timeout=30)
@@ -338,8 +389,10 @@ def test_ctrl_c_on_a_terminal(wd):
     """^C on the terminal: COMMAND (in the caller's process group, on the
     host's /dev) gets SIGINT once; the supervisors do not relay a copy."""
     r = owned_dir(os.path.join(wd, "r"), ROOT_USER)
-    script = ('n=0; trap \'n=$((n+1)); echo "int $n"\' INT; tty; echo ready; '
-              'sleep 1 & wait; sleep 0.5; echo "total $n"; exit 3')
+    script = (
+        "n=0; trap 'n=$((n+1)); echo \"int $n\"' INT; tty; echo ready; "
+        'sleep 1 & wait; sleep 0.5; echo "total $n"; exit 3'
+    )
     pid, fd = pty.fork()
     if pid == 0:
         os.chdir(wd)
@@ -376,8 +429,9 @@ def test_sigkill_of_exec_leaves_nothing(user, wd):
     owned_dir(wd, user)
     r = owned_dir(os.path.join(wd, "r"), user)
     marker = "shiftfs-exec-kill-marker"
-    p = _start(user, wd, "--shift", "r", "--", "sh", "-c",
-               f"touch r/f; chown 3:3 r/f; echo ready; sleep 60; : {marker}")
+    p = _start(
+        user, wd, "--shift", "r", "--", "sh", "-c", f"touch r/f; chown 3:3 r/f; echo ready; sleep 60; : {marker}"
+    )
     _wait_for_line(p.stdout, "ready")
     os.kill(_exec_pid(p, user), signal.SIGKILL)
     p.communicate(timeout=30)
@@ -391,9 +445,17 @@ def test_single_id_fallback(users, wd):
     u = users[1]
     owned_dir(wd, u)
     owned_dir(os.path.join(wd, "r"), u)
-    res = shiftfs_exec(u, "--shift", "r", "--", "sh", "-c",
-                       "cat /proc/self/uid_map; touch r/f; chown 0:0 r/f && echo chown0-ok; "
-                       "chown 1000:1000 r/f", cwd=wd, check=False)
+    res = shiftfs_exec(
+        u,
+        "--shift",
+        "r",
+        "--",
+        "sh",
+        "-c",
+        "cat /proc/self/uid_map; touch r/f; chown 0:0 r/f && echo chown0-ok; chown 1000:1000 r/f",
+        cwd=wd,
+        check=False,
+    )
     notes = [line for line in res.stderr.splitlines() if "note:" in line]
     assert len(notes) == 1 and "usermod --add-subuids" in notes[0] and u.name in notes[0]
     assert notes[0].startswith("shiftfs exec: ")
@@ -407,8 +469,7 @@ def test_single_id_fallback(users, wd):
 def test_unprivileged_range_and_no_shift(user, wd):
     out = shiftfs_exec(user, "--", "sh", "-c", "cat /proc/self/uid_map; id -u", cwd="/").stdout
     rows = [line.split() for line in out.strip().splitlines()]
-    assert rows == [["0", str(user.uid), "1"], ["1", str(user.subid[0]), str(user.subid[1])],
-                    ["0"]]
+    assert rows == [["0", str(user.uid), "1"], ["1", str(user.subid[0]), str(user.subid[1])], ["0"]]
 
 
 def test_map_mode_with_a_fixed_block(wd):
@@ -452,8 +513,7 @@ def test_bad_inputs_get_one_line(users, wd, capsys):
 def test_command_env_adds_sbin():
     env = execcmd.command_env({"PATH": "/usr/bin:/bin", "X": "1"})
     assert env["PATH"] == "/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin" and env["X"] == "1"
-    assert execcmd.command_env({"PATH": "/sbin:/usr/sbin"})["PATH"] == \
-        "/sbin:/usr/sbin:/usr/local/sbin"
+    assert execcmd.command_env({"PATH": "/sbin:/usr/sbin"})["PATH"] == "/sbin:/usr/sbin:/usr/local/sbin"
 
 
 # --- device tables ----------------------------------------------------------------------
@@ -466,8 +526,7 @@ def test_device_table_parsing(tmp_path):
     assert by_name["./dev/fd"].target == "/proc/self/fd"
     assert [e.name for e in entries] == sorted(by_name)
     t = devtable.parse("dev/sda b 8 0 0660 0 6  # a disk\n\n/run/initctl p - - 0600 0 0\n")
-    assert [(e.name, e.kind, e.st_mode) for e in t] == [
-        ("./dev/sda", "b", 0o60660), ("./run/initctl", "p", 0o10600)]
+    assert [(e.name, e.kind, e.st_mode) for e in t] == [("./dev/sda", "b", 0o60660), ("./run/initctl", "p", 0o10600)]
     bad = [
         ("/dev/null c 1 3 0666 0", "fields"),
         ("/dev/null x 1 3 0666 0 0", "type"),
@@ -494,6 +553,7 @@ def test_device_table_parsing(tmp_path):
 
 def _small_tar(path: str) -> None:
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+
         def add(name, type_, data=b"", **kw):
             ti = tarfile.TarInfo(name)
             ti.type = type_
@@ -501,21 +561,27 @@ def _small_tar(path: str) -> None:
             for k, v in kw.items():
                 setattr(ti, k, v)
             tf.addfile(ti, io.BytesIO(data) if data else None)
+
         add(".", tarfile.DIRTYPE, mode=0o755)
         add("./dev", tarfile.DIRTYPE, mode=0o755)
         add("./dev/null", tarfile.REGTYPE, mode=0o644)  # a placeholder to be replaced
         add("./etc", tarfile.DIRTYPE, mode=0o755)
         add("./etc/passwd", tarfile.REGTYPE, b"root:x:0:0::/root:/bin/sh\n" * 50, mode=0o644)
-        add("./etc/" + "l" * 150, tarfile.REGTYPE, b"long name", uid=1000, gid=1000,
-            pax_headers={"SCHILY.xattr.user.k": "v"})
+        add(
+            "./etc/" + "l" * 150,
+            tarfile.REGTYPE,
+            b"long name",
+            uid=1000,
+            gid=1000,
+            pax_headers={"SCHILY.xattr.user.k": "v"},
+        )
         add("./etc/hard", tarfile.LNKTYPE, linkname="./etc/passwd")
 
 
 def test_device_table_added_to_a_tar(tmp_path):
     src = str(tmp_path / "in.tar")
     _small_tar(src)
-    table = devtable.DeviceTable(devtable.parse("/dev/null c 1 3 0666 0 0\n"
-                                                "/dev/pts d - - 0755 0 5\n"), mtime=123)
+    table = devtable.DeviceTable(devtable.parse("/dev/null c 1 3 0666 0 0\n/dev/pts d - - 0755 0 5\n"), mtime=123)
     out = tmp_path / "out.tar"
     with open(out, "wb") as f:
         assert devtable.add_to_tar(src, f, table) == 1
@@ -537,11 +603,14 @@ def test_device_table_added_to_a_tar(tmp_path):
     # A hard link target must not be replaced.
     with pytest.raises(devtable.DeviceTableError, match="hard link"):
         with open(tmp_path / "bad.tar", "wb") as f:
-            devtable.add_to_tar(src, f, devtable.DeviceTable(
-                devtable.parse("/etc/passwd c 1 3 0666 0 0")))
+            devtable.add_to_tar(src, f, devtable.DeviceTable(devtable.parse("/etc/passwd c 1 3 0666 0 0")))
     # The command line: '-' is mmdebstrap's /dev.
-    res = subprocess.run([sys.executable, "-m", "shiftfs.devtable", "add", "-", src,
-                          str(tmp_path / "cli.tar")], capture_output=True, text=True, cwd=REPO)
+    res = subprocess.run(
+        [sys.executable, "-m", "shiftfs.devtable", "add", "-", src, str(tmp_path / "cli.tar")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert res.returncode == 0, res.stderr
     assert tar_entries(str(tmp_path / "cli.tar"))["./dev/tty"][5] == (5, 0)
 
@@ -553,11 +622,13 @@ def _generated_tar(path: str) -> None:
     """A tree that needs root to unpack: owners, setuid/setgid, symlinks,
     hard links, a FIFO, a sticky directory (no devices: EPERM in a userns)."""
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+
         def add(name, type_, mode, uid=0, gid=0, data=b"", linkname=""):
             ti = tarfile.TarInfo(name)
             ti.type, ti.mode, ti.uid, ti.gid = type_, mode, uid, gid
             ti.size, ti.linkname, ti.mtime = len(data), linkname, 1700000000
             tf.addfile(ti, io.BytesIO(data) if data else None)
+
         add(".", tarfile.DIRTYPE, 0o755)
         for d in ("etc", "usr", "usr/bin", "home", "var", "var/mail"):
             add(f"./{d}", tarfile.DIRTYPE, 0o755)
@@ -583,8 +654,20 @@ def test_tar_same_owner_as_namespace_root(user, wd):
     src = os.path.join(wd, "gen.tar")
     _generated_tar(src)
     os.chmod(src, 0o644)
-    shiftfs_exec(user, "--shift", "rootfs", "--", "tar", "--same-owner", "--numeric-owner",
-                 "-xpf", "gen.tar", "-C", "rootfs", cwd=wd)
+    shiftfs_exec(
+        user,
+        "--shift",
+        "rootfs",
+        "--",
+        "tar",
+        "--same-owner",
+        "--numeric-owner",
+        "-xpf",
+        "gen.tar",
+        "-C",
+        "rootfs",
+        cwd=wd,
+    )
     assert host_owners(rootfs) == {(user.uid, user.gid)}
     out = export(user, rootfs, os.path.join(wd, "out.tar"))
     want, got = tar_entries(src), tar_entries(out)
@@ -627,15 +710,25 @@ def debian_build(user):
     if not shutil.which("mmdebstrap"):
         pytest.skip("mmdebstrap is missing (apt-get install mmdebstrap)")
     if not mirror_reachable():
-        pytest.skip(f"{MIRROR} is not reachable: test_tar_same_owner_as_namespace_root "
-                    "covers unpacking without it")
+        pytest.skip(f"{MIRROR} is not reachable: test_tar_same_owner_as_namespace_root covers unpacking without it")
     d = workdir()
     try:
         os.chown(d, user.uid, user.gid)
         rootfs = owned_dir(os.path.join(d, "rootfs"), user)
-        res = shiftfs_exec(user, "--shift", "./rootfs", "--", "mmdebstrap", "--mode=root",
-                           "--variant=minbase", "bookworm", "./rootfs", cwd=d, timeout=900,
-                           check=False)
+        res = shiftfs_exec(
+            user,
+            "--shift",
+            "./rootfs",
+            "--",
+            "mmdebstrap",
+            "--mode=root",
+            "--variant=minbase",
+            "bookworm",
+            "./rootfs",
+            cwd=d,
+            timeout=900,
+            check=False,
+        )
         assert res.returncode == 0, res.stderr[-3000:]
         yield d, rootfs, export(user, rootfs, os.path.join(d, "rootfs.tar"))
     finally:
@@ -658,8 +751,9 @@ def test_mmdebstrap_matches_a_real_root_build(user, debian_build, debian_tar, tm
     assert len(want) > 5000
     assert diff_entries(want, got) == []
     without_dev = tar_entries(tar)
-    assert {n for n in want if n not in without_dev} == \
-        {e.name for e in devtable.parse(devtable.MMDEBSTRAP_DEV)} - {"./dev"}
+    assert {n for n in want if n not in without_dev} == {e.name for e in devtable.parse(devtable.MMDEBSTRAP_DEV)} - {
+        "./dev"
+    }
 
 
 @pytest.mark.timeout(1200)  # alone, it builds the module's Debian root first
@@ -673,8 +767,7 @@ def test_changes_inside_land_in_the_export(user, debian_build):
     chown 1000:1000 rootfs/srv/data
     chmod u+s rootfs/usr/bin/env
     """
-    out = shiftfs_exec(user, "--shift", "rootfs", "--", "sh", "-c", script, cwd=d,
-                       timeout=120).stdout
+    out = shiftfs_exec(user, "--shift", "rootfs", "--", "sh", "-c", script, cwd=d, timeout=120).stdout
     assert out.split()[0] == "1000"
     assert host_owners(d) == {(user.uid, user.gid)}
     got = tar_entries(export(user, rootfs, os.path.join(d, "after.tar")))

@@ -25,7 +25,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from rel_util import (
     LEGACY,
     RECORD,
@@ -115,7 +114,7 @@ def test_symlinks_out_of_source_resolve_inside_the_view(work, mode):
     src, mp = make_pair(work)
     (src / "d").mkdir()
     os.symlink(str(outside), src / "abs")
-    os.symlink("../../outside", src / "d" / "rel")                # from SRC/d: really leads to work/outside
+    os.symlink("../../outside", src / "d" / "rel")  # from SRC/d: really leads to work/outside
     os.symlink("../" * 12 + "etc", src / "d" / "deep")
     os.symlink(str(outside / "secret"), src / "f")
     with Mount(src, mp, mode) as m:
@@ -314,11 +313,14 @@ def _race_tree(root: Path) -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("mode,opts,nofile,side", [
-    ("table", [], None, "view"),
-    ("xattr", [], 256, "view"),
-    ("table", ["cache=never"], 256, "backing"),
-])
+@pytest.mark.parametrize(
+    "mode,opts,nofile,side",
+    [
+        ("table", [], None, "view"),
+        ("xattr", [], 256, "view"),
+        ("table", ["cache=never"], 256, "backing"),
+    ],
+)
 def test_rename_races_between_directories(work, mode, opts, nofile, side):
     """Directories moved between parents (through the mount, or behind it with cache=never)
     while two processes walk the tree and climb out with '..': no escape, no unexpected errno,
@@ -330,10 +332,18 @@ def test_rename_races_between_directories(work, mode, opts, nofile, side):
         _race_tree(mp)
         seconds = 5
         base = mp if side == "view" else src
-        walkers = [subprocess.Popen([sys.executable, "-c", _WALKER, str(mp), str(seconds)], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True) for _ in range(2)]
-        mover = subprocess.run([sys.executable, "-c", _MOVER, str(base), str(seconds)], capture_output=True,
-                               text=True, timeout=120)
+        walkers = [
+            subprocess.Popen(
+                [sys.executable, "-c", _WALKER, str(mp), str(seconds)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
+        mover = subprocess.run(
+            [sys.executable, "-c", _MOVER, str(base), str(seconds)], capture_output=True, text=True, timeout=120
+        )
         assert mover.returncode == 0, mover.stderr
         for w in walkers:
             out, err = w.communicate(timeout=120)
@@ -369,14 +379,21 @@ def test_hard_links_to_files_we_do_not_own(work, mode):
         os.link(mp / "secret", mp / "tmp" / "given")
         st = os.lstat(mp / "tmp" / "given")
         assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), st.st_nlink) == (0, 0, 0o600, 2)
-        for cmd in (f"cat {mp}/tmp/given", f"echo x >> {mp}/tmp/given", f"chmod 666 {mp}/tmp/given",
-                    f"chown {U1} {mp}/tmp/given", f"rm -f {mp}/tmp/given", f"mv {mp}/tmp/given {mp}/tmp/other"):
+        for cmd in (
+            f"cat {mp}/tmp/given",
+            f"echo x >> {mp}/tmp/given",
+            f"chmod 666 {mp}/tmp/given",
+            f"chown {U1} {mp}/tmp/given",
+            f"rm -f {mp}/tmp/given",
+            f"mv {mp}/tmp/given {mp}/tmp/other",
+        ):
             r = run_as(U1, U1, cmd)
             assert r.returncode != 0, (cmd, r)
         assert (mp / "secret").read_text() == "root only"
         # the user's own hard links share the user's ownership and one record
-        run_as(U1, U1, f"echo mine > {mp}/tmp/own && ln {mp}/tmp/own {mp}/tmp/own2 && chmod 640 {mp}/tmp/own2",
-               check=True)
+        run_as(
+            U1, U1, f"echo mine > {mp}/tmp/own && ln {mp}/tmp/own {mp}/tmp/own2 && chmod 640 {mp}/tmp/own2", check=True
+        )
         a, b = os.lstat(mp / "tmp" / "own"), os.lstat(mp / "tmp" / "own2")
         assert (a.st_ino, a.st_uid, a.st_mode) == (b.st_ino, b.st_uid, b.st_mode) and a.st_uid == U1
         assert stat.S_IMODE(a.st_mode) == 0o640
@@ -443,10 +460,19 @@ print(json.dumps(res))
 """
 
 _SPELLINGS = [
-    RECORD, LEGACY, "user.containers.override_stat.x", "user.containers.override_user.containers.override_stat",
-    "user.containers.override_", "user.containers.Override_stat", "user.fuseoverlayfs.override_stat2",
-    "user.fuseoverlayfs.", "trusted.overlay.opaque", "trusted.containers.override_stat",
-    "security.containers.override_stat", "user.containers.override_stat ", "user..containers.override_stat",
+    RECORD,
+    LEGACY,
+    "user.containers.override_stat.x",
+    "user.containers.override_user.containers.override_stat",
+    "user.containers.override_",
+    "user.containers.Override_stat",
+    "user.fuseoverlayfs.override_stat2",
+    "user.fuseoverlayfs.",
+    "trusted.overlay.opaque",
+    "trusted.containers.override_stat",
+    "security.containers.override_stat",
+    "user.containers.override_stat ",
+    "user..containers.override_stat",
 ]
 
 
@@ -588,7 +614,7 @@ _PERM_EXPECT = {
     "list grp": (True, True, False),
     "read grp/inside": (True, True, False),
     "create in grp": (True, False, False),
-    "read pub": (True, False, True),   # 0604: the group class gets nothing even though 'other' may read
+    "read pub": (True, False, True),  # 0604: the group class gets nothing even though 'other' may read
     "exec": (True, True, False),
     "unlink in sticky": (True, False, False),
     "chmod own": (True, False, False),
@@ -611,8 +637,14 @@ def _perm_setup(mp: Path) -> None:
     (a / "exec").write_text("#!/bin/sh\nexit 0\n")
     (a / "sticky").mkdir()
     (a / "sticky" / "byu1").write_text("s")
-    for n, mode in [("own", 0o640), ("grp", 0o750), ("grp/inside", 0o644), ("pub", 0o604), ("exec", 0o750),
-                    ("sticky/byu1", 0o666)]:
+    for n, mode in [
+        ("own", 0o640),
+        ("grp", 0o750),
+        ("grp/inside", 0o644),
+        ("pub", 0o604),
+        ("exec", 0o750),
+        ("sticky/byu1", 0o666),
+    ]:
         os.chown(a / n, U1, G1)
         os.chmod(a / n, mode)
     os.chmod(a / "sticky", 0o1777)

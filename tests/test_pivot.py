@@ -129,8 +129,9 @@ def run_recipe(argv: list[str], scratch) -> tuple[subprocess.CompletedProcess | 
         _prctl_subreaper(True)
         hung = False
         try:
-            p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 start_new_session=True)
+            p = subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+            )
             try:
                 out, err = p.communicate(timeout=SCRIPT_TIMEOUT)
             except subprocess.TimeoutExpired:
@@ -144,8 +145,7 @@ def run_recipe(argv: list[str], scratch) -> tuple[subprocess.CompletedProcess | 
         new = sorted(fsutil._children() - before)
     # A daemon that is exiting right now has already dropped its memory (empty
     # cmdline) but may not be a zombie yet: count it as well.
-    daemons = [pid for pid in new if "mount" in fsutil._cmdline(pid) or not fsutil._cmdline(pid)
-               or _state(pid) == "Z"]
+    daemons = [pid for pid in new if "mount" in fsutil._cmdline(pid) or not fsutil._cmdline(pid) or _state(pid) == "Z"]
     return subprocess.CompletedProcess(argv, p.returncode, out, err), daemons, hung
 
 
@@ -175,7 +175,8 @@ def _finish(res, daemons, hung, scratch) -> None:
     assert len(daemons) == 1, f"expected the one daemon as our child, have {daemons}"
     for pid, st in statuses.items():
         assert st is not None and os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0, (
-            f"daemon {pid} did not exit cleanly by itself (status {st})\n{log}")
+            f"daemon {pid} did not exit cleanly by itself (status {st})\n{log}"
+        )
     assert "Traceback" not in log, log
 
 
@@ -234,8 +235,23 @@ def test_pivot_as_user(pivot_scratch, subid_user, mode):
     base = 1000
     if mode == "table":
         os.chown(d / "rt", u.subid[0] + base - 1, u.subid[0] + base - 1)
-    argv = u.wrap(["unshare", "--user", "--map-auto", "--map-root-user", "--mount",
-                   "sh", "-c", RECIPE, "sh", str(d), mode, str(base), fsutil.SHIFTFS])
+    argv = u.wrap(
+        [
+            "unshare",
+            "--user",
+            "--map-auto",
+            "--map-root-user",
+            "--mount",
+            "sh",
+            "-c",
+            RECIPE,
+            "sh",
+            str(d),
+            mode,
+            str(base),
+            fsutil.SHIFTFS,
+        ]
+    )
     res, daemons, hung = run_recipe(argv, d)
     _finish(res, daemons, hung, d)
     _check_view(res.stdout, u.subid[0] + base - 1, d, mode == "xattr")
@@ -249,8 +265,25 @@ def test_pivot_issue_recipe_with_pid_namespace(pivot_scratch, subid_user):
     """
     d, u = pivot_scratch, subid_user
     ns_util.chown_tree(str(d), u)
-    argv = u.wrap(["unshare", "--user", "--map-auto", "--map-root-user", "--mount", "--pid", "--fork",
-                   "sh", "-c", RECIPE, "sh", str(d), "xattr", "0", fsutil.SHIFTFS])
+    argv = u.wrap(
+        [
+            "unshare",
+            "--user",
+            "--map-auto",
+            "--map-root-user",
+            "--mount",
+            "--pid",
+            "--fork",
+            "sh",
+            "-c",
+            RECIPE,
+            "sh",
+            str(d),
+            "xattr",
+            "0",
+            fsutil.SHIFTFS,
+        ]
+    )
     res, daemons, hung = run_recipe(argv, d)
     assert not hung, res.stderr[-2000:]
     assert res.returncode == 0, res.stderr[-2000:]
@@ -281,8 +314,9 @@ def test_umount_ends_daemon_while_another_mount_lives(pivot_scratch):
     statuses = [_reap_unaided(pid) for pid in daemons]
     assert not hung and res.returncode == 0, res.stderr[-2000:]
     assert "A_ALIVE" not in res.stdout, "A's daemon kept serving after its umount"
-    assert len(daemons) == 2 and all(st is not None and os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0
-                                     for st in statuses), statuses
+    assert len(daemons) == 2 and all(
+        st is not None and os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0 for st in statuses
+    ), statuses
 
 
 def test_sigterm_still_unmounts(shiftfs_mount):

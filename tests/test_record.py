@@ -84,6 +84,7 @@ def test_decode_without_type_needs_fallback():
 
 # -- what we write -----------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "rec,value",
     [
@@ -146,6 +147,7 @@ def test_encode_rejects(rec):
 
 
 # -- malformed input -----------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "value,msg",
@@ -275,15 +277,19 @@ def test_hidden_backing_names(backing):
 
 
 def test_no_view_name_writes_a_record():
-    candidates = ESCAPED + PLAIN + [
-        RECORD_NAME,
-        LEGACY_RECORD_NAME,
-        "user.containers.override_stat",
-        "user.containers.override_",
-        "user.containers.",
-        "user.fuseoverlayfs.",
-        "stat",
-    ]
+    candidates = (
+        ESCAPED
+        + PLAIN
+        + [
+            RECORD_NAME,
+            LEGACY_RECORD_NAME,
+            "user.containers.override_stat",
+            "user.containers.override_",
+            "user.containers.",
+            "user.fuseoverlayfs.",
+            "stat",
+        ]
+    )
     for name in candidates:
         assert escape_xattr_name(name) not in (RECORD_NAME, LEGACY_RECORD_NAME)
         assert not escape_xattr_name(name).startswith("user.fuseoverlayfs.")

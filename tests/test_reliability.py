@@ -26,7 +26,6 @@ from pathlib import Path
 
 import fsutil
 import pytest
-
 from rel_util import (
     RECORD,
     SHIFTFS,
@@ -61,12 +60,15 @@ def _assert_clean(m: Mount) -> None:
 
 # -- load ------------------------------------------------------------------------------------
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("mode,opts,nofile", [
-    ("table", [], None),
-    ("table", ["cache=never"], 256),  # every lookup reaches the daemon; 64 descriptors for all inodes
-    ("xattr", [], None),
-    ("xattr", ["cache=never"], 256),
-])
+@pytest.mark.parametrize(
+    "mode,opts,nofile",
+    [
+        ("table", [], None),
+        ("table", ["cache=never"], 256),  # every lookup reaches the daemon; 64 descriptors for all inodes
+        ("xattr", [], None),
+        ("xattr", ["cache=never"], 256),
+    ],
+)
 def test_fsstress_mix(work, mode, opts, nofile):
     """4 processes × random create/write/truncate/rename/link/unlink/mkdir/rmdir/symlink/mkfifo/
     chmod/chown(random 32-bit ids)/setxattr; private dirs checked against a model, the whole tree
@@ -116,8 +118,12 @@ def _huge_ids_refused(path: str, mode: str) -> None:
 def test_chown_to_huge_and_unmapped_ids(work, mode):
     src, mp = make_pair(work)
     with Mount(src, mp, mode) as m:
-        for name, make in [("f", lambda p: open(p, "w").close()), ("d", os.mkdir),
-                           ("l", lambda p: os.symlink("nowhere", p)), ("p", os.mkfifo)]:
+        for name, make in [
+            ("f", lambda p: open(p, "w").close()),
+            ("d", os.mkdir),
+            ("l", lambda p: os.symlink("nowhere", p)),
+            ("p", os.mkfifo),
+        ]:
             make(str(mp / name))
             _huge_ids_refused(str(mp / name), mode)
         check_consistent(m)
@@ -137,8 +143,13 @@ def test_stress_ng_filesystem(work, mode):
     src, mp = make_pair(work)
     with Mount(src, mp, mode) as m:
         for s in _STRESSORS_CI:
-            r = subprocess.run(["stress-ng", f"--{s}", "1", "--timeout", "2s", "--temp-path", str(mp)],
-                               capture_output=True, text=True, cwd=str(mp), timeout=120)
+            r = subprocess.run(
+                ["stress-ng", f"--{s}", "1", "--timeout", "2s", "--temp-path", str(mp)],
+                capture_output=True,
+                text=True,
+                cwd=str(mp),
+                timeout=120,
+            )
             fails = [ln for ln in (r.stdout + r.stderr).splitlines() if " fail:" in ln or " error:" in ln]
             assert r.returncode == 0 and not fails, f"stress-ng --{s}: rc {r.returncode}\n" + "\n".join(fails[:20])
             assert m.alive()
@@ -155,9 +166,23 @@ def test_fio_verify(work, mode, engine):
     src, mp = make_pair(work)
     with Mount(src, mp, mode) as m:
         r = subprocess.run(
-            ["fio", "--name=v", f"--directory={mp}", "--size=4m", "--bs=4k", "--rw=randwrite", f"--ioengine={engine}",
-             "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--numjobs=2", "--fsync_on_close=1"],
-            capture_output=True, text=True, timeout=150,
+            [
+                "fio",
+                "--name=v",
+                f"--directory={mp}",
+                "--size=4m",
+                "--bs=4k",
+                "--rw=randwrite",
+                f"--ioengine={engine}",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+                "--numjobs=2",
+                "--fsync_on_close=1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=150,
         )
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
         assert "err= 0" in r.stdout and "verify" not in r.stderr.lower(), r.stdout[-3000:] + r.stderr
@@ -180,9 +205,12 @@ def test_dbench(work, mode):
         # comes first after boot. So run it in an IPC namespace of its own whose id 0
         # is already used up (ipcmk takes it, ipcrm frees it: the next id is 1).
         script = 'ipcrm -s "$(ipcmk -S 1 | sed "s/[^0-9]//g")" && exec dbench "$@"'
-        r = subprocess.run(["unshare", "--ipc", "sh", "-c", script, "dbench",
-                            "-D", str(mp), "-t", "3", "-c", loadfile, "2"],
-                           capture_output=True, text=True, timeout=100)
+        r = subprocess.run(
+            ["unshare", "--ipc", "sh", "-c", script, "dbench", "-D", str(mp), "-t", "3", "-c", loadfile, "2"],
+            capture_output=True,
+            text=True,
+            timeout=100,
+        )
         out = r.stdout + r.stderr
         errs = [ln for ln in out.splitlines() if "ERROR" in ln or "failed" in ln.lower()]
         assert r.returncode == 0 and not errs and "Throughput" in out, out[-3000:]
@@ -204,7 +232,7 @@ def _make_tree(root: Path, ndirs: int, per_dir: int) -> int:
 
 def _list_and_check(mp: Path, ndirs: int, per_dir: int) -> None:
     seen = 0
-    for dirpath, dirnames, filenames in os.walk(mp):
+    for dirpath, _dirnames, filenames in os.walk(mp):
         assert len(filenames) == len(set(filenames))
         for fn in filenames:
             p = os.path.join(dirpath, fn)
@@ -297,10 +325,18 @@ def list_while_changing(work: Path, mode: str, n: int, seconds: float, nofile=No
     for i in range(n):  # made on the backing side: faster, and the listing is what is tested
         os.close(os.open(big / f"e{i:06d}", os.O_CREAT | os.O_WRONLY, 0o644))
     with Mount(src, mp, mode, nofile=nofile) as m:
-        churn = subprocess.Popen([sys.executable, "-c", _CHURN, str(mp), str(seconds)], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True)
-        lister = subprocess.run([sys.executable, "-c", _LIST_WHILE_CHANGING, str(mp), str(n), str(seconds)],
-                                capture_output=True, text=True, timeout=seconds + 300)
+        churn = subprocess.Popen(
+            [sys.executable, "-c", _CHURN, str(mp), str(seconds)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        lister = subprocess.run(
+            [sys.executable, "-c", _LIST_WHILE_CHANGING, str(mp), str(n), str(seconds)],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 300,
+        )
         out, err = churn.communicate(timeout=seconds + 120)
         assert churn.returncode == 0, err
         assert lister.returncode == 0, lister.stderr
@@ -381,10 +417,15 @@ def kill9_during_untar(work: Path, mode: str, recover: str, nfiles: int, name="t
     m = Mount(src, mp, mode).mount()
     (mp / "untar").mkdir()
     synced_log = work / f"{name}-synced.txt"
-    writer = subprocess.Popen([sys.executable, "-c", _SYNCED_WRITER, str(mp), str(synced_log)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    tar = subprocess.Popen(["tar", "-xf", str(archive), "-C", str(mp / "untar")], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _SYNCED_WRITER, str(mp), str(synced_log)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    tar = subprocess.Popen(
+        ["tar", "-xf", str(archive), "-C", str(mp / "untar")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert wait_until(lambda: synced_log.exists() and synced_log.read_text().count("\n") >= 30, 60)
     time.sleep(0.3)
     os.kill(m.pid, signal.SIGKILL)
@@ -563,6 +604,7 @@ def test_backing_eacces_unprivileged_daemon(work):
     os.chown(logdir, uid, uid)
     m = Mount(src, mp, "xattr", as_uid=uid, log=logdir / "u.log").mount()
     try:
+
         def as_u(cmd):
             return run_as(uid, uid, cmd)
 
@@ -641,11 +683,11 @@ def test_backing_changed_outside(work, mode):
         held = open(mp / "open", "r+")
         cwd_fd = os.open(mp / "dir", os.O_RDONLY | os.O_DIRECTORY)
 
-        os.rename(src / "a", src / "b")                     # renamed outside
+        os.rename(src / "a", src / "b")  # renamed outside
         assert _errno_of(lambda: os.stat(mp / "a")) == errno.ENOENT
         assert os.stat(mp / "b").st_ino == ino and (mp / "b").read_text() == "A"
 
-        os.unlink(src / "open")                             # deleted outside while open
+        os.unlink(src / "open")  # deleted outside while open
         held.seek(0, 2)
         held.write("more")
         held.flush()
@@ -654,7 +696,7 @@ def test_backing_changed_outside(work, mode):
         assert _errno_of(lambda: os.stat(mp / "open")) == errno.ENOENT
         held.close()
 
-        os.unlink(src / "dir" / "x")                        # directory emptied and removed outside
+        os.unlink(src / "dir" / "x")  # directory emptied and removed outside
         os.rmdir(src / "dir")
         assert _errno_of(lambda: os.stat("x", dir_fd=cwd_fd)) == errno.ENOENT
         e = _errno_of(lambda: os.close(os.open("new", os.O_CREAT | os.O_WRONLY, dir_fd=cwd_fd)))
@@ -662,11 +704,11 @@ def test_backing_changed_outside(work, mode):
         assert _errno_of(lambda: os.listdir(cwd_fd)) in (0, errno.ENOENT)
         os.close(cwd_fd)
 
-        os.unlink(src / "b")                                # file replaced by a directory
+        os.unlink(src / "b")  # file replaced by a directory
         os.mkdir(src / "b")
         assert stat.S_ISDIR(os.lstat(mp / "b").st_mode)
         os.rmdir(src / "b")
-        os.symlink("elsewhere", src / "b")                  # ... and by a symlink
+        os.symlink("elsewhere", src / "b")  # ... and by a symlink
         assert os.readlink(mp / "b") == "elsewhere"
 
         # many inodes (descriptors recycled), then the backing tree reshuffled underneath

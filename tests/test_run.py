@@ -14,9 +14,21 @@ import sys
 import time
 
 import pytest
+from ns_util import (
+    HOST_USR,
+    REPO,
+    ROOT_USER,
+    User,
+    chown_tree,
+    make_host_root,
+    mounts_mentioning,
+    processes_mentioning,
+    remove_tree,
+    run_argv,
+    throwaway_users,
+    workdir,
+)
 
-from ns_util import (HOST_USR, REPO, ROOT_USER, User, chown_tree, make_host_root, mounts_mentioning, processes_mentioning,
-                     remove_tree, run_argv, throwaway_users, workdir)
 from shiftfs.container import launcher, rootfs, userns
 from shiftfs.container import run as runmod
 
@@ -58,14 +70,13 @@ def make_root(wd: str, owner: User, name: str = "root") -> str:
     return make_host_root(os.path.join(wd, name), owner)
 
 
-def shiftfs_run(owner: User, root: str, *cmd: str, opts=(), timeout=60, check=True,
-                **kw) -> subprocess.CompletedProcess:
+def shiftfs_run(
+    owner: User, root: str, *cmd: str, opts=(), timeout=60, check=True, **kw
+) -> subprocess.CompletedProcess:
     argv = owner.wrap([*run_argv(), *HOST_USR, *opts, root, "--", *cmd])
-    res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                         cwd=os.path.dirname(root), **kw)
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=os.path.dirname(root), **kw)
     if check and res.returncode != 0:
-        raise AssertionError(f"exit {res.returncode}\nstdout: {res.stdout}\n"
-                             f"stderr: {res.stderr}")
+        raise AssertionError(f"exit {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr}")
     return res
 
 
@@ -79,8 +90,7 @@ def host_owners(root: str) -> set[tuple[int, int]]:
 
 
 def record(path: str) -> str:
-    out = subprocess.run(["getfattr", "--only-values", "-n", RECORD, path],
-                         capture_output=True, text=True)
+    out = subprocess.run(["getfattr", "--only-values", "-n", RECORD, path], capture_output=True, text=True)
     return out.stdout.strip()
 
 
@@ -122,8 +132,7 @@ def test_ownership_inside_and_outside(who, wd):
     assert "/home/alice 1000:1000 700" in out
     assert "/home/alice/.profile 1000:1000 644" in out
     assert "/cap cap_net_raw=ep" in out
-    ls = {line.split()[-1]: line.split()[:4] for line in out.splitlines()
-          if line.startswith(("-", "d"))}
+    ls = {line.split()[-1]: line.split()[:4] for line in out.splitlines() if line.startswith(("-", "d"))}
     assert ls["/suid"] == ["-rwsr-xr-x", "1", "0", "0"]  # ls -ln shows view ids
     assert ls["/file"] == ["-rw-r--r--", "1", "1000", "1000"]
     assert ls["alice"] == ["drwx------", "2", "1000", "1000"]
@@ -135,16 +144,19 @@ def test_ownership_inside_and_outside(who, wd):
     assert not os.stat(f"{root}/suid").st_mode & 0o4000
     assert_clean(root)
     # The second run sees the same view: the records persist on disk.
-    out = shiftfs_run(who, root, "stat", "-c", "%n %u:%g %a",
-                      "/file", "/suid", "/home/alice", "/home/alice/.profile").stdout
-    assert out.split("\n")[:4] == ["/file 1000:1000 644", "/suid 0:0 4755",
-                                   "/home/alice 1000:1000 700",
-                                   "/home/alice/.profile 1000:1000 644"]
+    out = shiftfs_run(
+        who, root, "stat", "-c", "%n %u:%g %a", "/file", "/suid", "/home/alice", "/home/alice/.profile"
+    ).stdout
+    assert out.split("\n")[:4] == [
+        "/file 1000:1000 644",
+        "/suid 0:0 4755",
+        "/home/alice 1000:1000 700",
+        "/home/alice/.profile 1000:1000 644",
+    ]
     out = shiftfs_run(who, root, "getcap", "/cap").stdout
     assert "cap_net_raw=ep" in out
     # The invoking user can delete everything, even what view root locked away.
-    shiftfs_run(who, root, "sh", "-c", "mkdir -p /locked/sub && touch /locked/sub/f && "
-                "chmod 000 /locked/sub /locked")
+    shiftfs_run(who, root, "sh", "-c", "mkdir -p /locked/sub && touch /locked/sub/f && chmod 000 /locked/sub /locked")
     os.chown(wd, who.uid, who.gid)
     subprocess.run(who.wrap(["rm", "-rf", root]), check=True, cwd="/")
     assert not os.path.exists(root)
@@ -152,13 +164,18 @@ def test_ownership_inside_and_outside(who, wd):
 
 def test_user_option_and_view_ids(who, wd):
     root = make_root(wd, who)
-    out = shiftfs_run(who, root, "sh", "-c",
-                      "mkdir -p /home/alice && chown alice:alice /home/alice && "
-                      "chmod 755 /home/alice").stdout
-    res = shiftfs_run(who, root, "sh", "-c",
-                      "id -u; id -g; echo $HOME; touch /home/alice/mine; "
-                      "stat -c '%u:%g' /home/alice/mine; touch /forbidden",
-                      opts=["--user", "alice"], check=False)
+    out = shiftfs_run(
+        who, root, "sh", "-c", "mkdir -p /home/alice && chown alice:alice /home/alice && chmod 755 /home/alice"
+    ).stdout
+    res = shiftfs_run(
+        who,
+        root,
+        "sh",
+        "-c",
+        "id -u; id -g; echo $HOME; touch /home/alice/mine; stat -c '%u:%g' /home/alice/mine; touch /forbidden",
+        opts=["--user", "alice"],
+        check=False,
+    )
     lines = res.stdout.split()
     assert lines[:4] == ["1000", "1000", "/home/alice", "1000:1000"]
     assert "Permission denied" in res.stderr
@@ -188,11 +205,15 @@ def test_container_mounts(wd):
     echo data > /data/out
     touch /ro/x 2>&1 | grep -q 'Read-only' && echo bind-ro
     """
-    out = shiftfs_run(ROOT_USER, root, "sh", "-c", script,
-                      opts=["--hostname", "box", "--chdir", "/tmp",
-                            "--bind", f"{data}:/data", "--bind", f"{data}:/ro:ro"]).stdout
-    for word in ("home=/root", "pid=2", "init-ok", "pts-ok", "sys-ro", "tmp-tmpfs", "shm-ok",
-                 "bind-ro", "box", "/tmp"):
+    out = shiftfs_run(
+        ROOT_USER,
+        root,
+        "sh",
+        "-c",
+        script,
+        opts=["--hostname", "box", "--chdir", "/tmp", "--bind", f"{data}:/data", "--bind", f"{data}:/ro:ro"],
+    ).stdout
+    for word in ("home=/root", "pid=2", "init-ok", "pts-ok", "sys-ro", "tmp-tmpfs", "shm-ok", "bind-ro", "box", "/tmp"):
         assert word in out.split("\n") or word in out, (word, out)
     assert out.count("4\n") == 2
     with open(os.path.join(data, "out")) as f:
@@ -206,16 +227,20 @@ def test_shifted_bind(who, wd):
     data = os.path.join(wd, "data")
     os.mkdir(data)
     os.chown(data, who.uid, who.gid)
-    out = shiftfs_run(who, root, "sh", "-c",
-                      "mkdir /data/home && chown 1000:1000 /data/home && "
-                      "touch /data/home/f && chown 1000:1000 /data/home/f && "
-                      "stat -c '%u:%g' /data/home/f",
-                      opts=["--bind", f"{data}:/data:rw,shift"]).stdout
+    out = shiftfs_run(
+        who,
+        root,
+        "sh",
+        "-c",
+        "mkdir /data/home && chown 1000:1000 /data/home && "
+        "touch /data/home/f && chown 1000:1000 /data/home/f && "
+        "stat -c '%u:%g' /data/home/f",
+        opts=["--bind", f"{data}:/data:rw,shift"],
+    ).stdout
     assert out.strip() == "1000:1000"
     assert host_owners(data) == {(who.uid, who.gid)}
     assert record(os.path.join(data, "home/f")) == "1000:1000:100644"
-    out = shiftfs_run(who, root, "touch", "/data/x", opts=["--bind", f"{data}:/data:ro,shift"],
-                      check=False)
+    out = shiftfs_run(who, root, "touch", "/data/x", opts=["--bind", f"{data}:/data:ro,shift"], check=False)
     assert out.returncode == 1 and "Read-only" in out.stderr
     assert_clean(data)
 
@@ -228,8 +253,7 @@ def test_bind_follows_symlinks_inside_root(wd):
     os.mkdir(src)
     with open(os.path.join(src, "f"), "w") as f:
         f.write("ok\n")
-    out = shiftfs_run(ROOT_USER, root, "cat", "/srv/real/f",
-                      opts=["--bind", f"{src}:/data/"]).stdout
+    out = shiftfs_run(ROOT_USER, root, "cat", "/srv/real/f", opts=["--bind", f"{src}:/data/"]).stdout
     assert out == "ok\n"
     assert not os.path.exists("/srv/real")
 
@@ -237,10 +261,16 @@ def test_bind_follows_symlinks_inside_root(wd):
 # --- exit status and signals ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("cmd,code", [
-    (["true"], 0), (["sh", "-c", "exit 7"], 7), (["sh", "-c", "kill -9 $$"], 137),
-    (["no-such-command"], 127), (["/etc"], 126),
-])
+@pytest.mark.parametrize(
+    "cmd,code",
+    [
+        (["true"], 0),
+        (["sh", "-c", "exit 7"], 7),
+        (["sh", "-c", "kill -9 $$"], 137),
+        (["no-such-command"], 127),
+        (["/etc"], 126),
+    ],
+)
 def test_exit_status(wd, cmd, code):
     root = make_root(wd, ROOT_USER)
     res = shiftfs_run(ROOT_USER, root, *cmd, check=False)
@@ -250,9 +280,13 @@ def test_exit_status(wd, cmd, code):
 
 
 def _start(owner: User, root: str, *cmd: str) -> subprocess.Popen:
-    return subprocess.Popen(owner.wrap([*run_argv(), *HOST_USR, root, "--", *cmd]),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=os.path.dirname(root))
+    return subprocess.Popen(
+        owner.wrap([*run_argv(), *HOST_USR, root, "--", *cmd]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=os.path.dirname(root),
+    )
 
 
 def _run_pid(p: subprocess.Popen, owner: User) -> int:
@@ -282,8 +316,7 @@ def _wait_for_line(stream, text: str, timeout: float = 20) -> None:
 
 def test_sigterm_reaches_command(who, wd):
     root = make_root(wd, who)
-    p = _start(who, root, "sh", "-c",
-               'trap "echo got-term; exit 42" TERM; echo ready; while :; do sleep 0.05; done')
+    p = _start(who, root, "sh", "-c", 'trap "echo got-term; exit 42" TERM; echo ready; while :; do sleep 0.05; done')
     _wait_for_line(p.stdout, "ready")
     os.kill(_run_pid(p, who), signal.SIGTERM)
     out, err = p.communicate(timeout=20)
@@ -306,8 +339,10 @@ def test_ctrl_c_on_a_terminal(wd):
     """^C on the terminal: the command gets SIGINT exactly once (from the tty);
     the supervisors do not relay a second copy."""
     root = make_root(wd, ROOT_USER)
-    script = ('n=0; trap \'n=$((n+1)); echo "int $n"\' INT; tty; echo ready; '
-              'sleep 1 & wait; sleep 0.5; echo "total $n"; exit 3')
+    script = (
+        "n=0; trap 'n=$((n+1)); echo \"int $n\"' INT; tty; echo ready; "
+        'sleep 1 & wait; sleep 0.5; echo "total $n"; exit 3'
+    )
     pid, fd = pty.fork()
     if pid == 0:
         os.chdir(wd)
@@ -362,8 +397,9 @@ def test_root_range_is_private(wd):
     base = rows[1][1] - 1
     assert rows[1] == (1, base + 1, 65535) and base % 65536 == 0
     assert userns.CONTAINER_RANGE[0] <= base <= userns.CONTAINER_RANGE[1]
-    out = shiftfs_run(ROOT_USER, root, "cat", "/proc/self/uid_map",
-                      opts=["--userns-base", str(0x70000000 - 0x10000)]).stdout
+    out = shiftfs_run(
+        ROOT_USER, root, "cat", "/proc/self/uid_map", opts=["--userns-base", str(0x70000000 - 0x10000)]
+    ).stdout
     assert f"1 {0x70000000 - 0x10000 + 1} 65535" in " ".join(out.split())
 
 
@@ -380,8 +416,7 @@ def test_map_mode_with_a_fixed_block(wd):
 
 def test_parallel_runs_get_distinct_blocks(wd):
     root = make_root(wd, ROOT_USER)
-    procs = [_start(ROOT_USER, root, "sh", "-c", "sed -n 2p /proc/self/uid_map; sleep 1")
-             for _ in range(3)]
+    procs = [_start(ROOT_USER, root, "sh", "-c", "sed -n 2p /proc/self/uid_map; sleep 1") for _ in range(3)]
     results = [p.communicate(timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [err for _, err in results]
     outs = [out.split() for out, _ in results]
@@ -399,9 +434,14 @@ def test_unprivileged_range_from_subuid(users, wd):
 def test_single_id_fallback(users, wd):
     u = users[1]
     root = make_root(wd, u)
-    res = shiftfs_run(u, root, "sh", "-c",
-                      "cat /proc/self/uid_map; touch /f; chown 0:0 /f && echo chown0-ok; "
-                      "chown 1000:1000 /f", check=False)
+    res = shiftfs_run(
+        u,
+        root,
+        "sh",
+        "-c",
+        "cat /proc/self/uid_map; touch /f; chown 0:0 /f && echo chown0-ok; chown 1000:1000 /f",
+        check=False,
+    )
     notes = [line for line in res.stderr.splitlines() if "note:" in line]
     assert len(notes) == 1
     assert "EINVAL" in notes[0] and "usermod --add-subuids" in notes[0] and u.name in notes[0]
@@ -419,6 +459,7 @@ def test_single_id_fallback(users, wd):
 def test_free_block_and_subid_parsing(tmp_path):
     used = [(0x80000, 0x10000), (0x90000 + 5, 1)]
     import random
+
     for seed in range(20):
         base = userns.free_block(used, random.Random(seed))
         assert base % userns.BLOCK == 0 and base not in (0x80000, 0x90000)
@@ -430,6 +471,7 @@ def test_free_block_and_subid_parsing(tmp_path):
 
 def test_subid_file_edits_are_undone_exactly(tmp_path):
     import ns_util
+
     for original in (b"", b"a:1:2\n", b"a:1:2", b"# c\nb:5:6\n\n"):
         p = str(tmp_path / "subuid")
         with open(p, "wb") as f:
@@ -488,8 +530,7 @@ def test_bad_inputs_get_one_line(users, wd, capsys):
     ]
     for args, needle in cases:
         if "--chdir" in args and "/nonexistent" in args:  # fails inside the container
-            res = subprocess.run([*run_argv(), *args], capture_output=True, text=True,
-                                 timeout=30)
+            res = subprocess.run([*run_argv(), *args], capture_output=True, text=True, timeout=30)
             code, err = res.returncode, res.stderr
         else:  # fails before anything is forked: check in-process, it is quicker
             capsys.readouterr()
@@ -510,54 +551,82 @@ def _env_of(out: str) -> dict[str, str]:
 
 def test_clean_environment(who, wd):
     root = make_root(wd, who)
-    host = dict(os.environ, PATH=os.environ["PATH"] + ":/host/only", MAIL="/var/mail/me",
-                OLDPWD="/somewhere",
-                TERM="xterm-shiftfs", FROM_HOST="h")
-    out = shiftfs_run(who, root, "env", env=host,
-                      opts=["--setenv", "A=1", "--env", "FROM_HOST", "--setenv", "B=x=y",
-                            "--env", "UNSET_ON_HOST"]).stdout
+    host = dict(
+        os.environ,
+        PATH=os.environ["PATH"] + ":/host/only",
+        MAIL="/var/mail/me",
+        OLDPWD="/somewhere",
+        TERM="xterm-shiftfs",
+        FROM_HOST="h",
+    )
+    out = shiftfs_run(
+        who,
+        root,
+        "env",
+        env=host,
+        opts=["--setenv", "A=1", "--env", "FROM_HOST", "--setenv", "B=x=y", "--env", "UNSET_ON_HOST"],
+    ).stdout
     assert _env_of(out) == {
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "HOME": "/root", "USER": "root", "LOGNAME": "root", "TERM": "xterm-shiftfs",
-        "container": "shiftfs", "PWD": "/", "A": "1", "FROM_HOST": "h", "B": "x=y"}
+        "HOME": "/root",
+        "USER": "root",
+        "LOGNAME": "root",
+        "TERM": "xterm-shiftfs",
+        "container": "shiftfs",
+        "PWD": "/",
+        "A": "1",
+        "FROM_HOST": "h",
+        "B": "x=y",
+    }
     # useradd and friends are found on the root PATH; --user gets its own HOME
-    out = shiftfs_run(who, root, "sh", "-c", "command -v useradd; echo $HOME $USER $PWD",
-                      opts=["--user", "alice", "--chdir", "/tmp"], env=host).stdout
+    out = shiftfs_run(
+        who,
+        root,
+        "sh",
+        "-c",
+        "command -v useradd; echo $HOME $USER $PWD",
+        opts=["--user", "alice", "--chdir", "/tmp"],
+        env=host,
+    ).stdout
     assert out.split() == ["/usr/sbin/useradd", "/home/alice", "alice", "/tmp"]
 
 
 def _tree(root: str) -> set[str]:
-    return {os.path.relpath(os.path.join(d, n), root)
-            for d, dirs, files in os.walk(root) for n in dirs + files}
+    return {os.path.relpath(os.path.join(d, n), root) for d, dirs, files in os.walk(root) for n in dirs + files}
 
 
 def test_bind_forms_from_the_help(wd):
     root = make_root(wd, ROOT_USER)
     data = os.path.join(wd, "data")
     os.mkdir(data)
-    script = ("touch /srv/shared/f && chown 1000:1000 /srv/shared/f && "
-              "stat -c %u:%g /srv/shared/f && grep -c ' /srv/shared fuse' /proc/mounts")
-    out = shiftfs_run(ROOT_USER, root, "sh", "-c", script,
-                      opts=["--bind", f"{data}:/srv/shared,shift"]).stdout
+    script = (
+        "touch /srv/shared/f && chown 1000:1000 /srv/shared/f && "
+        "stat -c %u:%g /srv/shared/f && grep -c ' /srv/shared fuse' /proc/mounts"
+    )
+    out = shiftfs_run(ROOT_USER, root, "sh", "-c", script, opts=["--bind", f"{data}:/srv/shared,shift"]).stdout
     assert out.split() == ["1000:1000", "1"]
     assert record(os.path.join(data, "f")) == "1000:1000:100644"
     assert host_owners(data) == {(0, 0)}
-    out = shiftfs_run(ROOT_USER, root, "touch", "/srv/shared/g",
-                      opts=["--bind", f"{data}:/srv/shared:ro,shift"], check=False)
+    out = shiftfs_run(
+        ROOT_USER, root, "touch", "/srv/shared/g", opts=["--bind", f"{data}:/srv/shared:ro,shift"], check=False
+    )
     assert out.returncode == 1 and "Read-only" in out.stderr
-    out = shiftfs_run(ROOT_USER, root, "stat", "-c", "%u", "/srv/shared/f",
-                      opts=["--bind", f"{data}:/srv/shared:rw"]).stdout
+    out = shiftfs_run(
+        ROOT_USER, root, "stat", "-c", "%u", "/srv/shared/f", opts=["--bind", f"{data}:/srv/shared:rw"]
+    ).stdout
     assert out.strip() == "0"  # a plain bind: the host owner, no record applied
     before = _tree(root)
     assert "srv/shared,shift" not in before
-    for spec, needle in [(f"{data}:/srv/a,ro", "ro and rw go after a colon"),
-                         (f"{data}:/srv/b,shift,ro", "ro and rw go after a colon"),
-                         (f"{data}:/srv/c:ro:x", "too many ':'"),
-                         (f"{data}:/srv/d:shift,ro", "ro, rw and shift"),
-                         (f"{data}:/srv/e:ro,rw", "ro, rw and shift"),
-                         (f"{data}:/srv/f,g:ro", "cannot be bound"),
-                         (data, "separated by one ':'"),
-                         (f"{data}:/", "ROOT itself")]:
+    for spec, needle in [
+        (f"{data}:/srv/a,ro", "ro and rw go after a colon"),
+        (f"{data}:/srv/b,shift,ro", "ro and rw go after a colon"),
+        (f"{data}:/srv/c:ro:x", "too many ':'"),
+        (f"{data}:/srv/d:shift,ro", "ro, rw and shift"),
+        (f"{data}:/srv/e:ro,rw", "ro, rw and shift"),
+        (f"{data}:/srv/f,g:ro", "cannot be bound"),
+        (data, "separated by one ':'"),
+        (f"{data}:/", "ROOT itself"),
+    ]:
         res = shiftfs_run(ROOT_USER, root, "true", opts=["--bind", spec], check=False)
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 125 and len(lines) == 1, (spec, res.stderr)
@@ -572,8 +641,9 @@ def test_shifted_tree_gets_the_mount_recipe(wd):
         for n in [dirpath] + [os.path.join(dirpath, x) for x in dirnames + filenames]:
             os.lchown(n, 100000, 100000)  # a classic lxc / rootless-podman tree
     for opts in (["--map", "b:100000:0:65536"], []):
-        res = subprocess.run([*run_argv(), *HOST_USR, *opts, root, "--", "true"],
-                             capture_output=True, text=True, timeout=30)
+        res = subprocess.run(
+            [*run_argv(), *HOST_USR, *opts, root, "--", "true"], capture_output=True, text=True, timeout=30
+        )
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 125 and len(lines) == 1, (opts, res.stderr)
         assert f"shiftfs mount --map b:100000:0:65536 {root} VIEW" in lines[0]
@@ -602,10 +672,29 @@ def test_daemon_log_belongs_to_the_real_user(users, wd):
     script = f"{py} mount --xattr -o allow_shared_source {src} {mnt} && touch {mnt}/f && {py} umount {mnt}"
 
     def run_in_userns(*env: str) -> None:
-        res = subprocess.run(["runuser", "-u", user.name, "--", "env", "-u", "XDG_RUNTIME_DIR",
-                              "HOME=/", *env, "unshare", "--user", "--map-root-user",
-                              "--mount", "sh", "-c", script],
-                             capture_output=True, text=True, timeout=60)
+        res = subprocess.run(
+            [
+                "runuser",
+                "-u",
+                user.name,
+                "--",
+                "env",
+                "-u",
+                "XDG_RUNTIME_DIR",
+                "HOME=/",
+                *env,
+                "unshare",
+                "--user",
+                "--map-root-user",
+                "--mount",
+                "sh",
+                "-c",
+                script,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert res.returncode == 0, res.stderr
 
     try:
@@ -649,14 +738,15 @@ def test_shiftfs_mount_inside_a_container(who, wd):
         echo 1234:1234
     fi
     """
-    out = shiftfs_run(who, root, "sh", "-c", script,
-                      opts=["--bind", f"{REPO}:{REPO}:ro"]).stdout
+    out = shiftfs_run(who, root, "sh", "-c", script, opts=["--bind", f"{REPO}:{REPO}:ro"]).stdout
     assert out.split() == ["1234:1234", "0:0", "0", "1234:1234"]
     # The inner record is kept, escaped, next to the outer one.
     assert record(f"{root}/src/f") == "0:0:100644"
-    inner = subprocess.run(["getfattr", "--only-values", "-n",
-                            "user.containers.override_" + RECORD, f"{root}/src/f"],
-                           capture_output=True, text=True).stdout.strip()
+    inner = subprocess.run(
+        ["getfattr", "--only-values", "-n", "user.containers.override_" + RECORD, f"{root}/src/f"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     assert inner == "1234:1234:100644"
     assert host_owners(root) == {(who.uid, who.gid)}
     assert_clean(root)
@@ -671,10 +761,11 @@ def test_shiftfs_run_inside_shiftfs_run(who, wd):
         os.mkdir(os.path.join(inner, d))
     open(os.path.join(inner, "f"), "w").close()
     chown_tree(inner, who)
-    script = (f"{sys.executable} -m shiftfs run --bind /usr:/usr:ro /inner -- "
-              "sh -c 'sed -n 2p /proc/self/uid_map; chown 1000:1000 /f; stat -c %u:%g /f'")
-    out = shiftfs_run(who, root, "sh", "-c", script,
-                      opts=["--bind", f"{REPO}:{REPO}:ro"]).stdout
+    script = (
+        f"{sys.executable} -m shiftfs run --bind /usr:/usr:ro /inner -- "
+        "sh -c 'sed -n 2p /proc/self/uid_map; chown 1000:1000 /f; stat -c %u:%g /f'"
+    )
+    out = shiftfs_run(who, root, "sh", "-c", script, opts=["--bind", f"{REPO}:{REPO}:ro"]).stdout
     words = out.split()
     assert words[:2] == ["1", "1"] and words[3] == "1000:1000"
     assert int(words[2]) == (who.subid[1] if who.subid else 65535)
@@ -690,8 +781,7 @@ def test_create_through_nested_shiftfs(wd):
     mkdir /mnt/d && touch /mnt/f && ln -s f /mnt/l && chown -h 5:5 /mnt/l &&
     stat -c '%u:%g' /mnt/d /mnt/f /mnt/l
     """
-    out = shiftfs_run(ROOT_USER, root, "sh", "-c", script,
-                      opts=["--bind", f"{REPO}:{REPO}:ro"]).stdout
+    out = shiftfs_run(ROOT_USER, root, "sh", "-c", script, opts=["--bind", f"{REPO}:{REPO}:ro"]).stdout
     assert out.split() == ["0:0", "0:0", "5:5"]
 
 
@@ -703,21 +793,40 @@ def test_debian_rootfs(debian_tar, wd):
     work = make_root(wd, ROOT_USER, "work")
     os.mkdir(os.path.join(work, "target"))
     cache = os.path.dirname(debian_tar)
-    shiftfs_run(ROOT_USER, work, "tar", "--numeric-owner", "-xpf",
-                f"/cache/{os.path.basename(debian_tar)}", "-C", "/target",
-                "--exclude=./dev/*", opts=["--bind", f"{cache}:/cache:ro"], timeout=300)
+    shiftfs_run(
+        ROOT_USER,
+        work,
+        "tar",
+        "--numeric-owner",
+        "-xpf",
+        f"/cache/{os.path.basename(debian_tar)}",
+        "-C",
+        "/target",
+        "--exclude=./dev/*",
+        opts=["--bind", f"{cache}:/cache:ro"],
+        timeout=300,
+    )
     target = os.path.join(work, "target")
     assert host_owners(target) == {(0, 0)}
-    res = subprocess.run([*run_argv(), target, "--", "dpkg", "--verify"],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run([*run_argv(), target, "--", "dpkg", "--verify"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout == "", res.stdout + res.stderr
-    res = subprocess.run([*run_argv(), target, "--", "sh", "-c",
-                          "useradd -m u1 && stat -c %U /home/u1 && "
-                          "stat -c '%U %a' /usr/bin/passwd /etc/shadow"],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            *run_argv(),
+            target,
+            "--",
+            "sh",
+            "-c",
+            "useradd -m u1 && stat -c %U /home/u1 && stat -c '%U %a' /usr/bin/passwd /etc/shadow",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["u1", "root", "4755", "root", "640"]
-    uid = subprocess.run([*run_argv(), target, "--", "id", "-u", "u1"],
-                         capture_output=True, text=True, timeout=60).stdout.strip()
+    uid = subprocess.run(
+        [*run_argv(), target, "--", "id", "-u", "u1"], capture_output=True, text=True, timeout=60
+    ).stdout.strip()
     assert record(os.path.join(target, "home/u1")).startswith(f"{uid}:{uid}:")
     assert host_owners(target) == {(0, 0)}

@@ -17,7 +17,6 @@ import sys
 import time
 
 import pytest
-
 from fsutil import MAP, USER_ENV, errno_of, have, py_as, run_as
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
@@ -37,8 +36,10 @@ def backend(request):
 @pytest.fixture
 def shiftfs_mount(shiftfs_mount, backend):
     """The conftest factory with ``-o backend=`` of this parametrization."""
+
     def make(*args, **kw):
         return shiftfs_mount(*args, "-o", f"backend={backend}", **kw)
+
     return make
 
 
@@ -71,6 +72,7 @@ def lst(path):
 
 
 # -- reading ids ---------------------------------------------------------------------
+
 
 def test_disk_ids_read_through_table(scratch, shiftfs_mount):
     src = _src_owned(scratch, "src", BASE, BASE)
@@ -111,8 +113,17 @@ def test_split_maps(scratch, shiftfs_mount):
     g = src / "g"
     g.write_bytes(b"")
     os.chown(g, 500005, 600005)
-    m = shiftfs_mount("--map", "u:200000:0:1000", "--map", "u:500000:5000:100", "--map", "g:300000:0:1000",
-                      "-o", "gidmap=600000:6000:100", source=src)
+    m = shiftfs_mount(
+        "--map",
+        "u:200000:0:1000",
+        "--map",
+        "u:500000:5000:100",
+        "--map",
+        "g:300000:0:1000",
+        "-o",
+        "gidmap=600000:6000:100",
+        source=src,
+    )
     assert lst(m.path()) == (0, 0)
     assert lst(m.path("f")) == (10, 20)
     assert lst(m.path("g")) == (5005, 6005)
@@ -143,6 +154,7 @@ def test_no_table_is_identity(scratch, shiftfs_mount):
 
 
 # -- storing ids -------------------------------------------------------------------------
+
 
 def test_chown_stores_disk_ids(tm):
     p = tm.path("f")
@@ -248,8 +260,13 @@ def test_setgid_directory_inheritance(tm):
     os.chmod(d, 0o2777)
     assert stat.S_IMODE(os.stat(d).st_mode) == 0o2777
     # a member of group 50
-    run_as(U, G, ["sh", "-c", f"umask 022; touch {d}/f; mkdir {d}/sub; ln -s x {d}/l; mkfifo {d}/p"],
-           groups=(G, 50), check=True)
+    run_as(
+        U,
+        G,
+        ["sh", "-c", f"umask 022; touch {d}/f; mkdir {d}/sub; ln -s x {d}/l; mkfifo {d}/p"],
+        groups=(G, 50),
+        check=True,
+    )
     for n in ("f", "sub", "l", "p"):
         assert lst(f"{d}/{n}") == (U, 50), n
         assert lst(tm.backing("shared", n)) == (BASE + U, BASE + 50), n
@@ -260,8 +277,12 @@ def test_setgid_directory_inheritance(tm):
     run_as(U, G, ["touch", f"{d}/sub/deeper"], groups=(G, 50), check=True)
     assert lst(f"{d}/sub/deeper") == (U, 50)
     # a non-member: group still inherited; a group-executable setgid file loses S_ISGID
-    r = py_as(U + 1, U + 1, f"os.close(os.open({d + '/nm'!r}, os.O_CREAT | os.O_WRONLY, 0o2775)); "
-                            f"os.mkdir({d + '/nmdir'!r}); return 0", umask=0)
+    r = py_as(
+        U + 1,
+        U + 1,
+        f"os.close(os.open({d + '/nm'!r}, os.O_CREAT | os.O_WRONLY, 0o2775)); os.mkdir({d + '/nmdir'!r}); return 0",
+        umask=0,
+    )
     assert r == {"ok": 0}
     assert lst(f"{d}/nm") == (U + 1, 50) and lst(f"{d}/nmdir") == (U + 1, 50)
     assert stat.S_IMODE(os.stat(f"{d}/nm").st_mode) == 0o775
@@ -303,9 +324,15 @@ def test_umask_applied(tm, umask):
 @pytest.mark.skipif(not have("setfacl", "getfacl"), reason="needs acl tools")
 def test_default_acl_replaces_umask(tm, backend, request):
     if backend == "fuse":  # the kernel backend gets this right
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "pyfuse3 cannot request FUSE_DONT_MASK (libfuse 3.14 leaves it off), so the kernel applies the "
-            "caller's umask before the request reaches the daemon, even in a directory with a default ACL")))
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "pyfuse3 cannot request FUSE_DONT_MASK (libfuse 3.14 leaves it off), so the kernel applies the "
+                    "caller's umask before the request reaches the daemon, even in a directory with a default ACL"
+                ),
+            )
+        )
     d = tm.path("pub", "acl")
     os.mkdir(d)
     os.chmod(d, 0o777)
@@ -356,8 +383,11 @@ def test_acl_ids_translated(tm, backend):
     assert f"user:{BASE + 9}:rwx" in _getfacl(tm.backing("d", "child"))
     # removing the ACL through the mount
     subprocess.run(["setfacl", "-b", p], check=True)
-    assert not [e for e in _getfacl(tm.backing("f")) if e.startswith(("user:", "group:")) and e.count(":") == 2
-                and e.split(":")[1]]
+    assert not [
+        e
+        for e in _getfacl(tm.backing("f"))
+        if e.startswith(("user:", "group:")) and e.count(":") == 2 and e.split(":")[1]
+    ]
 
 
 @pytest.mark.skipif(not have("setfacl"), reason="needs acl tools")
@@ -481,8 +511,9 @@ def test_observer_never_sees_wrong_owner_stress(scratch, shiftfs_mount, mode, ba
     os.chmod(d, 0o1777)
     uid, gid = U, G
     stop = scratch / "observer.stop"
-    obs = subprocess.Popen([sys.executable, "-c", OBSERVER, d, str(stop), str(uid), str(gid)],
-                           stdout=subprocess.PIPE, text=True)
+    obs = subprocess.Popen(
+        [sys.executable, "-c", OBSERVER, d, str(stop), str(uid), str(gid)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert obs.stdout.readline().strip() == "ready"
         r = run_as(uid, gid, ["/usr/bin/python3", "-c", CREATOR, d, str(N_OBSERVED)], timeout=600)
@@ -565,6 +596,7 @@ def test_permissions_enforced_for_view_users(tm):
 
 # -- where the backends differ (docs/kernel-backend.md) ---------------------------------------
 
+
 def _unmapped_ops(d):
     out = {}
 
@@ -574,6 +606,7 @@ def _unmapped_ops(d):
             out[name] = 0
         except OSError as e:
             out[name] = e.errno
+
     tryit("read", lambda: open(d + "/r").read())
     tryit("write", lambda: open(d + "/w", "a").write("x"))
     tryit("unlink", lambda: os.unlink(d + "/u"))
@@ -603,7 +636,13 @@ def test_root_on_files_owned_outside_the_table(tm, backend):
     if backend == "fuse":
         assert res == {k: 0 for k in res}, res
     else:
-        assert res == {"read": errno.EACCES, "write": errno.EACCES, "unlink": errno.EOVERFLOW,
-                       "rename": errno.EOVERFLOW, "chmod": errno.EOVERFLOW, "setxattr": errno.EPERM,
-                       "chown_into_table": 0}, res
+        assert res == {
+            "read": errno.EACCES,
+            "write": errno.EACCES,
+            "unlink": errno.EOVERFLOW,
+            "rename": errno.EOVERFLOW,
+            "chmod": errno.EOVERFLOW,
+            "setxattr": errno.EPERM,
+            "chown_into_table": 0,
+        }, res
     assert lst(os.path.join(d, "c")) == (BASE + 5, BASE + 5)

@@ -68,12 +68,14 @@ def setrec(path: str, value: bytes) -> None:
 def _sample_tar(path: str) -> None:
     """The view builder made: /tmp 1777, a setuid root binary, a root-owned symlink and file."""
     with tarfile.open(path, "w") as tf:
+
         def add(name, kind, mode, data=b"", link=""):
             ti = tarfile.TarInfo(name)
             ti.type, ti.mode, ti.uid, ti.gid, ti.mtime = kind, mode, 0, 0, 1_700_000_000
             ti.linkname = link
             ti.size = len(data)
             tf.addfile(ti, io.BytesIO(data) if data else None)
+
         add("opt", tarfile.DIRTYPE, 0o755)
         add("opt/legit", tarfile.REGTYPE, 0o4755, b"#!/bin/sh\n")
         add("tmp", tarfile.DIRTYPE, 0o1777)
@@ -266,8 +268,7 @@ def test_side_table_planted_while_shared(users, wd):
     for name in ("records.db-wal", "records.db-shm", "records.db"):
         run_as(builder.uid, builder.gid, ["chmod", "0777", store], check=True)
         # mallory plants (or replaces) the file while the directory is open to her.
-        r = run_as(mallory.uid, mallory.gid,
-                   f"cd {store} && rm -f {name} && cp /dev/null {name} && chmod 666 {name}")
+        r = run_as(mallory.uid, mallory.gid, f"cd {store} && rm -f {name} && cp /dev/null {name} && chmod 666 {name}")
         assert r.returncode == 0, r.stderr
         run_as(builder.uid, builder.gid, ["chmod", "0700", store], check=True)
         mp = os.path.join(wd, "mnt")
@@ -322,8 +323,14 @@ os.mkfifo(m + "/fifo", 0o666)
 return {{n: stat.S_IMODE(os.lstat(m + "/" + n).st_mode) for n in os.listdir(m)}}
 """
         r = py_as(builder.uid, builder.gid, code)
-        assert r["ok"] == {"sticky": 0o1777, "sgid": 0o2777, "open": 0o777, "suid": 0o6777,
-                           "gw": 0o664, "fifo": 0o666}, r
+        assert r["ok"] == {
+            "sticky": 0o1777,
+            "sgid": 0o2777,
+            "open": 0o777,
+            "suid": 0o6777,
+            "gw": 0o664,
+            "fifo": 0o666,
+        }, r
     for name in ("sticky", "sgid", "open", "suid", "gw", "fifo"):
         mode = stat.S_IMODE(os.lstat(os.path.join(src, name)).st_mode)
         assert mode & 0o7022 == 0, f"{name} is {mode:o} on disk"
@@ -431,8 +438,10 @@ def _run(user, *args, timeout=120):
     return subprocess.run(user.wrap(argv), capture_output=True, text=True, timeout=timeout, cwd="/")
 
 
-STAT = ("for f in tmp/forged tmp/hardlink tmp/legit tmp/evil tmp/evildir tmp/evildir/x opt/legit; "
-        "do stat -c '%n %u:%g %a' $f; done")
+STAT = (
+    "for f in tmp/forged tmp/hardlink tmp/legit tmp/evil tmp/evildir tmp/evildir/x opt/legit; "
+    "do stat -c '%n %u:%g %a' $f; done"
+)
 
 
 def _expect_clean(lines: list[str], prefix: str = "") -> None:

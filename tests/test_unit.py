@@ -18,13 +18,19 @@ from shiftfs.offline.walk import walk
 from shiftfs.ownership import acl
 from shiftfs.ownership.idmap import IdMap, IdMapError, Range, parse_map_args
 from shiftfs.ownership.names import (
-    ESCAPE_PREFIX, RESERVED_PREFIX, STORE_DIR, backing_name, is_temp_name, temp_name, view_name,
+    ESCAPE_PREFIX,
+    RESERVED_PREFIX,
+    STORE_DIR,
+    backing_name,
+    is_temp_name,
+    temp_name,
+    view_name,
 )
 from shiftfs.ownership.record import Record, decode, encode
 from shiftfs.ownership.view import View, backing_perm, record_view, type_fits
 
-
 # -- record codec ------------------------------------------------------------------
+
 
 def test_record_round_trip_device_and_pipe():
     dev = Record(0, 0, stat.S_IFCHR | 0o666, os.makedev(1, 3))
@@ -34,6 +40,7 @@ def test_record_round_trip_device_and_pipe():
 
 
 # -- id maps -----------------------------------------------------------------------
+
 
 def test_idmap_translates_both_ways_and_overflows():
     m = IdMap([Range(100000, 0, 65536)], overflow=65534)
@@ -48,6 +55,7 @@ def test_parse_map_args_rejects_overlap():
 
 # -- mount options -----------------------------------------------------------------
 
+
 def test_options_parse_and_refuse():
     cfg = parse_options(["xattr,cache=never,default_owner=0:0"], ["b:100000:0:65536"], False, "s", "m")
     assert cfg.xattr and cfg.cache == "never" and cfg.default_owner == (0, 0)
@@ -58,6 +66,7 @@ def test_options_parse_and_refuse():
 
 
 # -- the view rule -----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("view_type", [stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK])
 def test_regular_file_stands_in_for_special_files(view_type):
@@ -82,6 +91,7 @@ def test_backing_perm_never_special():
 
 # -- the name codec ----------------------------------------------------------------
 
+
 def test_names_escape_and_hide():
     assert backing_name(b"a", True) == b"a"
     assert view_name(backing_name(RESERVED_PREFIX + b"x", False), False) == RESERVED_PREFIX + b"x"
@@ -94,6 +104,7 @@ def test_names_escape_and_hide():
 
 # -- ACLs --------------------------------------------------------------------------
 
+
 def test_acl_text_round_trip_and_id_map():
     raw = acl.from_text("user::rw-\nuser:1000:r--\ngroup::r--\nmask::r--\nother::---\n")
     assert acl.to_text(raw).splitlines()[1] == "user:1000:r--"
@@ -104,6 +115,7 @@ def test_acl_text_round_trip_and_id_map():
 
 
 # -- archive members ---------------------------------------------------------------
+
 
 def test_pax_times_round_trip():
     for ns in (0, 1_500_000_000_123456789, -1_000_000_001):
@@ -122,6 +134,7 @@ def test_xattrs_of_reads_the_three_spellings():
 
 # -- one view rule: offline export accepts what the mount shows ------------------------
 
+
 def test_pipe_record_on_regular_file_exports_as_fifo(tmp_path):
     root = tmp_path / "root"
     root.mkdir()
@@ -139,8 +152,10 @@ def test_walk_hides_temporaries_and_reports_them(tmp_path):
     (tmp_path / os.fsdecode(temp_name("7"))).write_bytes(b"")
     (tmp_path / "kept").write_bytes(b"")
     seen = []
-    names = [e.rel for e in walk(os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY), None,
-                                 lambda dirfd, name: seen.append(name))]
+    names = [
+        e.rel
+        for e in walk(os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY), None, lambda dirfd, name: seen.append(name))
+    ]
     assert names == ["", "kept"] and seen == [os.fsdecode(temp_name("7"))]
 
 

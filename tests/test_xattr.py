@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from xattr_util import (
     LEGACY,
     RECORD,
@@ -38,7 +37,9 @@ from xattr_util import (
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="xattr-mode tests act as several users: run as root"),
     pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse"),
-    pytest.mark.skipif(not have("setpriv", "fusermount3", "setfattr", "getfattr"), reason="needs util-linux, fuse3, attr"),
+    pytest.mark.skipif(
+        not have("setpriv", "fusermount3", "setfattr", "getfattr"), reason="needs util-linux, fuse3, attr"
+    ),
 ]
 
 U1, U2 = 1000, 1001  # view users
@@ -250,8 +251,9 @@ def test_view_users_chown_chmod_setuid_matrix(xm, work):
 
 def _populate(mp: Path):
     os.umask(0)
-    for i, (uid, gid, mode) in enumerate([(0, 0, 0o4755), (U1, U1, 0o640), (5, 6, 0o2711), (65534, 65534, 0o1604),
-                                           (4294967294, 7, 0o444), (0, 42, 0o0)]):
+    for i, (uid, gid, mode) in enumerate(
+        [(0, 0, 0o4755), (U1, U1, 0o640), (5, 6, 0o2711), (65534, 65534, 0o1604), (4294967294, 7, 0o444), (0, 42, 0o0)]
+    ):
         f = mp / f"f{i}"
         f.write_text("x" * i)
         os.chown(f, uid, gid)
@@ -583,8 +585,11 @@ FORGED = [
     "user.containers.stat",
     "user.fuseoverlayfs.override_" + RECORD,
 ]
-FORGED_ROOT_ONLY = ["security.fuseoverlayfs.override_stat", "trusted.overlay.override_stat",
-                    "user.containers.override_security.capability"]
+FORGED_ROOT_ONLY = [
+    "security.fuseoverlayfs.override_stat",
+    "trusted.overlay.override_stat",
+    "user.containers.override_security.capability",
+]
 
 
 @pytest.mark.parametrize("opts", [[], ["legacy_xattr"]], ids=["plain", "legacy_xattr"])
@@ -943,47 +948,88 @@ def _make_rootfs(root: Path) -> None:
     """A small tree shaped like a Debian root: owners, setuid, hard links, symlinks, FIFOs, devices."""
     os.umask(0)
     dirs = [
-        ("usr", 0, 0, 0o755), ("usr/bin", 0, 0, 0o755), ("usr/sbin", 0, 0, 0o755), ("usr/lib", 0, 0, 0o755),
-        ("usr/lib/x86_64-linux-gnu", 0, 0, 0o755), ("usr/share", 0, 0, 0o755), ("usr/share/doc", 0, 0, 0o755),
-        ("etc", 0, 0, 0o755), ("etc/ssl", 0, 0, 0o755), ("etc/ssl/private", 0, 111, 0o710),
-        ("var", 0, 0, 0o755), ("var/log", 0, 0, 0o755), ("var/mail", 0, 8, 0o2775), ("var/tmp", 0, 0, 0o1777),
-        ("var/spool", 0, 0, 0o755), ("var/spool/cron", 0, 0, 0o755), ("var/spool/cron/crontabs", 0, 102, 0o1730),
-        ("var/cache", 0, 0, 0o755), ("var/cache/man", 6, 12, 0o2755), ("var/lib", 0, 0, 0o755),
-        ("var/lib/postgresql", 105, 109, 0o700), ("tmp", 0, 0, 0o1777), ("root", 0, 0, 0o700),
-        ("home", 0, 0, 0o755), ("home/user", 1000, 1000, 0o750), ("home/user/.ssh", 1000, 1000, 0o700),
-        ("dev", 0, 0, 0o755), ("dev/pts", 0, 0, 0o755), ("run", 0, 0, 0o755), ("run/systemd", 0, 0, 0o755),
-        ("srv", 0, 0, 0o555), ("opt/app", 4294967294, 4294967294, 0o775),
+        ("usr", 0, 0, 0o755),
+        ("usr/bin", 0, 0, 0o755),
+        ("usr/sbin", 0, 0, 0o755),
+        ("usr/lib", 0, 0, 0o755),
+        ("usr/lib/x86_64-linux-gnu", 0, 0, 0o755),
+        ("usr/share", 0, 0, 0o755),
+        ("usr/share/doc", 0, 0, 0o755),
+        ("etc", 0, 0, 0o755),
+        ("etc/ssl", 0, 0, 0o755),
+        ("etc/ssl/private", 0, 111, 0o710),
+        ("var", 0, 0, 0o755),
+        ("var/log", 0, 0, 0o755),
+        ("var/mail", 0, 8, 0o2775),
+        ("var/tmp", 0, 0, 0o1777),
+        ("var/spool", 0, 0, 0o755),
+        ("var/spool/cron", 0, 0, 0o755),
+        ("var/spool/cron/crontabs", 0, 102, 0o1730),
+        ("var/cache", 0, 0, 0o755),
+        ("var/cache/man", 6, 12, 0o2755),
+        ("var/lib", 0, 0, 0o755),
+        ("var/lib/postgresql", 105, 109, 0o700),
+        ("tmp", 0, 0, 0o1777),
+        ("root", 0, 0, 0o700),
+        ("home", 0, 0, 0o755),
+        ("home/user", 1000, 1000, 0o750),
+        ("home/user/.ssh", 1000, 1000, 0o700),
+        ("dev", 0, 0, 0o755),
+        ("dev/pts", 0, 0, 0o755),
+        ("run", 0, 0, 0o755),
+        ("run/systemd", 0, 0, 0o755),
+        ("srv", 0, 0, 0o555),
+        ("opt/app", 4294967294, 4294967294, 0o775),
     ]
-    for rel, uid, gid, mode in dirs:
+    for rel, _uid, _gid, _mode in dirs:
         p = root / rel
         p.mkdir(parents=True, exist_ok=True)
     files = [
-        ("usr/bin/passwd", 0, 0, 0o4755), ("usr/bin/su", 0, 0, 0o4755), ("usr/bin/chage", 0, 42, 0o2755),
-        ("usr/bin/crontab", 0, 102, 0o2755), ("usr/bin/wall", 0, 5, 0o2755), ("usr/lib/dbus-helper", 0, 106, 0o4754),
-        ("usr/bin/perl", 0, 0, 0o755), ("usr/sbin/unix_chkpwd", 0, 42, 0o2755), ("etc/shadow", 0, 42, 0o640),
-        ("etc/gshadow", 0, 42, 0o640), ("etc/passwd", 0, 0, 0o644), ("etc/ssl/private/key.pem", 0, 111, 0o640),
-        ("var/log/syslog", 0, 4, 0o640), ("var/log/wtmp", 0, 43, 0o664), ("var/log/btmp", 0, 43, 0o660),
-        ("var/mail/user", 1000, 8, 0o660), ("var/lib/postgresql/PG_VERSION", 105, 109, 0o600),
-        ("home/user/.bashrc", 1000, 1000, 0o644), ("home/user/.ssh/authorized_keys", 1000, 1000, 0o600),
-        ("root/.profile", 0, 0, 0o600), ("opt/app/run.sh", 4294967294, 4294967294, 0o6775),
-        ("etc/nothing", 0, 0, 0o000), ("usr/share/doc/empty", 3, 3, 0o444),
+        ("usr/bin/passwd", 0, 0, 0o4755),
+        ("usr/bin/su", 0, 0, 0o4755),
+        ("usr/bin/chage", 0, 42, 0o2755),
+        ("usr/bin/crontab", 0, 102, 0o2755),
+        ("usr/bin/wall", 0, 5, 0o2755),
+        ("usr/lib/dbus-helper", 0, 106, 0o4754),
+        ("usr/bin/perl", 0, 0, 0o755),
+        ("usr/sbin/unix_chkpwd", 0, 42, 0o2755),
+        ("etc/shadow", 0, 42, 0o640),
+        ("etc/gshadow", 0, 42, 0o640),
+        ("etc/passwd", 0, 0, 0o644),
+        ("etc/ssl/private/key.pem", 0, 111, 0o640),
+        ("var/log/syslog", 0, 4, 0o640),
+        ("var/log/wtmp", 0, 43, 0o664),
+        ("var/log/btmp", 0, 43, 0o660),
+        ("var/mail/user", 1000, 8, 0o660),
+        ("var/lib/postgresql/PG_VERSION", 105, 109, 0o600),
+        ("home/user/.bashrc", 1000, 1000, 0o644),
+        ("home/user/.ssh/authorized_keys", 1000, 1000, 0o600),
+        ("root/.profile", 0, 0, 0o600),
+        ("opt/app/run.sh", 4294967294, 4294967294, 0o6775),
+        ("etc/nothing", 0, 0, 0o000),
+        ("usr/share/doc/empty", 3, 3, 0o444),
         ("var/spool/cron/crontabs/user", 1000, 102, 0o600),
     ]
     for i in range(120):
         files.append((f"usr/lib/x86_64-linux-gnu/lib{i}.so.{i % 7}", 0, 0, 0o644))
     for i in range(40):
         files.append((f"usr/share/doc/pkg{i}", i % 3, i % 5, 0o644 if i % 2 else 0o664))
-    for n, (rel, uid, gid, mode) in enumerate(files):
+    for n, (rel, _uid, _gid, _mode) in enumerate(files):
         p = root / rel
         p.write_bytes(os.urandom(n % 97 * 13) + rel.encode())
     os.link(root / "usr/bin/perl", root / "usr/bin/perl5.36.0")
     os.link(root / "usr/bin/su", root / "usr/sbin/su-hard")  # a setuid hard link
     os.link(root / "usr/lib/x86_64-linux-gnu/lib1.so.1", root / "usr/lib/x86_64-linux-gnu/lib1-alias.so")
     links = [
-        ("bin", "usr/bin", 0, 0), ("sbin", "usr/sbin", 0, 0), ("lib", "usr/lib", 0, 0),
-        ("etc/mtab", "../proc/self/mounts", 0, 0), ("usr/bin/vi", "/etc/alternatives/vi", 0, 0),
-        ("home/user/link", "/nonexistent", 1000, 1000), ("var/run", "/run", 0, 0),
-        ("usr/lib/x86_64-linux-gnu/libz.so", "lib3.so.3", 0, 0), ("opt/app/cur", "run.sh", 4294967294, 7),
+        ("bin", "usr/bin", 0, 0),
+        ("sbin", "usr/sbin", 0, 0),
+        ("lib", "usr/lib", 0, 0),
+        ("etc/mtab", "../proc/self/mounts", 0, 0),
+        ("usr/bin/vi", "/etc/alternatives/vi", 0, 0),
+        ("home/user/link", "/nonexistent", 1000, 1000),
+        ("var/run", "/run", 0, 0),
+        ("usr/lib/x86_64-linux-gnu/libz.so", "lib3.so.3", 0, 0),
+        ("opt/app/cur", "run.sh", 4294967294, 7),
     ]
     for rel, target, uid, gid in links:
         os.symlink(target, root / rel)
@@ -991,9 +1037,14 @@ def _make_rootfs(root: Path) -> None:
     os.mkfifo(root / "run/initctl", 0o600)
     os.mkfifo(root / "run/systemd/notify-fifo", 0o620)
     os.chown(root / "run/systemd/notify-fifo", 0, 5)
-    devs = [("dev/null", stat.S_IFCHR, 1, 3, 0, 0, 0o666), ("dev/zero", stat.S_IFCHR, 1, 5, 0, 0, 0o666),
-            ("dev/console", stat.S_IFCHR, 5, 1, 0, 5, 0o600), ("dev/tty", stat.S_IFCHR, 5, 0, 0, 5, 0o666),
-            ("dev/sda", stat.S_IFBLK, 8, 0, 0, 6, 0o660), ("dev/loop0", stat.S_IFBLK, 7, 0, 0, 6, 0o660)]
+    devs = [
+        ("dev/null", stat.S_IFCHR, 1, 3, 0, 0, 0o666),
+        ("dev/zero", stat.S_IFCHR, 1, 5, 0, 0, 0o666),
+        ("dev/console", stat.S_IFCHR, 5, 1, 0, 5, 0o600),
+        ("dev/tty", stat.S_IFCHR, 5, 0, 0, 5, 0o666),
+        ("dev/sda", stat.S_IFBLK, 8, 0, 0, 6, 0o660),
+        ("dev/loop0", stat.S_IFBLK, 7, 0, 0, 6, 0o660),
+    ]
     for rel, kind, ma, mi, uid, gid, mode in devs:
         os.mknod(root / rel, kind | mode, os.makedev(ma, mi))
         os.chown(root / rel, uid, gid)

@@ -86,7 +86,10 @@ def fuse_overlayfs(upper, work, lower, mp):
     """Debian's fuse-overlayfs (1.10) with ``xattr_permissions=2`` over one empty lower layer."""
     r = subprocess.run(
         ["fuse-overlayfs", "-o", f"lowerdir={lower},upperdir={upper},workdir={work},xattr_permissions=2", str(mp)],
-        capture_output=True, text=True, errors="replace", timeout=60,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=60,
     )
     if r.returncode != 0:
         raise AssertionError(f"fuse-overlayfs failed: {r.stderr}")
@@ -132,8 +135,7 @@ def snapshot(root, skip_store=True) -> dict[str, tuple]:
     out = {}
 
     def one(rel, st, full):
-        extra = os.readlink(full) if stat.S_ISLNK(st.st_mode) else (
-            st.st_size if stat.S_ISREG(st.st_mode) else None)
+        extra = os.readlink(full) if stat.S_ISLNK(st.st_mode) else (st.st_size if stat.S_ISREG(st.st_mode) else None)
         out[rel] = (st.st_mode, st.st_uid, st.st_gid, st.st_rdev, st.st_nlink, extra)
 
     one(".", os.lstat(root), root)

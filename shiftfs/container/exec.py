@@ -94,12 +94,17 @@ example:
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shift", action="append", default=[], metavar="SRC[:DST]",
-                   help="mount directory SRC through shiftfs at DST (default: over SRC); "
-                        "repeatable")
+    p.add_argument(
+        "--shift",
+        action="append",
+        default=[],
+        metavar="SRC[:DST]",
+        help="mount directory SRC through shiftfs at DST (default: over SRC); repeatable",
+    )
     launcher.add_namespace_options(p)
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]",
-                   help="the command to run as namespace root")
+    p.add_argument(
+        "command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]", help="the command to run as namespace root"
+    )
 
 
 def _caller_cwd() -> str:
@@ -123,16 +128,14 @@ def parse_shift(spec: str) -> Shift:
     shift's view."""
     src, sep, dst = spec.partition(":")
     if not src or (sep and not dst):
-        raise SetupError(f"--shift {spec!r} is not SRC[:DST]; e.g. --shift ./rootfs or "
-                        "--shift ./build:/work/build")
+        raise SetupError(f"--shift {spec!r} is not SRC[:DST]; e.g. --shift ./rootfs or --shift ./build:/work/build")
     if not os.path.exists(src):
         raise SetupError(f"--shift {spec}: {src} does not exist; create it with 'mkdir -p {src}'")
     if not os.path.isdir(src):
         raise SetupError(f"--shift {spec}: {src} is not a directory; shiftfs serves directories")
     source, target = os.path.realpath(src), os.path.realpath(dst or src)
     if target == "/":
-        raise SetupError(f"--shift {spec}: cannot mount over /; use 'shiftfs run {source}' "
-                        "for a whole root filesystem")
+        raise SetupError(f"--shift {spec}: cannot mount over /; use 'shiftfs run {source}' for a whole root filesystem")
     return Shift(source, target)
 
 
@@ -143,7 +146,7 @@ def _seen_at(path: str, shifts: list[Shift]) -> str:
     if not outer:
         return path
     s = max(outer, key=lambda s: len(s.target))
-    return _seen_at(s.source, [x for x in shifts if x is not s]) + path[len(s.target):]
+    return _seen_at(s.source, [x for x in shifts if x is not s]) + path[len(s.target) :]
 
 
 def check_targets(shifts: list[Shift]) -> None:
@@ -152,14 +155,16 @@ def check_targets(shifts: list[Shift]) -> None:
     seen: dict[str, str] = {}
     for s in shifts:
         if s.target in seen:
-            raise SetupError(f"--shift {seen[s.target]} and --shift {s.source} both mount on "
-                            f"{s.target}; give each a different DST")
+            raise SetupError(
+                f"--shift {seen[s.target]} and --shift {s.source} both mount on {s.target}; give each a different DST"
+            )
         seen[s.target] = s.source
         where = _seen_at(s.target, shifts)
         shown = s.target if where == s.target else f"{s.target} (that is, {where})"
         if not os.path.exists(where):
-            raise SetupError(f"--shift {s.source}:{s.target}: DST {shown} does not exist; "
-                            f"create it with 'mkdir -p {where}'")
+            raise SetupError(
+                f"--shift {s.source}:{s.target}: DST {shown} does not exist; create it with 'mkdir -p {where}'"
+            )
         if not os.path.isdir(where):
             raise SetupError(f"--shift {s.source}:{s.target}: DST {shown} is not a directory")
 
@@ -169,16 +174,21 @@ def config_from_args(args: argparse.Namespace) -> ExecConfig:
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        raise SetupError("no COMMAND given; usage: shiftfs exec [--shift SRC[:DST]]... "
-                        "-- COMMAND [ARGS...]")
+        raise SetupError("no COMMAND given; usage: shiftfs exec [--shift SRC[:DST]]... -- COMMAND [ARGS...]")
     mount_args = launcher.mount_args(args)
     shifts = [parse_shift(s) for s in args.shift]
     check_targets(shifts)
     # Outer views first: a DST inside another one is mounted on top of it.
     shifts.sort(key=lambda s: s.target.count("/"))
-    return ExecConfig(command=command, shifts=shifts, mount_args=mount_args,
-                      userns=args.userns or "auto", userns_base=args.userns_base,
-                      cwd=_caller_cwd(), allow_shared_source=args.allow_shared_source)
+    return ExecConfig(
+        command=command,
+        shifts=shifts,
+        mount_args=mount_args,
+        userns=args.userns or "auto",
+        userns_base=args.userns_base,
+        cwd=_caller_cwd(),
+        allow_shared_source=args.allow_shared_source,
+    )
 
 
 # --- preflight checks -----------------------------------------------------------
@@ -189,14 +199,15 @@ def check_config(cfg: ExecConfig, idmap: userns.NamespaceMaps) -> None:
     for s in cfg.shifts:
         owner = os.stat(s.source).st_uid
         if owner != uid:
-            raise SetupError(f"--shift {s.source}: it is owned by uid {owner}, not by you "
-                             f"(uid {uid}); run as uid {owner} or 'chown -R {uid} {s.source}'")
+            raise SetupError(
+                f"--shift {s.source}: it is owned by uid {owner}, not by you "
+                f"(uid {uid}); run as uid {owner} or 'chown -R {uid} {s.source}'"
+            )
     if cfg.shifts:
         launcher.check_daemon_can_start(cfg.mount_args, idmap)
         for s in cfg.shifts:
             launcher.check_reachable([(s.source, 7)], "serving")
-        launcher.check_private_source([s.source for s in cfg.shifts], cfg.mount_args,
-                                      cfg.allow_shared_source)
+        launcher.check_private_source([s.source for s in cfg.shifts], cfg.mount_args, cfg.allow_shared_source)
 
 
 def plan(cfg: ExecConfig, idmap: userns.NamespaceMaps) -> launcher.Layout:
@@ -205,9 +216,12 @@ def plan(cfg: ExecConfig, idmap: userns.NamespaceMaps) -> launcher.Layout:
     sandboxes COMMAND starts can use them too."""
     check_config(cfg, idmap)
     return launcher.Layout(
-        prog=PROG, sources=tuple(s.source for s in cfg.shifts),
-        mode_args=tuple(cfg.mount_args), mount_opts="allow_other",
-        inner=functools.partial(_command_init, cfg))
+        prog=PROG,
+        sources=tuple(s.source for s in cfg.shifts),
+        mode_args=tuple(cfg.mount_args),
+        mount_opts="allow_other",
+        inner=functools.partial(_command_init, cfg),
+    )
 
 
 def _attach_views(cfg: ExecConfig, stage: str, views: list[str]) -> None:
@@ -222,8 +236,10 @@ def _attach_views(cfg: ExecConfig, stage: str, views: list[str]) -> None:
     if clones is None:
         for s, view in zip(cfg.shifts, views):
             if launcher.within(s.target, stage):
-                raise SetupError(f"--shift {s.source}:{s.target}: DST is under {stage}, which "
-                                "this kernel (no open_tree) cannot show; pick another DST")
+                raise SetupError(
+                    f"--shift {s.source}:{s.target}: DST is under {stage}, which "
+                    "this kernel (no open_tree) cannot show; pick another DST"
+                )
             rootfs.bind(view, s.target, recursive=False)
         mounts.umount2(stage, mounts.MNT_DETACH)
         return
@@ -232,8 +248,9 @@ def _attach_views(cfg: ExecConfig, stage: str, views: list[str]) -> None:
         try:
             mounts.move_mount(fd, s.target)
         except OSError as e:
-            raise SetupError(f"--shift {s.source}:{s.target}: cannot mount the view on "
-                            f"{s.target}: {e.strerror}") from None
+            raise SetupError(
+                f"--shift {s.source}:{s.target}: cannot mount the view on {s.target}: {e.strerror}"
+            ) from None
         finally:
             os.close(fd)
 
@@ -249,8 +266,10 @@ def _command_init(cfg: ExecConfig, stage: str, views: list[str]) -> int:
     try:
         mounts.mount("proc", "/proc", "proc", mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC)
     except OSError as e:
-        print(f"{PROG}: warning: cannot mount a /proc for the new pid namespace "
-              f"({e.strerror}); COMMAND sees the host's", file=sys.stderr)
+        print(
+            f"{PROG}: warning: cannot mount a /proc for the new pid namespace ({e.strerror}); COMMAND sees the host's",
+            file=sys.stderr,
+        )
     return supervise.fork_and_supervise(PROG, _exec_command, cfg)
 
 
@@ -269,14 +288,21 @@ def _exec_command(cfg: ExecConfig) -> int:
     try:
         os.chdir(cfg.cwd)
     except OSError as e:
-        raise SetupError(f"cannot enter the working directory {cfg.cwd} inside the "
-                         f"namespace: {e.strerror}; cd elsewhere") from None
+        raise SetupError(
+            f"cannot enter the working directory {cfg.cwd} inside the namespace: {e.strerror}; cd elsewhere"
+        ) from None
     env["PWD"] = cfg.cwd
     return supervise.exec_command(PROG, cfg.command, env)
 
 
 COMMAND_LINE = launcher.CommandLine(
-    prog=PROG, summary="run a command as namespace root with directories shifted through shiftfs",
-    usage=_USAGE, description=_DESCRIPTION, epilog=_EPILOG, add_arguments=_add_arguments,
-    configure=config_from_args, plan=plan)
+    prog=PROG,
+    summary="run a command as namespace root with directories shifted through shiftfs",
+    usage=_USAGE,
+    description=_DESCRIPTION,
+    epilog=_EPILOG,
+    add_arguments=_add_arguments,
+    configure=config_from_args,
+    plan=plan,
+)
 register = COMMAND_LINE.register

@@ -64,19 +64,32 @@ def int_arg(text: str) -> int:
 
 def add_namespace_options(p: argparse.ArgumentParser) -> None:
     """--xattr, --map, --userns, --userns-base and --allow-shared-source."""
-    p.add_argument("--xattr", action="store_true",
-                   help="keep view ownership in records (user.containers.override_stat); "
-                        "the default")
-    p.add_argument("--map", action="append", default=[], metavar="u|g|b:DISK:VIEW:COUNT",
-                   help="map disk ids to view ids instead of keeping records (repeatable)")
-    p.add_argument("--userns", choices=("auto", "full", "single"),
-                   help="auto (default): a full 65536-id range if one is available, "
-                        "else a single id")
-    p.add_argument("--userns-base", type=int_arg, metavar="N",
-                   help="(root) host id of the 65536-id block for view ids 1-65535")
-    p.add_argument("--allow-shared-source", action="store_true",
-                   help="serve a tree that other users could write into; refused otherwise "
-                        "in xattr mode, since they could plant records")
+    p.add_argument(
+        "--xattr",
+        action="store_true",
+        help="keep view ownership in records (user.containers.override_stat); the default",
+    )
+    p.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="u|g|b:DISK:VIEW:COUNT",
+        help="map disk ids to view ids instead of keeping records (repeatable)",
+    )
+    p.add_argument(
+        "--userns",
+        choices=("auto", "full", "single"),
+        help="auto (default): a full 65536-id range if one is available, else a single id",
+    )
+    p.add_argument(
+        "--userns-base", type=int_arg, metavar="N", help="(root) host id of the 65536-id block for view ids 1-65535"
+    )
+    p.add_argument(
+        "--allow-shared-source",
+        action="store_true",
+        help="serve a tree that other users could write into; refused otherwise "
+        "in xattr mode, since they could plant records",
+    )
 
 
 def mount_args(args: argparse.Namespace) -> list[str]:
@@ -86,8 +99,7 @@ def mount_args(args: argparse.Namespace) -> list[str]:
     for spec in args.map:
         f = spec.split(":")
         if len(f) != 4 or f[0] not in ("u", "g", "b") or not all(x.isdigit() for x in f[1:]):
-            raise SetupError(f"--map {spec!r} is not u|g|b:DISK:VIEW:COUNT; "
-                             "e.g. --map b:0:0:65536")
+            raise SetupError(f"--map {spec!r} is not u|g|b:DISK:VIEW:COUNT; e.g. --map b:0:0:65536")
     if args.map:
         return [a for spec in args.map for a in ("--map", spec)]
     return ["--xattr"]
@@ -139,7 +151,8 @@ def check_reachable(paths: Sequence[tuple[str, int]], what: str) -> None:
                 raise SetupError(
                     f"{bad}{mode} blocks uid {uid} from {what} {variant}, and the namespace "
                     f"has no capabilities on host files; move it under a directory every "
-                    f"user can enter (e.g. /opt or /work) or 'chmod o+x {bad}'")
+                    f"user can enter (e.g. /opt or /work) or 'chmod o+x {bad}'"
+                )
 
 
 def check_private_source(sources: Sequence[str], mode_args: Sequence[str], allow_shared: bool) -> None:
@@ -161,19 +174,26 @@ def check_daemon_can_start(mode_args: Sequence[str], idmap: userns.NamespaceMaps
     """What every shiftfs daemon of a run needs: a usable /dev/fuse, a
     reachable interpreter and package, and disk ids that stay put."""
     if "--map" in mode_args and idmap.base is not None and not idmap.base_fixed:
-        raise SetupError("--map as root stores disk ids of this run's namespace, whose block "
-                         "changes from run to run; add --userns-base N (disk id k>0 is then "
-                         "host id N+k), or use --xattr")
+        raise SetupError(
+            "--map as root stores disk ids of this run's namespace, whose block "
+            "changes from run to run; add --userns-base N (disk id k>0 is then "
+            "host id N+k), or use --xattr"
+        )
     if not os.path.exists("/dev/fuse"):
-        raise SetupError("/dev/fuse is missing; load the fuse module ('modprobe fuse') "
-                         "or create it with 'mknod -m 0666 /dev/fuse c 10 229'")
+        raise SetupError(
+            "/dev/fuse is missing; load the fuse module ('modprobe fuse') "
+            "or create it with 'mknod -m 0666 /dev/fuse c 10 229'"
+        )
     if blocked_component("/dev/fuse", os.getuid(), {os.getgid(), *os.getgroups()}, 6):
-        raise SetupError(f"/dev/fuse (mode {stat.S_IMODE(os.stat('/dev/fuse').st_mode):04o}) "
-                         "is not usable by you; as root run 'make setup' or "
-                         "'chmod 0666 /dev/fuse'")
-    check_reachable([(sys.executable, 5), (os.path.realpath(sys.executable), 5),
-                     (os.path.join(_PACKAGE, "__init__.py"), 4)],
-                    "running the shiftfs daemon")
+        raise SetupError(
+            f"/dev/fuse (mode {stat.S_IMODE(os.stat('/dev/fuse').st_mode):04o}) "
+            "is not usable by you; as root run 'make setup' or "
+            "'chmod 0666 /dev/fuse'"
+        )
+    check_reachable(
+        [(sys.executable, 5), (os.path.realpath(sys.executable), 5), (os.path.join(_PACKAGE, "__init__.py"), 4)],
+        "running the shiftfs daemon",
+    )
 
 
 def within(path: str, top: str) -> bool:
@@ -218,8 +238,12 @@ class CommandLine:
     plan: Callable[[Any, userns.NamespaceMaps], Layout]
 
     def _texts(self) -> dict[str, Any]:
-        return dict(usage=self.usage, description=self.description, epilog=self.epilog,
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        return dict(
+            usage=self.usage,
+            description=self.description,
+            epilog=self.epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
 
     def register(self, subparsers: Any) -> None:
         """Add the subcommand to the ``shiftfs`` command line."""
@@ -238,8 +262,7 @@ class CommandLine:
         return launch_command(self.prog, lambda: self.configure(args), self.plan)
 
 
-def launch_command(prog: str, configure: Callable[[], Any],
-                   plan: Callable[[Any, userns.NamespaceMaps], Layout]) -> int:
+def launch_command(prog: str, configure: Callable[[], Any], plan: Callable[[Any, userns.NamespaceMaps], Layout]) -> int:
     """The whole of ``shiftfs run`` or ``shiftfs exec``: ``configure()``
     reads the command line into a config with ``userns`` and
     ``userns_base``; ``plan(cfg, idmap)`` checks it and returns the layout.
@@ -265,16 +288,27 @@ def launch_command(prog: str, configure: Callable[[], Any],
 def staging_dir(layout: Layout) -> str:
     """A host directory that namespace A may hide under the staging tmpfs:
     one that holds nothing the daemons or namespace B still need."""
-    needed = [sys.prefix, sys.base_prefix, sys.executable, os.path.realpath(sys.executable),
-              _PACKAGE, os.path.realpath(_PACKAGE), "/dev", "/proc", "/sys",
-              *layout.sources, *layout.needed]
+    needed = [
+        sys.prefix,
+        sys.base_prefix,
+        sys.executable,
+        os.path.realpath(sys.executable),
+        _PACKAGE,
+        os.path.realpath(_PACKAGE),
+        "/dev",
+        "/proc",
+        "/sys",
+        *layout.sources,
+        *layout.needed,
+    ]
     for cand in _STAGING_CANDIDATES:
-        if os.path.isdir(cand) and not os.path.islink(cand) and \
-                not any(within(p, cand) for p in needed):
+        if os.path.isdir(cand) and not os.path.islink(cand) and not any(within(p, cand) for p in needed):
             return cand
-    raise SetupError("the directories to serve or bind and the interpreter cover every "
-                     f"staging directory ({', '.join(_STAGING_CANDIDATES)}); move one of "
-                     "them elsewhere")
+    raise SetupError(
+        "the directories to serve or bind and the interpreter cover every "
+        f"staging directory ({', '.join(_STAGING_CANDIDATES)}); move one of "
+        "them elsewhere"
+    )
 
 
 # --- the launch ----------------------------------------------------------------------
@@ -294,8 +328,7 @@ def launch(layout: Layout, idmap: userns.NamespaceMaps) -> int:
         if pid == 0:
             os.close(to_parent_r)
             os.close(to_child_w)
-            supervise.child(layout.prog, _userns_helper, layout, idmap, parent,
-                            to_parent_w, to_child_r)
+            supervise.child(layout.prog, _userns_helper, layout, idmap, parent, to_parent_w, to_child_r)
         os.close(to_parent_w)
         os.close(to_child_r)
         ready = os.read(to_parent_r, 1)
@@ -314,8 +347,7 @@ def launch(layout: Layout, idmap: userns.NamespaceMaps) -> int:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
-def _userns_helper(layout: Layout, idmap: userns.NamespaceMaps, parent: int, wfd: int,
-                   rfd: int) -> int:
+def _userns_helper(layout: Layout, idmap: userns.NamespaceMaps, parent: int, wfd: int, rfd: int) -> int:
     """Enter a new user namespace, wait for the maps, then start pid 1 of
     namespace A and supervise it."""
     mounts.set_parent_death_signal(signal.SIGKILL)
@@ -325,8 +357,9 @@ def _userns_helper(layout: Layout, idmap: userns.NamespaceMaps, parent: int, wfd
         mounts.unshare(mounts.CLONE_NEWUSER)
     except OSError as e:
         if e.errno in (errno.EPERM, errno.EACCES, errno.ENOSPC, errno.EUSERS):
-            raise SetupError(f"cannot create a user namespace ({e.strerror}): "
-                             f"{userns.userns_unavailable_hint()}") from None
+            raise SetupError(
+                f"cannot create a user namespace ({e.strerror}): {userns.userns_unavailable_hint()}"
+            ) from None
         raise
     os.write(wfd, b"u")
     os.close(wfd)
@@ -360,11 +393,9 @@ def _serve_and_run(layout: Layout) -> int:
     if layout.sources:
         # Every source is opened before the first mount, so that none is
         # reached through a view.
-        src_fds = [_high_fd(os.open(s, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
-                   for s in layout.sources]
+        src_fds = [_high_fd(os.open(s, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)) for s in layout.sources]
         stage = staging_dir(layout)
-        mounts.mount("tmpfs", stage, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV,
-                     "mode=0700,size=1m")
+        mounts.mount("tmpfs", stage, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, "mode=0700,size=1m")
         try:
             for i, (source, fd) in enumerate(zip(layout.sources, src_fds)):
                 view = os.path.join(stage, f"view{i}")
@@ -385,9 +416,12 @@ def _serve_and_run(layout: Layout) -> int:
             mounts.umount2(view, mounts.MNT_DETACH)
     statuses = supervise.reap_all(_DAEMON_EXIT_TIMEOUT)
     if any(s != 0 for s in statuses):
-        print(f"{layout.prog}: warning: a shiftfs daemon exited with status "
-              f"{supervise.exit_code(next(s for s in statuses if s))}: "
-              f"{log_tail(log, 3) or 'no output'}", file=sys.stderr)
+        print(
+            f"{layout.prog}: warning: a shiftfs daemon exited with status "
+            f"{supervise.exit_code(next(s for s in statuses if s))}: "
+            f"{log_tail(log, 3) or 'no output'}",
+            file=sys.stderr,
+        )
     return code
 
 
@@ -398,37 +432,43 @@ def _start_daemon(layout: Layout, source: str, src_fd: int, log_fd: int, view: s
     our child in pid namespace A, in its own session (a terminal's ^C must
     not reach it)."""
     # allow_shared_source: SOURCE was checked on the host (check_private_source).
-    opts = f"suid,dev,allow_shared_source,{layout.mount_opts + ',' if layout.mount_opts else ''}" \
-           f"log=/proc/self/fd/{_LOG_FD}"
+    opts = (
+        f"suid,dev,allow_shared_source,{layout.mount_opts + ',' if layout.mount_opts else ''}"
+        f"log=/proc/self/fd/{_LOG_FD}"
+    )
     if not any(c in source for c in ",\\ \t\n"):
         opts += f",fsname={source}"
-    argv = [sys.executable, "-m", "shiftfs", "mount", *layout.mode_args, "-o", opts,
-            f"/proc/self/fd/{_SRC_FD}", view]
+    argv = [sys.executable, "-m", "shiftfs", "mount", *layout.mode_args, "-o", opts, f"/proc/self/fd/{_SRC_FD}", view]
     before = os.stat(view).st_dev
     log = f"/proc/self/fd/{log_fd}"
     try:
         mounter = os.posix_spawn(
-            sys.executable, argv, os.environ,
-            file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                          (os.POSIX_SPAWN_DUP2, log_fd, 1), (os.POSIX_SPAWN_DUP2, log_fd, 2),
-                          (os.POSIX_SPAWN_DUP2, src_fd, _SRC_FD),
-                          (os.POSIX_SPAWN_DUP2, log_fd, _LOG_FD)],
-            setsid=True, setsigmask=set(),
-            setsigdef=(*supervise.RELAYED, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD))
+            sys.executable,
+            argv,
+            os.environ,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                (os.POSIX_SPAWN_DUP2, log_fd, 2),
+                (os.POSIX_SPAWN_DUP2, src_fd, _SRC_FD),
+                (os.POSIX_SPAWN_DUP2, log_fd, _LOG_FD),
+            ],
+            setsid=True,
+            setsigmask=set(),
+            setsigdef=(*supervise.RELAYED, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD),
+        )
     except OSError as e:
-        raise SetupError(f"cannot start the shiftfs daemon ({sys.executable}): "
-                         f"{e.strerror}") from None
+        raise SetupError(f"cannot start the shiftfs daemon ({sys.executable}): {e.strerror}") from None
     status = supervise.wait_pid(mounter, _MOUNT_TIMEOUT)
     what = f"'shiftfs mount {source}'"
     if status is None:
-        raise SetupError(f"{what} did not report a live mount within {_MOUNT_TIMEOUT:.0f} s: "
-                         f"{log_tail(log) or 'no output'}")
+        raise SetupError(
+            f"{what} did not report a live mount within {_MOUNT_TIMEOUT:.0f} s: {log_tail(log) or 'no output'}"
+        )
     if status != 0:
-        raise SetupError(f"{what} failed with status {supervise.exit_code(status)}: "
-                         f"{log_tail(log) or 'no output'}")
+        raise SetupError(f"{what} failed with status {supervise.exit_code(status)}: {log_tail(log) or 'no output'}")
     if os.stat(view).st_dev == before:
-        raise SetupError(f"{what} returned but nothing is mounted; its output: "
-                         f"{log_tail(log) or 'none'}")
+        raise SetupError(f"{what} returned but nothing is mounted; its output: {log_tail(log) or 'none'}")
 
 
 def log_tail(path: str, lines: int = 1) -> str:

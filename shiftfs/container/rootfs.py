@@ -18,9 +18,14 @@ from ..sys import mounts
 
 __all__ = ["make_readonly", "bind", "pivot_into", "resolve_in_root", "make_mountpoint"]
 
-_LOCKABLE = ((os.ST_NOSUID, mounts.MS_NOSUID), (os.ST_NODEV, mounts.MS_NODEV), (os.ST_NOEXEC, mounts.MS_NOEXEC),
-             (os.ST_NOATIME, mounts.MS_NOATIME), (os.ST_NODIRATIME, mounts.MS_NODIRATIME),
-             (os.ST_RELATIME, mounts.MS_RELATIME))
+_LOCKABLE = (
+    (os.ST_NOSUID, mounts.MS_NOSUID),
+    (os.ST_NODEV, mounts.MS_NODEV),
+    (os.ST_NOEXEC, mounts.MS_NOEXEC),
+    (os.ST_NOATIME, mounts.MS_NOATIME),
+    (os.ST_NODIRATIME, mounts.MS_NODIRATIME),
+    (os.ST_RELATIME, mounts.MS_RELATIME),
+)
 
 
 def make_readonly(path: str) -> None:

@@ -70,25 +70,38 @@ class RunConfig:
 
 def _add_options(p: argparse.ArgumentParser) -> None:
     launcher.add_namespace_options(p)
-    p.add_argument("--bind", action="append", default=[], metavar=BIND_FORMS,
-                   help="bind-mount host SRC on DST in the container (repeatable), read-write "
-                        "unless ro; with shift, SRC is seen through shiftfs like ROOT")
-    p.add_argument("--setenv", "--env", action="append", default=[], dest="setenv",
-                   metavar="NAME[=VALUE]",
-                   help="set NAME in COMMAND's environment (repeatable); NAME alone passes "
-                        "your value on")
-    p.add_argument("--user", metavar="UID[:GID]",
-                   help="run COMMAND as this view uid/gid (or a name from ROOT/etc/passwd)")
-    p.add_argument("--chdir", metavar="DIR",
-                   help="working directory of COMMAND inside the container (default /)")
+    p.add_argument(
+        "--bind",
+        action="append",
+        default=[],
+        metavar=BIND_FORMS,
+        help="bind-mount host SRC on DST in the container (repeatable), read-write "
+        "unless ro; with shift, SRC is seen through shiftfs like ROOT",
+    )
+    p.add_argument(
+        "--setenv",
+        "--env",
+        action="append",
+        default=[],
+        dest="setenv",
+        metavar="NAME[=VALUE]",
+        help="set NAME in COMMAND's environment (repeatable); NAME alone passes your value on",
+    )
+    p.add_argument(
+        "--user", metavar="UID[:GID]", help="run COMMAND as this view uid/gid (or a name from ROOT/etc/passwd)"
+    )
+    p.add_argument("--chdir", metavar="DIR", help="working directory of COMMAND inside the container (default /)")
     p.add_argument("--hostname", metavar="NAME", help="host name inside the container")
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     _add_options(p)
-    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="ROOT [--] COMMAND [ARGS...]",
-                   help="directory to use as the container's /, and the command to run; "
-                        "options may also come between ROOT and --")
+    p.add_argument(
+        "rest",
+        nargs=argparse.REMAINDER,
+        metavar="ROOT [--] COMMAND [ARGS...]",
+        help="directory to use as the container's /, and the command to run; options may also come between ROOT and --",
+    )
 
 
 class _LateOptions(argparse.ArgumentParser):
@@ -107,12 +120,21 @@ def _split_rest(args: argparse.Namespace) -> None:
     args.root, rest = rest[0], rest[1:]
     if "--" in rest:
         i = rest.index("--")
-        late, args.command = rest[:i], rest[i + 1:]
+        late, args.command = rest[:i], rest[i + 1 :]
     else:
         # Without --, the command starts at the first word that is not an option.
         late, i = [], 0
-        valued = {"--map", "--userns", "--userns-base", "--bind", "--user", "--chdir",
-                  "--hostname", "--setenv", "--env"}
+        valued = {
+            "--map",
+            "--userns",
+            "--userns-base",
+            "--bind",
+            "--user",
+            "--chdir",
+            "--hostname",
+            "--setenv",
+            "--env",
+        }
         while i < len(rest) and rest[i].startswith("--"):
             late.append(rest[i])
             if rest[i] in valued and i + 1 < len(rest):
@@ -166,40 +188,45 @@ SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1/2 sent to shiftfs run reach COMMAND.
 
 def _parse_bind(spec: str) -> Bind:
     """One --bind in the forms the help shows: SRC:DST[:ro|rw][,shift]."""
+
     def bad(problem: str) -> SetupError:
-        return SetupError(f"--bind {spec!r}: {problem}; write {BIND_FORMS}, "
-                          "e.g. --bind ~/data:/data:rw,shift")
+        return SetupError(f"--bind {spec!r}: {problem}; write {BIND_FORMS}, e.g. --bind ~/data:/data:rw,shift")
 
     parts = spec.split(":")
     if len(parts) not in (2, 3):
-        raise bad("SRC and DST are separated by one ':', options by a second"
-                  if len(parts) < 2 else "too many ':' (paths with ':' cannot be bound)")
+        raise bad(
+            "SRC and DST are separated by one ':', options by a second"
+            if len(parts) < 2
+            else "too many ':' (paths with ':' cannot be bound)"
+        )
     src, dst = parts[0], parts[1]
     opts = parts[2] if len(parts) == 3 else ""
     if len(parts) == 2 and "," in dst:
         dst, _, opts = dst.partition(",")
         if opts != "shift":
-            raise bad(f"only ,shift may follow DST directly; ro and rw go after a "
-                      f"colon (SRC:DST:{opts})")
+            raise bad(f"only ,shift may follow DST directly; ro and rw go after a colon (SRC:DST:{opts})")
     if "," in src or "," in dst:
         raise bad("a path with ',' cannot be bound")
     flags = opts.split(",") if opts else []
-    if len(parts) == 3 and flags[:1] not in (["ro"], ["rw"], ["shift"]) or \
-            flags[1:] not in ([], ["shift"]) or len(set(flags)) != len(flags):
-        raise bad(f"options {opts!r}: the options are ro, rw and shift, given as ro, rw, "
-                  "shift, ro,shift or rw,shift")
+    if (
+        len(parts) == 3
+        and flags[:1] not in (["ro"], ["rw"], ["shift"])
+        or flags[1:] not in ([], ["shift"])
+        or len(set(flags)) != len(flags)
+    ):
+        raise bad(f"options {opts!r}: the options are ro, rw and shift, given as ro, rw, shift, ro,shift or rw,shift")
     if not src or not dst:
         raise bad("SRC and DST must not be empty")
     if not os.path.exists(src):
         raise SetupError(f"--bind {spec}: {src} does not exist; create it or fix the path")
     if not dst.startswith("/"):
-        raise SetupError(f"--bind {spec}: DST must be an absolute path inside the container, "
-                         f"e.g. /{dst}")
+        raise SetupError(f"--bind {spec}: DST must be an absolute path inside the container, e.g. /{dst}")
     if os.path.normpath(dst) == "/":
         raise SetupError(f"--bind {spec}: DST / is ROOT itself; bind on a directory inside")
     if "shift" in flags and not os.path.isdir(src):
-        raise SetupError(f"--bind {spec}: shift needs a directory (shiftfs serves directories); "
-                         "bind the directory that holds it")
+        raise SetupError(
+            f"--bind {spec}: shift needs a directory (shiftfs serves directories); bind the directory that holds it"
+        )
     return Bind(os.path.realpath(src), os.path.normpath(dst), "ro" in flags, "shift" in flags)
 
 
@@ -209,8 +236,10 @@ def _parse_setenv(specs: list[str]) -> dict[str, str]:
     for spec in specs:
         name, eq, value = spec.partition("=")
         if not _ENV_NAME.match(name):
-            raise SetupError(f"--setenv {spec!r}: NAME must be letters, digits and '_', not "
-                             "starting with a digit; e.g. --setenv LANG=C.UTF-8")
+            raise SetupError(
+                f"--setenv {spec!r}: NAME must be letters, digits and '_', not "
+                "starting with a digit; e.g. --setenv LANG=C.UTF-8"
+            )
         if eq:
             env[name] = value
         elif name in os.environ:
@@ -231,16 +260,14 @@ def _lookup_user(root: str, spec: str) -> tuple[int, int, dict[str, str]]:
         gid = int(entry[3])
         env = {"HOME": entry[5] or "/", "USER": entry[0], "LOGNAME": entry[0]}
     if uid is None:
-        raise SetupError(f"--user {spec}: no user {name!r} in ROOT/etc/passwd; "
-                         "give a numeric UID[:GID]")
+        raise SetupError(f"--user {spec}: no user {name!r} in ROOT/etc/passwd; give a numeric UID[:GID]")
     if group:
         if group.isdigit():
             gid = int(group)
         else:
             g = _find_db_entry(root, "/etc/group", group, by_id=False)
             if not g:
-                raise SetupError(f"--user {spec}: no group {group!r} in ROOT/etc/group; "
-                                 "give a numeric GID")
+                raise SetupError(f"--user {spec}: no group {group!r} in ROOT/etc/group; give a numeric GID")
             gid = int(g[2])
     if gid is None:
         gid = uid
@@ -270,15 +297,22 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     mount_args = launcher.mount_args(args)
     chdir = args.chdir or "/"
     if not chdir.startswith("/"):
-        raise SetupError(f"--chdir {chdir}: give an absolute path inside the container, "
-                         f"e.g. /{chdir}")
+        raise SetupError(f"--chdir {chdir}: give an absolute path inside the container, e.g. /{chdir}")
     if args.hostname is not None and not 0 < len(args.hostname.encode()) <= 64:
         raise SetupError(f"--hostname {args.hostname!r} must be 1 to 64 bytes long")
-    cfg = RunConfig(root=root, command=command, mount_args=mount_args, userns=args.userns or "auto",
-                    userns_base=args.userns_base,
-                    binds=[_parse_bind(b) for b in args.bind], chdir=chdir,
-                    hostname=args.hostname, setenv=_parse_setenv(args.setenv),
-                    term=os.environ.get("TERM"), allow_shared_source=args.allow_shared_source)
+    cfg = RunConfig(
+        root=root,
+        command=command,
+        mount_args=mount_args,
+        userns=args.userns or "auto",
+        userns_base=args.userns_base,
+        binds=[_parse_bind(b) for b in args.bind],
+        chdir=chdir,
+        hostname=args.hostname,
+        setenv=_parse_setenv(args.setenv),
+        term=os.environ.get("TERM"),
+        allow_shared_source=args.allow_shared_source,
+    )
     if args.user:
         uid, gid, env = _lookup_user(root, args.user)
         cfg.user, cfg.user_env = (uid, gid), env
@@ -316,28 +350,36 @@ def check_config(cfg: RunConfig, idmap: userns.NamespaceMaps) -> None:
             f"ROOT {cfg.root} is owned by uid {owner}, not by you (uid {uid}): its ownership "
             f"is shifted on disk, and run's user namespace cannot reach those ids; as root, "
             f"'shiftfs mount --map b:{owner}:0:65536 {cfg.root} VIEW' and then "
-            f"'systemd-nspawn -D VIEW' or 'podman run --rootfs VIEW COMMAND'")
+            f"'systemd-nspawn -D VIEW' or 'podman run --rootfs VIEW COMMAND'"
+        )
     if owner != uid:
-        raise SetupError(f"ROOT {cfg.root} is owned by uid {owner}, not by you (uid {uid}); "
-                         f"run as uid {owner} or 'chown -R {uid} {cfg.root}'")
+        raise SetupError(
+            f"ROOT {cfg.root} is owned by uid {owner}, not by you (uid {uid}); "
+            f"run as uid {owner} or 'chown -R {uid} {cfg.root}'"
+        )
     launcher.check_daemon_can_start(cfg.mount_args, idmap)
     launcher.check_reachable([(cfg.root, 5)], "serving ROOT")
     for b in cfg.binds:
-        launcher.check_reachable([(b.source, 4 if not os.path.isdir(b.source) else 5)],
-                                 "bind-mounting")
+        launcher.check_reachable([(b.source, 4 if not os.path.isdir(b.source) else 5)], "bind-mounting")
         owner = os.stat(b.source).st_uid
         if b.shift and owner != uid:
-            raise SetupError(f"--bind {b.source}:{b.target}:shift: {b.source} is owned by uid "
-                             f"{owner}, not by you (uid {uid}); drop shift or "
-                             f"'chown -R {uid} {b.source}'")
-    launcher.check_private_source([cfg.root] + [b.source for b in cfg.binds if b.shift],
-                                  cfg.mount_args, cfg.allow_shared_source)
+            raise SetupError(
+                f"--bind {b.source}:{b.target}:shift: {b.source} is owned by uid "
+                f"{owner}, not by you (uid {uid}); drop shift or "
+                f"'chown -R {uid} {b.source}'"
+            )
+    launcher.check_private_source(
+        [cfg.root] + [b.source for b in cfg.binds if b.shift], cfg.mount_args, cfg.allow_shared_source
+    )
     if cfg.user:
         vuid, vgid = cfg.user
         if not idmap.maps_uid(vuid) or not idmap.maps_gid(vgid):
-            hint = ("this is a single-id namespace: set up /etc/subuid and /etc/subgid "
-                    "(see 'usermod --add-subuids') or use --user 0"
-                    if idmap.kind == "single" else "use an id inside the namespace's range")
+            hint = (
+                "this is a single-id namespace: set up /etc/subuid and /etc/subgid "
+                "(see 'usermod --add-subuids') or use --user 0"
+                if idmap.kind == "single"
+                else "use an id inside the namespace's range"
+            )
             raise SetupError(f"--user {vuid}:{vgid} is not mapped ({idmap.describe()}); {hint}")
 
 
@@ -356,9 +398,12 @@ def plan(cfg: RunConfig, idmap: userns.NamespaceMaps) -> launcher.Layout:
     check_config(cfg, idmap)
     shifted = [b.source for b in cfg.binds if b.shift]
     return launcher.Layout(
-        prog=PROG, sources=(cfg.root, *shifted), mode_args=tuple(cfg.mount_args),
+        prog=PROG,
+        sources=(cfg.root, *shifted),
+        mode_args=tuple(cfg.mount_args),
         inner=functools.partial(_container_init, cfg, idmap),
-        needed=tuple(b.source for b in cfg.binds if not b.shift))
+        needed=tuple(b.source for b in cfg.binds if not b.shift),
+    )
 
 
 def _terminal() -> str | None:
@@ -400,9 +445,13 @@ def _setup_root(cfg: RunConfig, idmap: userns.NamespaceMaps, root: str) -> None:
     shm = os.path.join(dev, "shm")
     os.mkdir(shm, 0o1777)
     mounts.mount("tmpfs", shm, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, "mode=1777")
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
-                         ("core", "/proc/kcore")):
+    for name, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("core", "/proc/kcore"),
+    ):
         os.symlink(target, os.path.join(dev, name))
 
     sys_dir = rootfs.make_mountpoint(root, "/sys")
@@ -453,7 +502,13 @@ def _exec_command(cfg: RunConfig) -> int:
 
 
 COMMAND_LINE = launcher.CommandLine(
-    prog=PROG, summary="run a command in a container whose root is seen through shiftfs",
-    usage=_USAGE, description=_DESCRIPTION, epilog=_EPILOG, add_arguments=_add_arguments,
-    configure=config_from_args, plan=plan)
+    prog=PROG,
+    summary="run a command in a container whose root is seen through shiftfs",
+    usage=_USAGE,
+    description=_DESCRIPTION,
+    epilog=_EPILOG,
+    add_arguments=_add_arguments,
+    configure=config_from_args,
+    plan=plan,
+)
 register = COMMAND_LINE.register

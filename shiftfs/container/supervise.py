@@ -25,8 +25,15 @@ SI_KERNEL = 0x80  # si_code of signals the kernel sends itself (tty ^C, ^\)
 #: Signals a supervisor passes on to its child. Those the kernel generates for
 #: the terminal's foreground process group (^C, ^\, window size) reach the
 #: command directly, so supervisors drop those copies (si_code SI_KERNEL).
-RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
-           signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
+RELAYED = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGWINCH,
+)
 _WAITED = set(RELAYED) | {signal.SIGCHLD}
 
 
@@ -149,8 +156,7 @@ def child(prog: str, func: Callable[..., int], *args: object) -> None:
         os._exit(code)
 
 
-def fork_and_supervise(prog: str, func: Callable[..., int], *args: object,
-                       reap_any: bool = True) -> int:
+def fork_and_supervise(prog: str, func: Callable[..., int], *args: object, reap_any: bool = True) -> int:
     """Run ``func(*args)`` in a forked child and return its exit code once
     it is gone, relaying signals meanwhile (as a namespace's pid 1 with
     ``reap_any``, reaping every orphan too)."""

@@ -40,12 +40,13 @@ CONTAINER_RANGE = (0x00080000, 0x6FFFFFFF)
 def userns_unavailable_hint() -> str:
     """The sysctl that most likely forbids unprivileged user namespaces."""
     checks = [
-        ("/proc/sys/kernel/unprivileged_userns_clone", "0",
-         "sysctl -w kernel.unprivileged_userns_clone=1"),
-        ("/proc/sys/user/max_user_namespaces", "0",
-         "sysctl -w user.max_user_namespaces=15000"),
-        ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1",
-         "sysctl -w kernel.apparmor_restrict_unprivileged_userns=0"),
+        ("/proc/sys/kernel/unprivileged_userns_clone", "0", "sysctl -w kernel.unprivileged_userns_clone=1"),
+        ("/proc/sys/user/max_user_namespaces", "0", "sysctl -w user.max_user_namespaces=15000"),
+        (
+            "/proc/sys/kernel/apparmor_restrict_unprivileged_userns",
+            "1",
+            "sysctl -w kernel.apparmor_restrict_unprivileged_userns=0",
+        ),
     ]
     for path, bad, fix in checks:
         try:
@@ -58,6 +59,7 @@ def userns_unavailable_hint() -> str:
 
 
 # --- id maps ------------------------------------------------------------------
+
 
 # A namespace's map line "INSIDE OUTSIDE COUNT" is an ownership Range read the
 # shiftfs way: the id a process inside sees is the *view* id, the id the host
@@ -91,8 +93,10 @@ class NamespaceMaps:
 
     def describe(self) -> str:
         def fmt(ranges: Sequence[Range]) -> str:
-            return ", ".join(f"{r.view}-{r.view + r.count - 1}->{r.disk}" if r.count > 1
-                             else f"{r.view}->{r.disk}" for r in ranges)
+            return ", ".join(
+                f"{r.view}-{r.view + r.count - 1}->{r.disk}" if r.count > 1 else f"{r.view}->{r.disk}" for r in ranges
+            )
+
         return f"uid {fmt(self.uid_map)}; gid {fmt(self.gid_map)}"
 
 
@@ -163,8 +167,7 @@ def _overlaps(start: int, count: int, used: Iterable[tuple[int, int]]) -> bool:
     return any(start < s + n and s < start + count for s, n in used)
 
 
-def free_block(used: Sequence[tuple[int, int]] | None = None,
-               rng: random.Random | None = None) -> int:
+def free_block(used: Sequence[tuple[int, int]] | None = None, rng: random.Random | None = None) -> int:
     """A 65536-aligned block inside :data:`CONTAINER_RANGE` that overlaps no
     range in ``used`` (default: :func:`ranges_in_use`). The search starts at a
     random block so that parallel runs rarely race for the same one."""
@@ -178,8 +181,7 @@ def free_block(used: Sequence[tuple[int, int]] | None = None,
         base = (first + (start + i) % nblocks) * BLOCK
         if not _overlaps(base, BLOCK, used):
             return base
-    raise SetupError("no free 65536-id block left in 0x80000-0x6fffffff; "
-                     "pass --userns-base N with a free block")
+    raise SetupError("no free 65536-id block left in 0x80000-0x6fffffff; pass --userns-base N with a free block")
 
 
 def _block_map(host0: int, base: int) -> tuple[Range, ...]:
@@ -206,10 +208,12 @@ def suggest_subid_range() -> tuple[int, int]:
 def single_id_note(user: str) -> str:
     """The one-time notice for a single-id namespace."""
     lo, hi = suggest_subid_range()
-    return (f"note: single-id namespace ({user} has no range in /etc/subuid and "
-            f"/etc/subgid, or newuidmap is missing): chown to any id but 0 fails with "
-            f"EINVAL; to get 65536 ids, as root run 'usermod --add-subuids {lo}-{hi} "
-            f"--add-subgids {lo}-{hi} {user}' (newuidmap comes with package uidmap)")
+    return (
+        f"note: single-id namespace ({user} has no range in /etc/subuid and "
+        f"/etc/subgid, or newuidmap is missing): chown to any id but 0 fails with "
+        f"EINVAL; to get 65536 ids, as root run 'usermod --add-subuids {lo}-{hi} "
+        f"--add-subgids {lo}-{hi} {user}' (newuidmap comes with package uidmap)"
+    )
 
 
 def choose_idmap(mode: str = "auto", base: int | None = None) -> tuple[NamespaceMaps, str | None]:
@@ -223,8 +227,9 @@ def choose_idmap(mode: str = "auto", base: int | None = None) -> tuple[Namespace
     if mode not in ("auto", "full", "single"):
         raise SetupError(f"--userns {mode!r} is not a mode; use auto, full or single")
     if base is not None and uid != 0:
-        raise SetupError("--userns-base needs root; unprivileged runs take their "
-                         "range from /etc/subuid and /etc/subgid")
+        raise SetupError(
+            "--userns-base needs root; unprivileged runs take their range from /etc/subuid and /etc/subgid"
+        )
     if base is not None and mode == "single":
         raise SetupError("--userns-base conflicts with --userns single; drop one")
     if mode == "single":
@@ -238,14 +243,19 @@ def choose_idmap(mode: str = "auto", base: int | None = None) -> tuple[Namespace
             base = free_block()
         else:
             if base < 1 or base % BLOCK or base + BLOCK > 0xFFFFFFFF:
-                raise SetupError(f"--userns-base {base} must be a positive multiple of "
-                                 f"65536 below {0xFFFFFFFF - BLOCK + 1}; e.g. 524288")
+                raise SetupError(
+                    f"--userns-base {base} must be a positive multiple of "
+                    f"65536 below {0xFFFFFFFF - BLOCK + 1}; e.g. 524288"
+                )
             if _overlaps(base, BLOCK, ranges_in_use()):
-                raise SetupError(f"--userns-base {base} overlaps ids of a running "
-                                 "namespace or /etc/subuid; pick another block or "
-                                 "omit --userns-base")
-        return NamespaceMaps("full", _block_map(0, base), _block_map(0, base), base=base,
-                     base_fixed=cfg_base is not None), None
+                raise SetupError(
+                    f"--userns-base {base} overlaps ids of a running "
+                    "namespace or /etc/subuid; pick another block or "
+                    "omit --userns-base"
+                )
+        return NamespaceMaps(
+            "full", _block_map(0, base), _block_map(0, base), base=base, base_fixed=cfg_base is not None
+        ), None
     try:
         user = pwd.getpwuid(uid).pw_name
     except KeyError:
@@ -254,17 +264,20 @@ def choose_idmap(mode: str = "auto", base: int | None = None) -> tuple[Namespace
     subgids = parse_subid_file("/etc/subgid", user, uid)
     helpers = all(_which(t) for t in ("newuidmap", "newgidmap"))
     if subuids and subgids and helpers:
-        return NamespaceMaps("full", _subid_map(uid, subuids), _subid_map(gid, subgids),
-                     helper=True), None
+        return NamespaceMaps("full", _subid_map(uid, subuids), _subid_map(gid, subgids), helper=True), None
     name = user or str(uid)
     if mode == "full":
         if not helpers:
-            raise SetupError("--userns full needs newuidmap and newgidmap; as root "
-                             "run 'apt-get install uidmap' (or use --userns single)")
+            raise SetupError(
+                "--userns full needs newuidmap and newgidmap; as root "
+                "run 'apt-get install uidmap' (or use --userns single)"
+            )
         lo, hi = suggest_subid_range()
-        raise SetupError(f"--userns full needs ranges for {name} in /etc/subuid and "
-                         f"/etc/subgid; as root run 'usermod --add-subuids {lo}-{hi} "
-                         f"--add-subgids {lo}-{hi} {name}'")
+        raise SetupError(
+            f"--userns full needs ranges for {name} in /etc/subuid and "
+            f"/etc/subgid; as root run 'usermod --add-subuids {lo}-{hi} "
+            f"--add-subgids {lo}-{hi} {name}'"
+        )
     return NamespaceMaps("single", (Range(uid, 0, 1),), (Range(gid, 0, 1),)), single_id_note(name)
 
 
@@ -320,11 +333,11 @@ def claim_idmap(pid: int, idmap: NamespaceMaps) -> NamespaceMaps:
     with id_block_lock():
         if _overlaps(idmap.base, BLOCK, ranges_in_use()):
             if idmap.base_fixed:
-                raise SetupError(f"--userns-base {idmap.base} was taken by another "
-                                 "namespace meanwhile; pick another block")
+                raise SetupError(
+                    f"--userns-base {idmap.base} was taken by another namespace meanwhile; pick another block"
+                )
             base = free_block()
-            idmap = dataclasses.replace(idmap, uid_map=_block_map(0, base),
-                                        gid_map=_block_map(0, base), base=base)
+            idmap = dataclasses.replace(idmap, uid_map=_block_map(0, base), gid_map=_block_map(0, base), base=base)
         write_idmap(pid, idmap)
     return idmap
 
@@ -336,12 +349,15 @@ def write_idmap(pid: int, idmap: NamespaceMaps) -> None:
         for tool, extents in (("newuidmap", idmap.uid_map), ("newgidmap", idmap.gid_map)):
             argv = [_which(tool) or tool, str(pid)]
             argv += [str(x) for r in extents for x in (r.view, r.disk, r.count)]
-            res = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True)
+            res = subprocess.run(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
             if res.returncode != 0:
                 msg = " ".join(res.stdout.split()) or f"exit status {res.returncode}"
-                raise SetupError(f"{tool} failed: {msg}; check /etc/subuid, /etc/subgid "
-                                 f"and that {tool} is setuid root (package uidmap)")
+                raise SetupError(
+                    f"{tool} failed: {msg}; check /etc/subuid, /etc/subgid "
+                    f"and that {tool} is setuid root (package uidmap)"
+                )
         return
     try:
         if not idmap.setgroups_allowed:
@@ -351,8 +367,7 @@ def write_idmap(pid: int, idmap: NamespaceMaps) -> None:
             with open(f"/proc/{pid}/{name}", "w") as f:
                 f.write("".join(f"{r.view} {r.disk} {r.count}\n" for r in extents))
     except OSError as e:
-        raise SetupError(f"cannot write the id map of process {pid}: "
-                         f"{e.strerror}") from None
+        raise SetupError(f"cannot write the id map of process {pid}: {e.strerror}") from None
 
 
 def become_root(idmap: NamespaceMaps) -> None:
@@ -362,4 +377,3 @@ def become_root(idmap: NamespaceMaps) -> None:
     os.setresgid(0, 0, 0)
     os.setresuid(0, 0, 0)
     set_dumpable()
-

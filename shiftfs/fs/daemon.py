@@ -20,11 +20,11 @@ import sys
 import pyfuse3
 import trio
 
+from ..errors import MountError
 from . import isolate
 from .mount import build_operations, check, kernel_options
 from .ops import Operations
 from .options import MountConfig
-from ..errors import MountError
 
 __all__ = ["mount", "run_daemon"]
 
@@ -324,5 +324,6 @@ def mount(cfg: MountConfig) -> int:
     if msg == "ok":
         return 0
     raise MountError(
-        f"cannot mount {cfg.source} on {cfg.mountpoint}: {msg.removeprefix('error: ') or 'the daemon died before mounting'}"
+        f"cannot mount {cfg.source} on {cfg.mountpoint}: "
+        f"{msg.removeprefix('error: ') or 'the daemon died before mounting'}"
     )

@@ -14,9 +14,9 @@ from typing import Any
 
 import pyfuse3
 
+from ..ownership.names import is_temp_name, view_name
 from .inodes import ROOT_ID, Inode, InodeTable
 from .requestlog import fuse_handler
-from ..ownership.names import is_temp_name, view_name
 
 __all__ = ["DirectoryHandlers", "DirHandle", "unlink_any"]
 

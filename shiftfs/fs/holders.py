@@ -100,8 +100,11 @@ def other_holders(dev: str, own_ids: Collection[str] = (), fstype: str = "") -> 
             if key is not None:
                 _add(by_key[key], name)
             continue
-        hits = [e for e in _entries(name) if e.dev == dev and e.mount_id not in own_ids
-                and (not fstype or e.fstype == fstype)]
+        hits = [
+            e
+            for e in _entries(name)
+            if e.dev == dev and e.mount_id not in own_ids and (not fstype or e.fstype == fstype)
+        ]
         key = ns if ns is not None else tuple(sorted(e.mount_id for e in hits))
         if ns is not None:
             seen_ns[ns] = key if hits else None
@@ -130,9 +133,14 @@ def describe(mountpoint: str, holders: list[Holder]) -> str:
     where = sorted({m for h in holders for m in h.mountpoints} - {mountpoint})
     at = f", at {', '.join(where[:3])}" if where else ""
     them = "it" if n == 1 else "them"
-    return (f"{mountpoint} is unmounted here, but {n} other mount namespace{'s' if n != 1 else ''} "
-            f"(pid{'s' if len(pids) != 1 else ''} {shown}{at}) still hold{'s' if n == 1 else ''} a copy; "
-            f"the daemon keeps serving {them} until those processes exit or unmount {them} "
-            f"(stopping the daemon cuts {them} off with ENOTCONN)"
-            + ("; one is rootless podman's pause process: 'podman system migrate' stops it"
-               if any("podman pause" in h.commands for h in holders) else ""))
+    return (
+        f"{mountpoint} is unmounted here, but {n} other mount namespace{'s' if n != 1 else ''} "
+        f"(pid{'s' if len(pids) != 1 else ''} {shown}{at}) still hold{'s' if n == 1 else ''} a copy; "
+        f"the daemon keeps serving {them} until those processes exit or unmount {them} "
+        f"(stopping the daemon cuts {them} off with ENOTCONN)"
+        + (
+            "; one is rootless podman's pause process: 'podman system migrate' stops it"
+            if any("podman pause" in h.commands for h in holders)
+            else ""
+        )
+    )

@@ -55,8 +55,20 @@ MAX_MAP_LINES = 340
 #: Options that tune or observe the FUSE daemon; a kernel mount has no daemon,
 #: so they are ignored there, with one warning line naming them.
 FUSE_ONLY = {
-    "cache", "writeback", "nowriteback", "read_ahead_kb", "xattr_probes", "log", "stats", "debug",
-    "fsname", "allow_other", "auto_unmount", "default_owner", "legacy_xattr", "fuseoverlayfs_compat",
+    "cache",
+    "writeback",
+    "nowriteback",
+    "read_ahead_kb",
+    "xattr_probes",
+    "log",
+    "stats",
+    "debug",
+    "fsname",
+    "allow_other",
+    "auto_unmount",
+    "default_owner",
+    "legacy_xattr",
+    "fuseoverlayfs_compat",
 }
 #: Options whose meaning a bind mount cannot carry (they are superblock flags):
 #: ``auto`` picks FUSE for them, ``backend=kernel`` refuses them.
@@ -76,13 +88,15 @@ class KernelRefused(Exception):
 
 # -- the user namespace that carries the table ------------------------------------------
 
+
 def map_lines(m: IdMap) -> str:
     """``/proc/PID/uid_map`` text for a table (identity: the full range)."""
     if m.identity:
         return "0 0 4294967295\n"
     if len(m.ranges) > MAX_MAP_LINES:
-        raise KernelRefused(f"the {m.what} table has {len(m.ranges)} ranges; a kernel idmap holds at most "
-                            f"{MAX_MAP_LINES}")
+        raise KernelRefused(
+            f"the {m.what} table has {len(m.ranges)} ranges; a kernel idmap holds at most {MAX_MAP_LINES}"
+        )
     return "".join(f"{r.disk} {r.view} {r.count}\n" for r in m.ranges)
 
 
@@ -117,15 +131,17 @@ def userns_fd(uids: IdMap, gids: IdMap) -> int:
         said = os.read(ready_r, 16)
         if said != b"1":
             e = int(said or b"0") or errno.EPERM
-            raise KernelRefused(f"cannot create the user namespace that carries the map: "
-                                f"unshare(CLONE_NEWUSER): {os.strerror(e)}", e)
+            raise KernelRefused(
+                f"cannot create the user namespace that carries the map: unshare(CLONE_NEWUSER): {os.strerror(e)}", e
+            )
         for name, text in (("uid_map", ulines), ("gid_map", glines)):
             try:
                 with open(f"/proc/{pid}/{name}", "w") as f:
                     f.write(text)
             except OSError as e:
-                raise KernelRefused(f"cannot write the {name} of the idmap namespace: {e.strerror}",
-                                    e.errno or 0) from None
+                raise KernelRefused(
+                    f"cannot write the {name} of the idmap namespace: {e.strerror}", e.errno or 0
+                ) from None
         return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         os.close(go_w)
@@ -134,6 +150,7 @@ def userns_fd(uids: IdMap, gids: IdMap) -> int:
 
 
 # -- mount attributes ----------------------------------------------------------------------
+
 
 def mount_attrs(kernel_opts: list[str], in_init_userns: bool) -> tuple[int, int]:
     """(attr_set, attr_clr) for the clone from the ``-o`` mount flags.
@@ -148,14 +165,20 @@ def mount_attrs(kernel_opts: list[str], in_init_userns: bool) -> tuple[int, int]
     aset = aclr = 0
     if "ro" in opts:
         aset |= MOUNT_ATTR_RDONLY
-    for on, off, bit in (("nosuid", "suid", MOUNT_ATTR_NOSUID), ("nodev", "dev", MOUNT_ATTR_NODEV),
-                         ("noexec", "exec", MOUNT_ATTR_NOEXEC)):
+    for on, off, bit in (
+        ("nosuid", "suid", MOUNT_ATTR_NOSUID),
+        ("nodev", "dev", MOUNT_ATTR_NODEV),
+        ("noexec", "exec", MOUNT_ATTR_NOEXEC),
+    ):
         if on in opts or (bit != MOUNT_ATTR_NOEXEC and in_init_userns and off not in opts):
             aset |= bit
         elif off in opts:
             aclr |= bit
-    for word, value in (("noatime", MOUNT_ATTR_NOATIME), ("strictatime", MOUNT_ATTR_STRICTATIME),
-                        ("relatime", MOUNT_ATTR_RELATIME)):
+    for word, value in (
+        ("noatime", MOUNT_ATTR_NOATIME),
+        ("strictatime", MOUNT_ATTR_STRICTATIME),
+        ("relatime", MOUNT_ATTR_RELATIME),
+    ):
         if word in opts:
             aset = (aset & ~MOUNT_ATTR__ATIME) | value
             aclr |= MOUNT_ATTR__ATIME
@@ -165,6 +188,7 @@ def mount_attrs(kernel_opts: list[str], in_init_userns: bool) -> tuple[int, int]
 
 
 # -- the mount ---------------------------------------------------------------------------------
+
 
 def _fstype_of(path: str) -> str:
     """The filesystem type holding ``path`` (for messages)."""
@@ -176,8 +200,7 @@ def _fstype_of(path: str) -> str:
     return next((m.fstype for m in mounts.mountinfo() if m.dev == want and m.fstype), "?")
 
 
-def idmapped_bind(source: str, mountpoint: str, uids: IdMap, gids: IdMap, attr_set: int = 0,
-                  attr_clr: int = 0) -> None:
+def idmapped_bind(source: str, mountpoint: str, uids: IdMap, gids: IdMap, attr_set: int = 0, attr_clr: int = 0) -> None:
     """Bind SOURCE on MOUNTPOINT with the tables; raises :class:`KernelRefused`.
 
     Not recursive: mounts below SOURCE are not carried over (a submount of a
@@ -190,8 +213,9 @@ def idmapped_bind(source: str, mountpoint: str, uids: IdMap, gids: IdMap, attr_s
             raise KernelRefused("this kernel has no open_tree (idmapped mounts need Linux 5.12+)", e.errno) from None
         if e.errno == errno.EPERM:
             raise KernelRefused("cloning a mount needs CAP_SYS_ADMIN (open_tree: EPERM)", e.errno) from None
-        raise KernelRefused(f"cannot clone the mount of SOURCE (open_tree: {os.strerror(e.errno or 0)})",
-                            e.errno or 0) from None
+        raise KernelRefused(
+            f"cannot clone the mount of SOURCE (open_tree: {os.strerror(e.errno or 0)})", e.errno or 0
+        ) from None
     try:
         ns = userns_fd(uids, gids)
         try:
@@ -201,8 +225,10 @@ def idmapped_bind(source: str, mountpoint: str, uids: IdMap, gids: IdMap, attr_s
             if e.errno == errno.EINVAL:
                 why = f"SOURCE's filesystem ({fstype}) does not support idmapped mounts (mount_setattr: EINVAL)"
             elif e.errno == errno.EPERM:
-                why = (f"not privileged over SOURCE's filesystem ({fstype}): its superblock belongs to another "
-                       "user namespace, a mount flag is locked, or SOURCE is already idmapped (mount_setattr: EPERM)")
+                why = (
+                    f"not privileged over SOURCE's filesystem ({fstype}): its superblock belongs to another "
+                    "user namespace, a mount flag is locked, or SOURCE is already idmapped (mount_setattr: EPERM)"
+                )
             elif e.errno == errno.ENOSYS:
                 why = "this kernel has no mount_setattr (idmapped mounts need Linux 5.12+)"
             else:
@@ -213,13 +239,15 @@ def idmapped_bind(source: str, mountpoint: str, uids: IdMap, gids: IdMap, attr_s
         try:
             mounts.move_mount(tree, mountpoint)
         except OSError as e:
-            raise KernelRefused(f"cannot attach the mount on MOUNTPOINT (move_mount: {os.strerror(e.errno or 0)})",
-                                e.errno or 0) from None
+            raise KernelRefused(
+                f"cannot attach the mount on MOUNTPOINT (move_mount: {os.strerror(e.errno or 0)})", e.errno or 0
+            ) from None
     finally:
         os.close(tree)
 
 
 # -- finding and removing our mounts ---------------------------------------------------------
+
 
 def _mounts_below(source: str) -> list[str]:
     """Mount points strictly below SOURCE (resolved), in mount order."""
@@ -258,6 +286,7 @@ def unmount(mountpoint: str, lazy: bool = False) -> None:
 
 # -- choosing the backend -------------------------------------------------------------------
 
+
 def _say(line: str) -> None:
     print(f"shiftfs: {line}", file=sys.stderr, flush=True)
 
@@ -277,15 +306,18 @@ def try_mount(cfg) -> bool:
         return False
     if cfg.xattr:
         if backend == "kernel":
-            raise UsageError("-o backend=kernel works in table mode only (xattr mode keeps ownership in records "
-                             "only the FUSE daemon applies); drop --xattr or use backend=fuse")
+            raise UsageError(
+                "-o backend=kernel works in table mode only (xattr mode keeps ownership in records "
+                "only the FUSE daemon applies); drop --xattr or use backend=fuse"
+            )
         return False  # xattr mode has no choice to report
     given = list(dict.fromkeys(getattr(cfg, "option_keys", [])))
     blockers = [k for k in given if k in NEEDS_FUSE]
     if blockers:
         if backend == "kernel":
-            raise UsageError(f"-o {','.join(blockers)} is a filesystem flag a bind mount cannot carry; "
-                             "drop it or use backend=fuse")
+            raise UsageError(
+                f"-o {','.join(blockers)} is a filesystem flag a bind mount cannot carry; drop it or use backend=fuse"
+            )
         _say(f"backend fuse: -o {','.join(blockers)} needs the FUSE backend")
         return False
     check(cfg, fuse=False)
@@ -293,16 +325,19 @@ def try_mount(cfg) -> bool:
     below = _mounts_below(src)
     if below and backend == "auto":
         # FUSE shows them; a non-recursive bind would hide them: auto never changes what is seen
-        _say(f"backend fuse: SOURCE has mounts below it ({below[0]}{', ...' if len(below) > 1 else ''}), "
-             "which the kernel backend's bind mount does not carry")
+        _say(
+            f"backend fuse: SOURCE has mounts below it ({below[0]}{', ...' if len(below) > 1 else ''}), "
+            "which the kernel backend's bind mount does not carry"
+        )
         return False
     aset, aclr = mount_attrs(cfg.kernel_opts, in_init_userns())
     try:
         idmapped_bind(src, mp, cfg.uids, cfg.gids, aset, aclr)
     except KernelRefused as e:
         if backend == "kernel":
-            raise MountError(f"cannot mount {cfg.source} on {cfg.mountpoint} with the kernel backend: {e}; "
-                             "use -o backend=fuse") from None
+            raise MountError(
+                f"cannot mount {cfg.source} on {cfg.mountpoint} with the kernel backend: {e}; use -o backend=fuse"
+            ) from None
         _say(f"backend fuse: no kernel idmapped mount: {e}")
         return False
     ignored = [k for k in given if k in FUSE_ONLY]

@@ -32,8 +32,7 @@ import os
 import resource
 import stat
 from collections import OrderedDict
-
-from typing import Callable
+from collections.abc import Callable
 
 import pyfuse3
 
@@ -62,11 +61,21 @@ class Inode:
     """
 
     __slots__ = (
-        "id", "_fd", "key", "ftype", "nlookup", "record", "xnames", "default_acl",
-        "parent", "name", "pins", "_table",
+        "id",
+        "_fd",
+        "key",
+        "ftype",
+        "nlookup",
+        "record",
+        "xnames",
+        "default_acl",
+        "parent",
+        "name",
+        "pins",
+        "_table",
     )
 
-    def __init__(self, table: "InodeTable", id: int, fd: int, key: tuple[int, int], ftype: int):
+    def __init__(self, table: InodeTable, id: int, fd: int, key: tuple[int, int], ftype: int):
         self._table = table
         self.id = id
         self._fd = fd
@@ -261,7 +270,7 @@ class InodeTable:
     # -- pins: descriptors that must stay open ----------------------------------------
     def pin(self, node: Inode) -> None:
         """Keep ``node``'s descriptor open (an open file refers to it)."""
-        node.fd  # open it now, while it can still be reopened by name
+        _ = node.fd  # open it now, while it can still be reopened by name
         node.pins += 1
         self._pin_count += 1
         self._lru.pop(node.id, None)
@@ -287,7 +296,7 @@ class InodeTable:
         """
         node = self._by_key.get(key)
         if node is not None and node.parent == parent.id and node.name == name and node is not self.root:
-            node.fd
+            _ = node.fd  # reopen now if it was closed: the caller is about to use it
             return node
         return None
 

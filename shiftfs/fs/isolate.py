@@ -232,8 +232,7 @@ def isolate_daemon(root_fd: int, mountpoint: str) -> Isolation | None:
             os.close(fd)
         # EPERM: no CAP_SYS_ADMIN here, and so neither have this namespace's other plain users.
         how = log.debug if e.errno in (errno.EPERM, errno.ENOSYS) else log.warning
-        how("the daemon shares the mount namespace it serves (%s); a pivot_root into the view there "
-            "would hang it", e)
+        how("the daemon shares the mount namespace it serves (%s); a pivot_root into the view there would hang it", e)
         return None
     try:
         mounts.unshare(CLONE_NEWNS)
@@ -258,8 +257,12 @@ def isolate_daemon(root_fd: int, mountpoint: str) -> Isolation | None:
         try:
             mounts.setns(served, CLONE_NEWNS)
         except OSError as back:
-            log.error("cannot return to the served mount namespace (%s) after: %s; "
-                      "unmounting may not end this daemon, stop it with SIGTERM", back.strerror, e)
+            log.error(
+                "cannot return to the served mount namespace (%s) after: %s; "
+                "unmounting may not end this daemon, stop it with SIGTERM",
+                back.strerror,
+                e,
+            )
         else:
             log.warning("the daemon shares the mount namespace it serves (%s)", e)
         os.chdir("/")

@@ -34,7 +34,9 @@ def is_shiftfs_mount(path: str) -> bool:
     from . import idmapped
 
     path = os.path.abspath(path)
-    return any(e.mountpoint == path and e.fstype == "fuse.shiftfs" for e in mountinfo()) or idmapped.is_kernel_mount(path)
+    return any(e.mountpoint == path and e.fstype == "fuse.shiftfs" for e in mountinfo()) or idmapped.is_kernel_mount(
+        path
+    )
 
 
 def unmount(mountpoint: str, lazy: bool = False) -> None:
@@ -51,7 +53,9 @@ def unmount(mountpoint: str, lazy: bool = False) -> None:
         try:
             os.lstat(mp)
         except FileNotFoundError:
-            raise UsageError(f"mount point {mountpoint} does not exist; give the directory shiftfs is mounted on") from None
+            raise UsageError(
+                f"mount point {mountpoint} does not exist; give the directory shiftfs is mounted on"
+            ) from None
         except OSError:
             pass
         raise UsageError(f"{mountpoint} is not a shiftfs mount; see 'findmnt -t fuse.shiftfs' for mounts")
@@ -131,7 +135,9 @@ def check(cfg: MountConfig, fuse: bool = True) -> None:
     if not os.path.isdir(src):
         raise UsageError(f"SOURCE {src} is not a directory; give a directory to shift")
     if not os.access(src, os.R_OK | os.X_OK):
-        raise UsageError(f"SOURCE {src} is not readable by uid {os.geteuid()}; fix its permissions or mount as its owner")
+        raise UsageError(
+            f"SOURCE {src} is not readable by uid {os.geteuid()}; fix its permissions or mount as its owner"
+        )
     try:
         st = os.stat(mp)
         if is_shiftfs_mount(mp):
@@ -160,7 +166,8 @@ def check(cfg: MountConfig, fuse: bool = True) -> None:
         raise UsageError("/dev/fuse is missing; load the fuse module ('modprobe fuse') or give the container /dev/fuse")
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         raise UsageError(
-            "/dev/fuse is not accessible to this user; run 'make setup' as root (makes it 0666 as udev does) or 'chmod 0666 /dev/fuse'"
+            "/dev/fuse is not accessible to this user; run 'make setup' as root "
+            "(makes it 0666 as udev does) or 'chmod 0666 /dev/fuse'"
         )
     if os.geteuid() != 0 and not shutil.which("fusermount3"):
         raise UsageError("fusermount3 is missing; install it with 'apt-get install fuse3'")
@@ -215,8 +222,10 @@ def _secure_backing(policy: XattrPolicy, store: RecordStore, fix: bool) -> list[
             raise
         return notes + [f"backing modes left as they are: {e.strerror}"]
     if fixed:
-        notes.append(f"fixed the backing mode of {fixed} inode(s) that others could write or that carried "
-                     f"setuid/setgid/sticky on disk (the view keeps them in records); " + "; ".join(more))
+        notes.append(
+            f"fixed the backing mode of {fixed} inode(s) that others could write or that carried "
+            f"setuid/setgid/sticky on disk (the view keeps them in records); " + "; ".join(more)
+        )
     return notes
 
 

@@ -21,15 +21,10 @@ import logging
 import os
 import stat
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 import pyfuse3
 
-from .dirs import DirectoryHandlers, DirHandle, unlink_any
-from .inodes import ROOT_ID, Inode, InodeTable
-from .options import CacheConfig
-from .requestlog import fuse_handler
-from .xattrs import XattrHandlers
 from ..ownership.names import backing_name, temp_name
 from ..ownership.policy import CreatePlan, OwnershipPolicy
 from ..sys.files import (
@@ -41,6 +36,11 @@ from ..sys.files import (
     renameat2,
     utimens_fd,
 )
+from .dirs import DirectoryHandlers, DirHandle, unlink_any
+from .inodes import ROOT_ID, Inode, InodeTable
+from .options import CacheConfig
+from .requestlog import fuse_handler
+from .xattrs import XattrHandlers
 
 __all__ = ["Operations", "CacheConfig"]
 
@@ -61,8 +61,18 @@ def _check_name(name: bytes) -> None:
 
 
 #: What statfs passes through from the backing filesystem.
-_STATVFS_FIELDS = ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
-                   "f_favail", "f_namemax")
+_STATVFS_FIELDS = (
+    "f_bsize",
+    "f_frsize",
+    "f_blocks",
+    "f_bfree",
+    "f_bavail",
+    "f_files",
+    "f_ffree",
+    "f_favail",
+    "f_namemax",
+)
+
 
 class Operations(DirectoryHandlers, XattrHandlers, pyfuse3.Operations):
     """The pyfuse3 operations of a shiftfs mount."""

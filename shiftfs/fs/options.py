@@ -34,7 +34,12 @@ class CacheConfig:
             raise ValueError(f"unknown cache mode {mode!r}; use one of {', '.join(self.MODES)}")
         self.mode = mode
         if mode == "always":
-            self.timeout, self.negative_timeout, self.keep_cache, self.xattr_cache = 86400.0 * 365, 86400.0 * 365, True, True
+            self.timeout, self.negative_timeout, self.keep_cache, self.xattr_cache = (
+                86400.0 * 365,
+                86400.0 * 365,
+                True,
+                True,
+            )
         elif mode == "auto":
             self.timeout, self.negative_timeout, self.keep_cache, self.xattr_cache = 1.0, 1.0, False, False
         else:
@@ -43,14 +48,31 @@ class CacheConfig:
 
 # Options passed to the kernel / libfuse as they are.
 _KERNEL_FLAGS = {
-    "allow_other", "suid", "nosuid", "dev", "nodev", "exec", "noexec", "ro", "rw",
-    "atime", "noatime", "relatime", "norelatime", "strictatime", "nodiratime",
-    "sync", "async", "dirsync", "auto_unmount",
+    "allow_other",
+    "suid",
+    "nosuid",
+    "dev",
+    "nodev",
+    "exec",
+    "noexec",
+    "ro",
+    "rw",
+    "atime",
+    "noatime",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "nodiratime",
+    "sync",
+    "async",
+    "dirsync",
+    "auto_unmount",
 }
 # mount(8)/fstab words that mean nothing to us.
 _IGNORED = {"defaults", "auto", "noauto", "user", "nouser", "users", "nofail", "_netdev", "default_permissions"}
 # The kernel's FUSE options, which mount(8) copies from the mount table into a remount.
 _FUSE_SHOWN = {"user_id", "group_id", "max_read", "blksize", "rootmode"}
+
 
 @dataclass
 class MountConfig:
@@ -126,7 +148,9 @@ def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mo
                     u, _, g = val.partition(":")
                     cfg.default_owner = (int(u), int(g or u))
                 except ValueError:
-                    raise UsageError(f"bad -o default_owner={val}: give numeric UID:GID, e.g. default_owner=0:0") from None
+                    raise UsageError(
+                        f"bad -o default_owner={val}: give numeric UID:GID, e.g. default_owner=0:0"
+                    ) from None
             elif key in ("legacy_xattr", "fuseoverlayfs_compat") and not eq:
                 cfg.legacy_xattr = True
             elif key == "fsname" and eq:
@@ -144,7 +168,9 @@ def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mo
                 try:
                     cfg.read_ahead_kb = int(val)
                 except ValueError:
-                    raise UsageError(f"bad -o read_ahead_kb={val}: give a number of KiB, e.g. read_ahead_kb=1024") from None
+                    raise UsageError(
+                        f"bad -o read_ahead_kb={val}: give a number of KiB, e.g. read_ahead_kb=1024"
+                    ) from None
             elif key == "backend" and eq:
                 if val not in ("auto", "kernel", "fuse"):
                     raise UsageError(f"bad -o backend={val}: use backend=auto, backend=kernel or backend=fuse")

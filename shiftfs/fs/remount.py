@@ -73,6 +73,7 @@ _SHOWN = {
     "nodiratime": MS_NODIRATIME,
 }
 
+
 def _current_flags(mp: str) -> int:
     """The flags of the mount on ``mp`` now (the topmost one), from /proc/self/mountinfo."""
     flags = None

@@ -15,8 +15,8 @@ import os
 
 import pyfuse3
 
-from .inodes import Inode
 from ..ownership.store import SideTableError
+from .inodes import Inode
 
 __all__ = ["fuse_handler"]
 
@@ -24,8 +24,16 @@ log = logging.getLogger("shiftfs.fs.ops")
 
 #: backing errnos that mean something is wrong with the daemon or the disk: logged
 _LOGGED_ERRNOS = {
-    errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EBADF, errno.EFAULT, errno.EUCLEAN,
-    errno.EBADMSG, errno.EDEADLK, errno.ENOTCONN,
+    errno.EIO,
+    errno.EMFILE,
+    errno.ENFILE,
+    errno.ENOMEM,
+    errno.EBADF,
+    errno.EFAULT,
+    errno.EUCLEAN,
+    errno.EBADMSG,
+    errno.EDEADLK,
+    errno.ENOTCONN,
 }
 # handlers whose first argument is a file handle / a directory handle, not an inode
 _FH_OPS = {"read", "write", "flush", "release", "fsync"}
@@ -63,12 +71,23 @@ def _describe(ops, name: str, args: tuple) -> str:
         if name in _NAMED_OPS and rest and isinstance(rest[0], bytes):
             head = head.rstrip("/") + "/" + _printable(os.fsdecode(rest.pop(0)))
         elif name == "link" and len(rest) >= 2:
-            head += " -> " + _view_path(ops, ops.table.get(rest[0]), rest[0]).rstrip("/") + "/" + _printable(
-                os.fsdecode(rest[1]))
+            head += (
+                " -> "
+                + _view_path(ops, ops.table.get(rest[0]), rest[0]).rstrip("/")
+                + "/"
+                + _printable(os.fsdecode(rest[1]))
+            )
             rest = rest[2:]
         elif name == "rename" and len(rest) >= 3:
-            head = head.rstrip("/") + "/" + _printable(os.fsdecode(rest[0])) + " -> " + _view_path(
-                ops, ops.table.get(rest[1]), rest[1]).rstrip("/") + "/" + _printable(os.fsdecode(rest[2]))
+            head = (
+                head.rstrip("/")
+                + "/"
+                + _printable(os.fsdecode(rest[0]))
+                + " -> "
+                + _view_path(ops, ops.table.get(rest[1]), rest[1]).rstrip("/")
+                + "/"
+                + _printable(os.fsdecode(rest[2]))
+            )
             rest = rest[3:]
         shown = []
         for a in rest:
@@ -107,8 +126,14 @@ def fuse_handler(fn):
                 log.warning("%s %s: %s", name, _describe(self, name, args), _printable(str(e)))
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         except Exception as e:
-            log.error("%s %s: unexpected %s: %s", name, _describe(self, name, args), type(e).__name__,
-                      _printable(str(e)), exc_info=self.trace)
+            log.error(
+                "%s %s: unexpected %s: %s",
+                name,
+                _describe(self, name, args),
+                type(e).__name__,
+                _printable(str(e)),
+                exc_info=self.trace,
+            )
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return handler

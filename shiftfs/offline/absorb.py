@@ -13,16 +13,16 @@ import errno
 import os
 import signal
 import stat
-from typing import Callable
+from collections.abc import Callable
 
-from .walk import Progress, open_beneath, open_root, open_store, walk
 from ..errors import TreeError
 from ..ownership import acl
 from ..ownership.idmap import IdMap, parse_map_args
 from ..ownership.names import STORE_DIR, escape_xattr_name, is_privileged_xattr, temp_name, unescape_xattr_name
 from ..ownership.record import Record, RecordError, decode, encode
-from ..ownership.view import type_fits, backing_perm, capability_for_disk, get_xattr, list_xattrs, map_capability
+from ..ownership.view import backing_perm, capability_for_disk, get_xattr, list_xattrs, map_capability, type_fits
 from ..sys.files import O_PATH_NOFOLLOW, fchown_fd, proc_fd, utimens_fd
+from .walk import Progress, open_beneath, open_root, open_store, walk
 
 __all__ = ["absorb", "materialize"]
 
@@ -162,7 +162,7 @@ def absorb(
     return errors
 
 
-def _each_inode(root_fd: int, times: "_DirTimes", progress, handle) -> list[str]:
+def _each_inode(root_fd: int, times: _DirTimes, progress, handle) -> list[str]:
     """The one walk of absorb and materialize: keeps directory times, removes
     what an interrupted run left, calls ``handle(entry, key, seen)`` for each
     entry (``seen``: an earlier hard link of the same inode was handled) and

@@ -12,15 +12,15 @@ import gzip
 import lzma
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
+from ..errors import ArchiveError, TreeError, UsageError
+from ..ownership.idmap import IdMapError, add_map_argument, parse_map_args
 from .absorb import absorb, materialize
 from .export import export_tree
 from .importer import import_archive
 from .inspect import list_dir, stat_one
 from .walk import Progress
-from ..errors import ArchiveError, TreeError, UsageError
-from ..ownership.idmap import IdMapError, add_map_argument, parse_map_args
 
 __all__ = ["register"]
 
@@ -238,7 +238,9 @@ def _command(subparsers, func, name: str, **texts) -> argparse.ArgumentParser:
 
 def register(subparsers) -> None:
     """Add the offline tree commands to the ``shiftfs`` command line."""
-    p = _command(subparsers, _cmd_export,
+    p = _command(
+        subparsers,
+        _cmd_export,
         "export",
         help="write a tar or cpio archive of a backing tree's view",
         description="Write an archive whose entries carry the view owners, modes, devices and xattrs of ROOT.",
@@ -261,7 +263,9 @@ def register(subparsers) -> None:
     )
     add_map_argument(p)
 
-    p = _command(subparsers, _cmd_import,
+    p = _command(
+        subparsers,
+        _cmd_import,
         "import",
         help="unpack a tar into a backing tree as records (no privileges needed)",
         description="Unpack ARCHIVE (tar, .gz, .xz, .bz2, .zst; - for stdin) into ROOT, keeping ownership, modes "
@@ -272,15 +276,23 @@ def register(subparsers) -> None:
     p.add_argument("--oci-layer", action="store_true", help="apply .wh.NAME whiteouts and .wh..wh..opq")
     _add_legacy_xattr(p)
 
-    p = _command(subparsers, _cmd_stat,
-        "stat", help="show the view metadata of backing files", description="Show view metadata from records."
+    p = _command(
+        subparsers,
+        _cmd_stat,
+        "stat",
+        help="show the view metadata of backing files",
+        description="Show view metadata from records.",
     )
     p.add_argument("paths", metavar="PATH", nargs="+")
     p.add_argument("--root", metavar="ROOT", help="the tree root (default: nearest parent with .shiftfs/)")
     add_map_argument(p)
 
-    p = _command(subparsers, _cmd_ls,
-        "ls", help="list a backing directory with view metadata", description="List DIR with view owners and modes."
+    p = _command(
+        subparsers,
+        _cmd_ls,
+        "ls",
+        help="list a backing directory with view metadata",
+        description="List DIR with view owners and modes.",
     )
     p.add_argument("dir", metavar="DIR")
     p.add_argument("-l", dest="long", action="store_true", help="long listing")
@@ -288,7 +300,9 @@ def register(subparsers) -> None:
 
     from .devtable import DESCRIPTION, EPILOG, add_arguments
 
-    p = _command(subparsers, _cmd_devtable,
+    p = _command(
+        subparsers,
+        _cmd_devtable,
         "devtable",
         help="device tables: print mmdebstrap's /dev, or add a table's entries to a tar",
         description=DESCRIPTION,
@@ -297,7 +311,9 @@ def register(subparsers) -> None:
     )
     add_arguments(p)
 
-    p = _command(subparsers, _cmd_absorb,
+    p = _command(
+        subparsers,
+        _cmd_absorb,
         "absorb",
         help="(root) turn real ownership into records, files owned by one user",
         description="Turn a tree with real ownership into records; backing files become USER's. Safe to interrupt "
@@ -308,11 +324,12 @@ def register(subparsers) -> None:
     _add_legacy_xattr(p)
     add_map_argument(p)
 
-    p = _command(subparsers, _cmd_materialize,
+    p = _command(
+        subparsers,
+        _cmd_materialize,
         "materialize",
         help="(root) turn records back into real ownership",
-        description="Apply the records of ROOT as real ownership, modes and device nodes. Safe to interrupt "
-        "and rerun.",
+        description="Apply the records of ROOT as real ownership, modes and device nodes. Safe to interrupt and rerun.",
     )
     p.add_argument("root", metavar="ROOT")
     add_map_argument(p)

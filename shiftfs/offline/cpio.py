@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from typing import BinaryIO
 
+from ..errors import ArchiveError
 from .export import Item, open_data, scan
 from .walk import COPY_CHUNK, has_store
-from ..errors import ArchiveError
 
 __all__ = ["CpioWriter", "export_cpio"]
 
@@ -51,7 +51,8 @@ class CpioWriter:
 def export_cpio(root_fd, store, out: BinaryIO, umap, gmap, progress, errors, opts=None) -> None:
     devices = opts.devices if opts is not None else None
     items = [
-        i for i in scan(root_fd, store, umap, gmap, errors, True, False, opts)
+        i
+        for i in scan(root_fd, store, umap, gmap, errors, True, False, opts)
         if devices is None or not devices.covers(i.name)
     ]
     # Hard links: every name carries the inode; newc stores the data with
@@ -92,7 +93,7 @@ def export_cpio(root_fd, store, out: BinaryIO, umap, gmap, progress, errors, opt
             try:
                 fd = open_data(root_fd, item.rel)
             except OSError as exc:
-                raise ArchiveError(f"{item.rel}: cannot open: {exc.strerror}; the archive is incomplete")
+                raise ArchiveError(f"{item.rel}: cannot open: {exc.strerror}; the archive is incomplete") from None
             try:
                 left = size
                 while left:

@@ -44,8 +44,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-__all__ = ["DeviceTableError", "Entry", "DeviceTable", "parse", "load", "archive_name",
-           "add_to_tar", "MMDEBSTRAP_DEV"]
+__all__ = ["DeviceTableError", "Entry", "DeviceTable", "parse", "load", "archive_name", "add_to_tar", "MMDEBSTRAP_DEV"]
 
 #: The /dev a root build by mmdebstrap carries (its @devfiles list).
 MMDEBSTRAP_DEV = """\
@@ -67,10 +66,14 @@ MMDEBSTRAP_DEV = """\
 /dev/zero     c 1 5 0666 0 0
 """
 
-_TYPES = {"c": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO, "d": stat.S_IFDIR,
-          "l": stat.S_IFLNK}
-_TAR_TYPES = {"c": tarfile.CHRTYPE, "b": tarfile.BLKTYPE, "p": tarfile.FIFOTYPE,
-              "d": tarfile.DIRTYPE, "l": tarfile.SYMTYPE}
+_TYPES = {"c": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO, "d": stat.S_IFDIR, "l": stat.S_IFLNK}
+_TAR_TYPES = {
+    "c": tarfile.CHRTYPE,
+    "b": tarfile.BLKTYPE,
+    "p": tarfile.FIFOTYPE,
+    "d": tarfile.DIRTYPE,
+    "l": tarfile.SYMTYPE,
+}
 
 
 class DeviceTableError(ValueError):
@@ -103,17 +106,21 @@ def _number(text: str, what: str, base: int = 10, limit: int = 0xFFFFFFFF) -> in
     try:
         value = int(text, base)
     except ValueError:
-        raise ValueError(f"{what} {text!r} is not a {'octal ' if base == 8 else ''}number")
+        raise ValueError(f"{what} {text!r} is not a {'octal ' if base == 8 else ''}number") from None
     if not 0 <= value <= limit:
-        raise ValueError(f"{what} {text} is out of range (0-{limit:o})" if base == 8 else
-                         f"{what} {text} is out of range (0-{limit})")
+        raise ValueError(
+            f"{what} {text} is out of range (0-{limit:o})"
+            if base == 8
+            else f"{what} {text} is out of range (0-{limit})"
+        )
     return value
 
 
 def _parse_line(fields: list[str]) -> Entry:
     if len(fields) not in (7, 8):
-        raise ValueError(f"{len(fields)} fields; want PATH TYPE MAJOR MINOR MODE UID GID "
-                         "[TARGET], e.g. '/dev/null c 1 3 0666 0 0'")
+        raise ValueError(
+            f"{len(fields)} fields; want PATH TYPE MAJOR MINOR MODE UID GID [TARGET], e.g. '/dev/null c 1 3 0666 0 0'"
+        )
     path, kind, major, minor, mode, uid, gid = fields[:7]
     if kind not in _TYPES:
         raise ValueError(f"type {kind!r} is not one of c, b, p, d, l")
@@ -136,8 +143,9 @@ def _parse_line(fields: list[str]) -> Entry:
         target = fields[7]
     elif len(fields) == 8:
         raise ValueError(f"only symlinks (type l) take a TARGET; type {kind} got {fields[7]!r}")
-    return Entry(name, kind, maj, mnr, _number(mode, "mode", 8, 0o7777),
-                 _number(uid, "uid"), _number(gid, "gid"), target)
+    return Entry(
+        name, kind, maj, mnr, _number(mode, "mode", 8, 0o7777), _number(uid, "uid"), _number(gid, "gid"), target
+    )
 
 
 def parse(text: str, source: str = "device table") -> list[Entry]:
@@ -153,8 +161,7 @@ def parse(text: str, source: str = "device table") -> list[Entry]:
         except ValueError as e:
             raise DeviceTableError(f"{source}:{no}: {e}") from None
         if entry.name in entries:
-            raise DeviceTableError(f"{source}:{no}: {entry.name[1:]} is listed twice; "
-                                   "keep one line")
+            raise DeviceTableError(f"{source}:{no}: {entry.name[1:]} is listed twice; keep one line")
         entries[entry.name] = entry
     return sorted(entries.values(), key=lambda e: e.name)
 
@@ -191,7 +198,7 @@ class DeviceTable:
         self._names = {e.name for e in self.entries}
 
     @classmethod
-    def from_file(cls, path: str) -> "DeviceTable":
+    def from_file(cls, path: str) -> DeviceTable:
         return cls(load(path), default_mtime(path))
 
     def __bool__(self) -> bool:
@@ -223,8 +230,18 @@ class DeviceTable:
         ``data(bytes)`` and ``end_data()`` (shiftfs.archive's)."""
         for i, e in enumerate(self.entries):
             data = os.fsencode(e.target) if e.kind == "l" else b""
-            writer.header(os.fsencode(e.name), first_ino + i, e.st_mode, e.uid, e.gid,
-                          2 if e.kind == "d" else 1, self.mtime, len(data), e.major, e.minor)
+            writer.header(
+                os.fsencode(e.name),
+                first_ino + i,
+                e.st_mode,
+                e.uid,
+                e.gid,
+                2 if e.kind == "d" else 1,
+                self.mtime,
+                len(data),
+                e.major,
+                e.minor,
+            )
             if data:
                 writer.data(data)
             writer.end_data()
@@ -247,8 +264,9 @@ def add_to_tar(src: str, out: BinaryIO, table: DeviceTable) -> int:
         dropped = {archive_name(m.name) for m in members if table.covers(m.name)}
         for m in members:
             if m.islnk() and archive_name(m.linkname) in dropped:
-                raise DeviceTableError(f"{src}: the table replaces {m.linkname}, which "
-                                       f"{m.name} is a hard link to; drop it from the table")
+                raise DeviceTableError(
+                    f"{src}: the table replaces {m.linkname}, which {m.name} is a hard link to; drop it from the table"
+                )
         pos = 0
         replaced = 0
         for m in members:
@@ -279,21 +297,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ``python -m shiftfs.devtable`` shim alike."""
     sub = p.add_subparsers(dest="devtable_cmd", metavar="ACTION", parser_class=type(p))
     sub.required = True
-    a = sub.add_parser("add", help="copy IN.tar to OUT.tar with the table's entries",
-                       description="Copy IN.tar to OUT.tar byte for byte, dropping the members "
-                                   "TABLE replaces and appending TABLE's entries.")
+    a = sub.add_parser(
+        "add",
+        help="copy IN.tar to OUT.tar with the table's entries",
+        description="Copy IN.tar to OUT.tar byte for byte, dropping the members "
+        "TABLE replaces and appending TABLE's entries.",
+    )
     a.add_argument("table", metavar="TABLE", help="device table file ('-' for mmdebstrap's /dev)")
     a.add_argument("input", metavar="IN.tar", help="uncompressed tar")
     a.add_argument("output", metavar="OUT.tar")
-    sub.add_parser("mmdebstrap", help="print the table of the /dev mmdebstrap makes as root",
-                   description="Print the device table of the /dev that mmdebstrap makes as real "
-                               "root, for 'shiftfs export --device-table'.")
+    sub.add_parser(
+        "mmdebstrap",
+        help="print the table of the /dev mmdebstrap makes as root",
+        description="Print the device table of the /dev that mmdebstrap makes as real "
+        "root, for 'shiftfs export --device-table'.",
+    )
 
 
-DESCRIPTION = ("Device tables: entries a tree built in a user namespace cannot hold (device "
-               "nodes). 'mmdebstrap' prints the usual /dev; 'add' appends a table to a tar "
-               "written by 'shiftfs export' (or give the table to 'shiftfs export "
-               "--device-table FILE' directly).")
+DESCRIPTION = (
+    "Device tables: entries a tree built in a user namespace cannot hold (device "
+    "nodes). 'mmdebstrap' prints the usual /dev; 'add' appends a table to a tar "
+    "written by 'shiftfs export' (or give the table to 'shiftfs export "
+    "--device-table FILE' directly)."
+)
 
 EPILOG = """\
 table lines: PATH TYPE MAJOR MINOR MODE UID GID [TARGET]
@@ -313,8 +339,11 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(MMDEBSTRAP_DEV)
         return 0
     try:
-        table = (DeviceTable(parse(MMDEBSTRAP_DEV, "mmdebstrap"), default_mtime())
-                 if args.table == "-" else DeviceTable.from_file(args.table))
+        table = (
+            DeviceTable(parse(MMDEBSTRAP_DEV, "mmdebstrap"), default_mtime())
+            if args.table == "-"
+            else DeviceTable.from_file(args.table)
+        )
         if os.path.exists(args.output) and os.path.samefile(args.input, args.output):
             raise DeviceTableError("IN.tar and OUT.tar are the same file; write elsewhere")
         tmp = args.output + ".partial"
@@ -329,8 +358,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"shiftfs devtable: {e}", file=sys.stderr)
         return 2 if isinstance(e, DeviceTableError) else 1
     except OSError as e:
-        print(f"shiftfs devtable: {e.filename or ''}: {e.strerror}".replace(": :", ":"),
-              file=sys.stderr)
+        print(f"shiftfs devtable: {e.filename or ''}: {e.strerror}".replace(": :", ":"), file=sys.stderr)
         return 1
     return 0
 
@@ -339,8 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m shiftfs.devtable``: the same as ``shiftfs devtable``."""
     from ..cli import _Parser  # one-line usage errors, as on the shiftfs command line
 
-    p = _Parser(prog="shiftfs devtable", description=DESCRIPTION, epilog=EPILOG,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(
+        prog="shiftfs devtable",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(p)
     return run(p.parse_args(argv))
 

@@ -40,12 +40,12 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from .members import GnuTarInfo, ns_to_pax, xattr_str
-from .walk import COPY_CHUNK, Progress, find_root, has_store, open_beneath, open_root, open_store, view_at, walk
 from ..errors import ArchiveError, TreeError
 from ..ownership import acl
 from ..ownership.idmap import IdMap, parse_map_args
 from ..ownership.view import View, view_xattrs
+from .members import GnuTarInfo, ns_to_pax, xattr_str
+from .walk import COPY_CHUNK, Progress, find_root, has_store, open_beneath, open_root, open_store, view_at, walk
 
 __all__ = ["export_tree", "Item", "ExportOptions", "scan", "open_data"]
 
@@ -78,8 +78,14 @@ class ExportOptions:
 
 
 def scan(
-    root_fd: int, store, umap: IdMap, gmap: IdMap, errors: list[str], with_xattrs: bool, hardlinks: bool,
-    opts: "ExportOptions | None" = None,
+    root_fd: int,
+    store,
+    umap: IdMap,
+    gmap: IdMap,
+    errors: list[str],
+    with_xattrs: bool,
+    hardlinks: bool,
+    opts: ExportOptions | None = None,
 ):
     """Yield an :class:`Item` for every inode of the tree, in walk order."""
     seen: dict[tuple[int, int], str] = {}
@@ -225,7 +231,9 @@ def _export_tar(root_fd, store, out: BinaryIO, umap, gmap, progress, errors, opt
                         ti.size = size
                     tf.addfile(ti, io.BufferedReader(_FdReader(fd, progress), COPY_CHUNK))
                 except OSError as exc:
-                    raise ArchiveError(f"{item.rel}: read failed mid-archive: {exc.strerror}; the archive is incomplete")
+                    raise ArchiveError(
+                        f"{item.rel}: read failed mid-archive: {exc.strerror}; the archive is incomplete"
+                    ) from None
                 finally:
                     os.close(fd)
             else:
@@ -269,6 +277,7 @@ def export_tree(
             store_fd = root_fd
     store = open_store(store_fd, False, readonly=True)
     from .cpio import export_cpio
+
     opts = ExportOptions(devices, (os.getuid(), os.getgid()), self_owner if self_owner is not None else (0, 0))
     errors: list[str] = []
     progress = progress or Progress("export", False)

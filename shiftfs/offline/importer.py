@@ -22,14 +22,14 @@ import threading
 import time
 from typing import BinaryIO
 
-from .members import mtime_ns, xattrs_of
-from .walk import COPY_CHUNK, DIR_PATH_FLAGS, Progress, open_beneath, open_root, open_store
 from ..errors import ArchiveError, UsageError
 from ..ownership.idmap import MAX_ID
 from ..ownership.names import STORE_DIR, escape_xattr_name
 from ..ownership.record import Record, encode
 from ..ownership.view import backing_perm
 from ..sys.files import O_PATH_NOFOLLOW, proc_fd, utimens_fd
+from .members import mtime_ns, xattrs_of
+from .walk import COPY_CHUNK, DIR_PATH_FLAGS, Progress, open_beneath, open_root, open_store
 
 __all__ = ["import_archive"]
 
@@ -242,7 +242,9 @@ class _Importer:
                 os.close(fd)
             self.dir_times.append((rel, None, mtime_ns(ti)))
         elif ti.isreg():
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent)
+            fd = os.open(
+                name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent
+            )
             try:
                 src = tf.extractfile(ti)
                 left = ti.size
@@ -272,7 +274,9 @@ class _Importer:
             os.mkfifo(name, 0o600, dir_fd=parent)
             self._finish_special(parent, name, rec, ti, rel)
         elif ti.ischr() or ti.isblk():
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent)
+            fd = os.open(
+                name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent
+            )
             try:
                 self._xattrs(fd, ti, rel, True)
                 self._stamp(fd, rec, rel)
@@ -436,7 +440,9 @@ def import_archive(
         try:
             tf = tarfile.open(fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape")
         except tarfile.ReadError as exc:
-            raise ArchiveError(f"{archive}: not a tar archive ({exc}); give a tar, tar.gz, tar.xz or tar.zst file")
+            raise ArchiveError(
+                f"{archive}: not a tar archive ({exc}); give a tar, tar.gz, tar.xz or tar.zst file"
+            ) from None
         try:
             for ti in tf:
                 try:
@@ -447,9 +453,9 @@ def import_archive(
                     imp.errors.append(f"{ti.name}: {exc.strerror or exc}")
                 progress.advance(1)
         except tarfile.ReadError as exc:
-            raise ArchiveError(f"{archive}: the archive is damaged ({exc}); nothing after it was imported")
+            raise ArchiveError(f"{archive}: the archive is damaged ({exc}); nothing after it was imported") from None
         except EOFError:
-            raise ArchiveError(f"{archive}: the archive ends early; it is truncated")
+            raise ArchiveError(f"{archive}: the archive ends early; it is truncated") from None
         imp.finish()
     finally:
         imp.close()

@@ -6,11 +6,11 @@ import os
 import stat
 import time
 
-from .walk import find_root, open_root, open_store, view_at
 from ..errors import ArchiveError, TreeError
 from ..ownership.names import view_name
 from ..ownership.view import view_xattrs
 from ..sys.files import O_PATH_NOFOLLOW
+from .walk import find_root, open_root, open_store, view_at
 
 __all__ = ["stat_one", "list_dir"]
 
@@ -56,14 +56,18 @@ def stat_one(path: str, root: str | None, umap, gmap) -> str:
     lines = [f"  File: {path}" + (f" -> {os.readlink(path)}" if ftype == stat.S_IFLNK else "")]
     size = 0 if view.placeholder else st.st_size
     lines.append(f"  Size: {size:<12} Links: {st.st_nlink:<6} Type: {_STAT_TYPE_TEXT[ftype]}")
-    lines.append(f"Access: ({stat.S_IMODE(view.mode):04o}/{stat.filemode(view.mode)})  Uid: {view.uid:<8} Gid: {view.gid}")
+    lines.append(
+        f"Access: ({stat.S_IMODE(view.mode):04o}/{stat.filemode(view.mode)})  Uid: {view.uid:<8} Gid: {view.gid}"
+    )
     if ftype in (stat.S_IFCHR, stat.S_IFBLK):
         lines.append(f"Device: {os.major(view.rdev)},{os.minor(view.rdev)}")
     lines.append(f"Modify: {_fmt_time(st.st_mtime_ns)}")
     if raw is not None:
         lines.append(f"Record: {raw.decode('ascii', 'replace')}")
     else:
-        lines.append("Record: none (view = backing ids" + (" through --map)" if not umap.identity or not gmap.identity else ")"))
+        lines.append(
+            "Record: none (view = backing ids" + (" through --map)" if not umap.identity or not gmap.identity else ")")
+        )
     lines.append(
         f"Backing: {st.st_uid}:{st.st_gid} ({stat.S_IMODE(st.st_mode):04o}/{stat.filemode(st.st_mode)})"
         + (" placeholder" if view.placeholder else "")

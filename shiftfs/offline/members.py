@@ -117,12 +117,13 @@ def xattrs_of(ti, lookup_user=None, lookup_group=None, errors=None, rel="") -> d
                         errors.append(f"{rel}: xattr {name} has bad base64 in the archive; skipped")
     if "RHT.security.selinux" in hdrs and "security.selinux" not in out:
         out["security.selinux"] = xattr_bytes(hdrs["RHT.security.selinux"]) + b"\0"
-    for key, xname in (("SCHILY.acl.access", "system.posix_acl_access"), ("SCHILY.acl.default", "system.posix_acl_default")):
+    for key, xname in (
+        ("SCHILY.acl.access", "system.posix_acl_access"),
+        ("SCHILY.acl.default", "system.posix_acl_default"),
+    ):
         if key in hdrs and xname not in out and hdrs[key].strip():
             try:
-                out[xname] = acl.from_text(
-                    hdrs[key], lookup_user or (lambda n: None), lookup_group or (lambda n: None)
-                )
+                out[xname] = acl.from_text(hdrs[key], lookup_user or (lambda n: None), lookup_group or (lambda n: None))
             except ValueError as exc:
                 if errors is not None:
                     errors.append(f"{rel}: {key} not stored: {exc}")

@@ -18,8 +18,8 @@ import os
 import stat
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 from ..errors import TreeError
 from ..ownership.idmap import IdMap
@@ -30,8 +30,17 @@ from ..ownership.view import View, read_view
 from ..sys.files import O_PATH_NOFOLLOW
 
 __all__ = [
-    "Entry", "open_root", "open_beneath", "open_store", "find_root", "has_store", "walk", "view_at", "Progress",
-    "DIR_PATH_FLAGS", "COPY_CHUNK",
+    "Entry",
+    "open_root",
+    "open_beneath",
+    "open_store",
+    "find_root",
+    "has_store",
+    "walk",
+    "view_at",
+    "Progress",
+    "DIR_PATH_FLAGS",
+    "COPY_CHUNK",
 ]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -137,8 +146,11 @@ def _walk_dir(dfd: int, rel: str, on_error, on_temp, dev: int, vrel: str) -> Ite
         try:
             st = os.stat(fd)
             if st.st_dev != dev:
-                _report(on_error, crel, OSError(errno.EXDEV, "another filesystem is mounted here; "
-                                                "skipped (unmount it first)"))
+                _report(
+                    on_error,
+                    crel,
+                    OSError(errno.EXDEV, "another filesystem is mounted here; skipped (unmount it first)"),
+                )
                 continue
             yield Entry(crel, name, dfd, fd, st, cvrel)
         finally:
@@ -182,8 +194,9 @@ def open_beneath(root_fd: int, rel: str, flags: int = O_PATH_NOFOLLOW) -> int:
             os.close(fd)
 
 
-def open_store(root_fd: int, create: bool, legacy: bool = False, readonly: bool = False,
-               check: bool = True) -> RecordStore:
+def open_store(
+    root_fd: int, create: bool, legacy: bool = False, readonly: bool = False, check: bool = True
+) -> RecordStore:
     """The record store of a tree: read-only for readers, creating for writers.
 
     ``check=False`` is for absorb/materialize: root rewriting the ownership
@@ -245,11 +258,13 @@ class Progress:
             from rich.console import Console
             from rich.progress import (
                 DownloadColumn,
-                Progress as _RichProgress,
                 SpinnerColumn,
                 TextColumn,
                 TimeElapsedColumn,
                 TransferSpeedColumn,
+            )
+            from rich.progress import (
+                Progress as _RichProgress,
             )
 
             self._progress = _RichProgress(
@@ -265,7 +280,7 @@ class Progress:
             )
             self._task = self._progress.add_task(what, total=None, files=0, rate=0.0)
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         if self._progress is not None:
             self._progress.start()
         return self

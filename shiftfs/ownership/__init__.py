@@ -1,1 +1,2 @@
-"""Ownership: the policy interface and its table/xattr implementations, id maps, records, names, ACLs and the view rule."""
+"""Ownership: the policy interface and its table/xattr implementations, id maps, records,
+names, ACLs and the view rule."""

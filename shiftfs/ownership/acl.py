@@ -11,11 +11,22 @@ table, and converts to and from the text form tar archives carry.
 from __future__ import annotations
 
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = [
-    "ACL_ACCESS", "ACL_DEFAULT", "ACL_NAMES", "AclError", "UnmappedAclId",
-    "parse", "pack", "equiv_mode", "create_masq", "chmod_masq", "map_ids", "to_text", "from_text",
+    "ACL_ACCESS",
+    "ACL_DEFAULT",
+    "ACL_NAMES",
+    "AclError",
+    "UnmappedAclId",
+    "parse",
+    "pack",
+    "equiv_mode",
+    "create_masq",
+    "chmod_masq",
+    "map_ids",
+    "to_text",
+    "from_text",
 ]
 
 ACL_ACCESS = "system.posix_acl_access"

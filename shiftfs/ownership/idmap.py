@@ -77,7 +77,8 @@ class IdMap:
             for start in (r.disk, r.view):
                 if start < 0 or start + r.count - 1 > MAX_ID:
                     raise IdMapError(
-                        f"{self.what} map range {r.disk}:{r.view}:{r.count} goes past the largest id {MAX_ID}; shorten COUNT"
+                        f"{self.what} map range {r.disk}:{r.view}:{r.count} goes past the largest id "
+                        f"{MAX_ID}; shorten COUNT"
                     )
         for key in ("disk", "view"):
             rs = sorted(self.ranges, key=lambda r: getattr(r, key))
@@ -127,7 +128,8 @@ def _parse_triples(text: str, what: str, source: str) -> list[Range]:
             d, v, c = (int(p, 10) for p in parts[i : i + 3])
         except ValueError:
             raise IdMapError(
-                f"bad {what} map {source!r}: {':'.join(parts[i:i+3])!r} is not three decimal numbers DISK:VIEW:COUNT"
+                f"bad {what} map {source!r}: {':'.join(parts[i : i + 3])!r} is not three decimal "
+                "numbers DISK:VIEW:COUNT"
             ) from None
         if d < 0 or v < 0 or c < 0:
             raise IdMapError(f"bad {what} map {source!r}: ids and counts must not be negative")
@@ -149,9 +151,7 @@ def parse_map_args(
     for m in maps or []:
         kind, _, rest = m.partition(":")
         if kind not in ("u", "g", "b") or not rest:
-            raise IdMapError(
-                f"bad --map {m!r}: expected u:DISK:VIEW:COUNT, g:DISK:VIEW:COUNT or b:DISK:VIEW:COUNT"
-            )
+            raise IdMapError(f"bad --map {m!r}: expected u:DISK:VIEW:COUNT, g:DISK:VIEW:COUNT or b:DISK:VIEW:COUNT")
         rs = _parse_triples(rest, "id", m)
         if kind in ("u", "b"):
             uranges += rs

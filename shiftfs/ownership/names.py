@@ -72,7 +72,7 @@ def backing_name(name: bytes, at_root: bool) -> bytes:
 def view_name(name: bytes, at_root: bool) -> bytes | None:
     """The view name of a backing name, or None for one of shiftfs' own."""
     if name.startswith(RESERVED_PREFIX):
-        return name[len(ESCAPE_PREFIX):] if name.startswith(ESCAPE_PREFIX) else None
+        return name[len(ESCAPE_PREFIX) :] if name.startswith(ESCAPE_PREFIX) else None
     if at_root and name == _STORE_NAME:
         return None
     return name

@@ -29,12 +29,12 @@ from typing import NamedTuple
 
 import pyfuse3
 
+from ..fs.inodes import Inode
+from ..sys.files import proc_fd
 from . import acl
 from .idmap import IdMap
 from .names import OUR_XATTR_PREFIXES
 from .view import View
-from ..fs.inodes import Inode
-from ..sys.files import proc_fd
 
 __all__ = ["OwnershipPolicy", "CreatePlan", "XattrEffect", "eoverflow"]
 

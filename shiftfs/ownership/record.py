@@ -226,8 +226,7 @@ def encode(rec: Record) -> bytes:
     if ftype in (stat.S_IFCHR, stat.S_IFBLK):
         kind = "char" if ftype == stat.S_IFCHR else "block"
         return (
-            f"{rec.uid}:{rec.gid}:{stat.S_IMODE(rec.mode):04o}:"
-            f"{kind}-{os.major(rec.rdev)}-{os.minor(rec.rdev)}"
+            f"{rec.uid}:{rec.gid}:{stat.S_IMODE(rec.mode):04o}:{kind}-{os.major(rec.rdev)}-{os.minor(rec.rdev)}"
         ).encode()
     if rec.rdev:
         raise RecordError(f"record for mode {rec.mode:o} has a device number; only devices carry rdev")

@@ -37,9 +37,9 @@ import os
 import sqlite3
 import stat
 
+from ..sys.files import O_PATH_NOFOLLOW, birth_time, proc_fd
 from .names import STORE_DIR
 from .record import LEGACY_RECORD_NAME, RECORD_NAME, Record, encode
-from ..sys.files import O_PATH_NOFOLLOW, birth_time, proc_fd
 
 __all__ = ["RecordStore", "SideTableError", "StoreTrustError", "can_hold_xattr"]
 
@@ -102,8 +102,9 @@ class RecordStore:
     ``st`` is its ``os.stat(fd)``. Values are the encoded record bytes.
     """
 
-    def __init__(self, root_fd: int, create: bool = True, write_legacy: bool = False, readonly: bool = False,
-                 stamp: bool = True):
+    def __init__(
+        self, root_fd: int, create: bool = True, write_legacy: bool = False, readonly: bool = False, stamp: bool = True
+    ):
         #: never write: open the side table read-only (offline readers)
         self.readonly = readonly
         #: give ``.shiftfs`` and the side table records (off for read-only mounts)
@@ -119,11 +120,7 @@ class RecordStore:
         self._db_missing = False
         self._xattr_ok = True
         # Which name to try first: see the module docstring.
-        self._read_names = (
-            (LEGACY_RECORD_NAME, RECORD_NAME)
-            if write_legacy
-            else (RECORD_NAME, LEGACY_RECORD_NAME)
-        )
+        self._read_names = (LEGACY_RECORD_NAME, RECORD_NAME) if write_legacy else (RECORD_NAME, LEGACY_RECORD_NAME)
 
     # -- side table ---------------------------------------------------------
     def check_private(self, owner_uid: int, fix: bool) -> list[str]:
@@ -153,17 +150,22 @@ class RecordStore:
                     continue
                 want = stat.S_ISDIR if name is None else stat.S_ISREG
                 if not want(st.st_mode):
-                    raise StoreTrustError(f"{shown} is not a {'directory' if name is None else 'regular file'}; "
-                                          f"someone else may have planted it: inspect it, then remove it")
+                    raise StoreTrustError(
+                        f"{shown} is not a {'directory' if name is None else 'regular file'}; "
+                        f"someone else may have planted it: inspect it, then remove it"
+                    )
                 if st.st_uid != owner_uid:
                     raise StoreTrustError(
                         f"{shown} is owned by uid {st.st_uid}, not by uid {owner_uid} whose records count: "
                         f"someone else could forge records there; inspect it, then remove it (or "
-                        f"'chown {owner_uid}' it if it is yours)")
+                        f"'chown {owner_uid}' it if it is yours)"
+                    )
                 if st.st_mode & 0o022:
                     if not fix:
-                        raise StoreTrustError(f"{shown} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}); "
-                                              f"run 'chmod go-w' on it (a mount does this itself)")
+                        raise StoreTrustError(
+                            f"{shown} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                            f"run 'chmod go-w' on it (a mount does this itself)"
+                        )
                     perm = 0o700 if name is None else 0o600
                     if name is None:
                         os.chmod(proc_fd(dfd), perm)
@@ -290,9 +292,7 @@ class RecordStore:
         db = self._conn(False)
         if db is None:
             return None
-        row = db.execute(
-            "SELECT value FROM records WHERE ino=? AND btime=?", (st.st_ino, birth_time(fd))
-        ).fetchone()
+        row = db.execute("SELECT value FROM records WHERE ino=? AND btime=?", (st.st_ino, birth_time(fd))).fetchone()
         # No row with this birth time: none, or left behind by a deleted
         # inode whose number was reused.
         return None if row is None else bytes(row[0])
@@ -301,7 +301,9 @@ class RecordStore:
         db = self._conn(True)
         if db is None:
             raise OSError(errno.EROFS, "no record side table and creation disabled")
-        db.execute("INSERT OR REPLACE INTO records (ino, btime, value) VALUES (?, ?, ?)", (st.st_ino, birth_time(fd), value))
+        db.execute(
+            "INSERT OR REPLACE INTO records (ino, btime, value) VALUES (?, ?, ?)", (st.st_ino, birth_time(fd), value)
+        )
 
     def _side_remove(self, fd: int | None, st: os.stat_result) -> None:
         db = self._conn(False)

@@ -8,10 +8,10 @@ from __future__ import annotations
 import os
 import stat
 
+from ..sys.files import fchown_fd, proc_fd
 from .idmap import IdMap
 from .policy import CreatePlan, OwnershipPolicy
 from .view import backing_view
-from ..sys.files import fchown_fd, proc_fd
 
 __all__ = ["TablePolicy"]
 

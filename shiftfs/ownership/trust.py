@@ -47,15 +47,18 @@ from .names import STORE_DIR
 from .record import Record, decode, encode
 
 __all__ = [
-    "OTHERS_WRITE", "needs_fix", "fix_backing_modes", "record_counts", "why_foreign", "source_problem",
+    "OTHERS_WRITE",
+    "needs_fix",
+    "fix_backing_modes",
+    "record_counts",
+    "why_foreign",
+    "source_problem",
 ]
 
 #: group or other write
 OTHERS_WRITE = 0o022
 _SETID = stat.S_ISUID | stat.S_ISGID
 _SPECIAL = _SETID | stat.S_ISVTX
-
-
 
 
 # -- rule 1: backing modes (view.backing_perm) ------------------------------------------
@@ -145,20 +148,28 @@ def source_problem(source: str, uid: int, flag: str = "-o allow_shared_source") 
                 # The link itself can only be replaced through its directory (checked
                 # just before); where it points is checked as the real path.
                 if st.st_uid not in trusted:
-                    return (f"{comp} is a symlink owned by uid {st.st_uid}, who can point it elsewhere; "
-                            f"give SOURCE by a path without it, or pass {flag}")
+                    return (
+                        f"{comp} is a symlink owned by uid {st.st_uid}, who can point it elsewhere; "
+                        f"give SOURCE by a path without it, or pass {flag}"
+                    )
                 continue
             if st.st_uid not in trusted:
                 what = "SOURCE" if last else "a directory above SOURCE"
-                return (f"{comp} ({what}) is owned by uid {st.st_uid}, who could replace what is below it; "
-                        f"move SOURCE somewhere only you (uid {uid}) or root control, or pass {flag}")
+                return (
+                    f"{comp} ({what}) is owned by uid {st.st_uid}, who could replace what is below it; "
+                    f"move SOURCE somewhere only you (uid {uid}) or root control, or pass {flag}"
+                )
             if last:
                 if _others_write(st, uid):
-                    return (f"SOURCE {comp} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}), who "
-                            f"could plant records in it; run 'chmod 700 {comp}', or pass {flag}")
+                    return (
+                        f"SOURCE {comp} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}), who "
+                        f"could plant records in it; run 'chmod 700 {comp}', or pass {flag}"
+                    )
             elif _others_write(st, uid) and not st.st_mode & stat.S_ISVTX:
-                return (f"{comp} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}), who could "
-                        f"replace SOURCE below it; run 'chmod go-w {comp}', or pass {flag}")
+                return (
+                    f"{comp} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}), who could "
+                    f"replace SOURCE below it; run 'chmod go-w {comp}', or pass {flag}"
+                )
     return None
 
 

@@ -24,17 +24,29 @@ import errno
 import os
 import stat
 import struct
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
+from ..sys.files import proc_fd
 from . import acl, trust
 from .idmap import IdMap, overflow_ids
 from .names import OUR_XATTR_PREFIXES, unescape_xattr_name
 from .record import Record, RecordError, decode
-from ..sys.files import proc_fd
 
 __all__ = [
-    "View", "type_fits", "record_view", "backing_view", "foreign_view", "read_view", "backing_perm", "backing_type",
-    "view_xattrs", "list_xattrs", "get_xattr", "map_capability", "capability_for_disk",
+    "View",
+    "type_fits",
+    "record_view",
+    "backing_view",
+    "foreign_view",
+    "read_view",
+    "backing_perm",
+    "backing_type",
+    "view_xattrs",
+    "list_xattrs",
+    "get_xattr",
+    "map_capability",
+    "capability_for_disk",
 ]
 
 _STAND_INS = (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK)

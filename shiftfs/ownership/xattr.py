@@ -41,8 +41,14 @@ _ESC_ACL_DEFAULT = escape_xattr_name(acl.ACL_DEFAULT)
 class XattrPolicy(OwnershipPolicy):
     """View ownership and mode live in records; backing files stay the daemon's."""
 
-    def __init__(self, uids: IdMap, gids: IdMap, store: RecordStore, default_owner: tuple[int, int] | None = None,
-                 stamp_root: bool = True):
+    def __init__(
+        self,
+        uids: IdMap,
+        gids: IdMap,
+        store: RecordStore,
+        default_owner: tuple[int, int] | None = None,
+        stamp_root: bool = True,
+    ):
         super().__init__(uids, gids)
         self.store = store
         self.default_owner = default_owner
@@ -101,8 +107,12 @@ class XattrPolicy(OwnershipPolicy):
             # The side table as a whole: say so once, not once per inode.
             if str(e) not in self._store_errors:
                 self._store_errors.add(str(e))
-                log.warning("cannot read the record side table (%s; first seen for %s); inodes whose "
-                            "records live there show their backing owner", e, node.view_path())
+                log.warning(
+                    "cannot read the record side table (%s; first seen for %s); inodes whose "
+                    "records live there show their backing owner",
+                    e,
+                    node.view_path(),
+                )
             raw = None
         except OSError as e:
             if node.key not in self._warned:
@@ -118,8 +128,7 @@ class XattrPolicy(OwnershipPolicy):
             except ValueError as e:
                 if node.key not in self._warned:
                     self._warned.add(node.key)
-                    log.warning("malformed record %r on %s (%s); showing the default owner",
-                                raw, node.view_path(), e)
+                    log.warning("malformed record %r on %s (%s); showing the default owner", raw, node.view_path(), e)
                 rec = None
         node.record = rec
         return rec
@@ -131,8 +140,12 @@ class XattrPolicy(OwnershipPolicy):
         if node.key not in self._distrusted:
             self._distrusted.add(node.key)
             shown = "the overflow id, without setuid/setgid" if st.st_uid != self.trusted_uid else "if it had none"
-            log.warning("not believing the record of %s: %s; it shows as %s",
-                        node.view_path(), trust.why_foreign(st, self.trusted_uid), shown)
+            log.warning(
+                "not believing the record of %s: %s; it shows as %s",
+                node.view_path(),
+                trust.why_foreign(st, self.trusted_uid),
+                shown,
+            )
         return False
 
     def view(self, node, st):

@@ -43,6 +43,7 @@ STATX_BTIME = 0x800
 #: How every backing inode is held: a descriptor that names it, never following a symlink.
 O_PATH_NOFOLLOW = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
+
 def proc_fd(fd: int) -> str:
     """The magic link naming a descriptor we hold (not a backing path)."""
     return f"/proc/self/fd/{fd}"
@@ -120,11 +121,26 @@ class _Statx(ctypes.Structure):
 
     _u16, _u32, _u64 = ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
     _fields_ = [
-        ("stx_mask", _u32), ("stx_blksize", _u32), ("stx_attributes", _u64),
-        ("stx_nlink", _u32), ("stx_uid", _u32), ("stx_gid", _u32), ("stx_mode", _u16), ("_spare0", _u16),
-        ("stx_ino", _u64), ("stx_size", _u64), ("stx_blocks", _u64), ("stx_attributes_mask", _u64),
-        ("stx_atime", _StatxTs), ("stx_btime", _StatxTs), ("stx_ctime", _StatxTs), ("stx_mtime", _StatxTs),
-        ("stx_rdev_major", _u32), ("stx_rdev_minor", _u32), ("stx_dev_major", _u32), ("stx_dev_minor", _u32),
+        ("stx_mask", _u32),
+        ("stx_blksize", _u32),
+        ("stx_attributes", _u64),
+        ("stx_nlink", _u32),
+        ("stx_uid", _u32),
+        ("stx_gid", _u32),
+        ("stx_mode", _u16),
+        ("_spare0", _u16),
+        ("stx_ino", _u64),
+        ("stx_size", _u64),
+        ("stx_blocks", _u64),
+        ("stx_attributes_mask", _u64),
+        ("stx_atime", _StatxTs),
+        ("stx_btime", _StatxTs),
+        ("stx_ctime", _StatxTs),
+        ("stx_mtime", _StatxTs),
+        ("stx_rdev_major", _u32),
+        ("stx_rdev_minor", _u32),
+        ("stx_dev_major", _u32),
+        ("stx_dev_minor", _u32),
         ("_spare", _u64 * 14),
     ]
 
@@ -140,4 +156,3 @@ def birth_time(fd: int) -> int:
     if not buf.stx_mask & STATX_BTIME:
         return 0
     return buf.stx_btime.tv_sec * 1_000_000_000 + buf.stx_btime.tv_nsec
-

@@ -80,21 +80,35 @@ SYS_MOVE_MOUNT = 429
 SYS_MOUNT_SETATTR = 442
 #: pivot_root(2) is older: its number differs per architecture.
 SYS_PIVOT_ROOT = {
-    "x86_64": 155, "aarch64": 41, "riscv64": 41, "loongarch64": 41, "i686": 217, "i386": 217,
-    "armv7l": 218, "armv6l": 218, "ppc64le": 203, "ppc64": 203, "s390x": 217,
+    "x86_64": 155,
+    "aarch64": 41,
+    "riscv64": 41,
+    "loongarch64": 41,
+    "i686": 217,
+    "i386": 217,
+    "armv7l": 218,
+    "armv6l": 218,
+    "ppc64le": 203,
+    "ppc64": 203,
+    "s390x": 217,
 }
 
-libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
-                       ctypes.c_ulong, ctypes.c_char_p]
+libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 libc.unshare.argtypes = [ctypes.c_int]
 libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
-libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong,
-                       ctypes.c_ulong, ctypes.c_ulong]
+libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 
-_CLONE_NAMES = {CLONE_FS: "CLONE_FS", CLONE_NEWNS: "CLONE_NEWNS", CLONE_NEWCGROUP: "CLONE_NEWCGROUP",
-                CLONE_NEWUTS: "CLONE_NEWUTS", CLONE_NEWIPC: "CLONE_NEWIPC", CLONE_NEWUSER: "CLONE_NEWUSER",
-                CLONE_NEWPID: "CLONE_NEWPID", CLONE_NEWNET: "CLONE_NEWNET"}
+_CLONE_NAMES = {
+    CLONE_FS: "CLONE_FS",
+    CLONE_NEWNS: "CLONE_NEWNS",
+    CLONE_NEWCGROUP: "CLONE_NEWCGROUP",
+    CLONE_NEWUTS: "CLONE_NEWUTS",
+    CLONE_NEWIPC: "CLONE_NEWIPC",
+    CLONE_NEWUSER: "CLONE_NEWUSER",
+    CLONE_NEWPID: "CLONE_NEWPID",
+    CLONE_NEWNET: "CLONE_NEWNET",
+}
 
 
 def _enc(path: str | bytes | None) -> bytes | None:
@@ -141,8 +155,13 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
 # --- mounts -------------------------------------------------------------------
 
 
-def mount(source: str | bytes | None, target: str | bytes, fstype: str | bytes | None = None,
-          flags: int = 0, data: str | bytes | None = None) -> None:
+def mount(
+    source: str | bytes | None,
+    target: str | bytes,
+    fstype: str | bytes | None = None,
+    flags: int = 0,
+    data: str | bytes | None = None,
+) -> None:
     """mount(2)."""
     what = f"mount {os.fsdecode(fstype or source or '')} on {os.fsdecode(target)}".replace("  ", " ")
     check(libc.mount(_enc(source), _enc(target), _enc(fstype), flags, _enc(data)), what, os.fsdecode(target))
@@ -161,12 +180,17 @@ def make_rprivate(path: str = "/") -> None:
 class MountAttr(ctypes.Structure):
     """``struct mount_attr`` of mount_setattr(2) (MOUNT_ATTR_SIZE_VER0: 32 bytes)."""
 
-    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
 
 
-def mount_setattr(path: str | bytes, attr_set: int, attr_clr: int = 0, recursive: bool = True,
-                  dfd: int = AT_FDCWD, userns_fd: int = 0) -> None:
+def mount_setattr(
+    path: str | bytes, attr_set: int, attr_clr: int = 0, recursive: bool = True, dfd: int = AT_FDCWD, userns_fd: int = 0
+) -> None:
     """mount_setattr(2) (Linux 5.12): change the flags of a mount (tree).
 
     ``path`` empty: the mount held by ``dfd`` (e.g. a clone from
@@ -175,9 +199,14 @@ def mount_setattr(path: str | bytes, attr_set: int, attr_clr: int = 0, recursive
     attr = MountAttr(attr_set, attr_clr, 0, userns_fd)
     flags = (AT_RECURSIVE if recursive else 0) | (0 if path else AT_EMPTY_PATH)
     name = os.fsdecode(path) or f"fd {dfd}"
-    ret = libc.syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(dfd),
-                       ctypes.c_char_p(os.fsencode(path)), ctypes.c_uint(flags),
-                       ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
+    ret = libc.syscall(
+        ctypes.c_long(SYS_MOUNT_SETATTR),
+        ctypes.c_int(dfd),
+        ctypes.c_char_p(os.fsencode(path)),
+        ctypes.c_uint(flags),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+    )
     check(ret, f"mount_setattr {name}", name)
 
 
@@ -186,20 +215,25 @@ def open_tree(path: str | bytes, recursive: bool = False, dfd: int = AT_FDCWD) -
     the mount at ``path`` (``path`` empty: the one ``dfd`` names), to be
     attached elsewhere with :func:`move_mount` even after ``path`` itself is
     gone from the namespace. Close-on-exec."""
-    flags = (OPEN_TREE_CLONE | os.O_CLOEXEC | (AT_RECURSIVE if recursive else 0)
-             | (0 if path else AT_EMPTY_PATH))
+    flags = OPEN_TREE_CLONE | os.O_CLOEXEC | (AT_RECURSIVE if recursive else 0) | (0 if path else AT_EMPTY_PATH)
     name = os.fsdecode(path) or f"fd {dfd}"
-    fd = libc.syscall(ctypes.c_long(SYS_OPEN_TREE), ctypes.c_int(dfd),
-                      ctypes.c_char_p(os.fsencode(path)), ctypes.c_uint(flags))
+    fd = libc.syscall(
+        ctypes.c_long(SYS_OPEN_TREE), ctypes.c_int(dfd), ctypes.c_char_p(os.fsencode(path)), ctypes.c_uint(flags)
+    )
     return check(fd, f"open_tree {name}", name)
 
 
 def move_mount(fd: int, target: str | bytes) -> None:
     """Attach the detached mount held by ``fd`` (from :func:`open_tree`) on
     ``target``."""
-    ret = libc.syscall(ctypes.c_long(SYS_MOVE_MOUNT), ctypes.c_int(fd), ctypes.c_char_p(b""),
-                       ctypes.c_int(AT_FDCWD), ctypes.c_char_p(os.fsencode(target)),
-                       ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
+    ret = libc.syscall(
+        ctypes.c_long(SYS_MOVE_MOUNT),
+        ctypes.c_int(fd),
+        ctypes.c_char_p(b""),
+        ctypes.c_int(AT_FDCWD),
+        ctypes.c_char_p(os.fsencode(target)),
+        ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
+    )
     check(ret, f"move_mount on {os.fsdecode(target)}", os.fsdecode(target))
 
 
@@ -212,10 +246,11 @@ def pivot_root(new_root: str | bytes, put_old: str | bytes) -> None:
     """pivot_root(2)."""
     nr = SYS_PIVOT_ROOT.get(platform.machine())
     if nr is None:
-        raise SetupError(f"unsupported machine {platform.machine()!r}: add its pivot_root number "
-                         "to SYS_PIVOT_ROOT in shiftfs/sys/mounts.py")
-    ret = libc.syscall(ctypes.c_long(nr), ctypes.c_char_p(os.fsencode(new_root)),
-                       ctypes.c_char_p(os.fsencode(put_old)))
+        raise SetupError(
+            f"unsupported machine {platform.machine()!r}: add its pivot_root number "
+            "to SYS_PIVOT_ROOT in shiftfs/sys/mounts.py"
+        )
+    ret = libc.syscall(ctypes.c_long(nr), ctypes.c_char_p(os.fsencode(new_root)), ctypes.c_char_p(os.fsencode(put_old)))
     check(ret, f"pivot_root {os.fsdecode(new_root)}", os.fsdecode(new_root))
 
 
@@ -254,8 +289,11 @@ def mountinfo(path: str = "/proc/self/mountinfo", dir_fd: int | None = None) -> 
                 tail = [field.decode(errors="replace") for field in right.split()]
                 fstype = tail[0] if tail else ""
                 sb_opts = tuple(tail[2].split(",")) if len(tail) > 2 else ()
-                out.append(MountEntry(parts[2].decode(), _unescape(parts[4]),
-                                      tuple(parts[5].decode().split(",")), fstype, sb_opts))
+                out.append(
+                    MountEntry(
+                        parts[2].decode(), _unescape(parts[4]), tuple(parts[5].decode().split(",")), fstype, sb_opts
+                    )
+                )
     except (OSError, IndexError, ValueError):
         return []
     return out

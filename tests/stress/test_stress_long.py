@@ -13,7 +13,6 @@ import sys
 import time
 
 import pytest
-
 from rel_util import (
     Mount,
     check_consistent,
@@ -44,18 +43,41 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("mode,opts,nofile", [
-    ("table", [], None),
-    ("table", ["cache=never"], 512),
-    ("xattr", [], None),
-    ("xattr", ["cache=auto"], 512),
-])
+@pytest.mark.parametrize(
+    "mode,opts,nofile",
+    [
+        ("table", [], None),
+        ("table", ["cache=never"], 512),
+        ("xattr", [], None),
+        ("xattr", ["cache=auto"], 512),
+    ],
+)
 def test_stress_fsstress(work, mode, opts, nofile):
     run_fsstress(work, mode, opts, nofile, nproc=8, nops=50000, seconds=SECONDS)
 
 
-_STRESSORS = ["dentry", "dir", "dirdeep", "dirmany", "rename", "symlink", "link", "chmod", "chown", "xattr",
-              "getdent", "filename", "utime", "flock", "lockf", "hdd", "copy-file", "touch", "open", "access"]
+_STRESSORS = [
+    "dentry",
+    "dir",
+    "dirdeep",
+    "dirmany",
+    "rename",
+    "symlink",
+    "link",
+    "chmod",
+    "chown",
+    "xattr",
+    "getdent",
+    "filename",
+    "utime",
+    "flock",
+    "lockf",
+    "hdd",
+    "copy-file",
+    "touch",
+    "open",
+    "access",
+]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -65,8 +87,13 @@ def test_stress_ng_filesystem_class(work, mode):
     failed = []
     with Mount(src, mp, mode) as m:
         for s in _STRESSORS:
-            r = subprocess.run(["stress-ng", f"--{s}", "2", "--timeout", NG_TIMEOUT, "--temp-path", str(mp)],
-                               capture_output=True, text=True, cwd=str(mp), timeout=900)
+            r = subprocess.run(
+                ["stress-ng", f"--{s}", "2", "--timeout", NG_TIMEOUT, "--temp-path", str(mp)],
+                capture_output=True,
+                text=True,
+                cwd=str(mp),
+                timeout=900,
+            )
             fails = [ln for ln in (r.stdout + r.stderr).splitlines() if " fail:" in ln or " error:" in ln]
             if r.returncode != 0 or fails:
                 failed.append(f"--{s}: rc {r.returncode}: " + " | ".join(fails[:5]))
@@ -83,9 +110,23 @@ def test_stress_fio_verify(work, mode, engine, rw):
     src, mp = make_pair(work)
     with Mount(src, mp, mode) as m:
         r = subprocess.run(
-            ["fio", "--name=v", f"--directory={mp}", "--size=128m", "--bs=4k", f"--rw={rw}", f"--ioengine={engine}",
-             "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--numjobs=4", "--fsync_on_close=1"],
-            capture_output=True, text=True, timeout=1800,
+            [
+                "fio",
+                "--name=v",
+                f"--directory={mp}",
+                "--size=128m",
+                "--bs=4k",
+                f"--rw={rw}",
+                f"--ioengine={engine}",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+                "--numjobs=4",
+                "--fsync_on_close=1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=1800,
         )
         assert r.returncode == 0 and "err= 0" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
         _assert_clean(m)
@@ -96,8 +137,12 @@ def test_stress_dbench(work, mode):
     need("dbench")
     src, mp = make_pair(work)
     with Mount(src, mp, mode) as m:
-        r = subprocess.run(["dbench", "-D", str(mp), "-t", str(int(SECONDS)), "-c", "/usr/share/dbench/client.txt",
-                            "4"], capture_output=True, text=True, timeout=SECONDS + 600)
+        r = subprocess.run(
+            ["dbench", "-D", str(mp), "-t", str(int(SECONDS)), "-c", "/usr/share/dbench/client.txt", "4"],
+            capture_output=True,
+            text=True,
+            timeout=SECONDS + 600,
+        )
         out = r.stdout + r.stderr
         assert r.returncode == 0 and "Throughput" in out, out[-3000:]
         assert not [ln for ln in out.splitlines() if "ERROR" in ln], out[-3000:]
@@ -129,8 +174,9 @@ def test_stress_100k_directory_listed_while_changing(work, mode):
     list_while_changing(work, mode, n=100000, seconds=SECONDS)
 
 
-@pytest.mark.parametrize("mode,recover", [("table", "umount"), ("xattr", "mount"), ("xattr", "umount"),
-                                          ("table", "mount")])
+@pytest.mark.parametrize(
+    "mode,recover", [("table", "umount"), ("xattr", "mount"), ("xattr", "umount"), ("table", "mount")]
+)
 def test_stress_kill9_during_untar(work, mode, recover):
     for i in range(3):
         kill9_during_untar(work, mode, recover, nfiles=20000, name=f"k{i}")
@@ -192,8 +238,15 @@ def test_stress_full_backing_fs_churn(work, mode):
     _tmpfs(src, "size=8m,nr_inodes=600,mode=0755")
     try:
         with Mount(src, mp, mode) as m:
-            procs = [subprocess.Popen([sys.executable, "-c", _CHURN_FULL, str(mp), str(SECONDS), str(i)],
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+            procs = [
+                subprocess.Popen(
+                    [sys.executable, "-c", _CHURN_FULL, str(mp), str(SECONDS), str(i)],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                for i in range(4)
+            ]
             for p in procs:
                 out, err = p.communicate(timeout=SECONDS + 300)
                 assert p.returncode == 0, err
@@ -213,11 +266,14 @@ def test_stress_full_backing_fs_churn(work, mode):
         _umount_tmpfs(src)
 
 
-@pytest.mark.parametrize("mode,opts,nofile,side", [
-    ("table", [], 256, "view"),
-    ("xattr", [], None, "view"),
-    ("xattr", ["cache=never"], 256, "backing"),
-])
+@pytest.mark.parametrize(
+    "mode,opts,nofile,side",
+    [
+        ("table", [], 256, "view"),
+        ("xattr", [], None, "view"),
+        ("xattr", ["cache=never"], 256, "backing"),
+    ],
+)
 def test_stress_rename_races(work, mode, opts, nofile, side):
     from test_hostile import _MOVER, _WALKER, _race_tree
 
@@ -225,10 +281,21 @@ def test_stress_rename_races(work, mode, opts, nofile, side):
     with Mount(src, mp, mode, opts=opts, nofile=nofile) as m:
         _race_tree(mp)
         base = mp if side == "view" else src
-        walkers = [subprocess.Popen([sys.executable, "-c", _WALKER, str(mp), str(SECONDS)], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True) for _ in range(3)]
-        mover = subprocess.run([sys.executable, "-c", _MOVER, str(base), str(SECONDS)], capture_output=True,
-                               text=True, timeout=SECONDS + 300)
+        walkers = [
+            subprocess.Popen(
+                [sys.executable, "-c", _WALKER, str(mp), str(SECONDS)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(3)
+        ]
+        mover = subprocess.run(
+            [sys.executable, "-c", _MOVER, str(base), str(SECONDS)],
+            capture_output=True,
+            text=True,
+            timeout=SECONDS + 300,
+        )
         assert mover.returncode == 0, mover.stderr
         for w in walkers:
             out, err = w.communicate(timeout=SECONDS + 300)

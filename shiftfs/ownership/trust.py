@@ -43,6 +43,8 @@ import os
 import stat
 
 from ..sys.files import O_PATH_NOFOLLOW, proc_fd
+from ..sys.mounts import in_init_userns
+from .idmap import overflow_ids
 from .names import STORE_DIR
 from .record import Record, decode, encode
 
@@ -135,6 +137,11 @@ def source_problem(source: str, uid: int, flag: str = "-o allow_shared_source") 
     symlink on the way counts as well as what it points to.
     """
     trusted = {0, uid}
+    # In a user namespace the host's own directories (/, /home …) read as the overflow id:
+    # their owner is outside the namespace, where root normally owns them, and nobody in
+    # here could have made them. Above SOURCE such a directory is taken as root's (the
+    # write bits are still checked); SOURCE itself must still be yours.
+    above = trusted | ({overflow_ids()[0]} if not in_init_userns() else set())
     paths = dict.fromkeys((os.path.abspath(source), os.path.realpath(source)))
     for path in paths:
         comps = _components(path)
@@ -147,13 +154,13 @@ def source_problem(source: str, uid: int, flag: str = "-o allow_shared_source") 
             if stat.S_ISLNK(st.st_mode):
                 # The link itself can only be replaced through its directory (checked
                 # just before); where it points is checked as the real path.
-                if st.st_uid not in trusted:
+                if st.st_uid not in above:
                     return (
                         f"{comp} is a symlink owned by uid {st.st_uid}, who can point it elsewhere; "
                         f"give SOURCE by a path without it, or pass {flag}"
                     )
                 continue
-            if st.st_uid not in trusted:
+            if st.st_uid not in (trusted if last else above):
                 what = "SOURCE" if last else "a directory above SOURCE"
                 return (
                     f"{comp} ({what}) is owned by uid {st.st_uid}, who could replace what is below it; "

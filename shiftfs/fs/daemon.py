@@ -21,6 +21,7 @@ import pyfuse3
 import trio
 
 from ..errors import MountError
+from ..ownership.xattr import XattrPolicy
 from . import isolate
 from .mount import build_operations, check, kernel_options
 from .ops import Operations
@@ -33,8 +34,8 @@ log = logging.getLogger("shiftfs")
 
 def _setup_logging(cfg: MountConfig, background: bool) -> None:
     root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
+    for old in list(root.handlers):
+        root.removeHandler(old)
     level = logging.DEBUG if cfg.debug else logging.INFO
     tag = f"shiftfs[{os.getpid()}] {os.path.abspath(cfg.mountpoint)}: "
     if not background:
@@ -263,7 +264,7 @@ def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
     # Before reporting ready: from then on the user may pivot_root into the view.
     cfg.stats = isolate.reachable(cfg.stats)
     isolation = isolate.isolate_daemon(root_fd, cfg.mountpoint)
-    if isolation is not None and cfg.xattr:
+    if isolation is not None and isinstance(ops.policy, XattrPolicy):  # built exactly when cfg.xattr
         ops.policy.store.close()  # SQLite named its files from outside; it reopens them from inside
     report("ok")
     log.info("mounted %s on %s (%s mode)", cfg.source, cfg.mountpoint, "xattr" if cfg.xattr else "table")

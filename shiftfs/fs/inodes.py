@@ -27,23 +27,35 @@ inodes of other filesystems mounted below SOURCE get ids from a private range.
 
 from __future__ import annotations
 
+import enum
 import errno
 import os
 import resource
 import stat
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Final, Literal
 
 import pyfuse3
 
 from ..sys.files import O_PATH_NOFOLLOW
+
+if TYPE_CHECKING:
+    from ..ownership.record import Record
 
 __all__ = ["Inode", "InodeTable", "ROOT_ID"]
 
 ROOT_ID = pyfuse3.ROOT_INODE
 _SYNTHETIC_BASE = 1 << 62
 
-_UNLOADED = object()
+
+class _Unloaded(enum.Enum):
+    """``Inode.record`` before the policy looked: a one-member enum so ``is UNLOADED`` narrows the type."""
+
+    UNLOADED = enum.auto()
+
+
+UNLOADED: Final = _Unloaded.UNLOADED
 
 
 class Inode:
@@ -85,7 +97,7 @@ class Inode:
         self.parent = 0
         self.name = b""
         self.pins = 0
-        self.record = _UNLOADED
+        self.record: Record | None | Literal[_Unloaded.UNLOADED] = UNLOADED
         self.xnames: set[str] | None = None
         self.default_acl: bool | None = None
 
@@ -101,7 +113,7 @@ class Inode:
 
     @property
     def record_loaded(self) -> bool:
-        return self.record is not _UNLOADED
+        return self.record is not UNLOADED
 
     def view_path(self) -> str:
         """The last known path of the inode below the root, for log lines."""
@@ -161,7 +173,7 @@ class InodeTable:
 
     def path_of(self, node: Inode) -> str:
         """The last known path of an inode (backing names), for log lines."""
-        names = []
+        names: list[str] = []
         cur: Inode | None = node
         while cur is not None and cur.id != ROOT_ID and len(names) < 64:
             if not cur.name:
@@ -246,7 +258,7 @@ class InodeTable:
         # The ancestors of a deep inode may have lost their descriptors too:
         # find the nearest one that is open, then reopen downwards (a loop, not
         # recursion through ``parent.fd``, so any depth works).
-        chain = []
+        chain: list[Inode] = []
         cur = node
         while cur._fd < 0:
             parent = self._by_id.get(cur.parent)

@@ -21,7 +21,7 @@ import logging
 import os
 import stat
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pyfuse3
 
@@ -182,6 +182,7 @@ class Operations(DirectoryHandlers, XattrHandlers, pyfuse3.Operations):
             if ft == stat.S_IFDIR:
                 os.mkdir(n, bmode & 0o7777, dir_fd=parent.fd)
             elif ft == stat.S_IFLNK:
+                assert target is not None  # only symlink() plans a symlink, and it gives the target
                 os.symlink(target, n, dir_fd=parent.fd)
             elif ft == stat.S_IFREG:
                 fd = os.open(n, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, bmode & 0o7777, dir_fd=parent.fd)
@@ -246,7 +247,7 @@ class Operations(DirectoryHandlers, XattrHandlers, pyfuse3.Operations):
             return self._negative()
         return self._entry(node, st)
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         self.counts["forget"] += 1
         for ino, n in inode_list:
             self.table.forget(ino, n)

@@ -170,6 +170,9 @@ class _FdReader(io.RawIOBase):
 
 def _tarinfo(item: Item) -> tarfile.TarInfo:
     ti = GnuTarInfo(item.name)
+    # typeshed types pax_headers as a read-only Mapping; it is a dict we fill in
+    pax: dict[str, str] = {}
+    ti.pax_headers = pax
     v = item.view
     ti.uid, ti.gid = v.uid, v.gid
     ti.uname = ti.gname = ""
@@ -177,7 +180,7 @@ def _tarinfo(item: Item) -> tarfile.TarInfo:
     sec = item.mtime_ns // 1_000_000_000
     ti.mtime = sec
     if item.mtime_ns % 1_000_000_000 or item.mtime_ns < 0:
-        ti.pax_headers["mtime"] = ns_to_pax(item.mtime_ns)
+        pax["mtime"] = ns_to_pax(item.mtime_ns)
     if item.kind == "reg":
         ti.type = tarfile.REGTYPE
         ti.size = item.size
@@ -195,14 +198,14 @@ def _tarinfo(item: Item) -> tarfile.TarInfo:
         ti.type = tarfile.CHRTYPE if item.kind == "chr" else tarfile.BLKTYPE
         ti.devmajor, ti.devminor = os.major(v.rdev), os.minor(v.rdev)
     for xname, value in item.xattrs.items():
-        ti.pax_headers["SCHILY.xattr." + xname] = xattr_str(value)
+        pax["SCHILY.xattr." + xname] = xattr_str(value)
         if xname in ("system.posix_acl_access", "system.posix_acl_default"):
             try:
                 text = acl.to_text(value)
             except ValueError:
                 continue
             key = "SCHILY.acl.access" if xname.endswith("access") else "SCHILY.acl.default"
-            ti.pax_headers[key] = text
+            pax[key] = text
     return ti
 
 

@@ -20,7 +20,7 @@ import sys
 import tarfile
 import threading
 import time
-from typing import BinaryIO
+from typing import IO, cast
 
 from ..errors import ArchiveError, UsageError
 from ..ownership.idmap import MAX_ID
@@ -37,8 +37,13 @@ __all__ = ["import_archive"]
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
-def _open_archive_stream(path: str) -> tuple[BinaryIO, subprocess.Popen | None]:
+# What tarfile reads: the decompressors' streams are BufferedIOBase, a pipe is IO[bytes].
+_TarStream = io.BufferedIOBase | IO[bytes]
+
+
+def _open_archive_stream(path: str) -> tuple[_TarStream, subprocess.Popen[bytes] | None]:
     """A readable stream of the tar inside ``path`` (``-`` is stdin)."""
+    raw: IO[bytes]
     if path == "-":
         raw = sys.stdin.buffer
     else:
@@ -50,7 +55,9 @@ def _open_archive_stream(path: str) -> tuple[BinaryIO, subprocess.Popen | None]:
             raise UsageError(f"{path}: is a directory; give a tar file") from None
         except PermissionError:
             raise ArchiveError(f"{path}: permission denied; make the archive readable") from None
-    buf = io.BufferedReader(raw, 1 << 16) if not isinstance(raw, io.BufferedReader) else raw
+    # Only a replaced stdin is wrapped; typeshed calls it BinaryIO, which lacks the readinto
+    # BufferedReader needs (and the stdin a test or embedder substitutes has).
+    buf = io.BufferedReader(cast(io.RawIOBase, raw), 1 << 16) if not isinstance(raw, io.BufferedReader) else raw
     head = buf.peek(6)[:6]
     if head.startswith(b"\x1f\x8b"):
         return gzip.GzipFile(fileobj=buf, mode="rb"), None
@@ -62,7 +69,7 @@ def _open_archive_stream(path: str) -> tuple[BinaryIO, subprocess.Popen | None]:
         return bz2.BZ2File(buf, "rb"), None
     if head.startswith(_ZSTD_MAGIC):
         try:
-            import zstandard  # type: ignore[import-not-found]
+            import zstandard
         except ImportError:
             zstd = shutil.which("zstd")
             if zstd is None:
@@ -72,20 +79,22 @@ def _open_archive_stream(path: str) -> tuple[BinaryIO, subprocess.Popen | None]:
                 ) from None
             # Our buffer already holds the first bytes: feed zstd from it.
             proc = subprocess.Popen([zstd, "-dcq"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            to_zstd, from_zstd = proc.stdin, proc.stdout
+            assert to_zstd is not None and from_zstd is not None  # both asked for as pipes
 
             def feed() -> None:
                 try:
-                    shutil.copyfileobj(buf, proc.stdin, COPY_CHUNK)
+                    shutil.copyfileobj(buf, to_zstd, COPY_CHUNK)
                 except (BrokenPipeError, OSError, ValueError):
                     pass
                 finally:
                     try:
-                        proc.stdin.close()
+                        to_zstd.close()
                     except OSError:
                         pass
 
             threading.Thread(target=feed, daemon=True).start()
-            return proc.stdout, proc
+            return from_zstd, proc
         return zstandard.ZstdDecompressor().stream_reader(buf, read_across_frames=True), None
     return buf, None
 
@@ -247,6 +256,7 @@ class _Importer:
             )
             try:
                 src = tf.extractfile(ti)
+                assert src is not None  # a regular member always has its data
                 left = ti.size
                 while left > 0:
                     chunk = src.read(min(COPY_CHUNK, left))
@@ -462,7 +472,8 @@ def import_archive(
         store.close()
         os.close(root_fd)
         if proc is not None:
-            proc.stdout.close()
+            if proc.stdout is not None:  # always: it is the stream we read
+                proc.stdout.close()
             proc.wait()
     if imp.dropped_xattrs:
         imp.errors.append(

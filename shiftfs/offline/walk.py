@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import TreeError
 from ..ownership.idmap import IdMap
@@ -28,6 +29,9 @@ from ..ownership.record import RecordError
 from ..ownership.store import RecordStore
 from ..ownership.view import View, read_view
 from ..sys.files import O_PATH_NOFOLLOW
+
+if TYPE_CHECKING:
+    from rich.progress import Progress as RichProgress
 
 __all__ = [
     "Entry",
@@ -253,7 +257,7 @@ class Progress:
         self._start = time.monotonic()
         if enabled is None:
             enabled = sys.stderr.isatty()
-        self._progress = None
+        self._progress: RichProgress | None = None
         if enabled:
             from rich.console import Console
             from rich.progress import (
@@ -297,6 +301,7 @@ class Progress:
             self._update()
 
     def _update(self) -> None:
+        assert self._progress is not None  # callers check: only a shown line is updated
         elapsed = max(time.monotonic() - self._start, 1e-6)
         self._progress.update(self._task, completed=self.bytes, files=self.files, rate=self.files / elapsed)
 

@@ -85,13 +85,15 @@ class OwnershipPolicy:
         """View ids to disk ids (-1 for None); EOVERFLOW when one has no mapping."""
         du = dg = -1
         if uid is not None:
-            du = self.uids.to_disk(uid)
-            if du is None:
+            mapped = self.uids.to_disk(uid)
+            if mapped is None:
                 raise eoverflow()
+            du = mapped
         if gid is not None:
-            dg = self.gids.to_disk(gid)
-            if dg is None:
+            mapped = self.gids.to_disk(gid)
+            if mapped is None:
                 raise eoverflow()
+            dg = mapped
         return du, dg
 
     # -- creation ----------------------------------------------------------

@@ -92,6 +92,7 @@ class StoreTrustError(OSError):
         super().__init__(errno.EPERM, message)
 
     def __str__(self) -> str:
+        assert self.strerror is not None  # set by __init__ (OSError leaves it None only without one)
         return self.strerror
 
 
@@ -140,7 +141,8 @@ class RecordStore:
         except FileNotFoundError:
             return notes
         try:
-            entries = [(STORE_DIR, dfd, None)]
+            # (name shown, directory descriptor, name in it or None for the directory itself)
+            entries: list[tuple[str, int, str | None]] = [(STORE_DIR, dfd, None)]
             for suffix in ("", "-wal", "-shm", "-journal"):
                 entries.append((f"{STORE_DIR}/{_DB_NAME}{suffix}", dfd, _DB_NAME + suffix))
             for shown, dirfd, name in entries:

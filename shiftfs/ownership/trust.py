@@ -243,6 +243,7 @@ def fix_backing_modes(store, trusted_uid: int, unrecorded) -> tuple[int, list[st
     stack: list[tuple[int, list[str], str]] = []
     try:
         top = look(store.root_fd, ".", "", dev)
+        assert top is not None, "the backing root is a directory on its own device"
         stack.append((top, sorted(os.listdir(top), reverse=True), ""))
         while stack:
             dfd, names, rel = stack[-1]

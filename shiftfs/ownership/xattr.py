@@ -19,7 +19,7 @@ import stat
 
 import pyfuse3
 
-from ..fs.inodes import Inode
+from ..fs.inodes import UNLOADED, Inode
 from ..sys.files import proc_fd, touch_ctime
 from . import acl, trust
 from .idmap import IdMap
@@ -98,8 +98,9 @@ class XattrPolicy(OwnershipPolicy):
     # records ----------------------------------------------------------------
     def _load_record(self, node: Inode, st: os.stat_result) -> Record | None:
         """The inode's record (cached on the inode), or None if it has no usable one."""
-        if node.record_loaded:
-            return node.record
+        cached = node.record
+        if cached is not UNLOADED:
+            return cached
         rec = None
         try:
             raw = self.store.read(node.fd, st)

@@ -674,6 +674,21 @@ def test_tar_same_owner_as_namespace_root(user, wd):
     assert diff_entries(want, got) == []
 
 
+def test_setgid_kept_by_cp_a_and_setfacl(user, wd):
+    """cp -a (and dpkg, usrmerge) write a minimal access ACL after chmod; the daemon's
+    SGID rule must judge the caller it is told about. It read /proc/PID of another pid
+    namespace, took root for an outsider and dropped the SGID of unix_chkpwd in a
+    mmdebstrap build."""
+    owned_dir(wd, user)
+    owned_dir(os.path.join(wd, "r"), user)
+    script = (
+        "set -e; cp /bin/true r/u; chown 0:42 r/u; chmod 2755 r/u; cp -a r/u r/u2; "
+        "setfacl -m g::rwx r/u; stat -c '%a %g' r/u r/u2"
+    )
+    out = shiftfs_exec(user, "--shift", "./r", "--", "sh", "-c", script, cwd=wd).stdout
+    assert out.split() == ["2775", "42", "2755", "42"], out
+
+
 def _dpkg_versions(status: bytes) -> dict[str, str]:
     out, pkg = {}, None
     for line in status.decode(errors="replace").splitlines():

@@ -184,15 +184,44 @@ def reachable(path: str | None) -> str | None:
     return f"/proc/self/fd/{dfd}/{name}"
 
 
+def _own_proc() -> int | None:
+    """A detached proc of the daemon's own pid namespace, or None (then the served
+    namespace's /proc is used).
+
+    FUSE gives each request's pid in the pid namespace of the process that
+    mounted, the daemon's; the caller checks (groups and CAP_FSETID for the
+    SGID rule) read ``/proc/PID`` and must see that namespace. The served
+    namespace's /proc may show another one: ``shiftfs exec`` and ``run`` start
+    their daemon in a new pid namespace under the host's /proc, where pid N is
+    some other process (and the SGID of a ``cp -a``'d setgid file was lost).
+    """
+    try:
+        mounts.mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    except OSError as e:
+        log.debug("no proc of the daemon's own pid namespace (%s); using the served one", e)
+        return None
+    try:
+        return _clone_tree("/proc")
+    finally:
+        mounts.umount2("/proc", MNT_DETACH)
+
+
 def _build_root(source: int, proc: int) -> None:
     """Private propagation, a tmpfs root with /proc and SOURCE, the old root detached."""
     # First: nothing mounted or unmounted below may propagate back to the served namespace.
     mounts.mount(None, "/", None, MS_REC | MS_PRIVATE)
+    own_proc = _own_proc()
     # /proc exists wherever the daemon can run at all; in this namespace we may cover it.
     mounts.mount("shiftfs", "/proc", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=16k,nr_inodes=16")
     os.mkdir("/proc/proc", 0o555)
     os.mkdir("/proc" + SOURCE, 0o555)
-    mounts.move_mount(proc, "/proc/proc")
+    if own_proc is None:
+        mounts.move_mount(proc, "/proc/proc")
+    else:
+        try:
+            mounts.move_mount(own_proc, "/proc/proc")
+        finally:
+            os.close(own_proc)
     mounts.move_mount(source, "/proc" + SOURCE)
     old = os.open("/", _RO_DIR)
     new = os.open("/proc", _RO_DIR)

@@ -295,14 +295,9 @@ def _exec_command(cfg: ExecConfig) -> int:
     return supervise.exec_command(PROG, cfg.command, env)
 
 
+_SUMMARY = "run a command as namespace root with directories shifted through shiftfs"
+#: In CommandLine's field order: prog, summary, usage, description, epilog, add_arguments, configure, plan.
 COMMAND_LINE = launcher.CommandLine(
-    prog=PROG,
-    summary="run a command as namespace root with directories shifted through shiftfs",
-    usage=_USAGE,
-    description=_DESCRIPTION,
-    epilog=_EPILOG,
-    add_arguments=_add_arguments,
-    configure=config_from_args,
-    plan=plan,
+    PROG, _SUMMARY, _USAGE, _DESCRIPTION, _EPILOG, _add_arguments, config_from_args, plan
 )
 register = COMMAND_LINE.register

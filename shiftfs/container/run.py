@@ -501,14 +501,9 @@ def _exec_command(cfg: RunConfig) -> int:
     return supervise.exec_command(PROG, cfg.command, env, " inside the container")
 
 
+_SUMMARY = "run a command in a container whose root is seen through shiftfs"
+#: In CommandLine's field order: prog, summary, usage, description, epilog, add_arguments, configure, plan.
 COMMAND_LINE = launcher.CommandLine(
-    prog=PROG,
-    summary="run a command in a container whose root is seen through shiftfs",
-    usage=_USAGE,
-    description=_DESCRIPTION,
-    epilog=_EPILOG,
-    add_arguments=_add_arguments,
-    configure=config_from_args,
-    plan=plan,
+    PROG, _SUMMARY, _USAGE, _DESCRIPTION, _EPILOG, _add_arguments, config_from_args, plan
 )
 register = COMMAND_LINE.register

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from ..errors import ArchiveError, TreeError, UsageError
 from ..ownership.idmap import IdMapError, add_map_argument, parse_map_args
 from .absorb import absorb, materialize
+from .devtable import DESCRIPTION, EPILOG, add_arguments
 from .export import export_tree
 from .importer import import_archive
 from .inspect import list_dir, stat_one
@@ -229,22 +230,51 @@ def _add_legacy_xattr(p) -> None:
     )
 
 
-def _command(subparsers, func, name: str, **texts) -> argparse.ArgumentParser:
-    """One offline subcommand: its parser, run by ``func``."""
-    p = subparsers.add_parser(name, **texts)
+#: Each offline command's help line and description.
+_TEXTS = {
+    "export": (
+        "write a tar or cpio archive of a backing tree's view",
+        "Write an archive whose entries carry the view owners, modes, devices and xattrs of ROOT.",
+    ),
+    "import": (
+        "unpack a tar into a backing tree as records (no privileges needed)",
+        "Unpack ARCHIVE (tar, .gz, .xz, .bz2, .zst; - for stdin) into ROOT, keeping ownership, modes "
+        "and devices in records.",
+    ),
+    "stat": (
+        "show the view metadata of backing files",
+        "Show view metadata from records.",
+    ),
+    "ls": (
+        "list a backing directory with view metadata",
+        "List DIR with view owners and modes.",
+    ),
+    "devtable": (
+        "device tables: print mmdebstrap's /dev, or add a table's entries to a tar",
+        DESCRIPTION,
+    ),
+    "absorb": (
+        "(root) turn real ownership into records, files owned by one user",
+        "Turn a tree with real ownership into records; backing files become USER's. Safe to interrupt and rerun.",
+    ),
+    "materialize": (
+        "(root) turn records back into real ownership",
+        "Apply the records of ROOT as real ownership, modes and device nodes. Safe to interrupt and rerun.",
+    ),
+}
+
+
+def _command(subparsers, func, name: str, **more) -> argparse.ArgumentParser:
+    """One offline subcommand: its parser (texts from :data:`_TEXTS`), run by ``func``."""
+    help_line, description = _TEXTS[name]
+    p = subparsers.add_parser(name, help=help_line, description=description, **more)
     p.set_defaults(func=func)
     return p
 
 
 def register(subparsers) -> None:
     """Add the offline tree commands to the ``shiftfs`` command line."""
-    p = _command(
-        subparsers,
-        _cmd_export,
-        "export",
-        help="write a tar or cpio archive of a backing tree's view",
-        description="Write an archive whose entries carry the view owners, modes, devices and xattrs of ROOT.",
-    )
+    p = _command(subparsers, _cmd_export, "export")
     p.add_argument("root", metavar="ROOT")
     p.add_argument("-o", "--output", metavar="FILE", help="archive file (- or omitted: stdout; .gz/.xz compress)")
     p.add_argument("--format", choices=("tar", "cpio"), help="tar (pax, default) or cpio (newc)")
@@ -263,73 +293,33 @@ def register(subparsers) -> None:
     )
     add_map_argument(p)
 
-    p = _command(
-        subparsers,
-        _cmd_import,
-        "import",
-        help="unpack a tar into a backing tree as records (no privileges needed)",
-        description="Unpack ARCHIVE (tar, .gz, .xz, .bz2, .zst; - for stdin) into ROOT, keeping ownership, modes "
-        "and devices in records.",
-    )
+    p = _command(subparsers, _cmd_import, "import")
     p.add_argument("archive", metavar="ARCHIVE")
     p.add_argument("root", metavar="ROOT")
     p.add_argument("--oci-layer", action="store_true", help="apply .wh.NAME whiteouts and .wh..wh..opq")
     _add_legacy_xattr(p)
 
-    p = _command(
-        subparsers,
-        _cmd_stat,
-        "stat",
-        help="show the view metadata of backing files",
-        description="Show view metadata from records.",
-    )
+    p = _command(subparsers, _cmd_stat, "stat")
     p.add_argument("paths", metavar="PATH", nargs="+")
     p.add_argument("--root", metavar="ROOT", help="the tree root (default: nearest parent with .shiftfs/)")
     add_map_argument(p)
 
-    p = _command(
-        subparsers,
-        _cmd_ls,
-        "ls",
-        help="list a backing directory with view metadata",
-        description="List DIR with view owners and modes.",
-    )
+    p = _command(subparsers, _cmd_ls, "ls")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("-l", dest="long", action="store_true", help="long listing")
     add_map_argument(p)
 
-    from .devtable import DESCRIPTION, EPILOG, add_arguments
-
     p = _command(
-        subparsers,
-        _cmd_devtable,
-        "devtable",
-        help="device tables: print mmdebstrap's /dev, or add a table's entries to a tar",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        subparsers, _cmd_devtable, "devtable", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_arguments(p)
 
-    p = _command(
-        subparsers,
-        _cmd_absorb,
-        "absorb",
-        help="(root) turn real ownership into records, files owned by one user",
-        description="Turn a tree with real ownership into records; backing files become USER's. Safe to interrupt "
-        "and rerun.",
-    )
+    p = _command(subparsers, _cmd_absorb, "absorb")
     p.add_argument("root", metavar="ROOT")
     p.add_argument("--owner", metavar="USER[:GROUP]", help="owner of the backing files (default: $SUDO_UID)")
     _add_legacy_xattr(p)
     add_map_argument(p)
 
-    p = _command(
-        subparsers,
-        _cmd_materialize,
-        "materialize",
-        help="(root) turn records back into real ownership",
-        description="Apply the records of ROOT as real ownership, modes and device nodes. Safe to interrupt and rerun.",
-    )
+    p = _command(subparsers, _cmd_materialize, "materialize")
     p.add_argument("root", metavar="ROOT")
     add_map_argument(p)

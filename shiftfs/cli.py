@@ -68,7 +68,7 @@ options (-o, comma separated):
 """
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2
         self.exit(2, f"shiftfs: {message}; see '{self.prog} --help'\n")
 
@@ -116,9 +116,9 @@ def _cmd_umount(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="shiftfs", description="A FUSE filesystem that shifts file ownership.")
+    parser = OneLineParser(prog="shiftfs", description="A FUSE filesystem that shifts file ownership.")
     parser.add_argument("--version", action="version", version=f"shiftfs {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     _add_mount(sub)
     for modname in _COMMAND_MODULES:
         try:

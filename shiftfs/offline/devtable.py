@@ -365,9 +365,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m shiftfs.devtable``: the same as ``shiftfs devtable``."""
-    from ..cli import _Parser  # one-line usage errors, as on the shiftfs command line
+    from ..cli import OneLineParser  # one-line usage errors, as on the shiftfs command line
 
-    p = _Parser(
+    p = OneLineParser(
         prog="shiftfs devtable",
         description=DESCRIPTION,
         epilog=EPILOG,

@@ -16,7 +16,9 @@ import subprocess
 import sys
 import time
 
-from . import kernel_idmap as idmap
+from shiftfs.fs import idmapped
+from shiftfs.ownership.idmap import IdMap, Range
+
 from .sysutil import Cleanup, StepError, mount_entry, run, stop_process, umount, wait_mounted
 
 DISK, VIEW, COUNT = 100000, 0, 65536
@@ -179,24 +181,28 @@ class Native(Target):
 
 
 class KernelIdmap(Target):
+    """A plain kernel idmapped bind mount, made by shiftfs's own kernel-backend code
+    (``shiftfs.fs.idmapped``): the reference the FUSE targets are held against."""
+
     name, label, kind = "idmapped", "kernel idmapped mount", "kernel"
-    _nsfd: int | None = None
+
+    @staticmethod
+    def _table() -> IdMap:
+        return IdMap([Range(DISK, VIEW, COUNT)])
 
     def probe(self):
         try:
-            fd = idmap.make_userns(DISK, VIEW, COUNT)
+            os.close(idmapped.userns_fd(self._table(), self._table()))
         except OSError as e:
             return f"cannot create the idmap user namespace: {e}"
-        KernelIdmap._nsfd = fd
-        self.cleanup.fds.append(fd)
         self.version = os.uname().release
         self.options = f"open_tree+mount_setattr(MOUNT_ATTR_IDMAP, uid_map '{DISK} {VIEW} {COUNT}')+move_mount"
         return None
 
     def mount(self):
         try:
-            idmap.idmapped_bind(self.src, self.mnt, self._nsfd)
-        except OSError as e:
+            idmapped.idmapped_bind(self.src, self.mnt, self._table(), self._table())
+        except (OSError, idmapped.KernelRefused) as e:
             raise StepError(f"idmapped mount failed: {e}") from None
         self.cleanup.add_mount(self.mnt)
         self.mounted = True

@@ -22,6 +22,8 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from shiftfs.container import userns
+
 SUBID_FILES = ("/etc/subuid", "/etc/subgid")
 LOCK = "/run/lock/shiftfs-test-users.lock"
 BLOCK = 0x10000
@@ -65,30 +67,6 @@ def _write(path: str, data: bytes) -> None:
         f.write(data)
 
 
-def ranges_in_use() -> list[tuple[int, int]]:
-    """(start, count) of every subordinate range and running namespace map."""
-    used = []
-    for path in SUBID_FILES:
-        for line in _read(path).decode(errors="replace").splitlines():
-            parts = line.strip().split(":")
-            if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
-                used.append((int(parts[1]), int(parts[2])))
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        for name in ("uid_map", "gid_map"):
-            try:
-                with open(f"/proc/{pid}/{name}") as f:
-                    for row in f.read().split("\n"):
-                        cols = row.split()
-                        # the initial namespace's identity map covers every id: not a claim
-                        if len(cols) == 3 and int(cols[2]) < 0xFFFF_FFFF:
-                            used.append((int(cols[1]), int(cols[2])))
-            except (OSError, ValueError):
-                continue
-    return used
-
-
 def free_block(used: list[tuple[int, int]]) -> int:
     first, last = SPAN[0] // BLOCK, SPAN[1] // BLOCK
     start = random.randrange(first, last)
@@ -125,7 +103,7 @@ def throwaway_user(prefix: str = "sfb") -> Iterator[SubUser]:
                 capture_output=True,
             )
             pw = pwd.getpwnam(name)
-            start = free_block(ranges_in_use())
+            start = free_block(userns.ranges_in_use())
             for path in SUBID_FILES:
                 data = _read(path)
                 fixed[path] = bool(data) and not data.endswith(b"\n")

@@ -13,7 +13,7 @@ about ownership; it asks one :class:`OwnershipPolicy` instead:
 
 A create crosses into the policy twice: ``plan = policy.plan_create(…)``
 decides everything about the new object before it exists, and
-``policy.stamp(node, plan)`` gives the made, not yet visible object its
+``policy.stamp(node, plan, st)`` gives the made, not yet visible object its
 ownership. Both keep POSIX creation semantics for the view: the new owner is
 the caller, the group the caller's or, under a setgid directory, the
 directory's.
@@ -147,13 +147,20 @@ class OwnershipPolicy:
         """Whether creating as the daemon gives exactly this owner and mode."""
         return False
 
-    def stamp(self, node: Inode, plan: CreatePlan) -> None:
-        """Give a new, not yet visible object its ownership (and inherited ACLs)."""
+    def stamp(self, node: Inode, plan: CreatePlan, st: os.stat_result) -> None:
+        """Give a new, not yet visible object its ownership (and inherited ACLs); ``st`` is it as made."""
         raise NotImplementedError
 
     # -- changes -----------------------------------------------------------
-    def change(self, node: Inode, st: os.stat_result, uid: int | None, gid: int | None, mode: int | None) -> None:
+    def change(
+        self, node: Inode, st: os.stat_result | None, uid: int | None, gid: int | None, mode: int | None
+    ) -> None:
+        """A chown/chmod through the mount; ``st`` is the inode's stat if the caller has one
+        (a policy that needs it stats otherwise: one fstat less where it does not)."""
         raise NotImplementedError
+
+    #: :meth:`gone` does something (records kept apart from the inode)
+    wants_gone = False
 
     def gone(self, node: Inode | None, st: os.stat_result) -> None:
         """The last link of an inode was removed."""

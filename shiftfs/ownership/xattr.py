@@ -196,9 +196,8 @@ class XattrPolicy(OwnershipPolicy):
         if not_equiv:
             os.setxattr(path, _ESC_ACL_ACCESS, acl.pack(access))
 
-    def stamp(self, node: Inode, plan: CreatePlan) -> None:
+    def stamp(self, node: Inode, plan: CreatePlan, st: os.stat_result) -> None:
         fd = node.fd
-        st = os.fstat(fd)
         if st.st_mode & _SPECIAL and not stat.S_ISLNK(st.st_mode):
             # A directory made in a backing directory that is setgid (a tree
             # not made through the mount) inherits the bit: not on our side.
@@ -264,6 +263,8 @@ class XattrPolicy(OwnershipPolicy):
         return Record(du, dg, st.st_mode, st.st_rdev if dev else 0)
 
     def change(self, node, st, uid, gid, mode):
+        if st is None:
+            st = os.fstat(node.fd)
         cur = self._current(node, st)
         # Unchanged ids stay as stored: an id the table cannot map back (shown
         # as the overflow id) survives a chmod.
@@ -294,6 +295,8 @@ class XattrPolicy(OwnershipPolicy):
                     os.chmod(proc_fd(node.fd), want)
                 except PermissionError:
                     pass  # not ours on the backing fs; the record is what counts
+
+    wants_gone = True
 
     def gone(self, node, st):
         # Records in xattrs go with the inode; rows of the side table do not.

@@ -352,6 +352,31 @@ def _getfacl(path, *opts) -> set[str]:
 
 
 @pytest.mark.skipif(not have("setfacl", "getfacl"), reason="needs acl tools")
+def test_new_objects_show_their_xattrs(tm):
+    """New files and directories get their xattr names without a listxattr
+    (shiftfs.fs.xattrs): what every new object gets, plus what the stamp
+    wrote. A default ACL the backing filesystem copies, an xattr set before
+    the first probe, and names set later must all show."""
+    d = tm.path("d")
+    os.mkdir(d)
+    for n in ("a", "b", "c"):
+        with open(os.path.join(d, n), "w") as f:
+            f.write("x")  # the write probes security.capability
+    os.setxattr(os.path.join(d, "b"), "user.late", b"1")
+    os.mkdir(os.path.join(d, "sub"))
+    open(os.path.join(d, "e"), "w").close()
+    os.setxattr(os.path.join(d, "e"), "user.early", b"2")  # before any probe of e
+    assert os.listxattr(os.path.join(d, "a")) == [] and os.listxattr(os.path.join(d, "sub")) == []
+    assert os.listxattr(os.path.join(d, "b")) == ["user.late"]
+    assert os.getxattr(os.path.join(d, "e"), "user.early") == b"2"
+    subprocess.run(["setfacl", "-d", "-m", "u:5:rwx", d], check=True)
+    open(os.path.join(d, "inherits"), "w").close()
+    os.mkdir(os.path.join(d, "inherits.d"))
+    assert "user:5:rwx" in _getfacl(os.path.join(d, "inherits"))
+    assert "default:user:5:rwx" in _getfacl(os.path.join(d, "inherits.d"))
+
+
+@pytest.mark.skipif(not have("setfacl", "getfacl"), reason="needs acl tools")
 def test_acl_ids_translated(tm, backend):
     p = tm.path("f")
     open(p, "w").close()

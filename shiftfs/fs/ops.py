@@ -105,6 +105,8 @@ class Operations(DirectoryHandlers, XattrHandlers, pyfuse3.Operations):
         self._dirs: dict[int, DirHandle] = {}
         self._files: dict[int, Inode] = {}
         self._next_dh = 1
+        self._fresh_learn = {}
+        policy.xnames_trusted = self.cache.xattr_cache
 
     # -- for the request log -----------------------------------------------------
     def open_file_node(self, fh: int) -> Inode | None:
@@ -214,6 +216,7 @@ class Operations(DirectoryHandlers, XattrHandlers, pyfuse3.Operations):
             unlink_any(parent, tmp)
             raise
         self.table.renamed(node.key, parent, name)
+        self._fresh_xnames(node, plan)
         return self._entry(node, os.fstat(node.fd))
 
     def _last_link_check(self, parent: Inode, name: bytes) -> os.stat_result | None:
@@ -447,6 +450,7 @@ class Operations(DirectoryHandlers, XattrHandlers, pyfuse3.Operations):
         if flags & os.O_APPEND and not self.enable_writeback_cache:
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
         self.table.renamed(node.key, parent, name)
+        self._fresh_xnames(node, plan)
         return self._handle(fd, node), self._entry(node, os.fstat(node.fd))
 
     def open_existing(self, parent: Inode, name: bytes, flags: int) -> tuple[pyfuse3.FileInfo, Entry]:

@@ -72,9 +72,16 @@ class OwnershipPolicy:
     Inode fields: the policy alone writes ``record`` and ``default_acl``.
     """
 
+    #: ``Inode.xnames`` may be believed (``cache=always``: the mount is the only writer of SOURCE)
+    xnames_trusted = False
+
     def __init__(self, uids: IdMap, gids: IdMap):
         self.uids = uids
         self.gids = gids
+
+    def _lacks_xattr(self, node: Inode, name: str) -> bool:
+        """Whether the inode is known not to carry the backing xattr ``name`` (saves probing for it)."""
+        return self.xnames_trusted and node.xnames is not None and name not in node.xnames
 
     # -- attributes --------------------------------------------------------
     def view(self, node: Inode, st: os.stat_result) -> View:
@@ -146,6 +153,10 @@ class OwnershipPolicy:
     def direct_ok(self, du: int, dg: int, mode: int, parent_st: os.stat_result) -> bool:
         """Whether creating as the daemon gives exactly this owner and mode."""
         return False
+
+    def stamped_xattrs(self, plan: CreatePlan) -> set[str] | None:
+        """The backing xattr names :meth:`stamp` gives a new object of this plan; None: not known."""
+        return None
 
     def stamp(self, node: Inode, plan: CreatePlan, st: os.stat_result) -> None:
         """Give a new, not yet visible object its ownership (and inherited ACLs); ``st`` is it as made."""

@@ -38,6 +38,9 @@ class TablePolicy(OwnershipPolicy):
             return special == (stat.S_ISGID if parent_st.st_mode & stat.S_ISGID else 0)
         return special == 0
 
+    def stamped_xattrs(self, plan):
+        return set()  # owner and mode only; a default ACL is the backing filesystem's to copy
+
     def stamp(self, node, plan: CreatePlan, st) -> None:
         fd = node.fd
         want = plan.mode & 0o7777

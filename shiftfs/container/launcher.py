@@ -27,10 +27,12 @@ nothing leaks onto the host.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import fcntl
 import os
 import signal
+import socket
 import stat
 import sys
 from collections.abc import Callable, Sequence
@@ -48,6 +50,8 @@ _DAEMON_EXIT_TIMEOUT = 30.0
 #: Descriptor numbers a daemon finds its directory and its log file on.
 _SRC_FD = 3
 _LOG_FD = 4
+#: A single-id namespace's daemons: the private control socket (shiftfs.fs.control).
+_CONTROL_FD = 5
 _STAGING_CANDIDATES = ("/run", "/mnt", "/media", "/srv", "/opt", "/var/tmp", "/tmp", "/home")
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -220,6 +224,8 @@ class Layout:
     inner: Callable[[str, list[str]], int]
     mount_opts: str = ""
     needed: tuple[str, ...] = ()
+    #: single-id namespace, xattr mode: trap chown/mknod and record them (seccomp_notify)
+    trap_ids: bool = False
 
 
 @dataclass(frozen=True)
@@ -271,6 +277,11 @@ def launch_command(prog: str, configure: Callable[[], Any], plan: Callable[[Any,
         cfg = configure()
         idmap, note = userns.choose_idmap(cfg.userns, cfg.userns_base)
         layout = plan(cfg, idmap)
+        if idmap.kind == "single" and "--xattr" in layout.mode_args and layout.sources:
+            from . import seccomp_notify
+
+            seccomp_notify.check_binding()
+            layout = dataclasses.replace(layout, trap_ids=True)
         if layout.sources:
             staging_dir(layout)
     except SetupError as e:
@@ -389,6 +400,7 @@ def _serve_and_run(layout: Layout) -> int:
     log_fd = _high_fd(os.memfd_create("shiftfs-daemon-log", os.MFD_CLOEXEC))
     log = f"/proc/self/fd/{log_fd}"
     views: list[str] = []
+    controls: list[socket.socket] = []
     stage = ""
     if layout.sources:
         # Every source is opened before the first mount, so that none is
@@ -400,13 +412,29 @@ def _serve_and_run(layout: Layout) -> int:
             for i, (source, fd) in enumerate(zip(layout.sources, src_fds)):
                 view = os.path.join(stage, f"view{i}")
                 os.mkdir(view, 0o755)
-                _start_daemon(layout, source, fd, log_fd, view)
+                ours = theirs = None
+                control = None
+                if layout.trap_ids:
+                    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                    controls.append(ours)
+                try:
+                    # above the numbers the spawn dup2s onto (a low one would be overwritten)
+                    control = _high_fd(os.dup(theirs.fileno())) if theirs else None
+                    _start_daemon(layout, source, fd, log_fd, view, control)
+                finally:
+                    if theirs is not None:
+                        theirs.close()
+                        if control is not None:
+                            os.close(control)
                 views.append(view)
         finally:
             for fd in src_fds:
                 os.close(fd)
+    inner = layout.inner
+    if layout.trap_ids:
+        inner = _start_notify_supervisor(layout, stage, views, controls)
     mounts.unshare(mounts.CLONE_NEWPID)
-    code = supervise.fork_and_supervise(layout.prog, layout.inner, stage, views)
+    code = supervise.fork_and_supervise(layout.prog, inner, stage, views)
     for view in reversed(views):
         try:
             mounts.umount2(view)
@@ -425,7 +453,40 @@ def _serve_and_run(layout: Layout) -> int:
     return code
 
 
-def _start_daemon(layout: Layout, source: str, src_fd: int, log_fd: int, view: str) -> None:
+def _start_notify_supervisor(
+    layout: Layout, stage: str, views: list[str], controls: list[socket.socket]
+) -> Callable[[str, list[str]], int]:
+    """Fork the seccomp supervisor (still in pid namespace A, so COMMAND can
+    neither see nor signal it) and return B's pid 1, which loads the filter
+    and hands the listener over before doing ``layout.inner``."""
+    from . import seccomp_notify
+
+    sup_end, b_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    served = [seccomp_notify.View(os.stat(v).st_dev, c) for v, c in zip(views, controls)]
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            b_end.close()
+            code = seccomp_notify.run_supervisor(sup_end, served, stage)
+        except BaseException as e:
+            print(f"{layout.prog}: seccomp supervisor: {e}", file=sys.stderr)
+        finally:
+            os._exit(code)
+    sup_end.close()
+    for c in controls:
+        c.close()
+
+    def inner(stage: str, views: list[str]) -> int:
+        seccomp_notify.install(b_end)
+        return layout.inner(stage, views)
+
+    return inner
+
+
+def _start_daemon(
+    layout: Layout, source: str, src_fd: int, log_fd: int, view: str, control_fd: int | None = None
+) -> None:
     """Run ``shiftfs mount`` on ``view`` (as namespace root, so that
     /dev/fuse is opened in this user namespace), serving the directory open
     on ``src_fd``; return once the mount is live. The daemon stays behind as
@@ -436,6 +497,10 @@ def _start_daemon(layout: Layout, source: str, src_fd: int, log_fd: int, view: s
         f"suid,dev,allow_shared_source,{layout.mount_opts + ',' if layout.mount_opts else ''}"
         f"log=/proc/self/fd/{_LOG_FD}"
     )
+    actions = []
+    if control_fd is not None:
+        opts += f",control_fd={_CONTROL_FD},single_id"
+        actions.append((os.POSIX_SPAWN_DUP2, control_fd, _CONTROL_FD))
     if not any(c in source for c in ",\\ \t\n"):
         opts += f",fsname={source}"
     argv = [sys.executable, "-m", "shiftfs", "mount", *layout.mode_args, "-o", opts, f"/proc/self/fd/{_SRC_FD}", view]
@@ -452,6 +517,7 @@ def _start_daemon(layout: Layout, source: str, src_fd: int, log_fd: int, view: s
                 (os.POSIX_SPAWN_DUP2, log_fd, 2),
                 (os.POSIX_SPAWN_DUP2, src_fd, _SRC_FD),
                 (os.POSIX_SPAWN_DUP2, log_fd, _LOG_FD),
+                *actions,
             ],
             setsid=True,
             setsigmask=set(),

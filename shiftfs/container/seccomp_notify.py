@@ -22,6 +22,9 @@ a single-id namespace trap exactly these calls:
   (``SECCOMP_USER_NOTIF_FLAG_CONTINUE``), which answers as it always did.
   A caller without CAP_CHOWN (CAP_MKNOD for mknod) is handed to the kernel
   too, as is any call whose arguments we cannot read.
+* ``mount`` is trapped too (it is rare): a devpts mount with the tty group's
+  id, which builders make in their tree, is made without it
+  (:mod:`.notify_mount`); every other mount continues in the kernel.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from ..errors import SetupError
 from ..sys import mounts
 from ..sys import seccomp as notif
 from ..sys.libc import AT_EMPTY_PATH, AT_FDCWD
+from . import notify_mount
 from .notify_target import Caller
 
 __all__ = ["check_binding", "load_filter", "install", "run_supervisor", "View"]
@@ -52,7 +56,7 @@ _S_IFMT = 0o170000
 #: argument positions: (path or fd, uid, gid) / (path, mode, dev)
 _CHOWN_ARGS = {"chown": (1, 2), "fchown": (1, 2), "lchown": (1, 2), "fchownat": (2, 3)}
 _MKNOD_ARGS = {"mknod": 1, "mknodat": 2}
-TRAPPED = (*_CHOWN_ARGS, *_MKNOD_ARGS)
+TRAPPED = (*_CHOWN_ARGS, *_MKNOD_ARGS, "mount")
 
 _HINT = "install it with 'apt-get install python3-seccomp' and run 'make setup' (it links it into the venv)"
 
@@ -82,6 +86,8 @@ def load_filter() -> int:
     for name, marg in _MKNOD_ARGS.items():
         for kind in (stat.S_IFCHR, stat.S_IFBLK):
             f.add_rule(seccomp.NOTIFY, name, seccomp.Arg(marg, seccomp.MASKED_EQ, _S_IFMT, kind))
+    # Rare; only a devpts mount with the tty group's id is done for the caller (notify_mount).
+    f.add_rule(seccomp.NOTIFY, "mount")
     f.load()
     return int(f.get_notify_fd())
 
@@ -202,6 +208,8 @@ class Supervisor:
                 return self._ask(view, {"op": "chown", "ino": os.fstat(fd).st_ino, "uid": uid, "gid": gid})
             finally:
                 os.close(fd)
+        if name == "mount":
+            return self._mount(caller, n)
         mi = _MKNOD_ARGS[name]
         dirfd = AT_FDCWD if name == "mknod" else _s32(a[0])
         path = caller.read_path(a[mi - 1])
@@ -234,6 +242,21 @@ class Supervisor:
             return self._ask(view, req)
         finally:
             os.close(fd)
+
+    def _mount(self, caller: Caller, n: notif.Notification) -> int | None:
+        a = n.args
+        if not a[2] or caller.read_path(a[2]) != b"devpts" or not a[4]:
+            raise _Continue
+        data = notify_mount.devpts_data(caller.read_path(a[4]))
+        if data is None:
+            raise _Continue
+        source = caller.read_path(a[0]) if a[0] else b"devpts"
+        target = caller.read_path(a[1])
+        if not notif.id_valid(self.listener, n.id):
+            return None
+        if not int(caller.status().get("CapEff", "0"), 16) & (1 << notify_mount.CAP_SYS_ADMIN):
+            raise _Continue
+        return notify_mount.mount_for(caller, source, target, a[3] & 0xFFFFFFFF, data)
 
     def _chown_target(self, caller: Caller, name: str, a: tuple[int, ...]) -> int:
         if name == "fchown":

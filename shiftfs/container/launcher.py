@@ -282,6 +282,8 @@ def launch_command(prog: str, configure: Callable[[], Any], plan: Callable[[Any,
 
             seccomp_notify.check_binding()
             layout = dataclasses.replace(layout, trap_ids=True)
+            if note:
+                note = userns.single_id_note(userns.caller_name(), recorded=True)
         if layout.sources:
             staging_dir(layout)
     except SetupError as e:

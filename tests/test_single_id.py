@@ -307,3 +307,36 @@ def test_a_race_changes_nothing_outside_the_users_tree(user, wd):
     assert host_owners(wd) == {(user.uid, user.gid)}
     assert RECORD not in os.listxattr(os.path.join(wd, "outside", "victim"))
     assert export(user, wd)["target"].uid in (0, 42)
+
+
+COPY = """
+set -e
+cd r
+touch f
+chown 42:43 f
+chmod 2755 f
+getfattr --only-values -n user.shiftfs.owner f; echo
+cp -a f copy
+setfattr -n user.shiftfs.owner -v 7:8 g 2>/dev/null && echo set-refused-missing || true
+touch g
+setfattr -n user.shiftfs.owner -v 7:8 g
+if setpriv --bounding-set -chown setfattr -n user.shiftfs.owner -v 9:9 g 2>/dev/null; then echo nocap-set; fi
+if setfattr -n user.shiftfs.owner -v bad g 2>/dev/null; then echo bad-set; fi
+touch ../outside/h
+setfattr -n user.shiftfs.owner -v 5:5 ../outside/h
+stat -c '%u:%g %a' copy
+"""
+
+
+def test_cp_a_keeps_the_owner_through_the_owner_xattr(user, wd):
+    """cp -a copies owners by stat, which shows 0 inside; the view's read-only
+    owner xattr, copied by cp too, carries the real owner to the copy."""
+    res = shiftfs_exec(user, wd, "sh", "-c", COPY)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["42:43", "0:0", "2755"]
+    entries = export(user, wd)
+    assert (entries["copy"].uid, entries["copy"].gid, entries["copy"].mode) == (42, 43, 0o2755)
+    assert (entries["g"].uid, entries["g"].gid) == (7, 8)
+    # outside the views it is an ordinary xattr, set by the kernel
+    assert os.getxattr(os.path.join(wd, "outside", "h"), "user.shiftfs.owner") == b"5:5"
+    assert host_owners(wd) == {(user.uid, user.gid)}

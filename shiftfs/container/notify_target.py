@@ -85,6 +85,17 @@ class Caller:
         finally:
             os.close(fd)
 
+    def read_bytes(self, addr: int, size: int) -> bytes:
+        """``size`` bytes at ``addr`` in the caller's memory (OSError: EFAULT)."""
+        fd = self._open_proc("mem", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.pread(fd, size, addr)
+        finally:
+            os.close(fd)
+        if len(data) != size:
+            raise OSError(errno.EFAULT, "cannot read the value")
+        return data
+
     def open_fd(self, fd: int) -> int:
         """An O_PATH descriptor of the caller's open file ``fd`` (EBADF: not open, or an O_PATH one)."""
         if fd < 0:

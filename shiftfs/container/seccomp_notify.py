@@ -22,6 +22,12 @@ a single-id namespace trap exactly these calls:
   (``SECCOMP_USER_NOTIF_FLAG_CONTINUE``), which answers as it always did.
   A caller without CAP_CHOWN (CAP_MKNOD for mknod) is handed to the kernel
   too, as is any call whose arguments we cannot read.
+* ``setxattr``/``lsetxattr``/``fsetxattr`` are trapped too (rare): the view
+  shows the owner the kernel sees as 0 in a read-only xattr
+  (``user.shiftfs.owner``), so that tools copying a file by its stat and
+  xattrs (``cp -a``, ``rsync -aX``; usrmerge does) can carry it; a set of
+  that xattr by a caller with CAP_CHOWN is a chown to the ids it names. Any
+  other xattr continues in the kernel.
 * ``mount`` is trapped too (it is rare): a devpts mount with the tty group's
   id, which builders make in their tree, is made without it
   (:mod:`.notify_mount`); every other mount continues in the kernel.
@@ -56,7 +62,10 @@ _S_IFMT = 0o170000
 #: argument positions: (path or fd, uid, gid) / (path, mode, dev)
 _CHOWN_ARGS = {"chown": (1, 2), "fchown": (1, 2), "lchown": (1, 2), "fchownat": (2, 3)}
 _MKNOD_ARGS = {"mknod": 1, "mknodat": 2}
-TRAPPED = (*_CHOWN_ARGS, *_MKNOD_ARGS, "mount")
+_SETXATTR = ("setxattr", "lsetxattr", "fsetxattr")
+TRAPPED = (*_CHOWN_ARGS, *_MKNOD_ARGS, "mount", *_SETXATTR)
+#: The view's read-only xattr with the owner the kernel is shown as 0 (shiftfs.fs.xattrs).
+OWNER_XATTR = b"user.shiftfs.owner"
 
 _HINT = "install it with 'apt-get install python3-seccomp' and run 'make setup' (it links it into the venv)"
 
@@ -88,6 +97,9 @@ def load_filter() -> int:
             f.add_rule(seccomp.NOTIFY, name, seccomp.Arg(marg, seccomp.MASKED_EQ, _S_IFMT, kind))
     # Rare; only a devpts mount with the tty group's id is done for the caller (notify_mount).
     f.add_rule(seccomp.NOTIFY, "mount")
+    # Rare too; only a copy of the owner xattr (cp -a, rsync -aX of a view file) becomes a chown.
+    for name in _SETXATTR:
+        f.add_rule(seccomp.NOTIFY, name)
     f.load()
     return int(f.get_notify_fd())
 
@@ -197,19 +209,13 @@ class Supervisor:
                 raise _Continue
             fd = self._chown_target(caller, name, a)
             try:
-                view = self._view(fd)
-                if not notif.id_valid(self.listener, n.id):
-                    return None
-                status = caller.status()
-                if not int(status.get("CapEff", "0"), 16) & (1 << CAP_CHOWN):
-                    raise _Continue
-                if os.fstatvfs(fd).f_flag & os.ST_RDONLY:
-                    return errno.EROFS
-                return self._ask(view, {"op": "chown", "ino": os.fstat(fd).st_ino, "uid": uid, "gid": gid})
+                return self._chown(caller, n, fd, uid, gid)
             finally:
                 os.close(fd)
         if name == "mount":
             return self._mount(caller, n)
+        if name in _SETXATTR:
+            return self._owner_copy(caller, name, n)
         mi = _MKNOD_ARGS[name]
         dirfd = AT_FDCWD if name == "mknod" else _s32(a[0])
         path = caller.read_path(a[mi - 1])
@@ -257,6 +263,37 @@ class Supervisor:
         if not int(caller.status().get("CapEff", "0"), 16) & (1 << notify_mount.CAP_SYS_ADMIN):
             raise _Continue
         return notify_mount.mount_for(caller, source, target, a[3] & 0xFFFFFFFF, data)
+
+    def _chown(self, caller: Caller, n: notif.Notification, fd: int, uid: int | None, gid: int | None) -> int | None:
+        view = self._view(fd)
+        if not notif.id_valid(self.listener, n.id):
+            return None
+        if not int(caller.status().get("CapEff", "0"), 16) & (1 << CAP_CHOWN):
+            raise _Continue
+        if os.fstatvfs(fd).f_flag & os.ST_RDONLY:
+            return errno.EROFS
+        return self._ask(view, {"op": "chown", "ino": os.fstat(fd).st_ino, "uid": uid, "gid": gid})
+
+    def _owner_copy(self, caller: Caller, name: str, n: notif.Notification) -> int | None:
+        """A set of the owner xattr: a chown to the ids it names, or the kernel's (the view refuses it)."""
+        a = n.args
+        if caller.read_path(a[1]) != OWNER_XATTR or not 0 < a[3] <= 64:
+            raise _Continue
+        try:
+            u, g = caller.read_bytes(a[2], a[3]).split(b":")
+            uid, gid = int(u), int(g)
+        except ValueError:
+            raise _Continue from None
+        if not (0 <= uid < 0xFFFFFFFF and 0 <= gid < 0xFFFFFFFF):
+            raise _Continue
+        if name == "fsetxattr":
+            fd = caller.open_fd(_s32(a[0]))
+        else:
+            fd = caller.resolve(AT_FDCWD, caller.read_path(a[0]), follow=name == "setxattr")
+        try:
+            return self._chown(caller, n, fd, uid, gid)
+        finally:
+            os.close(fd)
 
     def _chown_target(self, caller: Caller, name: str, a: tuple[int, ...]) -> int:
         if name == "fchown":

@@ -340,3 +340,71 @@ def test_cp_a_keeps_the_owner_through_the_owner_xattr(user, wd):
     # outside the views it is an ordinary xattr, set by the kernel
     assert os.getxattr(os.path.join(wd, "outside", "h"), "user.shiftfs.owner") == b"5:5"
     assert host_owners(wd) == {(user.uid, user.gid)}
+
+
+#: What ``--aptopt='APT::Sandbox::User "root"'`` itself leaves in the image: mmdebstrap keeps
+#: the option in a file, and apt makes its partial directories root's instead of _apt's.
+APT_OPTION_TRACES = {
+    "./etc/apt/apt.conf.d/99mmdebstrap": (None, ("reg", "0644", 0, 0, "", None, None)),
+    "./var/cache/apt/archives/partial": (("dir", "0700", 42, 0, "", None, None), ("dir", "0700", 0, 0, "", None, None)),
+    "./var/lib/apt/lists/partial": (("dir", "0700", 42, 0, "", None, None), ("dir", "0700", 0, 0, "", None, None)),
+}
+
+
+@pytest.mark.timeout(2400)  # may build the shared real-root tarball first
+def test_mmdebstrap_matches_a_real_root_build(user, debian_tar, tmp_path):
+    """The issue's acceptance: an unprivileged user without a range builds
+    Debian minbase with mmdebstrap --mode=root inside shiftfs exec; the
+    export equals real root's build in every entry (type, mode, owner,
+    group, device numbers, link target, hard links). /dev: mmdebstrap makes
+    device nodes only when it can open them, which no mount in a user
+    namespace allows, so they come from the device table (as with a range)."""
+    import shutil
+
+    from ns_util import mirror_reachable
+    from test_exec import _dpkg_versions, diff_entries, reference_tar, tar_entries
+
+    from shiftfs.offline import devtable
+
+    if not shutil.which("mmdebstrap"):
+        pytest.skip("mmdebstrap is missing (apt-get install mmdebstrap)")
+    if not mirror_reachable():
+        pytest.skip("the Debian mirror is not reachable")
+    d = workdir()
+    try:
+        os.chown(d, user.uid, user.gid)
+        rootfs = os.path.join(d, "rootfs")
+        os.mkdir(rootfs, 0o700)
+        os.chown(rootfs, user.uid, user.gid)
+        argv = [sys.executable, "-m", "shiftfs", "exec", "--shift", "./rootfs", "--", "mmdebstrap"]
+        argv += ["--mode=root", "--variant=minbase", '--aptopt=APT::Sandbox::User "root"', "bookworm", "./rootfs"]
+        res = subprocess.run(user.wrap(argv), capture_output=True, text=True, timeout=2000, cwd=d)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert host_owners(d) == {(user.uid, user.gid)}
+        tar = os.path.join(d, "rootfs.tar")
+        subprocess.run(
+            user.wrap([sys.executable, "-m", "shiftfs", "export", rootfs, "-o", tar]),
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
+        with open(os.path.join(rootfs, "var/lib/dpkg/status"), "rb") as f:
+            versions = _dpkg_versions(f.read())
+        ref = reference_tar(debian_tar, versions)
+        full = str(tmp_path / "rootfs-dev.tar")
+        with open(full, "wb") as out:
+            devtable.add_to_tar(tar, out, devtable.DeviceTable(devtable.parse(devtable.MMDEBSTRAP_DEV)))
+        want, got = tar_entries(ref), tar_entries(full)
+        assert len(want) > 5000
+        for name, (before, after) in APT_OPTION_TRACES.items():
+            assert (want.get(name), got.get(name)) == (before, after), name
+            want.pop(name, None)
+            got.pop(name, None)
+        assert diff_entries(want, got) == []
+        # setgid, non-root groups and other owners made it through dpkg, tar, cp -a (usrmerge)
+        assert got["./usr/sbin/unix_chkpwd"][:4] == ("reg", "2755", 0, 42)
+        assert got["./etc/shadow"][:4] == ("reg", "0640", 0, 42)
+        assert got["./usr/bin/passwd"][:4] == ("reg", "4755", 0, 0)
+        assert host_owners(d) == {(user.uid, user.gid)}
+    finally:
+        remove_tree(d)

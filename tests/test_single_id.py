@@ -256,6 +256,11 @@ def test_without_cap_chown_the_kernel_answers(user, wd):
     assert res.returncode == 0, res.stderr
     assert "chown=1" in res.stdout and "mknod=1" in res.stdout
     assert export(user, wd)["f"].uid == 0
+    # root of a user namespace the command made has its capabilities there, not in ours
+    script = "unshare -r sh -c 'chown 43 r/f; echo nested=$?; mknod r/n2 c 1 3; echo nested-mknod=$?'"
+    res = shiftfs_exec(user, wd, "sh", "-c", script)
+    assert "nested=1" in res.stdout and "nested-mknod=1" in res.stdout, res.stdout + res.stderr
+    assert export(user, wd)["f"].uid == 0
 
 
 RACE = r"""

@@ -433,10 +433,13 @@ def _serve_and_run(layout: Layout) -> int:
             for fd in src_fds:
                 os.close(fd)
     inner = layout.inner
+    handover = None
     if layout.trap_ids:
-        inner = _start_notify_supervisor(layout, stage, views, controls)
+        inner, handover = _start_notify_supervisor(layout, stage, views, controls)
     mounts.unshare(mounts.CLONE_NEWPID)
     code = supervise.fork_and_supervise(layout.prog, inner, stage, views)
+    if handover is not None:
+        handover.close()  # a supervisor still waiting for the listener (B failed before) gives up
     for view in reversed(views):
         try:
             mounts.umount2(view)
@@ -457,10 +460,11 @@ def _serve_and_run(layout: Layout) -> int:
 
 def _start_notify_supervisor(
     layout: Layout, stage: str, views: list[str], controls: list[socket.socket]
-) -> Callable[[str, list[str]], int]:
+) -> tuple[Callable[[str, list[str]], int], socket.socket]:
     """Fork the seccomp supervisor (still in pid namespace A, so COMMAND can
     neither see nor signal it) and return B's pid 1, which loads the filter
-    and hands the listener over before doing ``layout.inner``."""
+    and hands the listener over before doing ``layout.inner``, and our end
+    of that handover socket (closed once B is gone)."""
     from . import seccomp_notify
 
     sup_end, b_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -483,7 +487,7 @@ def _start_notify_supervisor(
         seccomp_notify.install(b_end)
         return layout.inner(stage, views)
 
-    return inner
+    return inner, b_end
 
 
 def _start_daemon(

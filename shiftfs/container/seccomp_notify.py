@@ -55,6 +55,7 @@ from .notify_target import Caller
 __all__ = ["check_binding", "load_filter", "install", "run_supervisor", "View"]
 
 CAP_CHOWN = 0
+CAP_DAC_OVERRIDE = 1
 CAP_MKNOD = 27
 AT_SYMLINK_NOFOLLOW = 0x100
 _AUDIT_ARCH_X86_64 = 0xC000003E
@@ -151,6 +152,7 @@ class Supervisor:
         self.proc = proc_fd
         self.own_root = own_root
         self.numbers = _syscall_numbers()
+        self.userns = os.stat(f"{os.getpid()}/ns/user", dir_fd=proc_fd).st_ino
         self.counts = {"notified": 0, "handled": 0, "continued": 0}
 
     def serve(self) -> None:
@@ -230,10 +232,13 @@ class Supervisor:
             if not notif.id_valid(self.listener, n.id):
                 return None
             status = caller.status()
-            if not int(status.get("CapEff", "0"), 16) & (1 << CAP_MKNOD):
+            if not self._capable(caller, status, CAP_MKNOD):
                 raise _Continue
             if os.fstatvfs(fd).f_flag & os.ST_RDONLY:
                 return errno.EROFS
+            pst = os.fstat(fd)  # the directory as the kernel sees it: owner 0, the caller's fsuid
+            if not self._capable(caller, status, CAP_DAC_OVERRIDE) and pst.st_mode & 0o300 != 0o300:
+                return errno.EACCES
             umask = int(status.get("Umask", "0022"), 8)
             req = {
                 "op": "mknod",
@@ -260,15 +265,21 @@ class Supervisor:
         target = caller.read_path(a[1])
         if not notif.id_valid(self.listener, n.id):
             return None
-        if not int(caller.status().get("CapEff", "0"), 16) & (1 << notify_mount.CAP_SYS_ADMIN):
+        if not self._capable(caller, caller.status(), notify_mount.CAP_SYS_ADMIN):
             raise _Continue
         return notify_mount.mount_for(caller, source, target, a[3] & 0xFFFFFFFF, data)
+
+    def _capable(self, caller: Caller, status: dict[str, str], cap: int) -> bool:
+        """Whether the caller has ``cap`` in *our* user namespace (not one it made below it)."""
+        if os.stat(f"{caller.pid}/ns/user", dir_fd=self.proc).st_ino != self.userns:
+            return False
+        return bool(int(status.get("CapEff", "0"), 16) & (1 << cap))
 
     def _chown(self, caller: Caller, n: notif.Notification, fd: int, uid: int | None, gid: int | None) -> int | None:
         view = self._view(fd)
         if not notif.id_valid(self.listener, n.id):
             return None
-        if not int(caller.status().get("CapEff", "0"), 16) & (1 << CAP_CHOWN):
+        if not self._capable(caller, caller.status(), CAP_CHOWN):
             raise _Continue
         if os.fstatvfs(fd).f_flag & os.ST_RDONLY:
             return errno.EROFS

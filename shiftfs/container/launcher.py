@@ -280,10 +280,13 @@ def launch_command(prog: str, configure: Callable[[], Any], plan: Callable[[Any,
         if idmap.kind == "single" and "--xattr" in layout.mode_args and layout.sources:
             from . import seccomp_notify
 
-            seccomp_notify.check_binding()
-            layout = dataclasses.replace(layout, trap_ids=True)
-            if note:
-                note = userns.single_id_note(userns.caller_name(), recorded=True)
+            missing = seccomp_notify.binding_missing()
+            if missing is None:
+                layout = dataclasses.replace(layout, trap_ids=True)
+                if note:
+                    note = userns.single_id_note(userns.caller_name(), recorded=True)
+            elif note:
+                note += f"; to keep the owners chown asks for instead: {missing}"
         if layout.sources:
             staging_dir(layout)
     except SetupError as e:

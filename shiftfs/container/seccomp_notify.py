@@ -52,7 +52,7 @@ from ..sys.libc import AT_EMPTY_PATH, AT_FDCWD
 from . import notify_mount
 from .notify_target import Caller
 
-__all__ = ["check_binding", "load_filter", "install", "run_supervisor", "View"]
+__all__ = ["binding_missing", "load_filter", "install", "run_supervisor", "View"]
 
 CAP_CHOWN = 0
 CAP_DAC_OVERRIDE = 1
@@ -71,15 +71,13 @@ OWNER_XATTR = b"user.shiftfs.owner"
 _HINT = "install it with 'apt-get install python3-seccomp' and run 'make setup' (it links it into the venv)"
 
 
-def check_binding() -> None:
-    """SetupError unless libseccomp's Python binding can be imported (before anything is forked)."""
+def binding_missing() -> str | None:
+    """Why the filter cannot be built (libseccomp's Python binding is missing), or None."""
     try:
         import seccomp  # noqa: F401
     except ImportError:
-        raise SetupError(
-            "a single-id namespace needs libseccomp's Python binding (python3-seccomp) to keep the "
-            f"ownership chown and mknod ask for; {_HINT}"
-        ) from None
+        return f"libseccomp's Python binding (python3-seccomp) is missing; {_HINT}"
+    return None
 
 
 def load_filter() -> int:

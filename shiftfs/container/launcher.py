@@ -15,6 +15,8 @@ Process layout, outermost first::
           │                 shiftfs view per served directory
           ├─ shiftfs daemons  serve each directory through a descriptor opened
           │                   before any mount
+          ├─ seccomp          single-id namespace only: answers the chown/mknod
+          │  supervisor       calls B's filter traps (seccomp_notify)
           └─ pid 1 of B     Layout.inner: the command's own mounts, COMMAND
 
 The daemons live in A, so nothing B does to its mounts (pivot_root, moving
@@ -438,7 +440,9 @@ def _serve_and_run(layout: Layout) -> int:
     inner = layout.inner
     handover = None
     if layout.trap_ids:
-        inner, handover = _start_notify_supervisor(layout, stage, views, controls)
+        from . import seccomp_notify
+
+        inner, handover = seccomp_notify.start_supervisor(layout.prog, layout.inner, stage, views, controls)
     mounts.unshare(mounts.CLONE_NEWPID)
     code = supervise.fork_and_supervise(layout.prog, inner, stage, views)
     if handover is not None:
@@ -459,38 +463,6 @@ def _serve_and_run(layout: Layout) -> int:
             file=sys.stderr,
         )
     return code
-
-
-def _start_notify_supervisor(
-    layout: Layout, stage: str, views: list[str], controls: list[socket.socket]
-) -> tuple[Callable[[str, list[str]], int], socket.socket]:
-    """Fork the seccomp supervisor (still in pid namespace A, so COMMAND can
-    neither see nor signal it) and return B's pid 1, which loads the filter
-    and hands the listener over before doing ``layout.inner``, and our end
-    of that handover socket (closed once B is gone)."""
-    from . import seccomp_notify
-
-    sup_end, b_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    served = [seccomp_notify.View(os.stat(v).st_dev, c) for v, c in zip(views, controls)]
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            b_end.close()
-            code = seccomp_notify.run_supervisor(sup_end, served, stage)
-        except BaseException as e:
-            print(f"{layout.prog}: seccomp supervisor: {e}", file=sys.stderr)
-        finally:
-            os._exit(code)
-    sup_end.close()
-    for c in controls:
-        c.close()
-
-    def inner(stage: str, views: list[str]) -> int:
-        seccomp_notify.install(b_end)
-        return layout.inner(stage, views)
-
-    return inner, b_end
 
 
 def _start_daemon(

@@ -42,7 +42,7 @@ import select
 import socket
 import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..errors import SetupError
@@ -52,7 +52,7 @@ from ..sys.libc import AT_EMPTY_PATH, AT_FDCWD
 from . import notify_mount
 from .notify_target import Caller
 
-__all__ = ["binding_missing", "load_filter", "install", "run_supervisor", "View"]
+__all__ = ["binding_missing", "load_filter", "install", "run_supervisor", "start_supervisor", "View"]
 
 CAP_CHOWN = 0
 CAP_DAC_OVERRIDE = 1
@@ -347,3 +347,33 @@ def run_supervisor(sock: socket.socket, views: Sequence[View], stage: str) -> in
         print(f"shiftfs: seccomp supervisor failed: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def start_supervisor(
+    prog: str, inner: Callable[[str, list[str]], int], stage: str, views: list[str], controls: list[socket.socket]
+) -> tuple[Callable[[str, list[str]], int], socket.socket]:
+    """In pid 1 of A, before B exists: fork the supervisor (still in pid
+    namespace A, so COMMAND can neither see nor signal it). Returns B's pid 1,
+    which loads the filter and hands the listener over before doing
+    ``inner``, and our end of that handover socket, to close once B is gone."""
+    sup_end, b_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    served = [View(os.stat(v).st_dev, c) for v, c in zip(views, controls)]
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            b_end.close()
+            code = run_supervisor(sup_end, served, stage)
+        except BaseException as e:
+            print(f"{prog}: seccomp supervisor: {e}", file=sys.stderr)
+        finally:
+            os._exit(code)
+    sup_end.close()
+    for c in controls:
+        c.close()
+
+    def pid1(stage: str, views: list[str]) -> int:
+        install(b_end)
+        return inner(stage, views)
+
+    return pid1, b_end

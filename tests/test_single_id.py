@@ -411,5 +411,24 @@ def test_mmdebstrap_matches_a_real_root_build(user, debian_tar, tmp_path):
         assert got["./etc/shadow"][:4] == ("reg", "0640", 0, 42)
         assert got["./usr/bin/passwd"][:4] == ("reg", "4755", 0, 0)
         assert host_owners(d) == {(user.uid, user.gid)}
+        # The README's step after the build undoes the apt option's traces: then every entry is equal.
+        undo = (
+            "rm rootfs/etc/apt/apt.conf.d/99mmdebstrap && chroot rootfs "
+            "chown _apt:root /var/cache/apt/archives/partial /var/lib/apt/lists/partial"
+        )
+        argv = [sys.executable, "-m", "shiftfs", "exec", "--shift", "./rootfs", "--", "sh", "-c", undo]
+        res = subprocess.run(user.wrap(argv), capture_output=True, text=True, timeout=300, cwd=d)
+        assert res.returncode == 0, res.stderr
+        os.unlink(tar)
+        subprocess.run(
+            user.wrap([sys.executable, "-m", "shiftfs", "export", rootfs, "-o", tar]),
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
+        with open(full, "wb") as out:
+            devtable.add_to_tar(tar, out, devtable.DeviceTable(devtable.parse(devtable.MMDEBSTRAP_DEV)))
+        assert diff_entries(tar_entries(ref), tar_entries(full)) == []
+        assert host_owners(d) == {(user.uid, user.gid)}
     finally:
         remove_tree(d)

@@ -250,4 +250,8 @@ def build_operations(cfg: MountConfig, root_fd: int) -> Operations:
     # backing filesystem (table mode) or the policy (xattr mode) keeps the
     # mask in step with chmod.
     ops.enable_acl = True
+    if cfg.single_id:
+        from .control import single_id_presenter
+
+        ops.present = single_id_presenter()
     return ops

@@ -103,6 +103,8 @@ class Operations(DirectoryHandlers, XattrHandlers, pyfuse3.Operations):
         self._dirs: dict[int, DirHandle] = {}
         self._files: dict[int, Inode] = {}
         self._next_dh = 1
+        #: ``-o single_id``: what the kernel is shown for view ids (shiftfs.fs.control)
+        self.present: Callable[[int, int], tuple[int, int]] | None = None
 
     # -- for the request log -----------------------------------------------------
     def open_file_node(self, fh: int) -> Inode | None:
@@ -124,6 +126,8 @@ class Operations(DirectoryHandlers, XattrHandlers, pyfuse3.Operations):
     def _attrs(self, node: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         mode, uid, gid, rdev = self.policy.view(node, st)[:4]
+        if self.present is not None:
+            uid, gid = self.present(uid, gid)
         e.st_ino = node.id
         e.generation = 0
         e.entry_timeout = self.cache.timeout

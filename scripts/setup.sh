@@ -4,7 +4,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 
-PKGS="fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev attr acl uidmap libcap2-bin util-linux bindfs fuse-overlayfs fio stress-ng dbench mmdebstrap cpio libarchive-tools zstd xz-utils"
+PKGS="fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev attr acl uidmap libcap2-bin util-linux bindfs fuse-overlayfs fio stress-ng dbench mmdebstrap cpio libarchive-tools zstd xz-utils python3-seccomp"
 [ "${SHIFTFS_SETUP_EXTRA:-}" ] && PKGS="$PKGS $SHIFTFS_SETUP_EXTRA"
 
 missing=""
@@ -51,6 +51,17 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/pip install -q -e '.[test,bench,lint]'
     touch "$stamp"
 fi
+# libseccomp's Python binding (shiftfs run/exec in a single-id namespace trap chown and mknod
+# with it) comes from Debian's python3-seccomp; the venv gets that one module, not all of
+# dist-packages. The link is remade if the venv or the package moved.
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')
+for so in /usr/lib/python3/dist-packages/seccomp.cpython-*.so; do
+    [ -e "$so" ] || continue
+    if [ "$(readlink "$site/${so##*/}" 2>/dev/null)" != "$so" ]; then
+        echo "setup: linking libseccomp's Python binding into .venv ($so)"
+        ln -sfn "$so" "$site/${so##*/}"
+    fi
+done
 # Make the checkout and venv reachable for other users (tests run commands as them).
 chmod -R a+rX .venv shiftfs 2>/dev/null || true
 # mount(8) -t fuse.shiftfs runs mount.fuse3, which runs `shiftfs` from PATH.

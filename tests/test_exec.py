@@ -452,16 +452,21 @@ def test_single_id_fallback(users, wd):
         "--",
         "sh",
         "-c",
-        "cat /proc/self/uid_map; touch r/f; chown 0:0 r/f && echo chown0-ok; chown 1000:1000 r/f",
+        "cat /proc/self/uid_map; touch r/f outside; chown 0:0 r/f && echo chown0-ok; "
+        "chown 1000:1000 r/f && echo recorded; chown 1000:1000 outside",
         cwd=wd,
         check=False,
     )
     notes = [line for line in res.stderr.splitlines() if "note:" in line]
     assert len(notes) == 1 and "usermod --add-subuids" in notes[0] and u.name in notes[0]
     assert notes[0].startswith("shiftfs exec: ")
-    assert "Invalid argument" in res.stderr
-    assert res.stdout.split() == ["0", str(u.uid), "1", "chown0-ok"]
+    assert "APT::Sandbox::User" in notes[0]
+    # In the view the chown is trapped and recorded; outside it the kernel refuses it as before.
+    assert "Invalid argument" in res.stderr and "outside" in res.stderr
+    assert res.stdout.split() == ["0", str(u.uid), "1", "chown0-ok", "recorded"]
     assert res.returncode == 1
+    assert tar_entries(export(u, os.path.join(wd, "r"), os.path.join(wd, "r.tar")))["./f"][2:4] == (1000, 1000)
+    assert host_owners(wd) == {(u.uid, u.gid)}
     res = shiftfs_exec(u, "--userns", "full", "--", "true", cwd=wd, check=False)
     assert res.returncode == 125 and "usermod --add-subuids" in res.stderr
 

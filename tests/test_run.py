@@ -439,14 +439,18 @@ def test_single_id_fallback(users, wd):
         root,
         "sh",
         "-c",
-        "cat /proc/self/uid_map; touch /f; chown 0:0 /f && echo chown0-ok; chown 1000:1000 /f",
+        "cat /proc/self/uid_map; touch /f /tmp/g; chown 0:0 /f && echo chown0-ok; "
+        "chown 1000:1000 /f && stat -c %u /f; chown 1000:1000 /tmp/g",
         check=False,
     )
     notes = [line for line in res.stderr.splitlines() if "note:" in line]
     assert len(notes) == 1
     assert "EINVAL" in notes[0] and "usermod --add-subuids" in notes[0] and u.name in notes[0]
-    assert "Invalid argument" in res.stderr
+    assert "su or setpriv to another account fails" in notes[0] and "APT::Sandbox::User" in notes[0]
+    # In ROOT the chown is recorded (and shown as 0 inside); on /tmp (a tmpfs) the kernel refuses it.
+    assert "Invalid argument" in res.stderr and "/tmp/g" in res.stderr
     assert "chown0-ok" in res.stdout
+    assert res.stdout.split()[4:] == ["0"]
     assert res.stdout.split()[:3] == ["0", str(u.uid), "1"]
     assert res.returncode == 1
     # Asking for single explicitly is quiet; asking for full explains the fix.

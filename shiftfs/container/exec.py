@@ -73,7 +73,10 @@ tar with the ownership COMMAND set."""
 _EPILOG = """\
 View id 0 is you. As a user, view ids 1.. are your ranges in /etc/subuid and
 /etc/subgid (newuidmap); as root, a 65536-id block no other namespace uses; without
-either, only id 0 exists and chown to other ids fails (EINVAL).
+either, only id 0 exists: chown to other ids and mknod of devices in the shifted
+directories are then trapped (seccomp, python3-seccomp) and recorded, elsewhere chown
+fails (EINVAL), no process can switch uid (su), and apt needs
+-o APT::Sandbox::User=root.
 
 COMMAND keeps your working directory and environment (sbin directories are added to
 PATH); it gets its own pid namespace and a fresh /proc. The shiftfs mounts use

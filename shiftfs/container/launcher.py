@@ -15,6 +15,8 @@ Process layout, outermost first::
           │                 shiftfs view per served directory
           ├─ shiftfs daemons  serve each directory through a descriptor opened
           │                   before any mount
+          ├─ seccomp          single-id namespace only: answers the chown/mknod
+          │  supervisor       calls B's filter traps (seccomp_notify)
           └─ pid 1 of B     Layout.inner: the command's own mounts, COMMAND
 
 The daemons live in A, so nothing B does to its mounts (pivot_root, moving
@@ -27,10 +29,12 @@ nothing leaks onto the host.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import fcntl
 import os
 import signal
+import socket
 import stat
 import sys
 from collections.abc import Callable, Sequence
@@ -48,6 +52,8 @@ _DAEMON_EXIT_TIMEOUT = 30.0
 #: Descriptor numbers a daemon finds its directory and its log file on.
 _SRC_FD = 3
 _LOG_FD = 4
+#: A single-id namespace's daemons: the private control socket (shiftfs.fs.control).
+_CONTROL_FD = 5
 _STAGING_CANDIDATES = ("/run", "/mnt", "/media", "/srv", "/opt", "/var/tmp", "/tmp", "/home")
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -220,6 +226,8 @@ class Layout:
     inner: Callable[[str, list[str]], int]
     mount_opts: str = ""
     needed: tuple[str, ...] = ()
+    #: single-id namespace, xattr mode: trap chown/mknod and record them (seccomp_notify)
+    trap_ids: bool = False
 
 
 @dataclass(frozen=True)
@@ -271,6 +279,16 @@ def launch_command(prog: str, configure: Callable[[], Any], plan: Callable[[Any,
         cfg = configure()
         idmap, note = userns.choose_idmap(cfg.userns, cfg.userns_base)
         layout = plan(cfg, idmap)
+        if idmap.kind == "single" and "--xattr" in layout.mode_args and layout.sources:
+            from . import seccomp_notify
+
+            missing = seccomp_notify.binding_missing()
+            if missing is None:
+                layout = dataclasses.replace(layout, trap_ids=True)
+                if note:
+                    note = userns.single_id_note(userns.caller_name(), recorded=True)
+            elif note:
+                note += f"; to keep the owners chown asks for instead: {missing}"
         if layout.sources:
             staging_dir(layout)
     except SetupError as e:
@@ -389,6 +407,7 @@ def _serve_and_run(layout: Layout) -> int:
     log_fd = _high_fd(os.memfd_create("shiftfs-daemon-log", os.MFD_CLOEXEC))
     log = f"/proc/self/fd/{log_fd}"
     views: list[str] = []
+    controls: list[socket.socket] = []
     stage = ""
     if layout.sources:
         # Every source is opened before the first mount, so that none is
@@ -400,13 +419,34 @@ def _serve_and_run(layout: Layout) -> int:
             for i, (source, fd) in enumerate(zip(layout.sources, src_fds)):
                 view = os.path.join(stage, f"view{i}")
                 os.mkdir(view, 0o755)
-                _start_daemon(layout, source, fd, log_fd, view)
+                ours = theirs = None
+                control = None
+                if layout.trap_ids:
+                    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                    controls.append(ours)
+                try:
+                    # above the numbers the spawn dup2s onto (a low one would be overwritten)
+                    control = _high_fd(os.dup(theirs.fileno())) if theirs else None
+                    _start_daemon(layout, source, fd, log_fd, view, control)
+                finally:
+                    if theirs is not None:
+                        theirs.close()
+                        if control is not None:
+                            os.close(control)
                 views.append(view)
         finally:
             for fd in src_fds:
                 os.close(fd)
+    inner = layout.inner
+    handover = None
+    if layout.trap_ids:
+        from . import seccomp_notify
+
+        inner, handover = seccomp_notify.start_supervisor(layout.prog, layout.inner, stage, views, controls)
     mounts.unshare(mounts.CLONE_NEWPID)
-    code = supervise.fork_and_supervise(layout.prog, layout.inner, stage, views)
+    code = supervise.fork_and_supervise(layout.prog, inner, stage, views)
+    if handover is not None:
+        handover.close()  # a supervisor still waiting for the listener (B failed before) gives up
     for view in reversed(views):
         try:
             mounts.umount2(view)
@@ -425,7 +465,9 @@ def _serve_and_run(layout: Layout) -> int:
     return code
 
 
-def _start_daemon(layout: Layout, source: str, src_fd: int, log_fd: int, view: str) -> None:
+def _start_daemon(
+    layout: Layout, source: str, src_fd: int, log_fd: int, view: str, control_fd: int | None = None
+) -> None:
     """Run ``shiftfs mount`` on ``view`` (as namespace root, so that
     /dev/fuse is opened in this user namespace), serving the directory open
     on ``src_fd``; return once the mount is live. The daemon stays behind as
@@ -436,6 +478,10 @@ def _start_daemon(layout: Layout, source: str, src_fd: int, log_fd: int, view: s
         f"suid,dev,allow_shared_source,{layout.mount_opts + ',' if layout.mount_opts else ''}"
         f"log=/proc/self/fd/{_LOG_FD}"
     )
+    actions = []
+    if control_fd is not None:
+        opts += f",control_fd={_CONTROL_FD},single_id"
+        actions.append((os.POSIX_SPAWN_DUP2, control_fd, _CONTROL_FD))
     if not any(c in source for c in ",\\ \t\n"):
         opts += f",fsname={source}"
     argv = [sys.executable, "-m", "shiftfs", "mount", *layout.mode_args, "-o", opts, f"/proc/self/fd/{_SRC_FD}", view]
@@ -452,6 +498,7 @@ def _start_daemon(layout: Layout, source: str, src_fd: int, log_fd: int, view: s
                 (os.POSIX_SPAWN_DUP2, log_fd, 2),
                 (os.POSIX_SPAWN_DUP2, src_fd, _SRC_FD),
                 (os.POSIX_SPAWN_DUP2, log_fd, _LOG_FD),
+                *actions,
             ],
             setsid=True,
             setsigmask=set(),

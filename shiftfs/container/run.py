@@ -162,7 +162,10 @@ full, random, urandom, tty, fuse, a devpts with ptmx, shm), /sys read-only, /tmp
 tmpfs and the --bind mounts (with shift, a bind is seen through shiftfs as well, so
 files the container creates there stay yours too). View id 0 is you. As root, view ids 1-65535 are a
 65536-id block no other namespace uses (host id BASE+N); as a user, your ranges in
-/etc/subuid and /etc/subgid (newuidmap), else only id 0 exists.
+/etc/subuid and /etc/subgid (newuidmap), else only id 0 exists: chown to other ids and
+mknod of devices in ROOT and ,shift binds are then trapped (seccomp, python3-seccomp)
+and recorded, elsewhere chown fails (EINVAL), no process can switch uid (su to another
+account fails), and apt needs -o APT::Sandbox::User=root.
 
 --bind forms: SRC:DST (read-write), SRC:DST:ro, SRC:DST:rw, and any of them with
 ,shift at the end (SRC:DST,shift or SRC:DST:ro,shift; SRC:DST:shift is the same as

@@ -12,7 +12,8 @@ filesystem is owned by that user:
   and /etc/subgid, written with the setuid helpers newuidmap/newgidmap, like
   rootless podman;
 * otherwise only view id 0 exists (a *single-id* namespace), and the kernel
-  refuses chown to any other id with EINVAL before the filesystem sees it.
+  refuses chown to any other id with EINVAL before the filesystem sees it
+  (in xattr views shiftfs traps and records it: shiftfs.container.seccomp_notify).
 """
 
 from __future__ import annotations
@@ -205,15 +206,32 @@ def suggest_subid_range() -> tuple[int, int]:
     return start, start + BLOCK - 1
 
 
-def single_id_note(user: str) -> str:
-    """The one-time notice for a single-id namespace."""
+def single_id_note(user: str, recorded: bool = False) -> str:
+    """The one-time notice for a single-id namespace; ``recorded``: chown and
+    mknod in the shifted directories are trapped and kept (shiftfs.container.seccomp_notify)."""
     lo, hi = suggest_subid_range()
-    return (
-        f"note: single-id namespace ({user} has no range in /etc/subuid and "
-        f"/etc/subgid, or newuidmap is missing): chown to any id but 0 fails with "
-        f"EINVAL; to get 65536 ids, as root run 'usermod --add-subuids {lo}-{hi} "
+    head = f"note: single-id namespace ({user} has no range in /etc/subuid and /etc/subgid, or newuidmap is missing): "
+    fix = (
+        f"to get 65536 ids, as root run 'usermod --add-subuids {lo}-{hi} "
         f"--add-subgids {lo}-{hi} {user}' (newuidmap comes with package uidmap)"
     )
+    if not recorded:
+        return head + "chown to any id but 0 fails with EINVAL; " + fix
+    return (
+        head + "chown to other ids and mknod of devices in the shifted directories are recorded "
+        "(they show as 0 inside and as asked in 'shiftfs export'); elsewhere chown to any id but 0 "
+        "fails with EINVAL. No process can switch to another uid: su or setpriv to another "
+        "account fails, and apt needs -o APT::Sandbox::User=root (mmdebstrap: "
+        "--aptopt='APT::Sandbox::User \"root\"'). " + fix[0].upper() + fix[1:]
+    )
+
+
+def caller_name() -> str:
+    """The calling user's name (its uid if it has none), for messages."""
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
 
 
 def choose_idmap(mode: str = "auto", base: int | None = None) -> tuple[NamespaceMaps, str | None]:

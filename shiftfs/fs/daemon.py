@@ -131,6 +131,10 @@ async def _serve(ops: Operations, cfg: MountConfig) -> None:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(signals)
+        if cfg.control_fd is not None:
+            from .control import serve_control
+
+            nursery.start_soon(serve_control, ops, cfg.control_fd)
         # Handlers never yield (every backing call is a plain syscall), so more
         # trio tasks only add scheduling: one task measured ~20% less time per
         # request than eight (stat storm, cache=never, interleaved A/B). With

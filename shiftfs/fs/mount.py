@@ -252,4 +252,8 @@ def build_operations(cfg: MountConfig, root_fd: int) -> Operations:
     # then stops fetching system.posix_acl_access after every attribute
     # refresh of a directory (one GETXATTR per create or unlink in it).
     ops.enable_acl = cfg.acl
+    if cfg.single_id:
+        from .control import single_id_presenter
+
+        ops.present = single_id_presenter()
     return ops

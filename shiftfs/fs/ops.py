@@ -107,6 +107,8 @@ class Operations(DirectoryHandlers, XattrHandlers, pyfuse3.Operations):
         self._next_dh = 1
         self._fresh_learn = {}
         policy.xnames_trusted = self.cache.xattr_cache
+        #: ``-o single_id``: what the kernel is shown for view ids (shiftfs.fs.control)
+        self.present: Callable[[int, int], tuple[int, int]] | None = None
 
     # -- for the request log -----------------------------------------------------
     def open_file_node(self, fh: int) -> Inode | None:
@@ -128,6 +130,8 @@ class Operations(DirectoryHandlers, XattrHandlers, pyfuse3.Operations):
     def _attrs(self, node: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         mode, uid, gid, rdev = self.policy.view(node, st)[:4]
+        if self.present is not None:
+            uid, gid = self.present(uid, gid)
         e.st_ino = node.id
         e.generation = 0
         e.entry_timeout = self.cache.timeout

@@ -108,6 +108,10 @@ class MountConfig:
     allow_shared_source: bool = False
     #: what securing the backing tree did, logged once the log is set up
     notes: list = field(default_factory=list)
+    #: shiftfs run/exec in a single-id namespace: the control socket (shiftfs.fs.control)
+    control_fd: int | None = None
+    #: present ids the daemon's namespace cannot map as 0 (shiftfs.fs.control)
+    single_id: bool = False
 
 
 def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mountpoint: str) -> MountConfig:
@@ -183,6 +187,10 @@ def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mo
                 cfg.xattr_probes = val == "on"
             elif key == "acl" and val in ("on", "off"):
                 cfg.acl = val == "on"
+            elif key == "control_fd" and val.isdigit():
+                cfg.control_fd = int(val)
+            elif key == "single_id" and not eq:
+                cfg.single_id = True
             else:
                 raise UsageError(
                     f"unknown -o option {opt!r}; see 'shiftfs mount --help' for the options shiftfs understands"

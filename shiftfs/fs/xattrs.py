@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 
 import pyfuse3
 
@@ -24,7 +25,10 @@ from .options import CacheConfig
 from .requestlog import fuse_handler
 from .xattr_io import InodeXattrs, LinkXattrs, SideXattrs
 
-__all__ = ["XattrHandlers"]
+__all__ = ["XattrHandlers", "OWNER_XATTR"]
+
+#: Single-id namespaces: the owner the kernel cannot be shown (read-only through the mount).
+OWNER_XATTR = "user.shiftfs.owner"
 
 Ctx = pyfuse3.RequestContext
 
@@ -40,6 +44,8 @@ class XattrHandlers:
     _fresh_base: frozenset[str] | None = None
     #: a few new inodes whose first listing teaches ``_fresh_base``: id -> (inode, names the stamp wrote)
     _fresh_learn: dict[int, tuple[Inode, set[str]]]
+    #: ``-o single_id`` (shiftfs.fs.control): ids shown to the kernel; the true owner is a read-only xattr
+    present: Callable[[int, int], tuple[int, int]] | None
 
     # -- xattrs ------------------------------------------------------------------
     def _fresh_xnames(self, node: Inode, plan: CreatePlan) -> None:
@@ -84,6 +90,8 @@ class XattrHandlers:
             raise pyfuse3.FUSEError(errno.ENOSYS)
         node = self.table[inode_id]
         vname = os.fsdecode(name)
+        if vname == OWNER_XATTR and self.present is not None:
+            return self._owner_xattr(node)
         bname = self.policy.xattr_to_backing(vname)
         if bname is None or bname not in self._xnames(node):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -106,7 +114,25 @@ class XattrHandlers:
                 out.append(os.fsencode(v))
         if any(v.startswith(b"trusted.") for v in out) and not sees_trusted(ctx.pid):
             out = [v for v in out if not v.startswith(b"trusted.")]
+        if self.present is not None and not stat.S_ISLNK(node.ftype):
+            try:
+                self._owner_xattr(node)
+                out.append(OWNER_XATTR.encode())
+            except pyfuse3.FUSEError:
+                pass
         return out
+
+    def _owner_xattr(self, node: Inode) -> bytes:
+        """``UID:GID`` of an inode whose owner the kernel is shown as another (single-id namespace).
+
+        Tools that copy a file's owner from its stat (``cp -a``, ``rsync -a``)
+        see 0 there; they copy this xattr too, and the seccomp supervisor
+        turns that copy into a chown (shiftfs.container.seccomp_notify)."""
+        assert self.present is not None
+        v = self.policy.view(node, os.fstat(node.fd))
+        if self.present(v.uid, v.gid) == (v.uid, v.gid):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return f"{v.uid}:{v.gid}".encode()
 
     def _writable_xattr(self, inode_id: int, name: bytes) -> tuple[Inode, str, str]:
         """The inode, view name and backing name of an xattr the caller may
@@ -115,7 +141,7 @@ class XattrHandlers:
         self._fresh_learn.pop(node.id, None)  # no longer as made: it cannot teach what new objects get
         vname = os.fsdecode(name)
         bname = self.policy.xattr_to_backing(vname)
-        if bname is None:
+        if bname is None or (vname == OWNER_XATTR and self.present is not None):
             raise pyfuse3.FUSEError(errno.EPERM)
         return node, vname, bname
 

@@ -118,7 +118,9 @@ def _coherent(cfg: MountConfig, cache_given: bool, writeback_given: bool) -> Non
     every request (see ``OwnershipPolicy.reread``).
     """
     if cache_given and cfg.cache == "always":
-        raise UsageError("-o shared needs coherent caching: drop cache=always, or use cache=never (default) or cache=auto")
+        raise UsageError(
+            "-o shared needs coherent caching: drop cache=always, or use cache=never (default) or cache=auto"
+        )
     if writeback_given and cfg.writeback:
         raise UsageError("-o shared cannot use the writeback cache (sizes and times would go stale); drop writeback")
     if not cache_given:

@@ -134,8 +134,14 @@ def write_note(dir_fd: int, st: os.stat_result, holder: Holder) -> str | None:
     """Record ``holder`` for the SOURCE of ``st``; returns the note's name (None if it cannot be written)."""
     name = note_path(st, holder.pid)
     data = json.dumps(
-        {"pid": holder.pid, "start": holder.start, "kind": holder.kind, "mountpoint": holder.mountpoint,
-         "shared": holder.shared, "procdev": holder.procdev}
+        {
+            "pid": holder.pid,
+            "start": holder.start,
+            "kind": holder.kind,
+            "mountpoint": holder.mountpoint,
+            "shared": holder.shared,
+            "procdev": holder.procdev,
+        }
     ).encode()
     tmp = f".{name}.tmp"
     try:

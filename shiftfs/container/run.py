@@ -25,11 +25,13 @@ import os
 import pwd
 import re
 import socket
+import sys
 from dataclasses import dataclass, field
 
 from ..errors import SetupError
+from ..fs import sourcelock
 from ..sys import mounts
-from . import launcher, rootfs, supervise, userns
+from . import join, launcher, rootfs, supervise, userns
 
 PROG = "shiftfs run"
 
@@ -63,6 +65,8 @@ class RunConfig:
     chdir: str = "/"
     hostname: str | None = None
     allow_shared_source: bool = False
+    #: a live container of ROOT: "auto" joins it, "join" must, "new" refuses (shiftfs.container.join)
+    attach: str = "auto"
 
 
 # --- command line -------------------------------------------------------------
@@ -92,6 +96,20 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--chdir", metavar="DIR", help="working directory of COMMAND inside the container (default /)")
     p.add_argument("--hostname", metavar="NAME", help="host name inside the container")
+    p.add_argument(
+        "--join",
+        dest="attach",
+        action="store_const",
+        const="join",
+        help="enter the container your earlier 'shiftfs run' of ROOT still runs (the default when there is one)",
+    )
+    p.add_argument(
+        "--new",
+        dest="attach",
+        action="store_const",
+        const="new",
+        help="start a new container; refused while one runs on ROOT (one daemon per ROOT)",
+    )
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -312,6 +330,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         setenv=_parse_setenv(args.setenv),
         term=os.environ.get("TERM"),
         allow_shared_source=args.allow_shared_source,
+        attach=args.attach or "auto",
     )
     if args.user:
         uid, gid, env = _lookup_user(root, args.user)
@@ -406,6 +425,30 @@ def plan(cfg: RunConfig, idmap: userns.NamespaceMaps) -> launcher.Layout:
     )
 
 
+def divert(cfg: RunConfig) -> int | None:
+    """On the host, before launching: join the live container of ROOT (a
+    second shell into it), or refuse as ``--new``/``--join`` ask; None: launch."""
+    join.prepare()
+    try:
+        held = sourcelock.probe(cfg.root)
+    except OSError:
+        held = None  # the launch's own checks say why
+    if not held:
+        if cfg.attach == "join":
+            raise SetupError(f"--join: no container of ROOT {cfg.root} is running; drop --join to start one")
+        return None
+    found = join.find(cfg.root)
+    if cfg.attach == "new" or found is None:
+        raise SetupError(sourcelock.describe(cfg.root, held))
+    if cfg.binds or cfg.hostname:  # the same command line again is the natural second shell: not an error
+        print(
+            f"{PROG}: joining the running container (pid {found.pid}) of {cfg.root}: its binds and host name "
+            f"stay as they are (--bind, --hostname ignored; --new refuses instead)",
+            file=sys.stderr,
+        )
+    return join.enter(PROG, found, _exec_command, cfg)
+
+
 def _terminal() -> str | None:
     """The host path of the terminal on stdin, if any."""
     for fd in (0, 1, 2):
@@ -480,8 +523,12 @@ def _container_init(cfg: RunConfig, idmap: userns.NamespaceMaps, stage: str, vie
     binds = [dataclasses.replace(b, source=next(shifted)) if b.shift else b for b in cfg.binds]
     mnt = views[0]
     _setup_root(dataclasses.replace(cfg, binds=binds), idmap, mnt)
+    join.register(cfg.root)  # before the pivot: /proc is still the host's, and numbers us as it does
     rootfs.pivot_into(mnt)
-    return supervise.fork_and_supervise(PROG, _exec_command, cfg)
+    try:
+        return supervise.fork_and_supervise(PROG, _exec_command, cfg)
+    finally:
+        join.unregister()
 
 
 def _exec_command(cfg: RunConfig) -> int:
@@ -504,6 +551,6 @@ def _exec_command(cfg: RunConfig) -> int:
 _SUMMARY = "run a command in a container whose root is seen through shiftfs"
 #: In CommandLine's field order: prog, summary, usage, description, epilog, add_arguments, configure, plan.
 COMMAND_LINE = launcher.CommandLine(
-    PROG, _SUMMARY, _USAGE, _DESCRIPTION, _EPILOG, _add_arguments, config_from_args, plan
+    PROG, _SUMMARY, _USAGE, _DESCRIPTION, _EPILOG, _add_arguments, config_from_args, plan, divert
 )
 register = COMMAND_LINE.register

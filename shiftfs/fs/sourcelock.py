@@ -74,15 +74,15 @@ def host_uid() -> int:
 def runtime_dir(create: bool = True) -> int | None:
     """An O_PATH descriptor of this user's note directory, or None.
 
-    Root of the initial user namespace: ``/run/shiftfs``; anyone else (and a
-    namespace root, keyed by the real user behind it): ``/tmp/shiftfs-UID``,
-    the directory the daemon's log falls back to. Mode 0700 and owned by us,
-    or not used.
+    Keyed by the real user behind us (a namespace root is the user who made
+    the namespace): ``/run/shiftfs`` for root, ``/tmp/shiftfs-UID`` for
+    others (the directory the daemon's log falls back to). Mode 0700 and
+    owned by us, or not used. Inside ``shiftfs run`` the staging tmpfs may
+    cover it: the container's note is written through a descriptor the host
+    side opened (:mod:`shiftfs.container.join`).
     """
-    from ..sys.mounts import in_init_userns
-
     uid = host_uid()
-    path = "/run/shiftfs" if uid == 0 and in_init_userns() and os.geteuid() == 0 else f"/tmp/shiftfs-{uid}"
+    path = "/run/shiftfs" if uid == 0 else f"/tmp/shiftfs-{uid}"
     try:
         if create:
             with contextlib.suppress(FileExistsError):
@@ -97,7 +97,7 @@ def runtime_dir(create: bool = True) -> int | None:
     return fd
 
 
-def _start_time(pid: int | str) -> int | None:
+def start_time(pid: int | str) -> int | None:
     """Field 22 of /proc/PID/stat (clock ticks since boot), which tells a pid from its reuse."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -107,7 +107,7 @@ def _start_time(pid: int | str) -> int | None:
         return None
 
 
-def _proc_dev() -> int:
+def proc_dev() -> int:
     try:
         return os.stat("/proc/self").st_dev
     except OSError:
@@ -163,7 +163,11 @@ def remove_note(dir_fd: int, name: str) -> None:
 
 def _notes(st: os.stat_result) -> list[Holder]:
     """Live notes of our user for SOURCE ``st``; stale ones are removed."""
-    dfd = runtime_dir(create=False)
+    return notes_in(runtime_dir(create=False), st)
+
+
+def notes_in(dfd: int | None, st: os.stat_result) -> list[Holder]:
+    """Live notes for SOURCE ``st`` in the note directory ``dfd`` (closed here)."""
     if dfd is None:
         return []
     found = []
@@ -189,9 +193,9 @@ def _notes(st: os.stat_result) -> list[Holder]:
                     )
                 except (OSError, ValueError, KeyError, TypeError):
                     continue
-                if h.procdev != _proc_dev():
+                if h.procdev != proc_dev():
                     continue  # numbered by another /proc: neither believed nor removed
-                if _start_time(h.pid) != h.start:
+                if start_time(h.pid) != h.start:
                     remove_note(rfd, name)
                     continue
                 found.append(h)
@@ -227,7 +231,8 @@ def holders(st: os.stat_result) -> list[Holder]:
     notes = _notes(st)
     live = set(_lock_pids(st))
     # A note whose process holds no lock on it (between its lock and its note) still names it best.
-    notes.sort(key=lambda h: h.pid not in live)
+    # A run's container first: it is what a second run joins and what the refusal names.
+    notes.sort(key=lambda h: (h.kind != "run", h.pid not in live))
     if notes:
         return notes
     return [Holder(pid) for pid in sorted(live) if pid > 0] or [Holder(0)]
@@ -296,7 +301,7 @@ class SourceLock:
         if dfd is None:
             return
         pid = own_pid()
-        holder = Holder(pid, kind, os.path.abspath(mountpoint), self.shared, _start_time(pid) or 0, _proc_dev())
+        holder = Holder(pid, kind, os.path.abspath(mountpoint), self.shared, start_time(pid) or 0, proc_dev())
         self._note = write_note(dfd, self.st, holder)
         self._note_dir = dfd
 

@@ -213,8 +213,12 @@ def test_second_run_joins_the_first(who, wd):
         assert os.lstat(os.path.join(root, "made")).st_uid == who.uid
     finally:
         if first.poll() is None:
-            first.kill()
-            first.wait()
+            first.terminate()  # runuser and shiftfs run pass it on to the command
+            try:
+                first.wait(10)
+            except subprocess.TimeoutExpired:
+                first.kill()
+                first.wait()
 
 
 def test_run_new_and_exec_refused_while_a_run_lives(who, wd):
@@ -254,5 +258,9 @@ def test_run_new_and_exec_refused_while_a_run_lives(who, wd):
         assert r.returncode == 0, r.stderr
     finally:
         if first.poll() is None:
-            first.kill()
-            first.wait()
+            first.terminate()  # runuser and shiftfs run pass it on to the command
+            try:
+                first.wait(10)
+            except subprocess.TimeoutExpired:
+                first.kill()
+                first.wait()

@@ -224,10 +224,9 @@ def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
     lock = None
     try:
         root_fd = os.open(cfg.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        # Held for our whole life, released by the kernel when we die (shiftfs.fs.sourcelock).
+        # Held for our whole life, released by the kernel when we die (shiftfs.fs.sourcelock);
+        # opened through root_fd, so it locks exactly the directory we serve.
         lock = sourcelock.SourceLock(f"/proc/self/fd/{root_fd}", cfg.shared, cfg.source)
-        if not os.path.samestat(lock.st, os.fstat(root_fd)):
-            raise MountError(f"SOURCE {cfg.source} changed while mounting; mount again")
         ops = build_operations(cfg, root_fd)
         with _StderrCapture() as cap:
             try:

@@ -264,3 +264,30 @@ def test_run_new_and_exec_refused_while_a_run_lives(who, wd):
             except subprocess.TimeoutExpired:
                 first.kill()
                 first.wait()
+
+
+#: Each command waits until all three are in, so that the container (whose
+#: shell's parent is its pid 1) ends last: the joined ones end with it.
+WAIT_FOR_ALL = (
+    "echo x >> /n; while [ $(wc -l < /n) -lt 3 ]; do sleep 0.05; done; readlink /proc/self/ns/pid; "
+    'if [ "$PPID" = 1 ]; then sleep 1; fi'
+)
+
+
+def test_simultaneous_runs_of_one_root_are_one_container(wd):
+    """Started at the same moment, the later runs wait for the first one's container and join it."""
+    root = make_host_root(os.path.join(wd, "root"), ROOT_USER)
+    os.chmod(root, 0o700)
+    procs = [
+        subprocess.Popen(
+            [*_run_argv(ROOT_USER, root), WAIT_FOR_ALL],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=wd,
+        )
+        for _ in range(3)
+    ]
+    results = [p.communicate(timeout=90) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err for _, err in results]
+    assert len({out.strip() for out, _ in results}) == 1, results

@@ -14,6 +14,14 @@ staging tmpfs may cover that directory), with its pid as the host numbers
 it (B's /proc is still the host's then). A note counts while that process
 lives with the same start time and belongs to us; B removes it on exit.
 
+Runs started at the same moment. Between a run's check and its container's
+note there is a window in which a second run would find ROOT free and start
+a daemon the lock then refuses. So a run holds a start lock (``flock`` on
+``DEV-INO.start`` in the note directory) from its check until its container
+has left its note: pid 1 of B releases it (the descriptor is inherited
+across the forks, so its unlock is the launch's). Others wait for it, then
+look again and join. If the launch fails, the lock goes with its processes.
+
 How it is entered. From the host, the joining process opens the
 container's user, mount, pid, UTS and IPC namespaces and its root through
 ``/proc/PID``, checks the start time again (the pid was not reused), then
@@ -28,19 +36,24 @@ ends the joined processes with it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
+import time
 
 from ..errors import SetupError
 from ..fs import sourcelock
 from ..sys import mounts
 from . import supervise
 
-__all__ = ["prepare", "register", "unregister", "find", "enter"]
+__all__ = ["prepare", "wait_turn", "end_turn", "register", "unregister", "find", "enter"]
 
 #: The note directory, opened on the host before the launch (see the module docstring).
 _NOTE_DIR: int | None = None
 _NOTE: str | None = None
+#: The start lock while this run is the one starting a container of ROOT.
+_START: int | None = None
+_START_WAIT = 60.0
 
 #: Namespaces a joining process enters, user namespace first.
 _NAMESPACES = (
@@ -59,6 +72,45 @@ def prepare() -> None:
         _NOTE_DIR = sourcelock.runtime_dir()
 
 
+def wait_turn(root: str) -> None:
+    """On the host: take the start lock of ROOT, waiting (up to a minute) for a
+    run of ROOT that is starting right now to have left its note."""
+    global _START
+    if _NOTE_DIR is None:
+        return
+    st = os.stat(root)
+    try:
+        fd = os.open(
+            f"{st.st_dev:x}-{st.st_ino:x}.start",
+            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=_NOTE_DIR,
+        )
+    except OSError:
+        return  # no start lock: the daemon's own lock still decides, less politely
+    deadline = time.monotonic() + _START_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                return
+            time.sleep(0.05)
+    _START = fd
+
+
+def end_turn() -> None:
+    """Release the start lock (on the host when not starting, in B once its note is written)."""
+    global _START
+    if _START is not None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(_START, fcntl.LOCK_UN)
+            os.close(_START)
+        _START = None
+
+
 def register(root: str) -> None:
     """In pid 1 of the container, before it pivots: the note that names it for ROOT."""
     global _NOTE
@@ -67,6 +119,7 @@ def register(root: str) -> None:
     pid = sourcelock.own_pid()
     holder = sourcelock.Holder(pid, "run", "", False, sourcelock.start_time(pid) or 0, sourcelock.proc_dev())
     _NOTE = sourcelock.write_note(_NOTE_DIR, os.stat(root), holder)
+    end_turn()  # the same open file as the host's: this unlocks it for the waiting runs
 
 
 def unregister() -> None:

@@ -429,6 +429,7 @@ def divert(cfg: RunConfig) -> int | None:
     """On the host, before launching: join the live container of ROOT (a
     second shell into it), or refuse as ``--new``/``--join`` ask; None: launch."""
     join.prepare()
+    join.wait_turn(cfg.root)  # a run of ROOT starting right now: wait for its container, then join it
     try:
         held = sourcelock.probe(cfg.root)
     except OSError:
@@ -436,7 +437,8 @@ def divert(cfg: RunConfig) -> int | None:
     if not held:
         if cfg.attach == "join":
             raise SetupError(f"--join: no container of ROOT {cfg.root} is running; drop --join to start one")
-        return None
+        return None  # we start it, holding the start lock until its pid 1 has left its note
+    join.end_turn()
     found = join.find(cfg.root)
     if cfg.attach == "new" or found is None:
         raise SetupError(sourcelock.describe(cfg.root, held))

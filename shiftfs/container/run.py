@@ -198,6 +198,12 @@ rootless podman) cannot be run: its ids do not exist in run's user namespace.
 As root, mount it with 'shiftfs mount --map b:100000:0:65536 TREE VIEW' and start
 'systemd-nspawn -D VIEW' or 'podman run --rootfs VIEW COMMAND'.
 
+One daemon serves ROOT: a second run of ROOT while yours runs (a second shell)
+joins that container (its namespaces and root; its binds and host name stay), as
+'podman exec' does, and ends with it. --join insists on joining, --new on a new
+container (refused while one runs). 'shiftfs exec --shift ROOT' and 'shiftfs
+mount ROOT' are refused meanwhile.
+
 Exit status: COMMAND's (128+N if killed by signal N); 125 if the container could
 not be set up, 126 if COMMAND cannot be executed, 127 if it is not found.
 SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1/2 sent to shiftfs run reach COMMAND.

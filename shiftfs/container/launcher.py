@@ -41,7 +41,7 @@ from ..errors import SetupError
 from ..fs import sourcelock
 from ..ownership import trust
 from ..sys import mounts
-from . import supervise, userns
+from . import join, supervise, userns
 from .supervise import EXIT_SETUP
 
 _MOUNT_TIMEOUT = 30.0
@@ -288,6 +288,18 @@ def launch_command(
     reads the command line into a config with ``userns`` and
     ``userns_base``; ``plan(cfg, idmap)`` checks it and returns the layout.
     Returns COMMAND's exit status, or 125 with one line on stderr."""
+    try:
+        return _launch_command(prog, configure, plan, divert)
+    finally:
+        join.end_turn()  # a start lock ``divert`` took (shiftfs.container.join), also when we failed early
+
+
+def _launch_command(
+    prog: str,
+    configure: Callable[[], Any],
+    plan: Callable[[Any, userns.NamespaceMaps], Layout],
+    divert: Callable[[Any], int | None] | None,
+) -> int:
     try:
         cfg = configure()
         if divert is not None:

@@ -166,8 +166,9 @@ def _notes(st: os.stat_result) -> list[Holder]:
     return notes_in(runtime_dir(create=False), st)
 
 
-def notes_in(dfd: int | None, st: os.stat_result) -> list[Holder]:
-    """Live notes for SOURCE ``st`` in the note directory ``dfd`` (closed here)."""
+def notes_in(dfd: int | None, st: os.stat_result | None) -> list[Holder]:
+    """Live notes for SOURCE ``st`` (None: every SOURCE, a sweep) in the note
+    directory ``dfd`` (closed here); notes of processes gone are removed."""
     if dfd is None:
         return []
     found = []
@@ -175,9 +176,9 @@ def notes_in(dfd: int | None, st: os.stat_result) -> list[Holder]:
         rfd = os.open(".", _DIR_FLAGS, dir_fd=dfd)
         try:
             names = os.listdir(rfd)
-            prefix = _key(st) + "."
+            prefix = _key(st) + "." if st is not None else ""
             for name in names:
-                if not name.startswith(prefix):
+                if not name.startswith(prefix) or name.startswith(".") or not name.rpartition(".")[2].isdigit():
                     continue
                 try:
                     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=rfd)
@@ -300,6 +301,7 @@ class SourceLock:
         dfd = runtime_dir()
         if dfd is None:
             return
+        notes_in(os.dup(dfd), None)  # sweep the notes of daemons killed meanwhile
         pid = own_pid()
         holder = Holder(pid, kind, os.path.abspath(mountpoint), self.shared, start_time(pid) or 0, proc_dev())
         self._note = write_note(dfd, self.st, holder)

@@ -16,6 +16,9 @@ from ns_util import HOST_USR, ROOT_USER, User, make_host_root, remove_tree, run_
 
 from shiftfs.container import launcher
 from shiftfs.container import run as runmod
+from shiftfs.errors import UsageError
+from shiftfs.fs import sourcelock
+from shiftfs.fs.options import parse_options
 
 pytestmark = [
     pytest.mark.mount,
@@ -79,6 +82,8 @@ def test_second_mount_refused(who, wd, mode):
     os.symlink("src", os.path.join(wd, "alias"))
     args = ["--xattr"] if mode == "xattr" else ["--map", f"u:{who.uid}:0:1", "--map", f"g:{who.gid}:0:1"]
     with mount_shiftfs(src, mp1, *args, "-o", "backend=fuse", **_as(who)) as m:
+        # The daemon alone holds the lock (its descriptor is O_CLOEXEC: nothing it started has it).
+        assert sourcelock._lock_pids(os.stat(src)) == [m.pid]
         # The same inode however it is spelled: through a symlink, with a trailing "/.".
         for spelling in (os.path.join(wd, "alias"), src + "/."):
             r = _mount_cmd(who, *args, "-o", "backend=fuse", spelling, mp2)
@@ -158,6 +163,16 @@ def test_shared_mounts_see_each_others_chown(wd, mode, cache):
         os.chmod(os.path.join(mp2, "f"), 0o4750)
         wait_for(lambda: stat.S_IMODE(os.stat(os.path.join(mp1, "f")).st_mode) == 0o4750, timeout=within)
         assert stat.S_ISFIFO(os.lstat(os.path.join(mp2, "p")).st_mode)
+
+
+def test_shared_options():
+    cfg = parse_options(["shared"], [], True, "s", "m")
+    assert (cfg.shared, cfg.cache, cfg.writeback) == (True, "never", False)
+    cfg = parse_options(["shared,cache=auto"], [], True, "s", "m")
+    assert (cfg.cache, cfg.writeback) == ("auto", False)
+    for bad in ("shared,cache=always", "shared,writeback"):
+        with pytest.raises(UsageError, match="-o shared"):
+            parse_options([bad], [], True, "s", "m")
 
 
 def test_shared_refuses_cache_always():

@@ -39,6 +39,7 @@ import contextlib
 import fcntl
 import os
 import signal
+import sys
 import time
 
 from ..errors import SetupError
@@ -46,7 +47,7 @@ from ..fs import sourcelock
 from ..sys import mounts
 from . import supervise
 
-__all__ = ["prepare", "wait_turn", "end_turn", "register", "unregister", "find", "enter"]
+__all__ = ["divert", "prepare", "wait_turn", "end_turn", "register", "unregister", "find", "enter"]
 
 #: The note directory, opened on the host before the launch (see the module docstring).
 _NOTE_DIR: int | None = None
@@ -63,6 +64,33 @@ _NAMESPACES = (
     ("ipc", mounts.CLONE_NEWIPC),
     ("pid", mounts.CLONE_NEWPID),
 )
+
+
+def divert(prog: str, cfg, body) -> int | None:
+    """``run`` on the host, before launching: join the live container of
+    ``cfg.root`` and run ``body(cfg)`` there (a second shell into it), or
+    refuse as ``--new``/``--join`` (``cfg.attach``) ask; None: launch."""
+    prepare()
+    wait_turn(cfg.root)  # a run of ROOT starting right now: wait for its container, then join it
+    try:
+        held = sourcelock.probe(cfg.root)
+    except OSError:
+        held = None  # the launch's own checks say why
+    if not held:
+        if cfg.attach == "join":
+            raise SetupError(f"--join: no container of ROOT {cfg.root} is running; drop --join to start one")
+        return None  # we start it, holding the start lock until its pid 1 has left its note
+    end_turn()
+    found = find(cfg.root)
+    if cfg.attach == "new" or found is None:
+        raise SetupError(sourcelock.describe(cfg.root, held))
+    if cfg.binds or cfg.hostname:  # the same command line again is the natural second shell: not an error
+        print(
+            f"{prog}: joining the running container (pid {found.pid}) of {cfg.root}: its binds and host name "
+            f"stay as they are (--bind, --hostname ignored; --new refuses instead)",
+            file=sys.stderr,
+        )
+    return enter(prog, found, body, cfg)
 
 
 def prepare() -> None:

@@ -25,11 +25,9 @@ import os
 import pwd
 import re
 import socket
-import sys
 from dataclasses import dataclass, field
 
 from ..errors import SetupError
-from ..fs import sourcelock
 from ..sys import mounts
 from . import join, launcher, rootfs, supervise, userns
 
@@ -432,29 +430,8 @@ def plan(cfg: RunConfig, idmap: userns.NamespaceMaps) -> launcher.Layout:
 
 
 def divert(cfg: RunConfig) -> int | None:
-    """On the host, before launching: join the live container of ROOT (a
-    second shell into it), or refuse as ``--new``/``--join`` ask; None: launch."""
-    join.prepare()
-    join.wait_turn(cfg.root)  # a run of ROOT starting right now: wait for its container, then join it
-    try:
-        held = sourcelock.probe(cfg.root)
-    except OSError:
-        held = None  # the launch's own checks say why
-    if not held:
-        if cfg.attach == "join":
-            raise SetupError(f"--join: no container of ROOT {cfg.root} is running; drop --join to start one")
-        return None  # we start it, holding the start lock until its pid 1 has left its note
-    join.end_turn()
-    found = join.find(cfg.root)
-    if cfg.attach == "new" or found is None:
-        raise SetupError(sourcelock.describe(cfg.root, held))
-    if cfg.binds or cfg.hostname:  # the same command line again is the natural second shell: not an error
-        print(
-            f"{PROG}: joining the running container (pid {found.pid}) of {cfg.root}: its binds and host name "
-            f"stay as they are (--bind, --hostname ignored; --new refuses instead)",
-            file=sys.stderr,
-        )
-    return join.enter(PROG, found, _exec_command, cfg)
+    """On the host, before launching: join the live container of ROOT (shiftfs.container.join)."""
+    return join.divert(PROG, cfg, _exec_command)
 
 
 def _terminal() -> str | None:

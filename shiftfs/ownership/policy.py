@@ -72,6 +72,10 @@ class OwnershipPolicy:
     Inode fields: the policy alone writes ``record`` and ``default_acl``.
     """
 
+    #: ``-o shared``: another daemon may change records and ACLs, so what is
+    #: cached on an inode (its record, "no default ACL") is read again each time.
+    reread = False
+
     def __init__(self, uids: IdMap, gids: IdMap):
         self.uids = uids
         self.gids = gids
@@ -126,7 +130,7 @@ class OwnershipPolicy:
         applied the umask already: FUSE_DONT_MASK is not negotiated.)
         """
         raw = None
-        if parent.default_acl is not False:
+        if parent.default_acl is not False or self.reread:
             try:
                 raw = os.getxattr(proc_fd(parent.fd), acl.ACL_DEFAULT)
                 parent.default_acl = True

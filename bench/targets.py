@@ -314,6 +314,17 @@ class ShiftfsXattr(ShiftfsBase):
         self._start_daemon(self.shiftfs_cmd + ["mount", "-f", "--xattr"] + self._stats_opts() + [self.src, self.mnt])
 
 
+class ShiftfsXattrShared(ShiftfsXattr):
+    """``-o shared``: what coherent caching costs (cache=never, no writeback, records re-read)."""
+
+    name, label = "shiftfs-xattr-shared", "shiftfs (xattr, shared)"
+
+    def mount(self):
+        self._start_daemon(
+            self.shiftfs_cmd + ["mount", "-f", "--xattr", "-o", "shared"] + self._stats_opts() + [self.src, self.mnt]
+        )
+
+
 class Bindfs(Target):
     name, label = "bindfs", "bindfs"
 
@@ -380,5 +391,15 @@ class FuseOverlayfsXattr(FuseOverlayfs):
         return (None, None, None, backing)
 
 
-ALL = [Native, KernelIdmap, ShiftfsTable, ShiftfsTableKernel, ShiftfsXattr, Bindfs, FuseOverlayfs, FuseOverlayfsXattr]
+ALL = [
+    Native,
+    KernelIdmap,
+    ShiftfsTable,
+    ShiftfsTableKernel,
+    ShiftfsXattr,
+    ShiftfsXattrShared,
+    Bindfs,
+    FuseOverlayfs,
+    FuseOverlayfsXattr,
+]
 BY_NAME = {t.name: t for t in ALL}

@@ -421,7 +421,8 @@ def test_recipe_root_podman_on_a_table_view(scratch):
     """``podman run --rootfs VIEW``: the container's root is view root, and what
     it chowns lands on disk shifted by the table."""
     src, view = str(scratch / "rootfs"), str(scratch / "view")
-    daemons = _mount_view(src, view, "--map", MAP, "-o", "backend=fuse")
+    # Two daemons on one tree: both with -o shared (one daemon per SOURCE otherwise).
+    daemons = _mount_view(src, view, "--map", MAP, "-o", "backend=fuse,shared")
     try:
         _tiny_rootfs(view)
         assert os.stat(os.path.join(src, "etc/passwd")).st_uid == 100000
@@ -501,7 +502,8 @@ def test_recipe_nspawn_on_table_views(scratch):
     table of the same tree whose view side starts at BASE."""
     base = 0x80000
     src, view, view2 = str(scratch / "rootfs"), str(scratch / "view"), str(scratch / "view2")
-    daemons = _mount_view(src, view, "--map", MAP, "-o", "backend=fuse")
+    # Two daemons on one tree: both with -o shared (one daemon per SOURCE otherwise).
+    daemons = _mount_view(src, view, "--map", MAP, "-o", "backend=fuse,shared")
     try:
         _tiny_rootfs(view)
         r = subprocess.run(
@@ -511,7 +513,7 @@ def test_recipe_nspawn_on_table_views(scratch):
         assert r.stdout.split() == ["0", "1000:1000", "0:0"], r.stdout
         assert os.stat(os.path.join(src, "home/x")).st_uid == 101000
         # --private-users=pick would chown the tree into a range the table cannot show
-        daemons += _mount_view(src, view2, "--map", f"b:100000:{base}:65536", "-o", "backend=fuse")
+        daemons += _mount_view(src, view2, "--map", f"b:100000:{base}:65536", "-o", "backend=fuse,shared")
         assert os.stat(os.path.join(view2, "etc/passwd")).st_uid == base
         r = subprocess.run(
             _NSPAWN

@@ -415,8 +415,9 @@ def test_map_mode_with_a_fixed_block(wd):
 
 
 def test_parallel_runs_get_distinct_blocks(wd):
-    root = make_root(wd, ROOT_USER)
-    procs = [_start(ROOT_USER, root, "sh", "-c", "sed -n 2p /proc/self/uid_map; sleep 1") for _ in range(3)]
+    # Three ROOTs: parallel runs of one ROOT are one container (tests/test_one_source.py).
+    roots = [make_root(wd, ROOT_USER, f"root{i}") for i in range(3)]
+    procs = [_start(ROOT_USER, root, "sh", "-c", "sed -n 2p /proc/self/uid_map; sleep 1") for root in roots]
     results = [p.communicate(timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [err for _, err in results]
     outs = [out.split() for out, _ in results]

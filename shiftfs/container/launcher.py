@@ -42,9 +42,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import SetupError
+from ..fs import sourcelock
 from ..ownership import trust
 from ..sys import mounts
-from . import supervise, userns
+from . import join, supervise, userns
 from .supervise import EXIT_SETUP
 
 _MOUNT_TIMEOUT = 30.0
@@ -202,6 +203,18 @@ def check_daemon_can_start(mode_args: Sequence[str], idmap: userns.NamespaceMaps
     )
 
 
+def check_sources_free(sources: Sequence[str]) -> None:
+    """One daemon per SOURCE (shiftfs.fs.sourcelock): refuse a directory that a
+    live mount or container serves, naming it, before anything is forked."""
+    for source in sources:
+        try:
+            held = sourcelock.probe(source)
+        except OSError:
+            continue  # the daemon's own open says why
+        if held:
+            raise SetupError(sourcelock.describe(source, held))
+
+
 def within(path: str, top: str) -> bool:
     return path == top or path.startswith(top.rstrip("/") + "/")
 
@@ -244,6 +257,9 @@ class CommandLine:
     add_arguments: Callable[[argparse.ArgumentParser], None]
     configure: Callable[[argparse.Namespace], Any]
     plan: Callable[[Any, userns.NamespaceMaps], Layout]
+    #: run on the host after ``configure``: an exit code ends the command there
+    #: (``run`` joining a live container of ROOT), None goes on to launch
+    divert: Callable[[Any], int | None] | None = None
 
     def _texts(self) -> dict[str, Any]:
         return dict(
@@ -267,18 +283,40 @@ class CommandLine:
 
     def handler(self, args: argparse.Namespace) -> int:
         """Returns COMMAND's exit status."""
-        return launch_command(self.prog, lambda: self.configure(args), self.plan)
+        return launch_command(self.prog, lambda: self.configure(args), self.plan, self.divert)
 
 
-def launch_command(prog: str, configure: Callable[[], Any], plan: Callable[[Any, userns.NamespaceMaps], Layout]) -> int:
+def launch_command(
+    prog: str,
+    configure: Callable[[], Any],
+    plan: Callable[[Any, userns.NamespaceMaps], Layout],
+    divert: Callable[[Any], int | None] | None = None,
+) -> int:
     """The whole of ``shiftfs run`` or ``shiftfs exec``: ``configure()``
     reads the command line into a config with ``userns`` and
     ``userns_base``; ``plan(cfg, idmap)`` checks it and returns the layout.
     Returns COMMAND's exit status, or 125 with one line on stderr."""
     try:
+        return _launch_command(prog, configure, plan, divert)
+    finally:
+        join.end_turn()  # a start lock ``divert`` took (shiftfs.container.join), also when we failed early
+
+
+def _launch_command(
+    prog: str,
+    configure: Callable[[], Any],
+    plan: Callable[[Any, userns.NamespaceMaps], Layout],
+    divert: Callable[[Any], int | None] | None,
+) -> int:
+    try:
         cfg = configure()
+        if divert is not None:
+            code = divert(cfg)
+            if code is not None:
+                return code
         idmap, note = userns.choose_idmap(cfg.userns, cfg.userns_base)
         layout = plan(cfg, idmap)
+        check_sources_free(layout.sources)
         if idmap.kind == "single" and "--xattr" in layout.mode_args and layout.sources:
             from . import seccomp_notify
 

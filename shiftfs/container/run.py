@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from ..errors import SetupError
 from ..sys import mounts
-from . import launcher, rootfs, supervise, userns
+from . import join, launcher, rootfs, supervise, userns
 
 PROG = "shiftfs run"
 
@@ -63,6 +63,8 @@ class RunConfig:
     chdir: str = "/"
     hostname: str | None = None
     allow_shared_source: bool = False
+    #: a live container of ROOT: "auto" joins it, "join" must, "new" refuses (shiftfs.container.join)
+    attach: str = "auto"
 
 
 # --- command line -------------------------------------------------------------
@@ -92,6 +94,20 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--chdir", metavar="DIR", help="working directory of COMMAND inside the container (default /)")
     p.add_argument("--hostname", metavar="NAME", help="host name inside the container")
+    p.add_argument(
+        "--join",
+        dest="attach",
+        action="store_const",
+        const="join",
+        help="enter the container your earlier 'shiftfs run' of ROOT still runs (the default when there is one)",
+    )
+    p.add_argument(
+        "--new",
+        dest="attach",
+        action="store_const",
+        const="new",
+        help="start a new container; refused while one runs on ROOT (one daemon per ROOT)",
+    )
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -182,6 +198,12 @@ A tree whose ownership is shifted on disk (owned by 100000.., say, for lxc or
 rootless podman) cannot be run: its ids do not exist in run's user namespace.
 As root, mount it with 'shiftfs mount --map b:100000:0:65536 TREE VIEW' and start
 'systemd-nspawn -D VIEW' or 'podman run --rootfs VIEW COMMAND'.
+
+One daemon serves ROOT: a second run of ROOT while yours runs (a second shell)
+joins that container (its namespaces and root; its binds and host name stay), as
+'podman exec' does, and ends with it. --join insists on joining, --new on a new
+container (refused while one runs). 'shiftfs exec --shift ROOT' and 'shiftfs
+mount ROOT' are refused meanwhile.
 
 Exit status: COMMAND's (128+N if killed by signal N); 125 if the container could
 not be set up, 126 if COMMAND cannot be executed, 127 if it is not found.
@@ -315,6 +337,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         setenv=_parse_setenv(args.setenv),
         term=os.environ.get("TERM"),
         allow_shared_source=args.allow_shared_source,
+        attach=args.attach or "auto",
     )
     if args.user:
         uid, gid, env = _lookup_user(root, args.user)
@@ -409,6 +432,11 @@ def plan(cfg: RunConfig, idmap: userns.NamespaceMaps) -> launcher.Layout:
     )
 
 
+def divert(cfg: RunConfig) -> int | None:
+    """On the host, before launching: join the live container of ROOT (shiftfs.container.join)."""
+    return join.divert(PROG, cfg, _exec_command)
+
+
 def _terminal() -> str | None:
     """The host path of the terminal on stdin, if any."""
     for fd in (0, 1, 2):
@@ -483,8 +511,12 @@ def _container_init(cfg: RunConfig, idmap: userns.NamespaceMaps, stage: str, vie
     binds = [dataclasses.replace(b, source=next(shifted)) if b.shift else b for b in cfg.binds]
     mnt = views[0]
     _setup_root(dataclasses.replace(cfg, binds=binds), idmap, mnt)
+    join.register(cfg.root)  # before the pivot: /proc is still the host's, and numbers us as it does
     rootfs.pivot_into(mnt)
-    return supervise.fork_and_supervise(PROG, _exec_command, cfg)
+    try:
+        return supervise.fork_and_supervise(PROG, _exec_command, cfg)
+    finally:
+        join.unregister()
 
 
 def _exec_command(cfg: RunConfig) -> int:
@@ -507,6 +539,6 @@ def _exec_command(cfg: RunConfig) -> int:
 _SUMMARY = "run a command in a container whose root is seen through shiftfs"
 #: In CommandLine's field order: prog, summary, usage, description, epilog, add_arguments, configure, plan.
 COMMAND_LINE = launcher.CommandLine(
-    PROG, _SUMMARY, _USAGE, _DESCRIPTION, _EPILOG, _add_arguments, config_from_args, plan
+    PROG, _SUMMARY, _USAGE, _DESCRIPTION, _EPILOG, _add_arguments, config_from_args, plan, divert
 )
 register = COMMAND_LINE.register

@@ -22,7 +22,7 @@ import trio
 
 from ..errors import MountError
 from ..ownership.xattr import XattrPolicy
-from . import isolate, loop
+from . import isolate, loop, sourcelock
 from .mount import build_operations, check, kernel_options
 from .ops import Operations
 from .options import MountConfig
@@ -227,8 +227,12 @@ def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
     os.umask(0)
     _raise_fd_limit()
     captured = ""
+    lock = None
     try:
         root_fd = os.open(cfg.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        # Held for our whole life, released by the kernel when we die (shiftfs.fs.sourcelock);
+        # opened through root_fd, so it locks exactly the directory we serve.
+        lock = sourcelock.SourceLock(f"/proc/self/fd/{root_fd}", cfg.shared, cfg.source)
         ops = build_operations(cfg, root_fd)
         with _StderrCapture() as cap:
             try:
@@ -245,6 +249,8 @@ def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
         elif "fuse" in msg.lower() and os.geteuid() != 0:
             msg += " (is user_allow_other set in /etc/fuse.conf, and /dev/fuse 0666?)"
         report("error: " + msg)
+        if lock is not None:
+            lock.release()
         if ready_fd is None:
             raise MountError(f"cannot mount {cfg.source} on {cfg.mountpoint}: {msg}") from None
         return 1
@@ -269,6 +275,7 @@ def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
         os.close(devnull)
     # Before reporting ready: from then on the user may pivot_root into the view.
     cfg.stats = isolate.reachable(cfg.stats)
+    lock.announce(cfg.mountpoint)  # its note directory is opened now, while it has a name
     isolation = isolate.isolate_daemon(root_fd, cfg.mountpoint)
     if isolation is not None and isinstance(ops.policy, XattrPolicy):  # built exactly when cfg.xattr
         ops.policy.store.close()  # SQLite named its files from outside; it reopens them from inside
@@ -292,6 +299,7 @@ def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
             pass
         if isolation is not None:
             isolation.unmount_served()
+        lock.release()
     log.info("unmounted %s", cfg.mountpoint)
     return 0 if clean else 1
 

@@ -70,6 +70,7 @@ FUSE_ONLY = {
     "default_owner",
     "legacy_xattr",
     "fuseoverlayfs_compat",
+    "shared",
 }
 #: Options whose meaning a bind mount cannot carry (they are superblock flags):
 #: ``auto`` picks FUSE for them, ``backend=kernel`` refuses them.

@@ -21,7 +21,7 @@ from ..ownership.store import RecordStore
 from ..ownership.table import TablePolicy
 from ..ownership.xattr import XattrPolicy
 from ..sys.mounts import in_init_userns, mountinfo
-from . import holders
+from . import holders, sourcelock
 from .ops import CacheConfig, Operations
 from .options import MountConfig
 
@@ -160,6 +160,14 @@ def check(cfg: MountConfig, fuse: bool = True) -> None:
         raise UsageError(f"MOUNTPOINT {mp} is not a directory; mount on a directory")
     if is_shiftfs_mount(mp):
         raise UsageError(f"{mp} is already a shiftfs mount; unmount it first with 'shiftfs umount {mp}'")
+    # One daemon per SOURCE (shiftfs.fs.sourcelock); the kernel backend only must not
+    # hide its changes from an exclusive daemon. The daemon takes the real lock.
+    try:
+        held = sourcelock.probe(src, shared=cfg.shared or not fuse)
+    except OSError:
+        held = None  # unreadable: the daemon's own open says why
+    if held:
+        raise UsageError(sourcelock.describe(src, held))
     if not fuse:
         return
     if not os.path.exists("/dev/fuse"):
@@ -241,6 +249,7 @@ def build_operations(cfg: MountConfig, root_fd: int) -> Operations:
         cfg.notes = [f"side table: {n}" for n in side] + _secure_backing(policy, store, fix=not ro)
     else:
         policy = TablePolicy(cfg.uids, cfg.gids)
+    policy.reread = cfg.shared
     ops = Operations(
         root_fd, policy, CacheConfig(cfg.cache), trace=cfg.debug, writeback=cfg.writeback, xattr_probes=cfg.xattr_probes
     )

@@ -106,6 +106,8 @@ class MountConfig:
     from_mount_table: bool = False
     #: xattr mode: mount a SOURCE that other users could write into (shiftfs.ownership.trust)
     allow_shared_source: bool = False
+    #: ``-o shared``: other daemons (or programs) may serve SOURCE too: coherent caching, a shared lock
+    shared: bool = False
     #: what securing the backing tree did, logged once the log is set up
     notes: list = field(default_factory=list)
     #: shiftfs run/exec in a single-id namespace: the control socket (shiftfs.fs.control)
@@ -114,10 +116,27 @@ class MountConfig:
     single_id: bool = False
 
 
+def _coherent(cfg: MountConfig, cache_given: bool, writeback_given: bool) -> None:
+    """``-o shared``: nothing the kernel or the daemon caches may hide another daemon's change.
+
+    ``cache=never`` unless ``cache=auto`` (1 s) is asked; no writeback cache
+    (the kernel would trust its own sizes and times); records are re-read on
+    every request (see ``OwnershipPolicy.reread``).
+    """
+    if cache_given and cfg.cache == "always":
+        raise UsageError(
+            "-o shared needs coherent caching: drop cache=always, or use cache=never (default) or cache=auto"
+        )
+    if writeback_given and cfg.writeback:
+        raise UsageError("-o shared cannot use the writeback cache (sizes and times would go stale); drop writeback")
+    if not cache_given:
+        cfg.cache = "never"
+
+
 def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mountpoint: str) -> MountConfig:
     """Turn ``-o`` lists and ``--map`` arguments into a :class:`MountConfig`."""
     cfg = MountConfig(source=source, mountpoint=mountpoint, xattr=xattr)
-    writeback_given = False
+    writeback_given = cache_given = False
     uidmap = gidmap = None
     fuse_shown: list[str] = []
     for group in opts:
@@ -149,6 +168,7 @@ def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mo
                 if val not in CACHE_MODES:
                     raise UsageError(f"bad -o cache={val}: use cache=always, cache=auto or cache=never")
                 cfg.cache = val
+                cache_given = True
             elif key == "default_owner" and eq:
                 try:
                     u, _, g = val.partition(":")
@@ -181,6 +201,8 @@ def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mo
                 if val not in ("auto", "kernel", "fuse"):
                     raise UsageError(f"bad -o backend={val}: use backend=auto, backend=kernel or backend=fuse")
                 cfg.backend = val
+            elif key == "shared" and not eq:
+                cfg.shared = True
             elif key == "allow_shared_source" and not eq:
                 cfg.allow_shared_source = True
             elif key == "xattr_probes" and val in ("on", "off"):
@@ -206,6 +228,8 @@ def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mo
         if maps:
             cfg.daemon_opts.insert(0, "--map")
         return cfg
+    if cfg.shared:
+        _coherent(cfg, cache_given, writeback_given)
     if not writeback_given and cfg.cache != "always":
         # With a writeback cache the kernel trusts its own file sizes and
         # mtimes, so changes made to SOURCE behind the mount would not show.

@@ -74,6 +74,9 @@ class OwnershipPolicy:
 
     #: ``Inode.xnames`` may be believed (``cache=always``: the mount is the only writer of SOURCE)
     xnames_trusted = False
+    #: ``-o shared``: another daemon may change records and ACLs, so what is
+    #: cached on an inode (its record, "no default ACL") is read again each time.
+    reread = False
 
     def __init__(self, uids: IdMap, gids: IdMap):
         self.uids = uids
@@ -81,7 +84,7 @@ class OwnershipPolicy:
 
     def _lacks_xattr(self, node: Inode, name: str) -> bool:
         """Whether the inode is known not to carry the backing xattr ``name`` (saves probing for it)."""
-        return self.xnames_trusted and node.xnames is not None and name not in node.xnames
+        return self.xnames_trusted and not self.reread and node.xnames is not None and name not in node.xnames
 
     # -- attributes --------------------------------------------------------
     def view(self, node: Inode, st: os.stat_result) -> View:
@@ -133,7 +136,7 @@ class OwnershipPolicy:
         applied the umask already: FUSE_DONT_MASK is not negotiated.)
         """
         raw = None
-        if parent.default_acl is not False:
+        if parent.default_acl is not False or self.reread:
             try:
                 raw = os.getxattr(proc_fd(parent.fd), acl.ACL_DEFAULT)
                 parent.default_acl = True

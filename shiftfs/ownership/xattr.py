@@ -99,7 +99,7 @@ class XattrPolicy(OwnershipPolicy):
     def _load_record(self, node: Inode, st: os.stat_result) -> Record | None:
         """The inode's record (cached on the inode), or None if it has no usable one."""
         cached = node.record
-        if cached is not UNLOADED:
+        if cached is not UNLOADED and not self.reread:
             return cached
         rec = None
         try:
@@ -163,7 +163,7 @@ class XattrPolicy(OwnershipPolicy):
 
     # ACLs -----------------------------------------------------------------
     def _default_acl(self, parent: Inode) -> list[acl.Entry] | None:
-        if parent.default_acl is False:
+        if parent.default_acl is False and not self.reread:
             return None
         try:
             raw = os.getxattr(proc_fd(parent.fd), _ESC_ACL_DEFAULT)

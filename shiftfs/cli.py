@@ -61,6 +61,10 @@ options (-o, comma separated):
   xattr_probes=off      answer the kernel's first GETXATTR with ENOSYS so it
                         stops asking (no security.capability probe before each
                         write); xattrs can be set but not read through the mount
+  acl=off               the kernel does not enforce POSIX ACLs through the
+                        mount (they are still stored, translated and read
+                        back; mode bits still apply): no GETXATTR of the
+                        directory's ACL after each create or unlink in it
   read_ahead_kb=N       read-ahead of the mount in KiB (default 1024; the
                         kernel's 128 makes many small READ requests; root only)
   log=FILE              daemon log file in the background (default: syslog)

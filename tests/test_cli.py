@@ -12,6 +12,7 @@ import os
 import signal
 import stat
 import subprocess
+import threading
 import time
 
 import pytest
@@ -456,6 +457,43 @@ def test_signal_while_busy(dirs, shiftfs_mount):
             os.close(fd)
         except OSError as e:  # the flush on close finds the daemon gone
             assert e.errno == errno.ENOTCONN
+
+
+def test_signals_while_requests_keep_coming(dirs, shiftfs_mount):
+    """A stream of requests with no gap does not starve the signal handler.
+
+    The request loop serves requests that are already queued without going
+    through trio's scheduler (shiftfs.fs.loop), but only a bounded number in a
+    row: SIGUSR1 and SIGTERM are still answered while clients keep it busy.
+    """
+    src, mp = dirs
+    m = shiftfs_mount("--map", MAP, "-o", "cache=never", source=src, mountpoint=mp, stats=True)
+    stop = threading.Event()
+
+    def hammer() -> None:
+        path = os.path.join(mp, "f")
+        while not stop.is_set():
+            try:
+                os.stat(path)
+            except OSError:
+                return  # unmounted
+
+    workers = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in workers:
+        t.start()
+    try:
+        time.sleep(0.3)
+        before = m.read_stats()["counts"].get("getattr", 0)
+        time.sleep(0.3)
+        assert m.read_stats()["counts"].get("getattr", 0) > before
+        os.kill(m.pid, signal.SIGTERM)
+        st = m.wait_exit(15)
+        assert st is not None and os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0, st
+        assert not is_mounted(mp)
+    finally:
+        stop.set()
+        for t in workers:
+            t.join(30)
 
 
 # -- caching -----------------------------------------------------------------------------------

@@ -352,6 +352,56 @@ def _getfacl(path, *opts) -> set[str]:
 
 
 @pytest.mark.skipif(not have("setfacl", "getfacl"), reason="needs acl tools")
+def test_new_objects_show_their_xattrs(tm):
+    """New files and directories get their xattr names without a listxattr
+    (shiftfs.fs.xattrs): what every new object gets, plus what the stamp
+    wrote. A default ACL the backing filesystem copies, an xattr set before
+    the first probe, and names set later must all show."""
+    d = tm.path("d")
+    os.mkdir(d)
+    for n in ("a", "b", "c"):
+        with open(os.path.join(d, n), "w") as f:
+            f.write("x")  # the write probes security.capability
+    os.setxattr(os.path.join(d, "b"), "user.late", b"1")
+    os.mkdir(os.path.join(d, "sub"))
+    open(os.path.join(d, "e"), "w").close()
+    os.setxattr(os.path.join(d, "e"), "user.early", b"2")  # before any probe of e
+    assert os.listxattr(os.path.join(d, "a")) == [] and os.listxattr(os.path.join(d, "sub")) == []
+    assert os.listxattr(os.path.join(d, "b")) == ["user.late"]
+    assert os.getxattr(os.path.join(d, "e"), "user.early") == b"2"
+    subprocess.run(["setfacl", "-d", "-m", "u:5:rwx", d], check=True)
+    open(os.path.join(d, "inherits"), "w").close()
+    os.mkdir(os.path.join(d, "inherits.d"))
+    assert "user:5:rwx" in _getfacl(os.path.join(d, "inherits"))
+    assert "default:user:5:rwx" in _getfacl(os.path.join(d, "inherits.d"))
+
+
+@pytest.mark.skipif(not have("setfacl", "getfacl"), reason="needs acl tools")
+@pytest.mark.parametrize("acl", ["on", "off"])
+def test_acl_off_keeps_acls_but_stops_the_directory_acl_fetch(scratch, shiftfs_mount, backend, acl):
+    """-o acl=off: ACLs are still stored, translated and read back, but the
+    kernel no longer fetches the directory's access ACL after each create in
+    it (a create invalidates the directory's attributes, and refreshing them
+    drops its cached ACLs)."""
+    if backend == "kernel":
+        pytest.skip("a FUSE-engine option")
+    m = shiftfs_mount("--map", MAP, "-o", f"acl={acl}", source=_src_owned(scratch, "src", BASE, BASE), stats=True)
+    d = m.path("d")
+    os.mkdir(d)
+    os.chown(d, U, G)  # we create in another user's directory: its group/other class, so its ACL, decides
+    os.chmod(d, 0o777)
+    before = m.read_stats()["counts"].get("getxattr", 0)
+    for i in range(20):
+        open(os.path.join(d, f"f{i}"), "w").close()
+    fetched = m.read_stats()["counts"].get("getxattr", 0) - before
+    assert fetched >= 20 if acl == "on" else fetched == 0, fetched
+    p = os.path.join(d, "f0")
+    subprocess.run(["setfacl", "-m", "u:5:rwx", p], check=True)
+    assert "user:5:rwx" in _getfacl(p)
+    assert f"user:{BASE + 5}:rwx" in _getfacl(m.backing("d", "f0"))
+
+
+@pytest.mark.skipif(not have("setfacl", "getfacl"), reason="needs acl tools")
 def test_acl_ids_translated(tm, backend):
     p = tm.path("f")
     open(p, "w").close()

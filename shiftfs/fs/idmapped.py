@@ -60,6 +60,7 @@ FUSE_ONLY = {
     "nowriteback",
     "read_ahead_kb",
     "xattr_probes",
+    "acl",
     "log",
     "stats",
     "debug",

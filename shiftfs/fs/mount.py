@@ -257,8 +257,10 @@ def build_operations(cfg: MountConfig, root_fd: int) -> Operations:
     # default_permissions checks the mode bits only, and a named-user entry
     # that denies access (u:1000:---) is ignored through the mount. The
     # backing filesystem (table mode) or the policy (xattr mode) keeps the
-    # mask in step with chmod.
-    ops.enable_acl = True
+    # mask in step with chmod. -o acl=off leaves enforcement out: the kernel
+    # then stops fetching system.posix_acl_access after every attribute
+    # refresh of a directory (one GETXATTR per create or unlink in it).
+    ops.enable_acl = cfg.acl
     if cfg.single_id:
         from .control import single_id_presenter
 

@@ -96,13 +96,17 @@ class Operations(DirectoryHandlers, XattrHandlers, pyfuse3.Operations):
         #: False: answer GETXATTR with ENOSYS once, so the kernel stops sending any
         self.xattr_probes = xattr_probes
         self.policy = policy
-        self.table = InodeTable(root_fd, on_gone=policy.gone)
+        # A policy whose records go with the inode needs no word when one goes
+        # (table mode: no fstat per forgotten inode).
+        self.table = InodeTable(root_fd, on_gone=policy.gone if policy.wants_gone else None)
         self.cache = cache or CacheConfig()
         self.trace = trace
         self.counts: Counter[str] = Counter()
         self._dirs: dict[int, DirHandle] = {}
         self._files: dict[int, Inode] = {}
         self._next_dh = 1
+        self._fresh_learn = {}
+        policy.xnames_trusted = self.cache.xattr_cache
         #: ``-o single_id``: what the kernel is shown for view ids (shiftfs.fs.control)
         self.present: Callable[[int, int], tuple[int, int]] | None = None
 
@@ -166,14 +170,17 @@ class Operations(DirectoryHandlers, XattrHandlers, pyfuse3.Operations):
         # mode further: the policy's business.
         return self.policy.plan_create(parent, pst, ctx, mode, rdev)
 
-    def _adopt_unpublished(self, fd: int) -> Inode:
-        """Take an O_PATH descriptor of a new, not yet visible object into the table (nameless)."""
+    def _adopt_unpublished(self, fd: int) -> tuple[Inode, os.stat_result]:
+        """Take an O_PATH descriptor of a new, not yet visible object into the table (nameless).
+
+        The stat is the object as made, which is what the policy's stamp starts from.
+        """
         try:
             st = os.fstat(fd)
         except BaseException:
             os.close(fd)
             raise
-        return self.table.adopt(fd, st)
+        return self.table.adopt(fd, st), st
 
     def _make(self, parent: Inode, name: bytes, mode: int, rdev: int, ctx: Ctx, target: bytes | None = None) -> Entry:
         """Create a non-regular object with its ownership in place, then publish it."""
@@ -202,9 +209,9 @@ class Operations(DirectoryHandlers, XattrHandlers, pyfuse3.Operations):
         tmp = temp_name()
         create(tmp)
         try:
-            node = self._adopt_unpublished(os.open(tmp, O_PATH_NOFOLLOW, dir_fd=parent.fd))
+            node, st = self._adopt_unpublished(os.open(tmp, O_PATH_NOFOLLOW, dir_fd=parent.fd))
             try:
-                self.policy.stamp(node, plan)
+                self.policy.stamp(node, plan, st)
                 renameat2(parent.fd, tmp, parent.fd, name, RENAME_NOREPLACE)
             except BaseException:
                 self.table.drop_if_unused(node)
@@ -213,6 +220,7 @@ class Operations(DirectoryHandlers, XattrHandlers, pyfuse3.Operations):
             unlink_any(parent, tmp)
             raise
         self.table.renamed(node.key, parent, name)
+        self._fresh_xnames(node, plan)
         return self._entry(node, os.fstat(node.fd))
 
     def _last_link_check(self, parent: Inode, name: bytes) -> os.stat_result | None:
@@ -228,7 +236,7 @@ class Operations(DirectoryHandlers, XattrHandlers, pyfuse3.Operations):
         return self.table.open_before_unlink((victim.st_dev, victim.st_ino), parent, name)
 
     def _after_remove(self, victim: os.stat_result | None) -> None:
-        if victim is None or stat.S_ISDIR(victim.st_mode):
+        if victim is None or stat.S_ISDIR(victim.st_mode) or not self.policy.wants_gone:
             return
         if victim.st_nlink <= 1:
             # The last name is gone: drop a side-table record now rather than
@@ -276,10 +284,9 @@ class Operations(DirectoryHandlers, XattrHandlers, pyfuse3.Operations):
             else:
                 raise pyfuse3.FUSEError(errno.EINVAL)
         if fields.update_uid or fields.update_gid or fields.update_mode:
-            st = os.fstat(node.fd)
             self.policy.change(
                 node,
-                st,
+                None,
                 attr.st_uid if fields.update_uid else None,
                 attr.st_gid if fields.update_gid else None,
                 attr.st_mode if fields.update_mode else None,
@@ -365,7 +372,7 @@ class Operations(DirectoryHandlers, XattrHandlers, pyfuse3.Operations):
         node, st = self.table.child(parent, name)
         try:
             if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                self.policy.stamp(node, plan)
+                self.policy.stamp(node, plan, st)
         finally:
             self.table.drop_if_unused(node)
 
@@ -422,9 +429,9 @@ class Operations(DirectoryHandlers, XattrHandlers, pyfuse3.Operations):
             tmp = temp_name()
             fd = os.open(tmp, cflags | os.O_CREAT | os.O_EXCL, perm, dir_fd=parent.fd)
         try:
-            node = self._adopt_unpublished(os.open(proc_fd(fd), os.O_PATH | os.O_CLOEXEC))
+            node, st = self._adopt_unpublished(os.open(proc_fd(fd), os.O_PATH | os.O_CLOEXEC))
             try:
-                self.policy.stamp(node, plan)
+                self.policy.stamp(node, plan, st)
                 if tmp is None:
                     link_fd(fd, parent.fd, name)
                 else:
@@ -447,6 +454,7 @@ class Operations(DirectoryHandlers, XattrHandlers, pyfuse3.Operations):
         if flags & os.O_APPEND and not self.enable_writeback_cache:
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
         self.table.renamed(node.key, parent, name)
+        self._fresh_xnames(node, plan)
         return self._handle(fd, node), self._entry(node, os.fstat(node.fd))
 
     def open_existing(self, parent: Inode, name: bytes, flags: int) -> tuple[pyfuse3.FileInfo, Entry]:

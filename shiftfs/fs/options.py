@@ -93,6 +93,8 @@ class MountConfig:
     writeback: bool = True
     read_ahead_kb: int = 1024
     xattr_probes: bool = True
+    #: the kernel enforces POSIX ACLs through the mount (FUSE_POSIX_ACL); ``-o acl=off`` trades that for fewer requests
+    acl: bool = True
     # kernel backend (shiftfs/fs/idmapped.py): which backend, and the -o keys given
     backend: str = "auto"
     option_keys: list[str] = field(default_factory=list)
@@ -205,6 +207,8 @@ def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mo
                 cfg.allow_shared_source = True
             elif key == "xattr_probes" and val in ("on", "off"):
                 cfg.xattr_probes = val == "on"
+            elif key == "acl" and val in ("on", "off"):
+                cfg.acl = val == "on"
             elif key == "control_fd" and val.isdigit():
                 cfg.control_fd = int(val)
             elif key == "single_id" and not eq:

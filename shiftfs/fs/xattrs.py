@@ -2,7 +2,11 @@
 
 The backing names an inode carries are cached on it (``xnames``), so the
 kernel's per-write ``security.capability`` probe and ``ls -l``'s ACL probe
-are answered from memory.
+are answered from memory. A file or directory the mount creates gets its
+names without a listxattr: what the backing filesystem gives every new
+object (learnt from the first one listed: security labels, none here) plus
+what the policy's stamp wrote; only a parent with a default ACL, whose
+copies the backing filesystem may add, sends the first probe to the disk.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from collections.abc import Callable
 
 import pyfuse3
 
-from ..ownership.policy import OwnershipPolicy
+from ..ownership.policy import CreatePlan, OwnershipPolicy
 from .caller import in_group_or_capable, sees_trusted
 from .inodes import Inode, InodeTable
 from .options import CacheConfig
@@ -36,10 +40,30 @@ class XattrHandlers:
     policy: OwnershipPolicy
     cache: CacheConfig
     xattr_probes: bool
+    #: backing xattr names every new object gets from the filesystem (None: not learnt yet)
+    _fresh_base: frozenset[str] | None = None
+    #: a few new inodes whose first listing teaches ``_fresh_base``: id -> (inode, names the stamp wrote)
+    _fresh_learn: dict[int, tuple[Inode, set[str]]]
     #: ``-o single_id`` (shiftfs.fs.control): ids shown to the kernel; the true owner is a read-only xattr
     present: Callable[[int, int], tuple[int, int]] | None
 
     # -- xattrs ------------------------------------------------------------------
+    def _fresh_xnames(self, node: Inode, plan: CreatePlan) -> None:
+        """Give a just-published regular file or directory its ``xnames`` (see the module doc)."""
+        if not self.cache.xattr_cache or not (stat.S_ISREG(node.ftype) or stat.S_ISDIR(node.ftype)):
+            return
+        written = self.policy.stamped_xattrs(plan)
+        if written is None or plan.parent.default_acl is not False:
+            return
+        if self._fresh_base is None:
+            # the newest few: an object nobody probes (a directory its owner
+            # walks through) must not hold the place of one that is
+            if len(self._fresh_learn) >= 16:
+                del self._fresh_learn[next(iter(self._fresh_learn))]
+            self._fresh_learn[node.id] = (node, written)
+            return
+        node.xnames = set(self._fresh_base) | written
+
     def _xio(self, node: Inode) -> InodeXattrs | SideXattrs:
         """Where this inode's backing xattrs are (see :mod:`shiftfs.fs.xattr_io`)."""
         store = self.policy.side_xattrs(node)
@@ -54,6 +78,10 @@ class XattrHandlers:
             return node.xnames
         names = self._xio(node).names()
         node.xnames = names
+        learn = self._fresh_learn.pop(node.id, None) if self._fresh_learn else None
+        if learn is not None and learn[0] is node:
+            self._fresh_base = frozenset(names - learn[1])
+            self._fresh_learn.clear()
         return names
 
     @fuse_handler
@@ -110,6 +138,7 @@ class XattrHandlers:
         """The inode, view name and backing name of an xattr the caller may
         set or remove; EPERM for names the view reserves (records)."""
         node = self.table[inode_id]
+        self._fresh_learn.pop(node.id, None)  # no longer as made: it cannot teach what new objects get
         vname = os.fsdecode(name)
         bname = self.policy.xattr_to_backing(vname)
         if bname is None or (vname == OWNER_XATTR and self.present is not None):

@@ -13,7 +13,7 @@ about ownership; it asks one :class:`OwnershipPolicy` instead:
 
 A create crosses into the policy twice: ``plan = policy.plan_create(…)``
 decides everything about the new object before it exists, and
-``policy.stamp(node, plan)`` gives the made, not yet visible object its
+``policy.stamp(node, plan, st)`` gives the made, not yet visible object its
 ownership. Both keep POSIX creation semantics for the view: the new owner is
 the caller, the group the caller's or, under a setgid directory, the
 directory's.
@@ -72,6 +72,8 @@ class OwnershipPolicy:
     Inode fields: the policy alone writes ``record`` and ``default_acl``.
     """
 
+    #: ``Inode.xnames`` may be believed (``cache=always``: the mount is the only writer of SOURCE)
+    xnames_trusted = False
     #: ``-o shared``: another daemon may change records and ACLs, so what is
     #: cached on an inode (its record, "no default ACL") is read again each time.
     reread = False
@@ -79,6 +81,10 @@ class OwnershipPolicy:
     def __init__(self, uids: IdMap, gids: IdMap):
         self.uids = uids
         self.gids = gids
+
+    def _lacks_xattr(self, node: Inode, name: str) -> bool:
+        """Whether the inode is known not to carry the backing xattr ``name`` (saves probing for it)."""
+        return self.xnames_trusted and not self.reread and node.xnames is not None and name not in node.xnames
 
     # -- attributes --------------------------------------------------------
     def view(self, node: Inode, st: os.stat_result) -> View:
@@ -151,13 +157,24 @@ class OwnershipPolicy:
         """Whether creating as the daemon gives exactly this owner and mode."""
         return False
 
-    def stamp(self, node: Inode, plan: CreatePlan) -> None:
-        """Give a new, not yet visible object its ownership (and inherited ACLs)."""
+    def stamped_xattrs(self, plan: CreatePlan) -> set[str] | None:
+        """The backing xattr names :meth:`stamp` gives a new object of this plan; None: not known."""
+        return None
+
+    def stamp(self, node: Inode, plan: CreatePlan, st: os.stat_result) -> None:
+        """Give a new, not yet visible object its ownership (and inherited ACLs); ``st`` is it as made."""
         raise NotImplementedError
 
     # -- changes -----------------------------------------------------------
-    def change(self, node: Inode, st: os.stat_result, uid: int | None, gid: int | None, mode: int | None) -> None:
+    def change(
+        self, node: Inode, st: os.stat_result | None, uid: int | None, gid: int | None, mode: int | None
+    ) -> None:
+        """A chown/chmod through the mount; ``st`` is the inode's stat if the caller has one
+        (a policy that needs it stats otherwise: one fstat less where it does not)."""
         raise NotImplementedError
+
+    #: :meth:`gone` does something (records kept apart from the inode)
+    wants_gone = False
 
     def gone(self, node: Inode | None, st: os.stat_result) -> None:
         """The last link of an inode was removed."""

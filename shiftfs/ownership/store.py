@@ -326,7 +326,10 @@ class RecordStore:
         db.execute("DELETE FROM xattrs WHERE ino=?", (st.st_ino,))
 
     def _uses_side(self, st: os.stat_result) -> bool:
-        return not (can_hold_xattr(st.st_mode) and self._xattr_ok)
+        return self._uses_side_mode(st.st_mode)
+
+    def _uses_side_mode(self, mode: int) -> bool:
+        return not (can_hold_xattr(mode) and self._xattr_ok)
 
     # -- public API ---------------------------------------------------------
     def in_side_table(self, st: os.stat_result) -> bool:
@@ -352,9 +355,20 @@ class RecordStore:
             return self._side_read(fd, st)
         return None
 
+    def xattr_names_written(self, mode: int) -> set[str] | None:
+        """The backing xattr names :meth:`write` gives an inode of this type; None: it writes a row instead."""
+        if self._uses_side_mode(mode):
+            return None
+        return {RECORD_NAME, LEGACY_RECORD_NAME} if self.write_legacy else {RECORD_NAME}
+
     @_side_table_errors
-    def write(self, fd: int, st: os.stat_result, value: bytes) -> None:
-        """Store the record value of an inode (replacing any previous one)."""
+    def write(self, fd: int, st: os.stat_result, value: bytes, legacy: bool | None = None) -> None:
+        """Store the record value of an inode (replacing any previous one).
+
+        ``legacy`` says whether the inode carries the legacy name, where the
+        caller knows (False for a new inode): without ``write_legacy`` a legacy
+        record is only kept in step, and knowing saves probing for it.
+        """
         if self._uses_side(st):
             self._side_write(fd, st, value)
             return
@@ -379,7 +393,7 @@ class RecordStore:
             return
         if self.write_legacy:
             os.setxattr(path, LEGACY_RECORD_NAME, value)
-        else:
+        elif legacy is not False:
             try:
                 os.setxattr(path, LEGACY_RECORD_NAME, value, _XATTR_REPLACE)
             except OSError as e:

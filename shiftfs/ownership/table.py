@@ -38,20 +38,25 @@ class TablePolicy(OwnershipPolicy):
             return special == (stat.S_ISGID if parent_st.st_mode & stat.S_ISGID else 0)
         return special == 0
 
-    def stamp(self, node, plan: CreatePlan) -> None:
+    def stamped_xattrs(self, plan):
+        return set()  # owner and mode only; a default ACL is the backing filesystem's to copy
+
+    def stamp(self, node, plan: CreatePlan, st) -> None:
         fd = node.fd
-        st = os.fstat(fd)
-        chowned = (st.st_uid, st.st_gid) != (plan.uid, plan.gid)
-        if chowned:
+        want = plan.mode & 0o7777
+        fix_mode = st.st_mode & 0o7777 != want
+        if (st.st_uid, st.st_gid) != (plan.uid, plan.gid):
             fchown_fd(fd, plan.uid, plan.gid)
-        if not stat.S_ISLNK(plan.mode):
-            cur = os.fstat(fd).st_mode if chowned else st.st_mode
-            if cur & 0o7777 != plan.mode & 0o7777:
-                os.chmod(proc_fd(fd), plan.mode & 0o7777)
+            # A chown can only take setuid/setgid away: with none planned, the
+            # mode as made is still the mode now (no second fstat).
+            fix_mode = fix_mode or bool(want & (stat.S_ISUID | stat.S_ISGID))
+        if fix_mode and not stat.S_ISLNK(plan.mode):
+            os.chmod(proc_fd(fd), want)
 
     def change(self, node, st, uid, gid, mode):
+        # Needs no stat: the type is known from the inode (one fstat less per SETATTR).
         if uid is not None or gid is not None:
             du, dg = self.disk_ids(uid, gid)
             fchown_fd(node.fd, du, dg)
-        if mode is not None and not stat.S_ISLNK(st.st_mode):
+        if mode is not None and not stat.S_ISLNK(node.ftype):
             os.chmod(proc_fd(node.fd), mode & 0o7777)

@@ -25,7 +25,7 @@ from . import acl, trust
 from .idmap import IdMap
 from .names import escape_xattr_name, unescape_xattr_name
 from .policy import CreatePlan, OwnershipPolicy, XattrEffect
-from .record import Record, decode, encode
+from .record import LEGACY_RECORD_NAME, Record, decode, encode
 from .store import RecordStore, SideTableError, can_hold_xattr
 from .view import backing_perm, backing_type, backing_view, check_fits, foreign_view, record_view
 
@@ -196,9 +196,13 @@ class XattrPolicy(OwnershipPolicy):
         if not_equiv:
             os.setxattr(path, _ESC_ACL_ACCESS, acl.pack(access))
 
-    def stamp(self, node: Inode, plan: CreatePlan) -> None:
+    def stamped_xattrs(self, plan):
+        if plan.parent.default_acl is not False:
+            return None  # an inherited ACL may be added: let the first probe list them
+        return self.store.xattr_names_written(plan.backing_mode)
+
+    def stamp(self, node: Inode, plan: CreatePlan, st: os.stat_result) -> None:
         fd = node.fd
-        st = os.fstat(fd)
         if st.st_mode & _SPECIAL and not stat.S_ISLNK(st.st_mode):
             # A directory made in a backing directory that is setgid (a tree
             # not made through the mount) inherits the bit: not on our side.
@@ -206,7 +210,7 @@ class XattrPolicy(OwnershipPolicy):
         self._inherit(fd, st, plan.mode, plan.parent)
         dev = stat.S_ISCHR(plan.mode) or stat.S_ISBLK(plan.mode)
         rec = Record(plan.uid, plan.gid, plan.mode, plan.rdev if dev else 0)
-        self.store.write(fd, st, encode(rec))
+        self.store.write(fd, st, encode(rec), legacy=False)  # a new inode has no legacy record
         node.record = rec
 
     def xattr_stored(self, node, name, value):
@@ -233,7 +237,7 @@ class XattrPolicy(OwnershipPolicy):
         return XattrEffect(changed, equiv)
 
     def _sync_acl_to_mode(self, node: Inode, st: os.stat_result, mode: int) -> None:
-        if not can_hold_xattr(st.st_mode):
+        if not can_hold_xattr(st.st_mode) or self._lacks_xattr(node, _ESC_ACL_ACCESS):
             return
         path = proc_fd(node.fd)
         try:
@@ -264,6 +268,8 @@ class XattrPolicy(OwnershipPolicy):
         return Record(du, dg, st.st_mode, st.st_rdev if dev else 0)
 
     def change(self, node, st, uid, gid, mode):
+        if st is None:
+            st = os.fstat(node.fd)
         cur = self._current(node, st)
         # Unchanged ids stay as stored: an id the table cannot map back (shown
         # as the overflow id) survives a chmod.
@@ -278,7 +284,8 @@ class XattrPolicy(OwnershipPolicy):
     def _set_mode(self, node: Inode, st: os.stat_result, cur: Record, new_mode: int) -> None:
         """Write the record ``cur`` with ``new_mode``, and the backing permissions that go with it."""
         rec = Record(cur.uid, cur.gid, new_mode, cur.rdev)
-        self.store.write(node.fd, st, encode(rec))
+        legacy = False if self._lacks_xattr(node, LEGACY_RECORD_NAME) else None
+        self.store.write(node.fd, st, encode(rec), legacy=legacy)
         node.record = rec
         if self.store.in_side_table(st):
             # A row in the side table is not the inode: give it the new ctime
@@ -294,6 +301,8 @@ class XattrPolicy(OwnershipPolicy):
                     os.chmod(proc_fd(node.fd), want)
                 except PermissionError:
                     pass  # not ours on the backing fs; the record is what counts
+
+    wants_gone = True
 
     def gone(self, node, st):
         # Records in xattrs go with the inode; rows of the side table do not.

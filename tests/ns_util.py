@@ -256,3 +256,13 @@ def build_debian_tarball(timeout: float = 900) -> str:
     rebuilt, if what is cached is not a readable Debian root tarball) on first
     use. Raises RuntimeError if mmdebstrap fails."""
     return artifacts.cached_minbase(DEBIAN_TAR, timeout=timeout)
+
+
+def host_owners(top: str) -> set[tuple[int, int]]:
+    """Every (uid, gid) that owns something under ``top`` on the host, ``top`` included."""
+    owners = set()
+    for dirpath, dirnames, filenames in os.walk(top):
+        for n in [dirpath] + [os.path.join(dirpath, x) for x in dirnames + filenames]:
+            st = os.lstat(n)
+            owners.add((st.st_uid, st.st_gid))
+    return owners

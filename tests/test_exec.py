@@ -29,6 +29,7 @@ from ns_util import (
     REPO,
     ROOT_USER,
     User,
+    host_owners,
     mirror_reachable,
     mounts_mentioning,
     processes_mentioning,
@@ -96,15 +97,6 @@ def shiftfs_exec(
     if check and res.returncode != 0:
         raise AssertionError(f"exit {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr}")
     return res
-
-
-def host_owners(top: str) -> set[tuple[int, int]]:
-    owners = set()
-    for dirpath, dirnames, filenames in os.walk(top):
-        for n in [dirpath] + [os.path.join(dirpath, x) for x in dirnames + filenames]:
-            st = os.lstat(n)
-            owners.add((st.st_uid, st.st_gid))
-    return owners
 
 
 def record(path: str) -> str:

@@ -19,7 +19,7 @@ import sys
 import tarfile
 
 import pytest
-from ns_util import User, remove_tree, throwaway_users, workdir
+from ns_util import User, host_owners, remove_tree, throwaway_users, workdir
 
 from shiftfs.container import launcher
 
@@ -75,15 +75,6 @@ def export(user: User, wd: str) -> dict[str, tarfile.TarInfo]:
         entries = {m.name.removeprefix("./"): m for m in tf}
     os.unlink(out)
     return entries
-
-
-def host_owners(top: str) -> set[tuple[int, int]]:
-    out = set()
-    for dirpath, dirnames, filenames in os.walk(top):
-        for n in [dirpath] + [os.path.join(dirpath, x) for x in dirnames + filenames]:
-            st = os.lstat(n)
-            out.add((st.st_uid, st.st_gid))
-    return out
 
 
 # Runs inside the namespace as namespace root: every trapped call as a raw system call.

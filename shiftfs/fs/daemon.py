@@ -64,7 +64,7 @@ def _default_log_file() -> logging.Handler:
     user's namespace)."""
     import pwd
 
-    uid = _host_uid(os.geteuid())
+    uid = sourcelock.host_uid()
     dirs = [(os.environ.get("XDG_RUNTIME_DIR") or "", False)]
     try:
         dirs.append((os.path.join(pwd.getpwuid(uid).pw_dir, ".cache", "shiftfs"), True))
@@ -90,20 +90,6 @@ def _default_log_file() -> logging.Handler:
         except OSError:
             continue
     return logging.NullHandler()
-
-
-def _host_uid(uid: int) -> int:
-    """The uid behind our ``uid`` in the parent user namespace: the real
-    user, for a namespace that user made with unshare."""
-    try:
-        with open("/proc/self/uid_map") as f:
-            for line in f:
-                inside, outside, count = (int(x) for x in line.split())
-                if inside <= uid < inside + count:
-                    return outside + uid - inside
-    except (OSError, ValueError):
-        pass
-    return uid
 
 
 def _write_stats(ops: Operations, path: str | None) -> None:

@@ -58,7 +58,8 @@ class Holder:
 
 
 def host_uid() -> int:
-    """The uid behind our euid in the initial user namespace (through every uid_map level we can see)."""
+    """The uid behind our euid in the parent user namespace: the real user, for a namespace that
+    user made (one uid_map level; the daemon's log directory and the notes both use it)."""
     uid = os.geteuid()
     try:
         with open("/proc/self/uid_map") as f:

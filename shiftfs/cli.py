@@ -65,6 +65,10 @@ options (-o, comma separated):
                         mount (they are still stored, translated and read
                         back; mode bits still apply): no GETXATTR of the
                         directory's ACL after each create or unlink in it
+  spin=US               microseconds the daemon polls for the next request
+                        before it sleeps (default 100; 0: sleep at once).
+                        Busy only while requests keep coming: one sleep and
+                        wake-up per request cost more CPU and time
   read_ahead_kb=N       read-ahead of the mount in KiB (default 1024; the
                         kernel's 128 makes many small READ requests; root only)
   log=FILE              daemon log file in the background (default: syslog)

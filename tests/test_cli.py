@@ -289,6 +289,8 @@ BAD_ARGS = {
     "unknown-opt": ["-o", "frobnicate"],
     "unknown-opt-value": ["-o", "allow_other,colour=blue"],
     "cache-bogus": ["-o", "cache=bogus"],
+    "spin-bogus": ["-o", "spin=fast"],
+    "spin-too-long": ["-o", "spin=20000"],
     "default-owner-bogus": ["--xattr", "-o", "default_owner=root"],
 }
 

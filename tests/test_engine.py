@@ -751,6 +751,24 @@ def test_readdir_types_and_inodes(fs):
     assert a == b == ["d", "f", "l", "p"]
 
 
+def test_readdir_dot_and_dotdot_inodes(fs):
+    """``.`` and ``..`` in a listing carry the directory's and its parent's inode, after a move too."""
+    os.makedirs(fs.path("a/sub"))
+    os.mkdir(fs.path("b"))
+
+    def dots(d):
+        out = subprocess.run(["ls", "-ai", d], capture_output=True, text=True, check=True).stdout.split()
+        pairs = dict(zip(out[1::2], (int(x) for x in out[0::2])))
+        return pairs["."], pairs[".."]
+
+    sub = fs.path("a/sub")
+    assert dots(sub) == (os.stat(sub).st_ino, os.stat(fs.path("a")).st_ino)
+    os.rename(sub, fs.path("b/sub"))
+    moved = fs.path("b/sub")
+    assert dots(moved) == (os.stat(moved).st_ino, os.stat(fs.path("b")).st_ino)
+    assert dots(fs.path())[0] == os.stat(fs.path()).st_ino
+
+
 # -- filesystem-wide -----------------------------------------------------------------
 
 

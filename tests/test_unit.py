@@ -63,6 +63,10 @@ def test_options_parse_and_refuse():
     assert cfg.uids.to_disk(0) == 100000
     with pytest.raises(UsageError, match="unknown -o option"):
         parse_options(["bogus"], [], False, "s", "m")
+    assert parse_options([], ["b:0:0:1"], False, "s", "m").spin_us == 100
+    assert parse_options(["spin=0"], ["b:0:0:1"], False, "s", "m").spin_us == 0
+    with pytest.raises(UsageError, match="bad -o spin=-5: give microseconds"):
+        parse_options(["spin=-5"], [], False, "s", "m")
 
 
 # -- the view rule -----------------------------------------------------------------

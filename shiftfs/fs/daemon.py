@@ -125,7 +125,7 @@ async def _serve(ops: Operations, cfg: MountConfig) -> None:
         # trio tasks only add scheduling: one task measured ~20% less time per
         # request than eight (stat storm, cache=never, interleaved A/B). With
         # one task the loop can skip trio's scheduler too (shiftfs.fs.loop).
-        loop.install()
+        loop.install(spin_us=cfg.spin_us)
         await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
 

@@ -15,6 +15,7 @@ from typing import Any
 import pyfuse3
 
 from ..ownership.names import is_temp_name, view_name
+from ..sys.files import proc_fd
 from .inodes import ROOT_ID, Inode, InodeTable
 from .requestlog import fuse_handler
 
@@ -66,11 +67,11 @@ class DirectoryHandlers:
 
     def _snapshot(self, node: Inode) -> list[tuple[bytes, bytes]]:
         """(view name, backing name) of every entry, ``.`` and ``..`` first."""
-        fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=node.fd)
-        try:
-            names = [os.fsencode(n) for n in os.listdir(fd)]
-        finally:
-            os.close(fd)
+        # Listed through the magic link of the held descriptor (it names the
+        # directory itself, not a path in SOURCE): glibc's opendir opens it
+        # once, where listing a descriptor costs an extra open, a dup, three
+        # fcntl and an lseek per directory. A bytes path gives bytes names.
+        names = os.listdir(os.fsencode(proc_fd(node.fd)))
         out = [(b".", b"."), (b"..", b"..")]
         for n in names:
             v = view_name(n, node.id == ROOT_ID)
@@ -113,6 +114,10 @@ class DirectoryHandlers:
             self.table.count_lookup(child)
 
     def _dotdot_id(self, node: Inode) -> int:
+        # A directory has one parent, and the table follows every move made
+        # through the mount: its last known parent is the answer.
+        if node.name and self.table.get(node.parent) is not None:
+            return node.parent
         try:
             return self.table.id_for(os.stat(b"..", dir_fd=node.fd, follow_symlinks=False))
         except OSError:

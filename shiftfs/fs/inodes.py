@@ -139,7 +139,9 @@ GoneHook = Callable[[Inode, os.stat_result], None]
 
 
 class InodeTable:
-    def __init__(self, root_fd: int, max_fds: int | None = None, on_gone: GoneHook | None = None):
+    def __init__(self, root_fd: int, max_fds: int | None = None, on_gone: GoneHook | None = None, lazy: bool = False):
+        #: lookups open no descriptor (see :meth:`child`)
+        self.lazy = lazy
         #: most inode descriptors kept open at once
         self.max_fds = max_fds or _fd_budget()
         st = os.fstat(root_fd)
@@ -201,7 +203,30 @@ class InodeTable:
 
     # -- finding and adding inodes ------------------------------------------------
     def child(self, parent: Inode, name: bytes) -> tuple[Inode, os.stat_result]:
-        """Find or add the inode named ``name`` in ``parent`` (no reference taken)."""
+        """Find or add the inode named ``name`` in ``parent`` (no reference taken).
+
+        With :attr:`lazy` (the policy shows an inode from its stat alone), one
+        ``fstatat`` is all: a known inode is reused as it is, a new one gets
+        no descriptor until a call needs it (:meth:`_reopen` then opens it by
+        this name and checks it is still the same inode, else ESTALE). A stat
+        storm or a ``find`` sends lookups and READDIRPLUS entries for many
+        inodes that are never opened; each of them used to cost an open, a
+        stat and, when known, a close.
+        """
+        if self.lazy:
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+            key = (st.st_dev, st.st_ino)
+            node = self._by_key.get(key)
+            if node is None:
+                node = Inode(self, self._new_id(st), -1, key, stat.S_IFMT(st.st_mode))
+                self._by_id[node.id] = node
+                self._by_key[key] = node
+            elif not node.name and node._fd >= 0 and not node.pins and node is not self.root:
+                node.name = name
+                self._track(node)
+            node.parent = parent.id
+            node.name = name
+            return node, st
         fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=parent.fd)
         try:
             st = os.fstat(fd)

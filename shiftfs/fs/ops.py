@@ -98,7 +98,9 @@ class Operations(DirectoryHandlers, XattrHandlers, pyfuse3.Operations):
         self.policy = policy
         # A policy whose records go with the inode needs no word when one goes
         # (table mode: no fstat per forgotten inode).
-        self.table = InodeTable(root_fd, on_gone=policy.gone if policy.wants_gone else None)
+        self.table = InodeTable(
+            root_fd, on_gone=policy.gone if policy.wants_gone else None, lazy=not policy.view_needs_fd
+        )
         self.cache = cache or CacheConfig()
         self.trace = trace
         self.counts: Counter[str] = Counter()

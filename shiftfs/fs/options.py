@@ -95,6 +95,8 @@ class MountConfig:
     xattr_probes: bool = True
     #: the kernel enforces POSIX ACLs through the mount (FUSE_POSIX_ACL); ``-o acl=off`` trades that for fewer requests
     acl: bool = True
+    #: microseconds the request loop polls for the next request before it sleeps (shiftfs.fs.loop)
+    spin_us: int = 100
     # kernel backend (shiftfs/fs/idmapped.py): which backend, and the -o keys given
     backend: str = "auto"
     option_keys: list[str] = field(default_factory=list)
@@ -209,6 +211,10 @@ def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mo
                 cfg.xattr_probes = val == "on"
             elif key == "acl" and val in ("on", "off"):
                 cfg.acl = val == "on"
+            elif key == "spin" and eq:
+                if not val.isdigit() or int(val) > 10000:
+                    raise UsageError(f"bad -o spin={val}: give microseconds from 0 (never) to 10000, e.g. spin=50")
+                cfg.spin_us = int(val)
             elif key == "control_fd" and val.isdigit():
                 cfg.control_fd = int(val)
             elif key == "single_id" and not eq:

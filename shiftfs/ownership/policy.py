@@ -77,6 +77,8 @@ class OwnershipPolicy:
     #: ``-o shared``: another daemon may change records and ACLs, so what is
     #: cached on an inode (its record, "no default ACL") is read again each time.
     reread = False
+    #: :meth:`view` reads through the inode's descriptor (records); False: the stat alone decides
+    view_needs_fd = True
 
     def __init__(self, uids: IdMap, gids: IdMap):
         self.uids = uids

@@ -26,6 +26,8 @@ class TablePolicy(OwnershipPolicy):
         self.euid = os.geteuid()
         self.egid = os.getegid()
 
+    view_needs_fd = False
+
     def view(self, node, st):
         return backing_view(st, self.uids, self.gids)
 

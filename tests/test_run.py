@@ -20,6 +20,7 @@ from ns_util import (
     ROOT_USER,
     User,
     chown_tree,
+    host_owners,
     make_host_root,
     mounts_mentioning,
     processes_mentioning,
@@ -78,15 +79,6 @@ def shiftfs_run(
     if check and res.returncode != 0:
         raise AssertionError(f"exit {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr}")
     return res
-
-
-def host_owners(root: str) -> set[tuple[int, int]]:
-    owners = set()
-    for dirpath, dirnames, filenames in os.walk(root):
-        for n in [dirpath] + [os.path.join(dirpath, x) for x in dirnames + filenames]:
-            st = os.lstat(n)
-            owners.add((st.st_uid, st.st_gid))
-    return owners
 
 
 def record(path: str) -> str:

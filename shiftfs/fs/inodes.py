@@ -215,25 +215,15 @@ class InodeTable:
         """
         if self.lazy:
             st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
-            key = (st.st_dev, st.st_ino)
-            node = self._by_key.get(key)
-            if node is None:
-                node = Inode(self, self._new_id(st), -1, key, stat.S_IFMT(st.st_mode))
-                self._by_id[node.id] = node
-                self._by_key[key] = node
-            elif not node.name and node._fd >= 0 and not node.pins and node is not self.root:
-                node.name = name
-                self._track(node)
-            node.parent = parent.id
-            node.name = name
-            return node, st
-        fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=parent.fd)
-        try:
-            st = os.fstat(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        node = self.adopt(fd, st)
+            node = self._by_key.get((st.st_dev, st.st_ino)) or self._add(-1, st)
+        else:
+            fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=parent.fd)
+            try:
+                st = os.fstat(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            node = self.adopt(fd, st)
         if not node.name and node._fd >= 0 and not node.pins and node is not self.root:
             node.name = name
             self._track(node)
@@ -252,10 +242,16 @@ class InodeTable:
             else:
                 os.close(fd)
             return node
+        node = self._add(fd, st)
+        self._track(node)
+        return node
+
+    def _add(self, fd: int, st: os.stat_result) -> Inode:
+        """A new entry for the inode of ``st`` (``fd`` -1: no descriptor yet, see :meth:`child`)."""
+        key = (st.st_dev, st.st_ino)
         node = Inode(self, self._new_id(st), fd, key, stat.S_IFMT(st.st_mode))
         self._by_id[node.id] = node
         self._by_key[key] = node
-        self._track(node)
         return node
 
     def _track(self, node: Inode) -> None:

@@ -105,15 +105,23 @@ def _write_stats(ops: Operations, path: str | None) -> None:
 
 
 async def _serve(ops: Operations, cfg: MountConfig) -> None:
+    # The receiver is open before the first request is served: the request
+    # loop may serve many requests before trio runs another task
+    # (shiftfs.fs.loop), and until the receiver is open a SIGINT is trio's
+    # KeyboardInterrupt, raised wherever the loop happens to be.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1) as received:
+        await _serve_with(ops, cfg, received)
+
+
+async def _serve_with(ops: Operations, cfg: MountConfig, received) -> None:
     async def signals() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1) as it:
-            async for sig in it:
-                if sig == signal.SIGUSR1:
-                    _write_stats(ops, cfg.stats)
-                    continue
-                log.info("signal %d: unmounting", sig)
-                pyfuse3.terminate()
-                return
+        async for sig in received:
+            if sig == signal.SIGUSR1:
+                _write_stats(ops, cfg.stats)
+                continue
+            log.info("signal %d: unmounting", sig)
+            pyfuse3.terminate()
+            return
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(signals)

@@ -60,7 +60,14 @@ for pid in pids:
         fds = []
     for fd in fds:
         attempt(f"/proc/{pid}/fd/{fd}", f"/proc/{pid}/fd/{fd}")
-    if pid not in mine:
+    if pid in mine:
+        continue
+    try:  # the container's own commands are the container's; shiftfs's processes are the targets
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            helper = pid == 1 or b"shiftfs" in f.read()
+    except OSError:
+        helper = True
+    if helper:
         others.append(pid)
 libc = ctypes.CDLL(None, use_errno=True)
 traced, mem, exe, readable = [], [], [], []

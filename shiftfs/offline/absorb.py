@@ -16,7 +16,7 @@ import stat
 from collections.abc import Callable
 
 from ..errors import TreeError
-from ..ownership import acl
+from ..ownership import acl, trust
 from ..ownership.idmap import IdMap, parse_map_args
 from ..ownership.names import STORE_DIR, escape_xattr_name, is_privileged_xattr, temp_name, unescape_xattr_name
 from ..ownership.record import Record, RecordError, decode, encode
@@ -130,7 +130,7 @@ def absorb(
     """
     umap, gmap = parse_map_args(maps or [])
     root_fd = open_root(root)
-    store = open_store(root_fd, True, legacy_xattr, check=False)
+    store = open_store(root_fd, True, legacy_xattr, check=False, trusted_uid=owner[0])
     progress = progress or Progress("absorb", False)
     placeholders: dict[tuple[int, int], str] = {}
     times = _DirTimes()
@@ -236,12 +236,17 @@ def _absorb_inode(e, store, umap, gmap, to_view, owner) -> None:
                 value = map_capability(value, umap.to_view)
             os.setxattr(path, escaped, value)
             _crash_point("absorb")
-    raw = store.read(fd, st)
+    # A record already there counts only on an inode of ``owner`` (an earlier, interrupted
+    # run chowns last, so its records are on inodes it gave to ``owner`` or they say what
+    # the real ownership says anyway); on any other inode the real owner is the truth, and
+    # a record another user planted there is replaced (shiftfs.ownership.trust, rule 2).
+    raw = store.read(fd, st) if trust.record_counts(st, owner[0]) else None
     if raw is None:
         vu, vg = to_view(e, st)
         raw = encode(Record(vu, vg, st.st_mode, 0))
-        store.write(fd, st, raw)
-        _crash_point("absorb")
+        if store.read(fd, st) != raw:
+            store.write(fd, st, raw)
+            _crash_point("absorb")
     for name in privileged:
         try:
             os.removexattr(path, name)

@@ -31,10 +31,14 @@ def _fmt_time(ns: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec)) + f".{frac:09d}"
 
 
-def stat_one(path: str, root: str | None, umap, gmap) -> str:
+def stat_one(path: str, root: str | None, umap, gmap, say=None) -> str:
+    """``shiftfs stat`` of one path. Whose records count is the tools' rule
+    (shiftfs.ownership.trust.offline_trusted_uid), never the owner of the
+    directory the file happens to be in; ``say`` gets the line saying whose
+    records count when that is not the running user."""
     root = root or find_root(path)
     root_fd = open_root(root)
-    store = open_store(root_fd, False, readonly=True)
+    store = open_store(root_fd, False, readonly=True, name=root, say=say)
     try:
         try:
             fd = os.open(path, O_PATH_NOFOLLOW)
@@ -77,12 +81,13 @@ def stat_one(path: str, root: str | None, umap, gmap) -> str:
     return "\n".join(lines)
 
 
-def list_dir(directory: str, long: bool, umap, gmap, out) -> list[str]:
+def list_dir(directory: str, long: bool, umap, gmap, out, say=None) -> list[str]:
+    """``shiftfs ls [-l]`` of one directory (whose records count: as :func:`stat_one`)."""
     errors: list[str] = []
     root = find_root(directory)
     root_fd = open_root(root)
     dir_fd = open_root(directory)
-    store = open_store(root_fd, False, readonly=True)
+    store = open_store(root_fd, False, readonly=True, name=root, say=say if long else None)
     is_root = os.path.samestat(os.fstat(root_fd), os.fstat(dir_fd))
     try:
         names = sorted(os.listdir(dir_fd), key=os.fsencode)

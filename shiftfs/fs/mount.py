@@ -244,9 +244,7 @@ def build_operations(cfg: MountConfig, root_fd: int) -> Operations:
     if cfg.xattr:
         # A read-only mount changes nothing on disk: no records for the root and .shiftfs.
         ro = "ro" in cfg.kernel_opts
-        store = RecordStore(
-            root_fd, create=True, write_legacy=cfg.legacy_xattr, stamp=not ro, trusted_uid=os.geteuid()
-        )
+        store = RecordStore(root_fd, create=True, write_legacy=cfg.legacy_xattr, stamp=not ro, trusted_uid=os.geteuid())
         # Before anything opens the side table (SQLite would replay a planted -wal).
         side = store.check_private(os.geteuid(), fix=not ro)
         policy = XattrPolicy(cfg.uids, cfg.gids, store, cfg.default_owner, stamp_root=not ro)

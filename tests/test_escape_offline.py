@@ -328,6 +328,52 @@ os.setxattr({home!r} + "/su", {RECORD!r}, {FORGED!r})
     assert os.lstat(f"{home}/su").st_uid == alice.uid
 
 
+def test_materialize_refuses_a_record_a_mount_would_not_believe(users, wd):
+    """mallory's file in alice's tree with her forged record: materialize would make it a real
+    setuid-root file; it refuses before changing anything."""
+    alice, mallory = users
+    os.chown(wd, alice.uid, alice.gid)
+    tar = os.path.join(wd, "t.tar")
+    with tarfile.open(tar, "w") as tf:
+        ti = tarfile.TarInfo("pub")
+        ti.type, ti.mode = tarfile.DIRTYPE, 0o755
+        tf.addfile(ti)
+    os.chmod(tar, 0o644)
+    tree = os.path.join(wd, "tree")
+    cli_as(alice, "import", tar, tree, check=True)
+    su = f"{tree}/pub/su"
+    shutil.copy("/bin/true", su)
+    os.chown(su, mallory.uid, mallory.gid)  # hers, however it got there (a hard link of her own file)
+    os.chmod(su, 0o755)
+    os.setxattr(su, RECORD, FORGED)  # (written here by root: mallory may write it on her own file)
+    r = cli_root("materialize", tree)
+    assert r.returncode == 1, r
+    msg = r.stderr.strip()
+    assert len(msg.splitlines()) == 1 and "pub/su" in msg and f"uid {mallory.uid}" in msg, msg
+    st = os.lstat(su)
+    assert st.st_uid == mallory.uid and not st.st_mode & 0o6000, st
+    assert os.lstat(tree).st_uid == alice.uid and os.getxattr(tree, RECORD)  # nothing changed
+    # Planted between an interrupted run and its rerun: refused too.
+    os.unlink(su)
+    r = subprocess.run(
+        [SHIFTFS, "materialize", tree], env={**os.environ, "SHIFTFS_TEST_KILL": "materialize:1"}, capture_output=True
+    )
+    assert r.returncode == -9, r
+    assert os.lstat(tree).st_uid == 0  # the root was done first, its record not yet removed
+    shutil.copy("/bin/true", su)
+    os.chown(su, mallory.uid, mallory.gid)
+    os.chmod(su, 0o755)
+    os.setxattr(su, RECORD, FORGED)
+    r = cli_root("materialize", tree)
+    assert r.returncode == 1 and "pub/su" in r.stderr, r
+    assert not os.lstat(su).st_mode & 0o6000
+    # Without it the rerun finishes the job.
+    os.unlink(su)
+    r = cli_root("materialize", tree)
+    assert r.returncode == 0, r.stderr
+    assert (os.lstat(f"{tree}/pub").st_uid, os.listxattr(tree)) == (0, [])
+
+
 # -- allow_shared_source ------------------------------------------------------------------
 
 

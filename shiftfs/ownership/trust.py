@@ -25,8 +25,10 @@ somebody else's container. Three rules, each kept here and nowhere else:
    believe that user's records only, wherever the tree lies; run by root they
    believe the owner of the tree's root directory (root exporting a user's
    tree reads that user's records) and say so in one line
-   (:func:`offline_trust_note`); ``absorb`` believes the ``--owner`` it hands
-   the tree to. Any other inode shows as the overflow id (65534) with
+   (:func:`offline_trust_note`). ``import`` writes only into its own user's
+   tree; ``absorb`` believes the ``--owner`` it hands the tree to;
+   ``materialize`` changes nothing while a record in the tree fails this
+   rule for the tree root's owner. Any other inode shows as the overflow id (65534) with
    setuid/setgid stripped, its record ignored, unless a table (``--map``)
    maps its owner: then it shows through the table, as a kernel idmapped
    mount would, still without its record.

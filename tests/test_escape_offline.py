@@ -24,8 +24,8 @@ import subprocess
 import tarfile
 
 import pytest
-from fsutil import SHIFTFS, mount_shiftfs, py_as, run_as
-from ns_util import remove_tree, throwaway_users, workdir
+from fsutil import SHIFTFS, mount_shiftfs, py_as, run_as, wait_for
+from ns_util import HOST_USR, make_host_root, remove_tree, run_argv, throwaway_users, workdir
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates test users: run as root")
 
@@ -415,4 +415,40 @@ def test_squatted_note_directory_is_named(users, wd):
             assert note_dir in msg and f"uid {mallory.uid}" in msg and f"rm -rf {note_dir}" in msg, msg
             assert note_dir in m.log_text()
     finally:
+        remove_tree(note_dir)
+
+
+def test_squatted_note_directory_is_named_when_it_stops_a_join(users, wd):
+    """Without its note the first run's container cannot be joined: the refusal says why."""
+    alice, mallory = users
+    note_dir = f"/tmp/shiftfs-{alice.uid}"
+    if os.path.lexists(note_dir):
+        remove_tree(note_dir)
+    root = make_host_root(os.path.join(wd, "root"), alice)
+    os.chmod(root, 0o700)
+    argv = alice.wrap([*run_argv(), *HOST_USR, root, "--", "sh", "-c"])
+    first = None
+    try:
+        run_as(mallory.uid, mallory.gid, ["mkdir", "-m", "0700", note_dir], check=True)
+        first = subprocess.Popen(
+            [*argv, "touch /ready; while [ ! -e /done ]; do sleep 0.05; done"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=wd,
+        )
+        wait_for(lambda: os.path.exists(os.path.join(root, "ready")), timeout=30, what="the first run to start")
+        r = subprocess.run([*argv, "true"], capture_output=True, text=True, timeout=60, cwd=wd)
+        assert r.returncode == 125, r
+        msg = r.stderr.strip()
+        assert len(msg.splitlines()) == 1, msg
+        assert note_dir in msg and f"uid {mallory.uid}" in msg and f"rm -rf {note_dir}" in msg, msg
+    finally:
+        if first is not None:
+            open(os.path.join(root, "done"), "w").close()
+            try:
+                first.wait(30)
+            except subprocess.TimeoutExpired:
+                first.kill()
+                first.wait()
         remove_tree(note_dir)

@@ -40,7 +40,7 @@ from ns_util import (
 
 from bench import artifacts
 from shiftfs.container import exec as execcmd
-from shiftfs.container import launcher
+from shiftfs.container import launcher, preflight
 from shiftfs.offline import devtable
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates test users: run as root")
@@ -63,7 +63,7 @@ def users():
 
 @pytest.fixture(scope="module")
 def user(users) -> User:
-    bad = launcher.blocked_component(execcmd.__file__, 65533, {65533}, 4)
+    bad = preflight.blocked_component(execcmd.__file__, 65533, {65533}, 4)
     if bad:
         pytest.skip(f"{bad} is not searchable by other users; move the checkout (see README)")
     return users[0]

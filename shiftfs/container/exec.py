@@ -59,6 +59,8 @@ class ExecConfig:
     userns_base: int | None = None
     cwd: str = "/"
     allow_shared_source: bool = False
+    #: -o for every view (preflight.view_options)
+    view_opts: str = ""
 
 
 # --- command line -------------------------------------------------------------
@@ -195,6 +197,7 @@ def config_from_args(args: argparse.Namespace) -> ExecConfig:
         userns_base=args.userns_base,
         cwd=_caller_cwd(),
         allow_shared_source=args.allow_shared_source,
+        view_opts=preflight.view_options(args),
     )
 
 
@@ -226,7 +229,7 @@ def plan(cfg: ExecConfig, idmap: userns.NamespaceMaps) -> launcher.Layout:
         prog=PROG,
         sources=tuple(s.source for s in cfg.shifts),
         mode_args=tuple(cfg.mount_args),
-        mount_opts="allow_other",
+        mount_opts=cfg.view_opts,
         inner=functools.partial(_command_init, cfg),
     )
 

@@ -56,11 +56,45 @@ def add_namespace_options(p: argparse.ArgumentParser) -> None:
         "--userns-base", type=int_arg, metavar="N", help="(root) host id of the 65536-id block for view ids 1-65535"
     )
     p.add_argument(
+        "-o",
+        "--mount-opt",
+        action="append",
+        default=[],
+        metavar="OPTS",
+        help=f"options for every view, as 'shiftfs mount -o' takes them: {', '.join(VIEW_OPTIONS)} "
+        "(repeatable; e.g. -o nowriteback,xattr_probes=off)",
+    )
+    p.add_argument(
         "--allow-shared-source",
         action="store_true",
         help="serve a tree that other users could write into; refused otherwise "
         "in xattr mode, since they could plant records",
     )
+
+
+#: ``-o`` options a view of ``run``/``exec`` takes: the daemon's own (cache, writeback,
+#: probes, ACL enforcement, request loop, records); the mount itself is the launcher's.
+VIEW_OPTIONS = ("cache", "writeback", "nowriteback", "xattr_probes", "acl", "spin", "default_owner", "legacy_xattr")
+
+
+def view_options(args: argparse.Namespace) -> str:
+    """The ``-o`` options for every view (ROOT and ``,shift`` binds), checked
+    the way ``shiftfs mount`` checks them."""
+    from ..errors import UsageError
+    from ..fs.options import parse_options
+
+    given = [o.strip() for group in getattr(args, "mount_opt", None) or [] for o in group.split(",") if o.strip()]
+    for opt in given:
+        if opt.partition("=")[0] not in VIEW_OPTIONS:
+            raise SetupError(
+                f"-o {opt}: not an option of the views here; they take {', '.join(VIEW_OPTIONS)} "
+                "(see 'shiftfs mount --help')"
+            )
+    try:
+        parse_options([",".join(given)], [], "--xattr" in mount_args(args), "/", "/")
+    except UsageError as e:
+        raise SetupError(str(e)) from None
+    return ",".join(given)
 
 
 def mount_args(args: argparse.Namespace) -> list[str]:

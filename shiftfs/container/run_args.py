@@ -46,6 +46,8 @@ class RunConfig:
     attach: str = "auto"
     #: (root) container root is host root: the pre-1.0 behaviour, only on request (--host-root)
     host_root: bool = False
+    #: -o for every view (preflight.view_options)
+    view_opts: str = ""
     #: leave /proc and /sys unmasked (rootfs.MASKED_PATHS): containers inside need it
     unmask: bool = False
 
@@ -151,8 +153,10 @@ def _split_rest(args: argparse.Namespace) -> None:
             "--hostname",
             "--setenv",
             "--env",
+            "-o",
+            "--mount-opt",
         }
-        while i < len(rest) and rest[i].startswith("--"):
+        while i < len(rest) and (rest[i].startswith("--") or rest[i] == "-o"):
             late.append(rest[i])
             if rest[i] in valued and i + 1 < len(rest):
                 late.append(rest[i + 1])
@@ -341,6 +345,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         attach=args.attach or "auto",
         host_root=args.host_root,
         unmask=args.unmask,
+        view_opts=preflight.view_options(args),
     )
     if cfg.host_root and os.getuid() != 0:
         raise SetupError("--host-root needs root (as a user, the container's root is always you); drop it")

@@ -320,11 +320,18 @@ os.setxattr({home!r} + "/su", {RECORD!r}, {FORGED!r})
         f.write(b"y")
     os.chown(f"{tree}/mine", alice.uid, alice.gid)
     os.setxattr(f"{tree}/mine", RECORD, b"0:0:100644")
+    # alice's file that anyone may write, where mallory wrote a setuid record
+    with open(f"{tree}/open", "wb") as f:
+        f.write(b"z")
+    os.chown(f"{tree}/open", alice.uid, alice.gid)
+    os.chmod(f"{tree}/open", 0o777)
+    assert "ok" in py_as(mallory.uid, mallory.gid, f"os.setxattr({tree!r} + '/open', {RECORD!r}, {FORGED!r})")
     r = cli_root("absorb", "--owner", f"{alice.uid}:{alice.gid}", tree)
     assert r.returncode == 0, r.stderr
     got = os.getxattr(f"{home}/su", RECORD)
     assert got == f"{mallory.uid}:{mallory.gid}:100755".encode(), got
     assert os.getxattr(f"{tree}/mine", RECORD) == b"0:0:100644"
+    assert os.getxattr(f"{tree}/open", RECORD) == b"0:0:100755"  # without setuid
     assert os.lstat(f"{home}/su").st_uid == alice.uid
 
 

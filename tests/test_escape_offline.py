@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import tarfile
@@ -438,11 +439,11 @@ def test_squatted_note_directory_is_named_when_it_stops_a_join(users, wd):
     try:
         run_as(mallory.uid, mallory.gid, ["mkdir", "-m", "0700", note_dir], check=True)
         first = subprocess.Popen(
-            [*argv, "touch /ready; while [ ! -e /done ]; do sleep 0.05; done"],
+            [*argv, "touch /ready; exec sleep 600"],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+            stderr=subprocess.DEVNULL,
             cwd=wd,
+            start_new_session=True,
         )
         wait_for(lambda: os.path.exists(os.path.join(root, "ready")), timeout=30, what="the first run to start")
         r = subprocess.run([*argv, "true"], capture_output=True, text=True, timeout=60, cwd=wd)
@@ -452,10 +453,10 @@ def test_squatted_note_directory_is_named_when_it_stops_a_join(users, wd):
         assert note_dir in msg and f"uid {mallory.uid}" in msg and f"rm -rf {note_dir}" in msg, msg
     finally:
         if first is not None:
-            open(os.path.join(root, "done"), "w").close()
+            first.terminate()  # runuser and shiftfs run pass it on to the command
             try:
                 first.wait(30)
             except subprocess.TimeoutExpired:
-                first.kill()
+                os.killpg(first.pid, signal.SIGKILL)  # (shiftfs run's parent-death chain does the rest)
                 first.wait()
         remove_tree(note_dir)

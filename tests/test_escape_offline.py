@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import tarfile
@@ -320,11 +321,18 @@ os.setxattr({home!r} + "/su", {RECORD!r}, {FORGED!r})
         f.write(b"y")
     os.chown(f"{tree}/mine", alice.uid, alice.gid)
     os.setxattr(f"{tree}/mine", RECORD, b"0:0:100644")
+    # alice's file that anyone may write, where mallory wrote a setuid record
+    with open(f"{tree}/open", "wb") as f:
+        f.write(b"z")
+    os.chown(f"{tree}/open", alice.uid, alice.gid)
+    os.chmod(f"{tree}/open", 0o777)
+    assert "ok" in py_as(mallory.uid, mallory.gid, f"os.setxattr({tree!r} + '/open', {RECORD!r}, {FORGED!r})")
     r = cli_root("absorb", "--owner", f"{alice.uid}:{alice.gid}", tree)
     assert r.returncode == 0, r.stderr
     got = os.getxattr(f"{home}/su", RECORD)
     assert got == f"{mallory.uid}:{mallory.gid}:100755".encode(), got
     assert os.getxattr(f"{tree}/mine", RECORD) == b"0:0:100644"
+    assert os.getxattr(f"{tree}/open", RECORD) == b"0:0:100755"  # without setuid
     assert os.lstat(f"{home}/su").st_uid == alice.uid
 
 
@@ -431,11 +439,11 @@ def test_squatted_note_directory_is_named_when_it_stops_a_join(users, wd):
     try:
         run_as(mallory.uid, mallory.gid, ["mkdir", "-m", "0700", note_dir], check=True)
         first = subprocess.Popen(
-            [*argv, "touch /ready; while [ ! -e /done ]; do sleep 0.05; done"],
+            [*argv, "touch /ready; exec sleep 600"],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+            stderr=subprocess.DEVNULL,
             cwd=wd,
+            start_new_session=True,
         )
         wait_for(lambda: os.path.exists(os.path.join(root, "ready")), timeout=30, what="the first run to start")
         r = subprocess.run([*argv, "true"], capture_output=True, text=True, timeout=60, cwd=wd)
@@ -445,10 +453,10 @@ def test_squatted_note_directory_is_named_when_it_stops_a_join(users, wd):
         assert note_dir in msg and f"uid {mallory.uid}" in msg and f"rm -rf {note_dir}" in msg, msg
     finally:
         if first is not None:
-            open(os.path.join(root, "done"), "w").close()
+            first.terminate()  # runuser and shiftfs run pass it on to the command
             try:
                 first.wait(30)
             except subprocess.TimeoutExpired:
-                first.kill()
+                os.killpg(first.pid, signal.SIGKILL)  # (shiftfs run's parent-death chain does the rest)
                 first.wait()
         remove_tree(note_dir)

@@ -240,7 +240,14 @@ def _absorb_inode(e, store, umap, gmap, to_view, owner) -> None:
     # run chowns last, so its records are on inodes it gave to ``owner`` or they say what
     # the real ownership says anyway); on any other inode the real owner is the truth, and
     # a record another user planted there is replaced (shiftfs.ownership.trust, rule 2).
-    raw = store.read(fd, st) if trust.record_counts(st, owner[0]) else None
+    # On one of ``owner``'s that others can write on disk (a world-writable directory an
+    # interrupted run chowned before its chmod) it keeps no setuid/setgid, as in a mount.
+    raw = store.read(fd, st) if st.st_uid == owner[0] else None
+    if raw is not None and not trust.record_counts(st, owner[0]):
+        rec = decode(raw, stat.S_IFMT(st.st_mode))
+        if trust.without_setid_if_open(rec, st) != rec:
+            raw = encode(trust.without_setid_if_open(rec, st))
+            store.write(fd, st, raw)
     if raw is None:
         vu, vg = to_view(e, st)
         raw = encode(Record(vu, vg, st.st_mode, 0))

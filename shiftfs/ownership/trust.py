@@ -63,6 +63,7 @@ __all__ = [
     "fix_backing_modes",
     "record_counts",
     "why_foreign",
+    "without_setid_if_open",
     "offline_trusted_uid",
     "offline_trust_note",
     "source_problem",
@@ -103,6 +104,14 @@ def why_foreign(st: os.stat_result, trusted_uid: int) -> str:
     if st.st_uid != trusted_uid:
         return f"owned by uid {st.st_uid}, not by uid {trusted_uid}"
     return f"writable by others on disk (mode {stat.S_IMODE(st.st_mode):04o}; 'chmod go-w' it)"
+
+
+def without_setid_if_open(rec: Record, st: os.stat_result) -> Record:
+    """A record of a regular file others can write on disk, without setuid/setgid: anyone
+    could have written it, and those bits are what a planted record is after."""
+    if stat.S_ISREG(st.st_mode) and st.st_mode & OTHERS_WRITE and rec.mode & _SETID:
+        return Record(rec.uid, rec.gid, rec.mode & ~_SETID, rec.rdev)
+    return rec
 
 
 def offline_trusted_uid(tree_root: os.stat_result, euid: int | None = None) -> int:
@@ -258,8 +267,8 @@ def fix_backing_modes(store, trusted_uid: int, unrecorded, keep_root: bool = Fal
         if rec is None:
             rec = unrecorded(st)
             store.write(fd, st, encode(rec))
-        elif stat.S_ISREG(st.st_mode) and st.st_mode & OTHERS_WRITE and rec.mode & _SETID:
-            rec = Record(rec.uid, rec.gid, rec.mode & ~_SETID, rec.rdev)
+        elif without_setid_if_open(rec, st) != rec:
+            rec = without_setid_if_open(rec, st)
             store.write(fd, st, encode(rec))
             notes.append(f"dropped setuid/setgid from the record of {rel}: others could write it on disk")
         view_mode = rec.mode if stat.S_IFMT(rec.mode) else rec.mode | stat.S_IFMT(st.st_mode)

@@ -60,6 +60,59 @@ def _user_dir(scratch, name: str = "home") -> str:
     return str(d)
 
 
+# --- what make setup installs for the tests ------------------------------------------------------
+
+#: Every command a test skips without, and the Debian package that has it.
+_TOOL_PACKAGES = {
+    "podman": "podman",
+    "runc": "runc",
+    "systemd-nspawn": "systemd-container",
+    "fuse-overlayfs": "fuse-overlayfs",
+    "fio": "fio",
+    "setfacl": "acl",
+    "getfacl": "acl",
+    "setcap": "libcap2-bin",
+    "getcap": "libcap2-bin",
+    "setfattr": "attr",
+    "getfattr": "attr",
+    "unshare": "util-linux",
+    "setpriv": "util-linux",
+    "fusermount3": "fuse3",
+    "tar": "tar",
+}
+
+
+def test_setup_installs_every_tool_a_test_skips_without():
+    """A fresh machine runs every test: each command a test needs (``have(…)``)
+    comes from a package ``make setup`` installs, so the podman and nspawn
+    recipes run in CI (``.ci/run``, where SHIFTFS_CI=1 turns such a skip into a
+    failure) instead of skipping."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(repo, "scripts/setup.sh")) as f:
+        m = re.search(r'^PKGS="([^"]*)"', f.read(), re.M)
+    assert m, "scripts/setup.sh has no PKGS line"
+    pkgs = set(m.group(1).split()) | {"tar"}  # tar is essential in Debian
+    tools: set[str] = set()
+    tests_dir = os.path.join(repo, "tests")
+    for name in sorted(os.listdir(tests_dir)):
+        if name.endswith(".py") and name != "fsutil.py":
+            with open(os.path.join(tests_dir, name)) as f:
+                for args in re.findall(r"\bhave\(([^)]*)\)", f.read()):
+                    tools.update(re.findall(r'"([^"]+)"', args))
+    assert {"podman", "runc", "systemd-nspawn"} <= tools
+    unknown = sorted(tools - set(_TOOL_PACKAGES))
+    assert not unknown, f"add the Debian package of {unknown} to _TOOL_PACKAGES and to setup's PKGS"
+    missing = sorted({_TOOL_PACKAGES[t] for t in tools} - pkgs)
+    assert not missing, f"scripts/setup.sh does not install {missing}: tests needing them skip on a fresh machine"
+    with open(os.path.join(repo, ".ci/run")) as f:
+        assert re.search(r"^export SHIFTFS_CI=1$", f.read(), re.M), ".ci/run must set SHIFTFS_CI=1"
+    with open(os.path.join(repo, "README.md")) as f:
+        readme = f.read()
+    said = readme[readme.index("installs the Debian packages that are missing") :][:800]
+    for pkg in ("podman", "runc", "systemd-container"):
+        assert f"{pkg}" in said, f"README's list of what setup installs lacks {pkg}"
+
+
 # --- item 4: shiftfs devtable -----------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ is not installed skips its test with a reason.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import subprocess
@@ -17,7 +18,8 @@ import tarfile
 
 import ns_util
 import pytest
-from fsutil import MAP, SHIFTFS, USER_ENV, have, is_mounted, reap, run_as, spawn_daemons, unmount_lazy, wait_for
+import readme_util
+from fsutil import MAP, SHIFTFS, USER_ENV, errno_of, have, is_mounted, reap, run_as, spawn_daemons, unmount_lazy, wait_for
 
 #: An ordinary user for the unprivileged cases (no passwd entry needed).
 USER = 4716
@@ -491,6 +493,72 @@ def test_recipe_root_podman_on_a_table_view(scratch):
         assert (st.st_uid, st.st_gid) == (101000, 101000)
     finally:
         _stop([], daemons, view)
+
+
+def _readme_root_podman(top: str, tar: str) -> list[str]:
+    """The README's root-podman recipe with /srv/ct → ``top``, bookworm.tar → ``tar``,
+    the checkout's shiftfs, and this machine's podman flags (runc, limits, host network)."""
+    lines = []
+    for ln in readme_util.sh_block("### Root podman on a table view"):
+        ln = ln.replace("/srv/ct", top).replace("bookworm.tar", tar)
+        if ln.startswith("shiftfs "):
+            ln = SHIFTFS + ln[len("shiftfs") :]
+        if ln.startswith("podman run --rm "):
+            ln = " ".join(_podman_argv() + _PODMAN_RUN) + " " + ln[len("podman run --rm ") :]
+        lines.append(ln)
+    return lines
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not have("podman"), reason="needs podman (apt-get install podman)")
+def test_readme_root_podman_recipe_as_written(scratch, debian_tar):
+    """The README's root-podman recipe, line by line, on the default backend (the
+    kernel's for root on ext4): the tar unpacks through the view, and bob's file
+    is 1000 inside and 101000 on disk."""
+    top = str(scratch / "ct")
+    lines = _readme_root_podman(top, debian_tar)
+    view = os.path.join(top, "view")
+    try:
+        r = subprocess.run(
+            ["sh", "-ec", "\n".join(lines)], capture_output=True, text=True, errors="replace", timeout=600, env=USER_ENV
+        )
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        assert "outside the table" not in r.stderr, r.stderr
+        assert r.stdout.split()[2:4] == ["1000", "1000"], r.stdout
+        st = os.stat(os.path.join(top, "rootfs/home/bob/x"))
+        assert (st.st_uid, st.st_gid) == (101000, 101000)
+        assert os.stat(os.path.join(top, "rootfs/etc/shadow")).st_gid == 100042
+    finally:
+        subprocess.run([SHIFTFS, "umount", view], capture_output=True)
+        unmount_lazy(view)
+
+
+@pytest.mark.root
+def test_kernel_mount_of_an_unmapped_source_says_so(scratch):
+    """Without the recipe's chown, SOURCE (disk uid 0) is outside the table: on the
+    kernel backend nobody can create in it, and the backend line says why and how
+    to fix it; with the chown the line has no such note."""
+    src, view = scratch / "rootfs", scratch / "view"
+    src.mkdir()
+    view.mkdir()
+    try:
+        r = subprocess.run([SHIFTFS, "mount", "--map", MAP, src, view], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        lines = r.stderr.strip().splitlines()
+        if "backend kernel" not in r.stderr:
+            pytest.skip(f"no kernel backend here: {r.stderr.strip()}")
+        assert len(lines) == 1, r.stderr
+        assert "outside the table" in lines[0] and f"chown 100000:100000 {src}" in lines[0], lines[0]
+        assert errno_of(os.mkdir, os.path.join(view, "etc")) == errno.EACCES
+        subprocess.run([SHIFTFS, "umount", view], check=True)
+        os.chown(src, 100000, 100000)
+        r = subprocess.run([SHIFTFS, "mount", "--map", MAP, src, view], capture_output=True, text=True)
+        assert r.returncode == 0 and "outside the table" not in r.stderr, r.stderr
+        os.mkdir(os.path.join(view, "etc"))
+        assert os.stat(os.path.join(src, "etc")).st_uid == 100000
+    finally:
+        subprocess.run([SHIFTFS, "umount", view], capture_output=True)
+        unmount_lazy(view)
 
 
 @pytest.mark.skipif(not have("podman"), reason="needs podman (apt-get install podman)")

@@ -19,7 +19,19 @@ import tarfile
 import ns_util
 import pytest
 import readme_util
-from fsutil import MAP, SHIFTFS, USER_ENV, errno_of, have, is_mounted, reap, run_as, spawn_daemons, unmount_lazy, wait_for
+from fsutil import (
+    MAP,
+    SHIFTFS,
+    USER_ENV,
+    errno_of,
+    have,
+    is_mounted,
+    reap,
+    run_as,
+    spawn_daemons,
+    unmount_lazy,
+    wait_for,
+)
 
 #: An ordinary user for the unprivileged cases (no passwd entry needed).
 USER = 4716

@@ -622,6 +622,37 @@ def test_recipe_rootless_podman_mounts_inside_podman_unshare(user, wd):
         ns_util.remove_tree(home)
 
 
+@pytest.mark.skipif(not have("unshare"), reason="needs unshare (util-linux)")
+def test_readme_by_hand_pivot_recipe_as_written(user, wd, debian_tar):
+    """The README's by-hand recipe (``unshare`` + ``pivot_root``) as a user with a
+    range, line by line. The user's PATH is Debian's (/usr/local/bin first, where
+    setup links ``shiftfs``); the test puts a directory whose ``shiftfs`` is this
+    checkout's in place of /usr/local/bin, in that PATH and in the recipe's own."""
+    heading = "### By hand: `unshare` and `pivot_root`"
+    lines = readme_util.sh_block(heading)
+    home = os.path.join(wd, "home")
+    bindir = os.path.join(wd, "bin")
+    for d in (home, bindir):
+        os.mkdir(d, 0o755)
+        os.chown(d, user.uid, user.gid)
+    os.symlink(SHIFTFS, os.path.join(bindir, "shiftfs"))
+    enter = [i for i, ln in enumerate(lines) if "unshare " in ln][0]
+    outside = [ln.replace("bookworm.tar", debian_tar) for ln in lines[:enter]]
+    inside = lines[enter + 1 :]
+    script = "\n".join(
+        [f"export HOME={home} PATH={bindir}:/usr/bin:/bin", "cd $HOME", *outside]
+        + [lines[enter].replace("/usr/local/bin", bindir) + " <<'INSIDE'", *inside, "INSIDE"]
+    )
+    r = as_user(user, script, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    out = r.stdout.split()
+    assert out[2:4] == ["1000", "1000"], r.stdout  # ls -ln /home/bob/x inside
+    x = os.path.join(home, "rt/home/bob/x")
+    st = os.stat(x)
+    assert (st.st_uid, st.st_gid) == (user.uid, user.gid)  # yours on the host
+    assert os.getxattr(x, "user.containers.override_stat") == b"1000:1000:100644"
+
+
 #: systemd-nspawn without systemd as PID 1 and without D-Bus: no machined
 #: registration and no scope unit of its own (README, "Using it with container tools").
 _NSPAWN = ["systemd-nspawn", "-q", "--register=no", "--keep-unit"]

@@ -48,6 +48,11 @@ options (-o, comma separated):
                         using the tree as its upper layer)
   allow_shared_source   xattr mode: mount a SOURCE that other users could write
                         into (refused otherwise: they could plant records)
+  single_id             show every id the mounter's user namespace cannot map
+                        as its root (0), so root of a one-id namespace
+                        (unshare -r, no subordinate range) keeps its rights
+                        over such files; records keep the real ids. What
+                        shiftfs run/exec use in a single-id namespace
   fsname=NAME           source name in mount tables (default: SOURCE)
   allow_other           let other users in (default when mounted by uid 0)
   suid, dev, ro, noexec, noatime, ...

@@ -125,6 +125,22 @@ def _cmd_mount(args) -> int:
     return mount(cfg)
 
 
+def parse_mount_argv(argv: list[str]):
+    """A ``shiftfs`` command line of a mount (either form) → its ``MountConfig``; raises UsageError."""
+    from .fs.options import parse_options
+
+    parser = build_parser()
+    commands = {"mount", "umount"}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            commands = set(action.choices)
+    argv = _helper_form(list(argv), commands)
+    if not argv or argv[0] != "mount":
+        raise UsageError("not a mount command line")
+    args = parser.parse_args(argv)
+    return parse_options(args.options, args.map, args.xattr, args.source, args.mountpoint)
+
+
 def _cmd_umount(args) -> int:
     from .fs.mount import unmount
 

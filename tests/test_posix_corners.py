@@ -231,9 +231,10 @@ def test_remount_keeps_nosuid_when_not_given(m):
     assert "ro" in opts and "nosuid" in opts and "nodev" in opts
 
 
-def test_remount_of_fstab_mount(m):
+def test_remount_of_fstab_mount(m, mode):
     """mount(8) merges an fstab line's options (uidmap=…, backend=fuse) into a remount: they stay as
-    mounted, with one line saying so, and ro still applies."""
+    mounted, with one line saying so when they differ from the live ones (xattr mode was mounted
+    without a table; the table mount with this one: nothing to say), and ro still applies."""
     r = _helper(
         m.source,
         m.mountpoint,
@@ -241,7 +242,10 @@ def test_remount_of_fstab_mount(m):
         "allow_other,backend=fuse,uidmap=100000:0:65536,gidmap=100000:0:65536",
     )
     assert r.returncode == 0, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and "uidmap" in r.stderr
+    if mode == "xattr":
+        assert len(r.stderr.strip().splitlines()) == 1 and "leaves uidmap, gidmap as mounted" in r.stderr, r.stderr
+    else:
+        assert r.stderr == "", r.stderr
     assert "ro" in find_mount(m.mountpoint).options
     assert m.alive()
 
@@ -253,6 +257,31 @@ def test_remount_refuses_what_cannot_change(m):
     r = _helper(m.source, m.source, "ro,remount")
     assert r.returncode != 0 and "not a shiftfs mount" in r.stderr
     assert "ro" not in find_mount(m.mountpoint).options
+
+
+def test_remount_with_the_original_options_unchanged(shiftfs_mount):
+    """A harness that remounts with the whole original list (``mount -t fuse.shiftfs -o
+    remount,ro,uidmap=…,gidmap=…,backend=…,log=…`` names SOURCE, so mount(8) adds no
+    ``user_id=``) is accepted when every value equals the live one, as ext4 and bindfs
+    accept theirs; a real change is refused, naming only what changed."""
+    mnt = shiftfs_mount("-o", "uidmap=100000:0:65536,gidmap=100000:0:65536,cache=auto")
+    same = f"uidmap=100000:0:65536,gidmap=100000:0:65536,cache=auto,backend=fuse,log={mnt.log}"
+    r = _helper(mnt.source, mnt.mountpoint, "remount,ro," + same)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "ro" in find_mount(mnt.mountpoint).options
+    r = subprocess.run(
+        [SHIFTFS, "mount", "--map", "b:100000:0:65536", "-o", "remount,rw,backend=auto", mnt.source, mnt.mountpoint],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "rw" in find_mount(mnt.mountpoint).options
+    r = _helper(mnt.source, mnt.mountpoint, "remount,ro,uidmap=100000:0:65535,gidmap=100000:0:65536,cache=auto")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "cannot change uidmap on a remount" in r.stderr, r.stderr
+    assert "ro" not in find_mount(mnt.mountpoint).options
+    assert mnt.alive()
 
 
 def test_remount_through_mount8(m, shiftfs_on_path):

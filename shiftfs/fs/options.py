@@ -233,6 +233,13 @@ def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mo
             cfg.daemon_opts.insert(0, "--xattr")
         if maps:
             cfg.daemon_opts.insert(0, "--map")
+        # parsed like a mount, so a remount can tell options equal to the live ones (shiftfs.fs.remount)
+        try:
+            cfg.uids, cfg.gids = parse_map_args(maps, uidmap, gidmap)
+        except IdMapError as e:
+            raise UsageError(str(e)) from None
+        if cfg.shared and not cache_given:
+            cfg.cache = "never"
         return cfg
     if cfg.shared:
         _coherent(cfg, cache_given, writeback_given)

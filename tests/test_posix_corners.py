@@ -284,6 +284,41 @@ def test_remount_with_the_original_options_unchanged(shiftfs_mount):
     assert mnt.alive()
 
 
+@pytest.mark.parametrize(
+    "opts,shown,absent",
+    [
+        ("relatime", {"relatime"}, {"noatime"}),
+        ("strictatime", set(), {"relatime", "noatime"}),
+        ("nodiratime", {"nodiratime", "relatime"}, set()),
+        ("noatime,nodiratime", {"noatime", "nodiratime"}, set()),
+    ],
+)
+def test_atime_flags_at_mount(shiftfs_mount, opts, shown, absent):
+    """``-o relatime|strictatime|nodiratime`` are the kernel's flags: the mount takes them
+    (libfuse knows none of them; ext4 and bindfs mounts take all three)."""
+    mnt = shiftfs_mount("--map", MAP, "-o", opts)
+    got = set(find_mount(mnt.mountpoint).options)
+    assert shown <= got and not absent & got, got
+    assert mnt.alive()
+
+
+def test_atime_flag_refused_for_an_unprivileged_mount(scratch):
+    """An ordinary user's FUSE mount (fusermount3) cannot be remounted: ``-o strictatime`` is
+    one line saying so, and nothing stays mounted."""
+    import ns_util
+
+    src, mp = scratch / "usrc", scratch / "ump"
+    with ns_util.throwaway_users(with_range=0, without_range=1) as users:  # fusermount3 needs a name
+        uid = users[0].uid
+        for d in (src, mp):
+            d.mkdir(mode=0o700)
+            os.chown(d, uid, uid)
+        r = run_as(uid, uid, [SHIFTFS, "mount", "--xattr", "-o", "strictatime", str(src), str(mp)])
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "strictatime" in r.stderr and "drop them" in r.stderr and "user_allow_other" not in r.stderr, r.stderr
+    assert find_mount(mp) is None
+
+
 def test_remount_through_mount8(m, shiftfs_on_path):
     """``mount -o remount,ro`` (mount(8) → mount.fuse3 → shiftfs from PATH)."""
     if os.path.realpath(shiftfs_on_path) != os.path.realpath(SHIFTFS):

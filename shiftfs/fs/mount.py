@@ -201,6 +201,8 @@ def kernel_options(cfg: MountConfig) -> set[str]:
             continue
         if f in ("nosuid", "nodev", "exec", "atime", "norelatime", "async"):
             continue  # libfuse's defaults already
+        if f in ("relatime", "strictatime", "nodiratime"):
+            continue  # unknown to libfuse: set on the live mount (shiftfs.fs.remount.apply_late_flags)
         opts.add(f)
     return opts
 

@@ -41,7 +41,7 @@ from ..sys.mounts import (
 from .mount import is_shiftfs_mount
 from .options import MountConfig
 
-__all__ = ["remount"]
+__all__ = ["remount", "LATE_FLAGS", "apply_late_flags"]
 
 _ATIME = MS_NOATIME | MS_RELATIME | MS_STRICTATIME
 
@@ -122,6 +122,35 @@ _FIELDS = {
     "spin": ("spin_us",),
     "single_id": ("single_id",),
 }
+
+
+#: atime flags libfuse's mount does not take ("fuse: unknown option(s)"): the daemon sets them
+#: on the live mount right after making it, with the same MS_REMOUNT a remount uses
+LATE_FLAGS = ("relatime", "strictatime", "nodiratime")
+
+
+def apply_late_flags(mp: str, opts: list[str]) -> None:
+    """Give the mount just made on ``mp`` the atime flags of ``opts`` (in order) that
+    it does not have yet; raises MountError (an unprivileged FUSE mount cannot be remounted)."""
+    if not any(o in LATE_FLAGS for o in opts):
+        return
+    mp = os.path.abspath(mp)
+    now = _current_flags(mp)
+    flags = now
+    for opt in opts:
+        if opt in LATE_FLAGS or opt in ("noatime", "atime", "norelatime"):
+            on, off = _FLAGS[opt]
+            flags = (flags & ~off) | on
+    if flags == now:
+        return  # relatime alone: the kernel's default for a new mount
+    try:
+        mounts.mount(None, mp, None, MS_REMOUNT | flags)
+    except OSError as e:
+        late = ",".join(o for o in opts if o in LATE_FLAGS)
+        raise MountError(
+            f"cannot set -o {late} on the new mount: {os.strerror(e.errno or 0)} (they are set by a remount "
+            f"right after mounting, which needs root or root of the user namespace); drop them"
+        ) from None
 
 
 def _daemon_argv(pid: int) -> list[str] | None:

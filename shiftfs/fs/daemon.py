@@ -24,9 +24,9 @@ from ..errors import MountError
 from ..ownership.xattr import XattrPolicy
 from . import isolate, loop, sourcelock
 from .mount import build_operations, check, kernel_options
-from .remount import apply_late_flags
 from .ops import Operations
 from .options import MountConfig
+from .remount import apply_late_flags
 
 __all__ = ["mount", "run_daemon"]
 

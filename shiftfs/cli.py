@@ -38,10 +38,12 @@ options (-o, comma separated):
                         how long the kernel may cache entries, attributes and
                         data: always (default; the mount owns SOURCE), auto
                         (1 s), never (SOURCE is changed by others too)
-  shared                let other daemons serve SOURCE too (refused otherwise:
+  shared, coherent      let other daemons serve SOURCE too (refused otherwise:
                         one daemon per SOURCE): coherent caching (cache=never,
                         or cache=auto), no writeback, records read again on
-                        every request; every mount of SOURCE needs it
+                        every request; every mount of SOURCE needs it. In
+                        mount(8) and fstab write 'coherent': mount(8) takes
+                        'shared' as its propagation flag and never passes it
   default_owner=UID:GID xattr mode: owner shown for files without a record
   legacy_xattr          xattr mode: also write user.fuseoverlayfs.override_stat
                         (for fuse-overlayfs < 1.14, e.g. Debian 12's 1.10,

@@ -71,6 +71,7 @@ FUSE_ONLY = {
     "legacy_xattr",
     "fuseoverlayfs_compat",
     "shared",
+    "coherent",
 }
 #: Options whose meaning a bind mount cannot carry (they are superblock flags):
 #: ``auto`` picks FUSE for them, ``backend=kernel`` refuses them.

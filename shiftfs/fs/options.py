@@ -203,7 +203,8 @@ def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mo
                 if val not in ("auto", "kernel", "fuse"):
                     raise UsageError(f"bad -o backend={val}: use backend=auto, backend=kernel or backend=fuse")
                 cfg.backend = val
-            elif key == "shared" and not eq:
+            elif key in ("shared", "coherent") and not eq:
+                # 'coherent': the spelling mount(8) and fstab pass on ('shared' is their propagation flag)
                 cfg.shared = True
             elif key == "allow_shared_source" and not eq:
                 cfg.allow_shared_source = True

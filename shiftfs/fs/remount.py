@@ -116,6 +116,7 @@ _FIELDS = {
     "read_ahead_kb": ("read_ahead_kb",),
     "backend": ("backend",),
     "shared": ("shared",),
+    "coherent": ("shared",),
     "allow_shared_source": ("allow_shared_source",),
     "xattr_probes": ("xattr_probes",),
     "acl": ("acl",),

@@ -413,6 +413,81 @@ def test_umount_of_a_locked_copy_and_user_namespace_holders(user, wd):
     _check_umount_report(out, 2)
 
 
+#: umount, then mount again at once, ROUNDS times; in a mount namespace of the test's own (made
+#: before the mounts, so namespaces other programs make meanwhile get no copy).
+_REMOUNT_LOOP = r"""
+cd "$WD"; mkdir -p src mp; chown 100000:100000 src
+fails=0
+for i in $(seq "$ROUNDS"); do
+  for how in umount8 shiftfs; do
+    "$SHIFTFS" mount --map b:100000:0:65536 -o backend=fuse src mp 2>err || { fails=$((fails+1)); cat err; continue; }
+    if [ $how = umount8 ]; then umount mp; else "$SHIFTFS" umount mp; fi
+  done
+done
+echo "FAILS $fails"
+"""
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not have("unshare"), reason="needs unshare (util-linux)")
+def test_umount_then_mount_at_once(scratch):
+    """umount(8) returns when the kernel detached the mount, before the daemon has exited
+    and dropped its SOURCE lock: a mount right after it waits for that instead of refusing
+    "already served"; ``shiftfs umount`` itself returns only once the daemon is gone."""
+    env = dict(USER_ENV, WD=str(scratch), SHIFTFS=SHIFTFS, ROUNDS="15")
+    r = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-ec", _REMOUNT_LOOP],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "FAILS 0" in r.stdout, r.stdout + r.stderr
+
+
+_HELD_COPY = r"""
+cd "$WD"; mkdir -p src mp; chown 100000:100000 src
+"$SHIFTFS" mount --map b:100000:0:65536 -o backend=fuse src mp
+unshare --mount sleep 120 & holder=$!
+n=0; until [ "$(grep -l " $WD/mp " /proc/[0-9]*/mountinfo 2>/dev/null | wc -l)" -gt 1 ]; do
+  n=$((n+1)); [ $n -lt 300 ] || { echo "no holder"; exit 8; }; sleep 0.1
+done
+"$SHIFTFS" umount mp 2>/dev/null
+rc=0; "$SHIFTFS" mount --map b:100000:0:65536 -o backend=fuse src mp 2>refused || rc=$?
+echo "REFUSED rc=$rc holder=$holder"; cat refused
+kill $holder; wait $holder 2>/dev/null || true
+"$SHIFTFS" mount --map b:100000:0:65536 -o backend=fuse src mp
+echo MOUNTED
+"$SHIFTFS" umount mp
+"""
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not have("unshare"), reason="needs unshare (util-linux)")
+def test_mount_refused_while_another_namespace_holds_a_copy_names_it(scratch):
+    """After umount here, a copy in another mount namespace keeps the daemon serving: the
+    refusal names that namespace's process (not just the mount point we no longer have)
+    and how to release it; once the holder exits, a mount right away succeeds."""
+    env = dict(USER_ENV, WD=str(scratch), SHIFTFS=SHIFTFS)
+    r = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-ec", _HELD_COPY],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    i = [n for n, ln in enumerate(lines) if ln.startswith("REFUSED")][0]
+    holder = lines[i].split("holder=")[1]
+    assert lines[i].startswith("REFUSED rc=2"), r.stdout
+    said = lines[i + 1]
+    assert lines[i + 2] == "MOUNTED", r.stdout
+    assert f"pid {holder}: sleep" in said and "unmounted here" in said, said
+    assert re.search(r"'kill \d+'", said), said
+
+
 # --- the README's container-tool recipes --------------------------------------------------------
 
 #: Commands the small root filesystems of these tests carry (copied from the host with their libraries).

@@ -794,6 +794,37 @@ _NSPAWN = ["systemd-nspawn", "-q", "--register=no", "--keep-unit"]
 
 @pytest.mark.root
 @pytest.mark.skipif(not have("systemd-nspawn"), reason="needs systemd-nspawn (apt-get install systemd-container)")
+@pytest.mark.parametrize("backend", ["kernel", "fuse"])
+def test_readme_quotes_nspawn_pick_errors(scratch, backend):
+    """``--private-users=pick`` on a table view fails on both backends: the README's
+    systemd-nspawn section quotes what nspawn says on each."""
+    src, view = str(scratch / "rootfs"), str(scratch / "view")
+    os.makedirs(src)
+    os.chown(src, 100000, 100000)
+    daemons = _mount_view(src, view, "--map", MAP, "-o", f"backend={backend}") if backend == "fuse" else []
+    if backend == "kernel":
+        os.makedirs(view)
+        r = subprocess.run([SHIFTFS, "mount", "--map", MAP, "-o", "backend=kernel", src, view], capture_output=True)
+        assert r.returncode == 0, r.stderr
+    try:
+        _tiny_rootfs(view)
+        r = subprocess.run(
+            _NSPAWN + ["--private-users=pick", "-D", view, "sh", "-c", "id"],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert r.returncode != 0, r.stdout
+        said = [ln for ln in r.stderr.splitlines() if ln.startswith("Failed to")]
+        assert said, r.stderr
+        section = " ".join(readme_util.section("### systemd-nspawn").split())
+        assert f'("{said[0]}")' in section, (said[0], backend)
+    finally:
+        _stop([], daemons, view)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not have("systemd-nspawn"), reason="needs systemd-nspawn (apt-get install systemd-container)")
 def test_recipe_nspawn_on_table_views(scratch):
     """``systemd-nspawn -D VIEW`` on a table view; and with a user namespace
     (``--private-users=BASE:65536 --private-users-ownership=off``) on a second

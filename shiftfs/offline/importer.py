@@ -236,6 +236,7 @@ class _Importer:
             self._remove(parent, name)
             self._flush_cache()
             parent = self._dir(parts[:-1])
+            old = None  # gone: a directory entry makes it anew
 
         rec = self._record_of(ti)
         if ti.islnk():

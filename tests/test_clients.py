@@ -689,9 +689,17 @@ def test_recipe_rootless_podman_mounts_inside_podman_unshare(user, wd):
         st = os.stat(os.path.join(src, "home/x"))
         assert (st.st_uid, st.st_gid) == (user.uid, user.gid)
         assert os.getxattr(os.path.join(src, "home/x"), "user.containers.override_stat") == b"1000:1000:100644"
-        # shiftfs umount inside podman unshare ends the mount (the daemon with it)
+        # shiftfs umount inside podman unshare ends the mount, and the daemon with it: gone, not a
+        # zombie left under podman's pause process (a zombie until 'podman system migrate')
+        daemons = subprocess.run(
+            ["pgrep", "-u", user.name, "-f", f"shiftfs mount --xattr {src}"], capture_output=True, text=True
+        ).stdout.split()
+        assert len(daemons) == 1, daemons
         r = podman("unshare", SHIFTFS, "umount", view)
         assert r.returncode == 0, r.stderr
+        state = _proc_state(int(daemons[0]))
+        assert state is None or state.startswith("Z "), (state, ps_of(user.name))  # it has exited
+        wait_for(lambda: _proc_state(int(daemons[0])) is None, 10, what=f"the daemon reaped ({state})")
     finally:
         podman("system", "migrate", timeout=60)  # stops the pause process and its namespaces
         ns_util.remove_tree(home)
@@ -785,6 +793,20 @@ def test_mount_help_lists_every_option():
     readme = readme_util.readme_text()
     assert [k for k in sorted(keys) if not re.search(rf"\b{k}\b", h)] == []
     assert [k for k in sorted(keys) if f"`{k}" not in readme] == []
+
+
+def _proc_state(pid: int) -> str | None:
+    """``/proc/PID/stat``'s state letter and parent (``Z ppid=N`` for a zombie), or None once it is reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return f"{fields[0]} ppid={fields[1]}"
+
+
+def ps_of(name: str) -> str:
+    return subprocess.run(["ps", "-o", "pid,ppid,stat,args", "-u", name], capture_output=True, text=True).stdout
 
 
 #: systemd-nspawn without systemd as PID 1 and without D-Bus: no machined

@@ -240,8 +240,20 @@ def _wait_for_exit(daemon: sourcelock.Holder | None) -> None:
     if daemon is None:
         return
     deadline = time.monotonic() + LEAVE_WAIT
-    while sourcelock.start_time(daemon.pid) == daemon.start and time.monotonic() < deadline:
+    while _running(daemon) and time.monotonic() < deadline:
         time.sleep(0.02)
+
+
+def _running(daemon: sourcelock.Holder) -> bool:
+    """The daemon still runs: its pid is the same process and not a zombie (a zombie has let go
+    of everything; its reaping is up to the parent it was orphaned to)."""
+    try:
+        with open(f"/proc/{daemon.pid}/stat", "rb") as f:
+            data = f.read()
+        fields = data[data.rindex(b")") + 2 :].split()
+        return int(fields[19]) == daemon.start and fields[0] not in (b"Z", b"X")
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def kernel_options(cfg: MountConfig) -> set[str]:

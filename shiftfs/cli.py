@@ -49,7 +49,9 @@ options (-o, comma separated):
                         (for fuse-overlayfs < 1.14, e.g. Debian 12's 1.10,
                         using the tree as its upper layer)
   allow_shared_source   xattr mode: mount a SOURCE that other users could write
-                        into (refused otherwise: they could plant records)
+                        into (refused otherwise: they could plant records); its
+                        mode is left as it is, and records count only on inodes
+                        you own that others cannot write
   single_id             show every id the mounter's user namespace cannot map
                         as its root (0), so root of a one-id namespace
                         (unshare -r, no subordinate range) keeps its rights

@@ -69,7 +69,11 @@ Run COMMAND as root of a new user namespace, on the host's filesystem as it is,
 with each SRC seen through shiftfs at DST (default: over SRC itself). chown,
 chmod u+s, useradd... inside a shifted directory are kept in records (--xattr,
 the default); on the host it stays owned by you. 'shiftfs export SRC' writes a
-tar with the ownership COMMAND set."""
+tar with the ownership COMMAND set.
+
+exec is not a sandbox: COMMAND sees the host (your working directory, environment,
+network, and as root host root's rights). It gets nothing of the launcher's (stdio
+only); for isolation use 'shiftfs run'."""
 _EPILOG = """\
 View id 0 is you. As a user, view ids 1.. are your ranges in /etc/subuid and
 /etc/subgid (newuidmap); as root, a 65536-id block no other namespace uses; without

@@ -29,9 +29,11 @@ nothing leaks onto the host.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import fcntl
+import json
 import os
 import signal
 import socket
@@ -45,16 +47,11 @@ from ..errors import SetupError
 from ..fs import sourcelock
 from ..ownership import trust
 from ..sys import mounts
-from . import join, supervise, userns
+from . import daemons, join, supervise, userns
+from . import inner as inner_mod
 from .supervise import EXIT_SETUP
 
-_MOUNT_TIMEOUT = 30.0
 _DAEMON_EXIT_TIMEOUT = 30.0
-#: Descriptor numbers a daemon finds its directory and its log file on.
-_SRC_FD = 3
-_LOG_FD = 4
-#: A single-id namespace's daemons: the private control socket (shiftfs.fs.control).
-_CONTROL_FD = 5
 _STAGING_CANDIDATES = ("/run", "/mnt", "/media", "/srv", "/opt", "/var/tmp", "/tmp", "/home")
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -241,6 +238,10 @@ class Layout:
     needed: tuple[str, ...] = ()
     #: single-id namespace, xattr mode: trap chown/mknod and record them (seccomp_notify)
     trap_ids: bool = False
+    #: namespaces B0 unshares besides the pid namespace (mount at least)
+    unshare: int = mounts.CLONE_NEWNS
+    #: the container's own user namespace inside the daemons' one (root's run), or None
+    container: userns.NamespaceMaps | None = None
 
 
 @dataclass(frozen=True)
@@ -314,7 +315,7 @@ def _launch_command(
             code = divert(cfg)
             if code is not None:
                 return code
-        idmap, note = userns.choose_idmap(cfg.userns, cfg.userns_base)
+        idmap, note = userns.choose_idmap(cfg.userns, cfg.userns_base, getattr(cfg, "fresh_root", False))
         layout = plan(cfg, idmap)
         check_sources_free(layout.sources)
         if idmap.kind == "single" and "--xattr" in layout.mode_args and layout.sources:
@@ -372,21 +373,28 @@ def staging_dir(layout: Layout) -> str:
 
 def launch(layout: Layout, idmap: userns.NamespaceMaps) -> int:
     """Fork the user-namespace helper, write its id maps when it asks, and
-    supervise it (the host side)."""
+    supervise it (the host side). The host side alone keeps what belongs to
+    the host: the note directory and start lock of a run (shiftfs.container.join)
+    stay here, and the helper closes every descriptor but its pipes first thing."""
     sys.stdout.flush()
     sys.stderr.flush()
     old_mask = supervise.block_signals()
+    note_r = note_w = None
     try:
         to_parent_r, to_parent_w = os.pipe()
         to_child_r, to_child_w = os.pipe()
+        if join.wants_note():
+            note_r, note_w = os.pipe2(os.O_CLOEXEC)
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:
-            os.close(to_parent_r)
-            os.close(to_child_w)
-            supervise.child(layout.prog, _userns_helper, layout, idmap, parent, to_parent_w, to_child_r)
+            mounts.close_fds_except({to_parent_w, to_child_r, *([note_w] if note_w is not None else [])})
+            supervise.child(layout.prog, _userns_helper, layout, idmap, parent, to_parent_w, to_child_r, note_w)
         os.close(to_parent_w)
         os.close(to_child_r)
+        if note_w is not None and note_r is not None:
+            os.close(note_w)
+            join.await_note(note_r)  # a thread: registers the container once B0 reports it
         ready = os.read(to_parent_r, 1)
         os.close(to_parent_r)
         if ready == b"u":
@@ -400,10 +408,13 @@ def launch(layout: Layout, idmap: userns.NamespaceMaps) -> int:
         os.close(to_child_w)
         return supervise.exit_code(supervise.supervise(pid))
     finally:
+        join.unregister()
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
-def _userns_helper(layout: Layout, idmap: userns.NamespaceMaps, parent: int, wfd: int, rfd: int) -> int:
+def _userns_helper(
+    layout: Layout, idmap: userns.NamespaceMaps, parent: int, wfd: int, rfd: int, note_fd: int | None
+) -> int:
     """Enter a new user namespace, wait for the maps, then start pid 1 of
     namespace A and supervise it."""
     mounts.set_parent_death_signal(signal.SIGKILL)
@@ -424,7 +435,14 @@ def _userns_helper(layout: Layout, idmap: userns.NamespaceMaps, parent: int, wfd
     os.close(rfd)
     userns.become_root(idmap)
     mounts.unshare(mounts.CLONE_NEWNS | mounts.CLONE_NEWPID)
-    return supervise.fork_and_supervise(layout.prog, _serve_and_run, layout, reap_any=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        supervise.child(layout.prog, _serve_and_run, layout, note_fd)
+    if note_fd is not None:
+        os.close(note_fd)  # the host reads to its end: only B0 may hold it open
+    return supervise.exit_code(supervise.supervise(pid))
 
 
 def _high_fd(fd: int) -> int:
@@ -435,132 +453,139 @@ def _high_fd(fd: int) -> int:
     return new
 
 
-def _serve_and_run(layout: Layout) -> int:
-    """Pid 1 of namespace A: serve every source through shiftfs on a staging
-    tmpfs, run ``layout.inner`` as pid 1 of namespace B, then unmount the
-    views and let the daemons write everything out."""
+class _B0:
+    """Pid 1 of A's end of the link to B0 (shiftfs.container.inner)."""
+
+    def __init__(self, sock: socket.socket, pid: int):
+        self.sock, self.pid = sock, pid
+
+    def recv(self, tag: bytes, nfds: int = 0) -> tuple[bytes, list[int]]:
+        msg, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, max(nfds, 1))
+        if msg[:1] != tag:
+            for fd in fds:
+                os.close(fd)
+            raise _B0Gone
+        return msg[1:], fds
+
+    def refuse(self, why: str) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.send(b"x" + why.encode()[:60000])
+
+
+class _B0Gone(Exception):
+    """B0 failed (it said why on stderr) before the next step."""
+
+
+def _serve_and_run(layout: Layout, note_fd: int | None) -> int:
+    """Pid 1 of namespace A: fork B0, which mounts the views in the
+    container's namespaces (shiftfs.container.inner); serve each one with a
+    daemon; once B0 is gone, let the daemons write everything out."""
     mounts.set_parent_death_signal(signal.SIGKILL)
     os.chdir("/")
     mounts.make_rprivate("/")
+    # Ends with pid 1 of A; B0 closes its copy first thing.
     log_fd = _high_fd(os.memfd_create("shiftfs-daemon-log", os.MFD_CLOEXEC))
     log = f"/proc/self/fd/{log_fd}"
     views: list[str] = []
-    controls: list[socket.socket] = []
     stage = ""
+    # Every source is opened before the first mount, so that none is reached
+    # through a view; they end once every daemon holds its copy.
+    src_fds = [_high_fd(os.open(s, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)) for s in layout.sources]
     if layout.sources:
-        # Every source is opened before the first mount, so that none is
-        # reached through a view.
-        src_fds = [_high_fd(os.open(s, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)) for s in layout.sources]
         stage = staging_dir(layout)
-        mounts.mount("tmpfs", stage, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, "mode=0700,size=1m")
-        try:
-            for i, (source, fd) in enumerate(zip(layout.sources, src_fds)):
-                view = os.path.join(stage, f"view{i}")
-                os.mkdir(view, 0o755)
-                ours = theirs = None
-                control = None
-                if layout.trap_ids:
-                    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-                    controls.append(ours)
-                try:
-                    # above the numbers the spawn dup2s onto (a low one would be overwritten)
-                    control = _high_fd(os.dup(theirs.fileno())) if theirs else None
-                    _start_daemon(layout, source, fd, log_fd, view, control)
-                finally:
-                    if theirs is not None:
-                        theirs.close()
-                        if control is not None:
-                            os.close(control)
-                views.append(view)
-        finally:
-            for fd in src_fds:
-                os.close(fd)
+        # 0711: B0, root of the container's namespace, passes through to mount the views
+        mounts.mount("tmpfs", stage, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, "mode=0711,size=1m")
+        for i in range(len(layout.sources)):
+            views.append(os.path.join(stage, f"view{i}"))
+            os.mkdir(views[-1], 0o755)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sup_end = b_end = None
     inner = layout.inner
-    handover = None
     if layout.trap_ids:
         from . import seccomp_notify
 
-        inner, handover = seccomp_notify.start_supervisor(layout.prog, layout.inner, stage, views, controls)
-    mounts.unshare(mounts.CLONE_NEWPID)
-    code = supervise.fork_and_supervise(layout.prog, inner, stage, views)
-    if handover is not None:
-        handover.close()  # a supervisor still waiting for the listener (B failed before) gives up
-    for view in reversed(views):
-        try:
-            mounts.umount2(view)
-        except OSError as e:
-            if e.errno != errno.EBUSY:
-                raise
-            mounts.umount2(view, mounts.MNT_DETACH)
+        sup_end, b_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        inner = seccomp_notify.pid1_with_filter(layout.inner, b_end)
+    keep = {theirs.fileno(), *([note_fd] if note_fd is not None else []), *([b_end.fileno()] if b_end else [])}
+    pid = os.fork()
+    if pid == 0:
+        mounts.close_fds_except(keep)
+        supervise.child(
+            layout.prog,
+            inner_mod.serve_b,
+            layout.prog,
+            theirs,
+            layout.sources,
+            views,
+            layout.unshare,
+            layout.container,
+            inner,
+            stage,
+            note_fd,
+        )
+    theirs.close()
+    if b_end is not None:
+        b_end.close()
+    if note_fd is not None:
+        os.close(note_fd)
+    b0 = _B0(ours, pid)
+    try:
+        if layout.container is not None:
+            b0.recv(b"u")
+            userns.write_inner_idmap(pid, layout.container)
+            ours.send(b"m")
+        controls: list[socket.socket] = []
+        if layout.sources:
+            _msg, received = b0.recv(b"f", len(layout.sources))
+            fuse_fds = [_high_fd(fd) for fd in received]  # above the numbers the spawn dup2s onto
+            try:
+                for i, (source, fd, fuse_fd) in enumerate(zip(layout.sources, src_fds, fuse_fds)):
+                    control = None
+                    theirs_c = None
+                    if layout.trap_ids:
+                        ours_c, theirs_c = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                        controls.append(ours_c)
+                        control = _high_fd(os.dup(theirs_c.fileno()))
+                    try:
+                        daemons.start_daemon(
+                            layout.mode_args, layout.mount_opts, source, fd, log_fd, fuse_fd, views[i], control
+                        )
+                    finally:
+                        if theirs_c is not None:
+                            theirs_c.close()
+                        if control is not None:
+                            os.close(control)
+            finally:
+                for fd in fuse_fds + src_fds:
+                    os.close(fd)
+            ours.send(b"r")
+        devs_text, _ = b0.recv(b"d")
+        devs = json.loads(devs_text)
+        if sup_end is not None:
+            from . import seccomp_notify
+
+            seccomp_notify.start_supervisor_for(layout.prog, sup_end, devs, controls)
+        if os.geteuid() == 0:
+            for dev in devs:
+                daemons.tune_readahead(dev)
+        ours.send(b"g")
+    except _B0Gone:
+        pass  # B0 said why
+    except SetupError as e:
+        b0.refuse(str(e))  # B0 says it, as every setup failure of the container is said
+    finally:
+        ours.close()
+        if sup_end is not None:
+            sup_end.close()
+    code = supervise.exit_code(supervise.supervise(pid, reap_any=True))
+    # B's mount namespace, and the views with it, went with B0's last process:
+    # the kernel has written back and closed each connection, so the daemons exit.
     statuses = supervise.reap_all(_DAEMON_EXIT_TIMEOUT)
     if any(s != 0 for s in statuses):
         print(
             f"{layout.prog}: warning: a shiftfs daemon exited with status "
             f"{supervise.exit_code(next(s for s in statuses if s))}: "
-            f"{log_tail(log, 3) or 'no output'}",
+            f"{daemons.log_tail(log, 3) or 'no output'}",
             file=sys.stderr,
         )
     return code
-
-
-def _start_daemon(
-    layout: Layout, source: str, src_fd: int, log_fd: int, view: str, control_fd: int | None = None
-) -> None:
-    """Run ``shiftfs mount`` on ``view`` (as namespace root, so that
-    /dev/fuse is opened in this user namespace), serving the directory open
-    on ``src_fd``; return once the mount is live. The daemon stays behind as
-    our child in pid namespace A, in its own session (a terminal's ^C must
-    not reach it)."""
-    # allow_shared_source: SOURCE was checked on the host (check_private_source).
-    opts = (
-        f"suid,dev,allow_shared_source,{layout.mount_opts + ',' if layout.mount_opts else ''}"
-        f"log=/proc/self/fd/{_LOG_FD}"
-    )
-    actions = []
-    if control_fd is not None:
-        opts += f",control_fd={_CONTROL_FD},single_id"
-        actions.append((os.POSIX_SPAWN_DUP2, control_fd, _CONTROL_FD))
-    if not any(c in source for c in ",\\ \t\n"):
-        opts += f",fsname={source}"
-    argv = [sys.executable, "-m", "shiftfs", "mount", *layout.mode_args, "-o", opts, f"/proc/self/fd/{_SRC_FD}", view]
-    before = os.stat(view).st_dev
-    log = f"/proc/self/fd/{log_fd}"
-    try:
-        mounter = os.posix_spawn(
-            sys.executable,
-            argv,
-            os.environ,
-            file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, log_fd, 1),
-                (os.POSIX_SPAWN_DUP2, log_fd, 2),
-                (os.POSIX_SPAWN_DUP2, src_fd, _SRC_FD),
-                (os.POSIX_SPAWN_DUP2, log_fd, _LOG_FD),
-                *actions,
-            ],
-            setsid=True,
-            setsigmask=set(),
-            setsigdef=(*supervise.RELAYED, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD),
-        )
-    except OSError as e:
-        raise SetupError(f"cannot start the shiftfs daemon ({sys.executable}): {e.strerror}") from None
-    status = supervise.wait_pid(mounter, _MOUNT_TIMEOUT)
-    what = f"'shiftfs mount {source}'"
-    if status is None:
-        raise SetupError(
-            f"{what} did not report a live mount within {_MOUNT_TIMEOUT:.0f} s: {log_tail(log) or 'no output'}"
-        )
-    if status != 0:
-        raise SetupError(f"{what} failed with status {supervise.exit_code(status)}: {log_tail(log) or 'no output'}")
-    if os.stat(view).st_dev == before:
-        raise SetupError(f"{what} returned but nothing is mounted; its output: {log_tail(log) or 'none'}")
-
-
-def log_tail(path: str, lines: int = 1) -> str:
-    """The last non-empty lines of a log, joined into one line."""
-    try:
-        with open(path, errors="replace") as f:
-            text = [line.strip() for line in f.read().splitlines() if line.strip()]
-    except OSError:
-        return ""
-    return " | ".join(text[-lines:])

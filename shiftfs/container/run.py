@@ -65,6 +65,15 @@ class RunConfig:
     allow_shared_source: bool = False
     #: a live container of ROOT: "auto" joins it, "join" must, "new" refuses (shiftfs.container.join)
     attach: str = "auto"
+    #: (root) container root is host root: the pre-1.0 behaviour, only on request (--host-root)
+    host_root: bool = False
+    #: leave /proc and /sys unmasked (rootfs.MASKED_PATHS): containers inside need it
+    unmask: bool = False
+
+    @property
+    def fresh_root(self) -> bool:
+        """Root's container gets a root of its own (shiftfs.container.userns)."""
+        return not self.host_root
 
 
 # --- command line -------------------------------------------------------------
@@ -94,6 +103,19 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--chdir", metavar="DIR", help="working directory of COMMAND inside the container (default /)")
     p.add_argument("--hostname", metavar="NAME", help="host name inside the container")
+    p.add_argument(
+        "--unmask",
+        action="store_true",
+        help="do not hide /proc/keys, /proc/acpi, /sys/firmware ... nor make /proc/sys read-only "
+        "(as podman's --security-opt unmask=ALL): a container that starts containers needs it, "
+        "since the kernel mounts a new /proc only where one is fully visible",
+    )
+    p.add_argument(
+        "--host-root",
+        action="store_true",
+        help="(root) make the container's root host root (uid 0) instead of the first id of its "
+        "fresh block; only for commands you trust with the whole machine",
+    )
     p.add_argument(
         "--join",
         dest="attach",
@@ -338,7 +360,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         term=os.environ.get("TERM"),
         allow_shared_source=args.allow_shared_source,
         attach=args.attach or "auto",
+        host_root=args.host_root,
+        unmask=args.unmask,
     )
+    if cfg.host_root and os.getuid() != 0:
+        raise SetupError("--host-root needs root (as a user, the container's root is always you); drop it")
     if args.user:
         uid, gid, env = _lookup_user(root, args.user)
         cfg.user, cfg.user_env = (uid, gid), env
@@ -429,6 +455,8 @@ def plan(cfg: RunConfig, idmap: userns.NamespaceMaps) -> launcher.Layout:
         mode_args=tuple(cfg.mount_args),
         inner=functools.partial(_container_init, cfg, idmap),
         needed=tuple(b.source for b in cfg.binds if not b.shift),
+        unshare=mounts.CLONE_NEWNS | mounts.CLONE_NEWUTS | mounts.CLONE_NEWIPC,
+        container=idmap.container,
     )
 
 
@@ -500,23 +528,22 @@ def _setup_root(cfg: RunConfig, idmap: userns.NamespaceMaps, root: str) -> None:
 
 
 def _container_init(cfg: RunConfig, idmap: userns.NamespaceMaps, stage: str, views: list[str]) -> int:
-    """Pid 1 of namespace B: build the container's mounts, pivot into the
-    view of ROOT (``views[0]``; the shifted binds follow in order), run
-    COMMAND and pass on its exit status."""
-    mounts.set_parent_death_signal()
-    mounts.unshare(mounts.CLONE_NEWNS | mounts.CLONE_NEWUTS | mounts.CLONE_NEWIPC)
+    """Pid 1 of namespace B (non-dumpable, in the namespaces B0 made:
+    shiftfs.container.inner): build the container's mounts, pivot into the
+    view of ROOT (``views[0]``; the shifted binds follow in order), keep
+    nothing but stdio, run COMMAND and reap until it exits."""
     if cfg.hostname:
         socket.sethostname(cfg.hostname)
     shifted = iter(views[1:])
     binds = [dataclasses.replace(b, source=next(shifted)) if b.shift else b for b in cfg.binds]
     mnt = views[0]
     _setup_root(dataclasses.replace(cfg, binds=binds), idmap, mnt)
-    join.register(cfg.root)  # before the pivot: /proc is still the host's, and numbers us as it does
+    if not cfg.unmask:
+        rootfs.mask_paths(mnt)
     rootfs.pivot_into(mnt)
-    try:
-        return supervise.fork_and_supervise(PROG, _exec_command, cfg)
-    finally:
-        join.unregister()
+    join.pivoted()  # B0 registers the container for a second shell now
+    mounts.close_fds_except()  # nothing of the host stays with pid 1 but stdio
+    return supervise.fork_and_supervise(PROG, _exec_command, cfg)
 
 
 def _exec_command(cfg: RunConfig) -> int:

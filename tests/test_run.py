@@ -30,7 +30,7 @@ from ns_util import (
     workdir,
 )
 
-from shiftfs.container import launcher, rootfs, userns
+from shiftfs.container import preflight, rootfs, userns
 from shiftfs.container import run as runmod
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates test users: run as root")
@@ -39,7 +39,7 @@ RECORD = "user.containers.override_stat"
 
 
 def _repo_reachable_by_all() -> str | None:
-    return launcher.blocked_component(os.path.join(runmod.__file__), 65533, {65533}, 4)
+    return preflight.blocked_component(os.path.join(runmod.__file__), 65533, {65533}, 4)
 
 
 @pytest.fixture(scope="module")

@@ -8,22 +8,37 @@ the views.
 
 Process layout, outermost first::
 
-    shiftfs run|exec        host; writes the id maps, relays signals,
+    shiftfs run|exec        host; writes the id maps, relays signals, keeps the
+    │                       note directory and start lock of a run (.join),
     │                       returns COMMAND's exit status
-    └─ userns helper        new user namespace, becomes its root
+    └─ userns helper        new user namespace (the daemons'), becomes its root
        └─ pid 1 of A        private mount namespace; a staging tmpfs with one
-          │                 shiftfs view per served directory
+          │                 empty directory per served directory
           ├─ shiftfs daemons  serve each directory through a descriptor opened
-          │                   before any mount
+          │                   before any mount, over the /dev/fuse descriptor B0
+          │                   mounted its view with (.daemons)
           ├─ seccomp          single-id namespace only: answers the chown/mknod
           │  supervisor       calls B's filter traps (seccomp_notify)
-          └─ pid 1 of B     Layout.inner: the command's own mounts, COMMAND
+          └─ B0             the container's namespaces (root's run: its own user
+             │              namespace, whose root is not host root); mounts the
+             │              views (.inner)
+             └─ pid 1 of B  Layout.inner: the command's own mounts, COMMAND
 
 The daemons live in A, so nothing B does to its mounts (pivot_root, moving
 the views onto their targets) reaches them, and they cannot outlive the run:
-they are in pid namespace A, whose pid 1 unmounts the views and waits for
-them to write everything out. Every mount is made in a private namespace, so
-nothing leaks onto the host.
+they are in pid namespace A, and their views live only in B's mount
+namespace, which ends with B's last process. Every mount is made in a
+private namespace, so nothing leaks onto the host; nothing below B0 can see
+A, its daemons or its supervisor.
+
+Where the launcher's descriptors end: the host's id-map pipes with the maps;
+the note pipe in B0 once the container is registered (.join); the daemon log
+(a memfd) with pid 1 of A (B0 closes its copy first thing); the served
+directories once each daemon holds its copy; the /dev/fuse descriptors in A
+once each daemon runs and in B0 once handed over; the A-B0 link in B0
+before pid 1 of B is forked. The helper closes everything of the host
+(``close_fds_except``) before it enters any namespace, and COMMAND gets
+stdio only (:func:`.supervise.exec_command`).
 """
 
 from __future__ import annotations
@@ -37,183 +52,18 @@ import json
 import os
 import signal
 import socket
-import stat
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import SetupError
-from ..fs import sourcelock
-from ..ownership import trust
 from ..sys import mounts
-from . import daemons, join, supervise, userns
+from . import daemons, join, preflight, supervise, userns
 from . import inner as inner_mod
 from .supervise import EXIT_SETUP
 
 _DAEMON_EXIT_TIMEOUT = 30.0
-_STAGING_CANDIDATES = ("/run", "/mnt", "/media", "/srv", "/opt", "/var/tmp", "/tmp", "/home")
-_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-# --- options both commands take ---------------------------------------------------
-
-
-def int_arg(text: str) -> int:
-    try:
-        return int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-
-
-def add_namespace_options(p: argparse.ArgumentParser) -> None:
-    """--xattr, --map, --userns, --userns-base and --allow-shared-source."""
-    p.add_argument(
-        "--xattr",
-        action="store_true",
-        help="keep view ownership in records (user.containers.override_stat); the default",
-    )
-    p.add_argument(
-        "--map",
-        action="append",
-        default=[],
-        metavar="u|g|b:DISK:VIEW:COUNT",
-        help="map disk ids to view ids instead of keeping records (repeatable)",
-    )
-    p.add_argument(
-        "--userns",
-        choices=("auto", "full", "single"),
-        help="auto (default): a full 65536-id range if one is available, else a single id",
-    )
-    p.add_argument(
-        "--userns-base", type=int_arg, metavar="N", help="(root) host id of the 65536-id block for view ids 1-65535"
-    )
-    p.add_argument(
-        "--allow-shared-source",
-        action="store_true",
-        help="serve a tree that other users could write into; refused otherwise "
-        "in xattr mode, since they could plant records",
-    )
-
-
-def mount_args(args: argparse.Namespace) -> list[str]:
-    """The daemon's mode options from --xattr / --map, checked."""
-    if args.map and args.xattr:
-        raise SetupError("--xattr and --map exclude each other; give one of them")
-    for spec in args.map:
-        f = spec.split(":")
-        if len(f) != 4 or f[0] not in ("u", "g", "b") or not all(x.isdigit() for x in f[1:]):
-            raise SetupError(f"--map {spec!r} is not u|g|b:DISK:VIEW:COUNT; e.g. --map b:0:0:65536")
-    if args.map:
-        return [a for spec in args.map for a in ("--map", spec)]
-    return ["--xattr"]
-
-
-# --- checks before anything is forked -------------------------------------------
-
-
-def blocked_component(path: str, uid: int, gids: set[int], want: int) -> str | None:
-    """The first component of ``path`` that ``uid`` cannot use without
-    capabilities (``want`` is the access the last component needs), or None."""
-    components = []
-    p = os.path.abspath(path)
-    while True:
-        components.append(p)
-        if p == "/":
-            break
-        p = os.path.dirname(p)
-    for i, comp in enumerate(reversed(components)):
-        last = i == len(components) - 1
-        try:
-            st = os.stat(comp)
-        except OSError:
-            return comp
-        need = want if last else 1
-        if st.st_uid == uid:
-            bits = (st.st_mode >> 6) & 7
-        elif st.st_gid in gids:
-            bits = (st.st_mode >> 3) & 7
-        else:
-            bits = st.st_mode & 7
-        if bits & need != need:
-            return comp
-    return None
-
-
-def check_reachable(paths: Sequence[tuple[str, int]], what: str) -> None:
-    """Inside the namespace the daemon is the invoking user *without*
-    capabilities on host files, so plain permission bits must let it reach
-    the interpreter, the shiftfs package and what it serves."""
-    uid = os.getuid()
-    gids = {os.getgid(), *os.getgroups()}
-    for path, want in paths:
-        for variant in dict.fromkeys((path, os.path.realpath(path))):
-            bad = blocked_component(variant, uid, gids, want)
-            if bad:
-                st = os.stat(bad) if os.path.exists(bad) else None
-                mode = f" (mode {stat.S_IMODE(st.st_mode):04o}, owner {st.st_uid})" if st else ""
-                raise SetupError(
-                    f"{bad}{mode} blocks uid {uid} from {what} {variant}, and the namespace "
-                    f"has no capabilities on host files; move it under a directory every "
-                    f"user can enter (e.g. /opt or /work) or 'chmod o+x {bad}'"
-                )
-
-
-def check_private_source(sources: Sequence[str], mode_args: Sequence[str], allow_shared: bool) -> None:
-    """Xattr mode: nobody else may write into a served tree (shiftfs.ownership.trust).
-
-    Checked here on the host, as the invoking user; inside the namespace the
-    owners of the directories above SOURCE are unmapped, so the daemon is
-    told ``allow_shared_source`` (see :func:`_start_daemon`).
-    """
-    if "--xattr" not in mode_args or allow_shared:
-        return
-    for source in sources:
-        problem = trust.source_problem(source, os.getuid(), "--allow-shared-source")
-        if problem:
-            raise SetupError(problem)
-
-
-def check_daemon_can_start(mode_args: Sequence[str], idmap: userns.NamespaceMaps) -> None:
-    """What every shiftfs daemon of a run needs: a usable /dev/fuse, a
-    reachable interpreter and package, and disk ids that stay put."""
-    if "--map" in mode_args and idmap.base is not None and not idmap.base_fixed:
-        raise SetupError(
-            "--map as root stores disk ids of this run's namespace, whose block "
-            "changes from run to run; add --userns-base N (disk id k>0 is then "
-            "host id N+k), or use --xattr"
-        )
-    if not os.path.exists("/dev/fuse"):
-        raise SetupError(
-            "/dev/fuse is missing; load the fuse module ('modprobe fuse') "
-            "or create it with 'mknod -m 0666 /dev/fuse c 10 229'"
-        )
-    if blocked_component("/dev/fuse", os.getuid(), {os.getgid(), *os.getgroups()}, 6):
-        raise SetupError(
-            f"/dev/fuse (mode {stat.S_IMODE(os.stat('/dev/fuse').st_mode):04o}) "
-            "is not usable by you; as root run 'make setup' or "
-            "'chmod 0666 /dev/fuse'"
-        )
-    check_reachable(
-        [(sys.executable, 5), (os.path.realpath(sys.executable), 5), (os.path.join(_PACKAGE, "__init__.py"), 4)],
-        "running the shiftfs daemon",
-    )
-
-
-def check_sources_free(sources: Sequence[str]) -> None:
-    """One daemon per SOURCE (shiftfs.fs.sourcelock): refuse a directory that a
-    live mount or container serves, naming it, before anything is forked."""
-    for source in sources:
-        try:
-            held = sourcelock.probe(source)
-        except OSError:
-            continue  # the daemon's own open says why
-        if held:
-            raise SetupError(sourcelock.describe(source, held))
-
-
-def within(path: str, top: str) -> bool:
-    return path == top or path.startswith(top.rstrip("/") + "/")
 
 
 # --- what a command asks of the launcher -------------------------------------------
@@ -317,7 +167,7 @@ def _launch_command(
                 return code
         idmap, note = userns.choose_idmap(cfg.userns, cfg.userns_base, getattr(cfg, "fresh_root", False))
         layout = plan(cfg, idmap)
-        check_sources_free(layout.sources)
+        preflight.check_sources_free(layout.sources)
         if idmap.kind == "single" and "--xattr" in layout.mode_args and layout.sources:
             from . import seccomp_notify
 
@@ -329,7 +179,7 @@ def _launch_command(
             elif note:
                 note += f"; to keep the owners chown asks for instead: {missing}"
         if layout.sources:
-            staging_dir(layout)
+            preflight.staging_dir(layout.sources, layout.needed)
     except SetupError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return EXIT_SETUP
@@ -340,32 +190,6 @@ def _launch_command(
     except OSError as e:
         print(f"{prog}: {supervise.oserror_text(e)}", file=sys.stderr)
         return EXIT_SETUP
-
-
-def staging_dir(layout: Layout) -> str:
-    """A host directory that namespace A may hide under the staging tmpfs:
-    one that holds nothing the daemons or namespace B still need."""
-    needed = [
-        sys.prefix,
-        sys.base_prefix,
-        sys.executable,
-        os.path.realpath(sys.executable),
-        _PACKAGE,
-        os.path.realpath(_PACKAGE),
-        "/dev",
-        "/proc",
-        "/sys",
-        *layout.sources,
-        *layout.needed,
-    ]
-    for cand in _STAGING_CANDIDATES:
-        if os.path.isdir(cand) and not os.path.islink(cand) and not any(within(p, cand) for p in needed):
-            return cand
-    raise SetupError(
-        "the directories to serve or bind and the interpreter cover every "
-        f"staging directory ({', '.join(_STAGING_CANDIDATES)}); move one of "
-        "them elsewhere"
-    )
 
 
 # --- the launch ----------------------------------------------------------------------
@@ -492,7 +316,7 @@ def _serve_and_run(layout: Layout, note_fd: int | None) -> int:
     # through a view; they end once every daemon holds its copy.
     src_fds = [_high_fd(os.open(s, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)) for s in layout.sources]
     if layout.sources:
-        stage = staging_dir(layout)
+        stage = preflight.staging_dir(layout.sources, layout.needed)
         # 0711: B0, root of the container's namespace, passes through to mount the views
         mounts.mount("tmpfs", stage, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, "mode=0711,size=1m")
         for i in range(len(layout.sources)):

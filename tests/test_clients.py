@@ -484,7 +484,7 @@ def test_mount_refused_while_another_namespace_holds_a_copy_names_it(scratch):
     assert lines[i].startswith("REFUSED rc=2"), r.stdout
     said = lines[i + 1]
     assert lines[i + 2] == "MOUNTED", r.stdout
-    assert f"pid {holder}: sleep" in said and "unmounted here" in said, said
+    assert f"pid {holder}: sleep" in said and "not mounted here" in said, said
     assert re.search(r"'kill \d+'", said), said
 
 

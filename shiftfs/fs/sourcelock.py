@@ -321,7 +321,7 @@ def describe(source: str, found: list[Holder], elsewhere: str = "") -> str:
     if elsewhere and h.pid:
         return (
             f"SOURCE {source} is still served by the shiftfs daemon (pid {h.pid}) of {h.mountpoint}, which is "
-            f"unmounted here but {elsewhere}; it exits when they do or unmount it, or stop it now with "
+            f"not mounted here but {elsewhere}; it exits when they do or unmount it, or stop it now with "
             f"'kill {h.pid}' (their copies then fail with ENOTCONN); or mount every view of SOURCE with "
             f"-o shared (coherent caching, slower)"
         )

@@ -4,7 +4,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 
-PKGS="fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev attr acl uidmap libcap2-bin util-linux bindfs fuse-overlayfs fio stress-ng dbench mmdebstrap cpio libarchive-tools zstd xz-utils python3-seccomp"
+PKGS="fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev attr acl uidmap libcap2-bin util-linux bindfs fuse-overlayfs fio stress-ng dbench mmdebstrap cpio libarchive-tools zstd xz-utils python3-seccomp podman runc systemd-container"
 [ "${SHIFTFS_SETUP_EXTRA:-}" ] && PKGS="$PKGS $SHIFTFS_SETUP_EXTRA"
 
 missing=""

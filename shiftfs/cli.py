@@ -38,10 +38,12 @@ options (-o, comma separated):
                         how long the kernel may cache entries, attributes and
                         data: always (default; the mount owns SOURCE), auto
                         (1 s), never (SOURCE is changed by others too)
-  shared                let other daemons serve SOURCE too (refused otherwise:
+  shared, coherent      let other daemons serve SOURCE too (refused otherwise:
                         one daemon per SOURCE): coherent caching (cache=never,
                         or cache=auto), no writeback, records read again on
-                        every request; every mount of SOURCE needs it
+                        every request; every mount of SOURCE needs it. In
+                        mount(8) and fstab write 'coherent': mount(8) takes
+                        'shared' as its propagation flag and never passes it
   default_owner=UID:GID xattr mode: owner shown for files without a record
   legacy_xattr          xattr mode: also write user.fuseoverlayfs.override_stat
                         (for fuse-overlayfs < 1.14, e.g. Debian 12's 1.10,
@@ -50,6 +52,11 @@ options (-o, comma separated):
                         into (refused otherwise: they could plant records); its
                         mode is left as it is, and records count only on inodes
                         you own that others cannot write
+  single_id             show every id the mounter's user namespace cannot map
+                        as its root (0), so root of a one-id namespace
+                        (unshare -r, no subordinate range) keeps its rights
+                        over such files; records keep the real ids. What
+                        shiftfs run/exec use in a single-id namespace
   fsname=NAME           source name in mount tables (default: SOURCE)
   allow_other           let other users in (default when mounted by uid 0)
   suid, dev, ro, noexec, noatime, ...
@@ -120,6 +127,22 @@ def _cmd_mount(args) -> int:
         return remount(cfg)
     cfg.foreground = args.foreground
     return mount(cfg)
+
+
+def parse_mount_argv(argv: list[str]):
+    """A ``shiftfs`` command line of a mount (either form) → its ``MountConfig``; raises UsageError."""
+    from .fs.options import parse_options
+
+    parser = build_parser()
+    commands = {"mount", "umount"}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            commands = set(action.choices)
+    argv = _helper_form(list(argv), commands)
+    if not argv or argv[0] != "mount":
+        raise UsageError("not a mount command line")
+    args = parser.parse_args(argv)
+    return parse_options(args.options, args.map, args.xattr, args.source, args.mountpoint)
 
 
 def _cmd_umount(args) -> int:

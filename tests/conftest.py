@@ -14,6 +14,9 @@ Fixtures:
 
 Markers: ``root`` (skips unless uid 0), ``fuse`` (skips without /dev/fuse).
 A failing test that mounted something gets the daemon's log attached.
+With ``SHIFTFS_CI=1`` (``.ci/run`` sets it) a test that would skip because a
+tool is missing (a ``skipif`` whose reason starts with "needs", other than "needs root") fails instead:
+``make setup`` installs every such tool, so in CI a skip is a setup bug.
 """
 
 from __future__ import annotations
@@ -62,6 +65,17 @@ def pytest_configure(config):
 _NO_MOUNT_MODULES = ("test_unit", "test_record")
 
 
+def _ci_tool_skip(item) -> str | None:
+    """The reason of an applying ``skipif(…, reason="needs …")`` marker, under ``SHIFTFS_CI=1``."""
+    if os.environ.get("SHIFTFS_CI") != "1":
+        return None
+    for mark in item.iter_markers("skipif"):
+        reason = str(mark.kwargs.get("reason", ""))
+        if mark.args and mark.args[0] is True and reason.startswith("needs") and not reason.startswith("needs root"):
+            return reason
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     not_root = os.geteuid() != 0
     no_fuse = not os.path.exists("/dev/fuse")
@@ -72,6 +86,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs root"))
         if no_fuse and item.get_closest_marker("fuse"):
             item.add_marker(pytest.mark.skip(reason="needs /dev/fuse"))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    # before pytest's own skipif evaluation (also tryfirst, but registered earlier)
+    why = _ci_tool_skip(item)
+    if why:
+        pytest.fail(f"SHIFTFS_CI=1: this test would skip ({why}); 'make setup' must install it", pytrace=False)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -488,6 +488,29 @@ def test_hostile_archive_stays_inside_root(world):
     assert not (dest / ".shiftfs" / "records.db").exists() or (dest / ".shiftfs/records.db").read_bytes() != b"forged"
 
 
+def test_import_over_a_tree_whose_etc_is_a_symlink(world):
+    """Importing over a tree where ``etc`` is a symlink (to outside ROOT) replaces the link
+    with the archive's directory, its own record included, writes nothing through the
+    link, and exits 0 (it said "./etc: No such file or directory" and exited 1)."""
+    w = world["user"]
+    outside = w / "etc-outside"
+    outside.mkdir()
+    os.chown(outside, USER, USER)
+    dest = w / "etc-link-root"
+    shiftfs("import", _tar(w / "first.tar", [("./usr", "dir", None)]), dest, user=USER)
+    os.symlink(str(outside), dest / "etc")
+    os.lchown(dest / "etc", USER, USER)
+    tar = _tar(w / "etc.tar", [("./", "dir", None), ("./etc/", "dir", None), ("./etc/hostname", "file", b"h\n")])
+    proc = shiftfs("import", tar, dest, user=USER, check=False)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stderr.decode().strip() == "", proc.stderr.decode()
+    assert list(outside.iterdir()) == []
+    assert (dest / "etc").is_dir() and not (dest / "etc").is_symlink()
+    assert (dest / "etc/hostname").read_bytes() == b"h\n"
+    assert os.getxattr(dest / "etc", "user.containers.override_stat") == b"0:0:40755"
+    assert os.stat(dest / "etc").st_mtime == 1_700_000_000
+
+
 def test_archive_xattrs_cannot_forge_records(world):
     w = world["user"]
     path = w / "forge.tar"

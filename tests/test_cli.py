@@ -185,6 +185,43 @@ def test_fstab_line(dirs, tracked, shiftfs_on_path, scratch):
     check_table_view(mp)
 
 
+def test_fstab_coherent_reaches_shiftfs(dirs, tracked, scratch):
+    """``-o shared`` never reaches shiftfs through mount(8) (it is mount(8)'s propagation
+    flag): the second fstab view of one SOURCE is then refused as already served. Spelled
+    ``coherent`` it passes, both views mount, and a chown through one shows through the
+    other at once. (fstab's ``PROG#SOURCE`` form with type ``fuse`` runs this checkout's
+    shiftfs, not whichever /usr/local/bin/shiftfs links to.)"""
+    src, _ = dirs
+    mps = [scratch / "v1", scratch / "v2"]
+    for mp in mps:
+        mp.mkdir()
+    table = "backend=fuse,uidmap=100000:0:65536,gidmap=100000:0:65536"
+    for word, both in (("shared", False), ("coherent", True)):
+        fstab = scratch / f"fstab-{word}"
+        fstab.write_text("".join(f"{SHIFTFS}#{src} {mp} fuse noauto,{table},{word} 0 0\n" for mp in mps))
+        r1, _ = tracked(["mount", "-T", fstab, mps[0]], mps[0])
+        assert r1.returncode == 0, r1.stderr
+        assert find_mount(mps[0]).fstype == "fuse.shiftfs"
+        r2, _ = tracked(["mount", "-T", fstab, mps[1]], mps[1])
+        if not both:
+            assert r2.returncode != 0 and "already" in r2.stderr, r2.stderr
+            unmount_lazy(mps[0])
+            wait_for(lambda: sourcelock_free(src), 10, what="the first daemon to let go of SOURCE")
+            continue
+        assert r2.returncode == 0, r2.stderr
+        os.stat(os.path.join(mps[1], "f"))  # cached in the second view first
+        os.chown(os.path.join(mps[0], "f"), 7, 8)
+        st = os.stat(os.path.join(mps[1], "f"))
+        assert (st.st_uid, st.st_gid) == (7, 8)
+        assert os.stat(src / "f").st_uid == BASE + 7
+
+
+def sourcelock_free(src) -> bool:
+    from shiftfs.fs import sourcelock
+
+    return sourcelock.probe(str(src)) is None
+
+
 def test_fsname_and_subtype(dirs, shiftfs_mount):
     src, mp = dirs
     m = shiftfs_mount("--map", MAP, "-o", "fsname=my-rootfs", source=src, mountpoint=mp)

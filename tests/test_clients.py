@@ -9,6 +9,7 @@ is not installed skips its test with a reason.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import subprocess
@@ -17,7 +18,20 @@ import tarfile
 
 import ns_util
 import pytest
-from fsutil import MAP, SHIFTFS, USER_ENV, have, is_mounted, reap, run_as, spawn_daemons, unmount_lazy, wait_for
+import readme_util
+from fsutil import (
+    MAP,
+    SHIFTFS,
+    USER_ENV,
+    errno_of,
+    have,
+    is_mounted,
+    reap,
+    run_as,
+    spawn_daemons,
+    unmount_lazy,
+    wait_for,
+)
 
 #: An ordinary user for the unprivileged cases (no passwd entry needed).
 USER = 4716
@@ -58,6 +72,59 @@ def _user_dir(scratch, name: str = "home") -> str:
     d.mkdir()
     os.chown(d, USER, USER)
     return str(d)
+
+
+# --- what make setup installs for the tests ------------------------------------------------------
+
+#: Every command a test skips without, and the Debian package that has it.
+_TOOL_PACKAGES = {
+    "podman": "podman",
+    "runc": "runc",
+    "systemd-nspawn": "systemd-container",
+    "fuse-overlayfs": "fuse-overlayfs",
+    "fio": "fio",
+    "setfacl": "acl",
+    "getfacl": "acl",
+    "setcap": "libcap2-bin",
+    "getcap": "libcap2-bin",
+    "setfattr": "attr",
+    "getfattr": "attr",
+    "unshare": "util-linux",
+    "setpriv": "util-linux",
+    "fusermount3": "fuse3",
+    "tar": "tar",
+}
+
+
+def test_setup_installs_every_tool_a_test_skips_without():
+    """A fresh machine runs every test: each command a test needs (``have(…)``)
+    comes from a package ``make setup`` installs, so the podman and nspawn
+    recipes run in CI (``.ci/run``, where SHIFTFS_CI=1 turns such a skip into a
+    failure) instead of skipping."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(repo, "scripts/setup.sh")) as f:
+        m = re.search(r'^PKGS="([^"]*)"', f.read(), re.M)
+    assert m, "scripts/setup.sh has no PKGS line"
+    pkgs = set(m.group(1).split()) | {"tar"}  # tar is essential in Debian
+    tools: set[str] = set()
+    tests_dir = os.path.join(repo, "tests")
+    for name in sorted(os.listdir(tests_dir)):
+        if name.endswith(".py") and name != "fsutil.py":
+            with open(os.path.join(tests_dir, name)) as f:
+                for args in re.findall(r"\bhave\(([^)]*)\)", f.read()):
+                    tools.update(re.findall(r'"([^"]+)"', args))
+    assert {"podman", "runc", "systemd-nspawn"} <= tools
+    unknown = sorted(tools - set(_TOOL_PACKAGES))
+    assert not unknown, f"add the Debian package of {unknown} to _TOOL_PACKAGES and to setup's PKGS"
+    missing = sorted({_TOOL_PACKAGES[t] for t in tools} - pkgs)
+    assert not missing, f"scripts/setup.sh does not install {missing}: tests needing them skip on a fresh machine"
+    with open(os.path.join(repo, ".ci/run")) as f:
+        assert re.search(r"^export SHIFTFS_CI=1$", f.read(), re.M), ".ci/run must set SHIFTFS_CI=1"
+    with open(os.path.join(repo, "README.md")) as f:
+        readme = f.read()
+    said = readme[readme.index("installs the Debian packages that are missing") :][:800]
+    for pkg in ("podman", "runc", "systemd-container"):
+        assert f"{pkg}" in said, f"README's list of what setup installs lacks {pkg}"
 
 
 # --- item 4: shiftfs devtable -----------------------------------------------------------------
@@ -346,6 +413,82 @@ def test_umount_of_a_locked_copy_and_user_namespace_holders(user, wd):
     _check_umount_report(out, 2)
 
 
+#: umount, then mount again at once, ROUNDS times; in a mount namespace of the test's own (made
+#: before the mounts, so namespaces other programs make meanwhile get no copy).
+_REMOUNT_LOOP = r"""
+cd "$WD"; mkdir -p src mp; chown 100000:100000 src
+fails=0
+for i in $(seq "$ROUNDS"); do
+  for how in umount8 shiftfs; do
+    "$SHIFTFS" mount --map b:100000:0:65536 -o backend=fuse src mp 2>err || { fails=$((fails+1)); cat err; continue; }
+    if [ $how = umount8 ]; then umount mp; else "$SHIFTFS" umount mp; fi
+  done
+done
+echo "FAILS $fails"
+"""
+
+
+@pytest.mark.root
+@pytest.mark.timeout(900)  # 10 mounts and umounts: each mount takes ~2 s on a loaded 2-core machine
+@pytest.mark.skipif(not have("unshare"), reason="needs unshare (util-linux)")
+def test_umount_then_mount_at_once(scratch):
+    """umount(8) returns when the kernel detached the mount, before the daemon has exited
+    and dropped its SOURCE lock: a mount right after it waits for that instead of refusing
+    "already served"; ``shiftfs umount`` itself returns only once the daemon is gone."""
+    env = dict(USER_ENV, WD=str(scratch), SHIFTFS=SHIFTFS, ROUNDS="5")
+    r = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-ec", _REMOUNT_LOOP],
+        capture_output=True,
+        text=True,
+        timeout=800,
+        env=env,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "FAILS 0" in r.stdout, r.stdout + r.stderr
+
+
+_HELD_COPY = r"""
+cd "$WD"; mkdir -p src mp; chown 100000:100000 src
+"$SHIFTFS" mount --map b:100000:0:65536 -o backend=fuse src mp
+unshare --mount sleep 120 & holder=$!
+n=0; until [ "$(grep -l " $WD/mp " /proc/[0-9]*/mountinfo 2>/dev/null | wc -l)" -gt 1 ]; do
+  n=$((n+1)); [ $n -lt 300 ] || { echo "no holder"; exit 8; }; sleep 0.1
+done
+"$SHIFTFS" umount mp 2>/dev/null
+rc=0; "$SHIFTFS" mount --map b:100000:0:65536 -o backend=fuse src mp 2>refused || rc=$?
+echo "REFUSED rc=$rc holder=$holder"; cat refused
+kill $holder; wait $holder 2>/dev/null || true
+"$SHIFTFS" mount --map b:100000:0:65536 -o backend=fuse src mp
+echo MOUNTED
+"$SHIFTFS" umount mp
+"""
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not have("unshare"), reason="needs unshare (util-linux)")
+def test_mount_refused_while_another_namespace_holds_a_copy_names_it(scratch):
+    """After umount here, a copy in another mount namespace keeps the daemon serving: the
+    refusal names that namespace's process (not just the mount point we no longer have)
+    and how to release it; once the holder exits, a mount right away succeeds."""
+    env = dict(USER_ENV, WD=str(scratch), SHIFTFS=SHIFTFS)
+    r = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-ec", _HELD_COPY],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    i = [n for n, ln in enumerate(lines) if ln.startswith("REFUSED")][0]
+    holder = lines[i].split("holder=")[1]
+    assert lines[i].startswith("REFUSED rc=2"), r.stdout
+    said = lines[i + 1]
+    assert lines[i + 2] == "MOUNTED", r.stdout
+    assert f"pid {holder}: sleep" in said and "not mounted here" in said, said
+    assert re.search(r"'kill \d+'", said), said
+
+
 # --- the README's container-tool recipes --------------------------------------------------------
 
 #: Commands the small root filesystems of these tests carry (copied from the host with their libraries).
@@ -440,6 +583,72 @@ def test_recipe_root_podman_on_a_table_view(scratch):
         _stop([], daemons, view)
 
 
+def _readme_root_podman(top: str, tar: str) -> list[str]:
+    """The README's root-podman recipe with /srv/ct → ``top``, bookworm.tar → ``tar``,
+    the checkout's shiftfs, and this machine's podman flags (runc, limits, host network)."""
+    lines = []
+    for ln in readme_util.sh_block("### Root podman on a table view"):
+        ln = ln.replace("/srv/ct", top).replace("bookworm.tar", tar)
+        if ln.startswith("shiftfs "):
+            ln = SHIFTFS + ln[len("shiftfs") :]
+        if ln.startswith("podman run --rm "):
+            ln = " ".join(_podman_argv() + _PODMAN_RUN) + " " + ln[len("podman run --rm ") :]
+        lines.append(ln)
+    return lines
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not have("podman"), reason="needs podman (apt-get install podman)")
+def test_readme_root_podman_recipe_as_written(scratch, debian_tar):
+    """The README's root-podman recipe, line by line, on the default backend (the
+    kernel's for root on ext4): the tar unpacks through the view, and bob's file
+    is 1000 inside and 101000 on disk."""
+    top = str(scratch / "ct")
+    lines = _readme_root_podman(top, debian_tar)
+    view = os.path.join(top, "view")
+    try:
+        r = subprocess.run(
+            ["sh", "-ec", "\n".join(lines)], capture_output=True, text=True, errors="replace", timeout=600, env=USER_ENV
+        )
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        assert "outside the table" not in r.stderr, r.stderr
+        assert r.stdout.split()[2:4] == ["1000", "1000"], r.stdout
+        st = os.stat(os.path.join(top, "rootfs/home/bob/x"))
+        assert (st.st_uid, st.st_gid) == (101000, 101000)
+        assert os.stat(os.path.join(top, "rootfs/etc/shadow")).st_gid == 100042
+    finally:
+        subprocess.run([SHIFTFS, "umount", view], capture_output=True)
+        unmount_lazy(view)
+
+
+@pytest.mark.root
+def test_kernel_mount_of_an_unmapped_source_says_so(scratch):
+    """Without the recipe's chown, SOURCE (disk uid 0) is outside the table: on the
+    kernel backend nobody can create in it, and the backend line says why and how
+    to fix it; with the chown the line has no such note."""
+    src, view = scratch / "rootfs", scratch / "view"
+    src.mkdir()
+    view.mkdir()
+    try:
+        r = subprocess.run([SHIFTFS, "mount", "--map", MAP, src, view], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        lines = r.stderr.strip().splitlines()
+        if "backend kernel" not in r.stderr:
+            pytest.skip(f"no kernel backend here: {r.stderr.strip()}")
+        assert len(lines) == 1, r.stderr
+        assert "outside the table" in lines[0] and f"chown 100000:100000 {src}" in lines[0], lines[0]
+        assert errno_of(os.mkdir, os.path.join(view, "etc")) == errno.EACCES
+        subprocess.run([SHIFTFS, "umount", view], check=True)
+        os.chown(src, 100000, 100000)
+        r = subprocess.run([SHIFTFS, "mount", "--map", MAP, src, view], capture_output=True, text=True)
+        assert r.returncode == 0 and "outside the table" not in r.stderr, r.stderr
+        os.mkdir(os.path.join(view, "etc"))
+        assert os.stat(os.path.join(src, "etc")).st_uid == 100000
+    finally:
+        subprocess.run([SHIFTFS, "umount", view], capture_output=True)
+        unmount_lazy(view)
+
+
 @pytest.mark.skipif(not have("podman"), reason="needs podman (apt-get install podman)")
 def test_recipe_rootless_podman_mounts_inside_podman_unshare(user, wd):
     """Rootless podman: the view is mounted inside ``podman unshare`` (so view
@@ -481,17 +690,161 @@ def test_recipe_rootless_podman_mounts_inside_podman_unshare(user, wd):
         st = os.stat(os.path.join(src, "home/x"))
         assert (st.st_uid, st.st_gid) == (user.uid, user.gid)
         assert os.getxattr(os.path.join(src, "home/x"), "user.containers.override_stat") == b"1000:1000:100644"
-        # shiftfs umount inside podman unshare ends the mount (the daemon with it)
+        # shiftfs umount inside podman unshare ends the mount, and the daemon with it: gone, not a
+        # zombie left under podman's pause process (a zombie until 'podman system migrate')
+        daemons = subprocess.run(
+            ["pgrep", "-u", user.name, "-f", f"shiftfs mount --xattr {src}"], capture_output=True, text=True
+        ).stdout.split()
+        assert len(daemons) == 1, daemons
         r = podman("unshare", SHIFTFS, "umount", view)
         assert r.returncode == 0, r.stderr
+        state = _proc_state(int(daemons[0]))
+        assert state is None or state.startswith("Z "), (state, ps_of(user.name))  # it has exited
+        wait_for(lambda: _proc_state(int(daemons[0])) is None, 10, what=f"the daemon reaped ({state})")
     finally:
         podman("system", "migrate", timeout=60)  # stops the pause process and its namespaces
         ns_util.remove_tree(home)
 
 
+@pytest.mark.skipif(not have("unshare"), reason="needs unshare (util-linux)")
+def test_readme_by_hand_pivot_recipe_as_written(user, wd, debian_tar):
+    """The README's by-hand recipe (``unshare`` + ``pivot_root``) as a user with a
+    range, line by line. The user's PATH is Debian's (/usr/local/bin first, where
+    setup links ``shiftfs``); the test puts a directory whose ``shiftfs`` is this
+    checkout's in place of /usr/local/bin, in that PATH and in the recipe's own."""
+    heading = "### By hand: `unshare` and `pivot_root`"
+    lines = readme_util.sh_block(heading)
+    home = os.path.join(wd, "home")
+    bindir = os.path.join(wd, "bin")
+    for d in (home, bindir):
+        os.mkdir(d, 0o755)
+        os.chown(d, user.uid, user.gid)
+    os.symlink(SHIFTFS, os.path.join(bindir, "shiftfs"))
+    enter = [i for i, ln in enumerate(lines) if "unshare " in ln][0]
+    outside = [ln.replace("bookworm.tar", debian_tar) for ln in lines[:enter]]
+    inside = lines[enter + 1 :]
+    script = "\n".join(
+        [f"export HOME={home} PATH={bindir}:/usr/bin:/bin", "cd $HOME", *outside]
+        + [lines[enter].replace("/usr/local/bin", bindir) + " <<'INSIDE'", *inside, "INSIDE"]
+    )
+    r = as_user(user, script, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    out = r.stdout.split()
+    assert out[2:4] == ["1000", "1000"], r.stdout  # ls -ln /home/bob/x inside
+    x = os.path.join(home, "rt/home/bob/x")
+    st = os.stat(x)
+    assert (st.st_uid, st.st_gid) == (user.uid, user.gid)  # yours on the host
+    assert os.getxattr(x, "user.containers.override_stat") == b"1000:1000:100644"
+
+
+@pytest.fixture(scope="module")
+def user_without_range():
+    """A throwaway user with no subordinate range (a one-id user namespace only)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a throwaway user")
+    with ns_util.throwaway_users(with_range=0, without_range=1) as users:
+        yield users[0]
+
+
+@pytest.mark.skipif(not have("unshare"), reason="needs unshare (util-linux)")
+def test_by_hand_without_a_range_needs_single_id(user_without_range, debian_tar):
+    """README, single-id section: by hand in a one-id namespace, root has no rights over
+    files of other ids (``useradd`` cannot open /etc/gshadow); ``-o single_id`` (listed
+    in ``shiftfs mount --help``) shows them as 0 and useradd works."""
+    user = user_without_range
+    parent = ns_util.workdir()
+    try:
+        home = os.path.join(parent, "home")
+        os.mkdir(home, 0o755)
+        os.chown(home, user.uid, user.gid)
+        r = as_user(user, f"cd {home} && {SHIFTFS} import {debian_tar} rt && mkdir rv", timeout=300)
+        assert r.returncode == 0, r.stderr
+        gshadow = os.path.join(home, "rt/etc/gshadow")
+        assert os.getxattr(gshadow, "user.containers.override_stat").startswith(b"0:42:")
+        for opts, want in (("", "gshadow"), ("-o single_id", "")):
+            inside = f"{SHIFTFS} mount --xattr {opts} {home}/rt {home}/rv && chroot {home}/rv useradd -m bob{len(opts)}"
+            r = as_user(user, f"unshare --user --map-root-user --mount sh -c '{inside}' 2>&1 || echo FAILED")
+            if want:
+                assert "FAILED" in r.stdout and want in r.stdout, r.stdout
+            else:
+                assert "FAILED" not in r.stdout, r.stdout
+        # (useradd rewrites /etc/gshadow with the owner it was shown, 0:0: by hand nothing traps that
+        # chown; the README says so and points to run/exec, which keep 0:42)
+        h = subprocess.run([SHIFTFS, "mount", "--help"], capture_output=True, text=True).stdout
+        assert "single_id" in h
+        readme = readme_util.section("### Builders without subordinate ranges (single-id namespace)")
+        assert "usermod --del-subuids" in readme and "--del-subgids" in readme and "-o single_id" in readme
+        assert "`/etc/gshadow` comes back" in readme
+    finally:
+        ns_util.remove_tree(parent)
+
+
+def test_mount_help_lists_every_option():
+    """Every -o option the parser takes is in ``shiftfs mount --help`` and the README's
+    table (``control_fd`` and ``fuse_fd`` are internal to run/exec, ``fuseoverlayfs_compat``
+    an old alias)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(repo, "shiftfs/fs/options.py")) as f:
+        src = f.read()
+    keys = set(re.findall(r'key == "(\w+)"', src))
+    for group in re.findall(r"key in \(([^)]*)\)", src):
+        keys |= set(re.findall(r'"(\w+)"', group))
+    keys -= {"control_fd", "fuse_fd", "fuseoverlayfs_compat", "comment"}
+    assert {"single_id", "shared", "cache"} <= keys
+    h = subprocess.run([SHIFTFS, "mount", "--help"], capture_output=True, text=True).stdout
+    readme = readme_util.readme_text()
+    assert [k for k in sorted(keys) if not re.search(rf"\b{k}\b", h)] == []
+    assert [k for k in sorted(keys) if f"`{k}" not in readme] == []
+
+
+def _proc_state(pid: int) -> str | None:
+    """``/proc/PID/stat``'s state letter and parent (``Z ppid=N`` for a zombie), or None once it is reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return f"{fields[0]} ppid={fields[1]}"
+
+
+def ps_of(name: str) -> str:
+    return subprocess.run(["ps", "-o", "pid,ppid,stat,args", "-u", name], capture_output=True, text=True).stdout
+
+
 #: systemd-nspawn without systemd as PID 1 and without D-Bus: no machined
 #: registration and no scope unit of its own (README, "Using it with container tools").
 _NSPAWN = ["systemd-nspawn", "-q", "--register=no", "--keep-unit"]
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not have("systemd-nspawn"), reason="needs systemd-nspawn (apt-get install systemd-container)")
+@pytest.mark.parametrize("backend", ["kernel", "fuse"])
+def test_readme_quotes_nspawn_pick_errors(scratch, backend):
+    """``--private-users=pick`` on a table view fails on both backends: the README's
+    systemd-nspawn section quotes what nspawn says on each."""
+    src, view = str(scratch / "rootfs"), str(scratch / "view")
+    os.makedirs(src)
+    os.chown(src, 100000, 100000)
+    daemons = _mount_view(src, view, "--map", MAP, "-o", f"backend={backend}") if backend == "fuse" else []
+    if backend == "kernel":
+        os.makedirs(view)
+        r = subprocess.run([SHIFTFS, "mount", "--map", MAP, "-o", "backend=kernel", src, view], capture_output=True)
+        assert r.returncode == 0, r.stderr
+    try:
+        _tiny_rootfs(view)
+        r = subprocess.run(
+            _NSPAWN + ["--private-users=pick", "-D", view, "sh", "-c", "id"],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert r.returncode != 0, r.stdout
+        said = [ln for ln in r.stderr.splitlines() if ln.startswith("Failed to")]
+        assert said, r.stderr
+        section = " ".join(readme_util.section("### systemd-nspawn").split())
+        assert f'("{said[0]}")' in section, (said[0], backend)
+    finally:
+        _stop([], daemons, view)
 
 
 @pytest.mark.root

@@ -15,6 +15,7 @@ import io
 import os
 import pty
 import select
+import shlex
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,7 @@ import tarfile
 import time
 
 import pytest
+import readme_util
 from ns_util import (
     CACHE,
     MIRROR,
@@ -723,24 +725,16 @@ def debian_build(user):
         pytest.skip("mmdebstrap is missing (apt-get install mmdebstrap)")
     if not mirror_reachable():
         pytest.skip(f"{MIRROR} is not reachable: test_tar_same_owner_as_namespace_root covers unpacking without it")
+    # The README's recipe: its mkdir line as written, then its shiftfs exec line.
+    mkdir, build = readme_util.sh_block("## Building images: `shiftfs exec`")[:2]
+    argv = shlex.split(build)
+    assert mkdir.startswith("mkdir ") and argv[:2] == ["shiftfs", "exec"], (mkdir, build)
     d = workdir()
     try:
         os.chown(d, user.uid, user.gid)
-        rootfs = owned_dir(os.path.join(d, "rootfs"), user)
-        res = shiftfs_exec(
-            user,
-            "--shift",
-            "./rootfs",
-            "--",
-            "mmdebstrap",
-            "--mode=root",
-            "--variant=minbase",
-            "bookworm",
-            "./rootfs",
-            cwd=d,
-            timeout=900,
-            check=False,
-        )
+        subprocess.run(user.wrap(["sh", "-ec", mkdir]), cwd=d, check=True)
+        rootfs = os.path.join(d, "rootfs")
+        res = shiftfs_exec(user, *argv[2:], cwd=d, timeout=900, check=False)
         assert res.returncode == 0, res.stderr[-3000:]
         yield d, rootfs, export(user, rootfs, os.path.join(d, "rootfs.tar"))
     finally:

@@ -231,9 +231,10 @@ def test_remount_keeps_nosuid_when_not_given(m):
     assert "ro" in opts and "nosuid" in opts and "nodev" in opts
 
 
-def test_remount_of_fstab_mount(m):
+def test_remount_of_fstab_mount(m, mode):
     """mount(8) merges an fstab line's options (uidmap=…, backend=fuse) into a remount: they stay as
-    mounted, with one line saying so, and ro still applies."""
+    mounted, with one line saying so when they differ from the live ones (xattr mode was mounted
+    without a table; the table mount with this one: nothing to say), and ro still applies."""
     r = _helper(
         m.source,
         m.mountpoint,
@@ -241,7 +242,10 @@ def test_remount_of_fstab_mount(m):
         "allow_other,backend=fuse,uidmap=100000:0:65536,gidmap=100000:0:65536",
     )
     assert r.returncode == 0, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and "uidmap" in r.stderr
+    if mode == "xattr":
+        assert len(r.stderr.strip().splitlines()) == 1 and "leaves uidmap, gidmap as mounted" in r.stderr, r.stderr
+    else:
+        assert r.stderr == "", r.stderr
     assert "ro" in find_mount(m.mountpoint).options
     assert m.alive()
 
@@ -253,6 +257,66 @@ def test_remount_refuses_what_cannot_change(m):
     r = _helper(m.source, m.source, "ro,remount")
     assert r.returncode != 0 and "not a shiftfs mount" in r.stderr
     assert "ro" not in find_mount(m.mountpoint).options
+
+
+def test_remount_with_the_original_options_unchanged(shiftfs_mount):
+    """A harness that remounts with the whole original list (``mount -t fuse.shiftfs -o
+    remount,ro,uidmap=…,gidmap=…,backend=…,log=…`` names SOURCE, so mount(8) adds no
+    ``user_id=``) is accepted when every value equals the live one, as ext4 and bindfs
+    accept theirs; a real change is refused, naming only what changed."""
+    mnt = shiftfs_mount("-o", "uidmap=100000:0:65536,gidmap=100000:0:65536,cache=auto")
+    same = f"uidmap=100000:0:65536,gidmap=100000:0:65536,cache=auto,backend=fuse,log={mnt.log}"
+    r = _helper(mnt.source, mnt.mountpoint, "remount,ro," + same)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "ro" in find_mount(mnt.mountpoint).options
+    r = subprocess.run(
+        [SHIFTFS, "mount", "--map", "b:100000:0:65536", "-o", "remount,rw,backend=auto", mnt.source, mnt.mountpoint],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "rw" in find_mount(mnt.mountpoint).options
+    r = _helper(mnt.source, mnt.mountpoint, "remount,ro,uidmap=100000:0:65535,gidmap=100000:0:65536,cache=auto")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "cannot change uidmap on a remount" in r.stderr, r.stderr
+    assert "ro" not in find_mount(mnt.mountpoint).options
+    assert mnt.alive()
+
+
+@pytest.mark.parametrize(
+    "opts,shown,absent",
+    [
+        ("relatime", {"relatime"}, {"noatime"}),
+        ("strictatime", set(), {"relatime", "noatime"}),
+        ("nodiratime", {"nodiratime", "relatime"}, set()),
+        ("noatime,nodiratime", {"noatime", "nodiratime"}, set()),
+    ],
+)
+def test_atime_flags_at_mount(shiftfs_mount, opts, shown, absent):
+    """``-o relatime|strictatime|nodiratime`` are the kernel's flags: the mount takes them
+    (libfuse knows none of them; ext4 and bindfs mounts take all three)."""
+    mnt = shiftfs_mount("--map", MAP, "-o", opts)
+    got = set(find_mount(mnt.mountpoint).options)
+    assert shown <= got and not absent & got, got
+    assert mnt.alive()
+
+
+def test_atime_flag_refused_for_an_unprivileged_mount(scratch):
+    """An ordinary user's FUSE mount (fusermount3) cannot be remounted: ``-o strictatime`` is
+    one line saying so, and nothing stays mounted."""
+    import ns_util
+
+    src, mp = scratch / "usrc", scratch / "ump"
+    with ns_util.throwaway_users(with_range=0, without_range=1) as users:  # fusermount3 needs a name
+        uid = users[0].uid
+        for d in (src, mp):
+            d.mkdir(mode=0o700)
+            os.chown(d, uid, uid)
+        r = run_as(uid, uid, [SHIFTFS, "mount", "--xattr", "-o", "strictatime", str(src), str(mp)])
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "strictatime" in r.stderr and "drop them" in r.stderr and "user_allow_other" not in r.stderr, r.stderr
+    assert find_mount(mp) is None
 
 
 def test_remount_through_mount8(m, shiftfs_on_path):
@@ -363,3 +427,27 @@ while not os.path.exists({p + ".done"!r}) and time.time() < end:
         data = f.read()
     stale = sum(1 for off in range(0, size, 4096) if data[off] != 0xAA)
     assert stale == 0, f"{stale} of {size // 4096} pages stale after the direct writes"
+
+
+# -- fallocate: what the README's limits say ------------------------------------------------
+
+
+def test_readme_limits_say_what_fallocate_does(m):
+    """The README's limits say ``fallocate(2)`` fails with EOPNOTSUPP exactly while it
+    does (pyfuse3 3.5 has no handler); once the engine serves it, the line must go."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    fd = os.open(m.path("fa"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        rc = libc.fallocate(fd, 0, 0, 65536)
+        err = ctypes.get_errno() if rc != 0 else 0
+        os.posix_fallocate(fd, 0, 65536)  # glibc writes zeros where fallocate is refused
+        assert os.fstat(fd).st_size == 65536
+    finally:
+        os.close(fd)
+    import readme_util
+
+    said = "`fallocate(2)` fails with `EOPNOTSUPP`" in readme_util.section("## Limits")
+    assert said == (err == errno.EOPNOTSUPP), (errno.errorcode.get(err), said)

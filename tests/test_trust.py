@@ -496,3 +496,36 @@ def test_exec_and_run_check_source(users, wd):
     os.chmod(src, 0o777)
     r = _exec(builder, "--shift", src, "--", "true")
     assert r.returncode == 125 and f"chmod 700 {src}" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("ranged", [True, False], ids=["range", "one-id"])
+def test_chmod_of_another_users_file_in_a_user_namespace(users, wd, ranged):
+    """README, "Whose records count": chmod through the mount of a file another user owns
+    gets EPERM from shiftfs where the namespace maps 65534 (a range); in a one-id namespace
+    the kernel refuses first with EOVERFLOW (the inode's owner is unmapped there), and the
+    README says so."""
+    user = users[0] if ranged else users[1]
+    os.chown(wd, user.uid, user.gid)
+    src, mp = os.path.join(wd, "src"), os.path.join(wd, "mp")
+    os.mkdir(src, 0o700)
+    os.mkdir(mp)
+    for p in (src, mp):
+        os.chown(p, user.uid, user.gid)
+    open(os.path.join(src, "alien"), "w").close()
+    os.chown(os.path.join(src, "alien"), 12345, 12345)
+    code = (
+        "import os, errno\n"
+        "try:\n"
+        f"    os.chmod({mp + '/alien'!r}, 0o600); print('ok')\n"
+        "except OSError as e:\n"
+        "    print(errno.errorcode[e.errno])\n"
+    )
+    ns = ["--map-auto", "--map-root-user"] if ranged else ["--map-root-user"]
+    inner = f'{SHIFTFS} mount --xattr {src} {mp} && {sys.executable} -c "$0"'
+    r = run_as(user.uid, user.gid, ["unshare", "--user", *ns, "--mount", "sh", "-c", inner, code])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == (["EPERM"] if ranged else ["EOVERFLOW"]), r.stdout + r.stderr
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
+        readme = " ".join(f.read().split())
+    if not ranged:
+        assert "the kernel answers `EOVERFLOW` itself before shiftfs sees the call" in readme

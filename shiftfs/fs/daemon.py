@@ -26,6 +26,7 @@ from . import isolate, loop, sourcelock
 from .mount import build_operations, check, kernel_options
 from .ops import Operations
 from .options import MountConfig
+from .remount import apply_late_flags
 
 __all__ = ["mount", "run_daemon"]
 
@@ -222,6 +223,7 @@ def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
     _raise_fd_limit()
     captured = ""
     lock = None
+    inited = False
     try:
         root_fd = os.open(cfg.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         # Held for our whole life, released by the kernel when we die (shiftfs.fs.sourcelock);
@@ -236,6 +238,8 @@ def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
                 pyfuse3.init(ops, where, kernel_options(cfg))
             finally:
                 captured = cap.text()
+        inited = True
+        apply_late_flags(cfg.mountpoint, cfg.kernel_opts)
     except Exception as e:  # report any failure to the foreground process
         msg = str(e) or e.__class__.__name__
         # libfuse and fusermount3 say what went wrong on stderr ("fusermount3:
@@ -246,6 +250,8 @@ def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
         elif "fuse" in msg.lower() and os.geteuid() != 0:
             msg += " (is user_allow_other set in /etc/fuse.conf, and /dev/fuse 0666?)"
         report("error: " + msg)
+        if inited:
+            pyfuse3.close(unmount=True)
         if lock is not None:
             lock.release()
         if ready_fd is None:

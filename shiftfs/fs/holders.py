@@ -24,7 +24,7 @@ import os
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-__all__ = ["MountEntry", "Holder", "entry_of", "other_holders", "describe"]
+__all__ = ["MountEntry", "Holder", "entry_of", "other_holders", "describe", "held_by"]
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,31 @@ def _add(h: Holder, pid: str) -> None:
             h.commands.add(f.read().strip())
     except OSError:
         pass
+
+
+def _pids_text(holders: list[Holder]) -> str:
+    pids = sorted(p for h in holders for p in h.pids)
+    shown = ", ".join(map(str, pids[:5])) + (f" and {len(pids) - 5} more" if len(pids) > 5 else "")
+    return f"pid{'s' if len(pids) != 1 else ''} {shown}"
+
+
+def _podman(holders: list[Holder]) -> str:
+    if any("podman pause" in h.commands for h in holders):
+        return "; one is rootless podman's pause process: 'podman system migrate' stops it"
+    return ""
+
+
+def held_by(holders: list[Holder]) -> str:
+    """``still held by N other mount namespace(s) (pids …: comm, at …)`` for a refusal."""
+    n = len(holders)
+    comms = sorted({c for h in holders for c in h.commands})
+    what = f": {', '.join(comms[:3])}" if comms else ""
+    where = sorted({m for h in holders for m in h.mountpoints})
+    at = f", at {', '.join(where[:3])}" if where else ""
+    return (
+        f"still held by {n} other mount namespace{'s' if n != 1 else ''} ({_pids_text(holders)}{what}{at})"
+        f"{_podman(holders)}"
+    )
 
 
 def describe(mountpoint: str, holders: list[Holder]) -> str:

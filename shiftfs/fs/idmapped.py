@@ -71,6 +71,7 @@ FUSE_ONLY = {
     "legacy_xattr",
     "fuseoverlayfs_compat",
     "shared",
+    "coherent",
 }
 #: Options whose meaning a bind mount cannot carry (they are superblock flags):
 #: ``auto`` picks FUSE for them, ``backend=kernel`` refuses them.
@@ -293,6 +294,34 @@ def _say(line: str) -> None:
     print(f"shiftfs: {line}", file=sys.stderr, flush=True)
 
 
+def _unmapped_root_note(src: str, uids: IdMap, gids: IdMap) -> str:
+    """A note for the backend line when the table does not map SOURCE's own owner.
+
+    Through an idmapped mount the kernel gives nobody, root included, any
+    override over an inode whose owner it cannot map: a root directory owned
+    by disk 0 under ``--map b:100000:0:65536`` shows as 65534 and every create
+    in it fails EACCES (the FUSE backend lets root's capabilities apply).
+    """
+    try:
+        st = os.stat(src)
+    except OSError:
+        return ""
+    bad = [
+        f"{what} {disk}"
+        for what, disk, table in (("uid", st.st_uid, uids), ("gid", st.st_gid, gids))
+        if table.to_disk(table.to_view(disk)) != disk
+    ]
+    if not bad:
+        return ""
+    root_u, root_g = uids.to_disk(0), gids.to_disk(0)
+    fix = f"'chown {root_u}:{root_g} {src}' (view root's disk ids)" if root_u is not None and root_g is not None else ""
+    fix = f"{fix} or " if fix else ""
+    return (
+        f"; note: SOURCE is owned by disk {' and '.join(bad)}, outside the table, so it shows as "
+        f"{uids.overflow} and nobody, root included, can create in it through this mount: {fix}use -o backend=fuse"
+    )
+
+
 def try_mount(cfg) -> bool:
     """Make the kernel mount if ``cfg`` asks for it (or ``auto`` allows it).
 
@@ -344,9 +373,10 @@ def try_mount(cfg) -> bool:
         return False
     ignored = [k for k in given if k in FUSE_ONLY]
     extra = f"; ignoring FUSE-only -o {','.join(ignored)}" if ignored else ""
+    extra += _unmapped_root_note(src, cfg.uids, cfg.gids)
     if backend == "auto":
         _say(f"backend kernel: idmapped bind mount of {src} ({_fstype_of(src)}){extra}")
-    elif ignored:
+    elif extra:
         _say(f"backend kernel{extra}")
     if cfg.foreground:
         _stay_in_foreground(mp)

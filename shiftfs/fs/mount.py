@@ -65,9 +65,11 @@ def unmount(mountpoint: str, lazy: bool = False) -> None:
         idmapped.unmount(mp, lazy)
         return
     entry = holders.entry_of(mp)
+    daemon = _daemon_of(mp)
     err = _detach(mp, lazy)
     if err is None:
-        _say_other_holders(mp, entry)
+        if not _say_other_holders(mp, entry) and not lazy:
+            _wait_for_exit(daemon)
         return
     if os.geteuid() == 0 and holders.entry_of(mp) == entry and _umount2(mp, lazy) == errno.EINVAL:
         # Root of a user namespace, the mount is right there, and still the kernel says
@@ -112,16 +114,17 @@ def _umount2(mp: str, lazy: bool) -> int:
     return ctypes.get_errno()
 
 
-def _say_other_holders(mp: str, entry: holders.MountEntry | None) -> None:
-    """After our copy is gone: one line if other namespaces keep the daemon serving."""
+def _say_other_holders(mp: str, entry: holders.MountEntry | None) -> bool:
+    """After our copy is gone: one line if other namespaces keep the daemon serving (then True)."""
     if entry is None:
-        return
+        return False
     try:
         found = holders.other_holders(entry.dev, {entry.mount_id}, entry.fstype)
     except OSError:
-        return
+        return False
     if found:
         print(f"shiftfs umount: {holders.describe(mp, found)}", file=sys.stderr)
+    return bool(found)
 
 
 def check(cfg: MountConfig, fuse: bool = True) -> None:
@@ -167,7 +170,9 @@ def check(cfg: MountConfig, fuse: bool = True) -> None:
     except OSError:
         held = None  # unreadable: the daemon's own open says why
     if held:
-        raise UsageError(sourcelock.describe(src, held))
+        held, elsewhere = _settle(src, held, cfg.shared or not fuse)
+        if held:
+            raise UsageError(sourcelock.describe(src, held, elsewhere))
     if not fuse:
         return
     if not os.path.exists("/dev/fuse"):
@@ -186,6 +191,71 @@ def check(cfg: MountConfig, fuse: bool = True) -> None:
             raise UsageError(problem)
 
 
+#: How long a mount waits for a daemon whose mount is gone everywhere to let go of SOURCE
+#: (umount(8) returns when the kernel has detached the mount, before the daemon has exited).
+LEAVE_WAIT = 5.0
+
+
+def _settle(src: str, held: list[sourcelock.Holder], shared: bool) -> tuple[list[sourcelock.Holder], str]:
+    """Wait for daemons of SOURCE whose mount was unmounted and is held nowhere else: they
+    are exiting. Returns who still holds SOURCE, and, when that is a daemon whose mount is
+    gone here but copies in other mount namespaces keep it serving, which namespaces."""
+    import time
+
+    deadline = time.monotonic() + LEAVE_WAIT
+    while True:
+        elsewhere: list[holders.Holder] = []
+        for h in held:
+            if h.kind != "mount" or not h.mountpoint or not h.pid or is_shiftfs_mount(h.mountpoint):
+                return held, ""  # a live mount (here or another user's): the plain refusal
+            if h.dev:
+                elsewhere += [c for c in holders.other_holders(h.dev, (), "fuse.shiftfs") if h.pid not in c.pids]
+        if elsewhere:
+            return held, holders.held_by(elsewhere)
+        if time.monotonic() > deadline:
+            return held, ""
+        time.sleep(0.05)
+        try:
+            now = sourcelock.probe(src, shared=shared)
+        except OSError:
+            now = None
+        if not now:
+            return [], ""
+        held = now
+
+
+def _daemon_of(mp: str) -> sourcelock.Holder | None:
+    """Our user's daemon serving ``mp`` (from the note it left for its SOURCE lock)."""
+    for h in sourcelock.notes_in(sourcelock.runtime_dir(create=False), None):
+        if h.kind == "mount" and h.mountpoint == mp:
+            return h
+    return None
+
+
+def _wait_for_exit(daemon: sourcelock.Holder | None) -> None:
+    """After the last copy of the mount is gone: return once the daemon has exited (and so
+    dropped its SOURCE lock), so that a mount right after umount is not refused; at most LEAVE_WAIT."""
+    import time
+
+    if daemon is None:
+        return
+    deadline = time.monotonic() + LEAVE_WAIT
+    while _running(daemon) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _running(daemon: sourcelock.Holder) -> bool:
+    """The daemon still runs: its pid is the same process and not a zombie (a zombie has let go
+    of everything; its reaping is up to the parent it was orphaned to)."""
+    try:
+        with open(f"/proc/{daemon.pid}/stat", "rb") as f:
+            data = f.read()
+        fields = data[data.rindex(b")") + 2 :].split()
+        return int(fields[19]) == daemon.start and fields[0] not in (b"Z", b"X")
+    except (OSError, ValueError, IndexError):
+        return False
+
+
 def kernel_options(cfg: MountConfig) -> set[str]:
     opts = {"default_permissions", "subtype=shiftfs", f"fsname={cfg.fsname or os.path.abspath(cfg.source)}"}
     flags = list(cfg.kernel_opts)
@@ -201,6 +271,8 @@ def kernel_options(cfg: MountConfig) -> set[str]:
             continue
         if f in ("nosuid", "nodev", "exec", "atime", "norelatime", "async"):
             continue  # libfuse's defaults already
+        if f in ("relatime", "strictatime", "nodiratime"):
+            continue  # unknown to libfuse: set on the live mount (shiftfs.fs.remount.apply_late_flags)
         opts.add(f)
     return opts
 

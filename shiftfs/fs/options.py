@@ -205,7 +205,8 @@ def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mo
                 if val not in ("auto", "kernel", "fuse"):
                     raise UsageError(f"bad -o backend={val}: use backend=auto, backend=kernel or backend=fuse")
                 cfg.backend = val
-            elif key == "shared" and not eq:
+            elif key in ("shared", "coherent") and not eq:
+                # 'coherent': the spelling mount(8) and fstab pass on ('shared' is their propagation flag)
                 cfg.shared = True
             elif key == "allow_shared_source" and not eq:
                 cfg.allow_shared_source = True
@@ -237,6 +238,13 @@ def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mo
             cfg.daemon_opts.insert(0, "--xattr")
         if maps:
             cfg.daemon_opts.insert(0, "--map")
+        # parsed like a mount, so a remount can tell options equal to the live ones (shiftfs.fs.remount)
+        try:
+            cfg.uids, cfg.gids = parse_map_args(maps, uidmap, gidmap)
+        except IdMapError as e:
+            raise UsageError(str(e)) from None
+        if cfg.shared and not cache_given:
+            cfg.cache = "never"
         return cfg
     if cfg.shared:
         _coherent(cfg, cache_given, writeback_given)

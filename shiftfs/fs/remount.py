@@ -8,13 +8,18 @@ FUSE mount's read-only state and its per-mount flags (``nosuid``, ``nodev``,
 remount that names one of those is refused, except when mount(8) built the
 list (it carries the mount table's ``user_id=``): mount(8) merges an fstab
 line's options into every remount, so those are left as mounted with a
-one-line notice. The remount itself is one ``mount(2)`` with ``MS_REMOUNT``;
-the daemon is not involved.
+one-line notice. A daemon option whose value equals the live one is no
+change and is accepted silently (harnesses repeat the whole original list):
+the live options are the serving daemon's own command line, found through
+the note it leaves for its SOURCE lock (shiftfs.fs.sourcelock). The remount
+itself is one ``mount(2)`` with ``MS_REMOUNT``; the daemon is not involved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import os
 import sys
 
@@ -36,7 +41,7 @@ from ..sys.mounts import (
 from .mount import is_shiftfs_mount
 from .options import MountConfig
 
-__all__ = ["remount"]
+__all__ = ["remount", "LATE_FLAGS", "apply_late_flags"]
 
 _ATIME = MS_NOATIME | MS_RELATIME | MS_STRICTATIME
 
@@ -91,11 +96,120 @@ def _current_flags(mp: str) -> int:
     return flags
 
 
+#: a daemon option (as it appears in ``MountConfig.daemon_opts``) → the fields it sets
+_FIELDS = {
+    "--xattr": ("xattr",),
+    "xattr": ("xattr",),
+    "--map": ("uids", "gids"),
+    "uidmap": ("uids",),
+    "gidmap": ("gids",),
+    "cache": ("cache",),
+    "default_owner": ("default_owner",),
+    "legacy_xattr": ("legacy_xattr",),
+    "fuseoverlayfs_compat": ("legacy_xattr",),
+    "fsname": ("fsname",),
+    "debug": ("debug",),
+    "log": ("logfile",),
+    "stats": ("stats",),
+    "writeback": ("writeback",),
+    "nowriteback": ("writeback",),
+    "read_ahead_kb": ("read_ahead_kb",),
+    "backend": ("backend",),
+    "shared": ("shared",),
+    "coherent": ("shared",),
+    "allow_shared_source": ("allow_shared_source",),
+    "xattr_probes": ("xattr_probes",),
+    "acl": ("acl",),
+    "spin": ("spin_us",),
+    "single_id": ("single_id",),
+}
+
+
+#: atime flags libfuse's mount does not take ("fuse: unknown option(s)"): the daemon sets them
+#: on the live mount right after making it, with the same MS_REMOUNT a remount uses
+LATE_FLAGS = ("relatime", "strictatime", "nodiratime")
+
+
+def apply_late_flags(mp: str, opts: list[str]) -> None:
+    """Give the mount just made on ``mp`` the atime flags of ``opts`` (in order) that
+    it does not have yet; raises MountError (an unprivileged FUSE mount cannot be remounted)."""
+    if not any(o in LATE_FLAGS for o in opts):
+        return
+    mp = os.path.abspath(mp)
+    now = _current_flags(mp)
+    flags = now
+    for opt in opts:
+        if opt in LATE_FLAGS or opt in ("noatime", "atime", "norelatime"):
+            on, off = _FLAGS[opt]
+            flags = (flags & ~off) | on
+    if flags == now:
+        return  # relatime alone: the kernel's default for a new mount
+    try:
+        mounts.mount(None, mp, None, MS_REMOUNT | flags)
+    except OSError as e:
+        late = ",".join(o for o in opts if o in LATE_FLAGS)
+        raise MountError(
+            f"cannot set -o {late} on the new mount: {os.strerror(e.errno or 0)} (they are set by a remount "
+            f"right after mounting, which needs root or root of the user namespace); drop them"
+        ) from None
+
+
+def _daemon_argv(pid: int) -> list[str] | None:
+    """The shiftfs arguments of process ``pid`` (its command line after the script or ``-m shiftfs``)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="surrogateescape") for a in f.read().split(b"\0")[:-1]]
+    except OSError:
+        return None
+    for i, a in enumerate(argv):
+        if os.path.basename(a) == "shiftfs" or (a == "shiftfs" and i > 0 and argv[i - 1] == "-m"):
+            return argv[i + 1 :]
+    return None
+
+
+def _live_config(mp: str) -> MountConfig | None:
+    """The options the daemon serving ``mp`` was started with, or None if unknown
+    (another user's daemon, the kernel backend, a daemon of ``shiftfs run``)."""
+    from ..cli import parse_mount_argv
+    from .sourcelock import notes_in, runtime_dir
+
+    for h in notes_in(runtime_dir(create=False), None):
+        if h.kind != "mount" or h.mountpoint != mp:
+            continue
+        argv = _daemon_argv(h.pid)
+        if argv is None:
+            continue
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # argparse says why on stderr
+                return parse_mount_argv(argv)
+        except (UsageError, SystemExit):
+            return None
+    return None
+
+
+def _value(cfg: MountConfig, name: str) -> object:
+    v = getattr(cfg, name)
+    if name in ("uids", "gids"):
+        return [(r.disk, r.view, r.count) for r in v.ranges]
+    if name == "backend":
+        return "fuse" if v in ("auto", "fuse") else v  # a live daemon is the FUSE backend
+    return v
+
+
+def _changed(cfg: MountConfig, live: MountConfig | None) -> list[str]:
+    """The daemon options of a remount that differ from the live mount's (all of them when unknown)."""
+    given = list(dict.fromkeys(cfg.daemon_opts))
+    if live is None:
+        return given
+    return [k for k in given if k not in _FIELDS or any(_value(cfg, f) != _value(live, f) for f in _FIELDS[k])]
+
+
 def remount(cfg: MountConfig) -> int:
     """Apply the ro/rw and per-mount flags of ``cfg`` to the live mount on ``cfg.mountpoint``."""
     mp = os.path.abspath(cfg.mountpoint)
-    if cfg.daemon_opts:
-        given = ", ".join(dict.fromkeys(cfg.daemon_opts))
+    changed = _changed(cfg, _live_config(mp)) if cfg.daemon_opts else []
+    if changed:
+        given = ", ".join(changed)
         if not cfg.from_mount_table:
             raise UsageError(
                 f"cannot change {given} on a remount (a remount changes only ro/rw, nosuid, nodev, noexec and "

@@ -42,6 +42,7 @@ import stat
 from dataclasses import dataclass
 
 from ..errors import MountError
+from .holders import entry_of
 
 __all__ = [
     "Holder",
@@ -71,6 +72,8 @@ class Holder:
     start: int = 0
     #: st_dev of the /proc that numbers ``pid``: notes from another pid namespace's /proc are not judged
     procdev: int = 0
+    #: "MAJOR:MINOR" of the FUSE connection (mountinfo), to find copies of the mount in other namespaces
+    dev: str = ""
 
 
 def host_uid() -> int:
@@ -193,6 +196,7 @@ def write_note(dir_fd: int, st: os.stat_result, holder: Holder) -> str | None:
             "mountpoint": holder.mountpoint,
             "shared": holder.shared,
             "procdev": holder.procdev,
+            "dev": holder.dev,
         }
     ).encode()
     tmp = f".{name}.tmp"
@@ -243,6 +247,7 @@ def notes_in(dfd: int | None, st: os.stat_result | None) -> list[Holder]:
                         bool(d["shared"]),
                         int(d["start"]),
                         int(d["procdev"]),
+                        str(d.get("dev", "")),
                     )
                 except (OSError, ValueError, KeyError, TypeError):
                     continue
@@ -309,9 +314,17 @@ def probe(path: str, shared: bool = False) -> list[Holder] | None:
         os.close(fd)
 
 
-def describe(source: str, found: list[Holder]) -> str:
-    """One line: who serves ``source``, and the ways out."""
+def describe(source: str, found: list[Holder], elsewhere: str = "") -> str:
+    """One line: who serves ``source``, and the ways out. ``elsewhere``: the holder's
+    mount is gone here, and this says which other mount namespaces keep it serving."""
     h = found[0]
+    if elsewhere and h.pid:
+        return (
+            f"SOURCE {source} is still served by the shiftfs daemon (pid {h.pid}) of {h.mountpoint}, which is "
+            f"not mounted here but {elsewhere}; it exits when they do or unmount it, or stop it now with "
+            f"'kill {h.pid}' (their copies then fail with ENOTCONN); or mount every view of SOURCE with "
+            f"-o shared (coherent caching, slower)"
+        )
     if h.kind == "run" and h.pid:
         who = f"the container of a 'shiftfs run' (pid {h.pid})"
         way = f"enter it with 'shiftfs run {source} -- COMMAND' (it joins), or stop it first"
@@ -365,16 +378,22 @@ class SourceLock:
             return
         notes_in(os.dup(dfd), None)  # sweep the notes of daemons killed meanwhile
         pid = own_pid()
-        holder = Holder(pid, kind, os.path.abspath(mountpoint), self.shared, start_time(pid) or 0, proc_dev())
+        mp = os.path.abspath(mountpoint)
+        entry = entry_of(mp)
+        holder = Holder(
+            pid, kind, mp, self.shared, start_time(pid) or 0, proc_dev(), entry.dev if entry is not None else ""
+        )
         self._note = write_note(dfd, self.st, holder)
         self._note_dir = dfd
 
     def release(self) -> None:
+        # The lock first, then the note: a lock seen held always has its note, so a mount
+        # waiting for an unmounted daemon to let go (shiftfs.fs.mount._settle) knows it.
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
         if self._note_dir is not None:
             if self._note:
                 remove_note(self._note_dir, self._note)
             os.close(self._note_dir)
             self._note_dir = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1

@@ -250,6 +250,7 @@ class _Importer:
             self._remove(parent, name)
             self._flush_cache()
             parent = self._dir(parts[:-1])
+            old = None  # gone: a directory entry makes it anew
         elif old is not None:
             self._check_ours(old, rel)
 

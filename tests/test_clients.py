@@ -781,7 +781,7 @@ def test_by_hand_without_a_range_needs_single_id(user_without_range, debian_tar)
 
 def test_mount_help_lists_every_option():
     """Every -o option the parser takes is in ``shiftfs mount --help`` and the README's
-    table (``control_fd`` and ``fuse_fd`` are internal to run/exec, ``fuseoverlayfs_compat``
+    table (``control_fd``, ``fuse_fd`` and ``source_checked`` are internal to run/exec, ``fuseoverlayfs_compat``
     an old alias)."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(repo, "shiftfs/fs/options.py")) as f:
@@ -789,7 +789,7 @@ def test_mount_help_lists_every_option():
     keys = set(re.findall(r'key == "(\w+)"', src))
     for group in re.findall(r"key in \(([^)]*)\)", src):
         keys |= set(re.findall(r'"(\w+)"', group))
-    keys -= {"control_fd", "fuse_fd", "fuseoverlayfs_compat", "comment"}
+    keys -= {"control_fd", "fuse_fd", "source_checked", "fuseoverlayfs_compat", "comment"}
     assert {"single_id", "shared", "cache"} <= keys
     h = subprocess.run([SHIFTFS, "mount", "--help"], capture_output=True, text=True).stdout
     readme = readme_util.readme_text()

@@ -46,13 +46,16 @@ def start_daemon(
     fuse_fd: int,
     label: str,
     control_fd: int | None = None,
+    allow_shared_source: bool = False,
 ) -> None:
     """Start the daemon of ``source`` on the connection ``fuse_fd``; return once it serves.
 
     ``label`` is an existing empty directory the daemon names as its mount
     point (in notes and logs); nothing is mounted there."""
-    # allow_shared_source: SOURCE was checked on the host (launcher.check_private_source).
-    opts = f"allow_shared_source,{mount_opts + ',' if mount_opts else ''}log=/proc/self/fd/{_LOG_FD}"
+    # source_checked: SOURCE was found private on the host (preflight.check_private_source);
+    # allow_shared_source only when the user asked for it (then SOURCE keeps its mode).
+    shared = "allow_shared_source," if allow_shared_source else ""
+    opts = f"source_checked,{shared}{mount_opts + ',' if mount_opts else ''}log=/proc/self/fd/{_LOG_FD}"
     opts += f",fuse_fd={_FUSE_FD}"
     actions = [(os.POSIX_SPAWN_DUP2, fuse_fd, _FUSE_FD)]
     if control_fd is not None:

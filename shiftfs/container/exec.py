@@ -230,6 +230,7 @@ def plan(cfg: ExecConfig, idmap: userns.NamespaceMaps) -> launcher.Layout:
         sources=tuple(s.source for s in cfg.shifts),
         mode_args=tuple(cfg.mount_args),
         mount_opts=cfg.view_opts,
+        allow_shared_source=cfg.allow_shared_source,
         inner=functools.partial(_command_init, cfg),
     )
 

@@ -92,6 +92,8 @@ class Layout:
     unshare: int = mounts.CLONE_NEWNS
     #: the container's own user namespace inside the daemons' one (root's run), or None
     container: userns.NamespaceMaps | None = None
+    #: --allow-shared-source: the daemons serve SOURCE as shared (it keeps its mode)
+    allow_shared_source: bool = False
 
 
 @dataclass(frozen=True)
@@ -372,7 +374,15 @@ def _serve_and_run(layout: Layout, note_fd: int | None) -> int:
                         control = _high_fd(os.dup(theirs_c.fileno()))
                     try:
                         daemons.start_daemon(
-                            layout.mode_args, layout.mount_opts, source, fd, log_fd, fuse_fd, views[i], control
+                            layout.mode_args,
+                            layout.mount_opts,
+                            source,
+                            fd,
+                            log_fd,
+                            fuse_fd,
+                            views[i],
+                            control,
+                            layout.allow_shared_source,
                         )
                     finally:
                         if theirs_c is not None:

@@ -67,8 +67,8 @@ def add_namespace_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--allow-shared-source",
         action="store_true",
-        help="serve a tree that other users could write into; refused otherwise "
-        "in xattr mode, since they could plant records",
+        help="serve a tree that other users could write into (refused otherwise in xattr mode, "
+        "since they could plant records): it keeps its mode, and records count only on your own inodes",
     )
 
 
@@ -165,7 +165,7 @@ def check_private_source(sources: Sequence[str], mode_args: Sequence[str], allow
 
     Checked here on the host, as the invoking user; inside the namespace the
     owners of the directories above SOURCE are unmapped, so the daemon is
-    told ``allow_shared_source`` (see :func:`_start_daemon`).
+    told ``source_checked`` (see :func:`.daemons.start_daemon`).
     """
     if "--xattr" not in mode_args or allow_shared:
         return

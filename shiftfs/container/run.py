@@ -123,6 +123,7 @@ def plan(cfg: RunConfig, idmap: userns.NamespaceMaps) -> launcher.Layout:
         sources=(cfg.root, *shifted),
         mode_args=tuple(cfg.mount_args),
         mount_opts=cfg.view_opts,
+        allow_shared_source=cfg.allow_shared_source,
         inner=functools.partial(_container_init, cfg, idmap),
         needed=tuple(b.source for b in cfg.binds if not b.shift),
         unshare=mounts.CLONE_NEWNS | mounts.CLONE_NEWUTS | mounts.CLONE_NEWIPC,

@@ -184,7 +184,7 @@ def check(cfg: MountConfig, fuse: bool = True) -> None:
         )
     if os.geteuid() != 0 and not shutil.which("fusermount3"):
         raise UsageError("fusermount3 is missing; install it with 'apt-get install fuse3'")
-    if cfg.xattr and not cfg.allow_shared_source:
+    if cfg.xattr and not cfg.allow_shared_source and not cfg.source_checked:
         # Records on inodes others could write would be believed: SOURCE must be private.
         problem = trust.source_problem(src, os.geteuid())
         if problem:

@@ -118,6 +118,9 @@ class MountConfig:
     single_id: bool = False
     #: shiftfs run/exec: serve the connection the launcher mounted (``/dev/fd/N``), mount nothing
     fuse_fd: int | None = None
+    #: shiftfs run/exec: SOURCE was found private on the host (inside the namespace the owners
+    #: above it are unmapped, so the daemon cannot tell); everything else as a private SOURCE
+    source_checked: bool = False
 
 
 def _coherent(cfg: MountConfig, cache_given: bool, writeback_given: bool) -> None:
@@ -224,6 +227,8 @@ def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mo
                 cfg.single_id = True
             elif key == "fuse_fd" and val.isdigit():
                 cfg.fuse_fd = int(val)
+            elif key == "source_checked" and not eq:
+                cfg.source_checked = True
             else:
                 raise UsageError(
                     f"unknown -o option {opt!r}; see 'shiftfs mount --help' for the options shiftfs understands"

@@ -423,3 +423,67 @@ def test_mmdebstrap_matches_a_real_root_build(user, debian_tar, tmp_path):
         assert host_owners(d) == {(user.uid, user.gid)}
     finally:
         remove_tree(d)
+
+
+# O_PATH descriptors as dirfd and as the AT_EMPTY_PATH target: systemd-tmpfiles
+# chowns what it made through them, e.g. fchownat(fd, "", -1, 999, AT_EMPTY_PATH).
+O_PATH_CALLS = r"""
+import ctypes, json, os, stat, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+NR = dict(fchown=93, fchownat=260, mknodat=259)
+EMPTY, NOFOLLOW = 0x1000, 0x100
+res = {}
+def call(tag, name, *args):
+    cargs = [ctypes.c_char_p(a) if isinstance(a, bytes) else ctypes.c_long(a) for a in args]
+    rc = libc.syscall(NR[name], *cargs)
+    res[tag] = 0 if rc == 0 else ctypes.get_errno()
+os.umask(0)
+os.chdir(sys.argv[1])
+for n in "a b".split():
+    open("r/" + n, "w").close()
+os.mkdir("r/journal")
+os.symlink("a", "r/lnk")
+r = os.open("r", os.O_PATH | os.O_DIRECTORY)
+call("dirfd-name", "fchownat", r, b"a", 70, 71, 0)
+call("dirfd-symlink-nofollow", "fchownat", r, b"lnk", 72, 73, NOFOLLOW)
+j = os.open("r/journal", os.O_PATH | os.O_DIRECTORY)
+call("empty-path-group-only", "fchownat", j, b"", -1, 999, EMPTY)
+b = os.open("r/b", os.O_PATH)
+call("empty-path-file", "fchownat", b, b"", 74, 75, EMPTY)
+call("mknodat-dirfd", "mknodat", r, b"null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+# the kernel's own answers stay: fchown of an O_PATH descriptor is EBADF
+call("fchown-opath", "fchown", b, 42, 42)
+x = os.open("outside", os.O_PATH | os.O_DIRECTORY)
+open("outside/x", "w").close()
+call("outside-dirfd", "fchownat", x, b"x", 42, 42, 0)
+call("outside-mknodat", "mknodat", x, b"null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+print(json.dumps(res))
+"""
+
+
+def test_o_path_descriptors(user, wd):
+    """fchownat and mknodat through an O_PATH dirfd, and fchownat of an O_PATH
+    descriptor with AT_EMPTY_PATH (systemd-tmpfiles' form), are recorded."""
+    import errno
+
+    res = shiftfs_exec(user, wd, sys.executable, "-c", O_PATH_CALLS, wd)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.splitlines()[-1])
+    ok = ["dirfd-name", "dirfd-symlink-nofollow", "empty-path-group-only", "empty-path-file", "mknodat-dirfd"]
+    assert {k: got[k] for k in ok} == dict.fromkeys(ok, 0)
+    assert got["fchown-opath"] == errno.EBADF
+    assert got["outside-dirfd"] == errno.EINVAL
+    assert got["outside-mknodat"] == errno.EPERM
+    entries = export(user, wd)
+    want = {
+        "a": ("reg", 0o666, 70, 71),
+        "lnk": ("sym", 0o777, 72, 73),
+        "journal": ("dir", 0o777, 0, 999),
+        "b": ("reg", 0o666, 74, 75),
+        "null": ("chr", 0o666, 0, 0),
+    }
+    for name, (kind, mode, uid, gid) in want.items():
+        m = entries[name]
+        assert (_TYPES[m.type], m.mode, m.uid, m.gid) == (kind, mode, uid, gid), name
+    assert host_owners(wd) == {(user.uid, user.gid)}

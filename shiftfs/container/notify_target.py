@@ -96,22 +96,27 @@ class Caller:
             raise OSError(errno.EFAULT, "cannot read the value")
         return data
 
-    def open_fd(self, fd: int) -> int:
-        """An O_PATH descriptor of the caller's open file ``fd`` (EBADF: not open, or an O_PATH one)."""
+    def open_fd(self, fd: int, o_path: bool = False) -> int:
+        """An O_PATH descriptor of the caller's open file ``fd`` (EBADF: not open).
+
+        ``o_path``: the caller's descriptor may itself be an O_PATH one, as
+        for a ``dirfd`` or the target of ``AT_EMPTY_PATH``; ``fchown`` and
+        ``fsetxattr`` of an O_PATH descriptor are EBADF in the kernel."""
         if fd < 0:
             raise OSError(errno.EBADF, "bad descriptor")
-        info = self._open_proc(f"fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            text = os.read(info, 4096).decode()
-        finally:
-            os.close(info)
-        for line in text.splitlines():
-            if line.startswith("flags:") and int(line.split()[1], 8) & _O_PATH_OPEN:
-                raise OSError(errno.EBADF, "an O_PATH descriptor")
+        if not o_path:
+            info = self._open_proc(f"fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                text = os.read(info, 4096).decode()
+            finally:
+                os.close(info)
+            for line in text.splitlines():
+                if line.startswith("flags:") and int(line.split()[1], 8) & _O_PATH_OPEN:
+                    raise OSError(errno.EBADF, "an O_PATH descriptor")
         return self._open_proc(f"fd/{fd}")
 
     def _start(self, dirfd: int) -> int:
-        return self._open_proc("cwd") if dirfd == AT_FDCWD else self.open_fd(dirfd)
+        return self._open_proc("cwd") if dirfd == AT_FDCWD else self.open_fd(dirfd, o_path=True)
 
     def resolve(self, dirfd: int, path: bytes, follow: bool, directory: bool = False) -> int:
         """An O_PATH descriptor of what ``path`` (relative to ``dirfd``) names for the caller.

@@ -487,3 +487,66 @@ def test_o_path_descriptors(user, wd):
         m = entries[name]
         assert (_TYPES[m.type], m.mode, m.uid, m.gid) == (kind, mode, uid, gid), name
     assert host_owners(wd) == {(user.uid, user.gid)}
+
+
+ACLS = """
+cd r
+touch f s m
+mkdir journal
+chown 0:999 journal
+chmod 2755 journal
+setfacl -d -m g:4:r-x journal && echo default=0
+setfacl -m g:4:r-x journal && echo access=0
+getfacl journal >/dev/null 2>&1 || echo read=EINVAL
+setfacl -m u:5:rwx f && echo named-user=0
+setfacl -m g:0:rw m && echo mappable=0
+chown 0:42 s
+chmod 2755 s
+setpriv --bounding-set -fsetid setfacl -m u:6:r s && echo nofsetid=0
+touch ../outside/x
+setfacl -m g:4:r ../outside/x 2>/dev/null || echo outside=EINVAL
+setpriv --bounding-set -fowner setfacl -m g:4:r f 2>/dev/null || echo nofowner=EINVAL
+touch new
+mkdir journal/sub && touch journal/sub/file
+stat -c '%a' f
+"""
+
+
+def test_acls_naming_unmappable_ids_are_recorded(user, wd):
+    """setfacl (systemd-tmpfiles too) of an ACL that names ids the single-id
+    namespace cannot map: the kernel refuses it (EINVAL); the view's daemon
+    stores it as with a range, the mode in step, and export carries it."""
+    from shiftfs.ownership import acl
+
+    res = shiftfs_exec(user, wd, "sh", "-c", ACLS)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.split()
+    for tag in ("access=0", "default=0", "named-user=0", "mappable=0", "nofsetid=0"):
+        assert tag in lines, res.stdout + res.stderr
+    assert "outside=EINVAL" in lines and "nofowner=EINVAL" in lines
+    # the kernel cannot show such an ACL inside (a limit, see the README): it reads as EINVAL
+    assert "read=EINVAL" in lines
+    assert lines[-1] == "674"  # the mask (rwx) is the group class of the mode
+    entries = export(user, wd)
+
+    def acl_of(name: str, which: str = "access") -> list[tuple[int, int, int]] | None:
+        raw = entries[name].pax_headers.get(f"SCHILY.xattr.system.posix_acl_{which}")
+        return None if raw is None else acl.parse(raw.encode("utf-8", "surrogateescape"))
+
+    U, G, M = acl.USER, acl.GROUP, acl.MASK
+    journal = entries["journal"]
+    assert (journal.mode, journal.uid, journal.gid) == (0o2755, 0, 999)
+    assert (G, 5, 4) in (acl_of("journal") or [])
+    assert (G, 5, 4) in (acl_of("journal", "default") or [])
+    assert (U, 7, 5) in (acl_of("f") or []) and (M, 7, 0xFFFFFFFF) in (acl_of("f") or [])
+    assert entries["f"].mode == 0o674
+    assert (G, 6, 0) in (acl_of("m") or [])
+    # no CAP_FSETID and not in group 42: the setgid bit goes, as the kernel does it
+    assert (entries["s"].mode, entries["s"].gid) == (0o755, 42)
+    assert (U, 4, 6) in (acl_of("s") or [])
+    # the default ACL is inherited by what is made below
+    assert (G, 5, 4) in (acl_of("journal/sub") or [])
+    assert (G, 5, 4) in (acl_of("journal/sub/file") or [])
+    assert acl_of("new") is None
+    assert host_owners(wd) == {(user.uid, user.gid)}
+    assert not [n for n in os.listxattr(os.path.join(wd, "outside", "x")) if "acl" in n]

@@ -26,7 +26,11 @@ a single-id namespace trap exactly these calls:
   shows the owner the kernel sees as 0 in a read-only xattr
   (``user.shiftfs.owner``), so that tools copying a file by its stat and
   xattrs (``cp -a``, ``rsync -aX``; usrmerge does) can carry it; a set of
-  that xattr by a caller with CAP_CHOWN is a chown to the ids it names. Any
+  that xattr by a caller with CAP_CHOWN is a chown to the ids it names. A
+  POSIX ACL (``system.posix_acl_access``/``_default``) that names an id the
+  namespace cannot map, which the kernel refuses with EINVAL
+  (systemd-tmpfiles gives ``/var/log/journal`` one for group adm), is
+  stored by the daemon for a caller with CAP_FOWNER, as with a range. Any
   other xattr continues in the kernel.
 * ``mount`` is trapped too (it is rare): a devpts mount with the tty group's
   id, which builders make in their tree, is made without it
@@ -46,6 +50,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..errors import SetupError
+from ..ownership import acl
 from ..sys import mounts
 from ..sys import seccomp as notif
 from ..sys.libc import AT_EMPTY_PATH, AT_FDCWD
@@ -56,6 +61,8 @@ __all__ = ["binding_missing", "load_filter", "install", "run_supervisor", "start
 
 CAP_CHOWN = 0
 CAP_DAC_OVERRIDE = 1
+CAP_FOWNER = 3
+CAP_FSETID = 4
 CAP_MKNOD = 27
 AT_SYMLINK_NOFOLLOW = 0x100
 _AUDIT_ARCH_X86_64 = 0xC000003E
@@ -64,6 +71,9 @@ _S_IFMT = 0o170000
 _CHOWN_ARGS = {"chown": (1, 2), "fchown": (1, 2), "lchown": (1, 2), "fchownat": (2, 3)}
 _MKNOD_ARGS = {"mknod": 1, "mknodat": 2}
 _SETXATTR = ("setxattr", "lsetxattr", "fsetxattr")
+_ACL_NAMES = tuple(n.encode() for n in acl.ACL_NAMES)
+#: the largest ACL value read from a caller (1024 entries; ext4 takes ~500 in a block)
+_ACL_MAX = 4 + 8 * 1024
 TRAPPED = (*_CHOWN_ARGS, *_MKNOD_ARGS, "mount", *_SETXATTR)
 #: The view's read-only xattr with the owner the kernel is shown as 0 (shiftfs.fs.xattrs).
 OWNER_XATTR = b"user.shiftfs.owner"
@@ -139,6 +149,20 @@ def _id(v: int) -> int | None:
     return None if v == 0xFFFFFFFF else v
 
 
+def _ranges(name: str, proc_fd: int) -> list[tuple[int, int]]:
+    """The namespace-side ranges of a ``uid_map``/``gid_map`` (read through ``proc_fd``)."""
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc_fd)
+    try:
+        text = os.read(fd, 65536).decode()
+    finally:
+        os.close(fd)
+    return [(int(f[0]), int(f[2])) for f in (line.split() for line in text.splitlines()) if len(f) == 3]
+
+
+def _mapped(ranges: list[tuple[int, int]], xid: int) -> bool:
+    return any(lo <= xid < lo + count for lo, count in ranges)
+
+
 class _Continue(Exception):
     """Hand the call back to the kernel."""
 
@@ -152,6 +176,8 @@ class Supervisor:
         self.numbers = _syscall_numbers()
         self.userns = os.stat(f"{os.getpid()}/ns/user", dir_fd=proc_fd).st_ino
         self.counts = {"notified": 0, "handled": 0, "continued": 0}
+        self.uids = _ranges(f"{os.getpid()}/uid_map", proc_fd)
+        self.gids = _ranges(f"{os.getpid()}/gid_map", proc_fd)
 
     def serve(self) -> None:
         poller = select.poll()
@@ -215,7 +241,12 @@ class Supervisor:
         if name == "mount":
             return self._mount(caller, n)
         if name in _SETXATTR:
-            return self._owner_copy(caller, name, n)
+            xname = caller.read_path(a[1])
+            if xname == OWNER_XATTR:
+                return self._owner_copy(caller, name, n)
+            if xname in _ACL_NAMES:
+                return self._acl(caller, name, xname, n)
+            raise _Continue
         mi = _MKNOD_ARGS[name]
         dirfd = AT_FDCWD if name == "mknod" else _s32(a[0])
         path = caller.read_path(a[mi - 1])
@@ -286,7 +317,7 @@ class Supervisor:
     def _owner_copy(self, caller: Caller, name: str, n: notif.Notification) -> int | None:
         """A set of the owner xattr: a chown to the ids it names, or the kernel's (the view refuses it)."""
         a = n.args
-        if caller.read_path(a[1]) != OWNER_XATTR or not 0 < a[3] <= 64:
+        if not 0 < a[3] <= 64:
             raise _Continue
         try:
             u, g = caller.read_bytes(a[2], a[3]).split(b":")
@@ -295,12 +326,55 @@ class Supervisor:
             raise _Continue from None
         if not (0 <= uid < 0xFFFFFFFF and 0 <= gid < 0xFFFFFFFF):
             raise _Continue
-        if name == "fsetxattr":
-            fd = caller.open_fd(_s32(a[0]))
-        else:
-            fd = caller.resolve(AT_FDCWD, caller.read_path(a[0]), follow=name == "setxattr")
+        fd = self._xattr_target(caller, name, a)
         try:
             return self._chown(caller, n, fd, uid, gid)
+        finally:
+            os.close(fd)
+
+    def _xattr_target(self, caller: Caller, name: str, a: tuple[int, ...]) -> int:
+        if name == "fsetxattr":
+            return caller.open_fd(_s32(a[0]))
+        return caller.resolve(AT_FDCWD, caller.read_path(a[0]), follow=name == "setxattr")
+
+    def _acl(self, caller: Caller, name: str, xname: bytes, n: notif.Notification) -> int | None:
+        """A POSIX ACL naming ids the namespace cannot map: stored by the view's daemon; else the kernel's."""
+        a = n.args
+        size, flags = a[3] & 0xFFFFFFFF, a[4] & 0xFFFFFFFF
+        if flags or not 4 <= size <= _ACL_MAX:
+            raise _Continue
+        value = caller.read_bytes(a[2], size)
+        try:
+            entries = acl.parse(value)
+            acl.check_valid(entries)
+        except acl.AclError:
+            raise _Continue from None  # EINVAL from the kernel
+        uids, gids = acl.named_ids(entries)
+        if all(_mapped(self.uids, u) for u in uids) and all(_mapped(self.gids, g) for g in gids):
+            raise _Continue  # the kernel can store it
+        fd = self._xattr_target(caller, name, a)
+        try:
+            view = self._view(fd)
+            if not notif.id_valid(self.listener, n.id):
+                return None
+            status = caller.status()
+            if not self._capable(caller, status, CAP_FOWNER):
+                raise _Continue
+            if os.fstatvfs(fd).f_flag & os.ST_RDONLY:
+                return errno.EROFS
+            st = os.fstat(fd)
+            if stat.S_ISLNK(st.st_mode):
+                return errno.EOPNOTSUPP
+            if xname == _ACL_NAMES[1] and not stat.S_ISDIR(st.st_mode):
+                return errno.EACCES
+            req = {
+                "op": "setxattr",
+                "ino": st.st_ino,
+                "name": xname.decode(),
+                "value": value.hex(),
+                "fsetid": self._capable(caller, status, CAP_FSETID),
+            }
+            return self._ask(view, req)
         finally:
             os.close(fd)
 

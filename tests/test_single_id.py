@@ -550,3 +550,30 @@ def test_acls_naming_unmappable_ids_are_recorded(user, wd):
     assert acl_of("new") is None
     assert host_owners(wd) == {(user.uid, user.gid)}
     assert not [n for n in os.listxattr(os.path.join(wd, "outside", "x")) if "acl" in n]
+
+
+SETGROUPS = r"""
+import json, os
+res = {}
+before = os.getgroups()
+for tag, groups in (("own", [0]), ("empty", []), ("other", [5]), ("own-and-other", [0, 5])):
+    try:
+        os.setgroups(groups)
+        res[tag] = 0
+    except OSError as e:
+        res[tag] = e.errno
+res["unchanged"] = os.getgroups() == before
+print(json.dumps(res))
+"""
+
+
+def test_setgroups_of_the_own_gid_succeeds_as_a_no_op(user, wd):
+    """A single-id namespace denies setgroups; mkosi 24 calls setgroups([0])
+    before each sync and stopped there. The caller's own gid (or none) succeeds and
+    changes nothing; any other list keeps the kernel's EPERM."""
+    import errno
+
+    res = shiftfs_exec(user, wd, sys.executable, "-c", SETGROUPS)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.splitlines()[-1])
+    assert got == {"own": 0, "empty": 0, "other": errno.EPERM, "own-and-other": errno.EPERM, "unchanged": True}

@@ -32,6 +32,12 @@ a single-id namespace trap exactly these calls:
   (systemd-tmpfiles gives ``/var/log/journal`` one for group adm), is
   stored by the daemon for a caller with CAP_FOWNER, as with a range. Any
   other xattr continues in the kernel.
+* ``setgroups`` is trapped too (rare): a single-id namespace is made with
+  setgroups denied, so the kernel answers EPERM even to a caller that asks
+  only for its own gid (0); mkosi does exactly that before every sync and
+  stops. Such a call, by a caller with CAP_SETGID, returns success and
+  changes nothing: the caller keeps the supplementary groups it had, and
+  gains no access it did not have. Any other list gets the kernel's EPERM.
 * ``mount`` is trapped too (it is rare): a devpts mount with the tty group's
   id, which builders make in their tree, is made without it
   (:mod:`.notify_mount`); every other mount continues in the kernel.
@@ -45,6 +51,7 @@ import os
 import select
 import socket
 import stat
+import struct
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -63,6 +70,7 @@ CAP_CHOWN = 0
 CAP_DAC_OVERRIDE = 1
 CAP_FOWNER = 3
 CAP_FSETID = 4
+CAP_SETGID = 6
 CAP_MKNOD = 27
 AT_SYMLINK_NOFOLLOW = 0x100
 _AUDIT_ARCH_X86_64 = 0xC000003E
@@ -74,7 +82,7 @@ _SETXATTR = ("setxattr", "lsetxattr", "fsetxattr")
 _ACL_NAMES = tuple(n.encode() for n in acl.ACL_NAMES)
 #: the largest ACL value read from a caller (1024 entries; ext4 takes ~500 in a block)
 _ACL_MAX = 4 + 8 * 1024
-TRAPPED = (*_CHOWN_ARGS, *_MKNOD_ARGS, "mount", *_SETXATTR)
+TRAPPED = (*_CHOWN_ARGS, *_MKNOD_ARGS, "mount", *_SETXATTR, "setgroups")
 #: The view's read-only xattr with the owner the kernel is shown as 0 (shiftfs.fs.xattrs).
 OWNER_XATTR = b"user.shiftfs.owner"
 
@@ -109,6 +117,8 @@ def load_filter() -> int:
     # Rare too; only a copy of the owner xattr (cp -a, rsync -aX of a view file) becomes a chown.
     for name in _SETXATTR:
         f.add_rule(seccomp.NOTIFY, name)
+    # Always EPERM in the kernel here; a list of the caller's own gid succeeds as a no-op.
+    f.add_rule(seccomp.NOTIFY, "setgroups")
     f.load()
     return int(f.get_notify_fd())
 
@@ -240,6 +250,8 @@ class Supervisor:
                 os.close(fd)
         if name == "mount":
             return self._mount(caller, n)
+        if name == "setgroups":
+            return self._setgroups(caller, n)
         if name in _SETXATTR:
             xname = caller.read_path(a[1])
             if xname == OWNER_XATTR:
@@ -297,6 +309,23 @@ class Supervisor:
         if not self._capable(caller, caller.status(), notify_mount.CAP_SYS_ADMIN):
             raise _Continue
         return notify_mount.mount_for(caller, source, target, a[3] & 0xFFFFFFFF, data)
+
+    def _setgroups(self, caller: Caller, n: notif.Notification) -> int | None:
+        """setgroups of gids the caller already has as its gid: success, nothing changed."""
+        size = _s32(n.args[0])
+        if not 0 <= size <= 64:
+            raise _Continue
+        data = caller.read_bytes(n.args[1], 4 * size) if size else b""
+        wanted = set(struct.unpack(f"<{size}I", data))
+        status = caller.status()
+        own = {int(x) for x in status.get("Gid", "").split()}
+        if not wanted <= own:
+            raise _Continue
+        if not notif.id_valid(self.listener, n.id):
+            return None
+        if not self._capable(caller, status, CAP_SETGID):
+            raise _Continue
+        return 0
 
     def _capable(self, caller: Caller, status: dict[str, str], cap: int) -> bool:
         """Whether the caller has ``cap`` in *our* user namespace (not one it made below it)."""

@@ -452,6 +452,19 @@ call("empty-path-group-only", "fchownat", j, b"", -1, 999, EMPTY)
 b = os.open("r/b", os.O_PATH)
 call("empty-path-file", "fchownat", b, b"", 74, 75, EMPTY)
 call("mknodat-dirfd", "mknodat", r, b"null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+# the descriptor named through the caller's /proc (libacl, systemd: setxattr of an O_PATH fd)
+open("r/c", "w").close()
+c = os.open("r/c", os.O_PATH)
+NR["chown"] = 92
+call("proc-self-fd", "chown", b"/proc/self/fd/%d" % c, 76, 77)
+import struct
+value = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in
+    [(1, 6, 0xFFFFFFFF), (4, 4, 0xFFFFFFFF), (8, 5, 4), (0x10, 5, 0xFFFFFFFF), (0x20, 4, 0xFFFFFFFF)])
+try:
+    os.setxattr("/proc/thread-self/fd/%d" % c, "system.posix_acl_access", value)
+    res["proc-fd-acl"] = 0
+except OSError as e:
+    res["proc-fd-acl"] = e.errno
 # the kernel's own answers stay: fchown of an O_PATH descriptor is EBADF
 call("fchown-opath", "fchown", b, 42, 42)
 x = os.open("outside", os.O_PATH | os.O_DIRECTORY)
@@ -471,6 +484,7 @@ def test_o_path_descriptors(user, wd):
     assert res.returncode == 0, res.stderr
     got = json.loads(res.stdout.splitlines()[-1])
     ok = ["dirfd-name", "dirfd-symlink-nofollow", "empty-path-group-only", "empty-path-file", "mknodat-dirfd"]
+    ok += ["proc-self-fd", "proc-fd-acl"]
     assert {k: got[k] for k in ok} == dict.fromkeys(ok, 0)
     assert got["fchown-opath"] == errno.EBADF
     assert got["outside-dirfd"] == errno.EINVAL
@@ -482,6 +496,7 @@ def test_o_path_descriptors(user, wd):
         "journal": ("dir", 0o777, 0, 999),
         "b": ("reg", 0o666, 74, 75),
         "null": ("chr", 0o666, 0, 0),
+        "c": ("reg", 0o654, 76, 77),
     }
     for name, (kind, mode, uid, gid) in want.items():
         m = entries[name]

@@ -1,0 +1,159 @@
+"""The mkosi image build: one project, built by real root and under ``shiftfs exec``.
+
+The README's recipe ("Building images with mkosi"), shared by the test
+(``tests/test_mkosi.py``) and the bench's mkosi build, so both run the same:
+
+* a project directory with ``mkosi.conf`` (Debian bookworm, ``Format=directory``,
+  a few packages whose tree has files of several owners, setuid/setgid modes
+  and an ACL: systemd, dbus, passwd, polkitd) and ``mkosi.pkgmngr/`` holding
+  the apt sources (mkosi 24 also adds the ``debian-debug`` archive, which not
+  every mirror or proxy serves; naming the sources keeps the build to the
+  archives it needs);
+* one build directory (``BUILD``) holding the workspace, the cache and the
+  output: mkosi makes its tree in the workspace and moves it to the output,
+  so all three on one shifted mount means one ``--shift`` and no copy;
+* ``mkosi -C PROJECT -f build``: as real root (the reference), or as a user
+  inside ``shiftfs exec --shift BUILD``; the user's image is then written by
+  ``shiftfs export BUILD/out/image``.
+
+The reference is built once and cached as a tar (GNU tar with ``--acls
+--xattrs``) named by a hash of the configuration, like the minbase tarball
+(:mod:`bench.artifacts`); it is rebuilt when the mirror has moved on (its
+package versions differ from a new build's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+from . import artifacts
+
+#: mkosi.conf; ``{build}`` is the build directory. In mkosi 24 the directories are
+#: [Output] settings (later versions moved them to [Build]).
+CONFIG = """\
+[Distribution]
+Distribution=debian
+Release=bookworm
+
+[Output]
+Format=directory
+OutputDirectory={build}/out
+WorkspaceDirectory={build}/ws
+CacheDirectory={build}/cache
+PackageCacheDirectory={build}/cache/packages
+
+[Content]
+Bootable=no
+Packages=systemd
+         dbus
+         passwd
+         polkitd
+"""
+#: mkosi.pkgmngr/etc/apt/sources.list.d/mkosi.sources
+SOURCES = """\
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://deb.debian.org/debian-security
+Suites: bookworm-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+"""
+#: The oldest mkosi this recipe was made for (Debian's bookworm-backports has 24.3).
+MIN_VERSION = 24
+
+
+def version() -> int | None:
+    """mkosi's major version, or None if it is not installed or does not answer."""
+    if not shutil.which("mkosi"):
+        return None
+    try:
+        out = subprocess.run(["mkosi", "--version"], capture_output=True, text=True, timeout=60).stdout
+        return int(out.split()[1].split(".")[0])
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
+def unavailable() -> str | None:
+    """Why the mkosi build cannot run here, or None."""
+    v = version()
+    if v is None:
+        return "mkosi is missing ('make setup' installs it: apt-get install -t bookworm-backports mkosi)"
+    if v < MIN_VERSION:
+        return f"mkosi {v} is too old (Debian 12's 14 cannot build in a user namespace); 'make setup' installs 24.3"
+    if not shutil.which("bwrap"):
+        return "bubblewrap is missing (apt-get install bubblewrap)"
+    return None
+
+
+def write_project(project: str, build: str) -> None:
+    """The project directory (mkosi.conf, mkosi.pkgmngr) for a build in ``build``."""
+    sources = os.path.join(project, "mkosi.pkgmngr", "etc", "apt", "sources.list.d")
+    os.makedirs(sources, exist_ok=True)
+    with open(os.path.join(project, "mkosi.conf"), "w") as f:
+        f.write(CONFIG.format(build=build))
+    with open(os.path.join(sources, "mkosi.sources"), "w") as f:
+        f.write(SOURCES)
+
+
+def prepare_build(build: str) -> None:
+    """The build directory: private (mode 0700, as shiftfs exec wants a SOURCE), with the
+    workspace, cache and output directories mkosi expects to exist."""
+    os.makedirs(build, mode=0o700, exist_ok=True)
+    os.chmod(build, 0o700)
+    for sub in ("ws", "cache", "out"):
+        os.makedirs(os.path.join(build, sub), exist_ok=True)
+
+
+def argv(project: str) -> list[str]:
+    return ["mkosi", "-C", project, "-f", "build"]
+
+
+def image(build: str) -> str:
+    return os.path.join(build, "out", "image")
+
+
+def reference_path(cache: str) -> str:
+    key = hashlib.sha256((CONFIG + SOURCES).encode()).hexdigest()[:12]
+    return os.path.join(cache, f"mkosi-bookworm-{key}.tar")
+
+
+def build_reference(path: str, timeout: float = 1800) -> float:
+    """Build the image as real root and store it as a tar at ``path`` (atomically);
+    returns the build's seconds. Raises RuntimeError with mkosi's last lines."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    d = tempfile.mkdtemp(prefix="mkosi-ref-", dir="/var/tmp")
+    try:
+        project, build = os.path.join(d, "project"), os.path.join(d, "build")
+        write_project(project, build)
+        prepare_build(build)
+        t0 = time.monotonic()
+        res = subprocess.run(argv(project), capture_output=True, text=True, timeout=timeout, cwd=project)
+        took = time.monotonic() - t0
+        if res.returncode != 0:
+            raise RuntimeError(f"mkosi as root failed ({res.returncode}): {res.stderr[-3000:]}")
+        partial = artifacts.partial_name(path)
+        tar = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "-cpf", partial]
+        subprocess.run([*tar, "-C", image(build), "."], check=True, capture_output=True, timeout=600)
+        os.replace(partial, path)
+        return took
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", d], capture_output=True)
+
+
+def cached_reference(cache: str, timeout: float = 1800) -> str:
+    """The cached real-root build (built first if absent or unreadable)."""
+    path = reference_path(cache)
+    if artifacts.dpkg_status(path) is None:
+        artifacts.discard(path)
+        build_reference(path, timeout)
+    return path

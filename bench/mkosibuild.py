@@ -68,6 +68,16 @@ Suites: bookworm-security
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 """
+#: mkosi.finalize for a build in a single-id namespace (no subordinate range): systemd-sysusers
+#: rewrites /etc/shadow and /etc/gshadow with the owner it reads from the old file's stat, which
+#: shows 0 inside; the script gives them their group back (the README's "mkosi with one id").
+SINGLE_ID_FINALIZE = """\
+#!/bin/sh
+set -e
+for f in /etc/shadow /etc/gshadow /etc/shadow- /etc/gshadow-; do
+    if [ -e "$BUILDROOT$f" ]; then mkosi-chroot chgrp shadow "$f"; fi
+done
+"""
 #: The oldest mkosi this recipe was made for (Debian's bookworm-backports has 24.3).
 MIN_VERSION = 24
 
@@ -95,14 +105,19 @@ def unavailable() -> str | None:
     return None
 
 
-def write_project(project: str, build: str) -> None:
-    """The project directory (mkosi.conf, mkosi.pkgmngr) for a build in ``build``."""
+def write_project(project: str, build: str, single_id: bool = False) -> None:
+    """The project directory (mkosi.conf, mkosi.pkgmngr; with ``single_id`` mkosi.finalize) for a build in ``build``."""
     sources = os.path.join(project, "mkosi.pkgmngr", "etc", "apt", "sources.list.d")
     os.makedirs(sources, exist_ok=True)
     with open(os.path.join(project, "mkosi.conf"), "w") as f:
         f.write(CONFIG.format(build=build))
     with open(os.path.join(sources, "mkosi.sources"), "w") as f:
         f.write(SOURCES)
+    if single_id:
+        script = os.path.join(project, "mkosi.finalize")
+        with open(script, "w") as f:
+            f.write(SINGLE_ID_FINALIZE)
+        os.chmod(script, 0o755)
 
 
 def prepare_build(build: str) -> None:

@@ -129,17 +129,23 @@ def prepare_build(build: str) -> None:
         os.makedirs(os.path.join(build, sub), exist_ok=True)
 
 
-def argv(project: str) -> list[str]:
-    return ["mkosi", "-C", project, "-f", "build"]
+def argv(project: str, cache_only: bool = False) -> list[str]:
+    """The build command; ``cache_only``: no network (repository metadata and packages from
+    the package cache, :func:`stage_packages`), as the bench times it."""
+    return ["mkosi", *(["--cache-only=always"] if cache_only else []), "-C", project, "-f", "build"]
 
 
 def image(build: str) -> str:
     return os.path.join(build, "out", "image")
 
 
+def _key() -> str:
+    """Names cached artifacts after the configuration they were built with."""
+    return hashlib.sha256((CONFIG + SOURCES).encode()).hexdigest()[:12]
+
+
 def reference_path(cache: str) -> str:
-    key = hashlib.sha256((CONFIG + SOURCES).encode()).hexdigest()[:12]
-    return os.path.join(cache, f"mkosi-bookworm-{key}.tar")
+    return os.path.join(cache, f"mkosi-bookworm-{_key()}.tar")
 
 
 def build_reference(path: str, timeout: float = 1800) -> float:
@@ -163,6 +169,43 @@ def build_reference(path: str, timeout: float = 1800) -> float:
         return took
     finally:
         subprocess.run(["rm", "-rf", "--one-file-system", d], capture_output=True)
+
+
+def packages_dir(cache: str) -> str:
+    return os.path.join(cache, f"mkosi-packages-{_key()}")
+
+
+def fill_packages(cache: str, timeout: float = 1800) -> str:
+    """The package cache of one untimed real-root build (apt lists and .debs), kept in
+    ``cache`` once complete (a marker file), for builds that must not download."""
+    dest = packages_dir(cache)
+    if os.path.exists(os.path.join(dest, ".complete")):
+        return dest
+    d = tempfile.mkdtemp(prefix="mkosi-fill-", dir="/var/tmp")
+    try:
+        project, build = os.path.join(d, "project"), os.path.join(d, "build")
+        write_project(project, build)
+        prepare_build(build)
+        res = subprocess.run(argv(project), capture_output=True, text=True, timeout=timeout, cwd=project)
+        if res.returncode != 0:
+            raise RuntimeError(f"mkosi as root failed ({res.returncode}): {res.stderr[-2000:]}")
+        artifacts.discard(dest)
+        os.makedirs(cache, exist_ok=True)
+        shutil.move(os.path.join(build, "cache", "packages"), dest)
+        with open(os.path.join(dest, ".complete"), "w") as f:
+            f.write(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
+        return dest
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", d], capture_output=True)
+
+
+def stage_packages(packages: str, build: str, owner: tuple[int, int] | None = None) -> None:
+    """Copy the package cache into ``build`` (untimed), owned by ``owner`` if given."""
+    dest = os.path.join(build, "cache", "packages")
+    artifacts.discard(dest)
+    subprocess.run(["cp", "-a", packages, dest], check=True)
+    if owner is not None:
+        subprocess.run(["chown", "-R", f"{owner[0]}:{owner[1]}", dest], check=True)
 
 
 def cached_reference(cache: str, timeout: float = 1800) -> str:

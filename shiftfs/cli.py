@@ -47,7 +47,9 @@ options (-o, comma separated):
                         (for fuse-overlayfs < 1.14, e.g. Debian 12's 1.10,
                         using the tree as its upper layer)
   allow_shared_source   xattr mode: mount a SOURCE that other users could write
-                        into (refused otherwise: they could plant records)
+                        into (refused otherwise: they could plant records); its
+                        mode is left as it is, and records count only on inodes
+                        you own that others cannot write
   fsname=NAME           source name in mount tables (default: SOURCE)
   allow_other           let other users in (default when mounted by uid 0)
   suid, dev, ro, noexec, noatime, ...

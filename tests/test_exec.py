@@ -40,7 +40,7 @@ from ns_util import (
 
 from bench import artifacts
 from shiftfs.container import exec as execcmd
-from shiftfs.container import launcher
+from shiftfs.container import launcher, preflight
 from shiftfs.offline import devtable
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates test users: run as root")
@@ -63,7 +63,7 @@ def users():
 
 @pytest.fixture(scope="module")
 def user(users) -> User:
-    bad = launcher.blocked_component(execcmd.__file__, 65533, {65533}, 4)
+    bad = preflight.blocked_component(execcmd.__file__, 65533, {65533}, 4)
     if bad:
         pytest.skip(f"{bad} is not searchable by other users; move the checkout (see README)")
     return users[0]
@@ -793,3 +793,20 @@ def test_changes_inside_land_in_the_export(user, debian_build):
         passwd = tf.extractfile("./etc/passwd").read().decode()
     assert "builder:x:1000:1000::/home/builder:/bin/sh" in passwd
     assert_clean(rootfs)
+
+
+def test_view_options(who, wd):
+    """-o reaches every view's daemon (issue #28: build defaults can be tried);
+    options the views do not take are refused with one line."""
+    owned_dir(wd, who)
+    r = owned_dir(os.path.join(wd, "r"), who)
+    with open(os.path.join(r, "plain"), "w"):
+        pass
+    os.chown(os.path.join(r, "plain"), who.uid, who.gid)
+    out = shiftfs_exec(
+        who, "-o", "default_owner=7:8,nowriteback", "--shift", "r", "--", "stat", "-c", "%u:%g", "r/plain", cwd=wd
+    )
+    assert out.stdout.strip() == "7:8"
+    bad = shiftfs_exec(who, "-o", "ro", "--shift", "r", "--", "true", cwd=wd, check=False)
+    assert bad.returncode == 125 and len(bad.stderr.strip().splitlines()) == 1
+    assert "-o ro: not an option of the views" in bad.stderr

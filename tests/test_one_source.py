@@ -14,7 +14,7 @@ import pytest
 from fsutil import SHIFTFS, USER_ENV, mount_shiftfs, reap, unmount_lazy, wait_for
 from ns_util import HOST_USR, ROOT_USER, User, make_host_root, remove_tree, run_argv, throwaway_users, workdir
 
-from shiftfs.container import launcher
+from shiftfs.container import launcher, preflight
 from shiftfs.container import run as runmod
 from shiftfs.errors import UsageError
 from shiftfs.fs import sourcelock
@@ -40,7 +40,7 @@ def users():
 def who(request, users) -> User:
     if request.param == "root":
         return ROOT_USER
-    if launcher.blocked_component(runmod.__file__, 65533, {65533}, 4):
+    if preflight.blocked_component(runmod.__file__, 65533, {65533}, 4):
         pytest.skip("the checkout is not reachable by other users (see README)")
     return users[0]
 

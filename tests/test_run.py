@@ -30,7 +30,7 @@ from ns_util import (
     workdir,
 )
 
-from shiftfs.container import launcher, rootfs, userns
+from shiftfs.container import preflight, rootfs, userns
 from shiftfs.container import run as runmod
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates test users: run as root")
@@ -39,7 +39,7 @@ RECORD = "user.containers.override_stat"
 
 
 def _repo_reachable_by_all() -> str | None:
-    return launcher.blocked_component(os.path.join(runmod.__file__), 65533, {65533}, 4)
+    return preflight.blocked_component(os.path.join(runmod.__file__), 65533, {65533}, 4)
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +184,7 @@ def test_container_mounts(wd):
     root = make_root(wd, ROOT_USER)
     data = os.path.join(wd, "data")
     os.mkdir(data)
+    os.chmod(data, 0o1777)  # container root is not host root: a host directory it may write
     script = """
     echo pid=$$
     cat /proc/1/cmdline | tr '\\0' ' ' | grep -q python && echo init-ok
@@ -271,9 +272,9 @@ def test_exit_status(wd, cmd, code):
         assert len(res.stderr.strip().splitlines()) == 1
 
 
-def _start(owner: User, root: str, *cmd: str) -> subprocess.Popen:
+def _start(owner: User, root: str, *cmd: str, opts=()) -> subprocess.Popen:
     return subprocess.Popen(
-        owner.wrap([*run_argv(), *HOST_USR, root, "--", *cmd]),
+        owner.wrap([*run_argv(), *HOST_USR, *opts, root, "--", *cmd]),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -381,18 +382,40 @@ def test_sigkill_of_run_leaves_nothing(who, wd):
 # --- id maps -----------------------------------------------------------------------
 
 
+def _drop_dir(wd: str) -> str:
+    drop = os.path.join(wd, "drop")
+    os.makedirs(drop, exist_ok=True)
+    os.chmod(drop, 0o1777)
+    return drop
+
+
 def test_root_range_is_private(wd):
+    """As root every view id, 0 included, is a host id of a fresh block:
+    container root is host id BASE (README "Security model")."""
     root = make_root(wd, ROOT_USER)
-    out = shiftfs_run(ROOT_USER, root, "cat", "/proc/self/uid_map", "/proc/self/gid_map").stdout
-    rows = [tuple(map(int, line.split())) for line in out.strip().splitlines()]
-    assert rows[0] == (0, 0, 1) and rows[2] == (0, 0, 1)
-    base = rows[1][1] - 1
-    assert rows[1] == (1, base + 1, 65535) and base % 65536 == 0
-    assert userns.CONTAINER_RANGE[0] <= base <= userns.CONTAINER_RANGE[1]
+    drop = _drop_dir(wd)
     out = shiftfs_run(
-        ROOT_USER, root, "cat", "/proc/self/uid_map", opts=["--userns-base", str(0x70000000 - 0x10000)]
+        ROOT_USER,
+        root,
+        "sh",
+        "-c",
+        "cat /proc/self/uid_map /proc/self/gid_map; touch /drop/a",
+        opts=["--bind", f"{drop}:/drop"],
     ).stdout
-    assert f"1 {0x70000000 - 0x10000 + 1} 65535" in " ".join(out.split())
+    rows = [tuple(map(int, line.split())) for line in out.strip().splitlines()]
+    # numbered by the daemons' namespace, whose 65536 is BASE (shiftfs.container.userns)
+    assert rows == [(0, 65536, 1), (1, 1, 65535)] * 2
+    base = os.stat(os.path.join(drop, "a")).st_uid
+    assert base % 65536 == 0 and os.stat(os.path.join(drop, "a")).st_gid == base
+    assert userns.CONTAINER_RANGE[0] <= base <= userns.CONTAINER_RANGE[1]
+    shiftfs_run(
+        ROOT_USER,
+        root,
+        "touch",
+        "/drop/b",
+        opts=["--userns-base", str(0x70000000 - 0x10000), "--bind", f"{drop}:/drop"],
+    )
+    assert os.stat(os.path.join(drop, "b")).st_uid == 0x70000000 - 0x10000
 
 
 def test_map_mode_with_a_fixed_block(wd):
@@ -409,11 +432,14 @@ def test_map_mode_with_a_fixed_block(wd):
 def test_parallel_runs_get_distinct_blocks(wd):
     # Three ROOTs: parallel runs of one ROOT are one container (tests/test_one_source.py).
     roots = [make_root(wd, ROOT_USER, f"root{i}") for i in range(3)]
-    procs = [_start(ROOT_USER, root, "sh", "-c", "sed -n 2p /proc/self/uid_map; sleep 1") for root in roots]
+    drop = _drop_dir(wd)
+    procs = [
+        _start(ROOT_USER, root, "sh", "-c", f"touch /drop/{i}; sleep 1", opts=["--bind", f"{drop}:/drop"])
+        for i, root in enumerate(roots)
+    ]
     results = [p.communicate(timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [err for _, err in results]
-    outs = [out.split() for out, _ in results]
-    assert len({o[1] for o in outs}) == 3
+    assert len({os.stat(os.path.join(drop, str(i))).st_uid for i in range(3)}) == 3
 
 
 def test_unprivileged_range_from_subuid(users, wd):
@@ -611,7 +637,8 @@ def test_bind_forms_from_the_help(wd):
     out = shiftfs_run(
         ROOT_USER, root, "stat", "-c", "%u", "/srv/shared/f", opts=["--bind", f"{data}:/srv/shared:rw"]
     ).stdout
-    assert out.strip() == "0"  # a plain bind: the host owner, no record applied
+    # a plain bind: the host owner, no record applied; host root is no id of the container
+    assert out.strip() == "65534"
     before = _tree(root)
     assert "srv/shared,shift" not in before
     for spec, needle in [
@@ -762,7 +789,8 @@ def test_shiftfs_run_inside_shiftfs_run(who, wd):
         f"{sys.executable} -m shiftfs run --bind /usr:/usr:ro /inner -- "
         "sh -c 'sed -n 2p /proc/self/uid_map; chown 1000:1000 /f; stat -c %u:%g /f'"
     )
-    out = shiftfs_run(who, root, "sh", "-c", script, opts=["--bind", f"{REPO}:{REPO}:ro"]).stdout
+    # --unmask: a nested /proc needs a fully visible one (as podman's unmask=ALL)
+    out = shiftfs_run(who, root, "sh", "-c", script, opts=["--unmask", "--bind", f"{REPO}:{REPO}:ro"]).stdout
     words = out.split()
     assert words[:2] == ["1", "1"] and words[3] == "1000:1000"
     assert int(words[2]) == (who.subid[1] if who.subid else 65535)

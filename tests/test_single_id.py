@@ -21,7 +21,7 @@ import tarfile
 import pytest
 from ns_util import User, host_owners, remove_tree, throwaway_users, workdir
 
-from shiftfs.container import launcher
+from shiftfs.container import launcher, preflight
 
 pytestmark = [
     pytest.mark.mount,
@@ -40,7 +40,7 @@ def user():
         import seccomp  # noqa: F401
     except ImportError:
         pytest.skip("python3-seccomp is not linked into the venv (make setup)")
-    bad = launcher.blocked_component(launcher.__file__, 65533, {65533}, 4)
+    bad = preflight.blocked_component(launcher.__file__, 65533, {65533}, 4)
     if bad:
         pytest.skip(f"{bad} is not searchable by other users; move the checkout (see README)")
     with throwaway_users(with_range=0, without_range=1) as us:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from ..errors import SetupError
 from ..sys import mounts
-from . import launcher, rootfs, supervise, userns
+from . import launcher, preflight, rootfs, supervise, userns
 
 PROG = "shiftfs exec"
 
@@ -59,6 +59,8 @@ class ExecConfig:
     userns_base: int | None = None
     cwd: str = "/"
     allow_shared_source: bool = False
+    #: -o for every view (preflight.view_options)
+    view_opts: str = ""
 
 
 # --- command line -------------------------------------------------------------
@@ -69,7 +71,11 @@ Run COMMAND as root of a new user namespace, on the host's filesystem as it is,
 with each SRC seen through shiftfs at DST (default: over SRC itself). chown,
 chmod u+s, useradd... inside a shifted directory are kept in records (--xattr,
 the default); on the host it stays owned by you. 'shiftfs export SRC' writes a
-tar with the ownership COMMAND set."""
+tar with the ownership COMMAND set.
+
+exec is not a sandbox: COMMAND sees the host (your working directory, environment,
+network, and as root host root's rights). It gets nothing of the launcher's (stdio
+only); for isolation use 'shiftfs run'."""
 _EPILOG = """\
 View id 0 is you. As a user, view ids 1.. are your ranges in /etc/subuid and
 /etc/subgid (newuidmap); as root, a 65536-id block no other namespace uses; without
@@ -104,7 +110,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SRC[:DST]",
         help="mount directory SRC through shiftfs at DST (default: over SRC); repeatable",
     )
-    launcher.add_namespace_options(p)
+    preflight.add_namespace_options(p)
     p.add_argument(
         "command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]", help="the command to run as namespace root"
     )
@@ -145,7 +151,7 @@ def parse_shift(spec: str) -> Shift:
 def _seen_at(path: str, shifts: list[Shift]) -> str:
     """The host path of what COMMAND will find at ``path``: under the
     innermost other view that covers it, that view's SRC."""
-    outer = [s for s in shifts if s.target != path and launcher.within(path, s.target)]
+    outer = [s for s in shifts if s.target != path and preflight.within(path, s.target)]
     if not outer:
         return path
     s = max(outer, key=lambda s: len(s.target))
@@ -178,7 +184,7 @@ def config_from_args(args: argparse.Namespace) -> ExecConfig:
         command = command[1:]
     if not command:
         raise SetupError("no COMMAND given; usage: shiftfs exec [--shift SRC[:DST]]... -- COMMAND [ARGS...]")
-    mount_args = launcher.mount_args(args)
+    mount_args = preflight.mount_args(args)
     shifts = [parse_shift(s) for s in args.shift]
     check_targets(shifts)
     # Outer views first: a DST inside another one is mounted on top of it.
@@ -191,6 +197,7 @@ def config_from_args(args: argparse.Namespace) -> ExecConfig:
         userns_base=args.userns_base,
         cwd=_caller_cwd(),
         allow_shared_source=args.allow_shared_source,
+        view_opts=preflight.view_options(args),
     )
 
 
@@ -207,10 +214,10 @@ def check_config(cfg: ExecConfig, idmap: userns.NamespaceMaps) -> None:
                 f"(uid {uid}); run as uid {owner} or 'chown -R {uid} {s.source}'"
             )
     if cfg.shifts:
-        launcher.check_daemon_can_start(cfg.mount_args, idmap)
+        preflight.check_daemon_can_start(cfg.mount_args, idmap)
         for s in cfg.shifts:
-            launcher.check_reachable([(s.source, 7)], "serving")
-        launcher.check_private_source([s.source for s in cfg.shifts], cfg.mount_args, cfg.allow_shared_source)
+            preflight.check_reachable([(s.source, 7)], "serving")
+        preflight.check_private_source([s.source for s in cfg.shifts], cfg.mount_args, cfg.allow_shared_source)
 
 
 def plan(cfg: ExecConfig, idmap: userns.NamespaceMaps) -> launcher.Layout:
@@ -222,7 +229,7 @@ def plan(cfg: ExecConfig, idmap: userns.NamespaceMaps) -> launcher.Layout:
         prog=PROG,
         sources=tuple(s.source for s in cfg.shifts),
         mode_args=tuple(cfg.mount_args),
-        mount_opts="allow_other",
+        mount_opts=cfg.view_opts,
         inner=functools.partial(_command_init, cfg),
     )
 
@@ -238,7 +245,7 @@ def _attach_views(cfg: ExecConfig, stage: str, views: list[str]) -> None:
         clones = None  # before Linux 5.2: bind while the views are reachable
     if clones is None:
         for s, view in zip(cfg.shifts, views):
-            if launcher.within(s.target, stage):
+            if preflight.within(s.target, stage):
                 raise SetupError(
                     f"--shift {s.source}:{s.target}: DST is under {stage}, which "
                     "this kernel (no open_tree) cannot show; pick another DST"

@@ -8,215 +8,62 @@ the views.
 
 Process layout, outermost first::
 
-    shiftfs run|exec        host; writes the id maps, relays signals,
+    shiftfs run|exec        host; writes the id maps, relays signals, keeps the
+    │                       note directory and start lock of a run (.join),
     │                       returns COMMAND's exit status
-    └─ userns helper        new user namespace, becomes its root
+    └─ userns helper        new user namespace (the daemons'), becomes its root
        └─ pid 1 of A        private mount namespace; a staging tmpfs with one
-          │                 shiftfs view per served directory
+          │                 empty directory per served directory
           ├─ shiftfs daemons  serve each directory through a descriptor opened
-          │                   before any mount
+          │                   before any mount, over the /dev/fuse descriptor B0
+          │                   mounted its view with (.daemons)
           ├─ seccomp          single-id namespace only: answers the chown/mknod
           │  supervisor       calls B's filter traps (seccomp_notify)
-          └─ pid 1 of B     Layout.inner: the command's own mounts, COMMAND
+          └─ B0             the container's namespaces (root's run: its own user
+             │              namespace, whose root is not host root); mounts the
+             │              views (.inner)
+             └─ pid 1 of B  Layout.inner: the command's own mounts, COMMAND
 
 The daemons live in A, so nothing B does to its mounts (pivot_root, moving
 the views onto their targets) reaches them, and they cannot outlive the run:
-they are in pid namespace A, whose pid 1 unmounts the views and waits for
-them to write everything out. Every mount is made in a private namespace, so
-nothing leaks onto the host.
+they are in pid namespace A, and their views live only in B's mount
+namespace, which ends with B's last process. Every mount is made in a
+private namespace, so nothing leaks onto the host; nothing below B0 can see
+A, its daemons or its supervisor.
+
+Where the launcher's descriptors end: the host's id-map pipes with the maps;
+the note pipe in B0 once the container is registered (.join); the daemon log
+(a memfd) with pid 1 of A (B0 closes its copy first thing); the served
+directories once each daemon holds its copy; the /dev/fuse descriptors in A
+once each daemon runs and in B0 once handed over; the A-B0 link in B0
+before pid 1 of B is forked. The helper closes everything of the host
+(``close_fds_except``) before it enters any namespace, and COMMAND gets
+stdio only (:func:`.supervise.exec_command`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import fcntl
+import json
 import os
 import signal
 import socket
-import stat
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import SetupError
-from ..fs import sourcelock
-from ..ownership import trust
 from ..sys import mounts
-from . import join, supervise, userns
+from . import daemons, join, preflight, supervise, userns
+from . import inner as inner_mod
 from .supervise import EXIT_SETUP
 
-_MOUNT_TIMEOUT = 30.0
 _DAEMON_EXIT_TIMEOUT = 30.0
-#: Descriptor numbers a daemon finds its directory and its log file on.
-_SRC_FD = 3
-_LOG_FD = 4
-#: A single-id namespace's daemons: the private control socket (shiftfs.fs.control).
-_CONTROL_FD = 5
-_STAGING_CANDIDATES = ("/run", "/mnt", "/media", "/srv", "/opt", "/var/tmp", "/tmp", "/home")
-_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-# --- options both commands take ---------------------------------------------------
-
-
-def int_arg(text: str) -> int:
-    try:
-        return int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-
-
-def add_namespace_options(p: argparse.ArgumentParser) -> None:
-    """--xattr, --map, --userns, --userns-base and --allow-shared-source."""
-    p.add_argument(
-        "--xattr",
-        action="store_true",
-        help="keep view ownership in records (user.containers.override_stat); the default",
-    )
-    p.add_argument(
-        "--map",
-        action="append",
-        default=[],
-        metavar="u|g|b:DISK:VIEW:COUNT",
-        help="map disk ids to view ids instead of keeping records (repeatable)",
-    )
-    p.add_argument(
-        "--userns",
-        choices=("auto", "full", "single"),
-        help="auto (default): a full 65536-id range if one is available, else a single id",
-    )
-    p.add_argument(
-        "--userns-base", type=int_arg, metavar="N", help="(root) host id of the 65536-id block for view ids 1-65535"
-    )
-    p.add_argument(
-        "--allow-shared-source",
-        action="store_true",
-        help="serve a tree that other users could write into; refused otherwise "
-        "in xattr mode, since they could plant records",
-    )
-
-
-def mount_args(args: argparse.Namespace) -> list[str]:
-    """The daemon's mode options from --xattr / --map, checked."""
-    if args.map and args.xattr:
-        raise SetupError("--xattr and --map exclude each other; give one of them")
-    for spec in args.map:
-        f = spec.split(":")
-        if len(f) != 4 or f[0] not in ("u", "g", "b") or not all(x.isdigit() for x in f[1:]):
-            raise SetupError(f"--map {spec!r} is not u|g|b:DISK:VIEW:COUNT; e.g. --map b:0:0:65536")
-    if args.map:
-        return [a for spec in args.map for a in ("--map", spec)]
-    return ["--xattr"]
-
-
-# --- checks before anything is forked -------------------------------------------
-
-
-def blocked_component(path: str, uid: int, gids: set[int], want: int) -> str | None:
-    """The first component of ``path`` that ``uid`` cannot use without
-    capabilities (``want`` is the access the last component needs), or None."""
-    components = []
-    p = os.path.abspath(path)
-    while True:
-        components.append(p)
-        if p == "/":
-            break
-        p = os.path.dirname(p)
-    for i, comp in enumerate(reversed(components)):
-        last = i == len(components) - 1
-        try:
-            st = os.stat(comp)
-        except OSError:
-            return comp
-        need = want if last else 1
-        if st.st_uid == uid:
-            bits = (st.st_mode >> 6) & 7
-        elif st.st_gid in gids:
-            bits = (st.st_mode >> 3) & 7
-        else:
-            bits = st.st_mode & 7
-        if bits & need != need:
-            return comp
-    return None
-
-
-def check_reachable(paths: Sequence[tuple[str, int]], what: str) -> None:
-    """Inside the namespace the daemon is the invoking user *without*
-    capabilities on host files, so plain permission bits must let it reach
-    the interpreter, the shiftfs package and what it serves."""
-    uid = os.getuid()
-    gids = {os.getgid(), *os.getgroups()}
-    for path, want in paths:
-        for variant in dict.fromkeys((path, os.path.realpath(path))):
-            bad = blocked_component(variant, uid, gids, want)
-            if bad:
-                st = os.stat(bad) if os.path.exists(bad) else None
-                mode = f" (mode {stat.S_IMODE(st.st_mode):04o}, owner {st.st_uid})" if st else ""
-                raise SetupError(
-                    f"{bad}{mode} blocks uid {uid} from {what} {variant}, and the namespace "
-                    f"has no capabilities on host files; move it under a directory every "
-                    f"user can enter (e.g. /opt or /work) or 'chmod o+x {bad}'"
-                )
-
-
-def check_private_source(sources: Sequence[str], mode_args: Sequence[str], allow_shared: bool) -> None:
-    """Xattr mode: nobody else may write into a served tree (shiftfs.ownership.trust).
-
-    Checked here on the host, as the invoking user; inside the namespace the
-    owners of the directories above SOURCE are unmapped, so the daemon is
-    told ``allow_shared_source`` (see :func:`_start_daemon`).
-    """
-    if "--xattr" not in mode_args or allow_shared:
-        return
-    for source in sources:
-        problem = trust.source_problem(source, os.getuid(), "--allow-shared-source")
-        if problem:
-            raise SetupError(problem)
-
-
-def check_daemon_can_start(mode_args: Sequence[str], idmap: userns.NamespaceMaps) -> None:
-    """What every shiftfs daemon of a run needs: a usable /dev/fuse, a
-    reachable interpreter and package, and disk ids that stay put."""
-    if "--map" in mode_args and idmap.base is not None and not idmap.base_fixed:
-        raise SetupError(
-            "--map as root stores disk ids of this run's namespace, whose block "
-            "changes from run to run; add --userns-base N (disk id k>0 is then "
-            "host id N+k), or use --xattr"
-        )
-    if not os.path.exists("/dev/fuse"):
-        raise SetupError(
-            "/dev/fuse is missing; load the fuse module ('modprobe fuse') "
-            "or create it with 'mknod -m 0666 /dev/fuse c 10 229'"
-        )
-    if blocked_component("/dev/fuse", os.getuid(), {os.getgid(), *os.getgroups()}, 6):
-        raise SetupError(
-            f"/dev/fuse (mode {stat.S_IMODE(os.stat('/dev/fuse').st_mode):04o}) "
-            "is not usable by you; as root run 'make setup' or "
-            "'chmod 0666 /dev/fuse'"
-        )
-    check_reachable(
-        [(sys.executable, 5), (os.path.realpath(sys.executable), 5), (os.path.join(_PACKAGE, "__init__.py"), 4)],
-        "running the shiftfs daemon",
-    )
-
-
-def check_sources_free(sources: Sequence[str]) -> None:
-    """One daemon per SOURCE (shiftfs.fs.sourcelock): refuse a directory that a
-    live mount or container serves, naming it, before anything is forked."""
-    for source in sources:
-        try:
-            held = sourcelock.probe(source)
-        except OSError:
-            continue  # the daemon's own open says why
-        if held:
-            raise SetupError(sourcelock.describe(source, held))
-
-
-def within(path: str, top: str) -> bool:
-    return path == top or path.startswith(top.rstrip("/") + "/")
 
 
 # --- what a command asks of the launcher -------------------------------------------
@@ -241,6 +88,10 @@ class Layout:
     needed: tuple[str, ...] = ()
     #: single-id namespace, xattr mode: trap chown/mknod and record them (seccomp_notify)
     trap_ids: bool = False
+    #: namespaces B0 unshares besides the pid namespace (mount at least)
+    unshare: int = mounts.CLONE_NEWNS
+    #: the container's own user namespace inside the daemons' one (root's run), or None
+    container: userns.NamespaceMaps | None = None
 
 
 @dataclass(frozen=True)
@@ -314,9 +165,9 @@ def _launch_command(
             code = divert(cfg)
             if code is not None:
                 return code
-        idmap, note = userns.choose_idmap(cfg.userns, cfg.userns_base)
+        idmap, note = userns.choose_idmap(cfg.userns, cfg.userns_base, getattr(cfg, "fresh_root", False))
         layout = plan(cfg, idmap)
-        check_sources_free(layout.sources)
+        preflight.check_sources_free(layout.sources)
         if idmap.kind == "single" and "--xattr" in layout.mode_args and layout.sources:
             from . import seccomp_notify
 
@@ -328,7 +179,7 @@ def _launch_command(
             elif note:
                 note += f"; to keep the owners chown asks for instead: {missing}"
         if layout.sources:
-            staging_dir(layout)
+            preflight.staging_dir(layout.sources, layout.needed)
     except SetupError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return EXIT_SETUP
@@ -341,52 +192,33 @@ def _launch_command(
         return EXIT_SETUP
 
 
-def staging_dir(layout: Layout) -> str:
-    """A host directory that namespace A may hide under the staging tmpfs:
-    one that holds nothing the daemons or namespace B still need."""
-    needed = [
-        sys.prefix,
-        sys.base_prefix,
-        sys.executable,
-        os.path.realpath(sys.executable),
-        _PACKAGE,
-        os.path.realpath(_PACKAGE),
-        "/dev",
-        "/proc",
-        "/sys",
-        *layout.sources,
-        *layout.needed,
-    ]
-    for cand in _STAGING_CANDIDATES:
-        if os.path.isdir(cand) and not os.path.islink(cand) and not any(within(p, cand) for p in needed):
-            return cand
-    raise SetupError(
-        "the directories to serve or bind and the interpreter cover every "
-        f"staging directory ({', '.join(_STAGING_CANDIDATES)}); move one of "
-        "them elsewhere"
-    )
-
-
 # --- the launch ----------------------------------------------------------------------
 
 
 def launch(layout: Layout, idmap: userns.NamespaceMaps) -> int:
     """Fork the user-namespace helper, write its id maps when it asks, and
-    supervise it (the host side)."""
+    supervise it (the host side). The host side alone keeps what belongs to
+    the host: the note directory and start lock of a run (shiftfs.container.join)
+    stay here, and the helper closes every descriptor but its pipes first thing."""
     sys.stdout.flush()
     sys.stderr.flush()
     old_mask = supervise.block_signals()
+    note_r = note_w = None
     try:
         to_parent_r, to_parent_w = os.pipe()
         to_child_r, to_child_w = os.pipe()
+        if join.wants_note():
+            note_r, note_w = os.pipe2(os.O_CLOEXEC)
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:
-            os.close(to_parent_r)
-            os.close(to_child_w)
-            supervise.child(layout.prog, _userns_helper, layout, idmap, parent, to_parent_w, to_child_r)
+            mounts.close_fds_except({to_parent_w, to_child_r, *([note_w] if note_w is not None else [])})
+            supervise.child(layout.prog, _userns_helper, layout, idmap, parent, to_parent_w, to_child_r, note_w)
         os.close(to_parent_w)
         os.close(to_child_r)
+        if note_w is not None and note_r is not None:
+            os.close(note_w)
+            join.await_note(note_r)  # a thread: registers the container once B0 reports it
         ready = os.read(to_parent_r, 1)
         os.close(to_parent_r)
         if ready == b"u":
@@ -400,10 +232,13 @@ def launch(layout: Layout, idmap: userns.NamespaceMaps) -> int:
         os.close(to_child_w)
         return supervise.exit_code(supervise.supervise(pid))
     finally:
+        join.unregister()
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
-def _userns_helper(layout: Layout, idmap: userns.NamespaceMaps, parent: int, wfd: int, rfd: int) -> int:
+def _userns_helper(
+    layout: Layout, idmap: userns.NamespaceMaps, parent: int, wfd: int, rfd: int, note_fd: int | None
+) -> int:
     """Enter a new user namespace, wait for the maps, then start pid 1 of
     namespace A and supervise it."""
     mounts.set_parent_death_signal(signal.SIGKILL)
@@ -424,7 +259,14 @@ def _userns_helper(layout: Layout, idmap: userns.NamespaceMaps, parent: int, wfd
     os.close(rfd)
     userns.become_root(idmap)
     mounts.unshare(mounts.CLONE_NEWNS | mounts.CLONE_NEWPID)
-    return supervise.fork_and_supervise(layout.prog, _serve_and_run, layout, reap_any=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        supervise.child(layout.prog, _serve_and_run, layout, note_fd)
+    if note_fd is not None:
+        os.close(note_fd)  # the host reads to its end: only B0 may hold it open
+    return supervise.exit_code(supervise.supervise(pid))
 
 
 def _high_fd(fd: int) -> int:
@@ -435,132 +277,139 @@ def _high_fd(fd: int) -> int:
     return new
 
 
-def _serve_and_run(layout: Layout) -> int:
-    """Pid 1 of namespace A: serve every source through shiftfs on a staging
-    tmpfs, run ``layout.inner`` as pid 1 of namespace B, then unmount the
-    views and let the daemons write everything out."""
+class _B0:
+    """Pid 1 of A's end of the link to B0 (shiftfs.container.inner)."""
+
+    def __init__(self, sock: socket.socket, pid: int):
+        self.sock, self.pid = sock, pid
+
+    def recv(self, tag: bytes, nfds: int = 0) -> tuple[bytes, list[int]]:
+        msg, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, max(nfds, 1))
+        if msg[:1] != tag:
+            for fd in fds:
+                os.close(fd)
+            raise _B0Gone
+        return msg[1:], fds
+
+    def refuse(self, why: str) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.send(b"x" + why.encode()[:60000])
+
+
+class _B0Gone(Exception):
+    """B0 failed (it said why on stderr) before the next step."""
+
+
+def _serve_and_run(layout: Layout, note_fd: int | None) -> int:
+    """Pid 1 of namespace A: fork B0, which mounts the views in the
+    container's namespaces (shiftfs.container.inner); serve each one with a
+    daemon; once B0 is gone, let the daemons write everything out."""
     mounts.set_parent_death_signal(signal.SIGKILL)
     os.chdir("/")
     mounts.make_rprivate("/")
+    # Ends with pid 1 of A; B0 closes its copy first thing.
     log_fd = _high_fd(os.memfd_create("shiftfs-daemon-log", os.MFD_CLOEXEC))
     log = f"/proc/self/fd/{log_fd}"
     views: list[str] = []
-    controls: list[socket.socket] = []
     stage = ""
+    # Every source is opened before the first mount, so that none is reached
+    # through a view; they end once every daemon holds its copy.
+    src_fds = [_high_fd(os.open(s, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)) for s in layout.sources]
     if layout.sources:
-        # Every source is opened before the first mount, so that none is
-        # reached through a view.
-        src_fds = [_high_fd(os.open(s, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)) for s in layout.sources]
-        stage = staging_dir(layout)
-        mounts.mount("tmpfs", stage, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, "mode=0700,size=1m")
-        try:
-            for i, (source, fd) in enumerate(zip(layout.sources, src_fds)):
-                view = os.path.join(stage, f"view{i}")
-                os.mkdir(view, 0o755)
-                ours = theirs = None
-                control = None
-                if layout.trap_ids:
-                    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-                    controls.append(ours)
-                try:
-                    # above the numbers the spawn dup2s onto (a low one would be overwritten)
-                    control = _high_fd(os.dup(theirs.fileno())) if theirs else None
-                    _start_daemon(layout, source, fd, log_fd, view, control)
-                finally:
-                    if theirs is not None:
-                        theirs.close()
-                        if control is not None:
-                            os.close(control)
-                views.append(view)
-        finally:
-            for fd in src_fds:
-                os.close(fd)
+        stage = preflight.staging_dir(layout.sources, layout.needed)
+        # 0711: B0, root of the container's namespace, passes through to mount the views
+        mounts.mount("tmpfs", stage, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, "mode=0711,size=1m")
+        for i in range(len(layout.sources)):
+            views.append(os.path.join(stage, f"view{i}"))
+            os.mkdir(views[-1], 0o755)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sup_end = b_end = None
     inner = layout.inner
-    handover = None
     if layout.trap_ids:
         from . import seccomp_notify
 
-        inner, handover = seccomp_notify.start_supervisor(layout.prog, layout.inner, stage, views, controls)
-    mounts.unshare(mounts.CLONE_NEWPID)
-    code = supervise.fork_and_supervise(layout.prog, inner, stage, views)
-    if handover is not None:
-        handover.close()  # a supervisor still waiting for the listener (B failed before) gives up
-    for view in reversed(views):
-        try:
-            mounts.umount2(view)
-        except OSError as e:
-            if e.errno != errno.EBUSY:
-                raise
-            mounts.umount2(view, mounts.MNT_DETACH)
+        sup_end, b_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        inner = seccomp_notify.pid1_with_filter(layout.inner, b_end)
+    keep = {theirs.fileno(), *([note_fd] if note_fd is not None else []), *([b_end.fileno()] if b_end else [])}
+    pid = os.fork()
+    if pid == 0:
+        mounts.close_fds_except(keep)
+        supervise.child(
+            layout.prog,
+            inner_mod.serve_b,
+            layout.prog,
+            theirs,
+            layout.sources,
+            views,
+            layout.unshare,
+            layout.container,
+            inner,
+            stage,
+            note_fd,
+        )
+    theirs.close()
+    if b_end is not None:
+        b_end.close()
+    if note_fd is not None:
+        os.close(note_fd)
+    b0 = _B0(ours, pid)
+    try:
+        if layout.container is not None:
+            b0.recv(b"u")
+            userns.write_inner_idmap(pid, layout.container)
+            ours.send(b"m")
+        controls: list[socket.socket] = []
+        if layout.sources:
+            _msg, received = b0.recv(b"f", len(layout.sources))
+            fuse_fds = [_high_fd(fd) for fd in received]  # above the numbers the spawn dup2s onto
+            try:
+                for i, (source, fd, fuse_fd) in enumerate(zip(layout.sources, src_fds, fuse_fds)):
+                    control = None
+                    theirs_c = None
+                    if layout.trap_ids:
+                        ours_c, theirs_c = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                        controls.append(ours_c)
+                        control = _high_fd(os.dup(theirs_c.fileno()))
+                    try:
+                        daemons.start_daemon(
+                            layout.mode_args, layout.mount_opts, source, fd, log_fd, fuse_fd, views[i], control
+                        )
+                    finally:
+                        if theirs_c is not None:
+                            theirs_c.close()
+                        if control is not None:
+                            os.close(control)
+            finally:
+                for fd in fuse_fds + src_fds:
+                    os.close(fd)
+            ours.send(b"r")
+        devs_text, _ = b0.recv(b"d")
+        devs = json.loads(devs_text)
+        if sup_end is not None:
+            from . import seccomp_notify
+
+            seccomp_notify.start_supervisor_for(layout.prog, sup_end, devs, controls)
+        if os.geteuid() == 0:
+            for dev in devs:
+                daemons.tune_readahead(dev)
+        ours.send(b"g")
+    except _B0Gone:
+        pass  # B0 said why
+    except SetupError as e:
+        b0.refuse(str(e))  # B0 says it, as every setup failure of the container is said
+    finally:
+        ours.close()
+        if sup_end is not None:
+            sup_end.close()
+    code = supervise.exit_code(supervise.supervise(pid, reap_any=True))
+    # B's mount namespace, and the views with it, went with B0's last process:
+    # the kernel has written back and closed each connection, so the daemons exit.
     statuses = supervise.reap_all(_DAEMON_EXIT_TIMEOUT)
     if any(s != 0 for s in statuses):
         print(
             f"{layout.prog}: warning: a shiftfs daemon exited with status "
             f"{supervise.exit_code(next(s for s in statuses if s))}: "
-            f"{log_tail(log, 3) or 'no output'}",
+            f"{daemons.log_tail(log, 3) or 'no output'}",
             file=sys.stderr,
         )
     return code
-
-
-def _start_daemon(
-    layout: Layout, source: str, src_fd: int, log_fd: int, view: str, control_fd: int | None = None
-) -> None:
-    """Run ``shiftfs mount`` on ``view`` (as namespace root, so that
-    /dev/fuse is opened in this user namespace), serving the directory open
-    on ``src_fd``; return once the mount is live. The daemon stays behind as
-    our child in pid namespace A, in its own session (a terminal's ^C must
-    not reach it)."""
-    # allow_shared_source: SOURCE was checked on the host (check_private_source).
-    opts = (
-        f"suid,dev,allow_shared_source,{layout.mount_opts + ',' if layout.mount_opts else ''}"
-        f"log=/proc/self/fd/{_LOG_FD}"
-    )
-    actions = []
-    if control_fd is not None:
-        opts += f",control_fd={_CONTROL_FD},single_id"
-        actions.append((os.POSIX_SPAWN_DUP2, control_fd, _CONTROL_FD))
-    if not any(c in source for c in ",\\ \t\n"):
-        opts += f",fsname={source}"
-    argv = [sys.executable, "-m", "shiftfs", "mount", *layout.mode_args, "-o", opts, f"/proc/self/fd/{_SRC_FD}", view]
-    before = os.stat(view).st_dev
-    log = f"/proc/self/fd/{log_fd}"
-    try:
-        mounter = os.posix_spawn(
-            sys.executable,
-            argv,
-            os.environ,
-            file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, log_fd, 1),
-                (os.POSIX_SPAWN_DUP2, log_fd, 2),
-                (os.POSIX_SPAWN_DUP2, src_fd, _SRC_FD),
-                (os.POSIX_SPAWN_DUP2, log_fd, _LOG_FD),
-                *actions,
-            ],
-            setsid=True,
-            setsigmask=set(),
-            setsigdef=(*supervise.RELAYED, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD),
-        )
-    except OSError as e:
-        raise SetupError(f"cannot start the shiftfs daemon ({sys.executable}): {e.strerror}") from None
-    status = supervise.wait_pid(mounter, _MOUNT_TIMEOUT)
-    what = f"'shiftfs mount {source}'"
-    if status is None:
-        raise SetupError(
-            f"{what} did not report a live mount within {_MOUNT_TIMEOUT:.0f} s: {log_tail(log) or 'no output'}"
-        )
-    if status != 0:
-        raise SetupError(f"{what} failed with status {supervise.exit_code(status)}: {log_tail(log) or 'no output'}")
-    if os.stat(view).st_dev == before:
-        raise SetupError(f"{what} returned but nothing is mounted; its output: {log_tail(log) or 'none'}")
-
-
-def log_tail(path: str, lines: int = 1) -> str:
-    """The last non-empty lines of a log, joined into one line."""
-    try:
-        with open(path, errors="replace") as f:
-            text = [line.strip() for line in f.read().splitlines() if line.strip()]
-    except OSError:
-        return ""
-    return " | ".join(text[-lines:])

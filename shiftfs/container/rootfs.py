@@ -16,7 +16,26 @@ import stat
 from ..errors import SetupError
 from ..sys import mounts
 
-__all__ = ["make_readonly", "bind", "pivot_into", "resolve_in_root", "make_mountpoint"]
+__all__ = ["make_readonly", "bind", "pivot_into", "resolve_in_root", "make_mountpoint", "mask_paths"]
+
+#: Hidden in the container, as podman hides them by default (its MaskedPaths):
+#: kernel memory, keyrings, timers and scheduler internals, firmware tables.
+MASKED_PATHS = (
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/fs/selinux",
+    "/sys/dev/block",
+    "/sys/devices/virtual/powercap",
+)
+#: Read-only in the container (podman's ReadonlyPaths): kernel tunables and triggers.
+READONLY_PATHS = ("/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 
 _LOCKABLE = (
     (os.ST_NOSUID, mounts.MS_NOSUID),
@@ -112,3 +131,34 @@ def make_mountpoint(root: str, path: str, directory: bool = True) -> str:
     else:
         os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
     return target
+
+
+def mask_paths(root: str) -> None:
+    """Hide :data:`MASKED_PATHS` (an empty read-only tmpfs on a directory,
+    the container's /dev/null on a file) and make :data:`READONLY_PATHS`
+    read-only under ``root``, once its /proc, /sys and /dev are mounted.
+    These lie on the kernel's own filesystems, never on the view, so the
+    names are resolved by the kernel's procfs and sysfs, not by the tree."""
+    null = os.path.join(root, "dev/null")
+    for path in MASKED_PATHS:
+        target = root + path
+        try:
+            st = os.lstat(target)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            mounts.mount(
+                "tmpfs",
+                target,
+                "tmpfs",
+                mounts.MS_RDONLY | mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC,
+                "size=0,mode=0555",
+            )
+        else:
+            mounts.mount(null, target, None, mounts.MS_BIND)
+    for path in READONLY_PATHS:
+        target = root + path
+        if not os.path.exists(target):
+            continue
+        mounts.mount(target, target, None, mounts.MS_BIND | mounts.MS_REC)
+        make_readonly(target)

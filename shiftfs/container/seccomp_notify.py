@@ -64,7 +64,15 @@ from ..sys.libc import AT_EMPTY_PATH, AT_FDCWD
 from . import notify_mount
 from .notify_target import Caller
 
-__all__ = ["binding_missing", "load_filter", "install", "run_supervisor", "start_supervisor", "View"]
+__all__ = [
+    "binding_missing",
+    "load_filter",
+    "install",
+    "run_supervisor",
+    "start_supervisor_for",
+    "pid1_with_filter",
+    "View",
+]
 
 CAP_CHOWN = 0
 CAP_DAC_OVERRIDE = 1
@@ -452,31 +460,31 @@ def run_supervisor(sock: socket.socket, views: Sequence[View], stage: str) -> in
     return 0
 
 
-def start_supervisor(
-    prog: str, inner: Callable[[str, list[str]], int], stage: str, views: list[str], controls: list[socket.socket]
-) -> tuple[Callable[[str, list[str]], int], socket.socket]:
-    """In pid 1 of A, before B exists: fork the supervisor (still in pid
-    namespace A, so COMMAND can neither see nor signal it). Returns B's pid 1,
-    which loads the filter and hands the listener over before doing
-    ``inner``, and our end of that handover socket, to close once B is gone."""
-    sup_end, b_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    served = [View(os.stat(v).st_dev, c) for v, c in zip(views, controls)]
+def start_supervisor_for(prog: str, sup_end: socket.socket, devs: Sequence[int], controls: list[socket.socket]) -> None:
+    """In pid 1 of A, once B0 has mounted the views (``devs``, in order) and
+    before B1 runs: fork the supervisor (still in pid namespace A, so
+    COMMAND can neither see nor signal it). The other end of ``sup_end`` is
+    held only by B0 and B1: if they fail before handing the listener over,
+    the supervisor reads the end of the socket and gives up."""
+    served = [View(dev, c) for dev, c in zip(devs, controls)]
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
-            b_end.close()
-            code = run_supervisor(sup_end, served, stage)
+            code = run_supervisor(sup_end, served, "")
         except BaseException as e:
             print(f"{prog}: seccomp supervisor: {e}", file=sys.stderr)
         finally:
             os._exit(code)
-    sup_end.close()
     for c in controls:
         c.close()
+
+
+def pid1_with_filter(inner: Callable[[str, list[str]], int], b_end: socket.socket) -> Callable[[str, list[str]], int]:
+    """B's pid 1: load the filter and hand the listener over, then do ``inner``."""
 
     def pid1(stage: str, views: list[str]) -> int:
         install(b_end)
         return inner(stage, views)
 
-    return pid1, b_end
+    return pid1

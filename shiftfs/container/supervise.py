@@ -172,6 +172,9 @@ def exec_command(prog: str, command: list[str], env: dict[str, str], where: str 
     """The last step of every container: exec COMMAND with open signals.
     Exits 127 if it is not found, 126 if it cannot be executed."""
     reset_signals()
+    from ..sys.mounts import close_fds_except
+
+    close_fds_except()  # COMMAND gets stdio and nothing else of ours
     try:
         os.execvpe(command[0], command, env)
     except FileNotFoundError:

@@ -7,7 +7,14 @@ invoking user, so everything the shiftfs daemon writes on the backing
 filesystem is owned by that user:
 
 * as root, view ids 1..65535 go to a 65536-id block that no running namespace
-  and no /etc/subuid entry uses (see :func:`free_block`);
+  and no /etc/subuid entry uses (see :func:`free_block`). For ``shiftfs run``
+  view 0 goes there too: the container's root is host id BASE, never host
+  root (as ``podman --userns=auto`` and ``systemd-nspawn -U``). The daemons
+  still need the invoking root's own id for the backing files, so the
+  launch has two namespaces: the daemons' (view 0 is host 0, 1..65535 are
+  BASE+1.., and 65536 is BASE) and, nested in it, the container's (*C*:
+  view 0 is the daemons' 65536, 1..65535 are theirs), which numbers every
+  id as the daemons do but 0 (see :attr:`NamespaceMaps.container`);
 * as an unprivileged user, view ids 1.. go to the user's ranges in /etc/subuid
   and /etc/subgid, written with the setuid helpers newuidmap/newgidmap, like
   rootless podman;
@@ -19,7 +26,6 @@ filesystem is owned by that user:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import os
 import pwd
@@ -30,6 +36,7 @@ from dataclasses import dataclass
 
 from ..errors import SetupError
 from ..ownership.idmap import Range
+from ..sys import mounts
 from ..sys.mounts import set_dumpable
 
 #: Size of the id block a full namespace gets, and the range root picks it
@@ -80,6 +87,8 @@ class NamespaceMaps:
     helper: bool = False
     base: int | None = None
     base_fixed: bool = False
+    #: the container's own namespace inside this one (ids of this one as ``disk``), or None
+    container: NamespaceMaps | None = None
 
     def maps_uid(self, view_id: int) -> bool:
         return any(r.view <= view_id < r.view + r.count for r in self.uid_map)
@@ -185,9 +194,23 @@ def free_block(used: Sequence[tuple[int, int]] | None = None, rng: random.Random
     raise SetupError("no free 65536-id block left in 0x80000-0x6fffffff; pass --userns-base N with a free block")
 
 
-def _block_map(host0: int, base: int) -> tuple[Range, ...]:
-    """View 0 is ``host0``; view 1..65535 are ``base+1``.."""
-    return (Range(host0, 0, 1), Range(base + 1, 1, BLOCK - 1))
+def _block_map(host0: int, base: int, fresh_root: bool = False) -> tuple[Range, ...]:
+    """View 0 is ``host0``; view 1..65535 are ``base+1``..; with ``fresh_root``
+    view 65536 is ``base``, the container's root (see :data:`CONTAINER_MAP`)."""
+    extra = (Range(base, BLOCK, 1),) if fresh_root else ()
+    return (Range(host0, 0, 1), Range(base + 1, 1, BLOCK - 1), *extra)
+
+
+#: The container namespace of root's run, in the daemons' namespace's ids:
+#: view 0 is their 65536 (host BASE), view 1..65535 are theirs (BASE+1..).
+_INNER = (Range(BLOCK, 0, 1), Range(1, 1, BLOCK - 1))
+
+
+def _root_maps(base: int, fixed: bool, fresh_root: bool) -> NamespaceMaps:
+    """Root's maps with the block at ``base`` (and the container's own namespace)."""
+    container = NamespaceMaps("full", _INNER, _INNER) if fresh_root else None
+    m = _block_map(0, base, fresh_root)
+    return NamespaceMaps("full", m, m, base=base, base_fixed=fixed, container=container)
 
 
 def _subid_map(host0: int, ranges: Sequence[tuple[int, int]]) -> tuple[Range, ...]:
@@ -234,12 +257,15 @@ def caller_name() -> str:
         return str(os.getuid())
 
 
-def choose_idmap(mode: str = "auto", base: int | None = None) -> tuple[NamespaceMaps, str | None]:
+def choose_idmap(
+    mode: str = "auto", base: int | None = None, fresh_root: bool = False
+) -> tuple[NamespaceMaps, str | None]:
     """Pick the id map for a new namespace of the calling user.
 
     ``mode`` is ``auto``, ``full`` or ``single``; ``base`` forces root's
-    block. Returns the map and, for an automatic single-id fallback, the
-    note to print once.
+    block; ``fresh_root`` (``run``): root's container gets a root of its own
+    in that block. Returns the map and, for an automatic single-id
+    fallback, the note to print once.
     """
     uid, gid = os.getuid(), os.getgid()
     if mode not in ("auto", "full", "single"):
@@ -250,6 +276,11 @@ def choose_idmap(mode: str = "auto", base: int | None = None) -> tuple[Namespace
         )
     if base is not None and mode == "single":
         raise SetupError("--userns-base conflicts with --userns single; drop one")
+    if mode == "single" and uid == 0 and fresh_root and in_initial_userns():
+        raise SetupError(
+            "--userns single is for users without a subordinate range; as root every container "
+            "gets a fresh 65536-id block whose first id is its root: drop --userns single"
+        )
     if mode == "single":
         return NamespaceMaps("single", (Range(uid, 0, 1),), (Range(gid, 0, 1),)), None
     cfg_base = base
@@ -271,9 +302,7 @@ def choose_idmap(mode: str = "auto", base: int | None = None) -> tuple[Namespace
                     "namespace or /etc/subuid; pick another block or "
                     "omit --userns-base"
                 )
-        return NamespaceMaps(
-            "full", _block_map(0, base), _block_map(0, base), base=base, base_fixed=cfg_base is not None
-        ), None
+        return _root_maps(base, cfg_base is not None, fresh_root), None
     try:
         user = pwd.getpwuid(uid).pw_name
     except KeyError:
@@ -354,8 +383,7 @@ def claim_idmap(pid: int, idmap: NamespaceMaps) -> NamespaceMaps:
                 raise SetupError(
                     f"--userns-base {idmap.base} was taken by another namespace meanwhile; pick another block"
                 )
-            base = free_block()
-            idmap = dataclasses.replace(idmap, uid_map=_block_map(0, base), gid_map=_block_map(0, base), base=base)
+            idmap = _root_maps(free_block(), False, idmap.container is not None)
         write_idmap(pid, idmap)
     return idmap
 
@@ -386,6 +414,34 @@ def write_idmap(pid: int, idmap: NamespaceMaps) -> None:
                 f.write("".join(f"{r.view} {r.disk} {r.count}\n" for r in extents))
     except OSError as e:
         raise SetupError(f"cannot write the id map of process {pid}: {e.strerror}") from None
+
+
+def write_inner_idmap(pid: int, container: NamespaceMaps) -> None:
+    """As root of the daemons' namespace (pid 1 of A): write the maps of the
+    container's namespace, which B0 (our child ``pid``) has just made. Our
+    /proc is the host's, which numbers B0 otherwise: a procfs of our own pid
+    namespace is made for it, attached nowhere."""
+    try:
+        proc = mounts.open_own_proc()
+        try:
+            for name, extents in (("gid_map", container.gid_map), ("uid_map", container.uid_map)):
+                fd = os.open(f"{pid}/{name}", os.O_WRONLY | os.O_CLOEXEC, dir_fd=proc)
+                try:
+                    os.write(fd, "".join(f"{r.view} {r.disk} {r.count}\n" for r in extents).encode())
+                finally:
+                    os.close(fd)
+        finally:
+            os.close(proc)
+    except OSError as e:
+        raise SetupError(f"cannot write the id map of the container's user namespace: {e.strerror}") from None
+
+
+def enter_as_root() -> None:
+    """In the container's freshly mapped namespace (B0): become its root and
+    drop the host's supplementary groups (host root's would be gid 0)."""
+    os.setgroups([])
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
 
 
 def become_root(idmap: NamespaceMaps) -> None:

@@ -230,7 +230,10 @@ def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
         ops = build_operations(cfg, root_fd)
         with _StderrCapture() as cap:
             try:
-                pyfuse3.init(ops, cfg.mountpoint, kernel_options(cfg))
+                # -o fuse_fd: the launcher mounted the view from the container's user
+                # namespace (shiftfs.container.inner); libfuse serves /dev/fd/N as given.
+                where = cfg.mountpoint if cfg.fuse_fd is None else f"/dev/fd/{cfg.fuse_fd}"
+                pyfuse3.init(ops, where, kernel_options(cfg))
             finally:
                 captured = cap.text()
     except Exception as e:  # report any failure to the foreground process
@@ -255,7 +258,7 @@ def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
             report(f"error: cannot set up logging: {e}; give -o log=FILE")
             pyfuse3.close(unmount=True)
             return 1
-    if cfg.read_ahead_kb > 0:
+    if cfg.read_ahead_kb > 0 and cfg.fuse_fd is None:  # else the launcher tunes it
         import threading
 
         # Started before isolating: this thread stays in the served namespace, where /sys is.
@@ -302,7 +305,7 @@ def mount(cfg: MountConfig) -> int:
     """``shiftfs mount``: check, then serve in the foreground or background."""
     from . import idmapped
 
-    if idmapped.try_mount(cfg):  # table mode as an idmapped bind mount: no daemon
+    if cfg.fuse_fd is None and idmapped.try_mount(cfg):  # table mode as an idmapped bind mount: no daemon
         return 0
     check(cfg)
     if cfg.foreground:

@@ -205,12 +205,14 @@ def kernel_options(cfg: MountConfig) -> set[str]:
     return opts
 
 
-def _secure_backing(policy: XattrPolicy, store: RecordStore, fix: bool) -> list[str]:
+def _secure_backing(policy: XattrPolicy, store: RecordStore, fix: bool, keep_root: bool = False) -> list[str]:
     """Before serving: close backing modes older versions left open to others
     (shiftfs.ownership.trust, rule 1). Returns log lines.
 
     A read-only mount (``fix=False``) changes nothing on disk: records others
-    could have written are then simply not believed.
+    could have written are then simply not believed. ``keep_root``
+    (``allow_shared_source``): SOURCE itself keeps its mode, as shared as we
+    were told it is.
     """
     notes: list[str] = []
     if not fix:
@@ -224,7 +226,7 @@ def _secure_backing(policy: XattrPolicy, store: RecordStore, fix: bool) -> list[
         return Record(du, dg, cur_mode, st.st_rdev if dev else 0)
 
     try:
-        fixed, more = trust.fix_backing_modes(store, policy.trusted_uid, unrecorded)
+        fixed, more = trust.fix_backing_modes(store, policy.trusted_uid, unrecorded, keep_root)
     except OSError as e:
         if e.errno != errno.EROFS:
             raise
@@ -242,11 +244,13 @@ def build_operations(cfg: MountConfig, root_fd: int) -> Operations:
     if cfg.xattr:
         # A read-only mount changes nothing on disk: no records for the root and .shiftfs.
         ro = "ro" in cfg.kernel_opts
-        store = RecordStore(root_fd, create=True, write_legacy=cfg.legacy_xattr, stamp=not ro)
+        store = RecordStore(root_fd, create=True, write_legacy=cfg.legacy_xattr, stamp=not ro, trusted_uid=os.geteuid())
         # Before anything opens the side table (SQLite would replay a planted -wal).
         side = store.check_private(os.geteuid(), fix=not ro)
         policy = XattrPolicy(cfg.uids, cfg.gids, store, cfg.default_owner, stamp_root=not ro)
-        cfg.notes = [f"side table: {n}" for n in side] + _secure_backing(policy, store, fix=not ro)
+        cfg.notes = [f"side table: {n}" for n in side] + _secure_backing(
+            policy, store, fix=not ro, keep_root=cfg.allow_shared_source
+        )
     else:
         policy = TablePolicy(cfg.uids, cfg.gids)
     policy.reread = cfg.shared

@@ -116,6 +116,8 @@ class MountConfig:
     control_fd: int | None = None
     #: present ids the daemon's namespace cannot map as 0 (shiftfs.fs.control)
     single_id: bool = False
+    #: shiftfs run/exec: serve the connection the launcher mounted (``/dev/fd/N``), mount nothing
+    fuse_fd: int | None = None
 
 
 def _coherent(cfg: MountConfig, cache_given: bool, writeback_given: bool) -> None:
@@ -219,6 +221,8 @@ def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mo
                 cfg.control_fd = int(val)
             elif key == "single_id" and not eq:
                 cfg.single_id = True
+            elif key == "fuse_fd" and val.isdigit():
+                cfg.fuse_fd = int(val)
             else:
                 raise UsageError(
                     f"unknown -o option {opt!r}; see 'shiftfs mount --help' for the options shiftfs understands"

@@ -22,7 +22,9 @@ sees it, the process start time, the mount point and what it is (a ``mount``
 daemon, or the container of a ``shiftfs run``). A note counts only while
 that process lives with that start time; stale ones are removed when seen.
 When no note of ours explains the lock (another user's daemon), the pid comes
-from ``/proc/locks``.
+from ``/proc/locks``. A note directory someone else made first
+(``/tmp/shiftfs-UID`` is a name anyone can take) is never used; the refusal
+it causes then names it, its owner and the fix (:func:`runtime_dir_problem`).
 
 The kernel backend (table mode as an idmapped bind mount) has no daemon and
 no cache of its own, so it holds no lock; it is refused only while an
@@ -34,12 +36,26 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
+import stat
 from dataclasses import dataclass
 
 from ..errors import MountError
 
-__all__ = ["Holder", "SourceLock", "holders", "probe", "runtime_dir", "describe", "note_path"]
+__all__ = [
+    "Holder",
+    "SourceLock",
+    "holders",
+    "probe",
+    "runtime_dir",
+    "runtime_dir_path",
+    "runtime_dir_problem",
+    "describe",
+    "note_path",
+]
+
+log = logging.getLogger(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
@@ -82,8 +98,7 @@ def runtime_dir(create: bool = True) -> int | None:
     cover it: the container's note is written through a descriptor the host
     side opened (:mod:`shiftfs.container.join`).
     """
-    uid = host_uid()
-    path = "/run/shiftfs" if uid == 0 else f"/tmp/shiftfs-{uid}"
+    path = runtime_dir_path()
     try:
         if create:
             with contextlib.suppress(FileExistsError):
@@ -96,6 +111,42 @@ def runtime_dir(create: bool = True) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def runtime_dir_path() -> str:
+    """Where :func:`runtime_dir` is: ``/run/shiftfs`` for root, ``/tmp/shiftfs-UID`` for others."""
+    uid = host_uid()
+    return "/run/shiftfs" if uid == 0 else f"/tmp/shiftfs-{uid}"
+
+
+def runtime_dir_problem() -> str | None:
+    """Why the note directory is there but not used (one line with the fix), else None.
+
+    Anyone can make ``/tmp/shiftfs-UID`` before UID does. We never use such
+    a directory, so our daemons and containers leave no note: a second
+    mount is refused without naming the daemon, and a second ``shiftfs run``
+    cannot join the container.
+    """
+    path = runtime_dir_path()
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"shiftfs' note directory {path} cannot be examined ({e.strerror}); fix its path's modes"
+    me = os.geteuid()
+    what = f"shiftfs' note directory {path}"
+    fix = f"have root remove it ('rm -rf {path}'); daemons and containers started after that leave their notes"
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        return f"{what} is not a directory (uid {st.st_uid} made it, mode {stat.filemode(st.st_mode)}): {fix}"
+    if st.st_uid != me:
+        return f"{what} is owned by uid {st.st_uid}, not by you (uid {me}), who took the name first: {fix}"
+    if st.st_mode & 0o077:
+        return (
+            f"{what} is open to others (mode {stat.S_IMODE(st.st_mode):04o}): run 'chmod 700 {path}'; "
+            f"daemons and containers started after that leave their notes"
+        )
+    return None
 
 
 def start_time(pid: int | str) -> int | None:
@@ -271,6 +322,13 @@ def describe(source: str, found: list[Holder]) -> str:
     else:
         who = f"a shiftfs daemon (pid {h.pid})" if h.pid else "a shiftfs daemon (of another user or namespace)"
         way = "use its mount, or unmount it first"
+        squatted = runtime_dir_problem()
+        if squatted:
+            # No note names it because ours cannot be kept: say why, the fix first.
+            return (
+                f"SOURCE {source} is already served by {who}, which left no note saying what it is "
+                f"(a mount, or a container 'shiftfs run' would join): {squatted}"
+            )
     return (
         f"SOURCE {source} is already served by {who}; one daemon per SOURCE keeps the view coherent: "
         f"{way}, or mount every view of it with -o shared (coherent caching, slower)"
@@ -301,6 +359,9 @@ class SourceLock:
         the note directory is kept open to remove the note at exit)."""
         dfd = runtime_dir()
         if dfd is None:
+            problem = runtime_dir_problem()
+            if problem:
+                log.warning("no note names this daemon: %s", problem)
             return
         notes_in(os.dup(dfd), None)  # sweep the notes of daemons killed meanwhile
         pid = own_pid()

@@ -16,10 +16,10 @@ import stat
 from collections.abc import Callable
 
 from ..errors import TreeError
-from ..ownership import acl
+from ..ownership import acl, trust
 from ..ownership.idmap import IdMap, parse_map_args
 from ..ownership.names import STORE_DIR, escape_xattr_name, is_privileged_xattr, temp_name, unescape_xattr_name
-from ..ownership.record import Record, RecordError, decode, encode
+from ..ownership.record import RECORD_NAME, Record, RecordError, decode, encode
 from ..ownership.view import backing_perm, capability_for_disk, get_xattr, list_xattrs, map_capability, type_fits
 from ..sys.files import O_PATH_NOFOLLOW, fchown_fd, proc_fd, utimens_fd
 from .walk import Progress, open_beneath, open_root, open_store, walk
@@ -130,7 +130,7 @@ def absorb(
     """
     umap, gmap = parse_map_args(maps or [])
     root_fd = open_root(root)
-    store = open_store(root_fd, True, legacy_xattr, check=False)
+    store = open_store(root_fd, True, legacy_xattr, check=False, trusted_uid=owner[0])
     progress = progress or Progress("absorb", False)
     placeholders: dict[tuple[int, int], str] = {}
     times = _DirTimes()
@@ -236,12 +236,17 @@ def _absorb_inode(e, store, umap, gmap, to_view, owner) -> None:
                 value = map_capability(value, umap.to_view)
             os.setxattr(path, escaped, value)
             _crash_point("absorb")
-    raw = store.read(fd, st)
+    # A record already there counts only on an inode of ``owner`` (an earlier, interrupted
+    # run chowns last, so its records are on inodes it gave to ``owner`` or they say what
+    # the real ownership says anyway); on any other inode the real owner is the truth, and
+    # a record another user planted there is replaced (shiftfs.ownership.trust, rule 2).
+    raw = store.read(fd, st) if trust.record_counts(st, owner[0]) else None
     if raw is None:
         vu, vg = to_view(e, st)
         raw = encode(Record(vu, vg, st.st_mode, 0))
-        store.write(fd, st, raw)
-        _crash_point("absorb")
+        if store.read(fd, st) != raw:
+            store.write(fd, st, raw)
+            _crash_point("absorb")
     for name in privileged:
         try:
             os.removexattr(path, name)
@@ -299,6 +304,12 @@ def materialize(root: str, maps: list[str] | None, progress=None) -> list[str]:
     umap, gmap = parse_map_args(maps or [])
     root_fd = open_root(root)
     store = open_store(root_fd, False, check=False)
+    try:
+        _check_records_believed(root_fd, store, umap, gmap)
+    except BaseException:
+        store.close()
+        os.close(root_fd)
+        raise
     progress = progress or Progress("materialize", False)
     devices: dict[tuple[int, int], str] = {}
     times = _DirTimes()
@@ -323,10 +334,74 @@ def materialize(root: str, maps: list[str] | None, progress=None) -> list[str]:
                 pass
             else:
                 _rmtree_at(root_fd, STORE_DIR)
+            try:
+                os.removexattr(proc_fd(root_fd), _TRUSTED_XATTR)
+            except OSError as exc:
+                if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
+                    raise
         times.end(root_fd)
     finally:
         os.close(root_fd)
     return errors
+
+
+#: On the tree root while a materialize is under way: the uid whose records it applies
+#: (hidden through a mount like every ``user.containers.*`` name but the escapes).
+_TRUSTED_XATTR = "user.containers.shiftfs_materialize"
+
+
+def _check_records_believed(root_fd: int, store, umap: IdMap, gmap: IdMap) -> None:
+    """Before materialize changes anything: every record in the tree must be one a mount
+    believes (shiftfs.ownership.trust, rule 2), or another user's planted record would
+    become a real setuid-root file. Raises TreeError (one line); nothing is changed then.
+
+    The trusted user is the owner of the tree's root. The first run leaves it on the root
+    (``_TRUSTED_XATTR``) before its first change, since the root is the first inode it
+    chowns; a rerun takes it from there and lets pass the one inode an interruption can
+    leave half done: chowned to its record's ids, its record not yet removed.
+    """
+    top = os.open(".", O_PATH_NOFOLLOW | os.O_DIRECTORY, dir_fd=root_fd)
+    try:
+        rst = os.fstat(top)
+        marker = get_xattr(top, _TRUSTED_XATTR)
+        # Only root (us) or the root's owner could have written it, unless others can write the root.
+        if marker is not None and marker.isdigit() and not rst.st_mode & trust.OTHERS_WRITE:
+            owner, rerun = int(marker), True
+        else:
+            owner, rerun = rst.st_uid, False
+    finally:
+        os.close(top)
+    bad: list[str] = []
+    half_done: set[tuple[int, int]] = set()  # (one inode, under each of its names)
+    for e in walk(root_fd, lambda rel, exc: None):
+        if trust.record_counts(e.st, owner):
+            continue
+        raw = store.read(e.fd, e.st)
+        if raw is None:
+            continue
+        key = (e.st.st_dev, e.st.st_ino)
+        if rerun and (not half_done or key in half_done):
+            try:
+                rec = decode(raw, stat.S_IFMT(e.st.st_mode))
+            except RecordError:
+                rec = None
+            if rec is not None and (umap.to_disk(rec.uid), gmap.to_disk(rec.gid)) == (e.st.st_uid, e.st.st_gid):
+                half_done.add(key)
+                continue
+        bad.append(f"{e.display} ({trust.why_foreign(e.st, owner)})")
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise TreeError(
+            f"{bad[0]}{more} carries a record a mount would not believe (someone else may have planted it); "
+            f"nothing was changed: remove that record ('setfattr -x {RECORD_NAME}') or fix the file's owner "
+            f"and mode, then run materialize again"
+        )
+    if not rerun:
+        try:
+            os.setxattr(proc_fd(root_fd), _TRUSTED_XATTR, str(owner).encode())
+        except OSError as exc:
+            if exc.errno != errno.ENOTSUP:  # no user xattrs: a rerun judges by the root's owner again
+                raise
 
 
 def _rmtree_at(dirfd: int, name: str) -> None:

@@ -78,6 +78,18 @@ def _report(cmd: str, errors: list[str]) -> int:
     return 1 if errors else 0
 
 
+def _sayer(cmd: str) -> Callable[[str], None]:
+    """Print each note (whose records count) once, on stderr."""
+    said: set[str] = set()
+
+    def say(note: str) -> None:
+        if note not in said:
+            said.add(note)
+            _err(cmd, note)
+
+    return say
+
+
 def _maps(args) -> list[str]:
     maps = list(args.map or [])
     parse_map_args(maps)  # validate early: IdMapError → exit 2
@@ -170,9 +182,10 @@ def _cmd_stat(args) -> int:
     def run() -> int:
         umap, gmap = parse_map_args(_maps(args))
         status = 0
+        say = _sayer("stat")
         for i, path in enumerate(args.paths):
             try:
-                text = stat_one(path, args.root, umap, gmap)
+                text = stat_one(path, args.root, umap, gmap, say)
             except (ArchiveError, TreeError) as exc:
                 _err("stat", str(exc))
                 status = 1
@@ -188,7 +201,7 @@ def _cmd_stat(args) -> int:
 def _cmd_ls(args) -> int:
     def run() -> int:
         umap, gmap = parse_map_args(_maps(args))
-        return _report("ls", list_dir(args.dir, args.long, umap, gmap, sys.stdout))
+        return _report("ls", list_dir(args.dir, args.long, umap, gmap, sys.stdout, _sayer("ls")))
 
     return _run("ls", run)
 
@@ -230,24 +243,31 @@ def _add_legacy_xattr(p) -> None:
     )
 
 
+#: Whose records the readers believe (shiftfs.ownership.trust.offline_trusted_uid).
+_TRUST = (
+    " Records count only on inodes you own, as in your mount; any other inode shows as 65534 without "
+    "setuid/setgid. Run as root, the owner of the tree's root is believed instead, and a line on stderr says so."
+)
+
 #: Each offline command's help line and description.
 _TEXTS = {
     "export": (
         "write a tar or cpio archive of a backing tree's view",
-        "Write an archive whose entries carry the view owners, modes, devices and xattrs of ROOT.",
+        "Write an archive whose entries carry the view owners, modes, devices and xattrs of ROOT." + _TRUST,
     ),
     "import": (
         "unpack a tar into a backing tree as records (no privileges needed)",
         "Unpack ARCHIVE (tar, .gz, .xz, .bz2, .zst; - for stdin) into ROOT, keeping ownership, modes "
-        "and devices in records.",
+        "and devices in records. ROOT must be yours (or root's): records on another user's inodes would "
+        "not be believed.",
     ),
     "stat": (
         "show the view metadata of backing files",
-        "Show view metadata from records.",
+        "Show view metadata from records." + _TRUST,
     ),
     "ls": (
         "list a backing directory with view metadata",
-        "List DIR with view owners and modes.",
+        "List DIR with view owners and modes." + _TRUST,
     ),
     "devtable": (
         "device tables: print mmdebstrap's /dev, or add a table's entries to a tar",
@@ -255,7 +275,9 @@ _TEXTS = {
     ),
     "absorb": (
         "(root) turn real ownership into records, files owned by one user",
-        "Turn a tree with real ownership into records; backing files become USER's. Safe to interrupt and rerun.",
+        "Turn a tree with real ownership into records; backing files become USER's. A record already "
+        "there counts only on an inode USER owns; on any other inode the real owner is the truth. "
+        "Safe to interrupt and rerun.",
     ),
     "materialize": (
         "(root) turn records back into real ownership",

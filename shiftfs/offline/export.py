@@ -278,12 +278,15 @@ def export_tree(
                 store_fd = root_fd
         except TreeError:
             store_fd = root_fd
-    store = open_store(store_fd, False, readonly=True)
+    progress = progress or Progress("export", False)
+    store_name = store_root if store_fd != root_fd and store_root is not None else root
+    store = open_store(
+        store_fd, False, readonly=True, name=store_name, say=lambda note: progress.log(f"shiftfs export: {note}")
+    )
     from .cpio import export_cpio
 
     opts = ExportOptions(devices, (os.getuid(), os.getgid()), self_owner if self_owner is not None else (0, 0))
     errors: list[str] = []
-    progress = progress or Progress("export", False)
     try:
         if fmt == "tar":
             _export_tar(root_fd, store, out, umap, gmap, progress, errors, opts)

@@ -157,8 +157,22 @@ class _Importer:
                         f"{rel}: is not a directory in ROOT (a symlink or file); refusing to follow it"
                     ) from None
                 raise
+            try:
+                self._check_ours(os.fstat(fd), rel)
+            except BaseException:
+                os.close(fd)
+                raise
         self._dir_cache[rel] = fd
         return fd
+
+    def _check_ours(self, st: os.stat_result, rel: str) -> None:
+        """Refuse to keep (and fill) a directory whose record would not be believed: another
+        user's directory left in ROOT is theirs to change, records on it count for nobody."""
+        if st.st_uid != self.store.trusted_uid:
+            raise ArchiveError(
+                f"{rel}: a directory of uid {st.st_uid} is in the way, not of uid {self.store.trusted_uid} "
+                f"whose records count; remove it (as its owner or root) and import again"
+            )
 
     def _mkdir(self, parent: int, name: str, rel: str, rec: Record) -> None:
         os.mkdir(name, 0o700, dir_fd=parent)
@@ -236,6 +250,8 @@ class _Importer:
             self._remove(parent, name)
             self._flush_cache()
             parent = self._dir(parts[:-1])
+        elif old is not None:
+            self._check_ours(old, rel)
 
         rec = self._record_of(ti)
         if ti.islnk():
@@ -442,8 +458,22 @@ def import_archive(
     except FileNotFoundError:
         raise UsageError(f"{root}: its parent directory does not exist; create it first") from None
     root_fd = open_root(root)
-    store = open_store(root_fd, True, legacy_xattr)
     progress = progress or Progress("import", False)
+    try:
+        # The records we write go on inodes we create: ours, so we are whose records count
+        # (root too). Into another user's directory they would count for nobody, and the
+        # record that directory may carry is not ours to keep.
+        me = os.geteuid()
+        owner = os.fstat(root_fd).st_uid
+        if owner != me:
+            raise ArchiveError(
+                f"{root} is owned by uid {owner}, not by you (uid {me}): records there would not be "
+                f"believed; import into a directory you own (or run the import as uid {owner})"
+            )
+        store = open_store(root_fd, True, legacy_xattr, trusted_uid=me)
+    except BaseException:
+        os.close(root_fd)
+        raise
     stream, proc = _open_archive_stream(archive)
     imp = _Importer(root_fd, store, oci_layer, progress)
     try:

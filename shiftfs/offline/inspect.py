@@ -31,27 +31,33 @@ def _fmt_time(ns: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec)) + f".{frac:09d}"
 
 
-def stat_one(path: str, root: str | None, umap, gmap) -> str:
-    root = root or find_root(path)
-    root_fd = open_root(root)
-    store = open_store(root_fd, False, readonly=True)
+def stat_one(path: str, root: str | None, umap, gmap, say=None) -> str:
+    """``shiftfs stat`` of one path. Whose records count is the tools' rule
+    (shiftfs.ownership.trust.offline_trusted_uid), never the owner of the
+    directory the file happens to be in; ``say`` gets the line saying whose
+    records count when that is not the running user."""
     try:
+        fd = os.open(path, O_PATH_NOFOLLOW)
+    except FileNotFoundError:
+        raise ArchiveError(f"{path}: no such file; give a path inside a backing tree") from None
+    except OSError as exc:
+        raise ArchiveError(f"{path}: cannot open: {exc.strerror}") from None
+    try:
+        root = root or find_root(path)
+        root_fd = open_root(root)
         try:
-            fd = os.open(path, O_PATH_NOFOLLOW)
-        except FileNotFoundError:
-            raise ArchiveError(f"{path}: no such file; give a path inside a backing tree") from None
-        except OSError as exc:
-            raise ArchiveError(f"{path}: cannot open: {exc.strerror}") from None
-        try:
-            st = os.stat(fd)
-            raw = store.read(fd, st)
-            view = view_at(store, fd, st, umap, gmap, path)
-            xattrs = view_xattrs(fd, view.has_record, umap, gmap) if not stat.S_ISLNK(st.st_mode) else {}
+            store = open_store(root_fd, False, readonly=True, name=root, say=say)
+            try:
+                st = os.stat(fd)
+                raw = store.read(fd, st)
+                view = view_at(store, fd, st, umap, gmap, path)
+                xattrs = view_xattrs(fd, view.has_record, umap, gmap) if not stat.S_ISLNK(st.st_mode) else {}
+            finally:
+                store.close()
         finally:
-            os.close(fd)
+            os.close(root_fd)
     finally:
-        store.close()
-        os.close(root_fd)
+        os.close(fd)
     ftype = stat.S_IFMT(view.mode)
     lines = [f"  File: {path}" + (f" -> {os.readlink(path)}" if ftype == stat.S_IFLNK else "")]
     size = 0 if view.placeholder else st.st_size
@@ -63,7 +69,9 @@ def stat_one(path: str, root: str | None, umap, gmap) -> str:
         lines.append(f"Device: {os.major(view.rdev)},{os.minor(view.rdev)}")
     lines.append(f"Modify: {_fmt_time(st.st_mtime_ns)}")
     if raw is not None:
-        lines.append(f"Record: {raw.decode('ascii', 'replace')}")
+        lines.append(
+            f"Record: {raw.decode('ascii', 'replace')}" + (f" (not believed: {view.distrust})" if view.distrust else "")
+        )
     else:
         lines.append(
             "Record: none (view = backing ids" + (" through --map)" if not umap.identity or not gmap.identity else ")")
@@ -77,12 +85,13 @@ def stat_one(path: str, root: str | None, umap, gmap) -> str:
     return "\n".join(lines)
 
 
-def list_dir(directory: str, long: bool, umap, gmap, out) -> list[str]:
+def list_dir(directory: str, long: bool, umap, gmap, out, say=None) -> list[str]:
+    """``shiftfs ls [-l]`` of one directory (whose records count: as :func:`stat_one`)."""
     errors: list[str] = []
     root = find_root(directory)
     root_fd = open_root(root)
     dir_fd = open_root(directory)
-    store = open_store(root_fd, False, readonly=True)
+    store = open_store(root_fd, False, readonly=True, name=root, say=say if long else None)
     is_root = os.path.samestat(os.fstat(root_fd), os.fstat(dir_fd))
     try:
         names = sorted(os.listdir(dir_fd), key=os.fsencode)

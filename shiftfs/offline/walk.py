@@ -27,6 +27,7 @@ from ..ownership.idmap import IdMap
 from ..ownership.names import STORE_DIR, is_temp_name, view_name
 from ..ownership.record import RecordError
 from ..ownership.store import RecordStore
+from ..ownership.trust import offline_trust_note, offline_trusted_uid
 from ..ownership.view import View, read_view
 from ..sys.files import O_PATH_NOFOLLOW
 
@@ -199,20 +200,41 @@ def open_beneath(root_fd: int, rel: str, flags: int = O_PATH_NOFOLLOW) -> int:
 
 
 def open_store(
-    root_fd: int, create: bool, legacy: bool = False, readonly: bool = False, check: bool = True
+    root_fd: int,
+    create: bool,
+    legacy: bool = False,
+    readonly: bool = False,
+    check: bool = True,
+    *,
+    trusted_uid: int | None = None,
+    name: str = "",
+    say: Callable[[str], None] | None = None,
 ) -> RecordStore:
     """The record store of a tree: read-only for readers, creating for writers.
 
-    ``check=False`` is for absorb/materialize: root rewriting the ownership
-    of the whole tree, side table included, where the tree root's owner
-    changes half way and a rerun must read what the first run wrote.
+    Whose records count is :func:`shiftfs.ownership.trust.offline_trusted_uid`
+    (unless ``trusted_uid`` is given): the running user, or for root the
+    owner of the tree's root; when that is not the running user, ``say``
+    gets one line naming ``name`` and whose records count. A reader on a
+    tree that is not the trusted user's reads no side table (nothing in it
+    could be that user's). ``check=False`` is for absorb/materialize: root
+    rewriting the ownership of the whole tree, side table included, where
+    the tree root's owner changes half way and a rerun must read what the
+    first run wrote.
     """
+    root_st = os.fstat(root_fd)
+    if trusted_uid is None:
+        trusted_uid = offline_trusted_uid(root_st)
+        note = offline_trust_note(name or ".", root_st)
+        if note and say is not None:
+            say(note)
+    theirs = root_st.st_uid != trusted_uid
     if readonly:
-        store = RecordStore(root_fd, False, readonly=True)
+        store = RecordStore(root_fd, False, readonly=True, trusted_uid=trusted_uid, side_table=not theirs)
     else:
-        store = RecordStore(root_fd, create, write_legacy=legacy)
+        store = RecordStore(root_fd, create, write_legacy=legacy, trusted_uid=trusted_uid)
     # A side table someone else could have written is refused (shiftfs.ownership.trust).
-    if not check:
+    if not check or (readonly and theirs):
         return store
     try:
         store.check_private(store.trusted_uid, fix=not readonly)

@@ -38,6 +38,7 @@ import sqlite3
 import stat
 
 from ..sys.files import O_PATH_NOFOLLOW, birth_time, proc_fd
+from . import trust
 from .names import STORE_DIR
 from .record import LEGACY_RECORD_NAME, RECORD_NAME, Record, encode
 
@@ -104,21 +105,33 @@ class RecordStore:
     """
 
     def __init__(
-        self, root_fd: int, create: bool = True, write_legacy: bool = False, readonly: bool = False, stamp: bool = True
+        self,
+        root_fd: int,
+        create: bool = True,
+        write_legacy: bool = False,
+        readonly: bool = False,
+        stamp: bool = True,
+        trusted_uid: int | None = None,
+        side_table: bool = True,
     ):
         #: never write: open the side table read-only (offline readers)
         self.readonly = readonly
         #: give ``.shiftfs`` and the side table records (off for read-only mounts)
         self.stamp = stamp and not readonly
         self.root_fd = root_fd
-        #: whose records count offline (shiftfs.ownership.trust): the owner of the tree's
-        #: root; the mount believes its own user instead (XattrPolicy.trusted_uid)
-        self.trusted_uid = os.fstat(root_fd).st_uid
+        #: whose records count (shiftfs.ownership.trust, rule 2): by default as the offline
+        #: tools believe (trust.offline_trusted_uid); the mount gives its own user
+        if trusted_uid is None:
+            trusted_uid = trust.offline_trusted_uid(os.fstat(root_fd))
+        self.trusted_uid = trusted_uid
         self.create = create
         self.write_legacy = write_legacy
         self._db: sqlite3.Connection | None = None
         self._db_dirfd = -1
-        self._db_missing = False
+        #: side_table=False (a reader on a tree that is not the trusted user's): no row of
+        #: that table is read, as none could be the trusted user's own
+        self._no_side_table = not side_table
+        self._db_missing = not side_table
         self._xattr_ok = True
         # Which name to try first: see the module docstring.
         self._read_names = (LEGACY_RECORD_NAME, RECORD_NAME) if write_legacy else (RECORD_NAME, LEGACY_RECORD_NAME)
@@ -185,7 +198,7 @@ class RecordStore:
     def _conn(self, for_write: bool) -> sqlite3.Connection | None:
         if self._db is not None:
             return self._db
-        if self._db_missing and not for_write:
+        if self._db_missing and (not for_write or self._no_side_table):
             return None
         try:
             dfd = os.open(STORE_DIR, O_PATH_NOFOLLOW | os.O_DIRECTORY, dir_fd=self.root_fd)

@@ -20,9 +20,15 @@ somebody else's container. Three rules, each kept here and nowhere else:
    writable by group or others on disk. The trusted user is the daemon's own
    (effective) uid: the unprivileged user for a user's mount, namespace root
    (= the invoking user) inside ``shiftfs run``/``exec``, and root for a root
-   daemon with ``--xattr``. The offline tools (export, ls, stat) trust the
-   owner of the tree's root directory, so root exporting a user's tree reads
-   that user's records. Any other inode shows as the overflow id (65534) with
+   daemon with ``--xattr``. The offline tools trust the same way
+   (:func:`offline_trusted_uid`): a user's ``export``/``ls``/``stat``/``import``
+   believe that user's records only, wherever the tree lies; run by root they
+   believe the owner of the tree's root directory (root exporting a user's
+   tree reads that user's records) and say so in one line
+   (:func:`offline_trust_note`). ``import`` writes only into its own user's
+   tree; ``absorb`` believes the ``--owner`` it hands the tree to;
+   ``materialize`` changes nothing while a record in the tree fails this
+   rule for the tree root's owner. Any other inode shows as the overflow id (65534) with
    setuid/setgid stripped, its record ignored, unless a table (``--map``)
    maps its owner: then it shows through the table, as a kernel idmapped
    mount would, still without its record.
@@ -34,7 +40,10 @@ somebody else's container. Three rules, each kept here and nowhere else:
    ``allow_shared_source``. A sticky world-writable directory owned by root
    or by us (``/tmp``, ``/var/tmp``) is fine above SOURCE: others can add
    siblings there but cannot rename or remove an entry they do not own, and
-   the entry below it must then be ours (or root's) anyway.
+   the entry below it must then be ours (or root's) anyway. What
+   ``allow_shared_source`` accepts is served as it is: the mount never changes
+   the mode of that SOURCE directory (:func:`fix_backing_modes` leaves it
+   alone), and while others can write it its own record is not believed.
 """
 
 from __future__ import annotations
@@ -54,6 +63,8 @@ __all__ = [
     "fix_backing_modes",
     "record_counts",
     "why_foreign",
+    "offline_trusted_uid",
+    "offline_trust_note",
     "source_problem",
 ]
 
@@ -92,6 +103,38 @@ def why_foreign(st: os.stat_result, trusted_uid: int) -> str:
     if st.st_uid != trusted_uid:
         return f"owned by uid {st.st_uid}, not by uid {trusted_uid}"
     return f"writable by others on disk (mode {stat.S_IMODE(st.st_mode):04o}; 'chmod go-w' it)"
+
+
+def offline_trusted_uid(tree_root: os.stat_result, euid: int | None = None) -> int:
+    """Whose records an offline tool believes (rule 2 without a mount).
+
+    Like a daemon, a user's tool believes its own user: pointed at another
+    user's directory it believes nothing there, so a record planted in a
+    directory somebody names cannot become a setuid-root entry in their
+    archive. Root believes the owner of the tree's root directory, so that
+    root exporting a user's tree reads that user's records
+    (:func:`offline_trust_note` says so).
+    """
+    euid = os.geteuid() if euid is None else euid
+    return tree_root.st_uid if euid == 0 else euid
+
+
+def offline_trust_note(tree: str, tree_root: os.stat_result, euid: int | None = None) -> str | None:
+    """One line saying whose records count when that is not the running user, else None."""
+    euid = os.geteuid() if euid is None else euid
+    owner = tree_root.st_uid
+    if owner == euid:
+        return None
+    ou = overflow_ids()[0]
+    if euid == 0:
+        return (
+            f"believing the records of uid {owner} (the owner of {tree}, not root) on the inodes "
+            f"uid {owner} owns; any other inode shows as {ou} without setuid/setgid"
+        )
+    return (
+        f"{tree} is owned by uid {owner}, not by you (uid {euid}): only records on your own inodes "
+        f"count, the rest shows as {ou} without setuid/setgid; run it as uid {owner} (or root) to see theirs"
+    )
 
 
 # -- rule 3: SOURCE must be private ---------------------------------------------------------
@@ -183,7 +226,7 @@ def source_problem(source: str, uid: int, flag: str = "-o allow_shared_source") 
 # -- trees written before rule 1 -------------------------------------------------------------
 
 
-def fix_backing_modes(store, trusted_uid: int, unrecorded) -> tuple[int, list[str]]:
+def fix_backing_modes(store, trusted_uid: int, unrecorded, keep_root: bool = False) -> tuple[int, list[str]]:
     """Apply rule 1 to every backing inode of the trusted user below the store's root.
 
     Older versions stored a view ``/tmp`` (1777) as 0777 and a 0666 view file
@@ -193,7 +236,10 @@ def fix_backing_modes(store, trusted_uid: int, unrecorded) -> tuple[int, list[st
     others could write setuid or setgid may have been planted: those bits are
     dropped from it (and said). Runs once per mount, before serving, through
     descriptors only (no symlink is followed, other filesystems are skipped).
-    Returns the number of inodes fixed and notes for the log.
+    ``keep_root`` (``allow_shared_source``) leaves the root itself as it is:
+    a SOURCE we were told to share stays shared (its record is then not
+    believed while others can write it). Returns the number of inodes fixed
+    and notes for the log.
     """
     from .view import backing_perm  # (view imports this module)
 
@@ -229,7 +275,7 @@ def fix_backing_modes(store, trusted_uid: int, unrecorded) -> tuple[int, list[st
             st = os.fstat(fd)
             if st.st_dev != dev:
                 return None
-            if st.st_uid == trusted_uid and needs_fix(st):
+            if st.st_uid == trusted_uid and needs_fix(st) and not (keep_root and name == "." and not rel):
                 fix(fd, st, rel)
             if not stat.S_ISDIR(st.st_mode):
                 return None

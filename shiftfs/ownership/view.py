@@ -114,8 +114,8 @@ def foreign_view(st: os.stat_result, uids: IdMap, gids: IdMap, trusted_uid: int)
 def read_view(store, fd: int, st: os.stat_result, uids: IdMap, gids: IdMap) -> View:
     """The view of one inode from its record or its disk ids; raises RecordError on a bad record.
 
-    The trusted user is ``store.trusted_uid`` (offline: the owner of the
-    tree's root). A record on one of its inodes that others can write is not
+    The trusted user is ``store.trusted_uid`` (the mount's user; offline
+    :func:`shiftfs.ownership.trust.offline_trusted_uid`). A record on one of its inodes that others can write is not
     believed: the inode shows as if it had none, and ``distrust`` says why.
     """
     trusted = store.trusted_uid

@@ -78,6 +78,10 @@ PR_SET_DUMPABLE = 4
 SYS_OPEN_TREE = 428
 SYS_MOVE_MOUNT = 429
 SYS_MOUNT_SETATTR = 442
+SYS_FSOPEN = 430
+SYS_FSCONFIG = 431
+SYS_FSMOUNT = 432
+FSCONFIG_CMD_CREATE = 6
 #: pivot_root(2) is older: its number differs per architecture.
 SYS_PIVOT_ROOT = {
     "x86_64": 155,
@@ -141,10 +145,26 @@ def in_init_userns() -> bool:
         return True
 
 
-def set_dumpable() -> None:
-    """Keep /proc/self owned by us after an id change, so the parent can
-    still read /proc/PID/ns/* and write the maps."""
-    check(libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
+def set_dumpable(dumpable: bool = True) -> None:
+    """``True``: keep /proc/self owned by us after an id change, so the parent
+    can still read /proc/PID/ns/* and write the maps. ``False``: a process
+    that a container's root can see (its pid 1, a joining helper before it
+    execs) is made non-dumpable, so ``/proc/PID/{fd,cwd,root,exe,mem,environ}``
+    and ptrace need CAP_SYS_PTRACE in the user namespace of its memory, which
+    for a process forked from the host's ``shiftfs`` is the initial one."""
+    check(libc.prctl(PR_SET_DUMPABLE, 1 if dumpable else 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
+
+
+def close_fds_except(keep: set[int] | frozenset[int] = frozenset()) -> None:
+    """Close every descriptor above 2 but those in ``keep`` (close_range(2)
+    through :func:`os.closerange`): what a process keeps before it enters a
+    container is exactly what its caller lists."""
+    low = 3
+    for fd in sorted(k for k in keep if k >= 3):
+        if fd > low:
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 0x7FFFFFFF)
 
 
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
@@ -235,6 +255,33 @@ def move_mount(fd: int, target: str | bytes) -> None:
         ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
     )
     check(ret, f"move_mount on {os.fsdecode(target)}", os.fsdecode(target))
+
+
+def open_own_proc() -> int:
+    """A descriptor of a new, detached procfs of our pid namespace (fsopen,
+    fsconfig, fsmount: Linux 5.2), attached nowhere: a namespace's pid 1
+    reaches its children's /proc entries through it without changing its
+    mount namespace. Close-on-exec."""
+    fs = check(libc.syscall(ctypes.c_long(SYS_FSOPEN), ctypes.c_char_p(b"proc"), ctypes.c_uint(1)), "fsopen proc")
+    try:
+        check(
+            libc.syscall(
+                ctypes.c_long(SYS_FSCONFIG),
+                ctypes.c_int(fs),
+                ctypes.c_uint(FSCONFIG_CMD_CREATE),
+                ctypes.c_char_p(None),
+                ctypes.c_char_p(None),
+                ctypes.c_int(0),
+            ),
+            "fsconfig proc",
+        )
+        attrs = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC
+        return check(
+            libc.syscall(ctypes.c_long(SYS_FSMOUNT), ctypes.c_int(fs), ctypes.c_uint(1), ctypes.c_uint(attrs)),
+            "fsmount proc",
+        )
+    finally:
+        os.close(fs)
 
 
 def can_pivot_root() -> bool:

@@ -243,12 +243,15 @@ class ImageBuilds:
         mkosibuild.write_project(project, build)
         mkosibuild.prepare_build(build)
         argv = mkosibuild.argv(project, cache_only=True)
-        if name == "mkosi-shiftfs-exec":
-            mkosibuild.stage_packages(self.mkosi_packages, build, (user.uid, user.gid))
-            subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", work], check=True)
-            argv = user.wrap([*self.shiftfs_cmd, "exec", "--shift", build, "--", *argv])
-        else:
-            mkosibuild.stage_packages(self.mkosi_packages, build)
+        try:
+            if name == "mkosi-shiftfs-exec":
+                mkosibuild.stage_packages(self.mkosi_packages, build, (user.uid, user.gid))
+                subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", work], check=True)
+                argv = user.wrap([*self.shiftfs_cmd, "exec", "--shift", build, "--", *argv])
+            else:
+                mkosibuild.stage_packages(self.mkosi_packages, build)
+        except subprocess.CalledProcessError as e:
+            raise StepError(f"could not stage mkosi's package cache: {e}") from None
         os.sync()
         return mkosibuild.image(build), _timed(argv, self.timeout, cwd=project)
 

@@ -7,6 +7,10 @@ filesystem, one way per *build*:
   (the reference every ratio is taken against);
 * ``shiftfs-exec``: the same command, unprivileged, as a throwaway user with a
   subordinate id range, under ``shiftfs exec --shift ./rootfs`` (xattr mode);
+* ``mkosi-real-root`` and ``mkosi-shiftfs-exec``: the README's mkosi recipe
+  (:mod:`bench.mkosibuild`) as real root and as the throwaway user, both from
+  a package cache filled once (``--cache-only=always``: no network in the
+  timing); the user's export is compared with the real-root mkosi tree;
 * peers, as root into their mount (``fuse-overlayfs -o xattr_permissions=2``,
   ``bindfs --map``), when they can do it; otherwise they are listed as
   "cannot" with the reason.
@@ -52,7 +56,17 @@ BUILDS = {
         "as root into fuse-overlayfs -o xattr_permissions=2 (empty lowerdir)",
     ),
     "bindfs": ("bindfs", "as root into bindfs --map (disk 100000+i <-> view i)"),
+    "mkosi-real-root": (
+        "mkosi, real root",
+        "mkosi 24 (bench/mkosibuild.py: Debian bookworm, systemd dbus passwd polkitd) as root, packages cached",
+    ),
+    "mkosi-shiftfs-exec": (
+        "mkosi, shiftfs exec (unprivileged)",
+        "the same as a throwaway user with a range: shiftfs exec --shift BUILD -- mkosi ... build",
+    ),
 }
+#: mkosi builds, compared with each other (not with mmdebstrap's tree).
+MKOSI_BUILDS = ("mkosi-real-root", "mkosi-shiftfs-exec")
 #: Ids a minbase build uses (root, shadow 42, utmp 43, staff 50, mail 8, _apt 42, nogroup).
 MINBASE_IDS = [0, 8, 42, 43, 50, 65534]
 

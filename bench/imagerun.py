@@ -16,6 +16,7 @@ import subprocess
 import time
 
 from . import imagebuild as IB
+from . import mkosibuild
 from . import targets as T
 from .subusers import throwaway_user
 from .sysutil import StepError, cpu_seconds, log
@@ -78,6 +79,8 @@ class ImageBuilds:
             "debs": None,
         }
         self.debs: list[str] = []
+        self.mkosi_packages: str | None = None
+        self.mkosi_why: str | None = "not prepared"
 
     # ------------------------------------------------------------------
     def prepare(self, base: str) -> bool:
@@ -96,6 +99,15 @@ class ImageBuilds:
             "count": len(self.debs),
             "bytes": sum(os.path.getsize(p) for p in self.debs),
         }
+        why = mkosibuild.unavailable()
+        if why is None:
+            try:
+                self.mkosi_packages = mkosibuild.fill_packages(self.cache, self.timeout)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                why = f"could not fill mkosi's package cache: {e}"
+        self.mkosi_why = why
+        if why:
+            log(f"image build: no mkosi build: {why}")
         # the throwaway user walks into the work dir (mkdtemp made it 0700)
         os.chmod(base, 0o711)
         return True
@@ -109,6 +121,15 @@ class ImageBuilds:
         self._status("shiftfs-exec", backing, "cannot" if why else "ok", why)
         if not why:
             builds.append("shiftfs-exec")
+        if self.mkosi_packages:
+            builds.append("mkosi-real-root")
+            self._status("mkosi-real-root", backing, "ok")
+            if not why:
+                builds.append("mkosi-shiftfs-exec")
+            self._status("mkosi-shiftfs-exec", backing, "cannot" if why else "ok", why)
+        else:
+            for name in IB.MKOSI_BUILDS:
+                self._status(name, backing, "cannot", self.mkosi_why)
         peers = {}
         for name in PEERS:
             t = T.BY_NAME[name](ib, self.r.cleanup, ids=IB.MINBASE_IDS, shiftfs_cmd=self.cfg.shiftfs_cmd)
@@ -121,6 +142,7 @@ class ImageBuilds:
             self._status(name, backing, "ok")
         self._status("real-root", backing, "ok")
         user_cm = throwaway_user() if "shiftfs-exec" in builds else _no_user()
+        # mkosi trees live in WORK/build/out/image: remove WORK
         with user_cm as user:
             rounds = min(self.cfg.rounds, MAX_ROUNDS)
             for r in range(rounds):
@@ -137,6 +159,8 @@ class ImageBuilds:
                 for name, tree in trees.items():
                     if name in peers:
                         peers[name].destroy()
+                    elif tree and name in IB.MKOSI_BUILDS:
+                        IB.remove_tree(os.path.join(ib, name))
                     elif tree:
                         IB.remove_tree(os.path.dirname(tree))
         IB.remove_tree(staged)
@@ -153,7 +177,9 @@ class ImageBuilds:
         seconds = err = cpu = None
         tree = None
         try:
-            if name == "real-root":
+            if name in IB.MKOSI_BUILDS:
+                tree, seconds = self._mkosi(name, ib, user)
+            elif name == "real-root":
                 work = os.path.join(ib, name)
                 os.makedirs(work)
                 tree = os.path.join(work, "rootfs")
@@ -209,6 +235,26 @@ class ImageBuilds:
         log(f"  image_build {name:<21} " + (f"{seconds:8.1f}s" if err is None else f"ERROR {err}"))
         return tree
 
+    def _mkosi(self, name, ib, user):
+        """One timed mkosi build (the package cache is copied in first, untimed)."""
+        work = os.path.join(ib, name)
+        os.makedirs(work, mode=0o755)
+        project, build = os.path.join(work, "project"), os.path.join(work, "build")
+        mkosibuild.write_project(project, build)
+        mkosibuild.prepare_build(build)
+        argv = mkosibuild.argv(project, cache_only=True)
+        try:
+            if name == "mkosi-shiftfs-exec":
+                mkosibuild.stage_packages(self.mkosi_packages, build, (user.uid, user.gid))
+                subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", work], check=True)
+                argv = user.wrap([*self.shiftfs_cmd, "exec", "--shift", build, "--", *argv])
+            else:
+                mkosibuild.stage_packages(self.mkosi_packages, build)
+        except subprocess.CalledProcessError as e:
+            raise StepError(f"could not stage mkosi's package cache: {e}") from None
+        os.sync()
+        return mkosibuild.image(build), _timed(argv, self.timeout, cwd=project)
+
     def _stale(self, missing):
         note = (
             f"{len(missing)} installed package(s) were not in the local cache, so apt downloaded them "
@@ -224,15 +270,16 @@ class ImageBuilds:
             pass
 
     def _check(self, backing, trees, user):
-        ref_dir = trees.get("real-root")
-        if not ref_dir:
-            return
-        ref = IB.dir_snapshot(ref_dir)
+        refs = {}
         for name, tree in trees.items():
-            if name == "real-root" or not tree:
+            ref_name = "mkosi-real-root" if name in IB.MKOSI_BUILDS else "real-root"
+            if name == ref_name or not tree or not trees.get(ref_name):
                 continue
             try:
-                if name == "shiftfs-exec":
+                if ref_name not in refs:
+                    refs[ref_name] = IB.dir_snapshot(trees[ref_name])
+                ref = refs[ref_name]
+                if name in ("shiftfs-exec", "mkosi-shiftfs-exec"):
                     out = os.path.join(os.path.dirname(tree), "export.tar")
                     IB.export(user.wrap([]), self.shiftfs_cmd, tree, out, self.timeout)
                     got = IB.tar_snapshot(out)
@@ -246,7 +293,7 @@ class ImageBuilds:
                 {
                     "backing": backing,
                     "build": name,
-                    "how": "shiftfs export, then the tar" if name == "shiftfs-exec" else "the view",
+                    "how": "shiftfs export, then the tar" if "shiftfs-exec" in name else "the view",
                 }
             )
             self.info["checks"].append(res)

@@ -91,9 +91,9 @@ def summarize_image_build(res: dict) -> dict:
         return {}
     recs = [r for r in res["records"] if r["workload"] == "image_build" and r["target"] in info["builds"]]
     ref = {
-        (r["backing"], r["round"]): r["seconds"]
+        (r["target"], r["backing"], r["round"]): r["seconds"]
         for r in recs
-        if r["target"] == "real-root" and not r["error"] and r["seconds"]
+        if r["target"] in ("real-root", "mkosi-real-root") and not r["error"] and r["seconds"]
     }
     out = {}
     for backing in dict.fromkeys(r["backing"] for r in recs):
@@ -103,10 +103,11 @@ def summarize_image_build(res: dict) -> dict:
             if not mine:
                 continue
             times = [r["seconds"] for r in mine if not r["error"]]
+            base = "mkosi-real-root" if name.startswith("mkosi-") else "real-root"
             ratios = [
-                r["seconds"] / ref[(backing, r["round"])]
+                r["seconds"] / ref[(base, backing, r["round"])]
                 for r in mine
-                if not r["error"] and (backing, r["round"]) in ref
+                if not r["error"] and (base, backing, r["round"]) in ref
             ]
             cpu = [r["daemon_cpu_s"] for r in mine if r.get("daemon_cpu_s") is not None]
             row[name] = {
@@ -142,7 +143,9 @@ def image_build_md(res: dict, summary: dict) -> list[str]:
         f"({debs.get('count', '?')} .debs, {debs.get('bytes', 0) / 1e6:.0f} MB, copied into the new root's "
         "/var/cache/apt/archives by a setup hook, so no .deb is downloaded in the timed build; "
         "`apt-get update` still runs and its network time, about 10 s, is in every build). "
-        "Ratios are to the real-root build of the same round; lower is better.",
+        "Ratios are to the real-root build of the same round; lower is better. "
+        "The mkosi builds (bench/mkosibuild.py, `--cache-only=always` from a package cache filled once: "
+        "no network in the timing) are compared with mkosi as real root.",
         "",
     ]
     for backing, row in summary.items():
@@ -170,7 +173,7 @@ def image_build_md(res: dict, summary: dict) -> list[str]:
             if c["n"] > 1 and c["ratio_min"] is not None:
                 ratio += f" ({c['ratio_min']:.2f}–{c['ratio_max']:.2f})"
             chk = checks.get(name)
-            if name == "real-root":
+            if name in ("real-root", "mkosi-real-root"):
                 verdict = "reference"
             elif chk is None:
                 verdict = "not run"

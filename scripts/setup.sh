@@ -22,6 +22,22 @@ if [ -n "$missing" ]; then
     apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 
+# mkosi (tests/test_mkosi.py, the README's mkosi recipe): Debian 12's mkosi 14 cannot build in a
+# user namespace; bookworm-backports has 24.3 (it pulls systemd 254 from there too). The backports
+# source is added if no apt source names it; without it (or offline) the mkosi test skips, saying so.
+if [ "$(id -u)" = 0 ] && [ -z "${SHIFTFS_SETUP_NO_MKOSI:-}" ] \
+    && ! dpkg-query -W -f='${Version}' mkosi 2>/dev/null | grep -q '^2[4-9]'; then
+    if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        echo "setup: adding the bookworm-backports apt source (for mkosi 24)"
+        printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+            > /etc/apt/sources.list.d/bookworm-backports.sources
+        apt-get update -qq || true
+    fi
+    echo "setup: installing mkosi from bookworm-backports"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -t bookworm-backports mkosi >/dev/null \
+        || echo "setup: warning: mkosi from bookworm-backports could not be installed; tests/test_mkosi.py will skip" >&2
+fi
+
 # /dev/fuse: distributions ship it 0666 through udev rules; this machine has no udev.
 if [ -c /dev/fuse ] && [ "$(stat -c %a /dev/fuse)" != 666 ] && [ "$(id -u)" = 0 ]; then
     echo "setup: making /dev/fuse mode 0666, as udev does on distributions (it was $(stat -c %a /dev/fuse))"

@@ -423,3 +423,172 @@ def test_mmdebstrap_matches_a_real_root_build(user, debian_tar, tmp_path):
         assert host_owners(d) == {(user.uid, user.gid)}
     finally:
         remove_tree(d)
+
+
+# O_PATH descriptors as dirfd and as the AT_EMPTY_PATH target: systemd-tmpfiles
+# chowns what it made through them, e.g. fchownat(fd, "", -1, 999, AT_EMPTY_PATH).
+O_PATH_CALLS = r"""
+import ctypes, json, os, stat, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+NR = dict(fchown=93, fchownat=260, mknodat=259)
+EMPTY, NOFOLLOW = 0x1000, 0x100
+res = {}
+def call(tag, name, *args):
+    cargs = [ctypes.c_char_p(a) if isinstance(a, bytes) else ctypes.c_long(a) for a in args]
+    rc = libc.syscall(NR[name], *cargs)
+    res[tag] = 0 if rc == 0 else ctypes.get_errno()
+os.umask(0)
+os.chdir(sys.argv[1])
+for n in "a b".split():
+    open("r/" + n, "w").close()
+os.mkdir("r/journal")
+os.symlink("a", "r/lnk")
+r = os.open("r", os.O_PATH | os.O_DIRECTORY)
+call("dirfd-name", "fchownat", r, b"a", 70, 71, 0)
+call("dirfd-symlink-nofollow", "fchownat", r, b"lnk", 72, 73, NOFOLLOW)
+j = os.open("r/journal", os.O_PATH | os.O_DIRECTORY)
+call("empty-path-group-only", "fchownat", j, b"", -1, 999, EMPTY)
+b = os.open("r/b", os.O_PATH)
+call("empty-path-file", "fchownat", b, b"", 74, 75, EMPTY)
+call("mknodat-dirfd", "mknodat", r, b"null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+# the descriptor named through the caller's /proc (libacl, systemd: setxattr of an O_PATH fd)
+open("r/c", "w").close()
+c = os.open("r/c", os.O_PATH)
+NR["chown"] = 92
+call("proc-self-fd", "chown", b"/proc/self/fd/%d" % c, 76, 77)
+import struct
+value = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in
+    [(1, 6, 0xFFFFFFFF), (4, 4, 0xFFFFFFFF), (8, 5, 4), (0x10, 5, 0xFFFFFFFF), (0x20, 4, 0xFFFFFFFF)])
+try:
+    os.setxattr("/proc/thread-self/fd/%d" % c, "system.posix_acl_access", value)
+    res["proc-fd-acl"] = 0
+except OSError as e:
+    res["proc-fd-acl"] = e.errno
+# the kernel's own answers stay: fchown of an O_PATH descriptor is EBADF
+call("fchown-opath", "fchown", b, 42, 42)
+x = os.open("outside", os.O_PATH | os.O_DIRECTORY)
+open("outside/x", "w").close()
+call("outside-dirfd", "fchownat", x, b"x", 42, 42, 0)
+call("outside-mknodat", "mknodat", x, b"null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+print(json.dumps(res))
+"""
+
+
+def test_o_path_descriptors(user, wd):
+    """fchownat and mknodat through an O_PATH dirfd, and fchownat of an O_PATH
+    descriptor with AT_EMPTY_PATH (systemd-tmpfiles' form), are recorded."""
+    import errno
+
+    res = shiftfs_exec(user, wd, sys.executable, "-c", O_PATH_CALLS, wd)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.splitlines()[-1])
+    ok = ["dirfd-name", "dirfd-symlink-nofollow", "empty-path-group-only", "empty-path-file", "mknodat-dirfd"]
+    ok += ["proc-self-fd", "proc-fd-acl"]
+    assert {k: got[k] for k in ok} == dict.fromkeys(ok, 0)
+    assert got["fchown-opath"] == errno.EBADF
+    assert got["outside-dirfd"] == errno.EINVAL
+    assert got["outside-mknodat"] == errno.EPERM
+    entries = export(user, wd)
+    want = {
+        "a": ("reg", 0o666, 70, 71),
+        "lnk": ("sym", 0o777, 72, 73),
+        "journal": ("dir", 0o777, 0, 999),
+        "b": ("reg", 0o666, 74, 75),
+        "null": ("chr", 0o666, 0, 0),
+        "c": ("reg", 0o654, 76, 77),
+    }
+    for name, (kind, mode, uid, gid) in want.items():
+        m = entries[name]
+        assert (_TYPES[m.type], m.mode, m.uid, m.gid) == (kind, mode, uid, gid), name
+    assert host_owners(wd) == {(user.uid, user.gid)}
+
+
+ACLS = """
+cd r
+touch f s m
+mkdir journal
+chown 0:999 journal
+chmod 2755 journal
+setfacl -d -m g:4:r-x journal && echo default=0
+setfacl -m g:4:r-x journal && echo access=0
+getfacl journal >/dev/null 2>&1 || echo read=EINVAL
+setfacl -m u:5:rwx f && echo named-user=0
+setfacl -m g:0:rw m && echo mappable=0
+chown 0:42 s
+chmod 2755 s
+setpriv --bounding-set -fsetid setfacl -m u:6:r s && echo nofsetid=0
+touch ../outside/x
+setfacl -m g:4:r ../outside/x 2>/dev/null || echo outside=EINVAL
+setpriv --bounding-set -fowner setfacl -m g:4:r f 2>/dev/null || echo nofowner=EINVAL
+touch new
+mkdir journal/sub && touch journal/sub/file
+stat -c '%a' f
+"""
+
+
+def test_acls_naming_unmappable_ids_are_recorded(user, wd):
+    """setfacl (systemd-tmpfiles too) of an ACL that names ids the single-id
+    namespace cannot map: the kernel refuses it (EINVAL); the view's daemon
+    stores it as with a range, the mode in step, and export carries it."""
+    from shiftfs.ownership import acl
+
+    res = shiftfs_exec(user, wd, "sh", "-c", ACLS)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.split()
+    for tag in ("access=0", "default=0", "named-user=0", "mappable=0", "nofsetid=0"):
+        assert tag in lines, res.stdout + res.stderr
+    assert "outside=EINVAL" in lines and "nofowner=EINVAL" in lines
+    # the kernel cannot show such an ACL inside (a limit, see the README): it reads as EINVAL
+    assert "read=EINVAL" in lines
+    assert lines[-1] == "674"  # the mask (rwx) is the group class of the mode
+    entries = export(user, wd)
+
+    def acl_of(name: str, which: str = "access") -> list[tuple[int, int, int]] | None:
+        raw = entries[name].pax_headers.get(f"SCHILY.xattr.system.posix_acl_{which}")
+        return None if raw is None else acl.parse(raw.encode("utf-8", "surrogateescape"))
+
+    U, G, M = acl.USER, acl.GROUP, acl.MASK
+    journal = entries["journal"]
+    assert (journal.mode, journal.uid, journal.gid) == (0o2755, 0, 999)
+    assert (G, 5, 4) in (acl_of("journal") or [])
+    assert (G, 5, 4) in (acl_of("journal", "default") or [])
+    assert (U, 7, 5) in (acl_of("f") or []) and (M, 7, 0xFFFFFFFF) in (acl_of("f") or [])
+    assert entries["f"].mode == 0o674
+    assert (G, 6, 0) in (acl_of("m") or [])
+    # no CAP_FSETID and not in group 42: the setgid bit goes, as the kernel does it
+    assert (entries["s"].mode, entries["s"].gid) == (0o755, 42)
+    assert (U, 4, 6) in (acl_of("s") or [])
+    # the default ACL is inherited by what is made below
+    assert (G, 5, 4) in (acl_of("journal/sub") or [])
+    assert (G, 5, 4) in (acl_of("journal/sub/file") or [])
+    assert acl_of("new") is None
+    assert host_owners(wd) == {(user.uid, user.gid)}
+    assert not [n for n in os.listxattr(os.path.join(wd, "outside", "x")) if "acl" in n]
+
+
+SETGROUPS = r"""
+import json, os
+res = {}
+before = os.getgroups()
+for tag, groups in (("own", [0]), ("empty", []), ("other", [5]), ("own-and-other", [0, 5])):
+    try:
+        os.setgroups(groups)
+        res[tag] = 0
+    except OSError as e:
+        res[tag] = e.errno
+res["unchanged"] = os.getgroups() == before
+print(json.dumps(res))
+"""
+
+
+def test_setgroups_of_the_own_gid_succeeds_as_a_no_op(user, wd):
+    """A single-id namespace denies setgroups; mkosi 24 calls setgroups([0])
+    before each sync and stopped there. The caller's own gid (or none) succeeds and
+    changes nothing; any other list keeps the kernel's EPERM."""
+    import errno
+
+    res = shiftfs_exec(user, wd, sys.executable, "-c", SETGROUPS)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.splitlines()[-1])
+    assert got == {"own": 0, "empty": 0, "other": errno.EPERM, "own-and-other": errno.EPERM, "unchanged": True}

@@ -173,3 +173,22 @@ def test_namespace_maps_use_the_one_range_type():
     assert m.gid_map == (Range(1000, 0, 1), Range(100000, 1, 65536))
     assert m.maps_uid(0) and m.maps_uid(65535) and not m.maps_uid(65536)
     assert m.describe() == "uid 0->1000, 1-65535->524289; gid 0->1000, 1-65536->100000"
+
+
+def test_acl_check_valid_mirrors_the_kernel():
+    U, UO, G, GO, M, OT = acl.USER, acl.USER_OBJ, acl.GROUP, acl.GROUP_OBJ, acl.MASK, acl.OTHER
+    base = [(UO, 6, 0xFFFFFFFF), (GO, 4, 0xFFFFFFFF), (OT, 4, 0xFFFFFFFF)]
+    acl.check_valid(base)
+    acl.check_valid(acl.parse(acl.pack([*base, (G, 5, 4), (M, 5, 0xFFFFFFFF)])))
+    assert acl.named_ids([*base, (U, 7, 5), (G, 5, 4)]) == ({5}, {4})
+    bad = [
+        [*base, (G, 5, 4)],  # named entry without a mask
+        [(UO, 6, 0), (GO, 4, 0)],  # no other entry
+        [*base[:2], (G, 5, 4), (G, 4, 4), (M, 5, 0), base[2]],  # an id named twice
+        [(GO, 4, 0), (UO, 6, 0), (OT, 4, 0)],  # out of order
+        [(UO, 0o17, 0), (GO, 4, 0), (OT, 4, 0)],  # permission beyond rwx
+        [(UO, 6, 0), (0x40, 4, 0), (GO, 4, 0), (OT, 4, 0)],  # unknown tag
+    ]
+    for entries in bad:
+        with pytest.raises(acl.AclError):
+            acl.check_valid(entries)

@@ -17,6 +17,11 @@ of its own pid namespace (``/proc/PID/mem``, ``cwd``, ``root``, ``fd/N``):
   kernel resolves them for the caller. No module may be imported while the
   root is the caller's: everything used is imported at load time.
 
+A path through the caller's ``/proc/self/fd/N`` (or ``thread-self``; libacl
+and systemd name an O_PATH descriptor so for ``setxattr``) is the caller's
+descriptor N when the caller's ``/proc`` is a procfs (its mountinfo says so):
+opened by the supervisor, ``self`` would name the supervisor.
+
 Races: the caller (another thread) may change the path or a component
 between our read and our action. We act on what we resolved, and only on an
 inode in one of the run's views, which the caller could reach and change
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 
 from ..sys.libc import AT_FDCWD
 
@@ -38,6 +44,7 @@ __all__ = ["Caller", "read_path", "PATH_MAX"]
 PATH_MAX = 4096
 _O_PATH = os.O_PATH | os.O_CLOEXEC
 _O_PATH_OPEN = 0o10000000  # O_PATH as /proc/PID/fdinfo shows it (octal flags)
+_PROC_FD = re.compile(rb"/proc/(?:self|thread-self)/fd/([0-9]+)")
 
 
 class Caller:
@@ -62,6 +69,16 @@ class Caller:
             key, _, val = line.partition(":")
             out[key] = val.strip()
         return out
+
+    def _proc_is_procfs(self) -> bool:
+        fd = self._open_proc("mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            chunks = []
+            while data := os.read(fd, 65536):
+                chunks.append(data)
+        finally:
+            os.close(fd)
+        return _proc_mounted(b"".join(chunks).decode(errors="replace"))
 
     def read_path(self, addr: int) -> bytes:
         """The NUL-terminated string at ``addr`` in the caller's memory (OSError: EFAULT, ENAMETOOLONG)."""
@@ -96,22 +113,27 @@ class Caller:
             raise OSError(errno.EFAULT, "cannot read the value")
         return data
 
-    def open_fd(self, fd: int) -> int:
-        """An O_PATH descriptor of the caller's open file ``fd`` (EBADF: not open, or an O_PATH one)."""
+    def open_fd(self, fd: int, o_path: bool = False) -> int:
+        """An O_PATH descriptor of the caller's open file ``fd`` (EBADF: not open).
+
+        ``o_path``: the caller's descriptor may itself be an O_PATH one, as
+        for a ``dirfd`` or the target of ``AT_EMPTY_PATH``; ``fchown`` and
+        ``fsetxattr`` of an O_PATH descriptor are EBADF in the kernel."""
         if fd < 0:
             raise OSError(errno.EBADF, "bad descriptor")
-        info = self._open_proc(f"fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            text = os.read(info, 4096).decode()
-        finally:
-            os.close(info)
-        for line in text.splitlines():
-            if line.startswith("flags:") and int(line.split()[1], 8) & _O_PATH_OPEN:
-                raise OSError(errno.EBADF, "an O_PATH descriptor")
+        if not o_path:
+            info = self._open_proc(f"fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                text = os.read(info, 4096).decode()
+            finally:
+                os.close(info)
+            for line in text.splitlines():
+                if line.startswith("flags:") and int(line.split()[1], 8) & _O_PATH_OPEN:
+                    raise OSError(errno.EBADF, "an O_PATH descriptor")
         return self._open_proc(f"fd/{fd}")
 
     def _start(self, dirfd: int) -> int:
-        return self._open_proc("cwd") if dirfd == AT_FDCWD else self.open_fd(dirfd)
+        return self._open_proc("cwd") if dirfd == AT_FDCWD else self.open_fd(dirfd, o_path=True)
 
     def resolve(self, dirfd: int, path: bytes, follow: bool, directory: bool = False) -> int:
         """An O_PATH descriptor of what ``path`` (relative to ``dirfd``) names for the caller.
@@ -119,6 +141,9 @@ class Caller:
         An empty path names ``dirfd`` itself (the caller checked AT_EMPTY_PATH)."""
         if not path:
             return self._start(dirfd)
+        magic = _PROC_FD.fullmatch(path)
+        if magic and follow and self._proc_is_procfs():
+            return self.open_fd(int(magic.group(1)), o_path=True)
         root = self._open_proc("root")
         try:
             start = None if path.startswith(b"/") else self._start(dirfd)
@@ -136,6 +161,16 @@ class Caller:
                     os.close(start)
         finally:
             os.close(root)
+
+
+def _proc_mounted(mountinfo: str) -> bool:
+    """Whether a mountinfo text has a procfs on ``/proc`` (mount points are relative to the process's root)."""
+    for line in mountinfo.splitlines():
+        fields, _, tail = line.partition(" - ")
+        parts = fields.split()
+        if len(parts) > 4 and parts[4] == "/proc" and tail.split()[:1] == ["proc"]:
+            return True
+    return False
 
 
 def read_path(caller: Caller, addr: int) -> bytes:

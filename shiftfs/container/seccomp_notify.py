@@ -26,8 +26,18 @@ a single-id namespace trap exactly these calls:
   shows the owner the kernel sees as 0 in a read-only xattr
   (``user.shiftfs.owner``), so that tools copying a file by its stat and
   xattrs (``cp -a``, ``rsync -aX``; usrmerge does) can carry it; a set of
-  that xattr by a caller with CAP_CHOWN is a chown to the ids it names. Any
+  that xattr by a caller with CAP_CHOWN is a chown to the ids it names. A
+  POSIX ACL (``system.posix_acl_access``/``_default``) that names an id the
+  namespace cannot map, which the kernel refuses with EINVAL
+  (systemd-tmpfiles gives ``/var/log/journal`` one for group adm), is
+  stored by the daemon for a caller with CAP_FOWNER, as with a range. Any
   other xattr continues in the kernel.
+* ``setgroups`` is trapped too (rare): a single-id namespace is made with
+  setgroups denied, so the kernel answers EPERM even to a caller that asks
+  only for its own gid (0); mkosi does exactly that before every sync and
+  stops. Such a call, by a caller with CAP_SETGID, returns success and
+  changes nothing: the caller keeps the supplementary groups it had, and
+  gains no access it did not have. Any other list gets the kernel's EPERM.
 * ``mount`` is trapped too (it is rare): a devpts mount with the tty group's
   id, which builders make in their tree, is made without it
   (:mod:`.notify_mount`); every other mount continues in the kernel.
@@ -41,11 +51,13 @@ import os
 import select
 import socket
 import stat
+import struct
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..errors import SetupError
+from ..ownership import acl
 from ..sys import mounts
 from ..sys import seccomp as notif
 from ..sys.libc import AT_EMPTY_PATH, AT_FDCWD
@@ -64,6 +76,9 @@ __all__ = [
 
 CAP_CHOWN = 0
 CAP_DAC_OVERRIDE = 1
+CAP_FOWNER = 3
+CAP_FSETID = 4
+CAP_SETGID = 6
 CAP_MKNOD = 27
 AT_SYMLINK_NOFOLLOW = 0x100
 _AUDIT_ARCH_X86_64 = 0xC000003E
@@ -72,7 +87,10 @@ _S_IFMT = 0o170000
 _CHOWN_ARGS = {"chown": (1, 2), "fchown": (1, 2), "lchown": (1, 2), "fchownat": (2, 3)}
 _MKNOD_ARGS = {"mknod": 1, "mknodat": 2}
 _SETXATTR = ("setxattr", "lsetxattr", "fsetxattr")
-TRAPPED = (*_CHOWN_ARGS, *_MKNOD_ARGS, "mount", *_SETXATTR)
+_ACL_NAMES = tuple(n.encode() for n in acl.ACL_NAMES)
+#: the largest ACL value read from a caller (1024 entries; ext4 takes ~500 in a block)
+_ACL_MAX = 4 + 8 * 1024
+TRAPPED = (*_CHOWN_ARGS, *_MKNOD_ARGS, "mount", *_SETXATTR, "setgroups")
 #: The view's read-only xattr with the owner the kernel is shown as 0 (shiftfs.fs.xattrs).
 OWNER_XATTR = b"user.shiftfs.owner"
 
@@ -107,6 +125,8 @@ def load_filter() -> int:
     # Rare too; only a copy of the owner xattr (cp -a, rsync -aX of a view file) becomes a chown.
     for name in _SETXATTR:
         f.add_rule(seccomp.NOTIFY, name)
+    # Always EPERM in the kernel here; a list of the caller's own gid succeeds as a no-op.
+    f.add_rule(seccomp.NOTIFY, "setgroups")
     f.load()
     return int(f.get_notify_fd())
 
@@ -147,6 +167,20 @@ def _id(v: int) -> int | None:
     return None if v == 0xFFFFFFFF else v
 
 
+def _ranges(name: str, proc_fd: int) -> list[tuple[int, int]]:
+    """The namespace-side ranges of a ``uid_map``/``gid_map`` (read through ``proc_fd``)."""
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc_fd)
+    try:
+        text = os.read(fd, 65536).decode()
+    finally:
+        os.close(fd)
+    return [(int(f[0]), int(f[2])) for f in (line.split() for line in text.splitlines()) if len(f) == 3]
+
+
+def _mapped(ranges: list[tuple[int, int]], xid: int) -> bool:
+    return any(lo <= xid < lo + count for lo, count in ranges)
+
+
 class _Continue(Exception):
     """Hand the call back to the kernel."""
 
@@ -160,6 +194,8 @@ class Supervisor:
         self.numbers = _syscall_numbers()
         self.userns = os.stat(f"{os.getpid()}/ns/user", dir_fd=proc_fd).st_ino
         self.counts = {"notified": 0, "handled": 0, "continued": 0}
+        self.uids = _ranges(f"{os.getpid()}/uid_map", proc_fd)
+        self.gids = _ranges(f"{os.getpid()}/gid_map", proc_fd)
 
     def serve(self) -> None:
         poller = select.poll()
@@ -222,8 +258,15 @@ class Supervisor:
                 os.close(fd)
         if name == "mount":
             return self._mount(caller, n)
+        if name == "setgroups":
+            return self._setgroups(caller, n)
         if name in _SETXATTR:
-            return self._owner_copy(caller, name, n)
+            xname = caller.read_path(a[1])
+            if xname == OWNER_XATTR:
+                return self._owner_copy(caller, name, n)
+            if xname in _ACL_NAMES:
+                return self._acl(caller, name, xname, n)
+            raise _Continue
         mi = _MKNOD_ARGS[name]
         dirfd = AT_FDCWD if name == "mknod" else _s32(a[0])
         path = caller.read_path(a[mi - 1])
@@ -275,6 +318,23 @@ class Supervisor:
             raise _Continue
         return notify_mount.mount_for(caller, source, target, a[3] & 0xFFFFFFFF, data)
 
+    def _setgroups(self, caller: Caller, n: notif.Notification) -> int | None:
+        """setgroups of gids the caller already has as its gid: success, nothing changed."""
+        size = _s32(n.args[0])
+        if not 0 <= size <= 64:
+            raise _Continue
+        data = caller.read_bytes(n.args[1], 4 * size) if size else b""
+        wanted = set(struct.unpack(f"<{size}I", data))
+        status = caller.status()
+        own = {int(x) for x in status.get("Gid", "").split()}
+        if not wanted <= own:
+            raise _Continue
+        if not notif.id_valid(self.listener, n.id):
+            return None
+        if not self._capable(caller, status, CAP_SETGID):
+            raise _Continue
+        return 0
+
     def _capable(self, caller: Caller, status: dict[str, str], cap: int) -> bool:
         """Whether the caller has ``cap`` in *our* user namespace (not one it made below it)."""
         if os.stat(f"{caller.pid}/ns/user", dir_fd=self.proc).st_ino != self.userns:
@@ -294,7 +354,7 @@ class Supervisor:
     def _owner_copy(self, caller: Caller, name: str, n: notif.Notification) -> int | None:
         """A set of the owner xattr: a chown to the ids it names, or the kernel's (the view refuses it)."""
         a = n.args
-        if caller.read_path(a[1]) != OWNER_XATTR or not 0 < a[3] <= 64:
+        if not 0 < a[3] <= 64:
             raise _Continue
         try:
             u, g = caller.read_bytes(a[2], a[3]).split(b":")
@@ -303,12 +363,55 @@ class Supervisor:
             raise _Continue from None
         if not (0 <= uid < 0xFFFFFFFF and 0 <= gid < 0xFFFFFFFF):
             raise _Continue
-        if name == "fsetxattr":
-            fd = caller.open_fd(_s32(a[0]))
-        else:
-            fd = caller.resolve(AT_FDCWD, caller.read_path(a[0]), follow=name == "setxattr")
+        fd = self._xattr_target(caller, name, a)
         try:
             return self._chown(caller, n, fd, uid, gid)
+        finally:
+            os.close(fd)
+
+    def _xattr_target(self, caller: Caller, name: str, a: tuple[int, ...]) -> int:
+        if name == "fsetxattr":
+            return caller.open_fd(_s32(a[0]))
+        return caller.resolve(AT_FDCWD, caller.read_path(a[0]), follow=name == "setxattr")
+
+    def _acl(self, caller: Caller, name: str, xname: bytes, n: notif.Notification) -> int | None:
+        """A POSIX ACL naming ids the namespace cannot map: stored by the view's daemon; else the kernel's."""
+        a = n.args
+        size, flags = a[3] & 0xFFFFFFFF, a[4] & 0xFFFFFFFF
+        if flags or not 4 <= size <= _ACL_MAX:
+            raise _Continue
+        value = caller.read_bytes(a[2], size)
+        try:
+            entries = acl.parse(value)
+            acl.check_valid(entries)
+        except acl.AclError:
+            raise _Continue from None  # EINVAL from the kernel
+        uids, gids = acl.named_ids(entries)
+        if all(_mapped(self.uids, u) for u in uids) and all(_mapped(self.gids, g) for g in gids):
+            raise _Continue  # the kernel can store it
+        fd = self._xattr_target(caller, name, a)
+        try:
+            view = self._view(fd)
+            if not notif.id_valid(self.listener, n.id):
+                return None
+            status = caller.status()
+            if not self._capable(caller, status, CAP_FOWNER):
+                raise _Continue
+            if os.fstatvfs(fd).f_flag & os.ST_RDONLY:
+                return errno.EROFS
+            st = os.fstat(fd)
+            if stat.S_ISLNK(st.st_mode):
+                return errno.EOPNOTSUPP
+            if xname == _ACL_NAMES[1] and not stat.S_ISDIR(st.st_mode):
+                return errno.EACCES
+            req = {
+                "op": "setxattr",
+                "ino": st.st_ino,
+                "name": xname.decode(),
+                "value": value.hex(),
+                "fsetid": self._capable(caller, status, CAP_FSETID),
+            }
+            return self._ask(view, req)
         finally:
             os.close(fd)
 

@@ -15,7 +15,13 @@ system:
   setgid bits of a non-directory are cleared, as the kernel does);
 * ``{"op": "mknod", "parent": N, "name": HEX, "mode": M, "rdev": R, "uid": U,
   "gid": G, "umask": K}``: a device node NAME in directory N, made like a
-  FUSE MKNOD of a privileged caller (a placeholder file plus its record).
+  FUSE MKNOD of a privileged caller (a placeholder file plus its record);
+* ``{"op": "setxattr", "ino": N, "name": "system.posix_acl_access"|
+  "system.posix_acl_default", "value": HEX, "fsetid": B}``: a POSIX ACL
+  naming ids the namespace cannot map (the kernel refuses it with EINVAL),
+  stored as a FUSE SETXATTR would store it: escaped in xattr mode, the mode
+  kept in step, the setgid bit cleared unless ``fsetid`` (the caller's only
+  group is 0, so it is in no other file group).
 
 Each answer is ``{"errno": E}`` (0: done). The kernel's cached attributes or
 entry are invalidated before answering, from a worker thread: the
@@ -44,6 +50,7 @@ from typing import Any, cast
 import pyfuse3
 import trio
 
+from ..ownership import acl
 from .ops import Ctx, Operations
 
 __all__ = ["serve_control", "single_id_presenter"]
@@ -103,7 +110,21 @@ def _mknod(ops: Operations, req: dict[str, Any]) -> Callable[[], None]:
     return lambda: pyfuse3.invalidate_entry(pid, name)
 
 
-_OPS = {"chown": _chown, "mknod": _mknod}
+def _setxattr(ops: Operations, req: dict[str, Any]) -> Callable[[], None]:
+    name = str(req["name"])
+    if name not in acl.ACL_NAMES:
+        raise OSError(errno.EINVAL, "only POSIX ACLs are set through the control channel")
+    value = bytes.fromhex(req["value"])
+    acl.check_valid(acl.parse(value))
+    node, vname, bname = ops._writable_xattr(int(req["ino"]), name.encode())
+    fsetid = bool(req["fsetid"])
+    ops.store_xattr(node, vname, bname, value, lambda view: fsetid or view.gid == 0)
+    ino = node.id
+    # attributes (the mode may follow the ACL) and the kernel's cached ACLs
+    return lambda: pyfuse3.invalidate_inode(ino, attr_only=True)
+
+
+_OPS = {"chown": _chown, "mknod": _mknod, "setxattr": _setxattr}
 
 
 def _handle(ops: Operations, data: bytes) -> tuple[int, Callable[[], None] | None]:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import pyfuse3
 
 from ..ownership.policy import CreatePlan, OwnershipPolicy
+from ..ownership.view import View
 from .caller import in_group_or_capable, sees_trusted
 from .inodes import Inode, InodeTable
 from .options import CacheConfig
@@ -148,6 +149,15 @@ class XattrHandlers:
     @fuse_handler
     def setxattr(self, inode_id: int, name: bytes, value: bytes, ctx: Ctx) -> None:
         node, vname, bname = self._writable_xattr(inode_id, name)
+        keep = lambda view: in_group_or_capable(ctx.pid, ctx.gid, view.uid, view.gid)  # noqa: E731
+        if self.store_xattr(node, vname, bname, value, keep):
+            # e.g. an access ACL set the mode's group class: the kernel's
+            # cached attributes are stale (attributes only: takes no locks)
+            pyfuse3.invalidate_inode(node.id, attr_only=True)
+
+    def store_xattr(self, node: Inode, vname: str, bname: str, value: bytes, keep_sgid: Callable[[View], bool]) -> bool:
+        """Store a view xattr (FUSE SETXATTR, or the control channel's ACL of a
+        single-id namespace); whether the inode's attributes changed."""
         self._xio(node).set(bname, self.policy.xattr_value_in(vname, value))
         if node.xnames is not None:
             node.xnames.add(bname)
@@ -156,23 +166,21 @@ class XattrHandlers:
             node.xnames = None
         changed = effect.attrs_changed
         if vname == "system.posix_acl_access":
-            changed = self._acl_kill_sgid(node, ctx) or changed
-        if changed:
-            # e.g. an access ACL set the mode's group class: the kernel's
-            # cached attributes are stale (attributes only: takes no locks)
-            pyfuse3.invalidate_inode(node.id, attr_only=True)
+            changed = self._acl_kill_sgid(node, keep_sgid) or changed
+        return changed
 
-    def _acl_kill_sgid(self, node: Inode, ctx: Ctx) -> bool:
+    def _acl_kill_sgid(self, node: Inode, keep_sgid: Callable[[View], bool]) -> bool:
         """Clear SGID after an access ACL write by a caller outside the file's group without CAP_FSETID.
 
         The kernel's posix_acl_update_mode does this on a local filesystem,
         and its chmod path does it before a SETATTR reaches us; for ACLs it
         leaves the mode to a FUSE_POSIX_ACL daemon. The backing filesystem
-        judges the daemon instead, which may keep the bit.
+        judges the daemon instead, which may keep the bit. ``keep_sgid(view)``
+        says whether the caller is in the group or has CAP_FSETID.
         """
         st = os.fstat(node.fd)
         view = self.policy.view(node, st)
-        if not view.mode & stat.S_ISGID or in_group_or_capable(ctx.pid, ctx.gid, view.uid, view.gid):
+        if not view.mode & stat.S_ISGID or keep_sgid(view):
             return False
         self.policy.change(node, st, None, None, view.mode & 0o7777 & ~stat.S_ISGID)
         return True

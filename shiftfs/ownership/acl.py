@@ -21,6 +21,8 @@ __all__ = [
     "UnmappedAclId",
     "parse",
     "pack",
+    "named_ids",
+    "check_valid",
     "equiv_mode",
     "create_masq",
     "chmod_masq",
@@ -62,6 +64,40 @@ def parse(value: bytes) -> list[Entry]:
 def pack(entries: list[Entry]) -> bytes:
     entries = sorted(entries, key=lambda e: (e[0], e[2] if e[0] in _NAMED else 0))
     return struct.pack("<I", _VERSION) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def named_ids(entries: list[Entry]) -> tuple[set[int], set[int]]:
+    """The uids and the gids that named entries give permissions to."""
+    return {i for t, _, i in entries if t == USER}, {i for t, _, i in entries if t == GROUP}
+
+
+def check_valid(entries: list[Entry]) -> None:
+    """Raise AclError unless the kernel would take this ACL (its posix_acl_valid):
+    one owner, owning-group and other entry, a mask when there are named
+    entries, no id named twice, permissions within rwx, entries in order."""
+    seen: set[tuple[int, int]] = set()
+    counts = dict.fromkeys((USER_OBJ, GROUP_OBJ, MASK, OTHER), 0)
+    last = (0, -1)
+    for tag, perm, qid in entries:
+        if perm & ~7:
+            raise AclError(f"ACL permission {perm:#o} is not within rwx")
+        if tag in _NAMED:
+            if (tag, qid) in seen:
+                raise AclError(f"ACL names {_TAG_TEXT[tag]} {qid} twice")
+            seen.add((tag, qid))
+            key = (tag, qid)
+        elif tag in counts:
+            counts[tag] += 1
+            key = (tag, -1)
+        else:
+            raise AclError(f"ACL entry tag {tag:#x} is unknown")
+        if key < last:
+            raise AclError("ACL entries are not in order")
+        last = key
+    if counts[USER_OBJ] != 1 or counts[GROUP_OBJ] != 1 or counts[OTHER] != 1 or counts[MASK] > 1:
+        raise AclError("an ACL needs exactly one owner, owning-group and other entry")
+    if seen and not counts[MASK]:
+        raise AclError("an ACL with named entries needs a mask entry")
 
 
 def equiv_mode(entries: list[Entry]) -> tuple[int, bool]:

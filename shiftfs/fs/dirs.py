@@ -17,6 +17,7 @@ import pyfuse3
 from ..ownership.names import is_temp_name, view_name
 from ..sys.files import proc_fd
 from .inodes import ROOT_ID, Inode, InodeTable
+from .options import CacheConfig
 from .requestlog import fuse_handler
 
 __all__ = ["DirectoryHandlers", "DirHandle", "unlink_any"]
@@ -48,6 +49,7 @@ class DirectoryHandlers:
     """The directory handlers of :class:`shiftfs.fs.ops.Operations`."""
 
     table: InodeTable
+    cache: CacheConfig
     _dirs: dict[int, DirHandle]
     _next_dh: int
 
@@ -56,14 +58,19 @@ class DirectoryHandlers:
 
     # -- directories -------------------------------------------------------------
     @fuse_handler
-    def opendir(self, inode_id: int, ctx: Ctx) -> int:
+    def opendir(self, inode_id: int, ctx: Ctx) -> pyfuse3.FileInfo:
         node = self.table[inode_id]
         if not stat.S_ISDIR(node.ftype):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         dh = self._next_dh
         self._next_dh += 1
         self._dirs[dh] = DirHandle(node)
-        return dh
+        # cache=always: the kernel keeps the listing (FOPEN_CACHE_DIR) across
+        # opens (keep_cache) and drops it itself when the directory changes
+        # through the mount (create, unlink, rename, link: the directory's
+        # version moves). cache=auto|never: every listing is read afresh.
+        cached = self.cache.mode == "always"
+        return pyfuse3.FileInfo(fh=dh, cache_readdir=cached, keep_cache=cached)
 
     def _snapshot(self, node: Inode) -> list[tuple[bytes, bytes]]:
         """(view name, backing name) of every entry, ``.`` and ``..`` first."""

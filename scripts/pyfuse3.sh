@@ -31,7 +31,7 @@ work=build/pyfuse3
 rm -rf "$work"
 mkdir -p "$work"
 sdist="$work/pyfuse3-$PYFUSE3_VERSION.tar.gz"
-if ! $PIP download -q --no-deps --no-binary :all: -d "$work" "pyfuse3==$PYFUSE3_VERSION" >"$work/download.log" 2>&1 \
+if ! $PIP download -q --no-deps --no-binary pyfuse3 -d "$work" "pyfuse3==$PYFUSE3_VERSION" >"$work/download.log" 2>&1 \
     || [ ! -f "$sdist" ]; then
     cat "$work/download.log" >&2
     echo "setup: could not download pyfuse3 $PYFUSE3_VERSION's sdist from PyPI (see above); check the network or pip's index" >&2

@@ -29,6 +29,17 @@ def _readdirs(m) -> int:
     return m.read_stats()["counts"].get("readdir", 0)
 
 
+def _answered_from_cache(m, d: str, want: set[str]) -> bool:
+    """Whether a listing of ``d`` (right) was answered with no READDIRPLUS. Three tries: the
+    kernel may reclaim a cached listing under memory pressure, as it may reclaim any page."""
+    for _ in range(3):
+        n = _readdirs(m)
+        assert set(os.listdir(d)) == want
+        if _readdirs(m) == n:
+            return True
+    return False
+
+
 def test_listing_cached_and_invalidated(shiftfs_mount, mode):
     m = shiftfs_mount(*MODES[mode], stats=True)
     d = m.path("d")
@@ -38,9 +49,7 @@ def test_listing_cached_and_invalidated(shiftfs_mount, mode):
         open(os.path.join(d, f"f{i}"), "w").close()
     want = {f"f{i}" for i in range(50)}
     assert set(os.listdir(d)) == want
-    n = _readdirs(m)
-    assert set(os.listdir(d)) == want
-    assert _readdirs(m) == n, "the second listing was not answered from the kernel's cache"
+    assert _answered_from_cache(m, d, want), "no second listing was answered from the kernel's cache"
 
     changes = [
         (lambda: open(os.path.join(d, "new"), "w").close(), {"new"}, set()),
@@ -59,9 +68,7 @@ def test_listing_cached_and_invalidated(shiftfs_mount, mode):
         want = (want | added) - removed
         assert set(os.listdir(d)) == want, (added, removed)
     # reopening keeps the cache while nothing changes
-    n = _readdirs(m)
-    assert set(os.listdir(d)) == want
-    assert _readdirs(m) == n
+    assert _answered_from_cache(m, d, want)
 
 
 @pytest.mark.parametrize("cache", ["auto", "never"])

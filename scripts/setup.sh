@@ -4,7 +4,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 
-PKGS="fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev attr acl uidmap libcap2-bin util-linux bindfs fuse-overlayfs fio stress-ng dbench mmdebstrap cpio libarchive-tools zstd xz-utils python3-seccomp podman runc systemd-container"
+PKGS="fuse3 libfuse3-dev pkg-config gcc patch python3-venv python3-dev attr acl uidmap libcap2-bin util-linux bindfs fuse-overlayfs fio stress-ng dbench mmdebstrap cpio libarchive-tools zstd xz-utils python3-seccomp podman runc systemd-container"
 [ "${SHIFTFS_SETUP_EXTRA:-}" ] && PKGS="$PKGS $SHIFTFS_SETUP_EXTRA"
 
 missing=""
@@ -60,6 +60,9 @@ fi
 if [ -n "${SHIFTFS_CACHE_DIR:-}" ]; then
     export PIP_CACHE_DIR="$SHIFTFS_CACHE_DIR/pip"
 fi
+# pyfuse3 is built from its released sdist with shiftfs' patch series (patches/pyfuse3/,
+# docs/pyfuse3-patches.md) before shiftfs is installed, so pip keeps that build.
+./scripts/pyfuse3.sh
 stamp=.venv/.shiftfs-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "setup: installing shiftfs and its dependencies into .venv"

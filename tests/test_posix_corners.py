@@ -191,6 +191,28 @@ def test_default_acl_masks_mkdir(m):
     assert "other::---" in out and "group::rwx" in out
 
 
+@pytest.mark.skipif(not have("setfacl"), reason="needs setfacl")
+def test_default_acl_replaces_umask_both_modes(m):
+    """Under a default ACL the umask is ignored and the ACL masks the mode (POSIX, ext4): the mount
+    asks for FUSE_DONT_MASK, so the kernel no longer applies the umask before the daemon sees the
+    mode. Without a default ACL the umask still applies."""
+    d = m.path("d")
+    os.mkdir(d)
+    os.chmod(d, 0o777)
+    subprocess.run(["setfacl", "-d", "-m", "u::rwx,g::r-x,o::r-x", d], check=True)
+    plain = m.path("plain")
+    os.mkdir(plain)
+    os.chmod(plain, 0o777)
+    code = f"""
+os.close(os.open({d + "/f"!r}, os.O_CREAT | os.O_WRONLY, 0o666))
+os.mkdir({d + "/s"!r}, 0o777)
+os.mkfifo({d + "/p"!r}, 0o666)
+os.close(os.open({plain + "/f"!r}, os.O_CREAT | os.O_WRONLY, 0o666))
+return [os.stat(p).st_mode & 0o7777 for p in ({d + "/f"!r}, {d + "/s"!r}, {d + "/p"!r}, {plain + "/f"!r})]
+"""
+    assert py_as(1000, 1000, code, umask=0o077)["ok"] == [0o644, 0o755, 0o644, 0o600]
+
+
 # -- 7: remount ro/rw ----------------------------------------------------------------------
 
 

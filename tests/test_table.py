@@ -322,17 +322,9 @@ def test_umask_applied(tm, umask):
 
 
 @pytest.mark.skipif(not have("setfacl", "getfacl"), reason="needs acl tools")
-def test_default_acl_replaces_umask(tm, backend, request):
-    if backend == "fuse":  # the kernel backend gets this right
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "pyfuse3 cannot request FUSE_DONT_MASK (libfuse 3.14 leaves it off), so the kernel applies the "
-                    "caller's umask before the request reaches the daemon, even in a directory with a default ACL"
-                ),
-            )
-        )
+def test_default_acl_replaces_umask(tm, backend):
+    # FUSE engine: the mount asks for FUSE_DONT_MASK (shiftfs.fs.connection), so the kernel
+    # passes the mode unmasked and the daemon applies the default ACL, as the kernel backend does
     d = tm.path("pub", "acl")
     os.mkdir(d)
     os.chmod(d, 0o777)

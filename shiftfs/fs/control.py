@@ -107,7 +107,13 @@ def _mknod(ops: Operations, req: dict[str, Any]) -> Callable[[], None]:
     # The kernel never saw this entry: give back the lookup _make counted.
     ops.table.forget(entry.st_ino, 1)
     pid = parent.id
-    return lambda: pyfuse3.invalidate_entry(pid, name)
+
+    def invalidate() -> None:
+        # the parent's cached listing (FOPEN_CACHE_DIR) too: the entry may have no dentry to invalidate
+        pyfuse3.invalidate_inode(pid)
+        pyfuse3.invalidate_entry(pid, name)
+
+    return invalidate
 
 
 def _setxattr(ops: Operations, req: dict[str, Any]) -> Callable[[], None]:

@@ -22,6 +22,7 @@ from ..ownership.table import TablePolicy
 from ..ownership.xattr import XattrPolicy
 from ..sys.mounts import in_init_userns, mountinfo
 from . import holders, sourcelock
+from .connection import require_patched
 from .ops import CacheConfig, Operations
 from .options import MountConfig
 
@@ -133,6 +134,8 @@ def check(cfg: MountConfig, fuse: bool = True) -> None:
     ``fuse=False``: SOURCE and MOUNTPOINT only (the kernel backend needs no /dev/fuse).
     """
     src, mp = cfg.source, cfg.mountpoint
+    if fuse:
+        require_patched()
     if not os.path.exists(src):
         raise UsageError(f"SOURCE {src} does not exist; give an existing directory to shift")
     if not os.path.isdir(src):

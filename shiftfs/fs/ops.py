@@ -36,9 +36,11 @@ from ..sys.files import (
     renameat2,
     utimens_fd,
 )
+from .connection import ConnectionHandlers
 from .dirs import DirectoryHandlers, DirHandle, unlink_any
 from .inodes import ROOT_ID, Inode, InodeTable
 from .options import CacheConfig
+from .ranges import RangeHandlers
 from .requestlog import fuse_handler
 from .xattrs import XattrHandlers
 
@@ -74,7 +76,7 @@ _STATVFS_FIELDS = (
 )
 
 
-class Operations(DirectoryHandlers, XattrHandlers, pyfuse3.Operations):
+class Operations(DirectoryHandlers, XattrHandlers, RangeHandlers, ConnectionHandlers, pyfuse3.Operations):
     """The pyfuse3 operations of a shiftfs mount."""
 
     supports_dot_lookup = False
@@ -167,9 +169,9 @@ class Operations(DirectoryHandlers, XattrHandlers, pyfuse3.Operations):
         pst = os.fstat(parent.fd)
         if pst.st_nlink == 0:
             raise pyfuse3.FUSEError(errno.ENOENT)  # removed behind our back (O_TMPFILE would say EPERM)
-        # Without FUSE_DONT_MASK (pyfuse3 does not ask for it) the kernel has
-        # applied the umask already; a default ACL on the parent masks the
-        # mode further: the policy's business.
+        # FUSE_DONT_MASK (shiftfs.fs.connection): the mode comes unmasked, with
+        # the caller's umask in ctx; the umask or a default ACL on the parent
+        # masks it: the policy's business.
         return self.policy.plan_create(parent, pst, ctx, mode, rdev)
 
     def _adopt_unpublished(self, fd: int) -> tuple[Inode, os.stat_result]:

@@ -36,7 +36,7 @@ _LOGGED_ERRNOS = {
     errno.ENOTCONN,
 }
 # handlers whose first argument is a file handle / a directory handle, not an inode
-_FH_OPS = {"read", "write", "flush", "release", "fsync"}
+_FH_OPS = {"read", "write", "flush", "release", "fsync", "fallocate", "copy_file_range", "lseek"}
 _DH_OPS = {"readdir", "releasedir", "fsyncdir"}
 # handlers whose first two arguments are a directory inode and a name in it
 _NAMED_OPS = {"lookup", "mknod", "mkdir", "symlink", "unlink", "rmdir", "create"}

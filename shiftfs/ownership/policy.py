@@ -134,8 +134,8 @@ class OwnershipPolicy:
         (posix_acl_create). Here that ACL is the backing directory's own. The
         backing filesystem applies it too when we create the object, but an
         object made under a temporary name is then chmod-ed to the mode
-        planned here, so it must be the masked one. (The kernel has usually
-        applied the umask already: FUSE_DONT_MASK is not negotiated.)
+        planned here, so it must be the masked one. (The mount asks for
+        FUSE_DONT_MASK, so the kernel has not applied the umask.)
         """
         raw = None
         if parent.default_acl is not False or self.reread:

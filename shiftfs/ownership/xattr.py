@@ -4,10 +4,9 @@ Records are kept by a :class:`~shiftfs.ownership.store.RecordStore`. ACLs set
 through the mount are kept escaped (``user.containers.override_system.posix_acl_*``),
 so the backing filesystem neither enforces nor inherits them: we do what it
 would. A default ACL is inherited by new objects; an access ACL sets the
-mode's group class from its mask, and a chmod sets the mask. (A default ACL
-should also replace the umask, but the kernel applies the umask before we see
-the mode: FUSE_DONT_MASK is not negotiated.) Enforcing ACLs is the kernel's
-job: FUSE_POSIX_ACL.
+mode's group class from its mask, and a chmod sets the mask. A default ACL
+replaces the umask (the mount asks for FUSE_DONT_MASK, so the mode comes
+unmasked). Enforcing ACLs is the kernel's job: FUSE_POSIX_ACL.
 """
 
 from __future__ import annotations

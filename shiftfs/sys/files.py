@@ -3,7 +3,8 @@
 Every call here works relative to a held file descriptor and never resolves a
 backing path string: ``renameat2`` (with ``RENAME_NOREPLACE`` and
 ``RENAME_EXCHANGE``), ``utimensat`` on an ``O_PATH`` descriptor, ``fchownat``
-and ``linkat`` with ``AT_EMPTY_PATH``, and ``statx`` for birth times.
+and ``linkat`` with ``AT_EMPTY_PATH``, ``statx`` for birth times, and
+``fallocate`` with a mode (Python has only ``posix_fallocate``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "fchown_fd",
     "link_fd",
     "birth_time",
+    "fallocate",
     "proc_fd",
     "O_PATH_NOFOLLOW",
 ]
@@ -156,3 +158,11 @@ def birth_time(fd: int) -> int:
     if not buf.stx_mask & STATX_BTIME:
         return 0
     return buf.stx_btime.tv_sec * 1_000_000_000 + buf.stx_btime.tv_nsec
+
+
+libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) on an open file: ``mode`` 0 or FALLOC_FL_* flags."""
+    check(libc.fallocate(fd, mode, offset, length))

@@ -1,0 +1,69 @@
+"""Byte-range handlers of an open file: fallocate, copy_file_range, SEEK_DATA/SEEK_HOLE.
+
+Each is the backing system call on the backing descriptor of the open file
+(``fh``); ownership and records are not involved: the inode stays the same,
+only its data and size change. The kernel checks the caller's side before the
+request comes (a file opened read-only: EBADF; RLIMIT_FSIZE and the mount's
+size limit: EFBIG; ``ro``: EROFS); the backing filesystem answers the rest
+(ENOSPC, EFBIG at its own limit, EOPNOTSUPP for a mode it lacks), as on the
+backing filesystem itself. These handlers need the patched pyfuse3
+(``patches/pyfuse3``); without them the kernel answers EOPNOTSUPP (fallocate),
+copies through READ/WRITE (copy_file_range) and calls the whole file data.
+
+SEEK_DATA/SEEK_HOLE and the writeback cache: the kernel sends FUSE_LSEEK
+without writing its dirty pages back first, so while the file is open for
+writing somewhere (the only time it can hold dirty pages: every close writes
+them back) the backing file may lack data that the view has. A hole reported
+there would make a sparse-aware copy (``cp``) skip that data. So in that state
+the file is reported as all data up to the backing file's end, as the kernel
+does for a filesystem without SEEK_DATA (SEEK_DATA returns the offset,
+SEEK_HOLE the end; ENXIO at or past the end). What is still only in the
+kernel past that end (an append not written back yet) reads as past the end.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+
+from ..sys.files import fallocate
+from .inodes import Inode
+from .requestlog import fuse_handler
+
+__all__ = ["RangeHandlers"]
+
+
+class RangeHandlers:
+    """The byte-range handlers of :class:`shiftfs.fs.ops.Operations`."""
+
+    _files: dict[int, Inode]
+    enable_writeback_cache: bool
+
+    @fuse_handler
+    def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
+        fallocate(fh, mode, off, length)
+
+    @fuse_handler
+    def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int, flags: int) -> int:
+        # flags is 0 (the kernel refuses others); backing copy_file_range may
+        # be a reflink, a server-side copy or an in-kernel copy
+        return os.copy_file_range(fh_in, fh_out, length, off_in, off_out)
+
+    @fuse_handler
+    def lseek(self, fh: int, off: int, whence: int) -> int:
+        if self.enable_writeback_cache and self._open_for_writing(self._files.get(fh)):
+            end = os.fstat(fh).st_size
+            if off >= end:
+                raise OSError(errno.ENXIO, "past the end")
+            return off if whence == os.SEEK_DATA else end
+        return os.lseek(fh, off, whence)
+
+    def _open_for_writing(self, node: Inode | None) -> bool:
+        """Whether some open handle of ``node`` can write (its pages may be dirty)."""
+        if node is None:
+            return True
+        for fd, other in self._files.items():
+            if other is node and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
+                return True
+        return False

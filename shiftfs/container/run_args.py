@@ -181,8 +181,10 @@ owned by you; the ownership set inside is kept in records (--xattr, the default)
 EPILOG = """The container gets a fresh /proc (own pid namespace), a minimal /dev (null, zero,
 full, random, urandom, tty, fuse, a devpts with ptmx, shm), /sys read-only, /tmp on
 tmpfs and the --bind mounts (with shift, a bind is seen through shiftfs as well, so
-files the container creates there stay yours too). View id 0 is you. As root, view ids 1-65535 are a
-65536-id block no other namespace uses (host id BASE+N); as a user, your ranges in
+files the container creates there stay yours too). As root, every view id (0 too) is
+host id BASE+N of a 65536-id block no other namespace uses: container root is not host
+root (--host-root makes it so); the files in ROOT stay yours. As a user, view id 0 is
+you and view ids 1.. are your ranges in
 /etc/subuid and /etc/subgid (newuidmap), else only id 0 exists: chown to other ids and
 mknod of devices in ROOT and ,shift binds are then trapped (seccomp, python3-seccomp)
 and recorded, elsewhere chown fails (EINVAL), no process can switch uid (su to another

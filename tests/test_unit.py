@@ -173,3 +173,28 @@ def test_namespace_maps_use_the_one_range_type():
     assert m.gid_map == (Range(1000, 0, 1), Range(100000, 1, 65536))
     assert m.maps_uid(0) and m.maps_uid(65535) and not m.maps_uid(65536)
     assert m.describe() == "uid 0->1000, 1-65535->524289; gid 0->1000, 1-65536->100000"
+
+
+def test_closer_closes_only_the_descriptors_it_was_handed():
+    """shiftfs.fs.closer: a handed-over descriptor is closed once; a new descriptor that takes
+    its number afterwards is never touched by the worker."""
+    from shiftfs.fs.closer import Closer
+
+    closer = Closer()
+    r, w = os.pipe()
+    closer.close(r)
+    closer.drain()
+    with pytest.raises(OSError):
+        os.fstat(r)
+    r2, w2 = os.pipe()  # the lowest free numbers: r's number again
+    assert r2 == r
+    for _ in range(50):
+        a, b = os.pipe()
+        closer.close(a)
+        closer.close(b)
+    closer.drain()
+    os.write(w2, b"still open")
+    assert os.read(r2, 64) == b"still open"
+    assert closer.handed == closer.closed == 101
+    for fd in (w, r2, w2):
+        os.close(fd)

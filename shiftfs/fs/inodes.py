@@ -171,6 +171,8 @@ class InodeTable:
         self.on_gone = on_gone
         #: closes the descriptors of removed inodes off the loop (see the note above)
         self.closer = Closer()
+        #: ``-o closer=on``: hand removed inodes' descriptors to :attr:`closer`
+        self.defer_closes = False
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -394,7 +396,7 @@ class InodeTable:
                 except OSError:
                     pass
             fd, node._fd = node._fd, -1
-            if node.name:
+            if node.name or not self.defer_closes:
                 os.close(fd)  # still linked: a cheap close
             else:
                 self.closer.close(fd)  # removed: the backing fs frees the inode in this close

@@ -71,9 +71,9 @@ options (-o, comma separated):
                         before it sleeps (default 100; 0: sleep at once).
                         Busy only while requests keep coming: one sleep and
                         wake-up per request cost more CPU and time
-  closer=on             close removed files' descriptors in a worker thread,
-                        not inside FORGET (the backing fs frees the inode in
-                        that close); off by default: see docs/speed-round4.md
+  closer=off            close removed files' descriptors inside FORGET, not
+                        in the worker thread (where the backing fs frees the
+                        inode without holding up the next request)
   read_ahead_kb=N       read-ahead of the mount in KiB (default 1024; the
                         kernel's 128 makes many small READ requests; root only)
   log=FILE              daemon log file in the background (default: syslog)

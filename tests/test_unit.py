@@ -67,8 +67,8 @@ def test_options_parse_and_refuse():
     assert parse_options(["spin=0"], ["b:0:0:1"], False, "s", "m").spin_us == 0
     with pytest.raises(UsageError, match="bad -o spin=-5: give microseconds"):
         parse_options(["spin=-5"], [], False, "s", "m")
-    assert parse_options([], ["b:0:0:1"], False, "s", "m").closer is False
-    assert parse_options(["closer=on"], ["b:0:0:1"], False, "s", "m").closer is True
+    assert parse_options([], ["b:0:0:1"], False, "s", "m").closer is True
+    assert parse_options(["closer=off"], ["b:0:0:1"], False, "s", "m").closer is False
 
 
 # -- the view rule -----------------------------------------------------------------

@@ -200,3 +200,33 @@ def test_closer_closes_only_the_descriptors_it_was_handed():
     assert closer.handed == closer.closed == 101
     for fd in (w, r2, w2):
         os.close(fd)
+
+
+def test_forget_hands_removed_inodes_to_the_closer_within_bounds(tmp_path):
+    """A removed inode's descriptor goes to the closer; with MAX_PENDING already queued (a worker
+    that fell behind) the loop closes it itself, so queued descriptors never eat the fd budget."""
+    from shiftfs.fs.closer import MAX_PENDING
+    from shiftfs.fs.inodes import InodeTable
+
+    for name in ("a", "b"):
+        (tmp_path / name).write_text(name)
+    table = InodeTable(os.open(tmp_path, os.O_PATH | os.O_CLOEXEC))
+    fds = []
+    for name, queued in ((b"a", 0), (b"b", MAX_PENDING)):
+        node, _ = table.child(table.root, name)
+        table.count_lookup(node)
+        held = table.open_before_unlink(node.key, table.root, name)
+        os.unlink(tmp_path / os.fsdecode(name))
+        table.name_removed(held)
+        table.closer.handed = table.closer.closed + queued
+        before = table.closer.handed
+        fd = node._fd
+        table.forget(node.id, 1)
+        fds.append((fd, table.closer.handed - before))
+    (fd_a, handed_a), (fd_b, handed_b) = fds
+    assert handed_a == 1 and handed_b == 0
+    with pytest.raises(OSError):
+        os.fstat(fd_b)  # closed on the loop, at once
+    table.close()  # drains the closer
+    with pytest.raises(OSError):
+        os.fstat(fd_a)

@@ -20,6 +20,10 @@ something else uses it:
   never touches the number again. The worker never reads or writes the
   inode table.
 
+Queued descriptors are still open and count against RLIMIT_NOFILE: the
+table closes on the loop instead while :data:`MAX_PENDING` are queued, so a
+worker that falls behind (a slow disk) never starves the loop of descriptors.
+
 The thread starts on the first hand-over (after the daemon has isolated
 itself) and :meth:`Closer.drain` closes everything still queued before the
 daemon exits.
@@ -32,7 +36,10 @@ import os
 import queue
 import threading
 
-__all__ = ["Closer"]
+__all__ = ["Closer", "MAX_PENDING"]
+
+#: most descriptors queued for the worker; beyond that the loop closes them itself
+MAX_PENDING = 256
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,11 @@ class Closer:
         self.handed = 0
         #: descriptors closed (written by the worker only)
         self.closed = 0
+
+    @property
+    def pending(self) -> int:
+        """Descriptors handed over and not closed yet (they still count against RLIMIT_NOFILE)."""
+        return self.handed - self.closed
 
     def close(self, fd: int) -> None:
         """Close ``fd`` in the worker; the caller must not use or close it again."""

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Final, Literal
 import pyfuse3
 
 from ..sys.files import O_PATH_NOFOLLOW
-from .closer import Closer
+from .closer import MAX_PENDING, Closer
 
 if TYPE_CHECKING:
     from ..ownership.record import Record
@@ -396,8 +396,8 @@ class InodeTable:
                 except OSError:
                     pass
             fd, node._fd = node._fd, -1
-            if node.name or not self.defer_closes:
-                os.close(fd)  # still linked: a cheap close
+            if node.name or not self.defer_closes or self.closer.pending >= MAX_PENDING:
+                os.close(fd)  # still linked: a cheap close (or the worker is behind)
             else:
                 self.closer.close(fd)  # removed: the backing fs frees the inode in this close
 

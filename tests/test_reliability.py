@@ -865,7 +865,7 @@ print(seen)
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("mode", MODES)
 def test_removed_inodes_closed_off_the_loop(work, mode):
-    """The descriptor of a removed inode is closed by the closer thread
+    """With ``-o closer=on`` the descriptor of a removed inode is closed by the closer thread
     (shiftfs.fs.closer), not inside FORGET; while names are created, removed and looked up over
     and over, with files held open meanwhile (their descriptors may take numbers the closer just
     freed), nothing fails with EBADF or ESTALE, every held file still reads back, and no
@@ -873,7 +873,7 @@ def test_removed_inodes_closed_off_the_loop(work, mode):
     src, mp = make_pair(work)
     (src / "churn").mkdir()
     stats = str(work / f"{mode}.stats.json")
-    with Mount(src, mp, mode, opts=[f"stats={stats}"]) as m:
+    with Mount(src, mp, mode, opts=[f"stats={stats}", "closer=on"]) as m:
 
         def read_stats() -> dict:
             with contextlib.suppress(FileNotFoundError):

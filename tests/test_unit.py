@@ -67,8 +67,8 @@ def test_options_parse_and_refuse():
     assert parse_options(["spin=0"], ["b:0:0:1"], False, "s", "m").spin_us == 0
     with pytest.raises(UsageError, match="bad -o spin=-5: give microseconds"):
         parse_options(["spin=-5"], [], False, "s", "m")
-    assert parse_options([], ["b:0:0:1"], False, "s", "m").closer is True
-    assert parse_options(["closer=off"], ["b:0:0:1"], False, "s", "m").closer is False
+    assert parse_options([], ["b:0:0:1"], False, "s", "m").closer is False
+    assert parse_options(["closer=on"], ["b:0:0:1"], False, "s", "m").closer is True
 
 
 # -- the view rule -----------------------------------------------------------------
@@ -203,7 +203,7 @@ def test_closer_closes_only_the_descriptors_it_was_handed():
 
 
 def test_forget_hands_removed_inodes_to_the_closer_within_bounds(tmp_path):
-    """A removed inode's descriptor goes to the closer; with MAX_PENDING already queued (a worker
+    """With ``-o closer=on`` a removed inode's descriptor goes to the closer; with MAX_PENDING already queued (a worker
     that fell behind) the loop closes it itself, so queued descriptors never eat the fd budget."""
     from shiftfs.fs.closer import MAX_PENDING
     from shiftfs.fs.inodes import InodeTable
@@ -211,6 +211,7 @@ def test_forget_hands_removed_inodes_to_the_closer_within_bounds(tmp_path):
     for name in ("a", "b"):
         (tmp_path / name).write_text(name)
     table = InodeTable(os.open(tmp_path, os.O_PATH | os.O_CLOEXEC))
+    table.defer_closes = True  # -o closer=on
     fds = []
     for name, queued in ((b"a", 0), (b"b", MAX_PENDING)):
         node, _ = table.child(table.root, name)

@@ -29,7 +29,8 @@ descriptor handed over; the worker closes exactly that descriptor, once,
 and never sees the table. That ``close`` is where the backing filesystem
 frees a removed inode (73 % of the daemon's busy time in ``rm -rf`` when it
 was made inside FORGET); a still-linked inode's ``close`` is cheap and stays
-on the loop, as do all closes with ``-o closer=off``.
+on the loop, as do all closes unless ``-o closer=on`` (off by default: see
+docs/speed-round4.md).
 
 FUSE node ids are the backing inode numbers where that is unambiguous (the
 filesystem of SOURCE), so ``st_ino`` seen through the mount matches the disk;
@@ -171,8 +172,8 @@ class InodeTable:
         self.on_gone = on_gone
         #: closes the descriptors of removed inodes off the loop (see the note above)
         self.closer = Closer()
-        #: hand removed inodes' descriptors to :attr:`closer` (``-o closer=off``: close them here)
-        self.defer_closes = True
+        #: ``-o closer=on``: hand removed inodes' descriptors to :attr:`closer`
+        self.defer_closes = False
 
     def __len__(self) -> int:
         return len(self._by_id)

@@ -97,8 +97,8 @@ class MountConfig:
     acl: bool = True
     #: microseconds the request loop polls for the next request before it sleeps (shiftfs.fs.loop)
     spin_us: int = 100
-    #: close removed inodes' descriptors in a worker thread (shiftfs.fs.closer); ``-o closer=off``: inside FORGET
-    closer: bool = True
+    #: ``-o closer=on``: close removed inodes' descriptors in a worker thread (shiftfs.fs.closer)
+    closer: bool = False
     # kernel backend (shiftfs/fs/idmapped.py): which backend, and the -o keys given
     backend: str = "auto"
     option_keys: list[str] = field(default_factory=list)

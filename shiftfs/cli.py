@@ -78,6 +78,10 @@ options (-o, comma separated):
                         before it sleeps (default 100; 0: sleep at once).
                         Busy only while requests keep coming: one sleep and
                         wake-up per request cost more CPU and time
+  closer=on             close removed files' descriptors in a worker thread,
+                        not inside FORGET (where the backing fs frees the
+                        inode): helps rm -rf when the disk is contended, costs
+                        CPU otherwise (docs/speed-round4.md)
   read_ahead_kb=N       read-ahead of the mount in KiB (default 1024; the
                         kernel's 128 makes many small READ requests; root only)
   log=FILE              daemon log file in the background (default: syslog)

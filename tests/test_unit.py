@@ -67,6 +67,8 @@ def test_options_parse_and_refuse():
     assert parse_options(["spin=0"], ["b:0:0:1"], False, "s", "m").spin_us == 0
     with pytest.raises(UsageError, match="bad -o spin=-5: give microseconds"):
         parse_options(["spin=-5"], [], False, "s", "m")
+    assert parse_options([], ["b:0:0:1"], False, "s", "m").closer is False
+    assert parse_options(["closer=on"], ["b:0:0:1"], False, "s", "m").closer is True
 
 
 # -- the view rule -----------------------------------------------------------------
@@ -192,3 +194,59 @@ def test_acl_check_valid_mirrors_the_kernel():
     for entries in bad:
         with pytest.raises(acl.AclError):
             acl.check_valid(entries)
+
+
+def test_closer_closes_only_the_descriptors_it_was_handed():
+    """shiftfs.fs.closer: a handed-over descriptor is closed once; a new descriptor that takes
+    its number afterwards is never touched by the worker."""
+    from shiftfs.fs.closer import Closer
+
+    closer = Closer()
+    r, w = os.pipe()
+    closer.close(r)
+    closer.drain()
+    with pytest.raises(OSError):
+        os.fstat(r)
+    r2, w2 = os.pipe()  # the lowest free numbers: r's number again
+    assert r2 == r
+    for _ in range(50):
+        a, b = os.pipe()
+        closer.close(a)
+        closer.close(b)
+    closer.drain()
+    os.write(w2, b"still open")
+    assert os.read(r2, 64) == b"still open"
+    assert closer.handed == closer.closed == 101
+    for fd in (w, r2, w2):
+        os.close(fd)
+
+
+def test_forget_hands_removed_inodes_to_the_closer_within_bounds(tmp_path):
+    """With ``-o closer=on`` a removed inode's descriptor goes to the closer; with MAX_PENDING already queued (a worker
+    that fell behind) the loop closes it itself, so queued descriptors never eat the fd budget."""
+    from shiftfs.fs.closer import MAX_PENDING
+    from shiftfs.fs.inodes import InodeTable
+
+    for name in ("a", "b"):
+        (tmp_path / name).write_text(name)
+    table = InodeTable(os.open(tmp_path, os.O_PATH | os.O_CLOEXEC))
+    table.defer_closes = True  # -o closer=on
+    fds = []
+    for name, queued in ((b"a", 0), (b"b", MAX_PENDING)):
+        node, _ = table.child(table.root, name)
+        table.count_lookup(node)
+        held = table.open_before_unlink(node.key, table.root, name)
+        os.unlink(tmp_path / os.fsdecode(name))
+        table.name_removed(held)
+        table.closer.handed = table.closer.closed + queued
+        before = table.closer.handed
+        fd = node._fd
+        table.forget(node.id, 1)
+        fds.append((fd, table.closer.handed - before))
+    (fd_a, handed_a), (fd_b, handed_b) = fds
+    assert handed_a == 1 and handed_b == 0
+    with pytest.raises(OSError):
+        os.fstat(fd_b)  # closed on the loop, at once
+    table.close()  # drains the closer
+    with pytest.raises(OSError):
+        os.fstat(fd_a)

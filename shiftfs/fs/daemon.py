@@ -97,7 +97,12 @@ def _write_stats(ops: Operations, path: str | None) -> None:
     if not path:
         return
     try:
-        data = {"counts": dict(ops.counts), "inodes": len(ops.table)}
+        closer = ops.table.closer
+        data = {
+            "counts": dict(ops.counts),
+            "inodes": len(ops.table),
+            "closer": {"handed": closer.handed, "closed": closer.closed},
+        }
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)  # umask is 0 here
         with os.fdopen(fd, "w") as f:
             json.dump(data, f)
@@ -295,6 +300,7 @@ def run_daemon(cfg: MountConfig, ready_fd: int | None = None) -> int:
     except BaseException:
         log.exception("main loop failed")
     finally:
+        ops.table.closer.drain()  # removed inodes' descriptors still queued (shiftfs.fs.closer)
         _write_stats(ops, cfg.stats)
         try:
             pyfuse3.close(unmount=isolation is None)

@@ -332,6 +332,7 @@ def build_operations(cfg: MountConfig, root_fd: int) -> Operations:
     ops = Operations(
         root_fd, policy, CacheConfig(cfg.cache), trace=cfg.debug, writeback=cfg.writeback, xattr_probes=cfg.xattr_probes
     )
+    ops.table.defer_closes = cfg.closer
     # Let the kernel enforce POSIX ACLs (FUSE_POSIX_ACL): without it,
     # default_permissions checks the mode bits only, and a named-user entry
     # that denies access (u:1000:---) is ignored through the mount. The

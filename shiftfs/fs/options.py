@@ -97,6 +97,8 @@ class MountConfig:
     acl: bool = True
     #: microseconds the request loop polls for the next request before it sleeps (shiftfs.fs.loop)
     spin_us: int = 100
+    #: ``-o closer=on``: close removed inodes' descriptors in a worker thread (shiftfs.fs.closer)
+    closer: bool = False
     # kernel backend (shiftfs/fs/idmapped.py): which backend, and the -o keys given
     backend: str = "auto"
     option_keys: list[str] = field(default_factory=list)
@@ -217,6 +219,8 @@ def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mo
                 cfg.xattr_probes = val == "on"
             elif key == "acl" and val in ("on", "off"):
                 cfg.acl = val == "on"
+            elif key == "closer" and val in ("on", "off"):
+                cfg.closer = val == "on"
             elif key == "spin" and eq:
                 if not val.isdigit() or int(val) > 10000:
                     raise UsageError(f"bad -o spin={val}: give microseconds from 0 (never) to 10000, e.g. spin=50")

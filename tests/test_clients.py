@@ -91,6 +91,7 @@ _TOOL_PACKAGES = {
     "getfattr": "attr",
     "unshare": "util-linux",
     "setpriv": "util-linux",
+    "fallocate": "util-linux",
     "fusermount3": "fuse3",
     "tar": "tar",
 }

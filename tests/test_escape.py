@@ -242,6 +242,31 @@ def test_masked_and_readonly_paths(wd):
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
 
 
+def test_masks_hold_when_proc_and_sys_are_symlinks_in_root(wd):
+    """Container root may leave /proc and /sys as symlinks for the next run;
+    the masks go where /proc and /sys were mounted, not where a name leads."""
+    root, _marker, _drop = _setup(wd, ROOT_USER)
+    os.makedirs(os.path.join(root, "mnt/p"))
+    os.makedirs(os.path.join(root, "mnt/s"))
+    os.symlink("/mnt/p", os.path.join(root, "proc"))
+    os.symlink("/mnt/s", os.path.join(root, "sys"))
+    script = (
+        "import os\n"
+        "for d in ('/proc/acpi', '/sys/firmware'):\n"
+        "    if os.path.isdir(d):\n"
+        "        assert os.listdir(d) == [], d\n"
+        "try:\n"
+        "    open('/proc/sys/kernel/hostname', 'w').close()\n"
+        "except OSError as e:\n"
+        "    assert e.errno in (30, 13), e\n"
+        "else:\n"
+        "    raise AssertionError('/proc/sys is writable')\n"
+        "print('ok')\n"
+    )
+    res = _run(ROOT_USER, root, ["python3", "-c", script])
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
 def test_bind_destination_swapped_for_a_symlink(wd):
     """runc CVE-2021-30465 class: DST in ROOT swapped for a symlink to a host
     path while the container starts; the bind still lands inside ROOT."""

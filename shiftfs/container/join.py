@@ -76,6 +76,8 @@ _START: int | None = None
 _START_WAIT = 60.0
 #: ROOT of this run, for the note (host side).
 _ROOT: str | None = None
+#: On the host: the thread that leaves the note (:func:`await_note`).
+_WAITER: threading.Thread | None = None
 #: In pid 1 of the container: the pipe that tells B0 it has pivoted.
 _PIVOTED: int | None = None
 
@@ -193,7 +195,9 @@ def await_note(fd: int) -> None:
                 _NOTE = sourcelock.write_note(_NOTE_DIR, os.stat(_ROOT), holder)
         end_turn()
 
-    threading.Thread(target=wait, name="shiftfs-note", daemon=True).start()
+    global _WAITER
+    _WAITER = threading.Thread(target=wait, name="shiftfs-note", daemon=True)
+    _WAITER.start()
 
 
 def set_pivot_pipe(fd: int) -> None:
@@ -213,8 +217,12 @@ def pivoted() -> None:
 
 
 def unregister() -> None:
-    """On the host, once the container is gone."""
+    """On the host, once the container is gone (B0 with it, so the note
+    thread has read its pipe's end): the thread finishes first, so that only
+    one of us releases the start lock."""
     global _NOTE
+    if _WAITER is not None:
+        _WAITER.join(5.0)
     if _NOTE_DIR is not None and _NOTE:
         sourcelock.remove_note(_NOTE_DIR, _NOTE)
         _NOTE = None

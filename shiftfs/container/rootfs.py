@@ -133,31 +133,32 @@ def make_mountpoint(root: str, path: str, directory: bool = True) -> str:
     return target
 
 
-def mask_paths(root: str) -> None:
+def mask_paths(proc: str, sys_dir: str) -> None:
     """Hide :data:`MASKED_PATHS` (an empty read-only tmpfs on a directory,
-    the container's /dev/null on a file) and make :data:`READONLY_PATHS`
-    read-only under ``root``, once its /proc, /sys and /dev are mounted.
-    These lie on the kernel's own filesystems, never on the view, so the
-    names are resolved by the kernel's procfs and sysfs, not by the tree."""
-    null = os.path.join(root, "dev/null")
+    the host's /dev/null on a file) and make :data:`READONLY_PATHS`
+    read-only, below ``proc`` and ``sys_dir``: where the container's /proc and
+    /sys were mounted (:func:`make_mountpoint` resolved them inside the
+    root). Below those mounts every name is the kernel's procfs or sysfs,
+    never the tree's, so a symlink planted in ROOT cannot steer a mask."""
+    tops = {"/proc": proc, "/sys": sys_dir}
+
+    def under(path: str) -> str:
+        top, _, rest = path[1:].partition("/")
+        return os.path.join(tops["/" + top], rest)
+
     for path in MASKED_PATHS:
-        target = root + path
+        target = under(path)
         try:
             st = os.lstat(target)
         except FileNotFoundError:
             continue
         if stat.S_ISDIR(st.st_mode):
-            mounts.mount(
-                "tmpfs",
-                target,
-                "tmpfs",
-                mounts.MS_RDONLY | mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC,
-                "size=0,mode=0555",
-            )
+            flags = mounts.MS_RDONLY | mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC
+            mounts.mount("tmpfs", target, "tmpfs", flags, "size=0,mode=0555")
         else:
-            mounts.mount(null, target, None, mounts.MS_BIND)
+            mounts.mount("/dev/null", target, None, mounts.MS_BIND)
     for path in READONLY_PATHS:
-        target = root + path
+        target = under(path)
         if not os.path.exists(target):
             continue
         mounts.mount(target, target, None, mounts.MS_BIND | mounts.MS_REC)

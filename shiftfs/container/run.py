@@ -150,7 +150,7 @@ def _terminal() -> str | None:
 
 
 def _setup_root(cfg: RunConfig, idmap: userns.NamespaceMaps, root: str) -> None:
-    """Mount /proc, /dev, /sys, /tmp and the binds under ``root``."""
+    """Mount /proc, /dev, /sys (podman's masked paths hidden), /tmp and the binds under ``root``."""
     proc = rootfs.make_mountpoint(root, "/proc")
     mounts.mount("proc", proc, "proc", mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC)
 
@@ -190,6 +190,8 @@ def _setup_root(cfg: RunConfig, idmap: userns.NamespaceMaps, root: str) -> None:
     tmp = rootfs.make_mountpoint(root, "/tmp")
     mounts.mount("tmpfs", tmp, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, "mode=1777")
 
+    if not cfg.unmask:
+        rootfs.mask_paths(proc, sys_dir)
     for b in cfg.binds:
         target = rootfs.make_mountpoint(root, b.target, directory=os.path.isdir(b.source))
         try:
@@ -209,8 +211,6 @@ def _container_init(cfg: RunConfig, idmap: userns.NamespaceMaps, stage: str, vie
     binds = [dataclasses.replace(b, source=next(shifted)) if b.shift else b for b in cfg.binds]
     mnt = views[0]
     _setup_root(dataclasses.replace(cfg, binds=binds), idmap, mnt)
-    if not cfg.unmask:
-        rootfs.mask_paths(mnt)
     rootfs.pivot_into(mnt)
     join.pivoted()  # B0 registers the container for a second shell now
     mounts.close_fds_except()  # nothing of the host stays with pid 1 but stdio

@@ -29,10 +29,12 @@ invalidation may wait for a directory lock that a process holds while it
 waits for a FUSE reply this loop must give.
 
 ``-o single_id`` also makes the view present every id the daemon's namespace
-cannot map as that namespace's root (0). The kernel would show such ids as
-65534, and root of the namespace then has no capabilities over the inode, so
-a package manager's ``fchmod``/``utime``/``rename`` after its ``fchown``
-would fail. Records keep the real ids: ``shiftfs export`` shows them.
+cannot map as that namespace's root (0): :mod:`shiftfs.ownership.single_id`.
+Every ownership decision behind these requests is the policy's
+(:meth:`~shiftfs.ownership.policy.OwnershipPolicy.privileged_chown`,
+:meth:`~shiftfs.ownership.policy.OwnershipPolicy.acl_written`, the create
+plan of :meth:`~shiftfs.fs.ops.Operations.make_node`); this module only
+decodes requests and invalidates the kernel's caches.
 """
 
 from __future__ import annotations
@@ -40,60 +42,35 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import socket
 import stat
 from collections.abc import Callable
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any, NamedTuple
 
 import pyfuse3
 import trio
 
 from ..ownership import acl
-from .ops import Ctx, Operations
+from .ops import Operations
 
-__all__ = ["serve_control", "single_id_presenter"]
+__all__ = ["serve_control"]
 
 log = logging.getLogger(__name__)
 
 
-def _mapped_ranges(path: str) -> list[tuple[int, int]]:
-    out = []
-    with open(path) as f:
-        for line in f:
-            inside, _outside, count = (int(x) for x in line.split())
-            out.append((inside, count))
-    return out
-
-
-def single_id_presenter() -> Callable[[int, int], tuple[int, int]]:
-    """``present(uid, gid)``: ids our user namespace cannot map become 0 (see the module docstring)."""
-    uids = _mapped_ranges("/proc/self/uid_map")
-    gids = _mapped_ranges("/proc/self/gid_map")
-
-    def mapped(ranges: list[tuple[int, int]], xid: int) -> bool:
-        return any(lo <= xid < lo + n for lo, n in ranges)
-
-    def present(uid: int, gid: int) -> tuple[int, int]:
-        return (uid if mapped(uids, uid) else 0, gid if mapped(gids, gid) else 0)
-
-    return present
-
-
 def _chown(ops: Operations, req: dict[str, Any]) -> Callable[[], None]:
     node = ops.table[int(req["ino"])]
-    uid, gid = req.get("uid"), req.get("gid")
-    st = os.fstat(node.fd)
-    mode = None
-    if not stat.S_ISDIR(st.st_mode) and (uid is not None or gid is not None):
-        cur = ops.policy.view(node, st).mode
-        kill = stat.S_ISUID | (stat.S_ISGID if cur & stat.S_IXGRP else 0)
-        if cur & kill:
-            mode = cur & ~kill
-    ops.policy.change(node, st, uid, gid, mode)
+    ops.policy.privileged_chown(node, req.get("uid"), req.get("gid"))
     ino = node.id
     return lambda: pyfuse3.invalidate_inode(ino, attr_only=True)
+
+
+class _Caller(NamedTuple):
+    """The trapped caller of a control-channel mknod (what a FUSE request's context says)."""
+
+    uid: int
+    gid: int
+    umask: int
 
 
 def _mknod(ops: Operations, req: dict[str, Any]) -> Callable[[], None]:
@@ -102,9 +79,9 @@ def _mknod(ops: Operations, req: dict[str, Any]) -> Callable[[], None]:
     mode = int(req["mode"])
     if not (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)):
         raise OSError(errno.EINVAL, "not a device")
-    ctx = SimpleNamespace(uid=int(req["uid"]), gid=int(req["gid"]), umask=int(req["umask"]), pid=0)
-    entry = ops._make(parent, name, mode, int(req["rdev"]), cast(Ctx, ctx))
-    # The kernel never saw this entry: give back the lookup _make counted.
+    caller = _Caller(int(req["uid"]), int(req["gid"]), int(req["umask"]))
+    entry = ops.make_node(parent, name, mode, int(req["rdev"]), caller)
+    # The kernel never saw this entry: give back the lookup make_node counted.
     ops.table.forget(entry.st_ino, 1)
     pid = parent.id
 

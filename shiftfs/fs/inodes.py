@@ -39,17 +39,17 @@ inodes of other filesystems mounted below SOURCE get ids from a private range.
 
 from __future__ import annotations
 
-import enum
 import errno
 import os
 import resource
 import stat
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Literal
 
 import pyfuse3
 
+from ..ownership.node import UNLOADED, Unloaded
 from ..sys.files import O_PATH_NOFOLLOW
 from .closer import MAX_PENDING, Closer
 
@@ -60,15 +60,6 @@ __all__ = ["Inode", "InodeTable", "ROOT_ID"]
 
 ROOT_ID = pyfuse3.ROOT_INODE
 _SYNTHETIC_BASE = 1 << 62
-
-
-class _Unloaded(enum.Enum):
-    """``Inode.record`` before the policy looked: a one-member enum so ``is UNLOADED`` narrows the type."""
-
-    UNLOADED = enum.auto()
-
-
-UNLOADED: Final = _Unloaded.UNLOADED
 
 
 class Inode:
@@ -110,7 +101,7 @@ class Inode:
         self.parent = 0
         self.name = b""
         self.pins = 0
-        self.record: Record | None | Literal[_Unloaded.UNLOADED] = UNLOADED
+        self.record: Record | None | Literal[Unloaded.UNLOADED] = UNLOADED
         self.xnames: set[str] | None = None
         self.default_acl: bool | None = None
 

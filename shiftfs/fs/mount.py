@@ -16,7 +16,8 @@ import sys
 from ..errors import MountError, UsageError
 from ..ownership import trust
 from ..ownership.policy import OwnershipPolicy
-from ..ownership.record import Record
+from ..ownership.record import RecordError
+from ..ownership.single_id import SingleIdPresentation
 from ..ownership.store import RecordStore
 from ..ownership.table import TablePolicy
 from ..ownership.xattr import XattrPolicy
@@ -292,16 +293,11 @@ def _secure_backing(policy: XattrPolicy, store: RecordStore, fix: bool, keep_roo
     notes: list[str] = []
     if not fix:
         return notes
-
-    def unrecorded(st):
-        cur_mode, du, dg = st.st_mode, st.st_uid, st.st_gid
-        if policy.default_owner is not None:
-            du, dg = policy.disk_ids(*policy.default_owner)
-        dev = stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
-        return Record(du, dg, cur_mode, st.st_rdev if dev else 0)
-
+    unrecorded = policy.rule.unrecorded_record
     try:
         fixed, more = trust.fix_backing_modes(store, policy.trusted_uid, unrecorded, keep_root)
+    except RecordError as e:  # the default owner has no disk ids in the table
+        return notes + [f"backing modes left as they are: {e}"]
     except OSError as e:
         if e.errno != errno.EROFS:
             raise
@@ -315,34 +311,49 @@ def _secure_backing(policy: XattrPolicy, store: RecordStore, fix: bool, keep_roo
 
 
 def build_operations(cfg: MountConfig, root_fd: int) -> Operations:
+    """The operations of a mount of ``cfg``: its policy, configured once, and the FUSE plumbing."""
     policy: OwnershipPolicy
+    cache = CacheConfig(cfg.cache)
+    # -o shared: records and ACLs are read again on every request; -o single_id: presented ids
+    single_id = SingleIdPresentation.of_this_namespace() if cfg.single_id else None
     if cfg.xattr:
         # A read-only mount changes nothing on disk: no records for the root and .shiftfs.
         ro = "ro" in cfg.kernel_opts
         store = RecordStore(root_fd, create=True, write_legacy=cfg.legacy_xattr, stamp=not ro, trusted_uid=os.geteuid())
         # Before anything opens the side table (SQLite would replay a planted -wal).
         side = store.check_private(os.geteuid(), fix=not ro)
-        policy = XattrPolicy(cfg.uids, cfg.gids, store, cfg.default_owner, stamp_root=not ro)
+        policy = XattrPolicy(
+            cfg.uids,
+            cfg.gids,
+            store,
+            cfg.default_owner,
+            stamp_root=not ro,
+            xnames_trusted=cache.xattr_cache,
+            reread=cfg.shared,
+            single_id=single_id,
+        )
         cfg.notes = [f"side table: {n}" for n in side] + _secure_backing(
             policy, store, fix=not ro, keep_root=cfg.allow_shared_source
         )
     else:
-        policy = TablePolicy(cfg.uids, cfg.gids)
-    policy.reread = cfg.shared
-    ops = Operations(
-        root_fd, policy, CacheConfig(cfg.cache), trace=cfg.debug, writeback=cfg.writeback, xattr_probes=cfg.xattr_probes
-    )
-    ops.table.defer_closes = cfg.closer
-    # Let the kernel enforce POSIX ACLs (FUSE_POSIX_ACL): without it,
+        policy = TablePolicy(
+            cfg.uids, cfg.gids, xnames_trusted=cache.xattr_cache, reread=cfg.shared, single_id=single_id
+        )
+    # acl: let the kernel enforce POSIX ACLs (FUSE_POSIX_ACL): without it,
     # default_permissions checks the mode bits only, and a named-user entry
     # that denies access (u:1000:---) is ignored through the mount. The
     # backing filesystem (table mode) or the policy (xattr mode) keeps the
     # mask in step with chmod. -o acl=off leaves enforcement out: the kernel
     # then stops fetching system.posix_acl_access after every attribute
     # refresh of a directory (one GETXATTR per create or unlink in it).
-    ops.enable_acl = cfg.acl
-    if cfg.single_id:
-        from .control import single_id_presenter
-
-        ops.present = single_id_presenter()
+    ops = Operations(
+        root_fd,
+        policy,
+        cache,
+        trace=cfg.debug,
+        writeback=cfg.writeback,
+        xattr_probes=cfg.xattr_probes,
+        acl=cfg.acl,
+    )
+    ops.table.defer_closes = cfg.closer
     return ops

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 import pyfuse3
 
 from ..ownership.names import backing_name, temp_name
+from ..ownership.node import CallerIds
 from ..ownership.policy import CreatePlan, OwnershipPolicy
 from ..sys.files import (
     O_PATH_NOFOLLOW,
@@ -91,10 +92,13 @@ class Operations(DirectoryHandlers, XattrHandlers, RangeHandlers, ConnectionHand
         trace: bool = False,
         writeback: bool = False,
         xattr_probes: bool = True,
+        acl: bool = False,
     ):
         super().__init__()
         #: the kernel caches writes and owns size/mtime (fewer WRITE/GETATTR requests)
         self.enable_writeback_cache = writeback
+        #: FUSE_POSIX_ACL: the kernel enforces POSIX ACLs through the mount (shiftfs.fs.mount)
+        self.enable_acl = acl
         #: False: answer GETXATTR with ENOSYS once, so the kernel stops sending any
         self.xattr_probes = xattr_probes
         self.policy = policy
@@ -110,9 +114,6 @@ class Operations(DirectoryHandlers, XattrHandlers, RangeHandlers, ConnectionHand
         self._files: dict[int, Inode] = {}
         self._next_dh = 1
         self._fresh_learn = {}
-        policy.xnames_trusted = self.cache.xattr_cache
-        #: ``-o single_id``: what the kernel is shown for view ids (shiftfs.fs.control)
-        self.present: Callable[[int, int], tuple[int, int]] | None = None
 
     # -- for the request log -----------------------------------------------------
     def open_file_node(self, fh: int) -> Inode | None:
@@ -133,9 +134,7 @@ class Operations(DirectoryHandlers, XattrHandlers, RangeHandlers, ConnectionHand
 
     def _attrs(self, node: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
-        mode, uid, gid, rdev = self.policy.view(node, st)[:4]
-        if self.present is not None:
-            uid, gid = self.present(uid, gid)
+        mode, uid, gid, rdev = self.policy.shown(node, st)[:4]
         e.st_ino = node.id
         e.generation = 0
         e.entry_timeout = self.cache.timeout
@@ -165,7 +164,7 @@ class Operations(DirectoryHandlers, XattrHandlers, RangeHandlers, ConnectionHand
         self.table.count_lookup(node)
         return e
 
-    def _plan(self, parent: Inode, mode: int, rdev: int, ctx: Ctx) -> CreatePlan:
+    def _plan(self, parent: Inode, mode: int, rdev: int, ctx: CallerIds) -> CreatePlan:
         pst = os.fstat(parent.fd)
         if pst.st_nlink == 0:
             raise pyfuse3.FUSEError(errno.ENOENT)  # removed behind our back (O_TMPFILE would say EPERM)
@@ -186,7 +185,14 @@ class Operations(DirectoryHandlers, XattrHandlers, RangeHandlers, ConnectionHand
             raise
         return self.table.adopt(fd, st), st
 
-    def _make(self, parent: Inode, name: bytes, mode: int, rdev: int, ctx: Ctx, target: bytes | None = None) -> Entry:
+    def make_node(self, parent: Inode, name: bytes, mode: int, rdev: int, caller: CallerIds) -> Entry:
+        """A node made as a FUSE MKNOD by ``caller`` would make it (the control channel's
+        ``mknod`` of a device a single-id namespace cannot make); counts one lookup."""
+        return self._make(parent, name, mode, rdev, caller)
+
+    def _make(
+        self, parent: Inode, name: bytes, mode: int, rdev: int, ctx: CallerIds, target: bytes | None = None
+    ) -> Entry:
         """Create a non-regular object with its ownership in place, then publish it."""
         name = self._bname(parent, name)
         plan = self._plan(parent, mode, rdev, ctx)

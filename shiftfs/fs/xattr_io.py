@@ -20,7 +20,7 @@ import os
 
 import pyfuse3
 
-from ..ownership.store import RecordStore
+from ..ownership.policy import SideXattrStore
 from ..sys.files import proc_fd, touch_ctime
 from .inodes import Inode, InodeTable
 
@@ -89,7 +89,7 @@ class LinkXattrs(InodeXattrs):
 
 
 class SideXattrs:
-    def __init__(self, store: RecordStore, node: Inode):
+    def __init__(self, store: SideXattrStore, node: Inode):
         self.store = store
         self.fd = node.fd
         self.st = os.fstat(self.fd)

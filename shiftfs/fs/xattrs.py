@@ -26,10 +26,7 @@ from .options import CacheConfig
 from .requestlog import fuse_handler
 from .xattr_io import InodeXattrs, LinkXattrs, SideXattrs
 
-__all__ = ["XattrHandlers", "OWNER_XATTR"]
-
-#: Single-id namespaces: the owner the kernel cannot be shown (read-only through the mount).
-OWNER_XATTR = "user.shiftfs.owner"
+__all__ = ["XattrHandlers"]
 
 Ctx = pyfuse3.RequestContext
 
@@ -45,8 +42,6 @@ class XattrHandlers:
     _fresh_base: frozenset[str] | None = None
     #: a few new inodes whose first listing teaches ``_fresh_base``: id -> (inode, names the stamp wrote)
     _fresh_learn: dict[int, tuple[Inode, set[str]]]
-    #: ``-o single_id`` (shiftfs.fs.control): ids shown to the kernel; the true owner is a read-only xattr
-    present: Callable[[int, int], tuple[int, int]] | None
 
     # -- xattrs ------------------------------------------------------------------
     def _fresh_xnames(self, node: Inode, plan: CreatePlan) -> None:
@@ -91,8 +86,11 @@ class XattrHandlers:
             raise pyfuse3.FUSEError(errno.ENOSYS)
         node = self.table[inode_id]
         vname = os.fsdecode(name)
-        if vname == OWNER_XATTR and self.present is not None:
-            return self._owner_xattr(node)
+        if self.policy.is_synthetic_xattr(vname):
+            value = self.policy.synthetic_xattr(node, vname)
+            if value is None:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            return value
         bname = self.policy.xattr_to_backing(vname)
         if bname is None or bname not in self._xnames(node):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -115,25 +113,8 @@ class XattrHandlers:
                 out.append(os.fsencode(v))
         if any(v.startswith(b"trusted.") for v in out) and not sees_trusted(ctx.pid):
             out = [v for v in out if not v.startswith(b"trusted.")]
-        if self.present is not None and not stat.S_ISLNK(node.ftype):
-            try:
-                self._owner_xattr(node)
-                out.append(OWNER_XATTR.encode())
-            except pyfuse3.FUSEError:
-                pass
+        out.extend(os.fsencode(v) for v in self.policy.synthetic_xattr_names(node))
         return out
-
-    def _owner_xattr(self, node: Inode) -> bytes:
-        """``UID:GID`` of an inode whose owner the kernel is shown as another (single-id namespace).
-
-        Tools that copy a file's owner from its stat (``cp -a``, ``rsync -a``)
-        see 0 there; they copy this xattr too, and the seccomp supervisor
-        turns that copy into a chown (shiftfs.container.seccomp_notify)."""
-        assert self.present is not None
-        v = self.policy.view(node, os.fstat(node.fd))
-        if self.present(v.uid, v.gid) == (v.uid, v.gid):
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        return f"{v.uid}:{v.gid}".encode()
 
     def _writable_xattr(self, inode_id: int, name: bytes) -> tuple[Inode, str, str]:
         """The inode, view name and backing name of an xattr the caller may
@@ -142,7 +123,7 @@ class XattrHandlers:
         self._fresh_learn.pop(node.id, None)  # no longer as made: it cannot teach what new objects get
         vname = os.fsdecode(name)
         bname = self.policy.xattr_to_backing(vname)
-        if bname is None or (vname == OWNER_XATTR and self.present is not None):
+        if bname is None:  # a record name, or one the policy shows itself (read-only)
             raise pyfuse3.FUSEError(errno.EPERM)
         return node, vname, bname
 
@@ -166,24 +147,8 @@ class XattrHandlers:
             node.xnames = None
         changed = effect.attrs_changed
         if vname == "system.posix_acl_access":
-            changed = self._acl_kill_sgid(node, keep_sgid) or changed
+            changed = self.policy.acl_written(node, keep_sgid) or changed
         return changed
-
-    def _acl_kill_sgid(self, node: Inode, keep_sgid: Callable[[View], bool]) -> bool:
-        """Clear SGID after an access ACL write by a caller outside the file's group without CAP_FSETID.
-
-        The kernel's posix_acl_update_mode does this on a local filesystem,
-        and its chmod path does it before a SETATTR reaches us; for ACLs it
-        leaves the mode to a FUSE_POSIX_ACL daemon. The backing filesystem
-        judges the daemon instead, which may keep the bit. ``keep_sgid(view)``
-        says whether the caller is in the group or has CAP_FSETID.
-        """
-        st = os.fstat(node.fd)
-        view = self.policy.view(node, st)
-        if not view.mode & stat.S_ISGID or keep_sgid(view):
-            return False
-        self.policy.change(node, st, None, None, view.mode & 0o7777 & ~stat.S_ISGID)
-        return True
 
     @fuse_handler
     def removexattr(self, inode_id: int, name: bytes, ctx: Ctx) -> None:

@@ -19,8 +19,8 @@ from ..errors import TreeError
 from ..ownership import acl, trust
 from ..ownership.idmap import IdMap, parse_map_args
 from ..ownership.names import STORE_DIR, escape_xattr_name, is_privileged_xattr, temp_name, unescape_xattr_name
-from ..ownership.record import RECORD_NAME, Record, RecordError, decode, encode
-from ..ownership.view import backing_perm, capability_for_disk, get_xattr, list_xattrs, map_capability, type_fits
+from ..ownership.record import RECORD_NAME, Record, RecordError, type_fits
+from ..ownership.view import capability_for_disk, get_xattr, list_xattrs, map_capability
 from ..sys.files import O_PATH_NOFOLLOW, fchown_fd, proc_fd, utimens_fd
 from .walk import Progress, open_beneath, open_root, open_store, walk
 
@@ -242,17 +242,20 @@ def _absorb_inode(e, store, umap, gmap, to_view, owner) -> None:
     # a record another user planted there is replaced (shiftfs.ownership.trust, rule 2).
     # On one of ``owner``'s that others can write on disk (a world-writable directory an
     # interrupted run chowned before its chmod) it keeps no setuid/setgid, as in a mount.
-    raw = store.read(fd, st) if st.st_uid == owner[0] else None
-    if raw is not None and not trust.record_counts(st, owner[0]):
-        rec = decode(raw, stat.S_IFMT(st.st_mode))
+    rec = store.read_record(fd, st) if trust.owned_by(st, owner[0]) else None
+    if rec is not None and not trust.record_counts(st, owner[0]):
         if trust.without_setid_if_open(rec, st) != rec:
-            raw = encode(trust.without_setid_if_open(rec, st))
-            store.write(fd, st, raw)
-    if raw is None:
+            rec = trust.without_setid_if_open(rec, st)
+            store.write_record(fd, st, rec)
+    if rec is None:
         vu, vg = to_view(e, st)
-        raw = encode(Record(vu, vg, st.st_mode, 0))
-        if store.read(fd, st) != raw:
-            store.write(fd, st, raw)
+        rec = Record(vu, vg, st.st_mode, 0)
+        try:
+            there = store.read_record(fd, st)
+        except RecordError:
+            there = None  # another user's malformed record: replaced
+        if there != rec:
+            store.write_record(fd, st, rec)
             _crash_point("absorb")
     for name in privileged:
         try:
@@ -263,9 +266,8 @@ def _absorb_inode(e, store, umap, gmap, to_view, owner) -> None:
     if (st.st_uid, st.st_gid) != owner:
         fchown_fd(fd, *owner)
         _crash_point("absorb")
-    if not stat.S_ISLNK(st.st_mode):
-        view_mode = decode(raw, stat.S_IFMT(st.st_mode)).mode
-        os.chmod(path, backing_perm(view_mode))
+    # the backing mode last: after the chown, which would clear setuid/setgid anyway
+    store.set_backing_mode(fd, st, rec)
 
 
 def _absorb_device(e, store, view_ids, owner, placeholders, root_fd, times: _DirTimes) -> None:
@@ -280,10 +282,8 @@ def _absorb_device(e, store, view_ids, owner, placeholders, root_fd, times: _Dir
     times.begin(e.dirfd)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=e.dirfd)
     try:
-        pst = os.fstat(fd)
-        store.write(fd, pst, encode(rec))
+        store.apply_record(fd, os.fstat(fd), rec)
         os.fchown(fd, *owner)
-        os.fchmod(fd, backing_perm(rec.mode))
         os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
     except BaseException:
         os.close(fd)
@@ -383,13 +383,12 @@ def _check_records_believed(root_fd: int, store, umap: IdMap, gmap: IdMap) -> No
     for e in walk(root_fd, lambda rel, exc: None):
         if trust.record_counts(e.st, owner):
             continue
-        raw = store.read(e.fd, e.st)
-        if raw is None:
+        if store.read(e.fd, e.st) is None:
             continue
         key = (e.st.st_dev, e.st.st_ino)
         if rerun and (not half_done or key in half_done):
             try:
-                rec = decode(raw, stat.S_IFMT(e.st.st_mode))
+                rec = store.read_record(e.fd, e.st)
             except RecordError:
                 rec = None
             if rec is not None and (umap.to_disk(rec.uid), gmap.to_disk(rec.gid)) == (e.st.st_uid, e.st.st_gid):
@@ -440,13 +439,12 @@ def _link_over(e, first_rel: str, root_fd: int, times: _DirTimes) -> None:
 
 def _materialize_inode(e, store, umap: IdMap, gmap: IdMap, times: _DirTimes):
     fd, st = e.fd, e.st
-    raw = store.read(fd, st)
-    if raw is None:
-        return None
     try:
-        rec = decode(raw, stat.S_IFMT(st.st_mode))
+        rec = store.read_record(fd, st)
     except RecordError as exc:
         raise TreeError(f"{e.display}: {exc}") from None
+    if rec is None:
+        return None
     du, dg = umap.to_disk(rec.uid), gmap.to_disk(rec.gid)
     if du is None or dg is None:
         raise TreeError(f"{e.display}: record ids {rec.uid}:{rec.gid} have no disk ids in --map; extend the map")

@@ -90,6 +90,17 @@ def _sayer(cmd: str) -> Callable[[str], None]:
     return say
 
 
+def _default_owner(args) -> tuple[int, int] | None:
+    """``--default-owner UID:GID`` (None when not given)."""
+    text = getattr(args, "default_owner", None)
+    if text is None:
+        return None
+    u, _, g = text.partition(":")
+    if not u.isdigit() or not (g or u).isdigit():
+        raise UsageError(f"bad --default-owner {text!r}: give numeric UID:GID, as the mount's -o default_owner=")
+    return int(u), int(g or u)
+
+
 def _maps(args) -> list[str]:
     maps = list(args.map or [])
     parse_map_args(maps)  # validate early: IdMapError → exit 2
@@ -119,6 +130,7 @@ def _run(cmd: str, fn: Callable[[], int]) -> int:
 def _cmd_export(args) -> int:
     def run() -> int:
         maps = _maps(args)
+        default_owner = _default_owner(args)
         from .devtable import DeviceTable, DeviceTableError
 
         devices = None
@@ -154,7 +166,16 @@ def _cmd_export(args) -> int:
             out = lzma.LZMAFile(raw, "wb")
         try:
             with Progress("export") as progress:
-                errors = export_tree(args.root, out, fmt, maps, progress, devices=devices, self_owner=self_owner)
+                errors = export_tree(
+                    args.root,
+                    out,
+                    fmt,
+                    maps,
+                    progress,
+                    devices=devices,
+                    self_owner=self_owner,
+                    default_owner=default_owner,
+                )
         finally:
             if out is not raw:
                 out.close()
@@ -181,11 +202,12 @@ def _cmd_import(args) -> int:
 def _cmd_stat(args) -> int:
     def run() -> int:
         umap, gmap = parse_map_args(_maps(args))
+        default_owner = _default_owner(args)
         status = 0
         say = _sayer("stat")
         for i, path in enumerate(args.paths):
             try:
-                text = stat_one(path, args.root, umap, gmap, say)
+                text = stat_one(path, args.root, umap, gmap, say, default_owner)
             except (ArchiveError, TreeError) as exc:
                 _err("stat", str(exc))
                 status = 1
@@ -201,7 +223,8 @@ def _cmd_stat(args) -> int:
 def _cmd_ls(args) -> int:
     def run() -> int:
         umap, gmap = parse_map_args(_maps(args))
-        return _report("ls", list_dir(args.dir, args.long, umap, gmap, sys.stdout, _sayer("ls")))
+        errors = list_dir(args.dir, args.long, umap, gmap, sys.stdout, _sayer("ls"), _default_owner(args))
+        return _report("ls", errors)
 
     return _run("ls", run)
 
@@ -286,6 +309,15 @@ _TEXTS = {
 }
 
 
+def _add_default_owner(p) -> None:
+    p.add_argument(
+        "--default-owner",
+        metavar="UID:GID",
+        help="what files without a (believed) record show as, as a mount with -o default_owner=UID:GID "
+        "shows them (give the mount's value to see what it shows)",
+    )
+
+
 def _command(subparsers, func, name: str, **more) -> argparse.ArgumentParser:
     """One offline subcommand: its parser (texts from :data:`_TEXTS`), run by ``func``."""
     help_line, description = _TEXTS[name]
@@ -311,8 +343,9 @@ def register(subparsers) -> None:
         metavar="UID:GID",
         default="0:0",
         help="what files without a record that you own show as (default 0:0: you are view root "
-        "in shiftfs run/exec); ignored with --map",
+        "in shiftfs run/exec); ignored with --map or --default-owner",
     )
+    _add_default_owner(p)
     add_map_argument(p)
 
     p = _command(subparsers, _cmd_import, "import")
@@ -324,11 +357,13 @@ def register(subparsers) -> None:
     p = _command(subparsers, _cmd_stat, "stat")
     p.add_argument("paths", metavar="PATH", nargs="+")
     p.add_argument("--root", metavar="ROOT", help="the tree root (default: nearest parent with .shiftfs/)")
+    _add_default_owner(p)
     add_map_argument(p)
 
     p = _command(subparsers, _cmd_ls, "ls")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("-l", dest="long", action="store_true", help="long listing")
+    _add_default_owner(p)
     add_map_argument(p)
 
     p = _command(

@@ -43,7 +43,7 @@ from typing import BinaryIO
 from ..errors import ArchiveError, TreeError
 from ..ownership import acl
 from ..ownership.idmap import IdMap, parse_map_args
-from ..ownership.view import View, view_xattrs
+from ..ownership.view import View, ViewRule
 from .members import GnuTarInfo, ns_to_pax, xattr_str
 from .walk import COPY_CHUNK, Progress, find_root, has_store, open_beneath, open_root, open_store, view_at, walk
 
@@ -74,7 +74,10 @@ def _archive_name(rel: str) -> str:
 class ExportOptions:
     devices: object = None  # shiftfs.devtable.DeviceTable
     me: tuple[int, int] = (-1, -1)  # the exporting user's uid, gid
-    self_owner: tuple[int, int] = (0, 0)  # what unrecorded files of ``me`` show as
+    #: what unrecorded files of ``me`` show as (None: the view rule's default owner decides)
+    self_owner: tuple[int, int] | None = (0, 0)
+    #: ``--default-owner``: what the view shows for files without a record, as ``-o default_owner=``
+    default_owner: tuple[int, int] | None = None
 
 
 def scan(
@@ -89,6 +92,8 @@ def scan(
 ):
     """Yield an :class:`Item` for every inode of the tree, in walk order."""
     seen: dict[tuple[int, int], str] = {}
+    rule = ViewRule.for_tree(root_fd, store, umap, gmap, opts.default_owner if opts is not None else None)
+    self_owner = opts.self_owner if opts is not None and opts.default_owner is None else None
 
     def on_error(rel, exc):
         errors.append(f"{rel}: {exc.strerror or exc}")
@@ -96,21 +101,28 @@ def scan(
     for e in walk(root_fd, on_error):
         st = e.st
         try:
-            view = view_at(store, e.fd, st, umap, gmap, e.rel)
+            view = view_at(rule, store, e.fd, st, e.rel)
         except TreeError as exc:
             errors.append(str(exc))
             continue
         except OSError as exc:
             errors.append(f"{e.display}: cannot read its record: {exc.strerror}")
             continue
-        if view.distrust and st.st_uid == store.trusted_uid:
+        if view.distrust and rule.trusts(st):
             errors.append(f"{e.display}: its record is not believed: {view.distrust} (or mount the tree once)")
-        if opts is not None and not view.has_record and not view.distrust and umap.identity and gmap.identity:
+        if (
+            opts is not None
+            and self_owner is not None
+            and not view.has_record
+            and not view.distrust
+            and umap.identity
+            and gmap.identity
+        ):
             # No record: as in shiftfs run/exec, the invoking user is view root.
             if st.st_uid == opts.me[0]:
-                view = view._replace(uid=opts.self_owner[0])
+                view = view._replace(uid=self_owner[0])
             if st.st_gid == opts.me[1]:
-                view = view._replace(gid=opts.self_owner[1])
+                view = view._replace(gid=self_owner[1])
         name = _archive_name(e.vrel)
         key = (st.st_dev, st.st_ino)
         fmt = stat.S_IFMT(view.mode)
@@ -144,7 +156,7 @@ def scan(
                 continue
         if with_xattrs:
             try:
-                item.xattrs = view_xattrs(e.fd, view.has_record, umap, gmap)
+                item.xattrs = rule.xattrs(e.fd)
             except (OSError, ValueError) as exc:
                 errors.append(f"{e.display}: cannot read its xattrs: {getattr(exc, 'strerror', None) or exc}")
         yield item
@@ -256,13 +268,16 @@ def export_tree(
     progress=None,
     devices=None,
     self_owner: tuple[int, int] | None = None,
+    default_owner: tuple[int, int] | None = None,
 ) -> list[str]:
     """Write an archive of the view of ``root`` to ``out``; returns per-path errors.
 
     ``devices`` (a :class:`shiftfs.devtable.DeviceTable`) adds entries a user
     namespace could not create. ``self_owner`` is what a file without a
     record that the exporting user owns shows as (default 0:0: in
-    ``shiftfs run``/``exec`` the invoking user is view root).
+    ``shiftfs run``/``exec`` the invoking user is view root). ``default_owner``
+    is what every file without a (believed) record shows as, as a mount with
+    ``-o default_owner=`` shows it; given, it replaces ``self_owner``.
     """
     umap, gmap = parse_map_args(maps or [])
     root_fd = open_root(root)
@@ -285,7 +300,9 @@ def export_tree(
     )
     from .cpio import export_cpio
 
-    opts = ExportOptions(devices, (os.getuid(), os.getgid()), self_owner if self_owner is not None else (0, 0))
+    opts = ExportOptions(
+        devices, (os.getuid(), os.getgid()), self_owner if self_owner is not None else (0, 0), default_owner
+    )
     errors: list[str] = []
     try:
         if fmt == "tar":

@@ -23,10 +23,10 @@ import time
 from typing import IO, cast
 
 from ..errors import ArchiveError, UsageError
+from ..ownership import trust
 from ..ownership.idmap import MAX_ID
 from ..ownership.names import STORE_DIR, escape_xattr_name
-from ..ownership.record import Record, encode
-from ..ownership.view import backing_perm
+from ..ownership.record import Record
 from ..sys.files import O_PATH_NOFOLLOW, proc_fd, utimens_fd
 from .members import mtime_ns, xattrs_of
 from .walk import COPY_CHUNK, DIR_PATH_FLAGS, Progress, open_beneath, open_root, open_store
@@ -168,7 +168,7 @@ class _Importer:
     def _check_ours(self, st: os.stat_result, rel: str) -> None:
         """Refuse to keep (and fill) a directory whose record would not be believed: another
         user's directory left in ROOT is theirs to change, records on it count for nobody."""
-        if st.st_uid != self.store.trusted_uid:
+        if not trust.owned_by(st, self.store.trusted_uid):
             raise ArchiveError(
                 f"{rel}: a directory of uid {st.st_uid} is in the way, not of uid {self.store.trusted_uid} "
                 f"whose records count; remove it (as its owner or root) and import again"
@@ -185,12 +185,7 @@ class _Importer:
 
     def _stamp(self, fd: int, rec: Record, rel: str) -> None:
         """Write the record, then the backing mode."""
-        st = os.stat(fd)
-        self.store.write(fd, st, encode(rec))
-        if not stat.S_ISLNK(st.st_mode):
-            want = backing_perm(rec.mode)
-            if stat.S_IMODE(st.st_mode) != want:
-                os.chmod(proc_fd(fd), want)
+        self.store.apply_record(fd, os.stat(fd), rec)
 
     # -- removal ----------------------------------------------------------------
     def _remove(self, parent: int, name: str) -> None:
@@ -333,7 +328,7 @@ class _Importer:
         fd = os.open(".", DIR_PATH_FLAGS, dir_fd=self.root_fd)
         try:
             st = os.stat(fd)
-            self.store.write(fd, st, encode(self._record_of(ti)))
+            self.store.write_record(fd, st, self._record_of(ti))
             self._xattrs(fd, ti, ".", True)
         finally:
             os.close(fd)
@@ -433,7 +428,7 @@ class _Importer:
             try:
                 st = os.stat(fd)
                 if self.store.read(fd, st) is None:
-                    self.store.write(fd, st, encode(_IMPLIED_DIR))
+                    self.store.write_record(fd, st, _IMPLIED_DIR)
             finally:
                 os.close(fd)
         # Directory times last, deepest first, once nothing changes inside.
@@ -465,8 +460,9 @@ def import_archive(
         # (root too). Into another user's directory they would count for nobody, and the
         # record that directory may carry is not ours to keep.
         me = os.geteuid()
-        owner = os.fstat(root_fd).st_uid
-        if owner != me:
+        root_st = os.fstat(root_fd)
+        owner = root_st.st_uid
+        if not trust.owned_by(root_st, me):
             raise ArchiveError(
                 f"{root} is owned by uid {owner}, not by you (uid {me}): records there would not be "
                 f"believed; import into a directory you own (or run the import as uid {owner})"

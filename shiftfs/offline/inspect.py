@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import stat
 import time
+from collections.abc import Callable
+from typing import TextIO
 
 from ..errors import ArchiveError, TreeError
+from ..ownership.idmap import IdMap
 from ..ownership.names import view_name
-from ..ownership.view import view_xattrs
+from ..ownership.view import ViewRule
 from ..sys.files import O_PATH_NOFOLLOW
 from .walk import find_root, open_root, open_store, view_at
 
@@ -31,11 +34,19 @@ def _fmt_time(ns: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec)) + f".{frac:09d}"
 
 
-def stat_one(path: str, root: str | None, umap, gmap, say=None) -> str:
+def stat_one(
+    path: str,
+    root: str | None,
+    umap: IdMap,
+    gmap: IdMap,
+    say: Callable[[str], None] | None = None,
+    default_owner: tuple[int, int] | None = None,
+) -> str:
     """``shiftfs stat`` of one path. Whose records count is the tools' rule
     (shiftfs.ownership.trust.offline_trusted_uid), never the owner of the
     directory the file happens to be in; ``say`` gets the line saying whose
-    records count when that is not the running user."""
+    records count when that is not the running user. What it shows is the
+    mount's view rule (``default_owner``: as ``-o default_owner=``)."""
     try:
         fd = os.open(path, O_PATH_NOFOLLOW)
     except FileNotFoundError:
@@ -50,8 +61,9 @@ def stat_one(path: str, root: str | None, umap, gmap, say=None) -> str:
             try:
                 st = os.stat(fd)
                 raw = store.read(fd, st)
-                view = view_at(store, fd, st, umap, gmap, path)
-                xattrs = view_xattrs(fd, view.has_record, umap, gmap) if not stat.S_ISLNK(st.st_mode) else {}
+                rule = ViewRule.for_tree(root_fd, store, umap, gmap, default_owner)
+                view = view_at(rule, store, fd, st, path)
+                xattrs = rule.xattrs(fd) if not stat.S_ISLNK(st.st_mode) else {}
             finally:
                 store.close()
         finally:
@@ -68,10 +80,12 @@ def stat_one(path: str, root: str | None, umap, gmap, say=None) -> str:
     if ftype in (stat.S_IFCHR, stat.S_IFBLK):
         lines.append(f"Device: {os.major(view.rdev)},{os.minor(view.rdev)}")
     lines.append(f"Modify: {_fmt_time(st.st_mtime_ns)}")
-    if raw is not None:
+    if raw is not None and rule.records:
         lines.append(
             f"Record: {raw.decode('ascii', 'replace')}" + (f" (not believed: {view.distrust})" if view.distrust else "")
         )
+    elif rule.records and default_owner is not None:
+        lines.append("Record: none (view = the default owner)")
     else:
         lines.append(
             "Record: none (view = backing ids" + (" through --map)" if not umap.identity or not gmap.identity else ")")
@@ -85,14 +99,23 @@ def stat_one(path: str, root: str | None, umap, gmap, say=None) -> str:
     return "\n".join(lines)
 
 
-def list_dir(directory: str, long: bool, umap, gmap, out, say=None) -> list[str]:
-    """``shiftfs ls [-l]`` of one directory (whose records count: as :func:`stat_one`)."""
+def list_dir(
+    directory: str,
+    long: bool,
+    umap: IdMap,
+    gmap: IdMap,
+    out: TextIO,
+    say: Callable[[str], None] | None = None,
+    default_owner: tuple[int, int] | None = None,
+) -> list[str]:
+    """``shiftfs ls [-l]`` of one directory (whose records count and what shows: as :func:`stat_one`)."""
     errors: list[str] = []
     root = find_root(directory)
     root_fd = open_root(root)
     dir_fd = open_root(directory)
     store = open_store(root_fd, False, readonly=True, name=root, say=say if long else None)
     is_root = os.path.samestat(os.fstat(root_fd), os.fstat(dir_fd))
+    rule = ViewRule.for_tree(root_fd, store, umap, gmap, default_owner)
     try:
         names = sorted(os.listdir(dir_fd), key=os.fsencode)
         for name in names:
@@ -111,7 +134,7 @@ def list_dir(directory: str, long: bool, umap, gmap, out, say=None) -> list[str]
                 continue
             try:
                 st = os.stat(fd)
-                view = view_at(store, fd, st, umap, gmap, f"{directory}/{name}")
+                view = view_at(rule, store, fd, st, f"{directory}/{name}")
             except (TreeError, OSError) as exc:
                 errors.append(str(exc))
                 continue

@@ -23,12 +23,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import TreeError
-from ..ownership.idmap import IdMap
 from ..ownership.names import STORE_DIR, is_temp_name, view_name
 from ..ownership.record import RecordError
 from ..ownership.store import RecordStore
 from ..ownership.trust import offline_trust_note, offline_trusted_uid
-from ..ownership.view import View, read_view
+from ..ownership.view import View, ViewRule
 from ..sys.files import O_PATH_NOFOLLOW
 
 if TYPE_CHECKING:
@@ -174,10 +173,10 @@ def _walk_dir(dfd: int, rel: str, on_error, on_temp, dev: int, vrel: str) -> Ite
                 os.close(sub)
 
 
-def view_at(store, fd: int, st: os.stat_result, umap: IdMap, gmap: IdMap, rel: str = "") -> View:
+def view_at(rule: ViewRule, store: RecordStore, fd: int, st: os.stat_result, rel: str = "") -> View:
     """The view of one inode (the mount's rule); a bad record is a TreeError naming ``rel``."""
     try:
-        return read_view(store, fd, st, umap, gmap)
+        return rule.view(store, fd, st)
     except RecordError as e:
         raise TreeError(f"{rel or '.'}: {e}") from None
 

@@ -71,6 +71,8 @@ __all__ = [
     "RecordError",
     "decode",
     "encode",
+    "type_fits",
+    "check_fits",
 ]
 
 #: The xattr that holds a record (containers/storage, fuse-overlayfs >= 1.14).
@@ -88,6 +90,7 @@ _TYPE_NAMES = {
 }
 _VALID_TYPES = frozenset(_TYPE_NAMES.values()) | {stat.S_IFCHR, stat.S_IFBLK}
 _DEVICE_TYPES = {"char": stat.S_IFCHR, "block": stat.S_IFBLK}
+_STAND_INS = (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK)
 
 
 class RecordError(ValueError):
@@ -231,3 +234,22 @@ def encode(rec: Record) -> bytes:
     if rec.rdev:
         raise RecordError(f"record for mode {rec.mode:o} has a device number; only devices carry rdev")
     return f"{rec.uid}:{rec.gid}:{rec.mode:o}".encode()
+
+
+def type_fits(view_type: int, backing_type: int) -> bool:
+    """Whether a record of ``view_type`` can describe a backing inode of ``backing_type``.
+
+    Besides the same type, a regular file may stand in for a device, FIFO or
+    socket (the placeholders we and containers/storage write); a directory or
+    symlink shown as anything else could not be served.
+    """
+    return view_type == backing_type or (backing_type == stat.S_IFREG and view_type in _STAND_INS)
+
+
+def check_fits(rec: Record, st: os.stat_result) -> None:
+    """Raise :class:`RecordError` if ``rec`` cannot describe the backing inode ``st``."""
+    if not type_fits(rec.type, stat.S_IFMT(st.st_mode)):
+        raise RecordError(
+            f"record says {stat.filemode(rec.mode)[0]!r} but the backing inode is "
+            f"{stat.filemode(st.st_mode)[0]!r}; fix or remove the record"
+        )

@@ -26,6 +26,15 @@ share a number apart. The same table takes records for regular files and
 directories on filesystems without user xattrs. ``.shiftfs`` at the root is
 hidden from the view. Side-table failures surface as :class:`SideTableError`
 (an OSError), so sqlite stays inside this module.
+
+The one record path. Callers speak :class:`~shiftfs.ownership.record.Record`:
+:meth:`RecordStore.read_record` decodes and checks that the record fits the
+inode (a bad one is a :class:`~shiftfs.ownership.record.RecordError`, the
+only error besides ``OSError``), :meth:`RecordStore.write_record` encodes,
+and :meth:`RecordStore.apply_record` is "write the record, then give the
+backing inode the mode that goes with it" (rule 1 of
+:mod:`shiftfs.ownership.trust`), for the mount and every offline writer.
+Only :mod:`shiftfs.offline.inspect` (which prints it) reads the raw value.
 """
 
 from __future__ import annotations
@@ -36,11 +45,13 @@ import logging
 import os
 import sqlite3
 import stat
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 from ..sys.files import O_PATH_NOFOLLOW, birth_time, proc_fd
 from . import trust
 from .names import STORE_DIR
-from .record import LEGACY_RECORD_NAME, RECORD_NAME, Record, encode
+from .record import LEGACY_RECORD_NAME, RECORD_NAME, Record, check_fits, decode, encode
 
 __all__ = ["RecordStore", "SideTableError", "StoreTrustError", "can_hold_xattr"]
 
@@ -56,18 +67,21 @@ class SideTableError(OSError):
     """The record side table failed; an OSError with the errno the sqlite error stands for."""
 
 
-def _side_table_errors(fn):
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _side_table_errors(fn: _F) -> _F:
     """Turn sqlite3 errors into :class:`SideTableError`, so no caller needs to know sqlite."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except sqlite3.Error as e:
             code = getattr(e, "sqlite_errorcode", 0) & 0xFF
             raise SideTableError(_SQLITE_ERRNOS.get(code, errno.EIO), f"record side table: {e}") from None
 
-    return wrapper
+    return cast(_F, wrapper)
 
 
 def can_hold_xattr(mode: int) -> bool:
@@ -297,7 +311,7 @@ class RecordStore:
             st = os.fstat(fd)
             if stat.S_IFMT(st.st_mode) != stat.S_IFMT(mode) or self.has_record(fd):
                 return
-            self.write(fd, st, encode(Record(st.st_uid, st.st_gid, mode)))
+            self.write_record(fd, st, Record(st.st_uid, st.st_gid, mode))
         except OSError as e:
             log.warning("cannot give %s/%s a record: %s", STORE_DIR, name, e)
         finally:
@@ -368,6 +382,41 @@ class RecordStore:
             return self._side_read(fd, st)
         return None
 
+    def read_record(self, fd: int, st: os.stat_result) -> Record | None:
+        """The record of an inode, or None; :class:`RecordError` if it is malformed or cannot
+        describe the inode (whether it counts is :mod:`shiftfs.ownership.trust`'s business)."""
+        raw = self.read(fd, st)
+        if raw is None:
+            return None
+        rec = decode(raw, stat.S_IFMT(st.st_mode))
+        check_fits(rec, st)
+        return rec
+
+    def write_record(self, fd: int, st: os.stat_result, rec: Record, legacy: bool | None = None) -> None:
+        """Store the record of an inode (``legacy``: as :meth:`write`)."""
+        self.write(fd, st, encode(rec), legacy)
+
+    def apply_record(self, fd: int, st: os.stat_result, rec: Record, legacy: bool | None = None) -> None:
+        """Write the record, then give the backing inode the mode that goes with it."""
+        self.write_record(fd, st, rec, legacy)
+        self.set_backing_mode(fd, st, rec)
+
+    @staticmethod
+    def set_backing_mode(fd: int, st: os.stat_result, rec: Record) -> None:
+        """Give the backing inode the permissions that go with its record:
+        :func:`shiftfs.ownership.trust.backing_perm` of its backing type and the view's
+        permission bits (symlinks have none). On an inode that is not ours the chmod may be
+        refused: the record is what counts there."""
+        if stat.S_ISLNK(st.st_mode):
+            return
+        want = trust.backing_perm(stat.S_IFMT(st.st_mode) | (rec.mode & 0o777))
+        if stat.S_IMODE(st.st_mode) != want:
+            try:
+                os.chmod(proc_fd(fd), want)
+            except PermissionError:
+                if st.st_uid == os.geteuid():
+                    raise
+
     def xattr_names_written(self, mode: int) -> set[str] | None:
         """The backing xattr names :meth:`write` gives an inode of this type; None: it writes a row instead."""
         if self._uses_side_mode(mode):
@@ -427,7 +476,6 @@ class RecordStore:
             except OSError:
                 pass
 
-    @_side_table_errors
     # Xattrs of inodes that take no user.* xattrs (symlinks, FIFOs, sockets):
     # the escaped privileged names set on them through the mount (trusted.*,
     # security.*) are rows of the side table, keyed like their records.

@@ -5,17 +5,19 @@ file in the view and whether it is setuid. Anyone who can write that xattr,
 or the side table, can therefore make a setuid-root file appear inside
 somebody else's container. Three rules, each kept here and nowhere else:
 
-1. **Backing modes** (:func:`shiftfs.ownership.view.backing_perm`, the one
-   rule for the mount and the offline writers; :func:`fix_backing_modes` for
-   trees written before it). The view's mode lives in the
+1. **Backing modes** (:func:`backing_perm`, the one rule for the mount and
+   the offline writers, applied with every record by
+   :meth:`shiftfs.ownership.store.RecordStore.apply_record`;
+   :func:`fix_backing_modes` for trees written before it). The view's mode lives in the
    record, so the backing inode needs only what the daemon's user needs:
    owner rw (rwx for directories) plus the view's read and search bits, and
    never group or other write, setuid, setgid or sticky. A view ``/tmp``
    (1777) is 0755 on disk. User xattrs need write access to the inode, so
    this alone keeps other users from writing records on our inodes.
 
-2. **Whose records count** (:func:`record_counts`; what such an inode shows
-   is :func:`shiftfs.ownership.view.foreign_view`). A
+2. **Whose records count** (:func:`owned_by` is the one test of "owned by
+   the trusted user", :func:`record_counts` the whole rule; what such an inode
+   shows is :meth:`shiftfs.ownership.view.ViewRule.foreign`). A
    record counts only on an inode owned by the *trusted user* and not
    writable by group or others on disk. The trusted user is the daemon's own
    (effective) uid: the unprivileged user for a user's mount, namespace root
@@ -50,15 +52,22 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from ..sys.files import O_PATH_NOFOLLOW, proc_fd
+from ..sys.files import O_PATH_NOFOLLOW
 from ..sys.mounts import in_init_userns
 from .idmap import overflow_ids
 from .names import STORE_DIR
-from .record import Record, decode, encode
+from .record import Record, RecordError
+
+if TYPE_CHECKING:  # the store asks this module whose records count: no import back at run time
+    from .store import RecordStore
 
 __all__ = [
     "OTHERS_WRITE",
+    "backing_perm",
+    "owned_by",
     "needs_fix",
     "fix_backing_modes",
     "record_counts",
@@ -75,7 +84,24 @@ _SETID = stat.S_ISUID | stat.S_ISGID
 _SPECIAL = _SETID | stat.S_ISVTX
 
 
-# -- rule 1: backing modes (view.backing_perm) ------------------------------------------
+# -- rule 1: backing modes ----------------------------------------------------------------
+
+
+def backing_perm(view_mode: int) -> int:
+    """Permission bits for the backing file of an inode with this view mode.
+
+    The view's read and search bits, plus owner read and write (and search
+    for directories) so the owning user can always manage the file. Never
+    group or other write: user xattrs need write access, so others could
+    write records; a view /tmp (1777) is 0755 on disk. Setuid, setgid and
+    sticky live only in the record.
+    """
+    perm = view_mode & 0o777 & ~OTHERS_WRITE
+    if stat.S_ISDIR(view_mode):
+        return perm | 0o700
+    if stat.S_ISREG(view_mode) or stat.S_ISCHR(view_mode) or stat.S_ISBLK(view_mode):
+        return perm | 0o600
+    return perm
 
 
 def needs_fix(st: os.stat_result) -> bool:
@@ -86,13 +112,18 @@ def needs_fix(st: os.stat_result) -> bool:
 # -- rule 2: whose records count --------------------------------------------------------
 
 
+def owned_by(st: os.stat_result, trusted_uid: int) -> bool:
+    """Whether the backing inode belongs to the trusted user (the first half of :func:`record_counts`)."""
+    return st.st_uid == trusted_uid
+
+
 def record_counts(st: os.stat_result, trusted_uid: int) -> bool:
     """Whether a record on (or for) this backing inode may be believed.
 
     Owned by the trusted user, and, for the types that carry their record as
     a user xattr (regular files, directories), not writable by anyone else.
     """
-    if st.st_uid != trusted_uid:
+    if not owned_by(st, trusted_uid):
         return False
     if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
         return not st.st_mode & OTHERS_WRITE
@@ -101,7 +132,7 @@ def record_counts(st: os.stat_result, trusted_uid: int) -> bool:
 
 def why_foreign(st: os.stat_result, trusted_uid: int) -> str:
     """The log line's reason for :func:`record_counts` saying no."""
-    if st.st_uid != trusted_uid:
+    if not owned_by(st, trusted_uid):
         return f"owned by uid {st.st_uid}, not by uid {trusted_uid}"
     return f"writable by others on disk (mode {stat.S_IMODE(st.st_mode):04o}; 'chmod go-w' it)"
 
@@ -235,7 +266,9 @@ def source_problem(source: str, uid: int, flag: str = "-o allow_shared_source") 
 # -- trees written before rule 1 -------------------------------------------------------------
 
 
-def fix_backing_modes(store, trusted_uid: int, unrecorded, keep_root: bool = False) -> tuple[int, list[str]]:
+def fix_backing_modes(
+    store: RecordStore, trusted_uid: int, unrecorded: Callable[[os.stat_result], Record], keep_root: bool = False
+) -> tuple[int, list[str]]:
     """Apply rule 1 to every backing inode of the trusted user below the store's root.
 
     Older versions stored a view ``/tmp`` (1777) as 0777 and a 0666 view file
@@ -250,29 +283,21 @@ def fix_backing_modes(store, trusted_uid: int, unrecorded, keep_root: bool = Fal
     believed while others can write it). Returns the number of inodes fixed
     and notes for the log.
     """
-    from .view import backing_perm  # (view imports this module)
-
     fixed = 0
     notes: list[str] = []
 
     def fix(fd: int, st: os.stat_result, rel: str) -> None:
         nonlocal fixed
-        raw = store.read(fd, st)
-        rec = None
-        if raw is not None:
-            try:
-                rec = decode(raw, stat.S_IFMT(st.st_mode))
-            except ValueError:
-                rec = None  # shown as the default owner; its mode below is the disk's
+        try:
+            rec = store.read_record(fd, st)
+        except RecordError:
+            rec = None  # shown as the default owner; its mode below is the disk's
         if rec is None:
             rec = unrecorded(st)
-            store.write(fd, st, encode(rec))
         elif without_setid_if_open(rec, st) != rec:
             rec = without_setid_if_open(rec, st)
-            store.write(fd, st, encode(rec))
             notes.append(f"dropped setuid/setgid from the record of {rel}: others could write it on disk")
-        view_mode = rec.mode if stat.S_IFMT(rec.mode) else rec.mode | stat.S_IFMT(st.st_mode)
-        os.chmod(proc_fd(fd), backing_perm(view_mode))
+        store.apply_record(fd, st, rec)
         fixed += 1
         if fixed == 1:
             notes.insert(0, f"first: {rel or '.'} was {stat.S_IMODE(st.st_mode):04o}")
@@ -284,7 +309,7 @@ def fix_backing_modes(store, trusted_uid: int, unrecorded, keep_root: bool = Fal
             st = os.fstat(fd)
             if st.st_dev != dev:
                 return None
-            if st.st_uid == trusted_uid and needs_fix(st) and not (keep_root and name == "." and not rel):
+            if owned_by(st, trusted_uid) and needs_fix(st) and not (keep_root and name == "." and not rel):
                 fix(fd, st, rel)
             if not stat.S_ISDIR(st.st_mode):
                 return None

@@ -1,21 +1,45 @@
 """The one view rule: what an inode looks like through a mount, and back.
 
-The mount (:mod:`shiftfs.ownership.xattr`, :mod:`shiftfs.ownership.table`)
-and the offline tools (:mod:`shiftfs.offline`) both ask this module, so a
-tree shows the same owners, modes, types and xattrs either way:
+One :class:`ViewRule` decides, for the mount (:mod:`shiftfs.ownership.xattr`,
+:mod:`shiftfs.ownership.table`) and for every offline tool
+(:mod:`shiftfs.offline`: ``export``, ``ls``, ``stat``), what an inode shows:
+owner, group, mode, type, device number and xattrs. Both sides build one with
+the same inputs (id tables, whose records count, the default owner, whether
+the tree keeps records), so a tree shows the same owners, modes, types and
+xattrs either way (``tests/test_view_agreement.py`` compares them):
 
-* an inode with a record shows the record, its ids translated by the id
-  table (with no table, the record holds view ids); the record's type must
-  fit the backing inode (:func:`type_fits`): the same type, or a regular
-  file standing in for a device, FIFO or socket (the placeholders we and
-  containers/storage write);
-* an inode without one shows its backing mode and its disk ids translated;
-* a record counts only as :mod:`shiftfs.ownership.trust` says: on an inode
-  of the trusted user that nobody else can write; another user's inode
-  shows as the overflow id without setuid/setgid (:func:`foreign_view`);
-* a backing file of an xattr-mode tree gets :func:`backing_perm`: the view's
-  read and search bits plus owner access, never group or other write,
-  setuid, setgid or sticky.
+* **table mode** (``records=False``): ownership is backing ownership through
+  the table, as on a kernel idmapped mount; records are never read;
+* **xattr mode**: an inode with a record shows the record, its ids
+  translated by the id table; the record's type must fit the backing inode
+  (:func:`~shiftfs.ownership.record.type_fits`);
+* a record counts only as :mod:`shiftfs.ownership.trust` says: on an inode of
+  the trusted user that nobody else can write. Another user's inode shows as
+  the overflow id without setuid/setgid (:meth:`ViewRule.foreign`); one of
+  the trusted user's whose record is not believed shows as if it had none;
+* an inode without a (believed) record shows its backing mode and its disk
+  ids translated, or the *default owner* when one is given
+  (:meth:`ViewRule.unrecorded`); :meth:`ViewRule.unrecorded_record` is the
+  record that keeps exactly that view when one must be written.
+
+The default owner is given, not recorded: the mount takes ``-o
+default_owner=``, the offline readers ``--default-owner``. Recording it in the
+tree would make a one-time mount option change what every later mount and
+export of the tree shows; a user who mounted with it passes the same value
+to ``export`` and gets what the mount showed (as with ``--map``).
+
+Offline, the mode is the tree's: it keeps records if it has a side table or
+its root carries a record (:func:`tree_keeps_records`); a tree with real
+ownership is read as a table mount would show it.
+
+Xattrs follow the same two modes (:meth:`ViewRule.xattr_name`,
+:meth:`ViewRule.xattr_value`): in xattr mode escaped names are restored and
+every other name our escaping would not produce is hidden (the backing
+inode's own ``security.*`` and ACLs belong to the host); in table mode an
+inode's own names are shown and only ours hidden. ACL ids go through the
+table either way; in table mode a namespaced (v3) capability whose root the
+table maps to view 0 is shown as a plain (v2) one, as a kernel idmapped mount
+shows it.
 """
 
 from __future__ import annotations
@@ -25,31 +49,28 @@ import os
 import stat
 import struct
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from ..sys.files import proc_fd
 from . import acl, trust
 from .idmap import IdMap, overflow_ids
-from .names import OUR_XATTR_PREFIXES, unescape_xattr_name
-from .record import Record, RecordError, decode
+from .names import OUR_XATTR_PREFIXES, STORE_DIR, unescape_xattr_name
+from .record import Record, RecordError, type_fits
+from .trust import backing_perm
 
 __all__ = [
     "View",
+    "ViewRule",
+    "RecordReader",
+    "tree_keeps_records",
     "type_fits",
-    "record_view",
-    "backing_view",
-    "foreign_view",
-    "read_view",
     "backing_perm",
     "backing_type",
-    "view_xattrs",
     "list_xattrs",
     "get_xattr",
     "map_capability",
     "capability_for_disk",
 ]
-
-_STAND_INS = (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK)
 
 
 class View(NamedTuple):
@@ -66,86 +87,166 @@ class View(NamedTuple):
     distrust: str = ""
 
 
-def type_fits(view_type: int, backing_type: int) -> bool:
-    """Whether a record of ``view_type`` can describe a backing inode of ``backing_type``.
+class RecordReader(Protocol):
+    """What the rule needs of a record store (:class:`shiftfs.ownership.store.RecordStore`)."""
 
-    Besides the same type, a regular file may stand in for a device, FIFO or
-    socket; a directory or symlink shown as anything else could not be served.
-    """
-    return view_type == backing_type or (backing_type == stat.S_IFREG and view_type in _STAND_INS)
+    #: descriptor of the tree root the store keeps records for
+    root_fd: int
+    #: whose records count
+    trusted_uid: int
 
+    def read(self, fd: int, st: os.stat_result) -> bytes | None: ...
 
-def check_fits(rec: Record, st: os.stat_result) -> None:
-    """Raise :class:`RecordError` if ``rec`` cannot describe the backing inode ``st``."""
-    if not type_fits(rec.type, stat.S_IFMT(st.st_mode)):
-        raise RecordError(
-            f"record says {stat.filemode(rec.mode)[0]!r} but the backing inode is "
-            f"{stat.filemode(st.st_mode)[0]!r}; fix or remove the record"
-        )
+    def read_record(self, fd: int, st: os.stat_result) -> Record | None: ...
 
 
-def record_view(rec: Record, st: os.stat_result, uids: IdMap, gids: IdMap) -> View:
-    """The view of an inode with a (fitting) record."""
-    placeholder = stat.S_IFMT(rec.mode) != stat.S_IFMT(st.st_mode)
-    return View(rec.mode, uids.to_view(rec.uid), gids.to_view(rec.gid), rec.rdev, True, placeholder)
+class ViewRule:
+    """What inodes show, for one mount or one offline run (see the module docstring)."""
+
+    def __init__(
+        self,
+        uids: IdMap,
+        gids: IdMap,
+        trusted_uid: int,
+        *,
+        default_owner: tuple[int, int] | None = None,
+        records: bool = True,
+    ):
+        self.uids = uids
+        self.gids = gids
+        #: whose records count (shiftfs.ownership.trust, rule 2)
+        self.trusted_uid = trusted_uid
+        #: view ids shown for the trusted user's inodes without a (believed) record
+        self.default_owner = default_owner
+        #: xattr mode (records kept); False: table mode
+        self.records = records
+
+    @classmethod
+    def for_tree(
+        cls,
+        root_fd: int,
+        store: RecordReader,
+        uids: IdMap,
+        gids: IdMap,
+        default_owner: tuple[int, int] | None = None,
+    ) -> ViewRule:
+        """The rule an offline tool reads the tree at ``root_fd`` with (whose records count: the
+        store's; the mode: :func:`tree_keeps_records`)."""
+        records = tree_keeps_records(root_fd, store)
+        return cls(uids, gids, store.trusted_uid, default_owner=default_owner, records=records)
+
+    # -- owners and modes ----------------------------------------------------------------
+    def trusts(self, st: os.stat_result) -> bool:
+        """Whether the inode is the trusted user's (only then is its record read)."""
+        return not self.records or trust.owned_by(st, self.trusted_uid)
+
+    def foreign(self, st: os.stat_result) -> View:
+        """The view of an inode that is not the trusted user's: its record is not read.
+
+        Owned by an id the table maps, it shows through the table (table
+        semantics: the disk owner is real). Otherwise the overflow ids, without
+        setuid/setgid: nobody we trust said this file may run as anyone.
+        """
+        why = trust.why_foreign(st, self.trusted_uid)
+        uids, gids = self.uids, self.gids
+        if not uids.identity and uids.to_view(st.st_uid) != uids.overflow:
+            return View(st.st_mode, uids.to_view(st.st_uid), gids.to_view(st.st_gid), st.st_rdev, distrust=why)
+        ou, og = overflow_ids()
+        return View(st.st_mode & ~(stat.S_ISUID | stat.S_ISGID), ou, og, st.st_rdev, distrust=why)
+
+    def unrecorded(self, st: os.stat_result, distrust: str = "") -> View:
+        """The view of an inode without a (believed) record: the default owner, else its disk
+        ids through the table; its own mode."""
+        owner = self.default_owner if self.records else None
+        if owner is None:
+            owner = (self.uids.to_view(st.st_uid), self.gids.to_view(st.st_gid))
+        return View(st.st_mode, owner[0], owner[1], st.st_rdev, distrust=distrust)
+
+    def recorded(self, rec: Record, st: os.stat_result) -> View:
+        """The view of an inode with a (fitting, believed) record."""
+        placeholder = stat.S_IFMT(rec.mode) != stat.S_IFMT(st.st_mode)
+        return View(rec.mode, self.uids.to_view(rec.uid), self.gids.to_view(rec.gid), rec.rdev, True, placeholder)
+
+    def shows(self, st: os.stat_result, rec: Record | None, distrust: str = "") -> View:
+        """The view of an inode of the trusted user, given its believed record (or None)."""
+        if rec is None or not self.records:
+            return self.unrecorded(st, distrust)
+        return self.recorded(rec, st)
+
+    def believed(self, store: RecordReader, fd: int, st: os.stat_result) -> tuple[Record | None, str]:
+        """The record of one of the trusted user's inodes if it counts, else None, and why a
+        record there is not believed ("" when there is none, or it counts). Raises
+        :class:`RecordError` for a malformed record that would count."""
+        if not self.records:
+            return None, ""
+        if not trust.record_counts(st, self.trusted_uid):
+            # anyone could have written it: not decoded, only noticed
+            return None, trust.why_foreign(st, self.trusted_uid) if store.read(fd, st) is not None else ""
+        return store.read_record(fd, st), ""
+
+    def view(self, store: RecordReader, fd: int, st: os.stat_result) -> View:
+        """The view of one inode from the tree (offline); raises RecordError on a bad record."""
+        if not self.trusts(st):
+            return self.foreign(st)
+        rec, why = self.believed(store, fd, st)
+        return self.shows(st, rec, why)
+
+    def unrecorded_record(self, st: os.stat_result) -> Record:
+        """The record (disk ids) that keeps what an inode without one shows now
+        (:meth:`unrecorded`); RecordError if the default owner has no disk id in the table."""
+        du, dg = st.st_uid, st.st_gid
+        if self.default_owner is not None:
+            mu, mg = self.uids.to_disk(self.default_owner[0]), self.gids.to_disk(self.default_owner[1])
+            if mu is None or mg is None:
+                raise RecordError(f"default owner {self.default_owner} has no disk ids in the table; extend the map")
+            du, dg = mu, mg
+        dev = stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+        return Record(du, dg, st.st_mode, st.st_rdev if dev else 0)
+
+    # -- xattrs --------------------------------------------------------------------------
+    def xattr_name(self, backing: str) -> str | None:
+        """The view name of a backing xattr name, or None if it is hidden."""
+        if self.records:
+            return unescape_xattr_name(backing)
+        return None if backing.startswith(OUR_XATTR_PREFIXES) else backing
+
+    def xattr_value(self, name: str, value: bytes) -> bytes:
+        """The value an xattr shows under its view name (raises acl.AclError on a bad ACL)."""
+        if name in acl.ACL_NAMES:
+            if self.uids.identity and self.gids.identity:
+                return value
+            return acl.map_ids(value, self.uids.to_view, self.gids.to_view)
+        if name == "security.capability" and not self.records:
+            return map_capability(value, self.uids.to_view)
+        return value
+
+    def xattrs(self, fd: int) -> dict[str, bytes]:
+        """Every xattr an inode shows, by view name (offline; the mount lists through its
+        inode's cached names and asks :meth:`xattr_name`/:meth:`xattr_value` one by one)."""
+        out: dict[str, bytes] = {}
+        for name in sorted(list_xattrs(fd)):
+            vname = self.xattr_name(name)
+            if vname is None:
+                continue
+            value = get_xattr(fd, name)
+            if value is not None:
+                out[vname] = self.xattr_value(vname, value)
+        return out
 
 
-def backing_view(st: os.stat_result, uids: IdMap, gids: IdMap, owner: tuple[int, int] | None = None) -> View:
-    """The view of an inode without a record: its disk ids (or ``owner``) and its own mode."""
-    if owner is None:
-        owner = (uids.to_view(st.st_uid), gids.to_view(st.st_gid))
-    return View(st.st_mode, owner[0], owner[1], st.st_rdev)
-
-
-def foreign_view(st: os.stat_result, uids: IdMap, gids: IdMap, trusted_uid: int) -> View:
-    """The view of an inode that is not the trusted user's: its record is not read.
-
-    Owned by an id the table maps, it shows through the table (table
-    semantics: the disk owner is real). Otherwise the overflow ids, without
-    setuid/setgid: nobody we trust said this file may run as anyone.
-    """
-    why = trust.why_foreign(st, trusted_uid)
-    if st.st_uid != trusted_uid and not uids.identity and uids.to_view(st.st_uid) != uids.overflow:
-        return View(st.st_mode, uids.to_view(st.st_uid), gids.to_view(st.st_gid), st.st_rdev, distrust=why)
-    ou, og = overflow_ids()
-    return View(st.st_mode & ~(stat.S_ISUID | stat.S_ISGID), ou, og, st.st_rdev, distrust=why)
-
-
-def read_view(store, fd: int, st: os.stat_result, uids: IdMap, gids: IdMap) -> View:
-    """The view of one inode from its record or its disk ids; raises RecordError on a bad record.
-
-    The trusted user is ``store.trusted_uid`` (the mount's user; offline
-    :func:`shiftfs.ownership.trust.offline_trusted_uid`). A record on one of its inodes that others can write is not
-    believed: the inode shows as if it had none, and ``distrust`` says why.
-    """
-    trusted = store.trusted_uid
-    if st.st_uid != trusted:
-        return foreign_view(st, uids, gids, trusted)
-    raw = store.read(fd, st)
-    if raw is not None and not trust.record_counts(st, trusted):
-        return backing_view(st, uids, gids)._replace(distrust=trust.why_foreign(st, trusted))
-    if raw is None:
-        return backing_view(st, uids, gids)
-    rec = decode(raw, stat.S_IFMT(st.st_mode))
-    check_fits(rec, st)
-    return record_view(rec, st, uids, gids)
-
-
-def backing_perm(view_mode: int) -> int:
-    """Permission bits for the backing file of an inode with this view mode.
-
-    The view's read and search bits, plus owner read and write (and search
-    for directories) so the owning user can always manage the file. Never
-    group or other write: user xattrs need write access, so others could
-    write records (shiftfs.ownership.trust, rule 1); a view /tmp (1777) is
-    0755 on disk. Setuid, setgid and sticky live only in the record.
-    """
-    perm = view_mode & 0o777 & ~trust.OTHERS_WRITE
-    if stat.S_ISDIR(view_mode):
-        return perm | 0o700
-    if stat.S_ISREG(view_mode) or stat.S_ISCHR(view_mode) or stat.S_ISBLK(view_mode):
-        return perm | 0o600
-    return perm
+def tree_keeps_records(root_fd: int, store: RecordReader) -> bool:
+    """Whether a tree is read in xattr mode offline: a side table at its root or the store's,
+    or a record on its root (every mount, import and absorb gives the root one)."""
+    for fd in {root_fd, store.root_fd}:
+        try:
+            os.stat(STORE_DIR, dir_fd=fd, follow_symlinks=False)
+            return True
+        except FileNotFoundError:
+            pass
+    try:
+        return store.read(root_fd, os.fstat(root_fd)) is not None
+    except OSError:
+        return False
 
 
 def backing_type(view_mode: int) -> int:
@@ -174,35 +275,6 @@ def get_xattr(fd: int, name: str) -> bytes | None:
         if e.errno in (errno.ENODATA, errno.ENOTSUP):
             return None
         raise
-
-
-def view_xattrs(fd: int, has_record: bool, umap: IdMap, gmap: IdMap) -> dict[str, bytes]:
-    """The xattrs an inode shows through the mount, by view name.
-
-    An inode with a record is taken to be in xattr mode: escaped names are
-    restored and everything else our escaping would not produce is hidden.
-    An inode without a record is taken to be in table mode: its own names are
-    shown as they are and only our own names are hidden. Either way the ids
-    inside ACLs go through the table, and (table mode) a namespaced
-    capability whose root the table maps to 0 becomes a plain one.
-    """
-    out: dict[str, bytes] = {}
-    for name in sorted(list_xattrs(fd)):
-        if has_record:
-            vname = unescape_xattr_name(name)
-        else:
-            vname = None if name.startswith(OUR_XATTR_PREFIXES) else name
-        if vname is None:
-            continue
-        value = get_xattr(fd, name)
-        if value is None:
-            continue
-        if vname in acl.ACL_NAMES:
-            value = acl.map_ids(value, umap.to_view, gmap.to_view)
-        elif vname == "security.capability" and not has_record:
-            value = map_capability(value, umap.to_view)
-        out[vname] = value
-    return out
 
 
 # -- file capabilities ---------------------------------------------------------

@@ -18,15 +18,17 @@ import stat
 
 import pyfuse3
 
-from ..fs.inodes import UNLOADED, Inode
 from ..sys.files import proc_fd, touch_ctime
 from . import acl, trust
 from .idmap import IdMap
-from .names import escape_xattr_name, unescape_xattr_name
-from .policy import CreatePlan, OwnershipPolicy, XattrEffect
-from .record import LEGACY_RECORD_NAME, Record, decode, encode
+from .names import escape_xattr_name
+from .node import UNLOADED, PolicyNode
+from .policy import CreatePlan, OwnershipPolicy, SideXattrStore, XattrEffect, eoverflow
+from .record import LEGACY_RECORD_NAME, Record, RecordError
+from .single_id import SingleIdPresentation
 from .store import RecordStore, SideTableError, can_hold_xattr
-from .view import backing_perm, backing_type, backing_view, check_fits, foreign_view, record_view
+from .trust import backing_perm
+from .view import View, ViewRule, backing_type
 
 __all__ = ["XattrPolicy"]
 
@@ -47,15 +49,20 @@ class XattrPolicy(OwnershipPolicy):
         store: RecordStore,
         default_owner: tuple[int, int] | None = None,
         stamp_root: bool = True,
+        *,
+        xnames_trusted: bool = False,
+        reread: bool = False,
+        single_id: SingleIdPresentation | None = None,
     ):
-        super().__init__(uids, gids)
+        # Whose records count (shiftfs.ownership.trust) is the store's: the daemon's own user,
+        # which is root for a root daemon and namespace root (the invoking user) in run/exec.
+        rule = ViewRule(uids, gids, store.trusted_uid, default_owner=default_owner)
+        super().__init__(rule, xnames_trusted=xnames_trusted, reread=reread, single_id=single_id)
         self.store = store
         self.default_owner = default_owner
+        self.trusted_uid = store.trusted_uid
         self._warned: set[tuple[int, int]] = set()
         self._store_errors: set[str] = set()
-        #: whose records count (shiftfs.ownership.trust): the daemon's own user, which is
-        #: root for a root daemon and namespace root (the invoking user) in run/exec
-        self.trusted_uid = os.geteuid()
         self._distrusted: set[tuple[int, int]] = set()
         if stamp_root:
             self._record_root()
@@ -77,32 +84,27 @@ class XattrPolicy(OwnershipPolicy):
             return
         try:
             st = os.fstat(fd)
-            raw = self.store.read(fd, st)
-            rec = None
-            if raw is not None:
-                try:
-                    rec = decode(raw, stat.S_IFDIR)
-                except ValueError:
-                    rec = None
-            if rec is None or rec.type != stat.S_IFDIR:
-                if self.default_owner is not None:
-                    du, dg = self.disk_ids(*self.default_owner)
-                else:
-                    du, dg = st.st_uid, st.st_gid
-                rec = Record(du, dg, st.st_mode)
-            self.store.write(fd, st, encode(rec))
-        except (OSError, ValueError, pyfuse3.FUSEError) as e:
+            try:
+                rec = self.store.read_record(fd, st)
+            except RecordError:
+                rec = None
+            if rec is None:
+                rec = self.rule.unrecorded_record(st)
+            self.store.write_record(fd, st, rec)
+        except (OSError, ValueError) as e:
             log.warning("cannot give the root a record (fuse-overlayfs will not list this tree): %s", e)
 
     # records ----------------------------------------------------------------
-    def _load_record(self, node: Inode, st: os.stat_result) -> Record | None:
-        """The inode's record (cached on the inode), or None if it has no usable one."""
+    def _load_record(self, node: PolicyNode, st: os.stat_result) -> Record | None:
+        """The inode's believed record (cached on the inode), or None if it has no usable one."""
         cached = node.record
         if cached is not UNLOADED and not self.reread:
             return cached
         rec = None
         try:
-            raw = self.store.read(node.fd, st)
+            rec, why = self.rule.believed(self.store, node.fd, st)
+            if why:
+                self._say_distrust(node, st)
         except SideTableError as e:
             # The side table as a whole: say so once, not once per inode.
             if str(e) not in self._store_errors:
@@ -113,55 +115,42 @@ class XattrPolicy(OwnershipPolicy):
                     e,
                     node.view_path(),
                 )
-            raw = None
         except OSError as e:
             if node.key not in self._warned:
                 self._warned.add(node.key)
                 log.warning("cannot read the record of %s: %s", node.view_path(), e)
-            raw = None
-        if raw is not None and not self._counts(node, st):
-            raw = None  # ours, but others can write it on disk: shown as if it had no record
-        if raw is not None:
-            try:
-                rec = decode(raw, stat.S_IFMT(st.st_mode))
-                check_fits(rec, st)
-            except ValueError as e:
-                if node.key not in self._warned:
-                    self._warned.add(node.key)
-                    log.warning("malformed record %r on %s (%s); showing the default owner", raw, node.view_path(), e)
-                rec = None
+        except RecordError as e:
+            if node.key not in self._warned:
+                self._warned.add(node.key)
+                log.warning("malformed record on %s (%s); showing the default owner", node.view_path(), e)
         node.record = rec
         return rec
 
-    def _counts(self, node: Inode, st: os.stat_result) -> bool:
-        """Whether a record of this inode may be believed; says so once per inode when not."""
-        if trust.record_counts(st, self.trusted_uid):
-            return True
-        if node.key not in self._distrusted:
-            self._distrusted.add(node.key)
-            shown = "the overflow id, without setuid/setgid" if st.st_uid != self.trusted_uid else "if it had none"
-            log.warning(
-                "not believing the record of %s: %s; it shows as %s",
-                node.view_path(),
-                trust.why_foreign(st, self.trusted_uid),
-                shown,
-            )
-        return False
+    def _say_distrust(self, node: PolicyNode, st: os.stat_result) -> None:
+        """Say once per inode that its record is not believed, and what it shows instead."""
+        if node.key in self._distrusted:
+            return
+        self._distrusted.add(node.key)
+        owned = trust.owned_by(st, self.trusted_uid)
+        shown = "if it had none" if owned else "the overflow id, without setuid/setgid"
+        log.warning(
+            "not believing the record of %s: %s; it shows as %s",
+            node.view_path(),
+            trust.why_foreign(st, self.trusted_uid),
+            shown,
+        )
 
-    def view(self, node, st):
-        if st.st_uid != self.trusted_uid:
-            self._counts(node, st)
-            return foreign_view(st, self.uids, self.gids, self.trusted_uid)
-        rec = self._load_record(node, st)
-        if rec is None:
-            return backing_view(st, self.uids, self.gids, self.default_owner)
-        return record_view(rec, st, self.uids, self.gids)
+    def view(self, node: PolicyNode, st: os.stat_result) -> View:
+        if not self.rule.trusts(st):
+            self._say_distrust(node, st)
+            return self.rule.foreign(st)
+        return self.rule.shows(st, self._load_record(node, st))
 
-    def backing_mode(self, mode, rdev):
+    def backing_mode(self, mode: int, rdev: int) -> tuple[int, int]:
         return backing_type(mode) | backing_perm(mode), 0
 
     # ACLs -----------------------------------------------------------------
-    def _default_acl(self, parent: Inode) -> list[acl.Entry] | None:
+    def _default_acl(self, parent: PolicyNode) -> list[acl.Entry] | None:
         if parent.default_acl is False and not self.reread:
             return None
         try:
@@ -176,13 +165,13 @@ class XattrPolicy(OwnershipPolicy):
             log.warning("ignoring the malformed default ACL of %s: %s", parent.view_path(), e)
             return None
 
-    def create_mode(self, parent, mode, umask):
+    def create_mode(self, parent: PolicyNode, mode: int, umask: int) -> int:
         dacl = self._default_acl(parent)
         if dacl is None:
             return mode & ~(umask & 0o777)
         return acl.create_masq(dacl, mode)[1]
 
-    def _inherit(self, fd: int, st: os.stat_result, mode: int, parent: Inode) -> None:
+    def _inherit(self, fd: int, st: os.stat_result, mode: int, parent: PolicyNode) -> None:
         if not can_hold_xattr(st.st_mode) or stat.S_ISLNK(mode):
             return  # FIFOs and sockets carry no ACLs in xattr mode; symlinks none anywhere
         dacl = self._default_acl(parent)
@@ -195,12 +184,12 @@ class XattrPolicy(OwnershipPolicy):
         if not_equiv:
             os.setxattr(path, _ESC_ACL_ACCESS, acl.pack(access))
 
-    def stamped_xattrs(self, plan):
+    def stamped_xattrs(self, plan: CreatePlan) -> set[str] | None:
         if plan.parent.default_acl is not False:
             return None  # an inherited ACL may be added: let the first probe list them
         return self.store.xattr_names_written(plan.backing_mode)
 
-    def stamp(self, node: Inode, plan: CreatePlan, st: os.stat_result) -> None:
+    def stamp(self, node: PolicyNode, plan: CreatePlan, st: os.stat_result) -> None:
         fd = node.fd
         if st.st_mode & _SPECIAL and not stat.S_ISLNK(st.st_mode):
             # A directory made in a backing directory that is setgid (a tree
@@ -209,10 +198,10 @@ class XattrPolicy(OwnershipPolicy):
         self._inherit(fd, st, plan.mode, plan.parent)
         dev = stat.S_ISCHR(plan.mode) or stat.S_ISBLK(plan.mode)
         rec = Record(plan.uid, plan.gid, plan.mode, plan.rdev if dev else 0)
-        self.store.write(fd, st, encode(rec), legacy=False)  # a new inode has no legacy record
+        self.store.write_record(fd, st, rec, legacy=False)  # a new inode has no legacy record
         node.record = rec
 
-    def xattr_stored(self, node, name, value):
+    def xattr_stored(self, node: PolicyNode, name: str, value: bytes) -> XattrEffect:
         super().xattr_stored(node, name, value)
         if name != acl.ACL_ACCESS:
             return XattrEffect()
@@ -222,7 +211,7 @@ class XattrPolicy(OwnershipPolicy):
             return XattrEffect()
         bits, equiv = acl.equiv_mode(entries)
         st = os.fstat(node.fd)
-        if st.st_uid != self.trusted_uid:
+        if not self.rule.trusts(st):
             return XattrEffect()  # another user's inode: no record of ours goes on it
         cur = self._current(node, st)
         changed = cur.mode & 0o777 != bits
@@ -235,7 +224,7 @@ class XattrPolicy(OwnershipPolicy):
                 pass
         return XattrEffect(changed, equiv)
 
-    def _sync_acl_to_mode(self, node: Inode, st: os.stat_result, mode: int) -> None:
+    def _sync_acl_to_mode(self, node: PolicyNode, st: os.stat_result, mode: int) -> None:
         if not can_hold_xattr(st.st_mode) or self._lacks_xattr(node, _ESC_ACL_ACCESS):
             return
         path = proc_fd(node.fd)
@@ -248,25 +237,25 @@ class XattrPolicy(OwnershipPolicy):
         except ValueError as e:
             log.warning("leaving the malformed access ACL of %s alone: %s", node.view_path(), e)
 
-    def _current(self, node: Inode, st: os.stat_result) -> Record:
+    def _current(self, node: PolicyNode, st: os.stat_result) -> Record:
         """What the view shows now, with disk ids (what a new record starts from).
 
         Another user's inode gets no record from us (EPERM): it would not be
         believed, and its owner, not the daemon's user, controls it.
         """
-        if st.st_uid != self.trusted_uid:
+        if not self.rule.trusts(st):
             raise pyfuse3.FUSEError(errno.EPERM)
         rec = self._load_record(node, st)
         if rec is not None:
             return rec
-        if self.default_owner is not None:
-            du, dg = self.disk_ids(*self.default_owner)
-        else:
-            du, dg = st.st_uid, st.st_gid
-        dev = stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
-        return Record(du, dg, st.st_mode, st.st_rdev if dev else 0)
+        try:
+            return self.rule.unrecorded_record(st)
+        except RecordError:
+            raise eoverflow() from None
 
-    def change(self, node, st, uid, gid, mode):
+    def change(
+        self, node: PolicyNode, st: os.stat_result | None, uid: int | None, gid: int | None, mode: int | None
+    ) -> None:
         if st is None:
             st = os.fstat(node.fd)
         cur = self._current(node, st)
@@ -280,11 +269,11 @@ class XattrPolicy(OwnershipPolicy):
         if mode is not None:
             self._sync_acl_to_mode(node, st, new_mode)
 
-    def _set_mode(self, node: Inode, st: os.stat_result, cur: Record, new_mode: int) -> None:
+    def _set_mode(self, node: PolicyNode, st: os.stat_result, cur: Record, new_mode: int) -> None:
         """Write the record ``cur`` with ``new_mode``, and the backing permissions that go with it."""
         rec = Record(cur.uid, cur.gid, new_mode, cur.rdev)
         legacy = False if self._lacks_xattr(node, LEGACY_RECORD_NAME) else None
-        self.store.write(node.fd, st, encode(rec), legacy=legacy)
+        self.store.apply_record(node.fd, st, rec, legacy=legacy)
         node.record = rec
         if self.store.in_side_table(st):
             # A row in the side table is not the inode: give it the new ctime
@@ -293,29 +282,21 @@ class XattrPolicy(OwnershipPolicy):
                 touch_ctime(node.fd)
             except OSError as e:
                 log.debug("cannot update the ctime of inode %d: %s", node.id, e)
-        if not stat.S_ISLNK(st.st_mode):
-            want = backing_perm(new_mode if not stat.S_ISREG(st.st_mode) else (stat.S_IFREG | new_mode & 0o777))
-            if st.st_mode & 0o7777 != want:
-                try:
-                    os.chmod(proc_fd(node.fd), want)
-                except PermissionError:
-                    pass  # not ours on the backing fs; the record is what counts
 
     wants_gone = True
 
-    def gone(self, node, st):
+    def gone(self, node: PolicyNode | None, st: os.stat_result) -> None:
         # Records in xattrs go with the inode; rows of the side table do not.
         try:
             self.store.forget_inode(st)
         except OSError as e:
             log.warning("cannot drop the side record of inode %d: %s", st.st_ino, e)
 
-    def side_xattrs(self, node):
+    def side_xattrs(self, node: PolicyNode) -> SideXattrStore | None:
         # The escaped names are user.* xattrs, which symlinks, FIFOs and sockets cannot carry.
         return None if can_hold_xattr(node.ftype) else self.store
 
-    def xattr_to_backing(self, name):
+    def xattr_to_backing(self, name: str) -> str | None:
+        if self.is_synthetic_xattr(name):
+            return None
         return escape_xattr_name(name)
-
-    def xattr_to_view(self, backing):
-        return unescape_xattr_name(backing)

@@ -26,8 +26,9 @@ from shiftfs.ownership.names import (
     temp_name,
     view_name,
 )
-from shiftfs.ownership.record import Record, decode, encode
-from shiftfs.ownership.view import View, backing_perm, record_view, type_fits
+from shiftfs.ownership.record import Record, decode, encode, type_fits
+from shiftfs.ownership.trust import backing_perm
+from shiftfs.ownership.view import View, ViewRule
 
 # -- record codec ------------------------------------------------------------------
 
@@ -84,7 +85,7 @@ def test_regular_file_stands_in_for_special_files(view_type):
 def test_record_view_is_a_named_view():
     st = types.SimpleNamespace(st_mode=stat.S_IFREG | 0o600)
     ident = IdMap()
-    v = record_view(Record(1, 2, stat.S_IFIFO | 0o644), st, ident, ident)
+    v = ViewRule(ident, ident, 0).recorded(Record(1, 2, stat.S_IFIFO | 0o644), st)
     assert isinstance(v, View) and v.placeholder and v.has_record
     assert (v.mode, v.uid, v.gid, v.rdev) == (stat.S_IFIFO | 0o644, 1, 2, 0)
 

@@ -58,6 +58,7 @@ from dataclasses import dataclass
 
 from ..errors import SetupError
 from ..ownership import acl
+from ..ownership.single_id import OWNER_XATTR as _OWNER_XATTR_NAME
 from ..sys import mounts
 from ..sys import seccomp as notif
 from ..sys.libc import AT_EMPTY_PATH, AT_FDCWD
@@ -91,8 +92,8 @@ _ACL_NAMES = tuple(n.encode() for n in acl.ACL_NAMES)
 #: the largest ACL value read from a caller (1024 entries; ext4 takes ~500 in a block)
 _ACL_MAX = 4 + 8 * 1024
 TRAPPED = (*_CHOWN_ARGS, *_MKNOD_ARGS, "mount", *_SETXATTR, "setgroups")
-#: The view's read-only xattr with the owner the kernel is shown as 0 (shiftfs.fs.xattrs).
-OWNER_XATTR = b"user.shiftfs.owner"
+#: The view's read-only xattr with the owner the kernel is shown as 0 (shiftfs.ownership.single_id).
+OWNER_XATTR = _OWNER_XATTR_NAME.encode()
 
 _HINT = "install it with 'apt-get install python3-seccomp' and run 'make setup' (it links it into the venv)"
 

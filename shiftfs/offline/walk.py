@@ -26,7 +26,7 @@ from ..errors import TreeError
 from ..ownership.names import STORE_DIR, is_temp_name, view_name
 from ..ownership.record import RecordError
 from ..ownership.store import RecordStore
-from ..ownership.trust import offline_trust_note, offline_trusted_uid
+from ..ownership.trust import offline_trust_note, offline_trusted_uid, owned_by
 from ..ownership.view import View, ViewRule
 from ..sys.files import O_PATH_NOFOLLOW
 
@@ -227,7 +227,7 @@ def open_store(
         note = offline_trust_note(name or ".", root_st)
         if note and say is not None:
             say(note)
-    theirs = root_st.st_uid != trusted_uid
+    theirs = not owned_by(root_st, trusted_uid)
     if readonly:
         store = RecordStore(root_fd, False, readonly=True, trusted_uid=trusted_uid, side_table=not theirs)
     else:

@@ -183,7 +183,7 @@ class RecordStore:
                         f"{shown} is not a {'directory' if name is None else 'regular file'}; "
                         f"someone else may have planted it: inspect it, then remove it"
                     )
-                if st.st_uid != owner_uid:
+                if not trust.owned_by(st, owner_uid):
                     raise StoreTrustError(
                         f"{shown} is owned by uid {st.st_uid}, not by uid {owner_uid} whose records count: "
                         f"someone else could forge records there; inspect it, then remove it (or "

@@ -53,16 +53,13 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ..sys.files import O_PATH_NOFOLLOW
 from ..sys.mounts import in_init_userns
 from .idmap import overflow_ids
 from .names import STORE_DIR
 from .record import Record, RecordError
-
-if TYPE_CHECKING:  # the store asks this module whose records count: no import back at run time
-    from .store import RecordStore
 
 __all__ = [
     "OTHERS_WRITE",
@@ -266,8 +263,18 @@ def source_problem(source: str, uid: int, flag: str = "-o allow_shared_source") 
 # -- trees written before rule 1 -------------------------------------------------------------
 
 
+class _Records(Protocol):
+    """What :func:`fix_backing_modes` needs of the record store (which imports this module)."""
+
+    root_fd: int
+
+    def read_record(self, fd: int, st: os.stat_result) -> Record | None: ...
+
+    def apply_record(self, fd: int, st: os.stat_result, rec: Record, legacy: bool | None = None) -> None: ...
+
+
 def fix_backing_modes(
-    store: RecordStore, trusted_uid: int, unrecorded: Callable[[os.stat_result], Record], keep_root: bool = False
+    store: _Records, trusted_uid: int, unrecorded: Callable[[os.stat_result], Record], keep_root: bool = False
 ) -> tuple[int, list[str]]:
     """Apply rule 1 to every backing inode of the trusted user below the store's root.
 

@@ -14,8 +14,8 @@ must agree. The trees hold the cases where the two used to differ:
   xattr-mode tree), escaped capabilities (v2 and v3) on recorded files;
 * table mode (``--map``): a namespaced (v3) capability whose root the table maps
   to view 0 (shown as a plain v2 one, as a kernel idmapped mount shows it), one
-  whose root the table does not map (kept as it is), a plain v2 one, and a
-  setuid file of an id outside the table.
+  whose root the table does not map (kept as it is), a plain v2 one, setuid and
+  setgid entries of ids inside the table and a file of an id outside it.
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ def test_table_tree_same_through_mount_export_and_stat(scratch, shiftfs_mount):
     os.setxattr(put(f"{src}/cap3other", mode=0o755, owner=own), "security.capability", cap_v3(300000))
     os.setxattr(put(f"{src}/cap2", mode=0o755, owner=own), "security.capability", cap_v2())
     put(f"{src}/mapped", mode=0o4755, owner=(100005, 100006))
-    put(f"{src}/outside", mode=0o4755, owner=(500, 500))
+    put(f"{src}/outside", mode=0o755, owner=(500, 500))
     os.mkdir(f"{src}/sub", 0o2775)
     os.chown(f"{src}/sub", 100001, 100002)
     os.chmod(f"{src}/sub", 0o2775)
@@ -200,7 +200,8 @@ def test_table_tree_same_through_mount_export_and_stat(scratch, shiftfs_mount):
     # as a kernel idmapped mount shows it: the table maps its root to view 0
     assert mounted["./cap3"][4]["security.capability"] == cap_v2()
     assert mounted["./cap3other"][4]["security.capability"] == cap_v3(300000)
-    assert mounted["./outside"][1:4] == (0o4755, OVERFLOW, OVERFLOW)
+    assert mounted["./outside"][1:4] == (0o755, OVERFLOW, OVERFLOW)
+    assert mounted["./mapped"][1:4] == (0o4755, 5, 6)
 
     exported = export_side(src, str(scratch / "t.tar"), "--map", MAP)
     stated = stat_side(src, [r for r in mounted if r != "./sub/ln"], "--map", MAP)

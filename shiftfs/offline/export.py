@@ -156,7 +156,7 @@ def scan(
                 continue
         if with_xattrs:
             try:
-                item.xattrs = rule.xattrs(e.fd)
+                item.xattrs = rule.xattrs(e.fd, view)
             except (OSError, ValueError) as exc:
                 errors.append(f"{e.display}: cannot read its xattrs: {getattr(exc, 'strerror', None) or exc}")
         yield item

@@ -63,7 +63,7 @@ def stat_one(
                 raw = store.read(fd, st)
                 rule = ViewRule.for_tree(root_fd, store, umap, gmap, default_owner)
                 view = view_at(rule, store, fd, st, path)
-                xattrs = rule.xattrs(fd) if not stat.S_ISLNK(st.st_mode) else {}
+                xattrs = rule.xattrs(fd, view) if not stat.S_ISLNK(st.st_mode) else {}
             finally:
                 store.close()
         finally:
@@ -80,11 +80,11 @@ def stat_one(
     if ftype in (stat.S_IFCHR, stat.S_IFBLK):
         lines.append(f"Device: {os.major(view.rdev)},{os.minor(view.rdev)}")
     lines.append(f"Modify: {_fmt_time(st.st_mtime_ns)}")
-    if raw is not None and rule.records:
+    if raw is not None and rule.records is not False:
         lines.append(
             f"Record: {raw.decode('ascii', 'replace')}" + (f" (not believed: {view.distrust})" if view.distrust else "")
         )
-    elif rule.records and default_owner is not None:
+    elif default_owner is not None:
         lines.append("Record: none (view = the default owner)")
     else:
         lines.append(

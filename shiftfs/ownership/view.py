@@ -28,9 +28,12 @@ tree would make a one-time mount option change what every later mount and
 export of the tree shows; a user who mounted with it passes the same value
 to ``export`` and gets what the mount showed (as with ``--map``).
 
-Offline, the mode is the tree's: it keeps records if it has a side table or
-its root carries a record (:func:`tree_keeps_records`); a tree with real
-ownership is read as a table mount would show it.
+Offline, the mode is the tree's: it is an xattr-mode tree if it has a side
+table or its root carries a record (:func:`tree_keeps_records`), as every
+mount, ``import`` and ``absorb`` leaves it. Any other tree (``records=None``)
+is read inode by inode, as before there was one rule: records are read on the
+trusted user's inodes, and an inode's xattrs are read in xattr mode if it has
+a record, in table mode if not.
 
 Xattrs follow the same two modes (:meth:`ViewRule.xattr_name`,
 :meth:`ViewRule.xattr_value`): in xattr mode escaped names are restored and
@@ -110,7 +113,7 @@ class ViewRule:
         trusted_uid: int,
         *,
         default_owner: tuple[int, int] | None = None,
-        records: bool = True,
+        records: bool | None = True,
     ):
         self.uids = uids
         self.gids = gids
@@ -118,7 +121,8 @@ class ViewRule:
         self.trusted_uid = trusted_uid
         #: view ids shown for the trusted user's inodes without a (believed) record
         self.default_owner = default_owner
-        #: xattr mode (records kept); False: table mode
+        #: True: xattr mode (records kept); False: table mode (records never read);
+        #: None: a tree without a side table or root record, read inode by inode (offline)
         self.records = records
 
     @classmethod
@@ -132,13 +136,13 @@ class ViewRule:
     ) -> ViewRule:
         """The rule an offline tool reads the tree at ``root_fd`` with (whose records count: the
         store's; the mode: :func:`tree_keeps_records`)."""
-        records = tree_keeps_records(root_fd, store)
+        records = True if tree_keeps_records(root_fd, store) else None
         return cls(uids, gids, store.trusted_uid, default_owner=default_owner, records=records)
 
     # -- owners and modes ----------------------------------------------------------------
     def trusts(self, st: os.stat_result) -> bool:
         """Whether the inode is the trusted user's (only then is its record read)."""
-        return not self.records or trust.owned_by(st, self.trusted_uid)
+        return self.records is False or trust.owned_by(st, self.trusted_uid)
 
     def foreign(self, st: os.stat_result) -> View:
         """The view of an inode that is not the trusted user's: its record is not read.
@@ -157,7 +161,7 @@ class ViewRule:
     def unrecorded(self, st: os.stat_result, distrust: str = "") -> View:
         """The view of an inode without a (believed) record: the default owner, else its disk
         ids through the table; its own mode."""
-        owner = self.default_owner if self.records else None
+        owner = self.default_owner if self.records is not False else None
         if owner is None:
             owner = (self.uids.to_view(st.st_uid), self.gids.to_view(st.st_gid))
         return View(st.st_mode, owner[0], owner[1], st.st_rdev, distrust=distrust)
@@ -169,7 +173,7 @@ class ViewRule:
 
     def shows(self, st: os.stat_result, rec: Record | None, distrust: str = "") -> View:
         """The view of an inode of the trusted user, given its believed record (or None)."""
-        if rec is None or not self.records:
+        if rec is None or self.records is False:
             return self.unrecorded(st, distrust)
         return self.recorded(rec, st)
 
@@ -177,7 +181,7 @@ class ViewRule:
         """The record of one of the trusted user's inodes if it counts, else None, and why a
         record there is not believed ("" when there is none, or it counts). Raises
         :class:`RecordError` for a malformed record that would count."""
-        if not self.records:
+        if self.records is False:
             return None, ""
         if not trust.record_counts(st, self.trusted_uid):
             # anyone could have written it: not decoded, only noticed
@@ -204,33 +208,37 @@ class ViewRule:
         return Record(du, dg, st.st_mode, st.st_rdev if dev else 0)
 
     # -- xattrs --------------------------------------------------------------------------
-    def xattr_name(self, backing: str) -> str | None:
+    def _xattr_mode(self, recorded: bool) -> bool:
+        """Whether an inode's xattrs are read in xattr mode (``recorded``: it has a record)."""
+        return recorded if self.records is None else self.records
+
+    def xattr_name(self, backing: str, recorded: bool = False) -> str | None:
         """The view name of a backing xattr name, or None if it is hidden."""
-        if self.records:
+        if self._xattr_mode(recorded):
             return unescape_xattr_name(backing)
         return None if backing.startswith(OUR_XATTR_PREFIXES) else backing
 
-    def xattr_value(self, name: str, value: bytes) -> bytes:
+    def xattr_value(self, name: str, value: bytes, recorded: bool = False) -> bytes:
         """The value an xattr shows under its view name (raises acl.AclError on a bad ACL)."""
         if name in acl.ACL_NAMES:
             if self.uids.identity and self.gids.identity:
                 return value
             return acl.map_ids(value, self.uids.to_view, self.gids.to_view)
-        if name == "security.capability" and not self.records:
+        if name == "security.capability" and not self._xattr_mode(recorded):
             return map_capability(value, self.uids.to_view)
         return value
 
-    def xattrs(self, fd: int) -> dict[str, bytes]:
-        """Every xattr an inode shows, by view name (offline; the mount lists through its
-        inode's cached names and asks :meth:`xattr_name`/:meth:`xattr_value` one by one)."""
+    def xattrs(self, fd: int, view: View) -> dict[str, bytes]:
+        """Every xattr an inode (showing ``view``) shows, by view name (offline; the mount lists
+        through its inode's cached names and asks :meth:`xattr_name`/:meth:`xattr_value`)."""
         out: dict[str, bytes] = {}
         for name in sorted(list_xattrs(fd)):
-            vname = self.xattr_name(name)
+            vname = self.xattr_name(name, view.has_record)
             if vname is None:
                 continue
             value = get_xattr(fd, name)
             if value is not None:
-                out[vname] = self.xattr_value(vname, value)
+                out[vname] = self.xattr_value(vname, value, view.has_record)
         return out
 
 

@@ -23,6 +23,7 @@ import trio
 from ..errors import MountError
 from ..ownership.xattr import XattrPolicy
 from . import isolate, loop, sourcelock
+from .control import serve_control  # up front: once isolated, the daemon can import nothing
 from .mount import build_operations, check, kernel_options
 from .ops import Operations
 from .options import MountConfig
@@ -132,8 +133,6 @@ async def _serve_with(ops: Operations, cfg: MountConfig, received) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(signals)
         if cfg.control_fd is not None:
-            from .control import serve_control
-
             nursery.start_soon(serve_control, ops, cfg.control_fd)
         # Handlers never yield (every backing call is a plain syscall), so more
         # trio tasks only add scheduling: one task measured ~20% less time per

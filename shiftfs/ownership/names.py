@@ -32,6 +32,7 @@ import secrets
 
 __all__ = [
     "STORE_DIR",
+    "SIDE_TABLE",
     "RESERVED_PREFIX",
     "TEMP_PREFIX",
     "ESCAPE_PREFIX",
@@ -47,6 +48,8 @@ __all__ = [
 
 #: Name of the directory at the backing root that holds the side table.
 STORE_DIR = ".shiftfs"
+#: The side table's file in it (SQLite also opens it with ``-wal``, ``-shm`` and ``-journal``).
+SIDE_TABLE = "records.db"
 #: Every backing name under this prefix is shiftfs' own (see the module docstring).
 RESERVED_PREFIX = b".shiftfs~"
 #: Temporary names: TEMP_PREFIX + a random or inode-derived suffix.

@@ -50,14 +50,13 @@ from typing import Any, TypeVar, cast
 
 from ..sys.files import O_PATH_NOFOLLOW, birth_time, proc_fd
 from . import trust
-from .names import STORE_DIR
+from .names import SIDE_TABLE, STORE_DIR
 from .record import LEGACY_RECORD_NAME, RECORD_NAME, Record, check_fits, decode, encode
 
-__all__ = ["RecordStore", "SideTableError", "StoreTrustError", "can_hold_xattr"]
+__all__ = ["RecordStore", "SideTableError", "can_hold_xattr"]
 
 log = logging.getLogger(__name__)
 
-_DB_NAME = "records.db"
 _XATTR_REPLACE = getattr(os, "XATTR_REPLACE", 2)
 # sqlite result codes (the side table) and the errnos they stand for
 _SQLITE_ERRNOS = {13: errno.ENOSPC, 8: errno.EROFS, 5: errno.EAGAIN, 6: errno.EAGAIN, 3: errno.EACCES, 23: errno.EACCES}
@@ -98,17 +97,6 @@ def _open_readonly(path: str) -> sqlite3.Connection:
         except sqlite3.OperationalError:
             continue
     raise OSError(errno.EACCES, f"cannot read the record side table {path}")
-
-
-class StoreTrustError(OSError):
-    """The side table is not the trusted user's alone; the message names the file and the fix."""
-
-    def __init__(self, message: str):
-        super().__init__(errno.EPERM, message)
-
-    def __str__(self) -> str:
-        assert self.strerror is not None  # set by __init__ (OSError leaves it None only without one)
-        return self.strerror
 
 
 class RecordStore:
@@ -152,62 +140,9 @@ class RecordStore:
 
     # -- side table ---------------------------------------------------------
     def check_private(self, owner_uid: int, fix: bool) -> list[str]:
-        """Refuse a side table someone else could have written (see :mod:`shiftfs.trust`).
-
-        ``.shiftfs`` and ``records.db`` with its ``-wal``, ``-shm`` and
-        ``-journal`` (SQLite opens those by name and replays a WAL it finds)
-        must be owned by ``owner_uid``, the user whose records count. Others
-        must not be able to write them: with ``fix`` (the mount) that is
-        repaired with a chmod and said in the returned notes, otherwise it is
-        refused too. Raises :class:`StoreTrustError` with one line naming the
-        file and the fix.
-        """
-        notes: list[str] = []
-        try:
-            dfd = os.open(STORE_DIR, O_PATH_NOFOLLOW, dir_fd=self.root_fd)
-        except FileNotFoundError:
-            return notes
-        try:
-            # (name shown, directory descriptor, name in it or None for the directory itself)
-            entries: list[tuple[str, int, str | None]] = [(STORE_DIR, dfd, None)]
-            for suffix in ("", "-wal", "-shm", "-journal"):
-                entries.append((f"{STORE_DIR}/{_DB_NAME}{suffix}", dfd, _DB_NAME + suffix))
-            for shown, dirfd, name in entries:
-                try:
-                    st = os.fstat(dirfd) if name is None else os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                want = stat.S_ISDIR if name is None else stat.S_ISREG
-                if not want(st.st_mode):
-                    raise StoreTrustError(
-                        f"{shown} is not a {'directory' if name is None else 'regular file'}; "
-                        f"someone else may have planted it: inspect it, then remove it"
-                    )
-                if not trust.owned_by(st, owner_uid):
-                    raise StoreTrustError(
-                        f"{shown} is owned by uid {st.st_uid}, not by uid {owner_uid} whose records count: "
-                        f"someone else could forge records there; inspect it, then remove it (or "
-                        f"'chown {owner_uid}' it if it is yours)"
-                    )
-                if st.st_mode & 0o022:
-                    if not fix:
-                        raise StoreTrustError(
-                            f"{shown} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}); "
-                            f"run 'chmod go-w' on it (a mount does this itself)"
-                        )
-                    perm = 0o700 if name is None else 0o600
-                    if name is None:
-                        os.chmod(proc_fd(dfd), perm)
-                    else:
-                        fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=dfd)
-                        try:
-                            os.chmod(proc_fd(fd), perm)
-                        finally:
-                            os.close(fd)
-                    notes.append(f"{shown} was {stat.S_IMODE(st.st_mode):04o}, now {perm:04o}")
-        finally:
-            os.close(dfd)
-        return notes
+        """Refuse a side table someone else could have written (``fix``: repair its modes);
+        :func:`shiftfs.ownership.trust.check_side_table`."""
+        return trust.check_side_table(self.root_fd, owner_uid, fix)
 
     def _conn(self, for_write: bool) -> sqlite3.Connection | None:
         if self._db is not None:
@@ -227,17 +162,17 @@ class RecordStore:
             dfd = os.open(STORE_DIR, O_PATH_NOFOLLOW | os.O_DIRECTORY, dir_fd=self.root_fd)
         try:
             try:
-                dst = os.stat(_DB_NAME, dir_fd=dfd, follow_symlinks=False)
+                dst = os.stat(SIDE_TABLE, dir_fd=dfd, follow_symlinks=False)
                 if not stat.S_ISREG(dst.st_mode):
                     # SQLite opens it by name: never let it follow a planted symlink.
-                    raise OSError(errno.ELOOP, f"{STORE_DIR}/{_DB_NAME} is not a regular file")
+                    raise OSError(errno.ELOOP, f"{STORE_DIR}/{SIDE_TABLE} is not a regular file")
             except FileNotFoundError:
                 if not (for_write and self.create):
                     os.close(dfd)
                     self._db_missing = True
                     return None
             # The descriptor path pins the directory we opened without following links.
-            path = f"{proc_fd(dfd)}/{_DB_NAME}"
+            path = f"{proc_fd(dfd)}/{SIDE_TABLE}"
             if self.readonly:
                 # Readers (offline tools, possibly root on a user's tree) must not
                 # create files or change the database: open it read-only.
@@ -268,7 +203,7 @@ class RecordStore:
         # fuse-overlayfs fails to list a directory holding a regular file or
         # directory without a record: give our own files records.
         self._stamp_own(self.root_fd, STORE_DIR, stat.S_IFDIR | 0o700)
-        self._stamp_own(dfd, _DB_NAME, stat.S_IFREG | 0o600)
+        self._stamp_own(dfd, SIDE_TABLE, stat.S_IFREG | 0o600)
         return db
 
     def has_record(self, fd: int) -> bool:
@@ -296,7 +231,7 @@ class RecordStore:
             return
         try:
             self._stamp_own(self.root_fd, STORE_DIR, stat.S_IFDIR | 0o700)
-            self._stamp_own(dfd, _DB_NAME, stat.S_IFREG | 0o600)
+            self._stamp_own(dfd, SIDE_TABLE, stat.S_IFREG | 0o600)
         finally:
             os.close(dfd)
 

@@ -50,15 +50,16 @@ somebody else's container. Three rules, each kept here and nowhere else:
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Callable
 from typing import Protocol
 
-from ..sys.files import O_PATH_NOFOLLOW
+from ..sys.files import O_PATH_NOFOLLOW, proc_fd
 from ..sys.mounts import in_init_userns
 from .idmap import overflow_ids
-from .names import STORE_DIR
+from .names import SIDE_TABLE, STORE_DIR
 from .record import Record, RecordError
 
 __all__ = [
@@ -68,6 +69,8 @@ __all__ = [
     "needs_fix",
     "fix_backing_modes",
     "record_counts",
+    "check_side_table",
+    "StoreTrustError",
     "why_foreign",
     "without_setid_if_open",
     "offline_trusted_uid",
@@ -172,6 +175,76 @@ def offline_trust_note(tree: str, tree_root: os.stat_result, euid: int | None = 
         f"{tree} is owned by uid {owner}, not by you (uid {euid}): only records on your own inodes "
         f"count, the rest shows as {ou} without setuid/setgid; run it as uid {owner} (or root) to see theirs"
     )
+
+
+class StoreTrustError(OSError):
+    """The side table is not the trusted user's alone; the message names the file and the fix."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.EPERM, message)
+
+    def __str__(self) -> str:
+        assert self.strerror is not None  # set by __init__ (OSError leaves it None only without one)
+        return self.strerror
+
+
+def check_side_table(root_fd: int, owner_uid: int, fix: bool) -> list[str]:
+    """Refuse a side table someone else could have written (rule 2 for the side table).
+
+    ``.shiftfs`` and ``records.db`` with its ``-wal``, ``-shm`` and
+    ``-journal`` (SQLite opens those by name and replays a WAL it finds)
+    must be owned by ``owner_uid``, the user whose records count. Others
+    must not be able to write them: with ``fix`` (the mount) that is
+    repaired with a chmod and said in the returned notes, otherwise it is
+    refused too. Raises :class:`StoreTrustError` with one line naming the
+    file and the fix.
+    """
+    notes: list[str] = []
+    try:
+        dfd = os.open(STORE_DIR, O_PATH_NOFOLLOW, dir_fd=root_fd)
+    except FileNotFoundError:
+        return notes
+    try:
+        # (name shown, directory descriptor, name in it or None for the directory itself)
+        entries: list[tuple[str, int, str | None]] = [(STORE_DIR, dfd, None)]
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            entries.append((f"{STORE_DIR}/{SIDE_TABLE}{suffix}", dfd, SIDE_TABLE + suffix))
+        for shown, dirfd, name in entries:
+            try:
+                st = os.fstat(dirfd) if name is None else os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            want = stat.S_ISDIR if name is None else stat.S_ISREG
+            if not want(st.st_mode):
+                raise StoreTrustError(
+                    f"{shown} is not a {'directory' if name is None else 'regular file'}; "
+                    f"someone else may have planted it: inspect it, then remove it"
+                )
+            if not owned_by(st, owner_uid):
+                raise StoreTrustError(
+                    f"{shown} is owned by uid {st.st_uid}, not by uid {owner_uid} whose records count: "
+                    f"someone else could forge records there; inspect it, then remove it (or "
+                    f"'chown {owner_uid}' it if it is yours)"
+                )
+            if st.st_mode & 0o022:
+                if not fix:
+                    raise StoreTrustError(
+                        f"{shown} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                        f"run 'chmod go-w' on it (a mount does this itself)"
+                    )
+                perm = 0o700 if name is None else 0o600
+                if name is None:
+                    os.chmod(proc_fd(dfd), perm)
+                else:
+                    fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=dfd)
+                    try:
+                        os.chmod(proc_fd(fd), perm)
+                    finally:
+                        os.close(fd)
+                notes.append(f"{shown} was {stat.S_IMODE(st.st_mode):04o}, now {perm:04o}")
+    finally:
+        os.close(dfd)
+    return notes
 
 
 # -- rule 3: SOURCE must be private ---------------------------------------------------------
@@ -340,7 +413,7 @@ def fix_backing_modes(
                 continue
             name = names.pop()
             if not rel and name == STORE_DIR:
-                continue  # checked on its own (RecordStore.check_private)
+                continue  # checked on its own (check_side_table)
             crel = f"{rel}/{name}" if rel else name
             try:
                 sub = look(dfd, name, crel, dev)

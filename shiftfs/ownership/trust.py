@@ -33,7 +33,8 @@ somebody else's container. Three rules, each kept here and nowhere else:
    rule for the tree root's owner. Any other inode shows as the overflow id (65534) with
    setuid/setgid stripped, its record ignored, unless a table (``--map``)
    maps its owner: then it shows through the table, as a kernel idmapped
-   mount would, still without its record.
+   mount would, still without its record. The side table counts only if
+   it is the trusted user's alone (:func:`check_side_table`).
 
 3. **SOURCE must be private** (:func:`source_problem`). If another user can
    write into SOURCE or replace it or a directory above it, they can plant

@@ -28,6 +28,7 @@ from ..ownership.names import STORE_DIR, escape_xattr_name
 from ..ownership.record import Record, encode
 from ..ownership.view import backing_perm
 from ..sys.files import O_PATH_NOFOLLOW, proc_fd, utimens_fd
+from ..sys.walk import Entry, remove_tree, walk
 from .members import mtime_ns, xattrs_of
 from .walk import COPY_CHUNK, DIR_PATH_FLAGS, Progress, open_beneath, open_root, open_store
 
@@ -136,34 +137,49 @@ class _Importer:
         self._dir_cache.clear()
 
     def _dir(self, parts: list[str]) -> int:
-        """A descriptor of the directory ``parts``, creating missing ones."""
+        """A descriptor of the directory ``parts``, creating missing ones.
+
+        Down from the deepest cached ancestor, one level at a time (no
+        recursion, however deep the archive goes); only the directory asked
+        for is cached, the ones on the way are closed again.
+        """
         rel = "/".join(parts)
         fd = self._dir_cache.get(rel)
         if fd is not None:
             return fd
-        if not parts:
-            fd = os.open(".", DIR_PATH_FLAGS, dir_fd=self.root_fd)
-        else:
-            parent = self._dir(parts[:-1])
-            name = parts[-1]
+        have = len(parts)
+        while have > 0 and "/".join(parts[:have]) not in self._dir_cache:
+            have -= 1
+        cur = self._dir_cache.get("/".join(parts[:have])) if have else self._dir_cache.get("")
+        if cur is None:
+            cur = os.open(".", DIR_PATH_FLAGS, dir_fd=self.root_fd)
+            self._dir_cache[""] = cur
+        for i in range(have, len(parts)):
+            parent, name, sub = cur, parts[i], "/".join(parts[: i + 1])
+            cached = i == have
             try:
-                fd = os.open(name, DIR_PATH_FLAGS, dir_fd=parent)
-            except FileNotFoundError:
-                self._mkdir(parent, name, rel, _IMPLIED_DIR)
-                fd = os.open(name, DIR_PATH_FLAGS, dir_fd=parent)
-            except (NotADirectoryError, OSError) as exc:
-                if exc.errno in (errno.ENOTDIR, errno.ELOOP):
-                    raise ArchiveError(
-                        f"{rel}: is not a directory in ROOT (a symlink or file); refusing to follow it"
-                    ) from None
-                raise
-            try:
-                self._check_ours(os.fstat(fd), rel)
-            except BaseException:
-                os.close(fd)
-                raise
-        self._dir_cache[rel] = fd
-        return fd
+                try:
+                    fd = os.open(name, DIR_PATH_FLAGS, dir_fd=parent)
+                except FileNotFoundError:
+                    self._mkdir(parent, name, sub, _IMPLIED_DIR)
+                    fd = os.open(name, DIR_PATH_FLAGS, dir_fd=parent)
+                except (NotADirectoryError, OSError) as exc:
+                    if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                        raise ArchiveError(
+                            f"{sub}: is not a directory in ROOT (a symlink or file); refusing to follow it"
+                        ) from None
+                    raise
+                try:
+                    self._check_ours(os.fstat(fd), sub)
+                except BaseException:
+                    os.close(fd)
+                    raise
+            finally:
+                if not cached:
+                    os.close(parent)
+            cur = fd
+        self._dir_cache[rel] = cur
+        return cur
 
     def _check_ours(self, st: os.stat_result, rel: str) -> None:
         """Refuse to keep (and fill) a directory whose record would not be believed: another
@@ -194,29 +210,17 @@ class _Importer:
 
     # -- removal ----------------------------------------------------------------
     def _remove(self, parent: int, name: str) -> None:
-        """Remove ``name`` (recursively) and its side-table records.
+        """Remove ``name`` (the whole tree below it) and its side-table records.
 
         Cached descriptors of removed directories go stale: callers flush the
         cache afterwards (never in here, where ``parent`` may be cached).
         """
-        fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=parent)
-        try:
-            st = os.stat(fd)
-            if stat.S_ISDIR(st.st_mode):
-                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-                try:
-                    for child in os.listdir(sub):
-                        self._remove(sub, child)
-                finally:
-                    os.close(sub)
-            elif st.st_nlink == 1 and not (stat.S_ISREG(st.st_mode)):
-                self.store.remove(fd, st)
-        finally:
-            os.close(fd)
-        if stat.S_ISDIR(st.st_mode):
-            os.rmdir(name, dir_fd=parent)
-        else:
-            os.unlink(name, dir_fd=parent)
+
+        def forget(e: Entry) -> None:
+            if not stat.S_ISDIR(e.st.st_mode) and e.st.st_nlink == 1 and not stat.S_ISREG(e.st.st_mode):
+                self.store.remove(e.fd, e.st)
+
+        remove_tree(parent, name, forget)
 
     # -- entries ----------------------------------------------------------------
     def entry(self, tf: tarfile.TarFile, ti: tarfile.TarInfo) -> None:
@@ -436,16 +440,22 @@ class _Importer:
                     self.store.write(fd, st, encode(_IMPLIED_DIR))
             finally:
                 os.close(fd)
-        # Directory times last, deepest first, once nothing changes inside.
-        for rel, atime, mtime in sorted(self.dir_times, key=lambda t: -t[0].count("/") - (1 if t[0] else 0)):
-            try:
-                fd = open_beneath(self.root_fd, rel, DIR_PATH_FLAGS)
-            except OSError:
-                continue
-            try:
-                utimens_fd(fd, atime, mtime)
-            finally:
-                os.close(fd)
+        # Directory times last, once nothing changes inside: each directory as the
+        # walk leaves it (everything below it first). The walk visits only the
+        # directories on the way to those, whatever else ROOT holds.
+        times = {rel: (atime, mtime) for rel, atime, mtime in self.dir_times}
+        on_way = {""}
+        for rel in times:
+            while rel not in on_way:
+                on_way.add(rel)
+                rel = rel.rpartition("/")[0]
+
+        def wanted(dirfd: int, rel: str, name: str) -> str | None:
+            return name if (f"{rel}/{name}" if rel else name) in on_way else None
+
+        for e in walk(self.root_fd, select=wanted, on_error=lambda rel, exc: None, leave=True):
+            if e.leaving and e.rel in times:
+                utimens_fd(e.fd, *times[e.rel])
 
 
 def import_archive(

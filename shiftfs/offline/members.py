@@ -1,4 +1,8 @@
-"""Tar members: the pieces of a tar entry the archive tools read and write.
+"""Archive members: the pieces of an entry the archive tools read and write.
+
+:class:`Item` is what :func:`shiftfs.offline.export.scan` works out for each
+inode, written by the tar writer (:mod:`shiftfs.offline.export`) and the cpio
+writer (:mod:`shiftfs.offline.cpio`) alike.
 
 Times with nanoseconds in pax ``mtime`` records, xattr values as pax text
 (raw bytes through ``surrogateescape``), GNU tar's header layout, and the
@@ -8,10 +12,28 @@ xattrs an entry carries in the spellings of GNU tar, bsdtar and star.
 from __future__ import annotations
 
 import tarfile
+from dataclasses import dataclass, field
 
 from ..ownership import acl
+from ..ownership.view import View
 
-__all__ = ["ns_to_pax", "pax_to_ns", "xattr_str", "xattr_bytes", "GnuTarInfo", "mtime_ns", "xattrs_of"]
+__all__ = ["Item", "ns_to_pax", "pax_to_ns", "xattr_str", "xattr_bytes", "GnuTarInfo", "mtime_ns", "xattrs_of"]
+
+
+@dataclass
+class Item:
+    """One archive entry worked out from the tree."""
+
+    name: str  # archive name ("." for the root, "./etc/passwd" for others)
+    rel: str
+    kind: str  # reg, dir, symlink, fifo, sock, chr, blk, hardlink
+    view: View
+    mtime_ns: int
+    size: int = 0
+    linkname: str = ""
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    key: tuple[int, int] = (0, 0)
+    nlink: int = 1
 
 
 def ns_to_pax(ns: int) -> str:

@@ -111,20 +111,25 @@ def view_at(store, fd: int, st: os.stat_result, umap: IdMap, gmap: IdMap, rel: s
 
 
 def open_beneath(root_fd: int, rel: str, flags: int = O_PATH_NOFOLLOW) -> int:
-    """Open ``rel`` below ``root_fd`` without following any symlink."""
+    """Open ``rel`` below ``root_fd`` without following any symlink.
+
+    One component at a time, each directory closed once the next is open: a
+    path of any depth costs two descriptors at most.
+    """
     parts = [p for p in rel.split("/") if p]
     if not parts:
         return os.open(".", flags | os.O_DIRECTORY, dir_fd=root_fd)
     cur = root_fd
-    opened = []
     try:
         for p in parts[:-1]:
-            cur = os.open(p, DIR_PATH_FLAGS, dir_fd=cur)
-            opened.append(cur)
+            sub = os.open(p, DIR_PATH_FLAGS, dir_fd=cur)
+            if cur != root_fd:
+                os.close(cur)
+            cur = sub
         return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur)
     finally:
-        for fd in opened:
-            os.close(fd)
+        if cur != root_fd:
+            os.close(cur)
 
 
 def open_store(

@@ -8,8 +8,9 @@ recursive removal (:func:`remove_tree`).
 **Why here.** The walk is descriptor plumbing: ``openat``, ``fstat`` and
 ``getdents`` relative to held descriptors, nothing about records, views or
 trust. Both ``ownership/`` and ``offline/`` need it and ``sys/`` is the one
-package below both (it imports nothing of shiftfs but itself), so it lives
-here; which names a walk skips is the caller's business (``select``).
+package below both (it imports nothing of shiftfs but itself and the error
+classes; tests/test_imports.py holds every layer to that), so it lives here;
+which names a walk skips is the caller's business (``select``).
 
 **What it keeps.** No path string is ever resolved and no symlink followed:
 each name is opened with ``openat(dirfd, name, O_PATH | O_NOFOLLOW)`` and a

@@ -143,7 +143,7 @@ def _check_records_at_bottom(root: Path, what: str) -> None:
 @root_only
 @pytest.mark.timeout(600)
 def test_offline_tools_on_a_tree_5000_deep(wd, low_fd_limit):
-    """absorb, export, import and materialize a tree 5,000 directories deep."""
+    """absorb, export, import (and a whiteout of it all) and materialize a tree 5,000 directories deep."""
     tree = wd / "tree"
     _build_real_tree(tree)
 
@@ -171,6 +171,14 @@ def test_offline_tools_on_a_tree_5000_deep(wd, low_fd_limit):
     imported = out / "imported"
     shiftfs("import", tar, imported, user=USER)
     _check_records_at_bottom(imported, "import")
+
+    # An OCI layer whose whiteout removes the whole chain (the importer's recursive removal).
+    layer = out / "layer.tar"
+    with tarfile.open(layer, "w") as tf:
+        tf.addfile(tarfile.TarInfo(".wh.d"))
+    os.chown(layer, USER, USER)
+    shiftfs("import", "--oci-layer", layer, imported, user=USER)
+    assert sorted(os.listdir(imported)) == [".shiftfs"], "the whiteout left the chain"
 
     shiftfs("materialize", tree)
     assert not (tree / ".shiftfs").exists()

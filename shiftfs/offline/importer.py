@@ -101,13 +101,16 @@ def _open_archive_stream(path: str) -> tuple[_TarStream, subprocess.Popen[bytes]
 
 
 def _normalize(name: str, what: str = "entry") -> list[str]:
-    parts = []
-    for p in name.split("/"):
-        if p in ("", "."):
-            continue
-        if p == "..":
-            raise ArchiveError(f"{what} {name!r} contains '..'; refusing to write outside ROOT")
-        parts.append(p)
+    # The usual names ("./usr/bin/ls") take no Python loop over their components: an
+    # archive of a deep tree repeats thousands of them in each name.
+    body = name
+    while body.startswith("./"):
+        body = body[2:]
+    parts = body.split("/")
+    if "" in parts or "." in parts:
+        parts = [p for p in parts if p and p != "."]
+    if ".." in parts:
+        raise ArchiveError(f"{what} {name!r} contains '..'; refusing to write outside ROOT")
     return parts
 
 
@@ -147,15 +150,16 @@ class _Importer:
         fd = self._dir_cache.get(rel)
         if fd is not None:
             return fd
-        have = len(parts)
-        while have > 0 and "/".join(parts[:have]) not in self._dir_cache:
+        have, sub = len(parts), rel  # sub: the path of parts[:have]
+        while have and sub not in self._dir_cache:
             have -= 1
-        cur = self._dir_cache.get("/".join(parts[:have])) if have else self._dir_cache.get("")
+            sub = sub[: sub.rfind("/")] if have else ""
+        cur = self._dir_cache.get(sub)
         if cur is None:
             cur = os.open(".", DIR_PATH_FLAGS, dir_fd=self.root_fd)
             self._dir_cache[""] = cur
         for i in range(have, len(parts)):
-            parent, name, sub = cur, parts[i], "/".join(parts[: i + 1])
+            parent, name, sub = cur, parts[i], f"{sub}/{parts[i]}" if sub else parts[i]
             cached = i == have
             try:
                 try:

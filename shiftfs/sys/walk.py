@@ -34,10 +34,21 @@ back up, reopens it with ``openat(child, "..")`` and checks its ``(st_dev,
 st_ino)``; if that fails (the directory was moved meanwhile) it reopens it by
 name from the nearest open ancestor, checking every step, else reports
 ``ESTALE`` and leaves what it had not visited there. ``..`` is one component
-looked up by the kernel, never a symlink. The soft RLIMIT_NOFILE is usually
-1024: raising it would only move the cliff, and the daemon (which raises it
-for its inode table) runs the mount's fix-up walk too, so the walk stays
+looked up by the kernel, never a symlink; reopening by name instead would
+need the parent's descriptor, the very one closed, so it would cost a walk
+down from the nearest open ancestor per level. A directory whose names are
+all visited is not reopened at all (unless ``leave`` needs it). The soft
+RLIMIT_NOFILE is usually 1024: raising it would only move the cliff (and a
+user cannot raise it past the hard limit), and the daemon, which raises it
+for its inode table, runs the mount's fix-up walk too, so the walk stays
 within its own budget instead.
+
+Measured (issue 26): a chain of 5,000 directories, the old recursive walk
+died at depth 997 (RecursionError) holding 949 descriptors; this one holds
+at most 65 and takes 0.33 s. On the bookworm minbase tree (8,745 entries)
+``export`` writes the same bytes in the same time (1.23 s vs 1.27 s wall),
+and the mount's fix-up walk costs 0.078 s of CPU instead of 0.073 s (the
+generator and one ``fstat`` per directory for the inode check).
 """
 
 from __future__ import annotations

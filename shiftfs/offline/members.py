@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import tarfile
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..ownership import acl
 from ..ownership.view import View
@@ -76,7 +77,7 @@ class GnuTarInfo(tarfile.TarInfo):
 
     _RAW = ("utf-8", "surrogateescape")
 
-    def create_pax_header(self, info, encoding):
+    def create_pax_header(self, info: dict[str, Any], encoding: str) -> bytes:  # type: ignore[override]
         info["magic"] = tarfile.POSIX_MAGIC
         pax = dict(self.pax_headers)
         for fieldname, keyword, limit in (
@@ -93,10 +94,12 @@ class GnuTarInfo(tarfile.TarInfo):
                 pax.setdefault(fieldname, str(value))
                 info[fieldname] = 0
         head = self._create_pax_generic_header(pax, tarfile.XHDTYPE, encoding) if pax else b""
-        return head + self._create_header(info, tarfile.USTAR_FORMAT, *self._RAW)
+        # _create_header and _create_payload are tarfile's private header writers
+        # (unchanged since Python 3.2; typeshed does not list them).
+        return head + self._create_header(info, tarfile.USTAR_FORMAT, *self._RAW)  # type: ignore[attr-defined]
 
     @classmethod
-    def _create_pax_generic_header(cls, pax_headers, type, encoding):
+    def _create_pax_generic_header(cls, pax_headers: dict[str, str], type: bytes, encoding: str) -> bytes:
         records = bytearray()
         for keyword, value in pax_headers.items():
             body = b" " + keyword.encode("utf-8") + b"=" + value.encode("utf-8", "surrogateescape") + b"\n"
@@ -106,7 +109,8 @@ class GnuTarInfo(tarfile.TarInfo):
                 length = len(str(length)) + len(body)
             records += str(length).encode("ascii") + body
         info = {"name": "././@PaxHeader", "type": type, "size": len(records), "magic": tarfile.POSIX_MAGIC}
-        return cls._create_header(info, tarfile.USTAR_FORMAT, "ascii", "replace") + cls._create_payload(bytes(records))
+        header: bytes = cls._create_header(info, tarfile.USTAR_FORMAT, "ascii", "replace")  # type: ignore[attr-defined]
+        return header + cls._create_payload(bytes(records))  # type: ignore[attr-defined]
 
 
 def mtime_ns(ti: tarfile.TarInfo) -> int:

@@ -311,3 +311,31 @@ def test_walk_and_remove_tree_keep_few_descriptors_5000_deep(tmp_path, low_fd_li
         assert _open_fds() == before
     finally:
         os.close(root)
+
+
+def test_walk_reopens_by_inode_when_directories_move(tmp_path):
+    """Directories moved during a walk: the way back up follows the inode (``..``, then by
+    name from the nearest open ancestor); where neither leads to the same directory the walk
+    says ESTALE and leaves the rest of it, instead of walking whatever took its place."""
+    for layout in ("moved", "replaced"):
+        root = tmp_path / layout
+        for p in ("a/b/c", "a/b/z", "a/zz"):
+            (root / p).mkdir(parents=True)
+        (root / "a/b/c/f").write_text("f")
+        fd = os.open(root, _DIR)
+        seen, errors = [], []
+        try:
+            for e in walk(fd, keep_open=2, on_error=lambda rel, exc: errors.append((rel, exc.errno))):
+                seen.append(e.rel)
+                if e.rel == "a/b/c/f":
+                    os.rename(root / "a/b", root / "q")  # b leaves a: ".." of b is no longer a
+                    if layout == "replaced":
+                        os.rename(root / "a", root / "a_old")
+                        (root / "a").mkdir()  # and a is not a by name either
+        finally:
+            os.close(fd)
+        assert "a/b/z" in seen  # b's other name, reached through b's own inode
+        if layout == "moved":
+            assert errors == [] and "a/zz" in seen
+        else:
+            assert errors == [("a", errno.ESTALE)] and "a/zz" not in seen

@@ -339,3 +339,26 @@ def test_walk_reopens_by_inode_when_directories_move(tmp_path):
             assert errors == [] and "a/zz" in seen
         else:
             assert errors == [("a", errno.ESTALE)] and "a/zz" not in seen
+
+
+@root_only
+def test_remove_tree_stops_at_a_mount(tmp_path):
+    """remove_tree never empties another filesystem mounted on the name or below it."""
+    top = tmp_path / "top"
+    (top / "sub/mnt").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "none", str(top / "sub/mnt")], check=True)
+    try:
+        (top / "sub/mnt/keep").write_text("keep")
+        fd = os.open(top, _DIR)
+        try:
+            for where, name in ((fd, "sub"), (os.open(top / "sub", _DIR), "mnt")):
+                with pytest.raises(OSError) as e:
+                    remove_tree(where, name)
+                assert e.value.errno == errno.EXDEV
+                if where != fd:
+                    os.close(where)
+        finally:
+            os.close(fd)
+        assert (top / "sub/mnt/keep").read_text() == "keep"
+    finally:
+        subprocess.run(["umount", "-l", str(top / "sub/mnt")], check=False)

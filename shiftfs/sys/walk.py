@@ -272,12 +272,15 @@ def remove_tree(dirfd: int, name: str, on_entry: Callable[[Entry], None] | None 
     """Remove ``name`` in ``dirfd`` and everything below it, following no symlink.
 
     ``on_entry`` sees each inode (its ``O_PATH`` descriptor and stat) before
-    it is removed. A mount below it stops the removal (``EXDEV``); any
-    failure is raised.
+    it is removed. A mount on ``name`` or below it stops the removal
+    (``EXDEV``) before anything of that filesystem is touched; any failure
+    is raised.
     """
     fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=dirfd)
     try:
         st = os.fstat(fd)
+        if st.st_dev != os.fstat(dirfd).st_dev:
+            raise OSError(errno.EXDEV, "another filesystem is mounted here; not removed (unmount it first)")
         if not stat.S_ISDIR(st.st_mode):
             if on_entry is not None:
                 on_entry(Entry(name, name, dirfd, fd, st, name))

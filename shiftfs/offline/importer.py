@@ -9,18 +9,10 @@ placeholder files; privileged xattrs are stored under escaped names.
 from __future__ import annotations
 
 import errno
-import gzip
-import io
-import lzma
 import os
-import shutil
 import stat
-import subprocess
-import sys
 import tarfile
-import threading
 import time
-from typing import IO, cast
 
 from ..errors import ArchiveError, UsageError
 from ..ownership.idmap import MAX_ID
@@ -30,74 +22,10 @@ from ..ownership.view import backing_perm
 from ..sys.files import O_PATH_NOFOLLOW, proc_fd, utimens_fd
 from ..sys.walk import Entry, remove_tree, walk
 from .members import mtime_ns, xattrs_of
+from .streams import open_archive_stream
 from .walk import COPY_CHUNK, DIR_PATH_FLAGS, Progress, open_beneath, open_root, open_store
 
 __all__ = ["import_archive"]
-
-
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-
-
-# What tarfile reads: the decompressors' streams are BufferedIOBase, a pipe is IO[bytes].
-_TarStream = io.BufferedIOBase | IO[bytes]
-
-
-def _open_archive_stream(path: str) -> tuple[_TarStream, subprocess.Popen[bytes] | None]:
-    """A readable stream of the tar inside ``path`` (``-`` is stdin)."""
-    raw: IO[bytes]
-    if path == "-":
-        raw = sys.stdin.buffer
-    else:
-        try:
-            raw = open(path, "rb")
-        except FileNotFoundError:
-            raise UsageError(f"{path}: no such archive; give an existing tar file (or - for stdin)") from None
-        except IsADirectoryError:
-            raise UsageError(f"{path}: is a directory; give a tar file") from None
-        except PermissionError:
-            raise ArchiveError(f"{path}: permission denied; make the archive readable") from None
-    # Only a replaced stdin is wrapped; typeshed calls it BinaryIO, which lacks the readinto
-    # BufferedReader needs (and the stdin a test or embedder substitutes has).
-    buf = io.BufferedReader(cast(io.RawIOBase, raw), 1 << 16) if not isinstance(raw, io.BufferedReader) else raw
-    head = buf.peek(6)[:6]
-    if head.startswith(b"\x1f\x8b"):
-        return gzip.GzipFile(fileobj=buf, mode="rb"), None
-    if head.startswith(b"\xfd7zXZ\x00"):
-        return lzma.LZMAFile(buf, "rb"), None
-    if head.startswith(b"BZh"):
-        import bz2
-
-        return bz2.BZ2File(buf, "rb"), None
-    if head.startswith(_ZSTD_MAGIC):
-        try:
-            import zstandard
-        except ImportError:
-            zstd = shutil.which("zstd")
-            if zstd is None:
-                raise ArchiveError(
-                    f"{path}: zstd-compressed; install the zstandard Python package or the zstd tool, "
-                    "or decompress it first"
-                ) from None
-            # Our buffer already holds the first bytes: feed zstd from it.
-            proc = subprocess.Popen([zstd, "-dcq"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-            to_zstd, from_zstd = proc.stdin, proc.stdout
-            assert to_zstd is not None and from_zstd is not None  # both asked for as pipes
-
-            def feed() -> None:
-                try:
-                    shutil.copyfileobj(buf, to_zstd, COPY_CHUNK)
-                except (BrokenPipeError, OSError, ValueError):
-                    pass
-                finally:
-                    try:
-                        to_zstd.close()
-                    except OSError:
-                        pass
-
-            threading.Thread(target=feed, daemon=True).start()
-            return from_zstd, proc
-        return zstandard.ZstdDecompressor().stream_reader(buf, read_across_frames=True), None
-    return buf, None
 
 
 def _normalize(name: str, what: str = "entry") -> list[str]:
@@ -489,7 +417,7 @@ def import_archive(
     except BaseException:
         os.close(root_fd)
         raise
-    stream, proc = _open_archive_stream(archive)
+    stream, proc = open_archive_stream(archive)
     imp = _Importer(root_fd, store, oci_layer, progress)
     try:
         try:

@@ -1,35 +1,32 @@
 """
 Helpers for the ``shiftfs run`` tests: throwaway users with subordinate id
-ranges, small root filesystems that borrow the host's /usr, a cached Debian
-minbase tarball, and process/mount leak checks.
+ranges (``bench/subusers.py``, shared with the bench), small root filesystems
+that borrow the host's /usr, a cached Debian minbase tarball, and
+process/mount leak checks.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-import pwd
 import shutil
 import subprocess
 import sys
 import tempfile
 import urllib.request
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from bench import artifacts  # noqa: E402
+from bench.subusers import SUBID_FILES, User, throwaway_users  # noqa: E402,F401  (the one copy, shared with the bench)
 
 #: Cached artifacts; ``SHIFTFS_CACHE_DIR`` moves them (CI empties it every run).
 CACHE = artifacts.cache_dir("/var/cache/shiftfs-test")
 DEBIAN_TAR = os.path.join(CACHE, "bookworm-minbase.tar")
 MIRROR = "http://deb.debian.org/debian/dists/bookworm/InRelease"
-SUBID_FILES = ("/etc/subuid", "/etc/subgid")
 
 #: Host binaries inside a container: ROOT gets Debian's merged-/usr symlinks
 #: and the host's /usr bound read-only.
@@ -40,131 +37,8 @@ def run_argv() -> list[str]:
     return [sys.executable, "-m", "shiftfs", "run"]
 
 
-@dataclass(frozen=True)
-class User:
-    """Who runs ``shiftfs run``: root, or a throwaway unprivileged user."""
-
-    name: str
-    uid: int
-    gid: int
-    subid: tuple[int, int] | None = None
-
-    @property
-    def is_root(self) -> bool:
-        return self.uid == 0
-
-    def wrap(self, argv: list[str]) -> list[str]:
-        if self.is_root:
-            return argv
-        return ["runuser", "-u", self.name, "--", "env", "HOME=/", *argv]
-
-
+#: root, as a :class:`User` (its ``wrap`` leaves argv as it is).
 ROOT_USER = User("root", 0, 0)
-
-
-_USERS_LOCK = "/run/lock/shiftfs-test-users.lock"
-
-
-@contextlib.contextmanager
-def _users_lock() -> Iterator[None]:
-    """Serialise edits of /etc/subuid, /etc/subgid and the user database
-    between test sessions running at the same time."""
-    os.makedirs(os.path.dirname(_USERS_LOCK), exist_ok=True)
-    fd = os.open(_USERS_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _read(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        return b""
-
-
-def _write(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:  # in place: mode and owner stay
-        f.write(data)
-
-
-def _add_lines(path: str, lines: list[str]) -> bool:
-    """Append ``lines``; returns whether a newline had to be added first."""
-    data = _read(path)
-    fixed = bool(data) and not data.endswith(b"\n")
-    _write(path, data + (b"\n" if fixed else b"") + "".join(lines).encode())
-    return fixed
-
-
-def _remove_lines(path: str, names: set[str], newline_added: bool) -> None:
-    """Drop the lines of ``names``: the file is then byte for byte what it was
-    before we added them, whatever other lines changed meanwhile."""
-    data = _read(path)
-    keep = [
-        line for line in data.splitlines(keepends=True) if line.split(b":", 1)[0].decode(errors="replace") not in names
-    ]
-    out = b"".join(keep)
-    if newline_added and out.endswith(b"\n"):
-        out = out[:-1]
-    if out != data:
-        _write(path, out)
-
-
-@contextlib.contextmanager
-def throwaway_users(with_range: int = 1, without_range: int = 1) -> Iterator[list[User]]:
-    """Create throwaway users; the first ``with_range`` get a 65536-id range
-    in /etc/subuid and /etc/subgid (chosen clear of every range in use).
-    Afterwards the users are deleted and exactly the lines we added are
-    removed again, so the files are restored byte for byte."""
-    from shiftfs.container import userns as ns
-
-    users: list[User] = []
-    added: dict[str, bool] = {}
-    names: set[str] = set()
-    try:
-        with _users_lock():
-            used = ns.ranges_in_use()
-            lines: list[str] = []
-            for i in range(with_range + without_range):
-                name = f"sft{uuid.uuid4().hex[:8]}"
-                names.add(name)
-                subprocess.run(
-                    [
-                        "useradd",
-                        "-M",
-                        "-s",
-                        "/bin/sh",
-                        "-d",
-                        "/nonexistent",
-                        "-K",
-                        "SUB_UID_COUNT=0",
-                        "-K",
-                        "SUB_GID_COUNT=0",
-                        name,
-                    ],
-                    check=True,
-                    capture_output=True,
-                )
-                pw = pwd.getpwnam(name)
-                subid = None
-                if i < with_range:
-                    start = ns.free_block(used)
-                    used.append((start, ns.BLOCK))
-                    subid = (start, ns.BLOCK)
-                    lines.append(f"{name}:{start}:{ns.BLOCK}\n")
-                users.append(User(name, pw.pw_uid, pw.pw_gid, subid))
-            for path in SUBID_FILES:
-                added[path] = _add_lines(path, lines)
-        yield users
-    finally:
-        with _users_lock():
-            for path in SUBID_FILES:
-                _remove_lines(path, names, added.get(path, False))
-            for name in names:
-                subprocess.run(["userdel", name], capture_output=True)
 
 
 def workdir() -> str:

@@ -493,16 +493,16 @@ def test_free_block_and_subid_parsing(tmp_path):
 
 
 def test_subid_file_edits_are_undone_exactly(tmp_path):
-    import ns_util
+    from bench import subusers
 
     for original in (b"", b"a:1:2\n", b"a:1:2", b"# c\nb:5:6\n\n"):
         p = str(tmp_path / "subuid")
         with open(p, "wb") as f:
             f.write(original)
-        added = ns_util._add_lines(p, ["sftx:100:5\n"])
+        added = subusers._add_lines(p, ["sftx:100:5\n"])
         with open(p, "ab") as f:  # somebody else's edit meanwhile
             f.write(b"other:9:9\n")
-        ns_util._remove_lines(p, {"sftx", "other"}, added)
+        subusers._remove_lines(p, {"sftx", "other"}, added)
         with open(p, "rb") as f:
             assert f.read() == original
 

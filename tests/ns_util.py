@@ -7,7 +7,6 @@ process/mount leak checks.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
@@ -15,6 +14,8 @@ import sys
 import tempfile
 import urllib.request
 from collections.abc import Iterator
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -39,6 +40,20 @@ def run_argv() -> list[str]:
 
 #: root, as a :class:`User` (its ``wrap`` leaves argv as it is).
 ROOT_USER = User("root", 0, 0)
+
+
+def users_fixture(with_range: int, without_range: int):
+    """A module's throwaway users, as a module-scoped fixture: ``users = users_fixture(1, 1)``
+    (the first ``with_range`` of them with a subordinate id range). Skips without useradd."""
+
+    @pytest.fixture(scope="module")
+    def users() -> Iterator[list[User]]:
+        if not os.path.exists("/usr/sbin/useradd"):
+            pytest.skip("useradd is missing (package passwd)")
+        with throwaway_users(with_range=with_range, without_range=without_range) as us:
+            yield us
+
+    return users
 
 
 def workdir() -> str:

@@ -1,8 +1,7 @@
 """Helpers for the reliability, hostile-input and bad-input tests (issue 8).
 
-Real mounts only: :class:`Mount` runs the ``shiftfs`` command (backgrounded
-daemon, ``-o log=FILE``), finds the daemon's pid so tests can kill it, and
-always cleans up. :func:`view_tree` / :func:`expected_view` /
+Real mounts only, through ``fsutil.Mount`` (``mode="table"`` or ``"xattr"``),
+whose daemon pid tests may kill. :func:`view_tree` / :func:`expected_view` /
 :func:`compare_trees` check what the mount shows against what the backing
 tree says (backing ownership through the table, or records). :func:`fsstress`
 is a small fsstress-style driver: several processes doing a random metadata
@@ -12,218 +11,26 @@ shared area where they race each other.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import json
 import multiprocessing
 import os
 import random
-import shutil
 import stat
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import fsutil  # the shared helpers: scratch dirs, daemons tracked as our children
 import pytest
+from fsutil import MAP_COUNT
+from records import read_record
+from sysx import lchown_raw
 
-SHIFTFS = str(Path(sys.executable).with_name("shiftfs"))
-MAP = "b:100000:0:65536"  # the table every table-mode test uses
-MAP_BASE, MAP_COUNT = 100000, 65536
 MAX_ID = 2**32 - 2
-RECORD = "user.containers.override_stat"
-LEGACY = "user.fuseoverlayfs.override_stat"
 TMP_PREFIX = ".shiftfs~"
 ESC_PREFIX = ".shiftfs~e"  # view names that collide with ours are stored as ESC_PREFIX + name
 STRESS = os.environ.get("SHIFTFS_STRESS") == "1"
-
-_libc = ctypes.CDLL("libc.so.6", use_errno=True)
-
-
-def have(*cmds: str) -> bool:
-    return all(shutil.which(c) for c in cmds)
-
-
-def need(*cmds: str) -> None:
-    missing = [c for c in cmds if not shutil.which(c)]
-    if missing:
-        pytest.skip(f"needs {', '.join(missing)}")
-
-
-def need_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (mounts tmpfs, runs commands as other users)")
-
-
-# -- mounts ---------------------------------------------------------------------
-def mounts() -> list[tuple[str, str]]:
-    """(mount point, fstype) of every mount, innermost last."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            mp = left.split()[4].encode().decode("unicode_escape")
-            out.append((mp, right.split()[0] if right else ""))
-    return out
-
-
-def is_mounted(mp, fstype: str | None = None) -> bool:
-    mp = os.path.abspath(mp)
-    return any(m == mp and (fstype is None or t == fstype) for m, t in mounts())
-
-
-def shiftfs_pids(mp) -> list[int]:
-    """Pids of shiftfs daemons serving ``mp`` (cmdline names it and /dev/fuse is open)."""
-    mp = os.path.abspath(str(mp))
-    out = []
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
-        try:
-            with open(f"/proc/{p}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-            if mp.encode() not in argv or not any(b"shiftfs" in a for a in argv[:3]):
-                continue
-            fds = os.listdir(f"/proc/{p}/fd")
-            if any(os.readlink(f"/proc/{p}/fd/{fd}") == "/dev/fuse" for fd in fds):
-                out.append(int(p))
-        except OSError:
-            continue
-    return out
-
-
-def wait_until(cond, timeout=10.0, step=0.05) -> bool:
-    end = time.monotonic() + timeout
-    while True:
-        if cond():
-            return True
-        if time.monotonic() > end:
-            return False
-        time.sleep(step)
-
-
-def force_unmount(mp) -> None:
-    """Get ``mp`` unmounted whatever state it is in (tests' cleanup)."""
-    mp = os.path.abspath(str(mp))
-    for _ in range(20):
-        if not is_mounted(mp):
-            return
-        subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True)
-        if is_mounted(mp):
-            subprocess.run(["umount", "-l", mp], capture_output=True)
-        time.sleep(0.05)
-
-
-class Mount:
-    """``shiftfs mount`` of ``src`` on ``mp`` in table (``--map MAP``) or xattr mode."""
-
-    def __init__(self, src, mp, mode="table", opts=(), maps=None, as_uid=None, nofile=None, log=None):
-        assert mode in ("table", "xattr")
-        self.src = os.path.abspath(str(src))
-        self.mp = os.path.abspath(str(mp))
-        self.mode = mode
-        self.opts = list(opts)
-        self.maps = [MAP] if maps is None and mode == "table" else list(maps or [])
-        self.as_uid = as_uid
-        self.nofile = nofile
-        self.log = os.path.abspath(str(log)) if log else self.mp + ".log"
-        self.pid: int | None = None
-
-    def command(self) -> list[str]:
-        cmd = [SHIFTFS, "mount"] + (["--xattr"] if self.mode == "xattr" else [])
-        for m in self.maps:
-            cmd += ["--map", m]
-        backend = [] if any(o.startswith("backend=") for o in self.opts) else ["backend=fuse"]  # daemon tests
-        cmd += [self.src, self.mp, "-o", ",".join(self.opts + backend + [f"log={self.log}"])]
-        if self.nofile:
-            cmd = ["prlimit", f"--nofile={self.nofile}:{self.nofile}", "--"] + cmd
-        if self.as_uid is not None:
-            cmd = ["setpriv", f"--reuid={self.as_uid}", f"--regid={self.as_uid}", "--clear-groups", "--"] + cmd
-        return cmd
-
-    def mount(self) -> Mount:
-        try:
-            os.mkdir(self.mp)
-        except FileExistsError:
-            pass  # (also a stale mount point, which stats as ENOTCONN)
-        r, children = fsutil.spawn_daemons(self.command(), timeout=60)
-        if r.returncode != 0:
-            for c in children:
-                fsutil.reap(c, 5)
-            raise AssertionError(f"mount failed ({r.returncode}): {r.stderr.strip()}")
-        pids = shiftfs_pids(self.mp)
-        assert len(pids) == 1 and pids == children, f"expected one daemon for {self.mp}, found {pids} {children}"
-        self.pid = pids[0]
-        return self
-
-    def adopt_daemon(self) -> None:
-        """After mounting by other means (e.g. the raw command): find and own the daemon."""
-        pids = shiftfs_pids(self.mp)
-        assert len(pids) == 1, pids
-        self.pid = pids[0]
-
-    def alive(self) -> bool:
-        if self.pid is None:
-            return False
-        try:
-            if os.waitpid(self.pid, os.WNOHANG)[0] == self.pid:  # our child (subreaper): exited
-                self.pid = None
-                return False
-        except ChildProcessError:
-            pass
-        try:
-            with open(f"/proc/{self.pid}/stat") as f:
-                return f.read().split(") ")[-1][0] not in "ZX"
-        except OSError:
-            return False
-
-    def umount(self, check=True) -> None:
-        if not is_mounted(self.mp):
-            self.pid = None
-            return
-        for _ in range(100):
-            r = subprocess.run([SHIFTFS, "umount", self.mp], capture_output=True, text=True)
-            if r.returncode == 0 or not is_mounted(self.mp):
-                break
-            time.sleep(0.1)
-        else:
-            force_unmount(self.mp)
-            if check:
-                raise AssertionError(f"cannot unmount {self.mp}: {r.stderr.strip()}")
-        # the daemon closes the side table and exits once the kernel lets go
-        if self.pid is not None:
-            fsutil.reap(self.pid, 20)
-        self.pid = None
-
-    def remount(self) -> Mount:
-        self.umount()
-        return self.mount()
-
-    def log_text(self) -> str:
-        try:
-            return Path(self.log).read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def bad_log_lines(self) -> list[str]:
-        """Log lines that report an unexpected error (traceback, ERROR, 'unexpected')."""
-        return [
-            ln
-            for ln in self.log_text().splitlines()
-            if "ERROR" in ln or "Traceback" in ln or "unexpected" in ln.lower() or "CRITICAL" in ln
-        ]
-
-    def __enter__(self):
-        return self.mount()
-
-    def __exit__(self, *exc):
-        self.umount(check=False)
-        force_unmount(self.mp)
-        if self.pid is not None:
-            fsutil.reap(self.pid, 10)
-            self.pid = None
 
 
 @pytest.fixture
@@ -233,11 +40,7 @@ def work():
     try:
         yield d
     finally:
-        for mp, _ in reversed(mounts()):
-            if mp.startswith(str(d) + "/"):
-                force_unmount(mp)
-        subprocess.run(["chattr", "-R", "-i", str(d)], capture_output=True)
-        fsutil.remove_scratch(d)
+        fsutil.remove_scratch(d)  # unmounts below it first, lifts chattr +i
 
 
 def make_pair(work: Path, name="t") -> tuple[Path, Path]:
@@ -245,50 +48,6 @@ def make_pair(work: Path, name="t") -> tuple[Path, Path]:
     src.mkdir(mode=0o755)
     mp.mkdir(mode=0o755)
     return src, mp
-
-
-# -- running things -----------------------------------------------------------------
-def run_as(uid: int, gid: int, cmd, groups=(), check=False, input=None, cwd=None, timeout=120, env=None):
-    """Run ``cmd`` (list, or a string for ``sh -c``) with the given ids and no capabilities."""
-    if isinstance(cmd, str):
-        cmd = ["sh", "-c", cmd]
-    pre = []
-    if uid != 0:
-        pre = ["setpriv", f"--reuid={uid}", f"--regid={gid}"]
-        pre += [f"--groups={','.join(map(str, groups))}"] if groups else ["--clear-groups"]
-        pre += ["--inh-caps=-all", "--"]
-    r = subprocess.run(
-        pre + list(cmd),
-        capture_output=True,
-        text=True,
-        errors="replace",
-        input=input,
-        cwd=cwd,
-        timeout=timeout,
-        env=env,
-    )
-    if check and r.returncode != 0:
-        raise AssertionError(f"{cmd} as {uid}:{gid} failed ({r.returncode}): {r.stderr.strip()}")
-    return r
-
-
-def py_as(uid: int, gid: int, code: str, *args, groups=(), timeout=120):
-    """Run a Python snippet as another user; returns (rc, stdout, stderr)."""
-    r = run_as(uid, gid, [sys.executable, "-c", code, *map(str, args)], groups=groups, timeout=timeout)
-    return r.returncode, r.stdout, r.stderr
-
-
-def sh(cmd: str, check=True, cwd=None, timeout=300) -> subprocess.CompletedProcess:
-    r = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, errors="replace", cwd=cwd, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{cmd!r} failed ({r.returncode}): {r.stdout[-2000:]}{r.stderr[-2000:]}")
-    return r
-
-
-def lchown_raw(path, uid: int, gid: int) -> int:
-    """lchown(2) with raw 32-bit ids (so (uid_t)-1 can be passed); returns 0 or the errno."""
-    res = _libc.lchown(os.fsencode(str(path)), ctypes.c_uint32(uid), ctypes.c_uint32(gid))
-    return 0 if res == 0 else ctypes.get_errno()
 
 
 # -- what the view shows vs what the backing tree says --------------------------------------
@@ -368,28 +127,7 @@ def view_tree(mp, content=True) -> dict[str, dict]:
 
 
 def table_view_id(disk: int) -> int:
-    return disk - MAP_BASE if MAP_BASE <= disk < MAP_BASE + MAP_COUNT else 65534
-
-
-def read_record(src, full: str, st: os.stat_result):
-    """The decoded record of a backing inode (via the engine's store), or None; raises on malformed."""
-    from shiftfs.ownership import record as _record
-    from shiftfs.ownership.store import RecordStore
-
-    root_fd = os.open(str(src), os.O_PATH | os.O_DIRECTORY)
-    fd = os.open(full, os.O_PATH | os.O_NOFOLLOW)
-    try:
-        store = RecordStore(root_fd, create=False)
-        try:
-            raw = store.read(fd, st)
-        finally:
-            store.close()
-    finally:
-        os.close(fd)
-        os.close(root_fd)
-    if raw is None:
-        return None
-    return _record.decode(raw, stat.S_IFMT(st.st_mode))
+    return disk - fsutil.MAP_BASE if fsutil.MAP_BASE <= disk < fsutil.MAP_BASE + fsutil.MAP_COUNT else 65534
 
 
 def expected_view(src, mode: str, content=True) -> tuple[dict[str, dict], list[str]]:
@@ -438,10 +176,11 @@ def compare_trees(view: dict, expect: dict, limit=30) -> list[str]:
     return out
 
 
-def check_consistent(m: Mount, content=True) -> None:
+def check_consistent(m: fsutil.Mount, content=True) -> None:
     """The mount shows exactly what the backing tree (and its records) say."""
-    view = view_tree(m.mp, content)
-    exp, problems = expected_view(m.src, m.mode, content)
+    assert m.mode is not None, "check_consistent needs a Mount made with mode='table' or mode='xattr'"
+    view = view_tree(m.mountpoint, content)
+    exp, problems = expected_view(m.source, m.mode, content)
     diffs = compare_trees(view, exp)
     assert not problems and not diffs, "\n".join(problems[:30] + diffs)
 

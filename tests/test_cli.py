@@ -16,20 +16,9 @@ import threading
 import time
 
 import pytest
-from fsutil import (
-    MAP,
-    SHIFTFS,
-    USER_ENV,
-    errno_of,
-    find_mount,
-    is_mounted,
-    mount_shiftfs,
-    reap,
-    run_as,
-    spawn_daemons,
-    unmount_lazy,
-    wait_for,
-)
+from asuser import USER_ENV, run_as
+from fsutil import MAP, SHIFTFS, find_mount, is_mounted, mount_shiftfs, reap, spawn_daemons, unmount_lazy, wait_for
+from sysx import errno_of
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 

@@ -20,21 +20,8 @@ import threading
 import time
 
 import pytest
-from fsutil import (
-    MAP,
-    RENAME_EXCHANGE,
-    RENAME_NOREPLACE,
-    UTIME_NOW,
-    UTIME_OMIT,
-    errno_of,
-    have,
-    is_mounted,
-    make_scratch,
-    mount_shiftfs,
-    remove_scratch,
-    renameat2,
-    utimensat,
-)
+from fsutil import MAP, have, is_mounted, make_scratch, mount_shiftfs, remove_scratch
+from sysx import RENAME_EXCHANGE, RENAME_NOREPLACE, UTIME_NOW, UTIME_OMIT, errno_of, renameat2, utimensat
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 

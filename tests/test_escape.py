@@ -17,7 +17,17 @@ import threading
 import time
 
 import pytest
-from ns_util import HOST_USR, ROOT_USER, User, make_host_root, remove_tree, run_argv, throwaway_users, workdir
+from ns_util import (
+    HOST_USR,
+    ROOT_USER,
+    User,
+    make_host_root,
+    remove_tree,
+    run_argv,
+    throwaway_users,
+    users_fixture,
+    workdir,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates test users: run as root")
 
@@ -96,17 +106,7 @@ print(json.dumps({"found": found, "traced": traced, "mem": mem, "exe": exe, "rea
 """
 
 
-@pytest.fixture(scope="module")
-def users():
-    with throwaway_users(with_range=1, without_range=1) as us:
-        yield us
-
-
-@pytest.fixture
-def wd():
-    d = workdir()
-    yield d
-    remove_tree(d)
+users = users_fixture(1, 1)
 
 
 def _setup(wd: str, owner: User) -> tuple[str, str, str]:

@@ -37,8 +37,10 @@ from ns_util import (
     processes_mentioning,
     remove_tree,
     throwaway_users,
+    users_fixture,
     workdir,
 )
+from records import RECORD
 
 from bench import artifacts
 from shiftfs.container import exec as execcmd
@@ -47,7 +49,6 @@ from shiftfs.offline import devtable
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates test users: run as root")
 
-RECORD = "user.containers.override_stat"
 REFERENCE_TAR = os.path.join(CACHE, "bookworm-minbase-exec-reference.tar")
 
 
@@ -55,12 +56,7 @@ def exec_argv() -> list[str]:
     return [sys.executable, "-m", "shiftfs", "exec"]
 
 
-@pytest.fixture(scope="module")
-def users():
-    if not os.path.exists("/usr/sbin/useradd"):
-        pytest.skip("useradd is missing (package passwd)")
-    with throwaway_users(with_range=1, without_range=1) as us:
-        yield us
+users = users_fixture(1, 1)
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +72,6 @@ def who(request, users) -> User:
     if request.param == "root":
         return ROOT_USER
     return request.getfixturevalue("user")
-
-
-@pytest.fixture
-def wd():
-    d = workdir()
-    yield d
-    remove_tree(d)
 
 
 def owned_dir(path: str, owner: User) -> str:

@@ -11,8 +11,19 @@ import stat
 import subprocess
 
 import pytest
-from fsutil import SHIFTFS, USER_ENV, mount_shiftfs, reap, unmount_lazy, wait_for
-from ns_util import HOST_USR, ROOT_USER, User, make_host_root, remove_tree, run_argv, throwaway_users, workdir
+from asuser import USER_ENV
+from fsutil import SHIFTFS, mount_shiftfs, reap, unmount_lazy, wait_for
+from ns_util import (
+    HOST_USR,
+    ROOT_USER,
+    User,
+    make_host_root,
+    remove_tree,
+    run_argv,
+    throwaway_users,
+    users_fixture,
+    workdir,
+)
 
 from shiftfs.container import launcher, preflight
 from shiftfs.container import run as runmod
@@ -28,12 +39,7 @@ pytestmark = [
 MAP = "b:100000:0:65536"
 
 
-@pytest.fixture(scope="module")
-def users():
-    if not os.path.exists("/usr/sbin/useradd"):
-        pytest.skip("useradd is missing (package passwd)")
-    with throwaway_users(with_range=1, without_range=0) as us:
-        yield us
+users = users_fixture(1, 0)
 
 
 @pytest.fixture(params=["root", "user"])
@@ -43,13 +49,6 @@ def who(request, users) -> User:
     if preflight.blocked_component(runmod.__file__, 65533, {65533}, 4):
         pytest.skip("the checkout is not reachable by other users (see README)")
     return users[0]
-
-
-@pytest.fixture
-def wd():
-    d = workdir()
-    yield d
-    remove_tree(d)
 
 
 def _dirs(wd: str, who: User, *names: str) -> list[str]:

@@ -17,7 +17,9 @@ import sys
 import time
 
 import pytest
-from fsutil import MAP, SHIFTFS, find_mount, have, py_as, renameat2, run_as
+from asuser import py_as, run_as
+from fsutil import MAP, SHIFTFS, find_mount, have
+from sysx import renameat2
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 

@@ -16,11 +16,11 @@ import sys
 
 import pytest
 from fsutil import MAP, have
+from records import RECORD
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 
 MODES = {"table": ("--map", MAP), "xattr": ("--xattr",)}
-RECORD = "user.containers.override_stat"
 MiB = 1 << 20
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02

@@ -27,27 +27,22 @@ from ns_util import (
     remove_tree,
     run_argv,
     throwaway_users,
+    users_fixture,
     workdir,
 )
+from records import RECORD
 
 from shiftfs.container import preflight, rootfs, userns
 from shiftfs.container import run as runmod
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates test users: run as root")
 
-RECORD = "user.containers.override_stat"
-
 
 def _repo_reachable_by_all() -> str | None:
     return preflight.blocked_component(os.path.join(runmod.__file__), 65533, {65533}, 4)
 
 
-@pytest.fixture(scope="module")
-def users():
-    if not os.path.exists("/usr/sbin/useradd"):
-        pytest.skip("useradd is missing (package passwd)")
-    with throwaway_users(with_range=1, without_range=1) as us:
-        yield us
+users = users_fixture(1, 1)
 
 
 @pytest.fixture(params=["root", "user"])
@@ -58,13 +53,6 @@ def who(request, users) -> User:
     if bad:
         pytest.skip(f"{bad} is not searchable by other users; move the checkout (see README)")
     return users[0]
-
-
-@pytest.fixture
-def wd():
-    d = workdir()
-    yield d
-    remove_tree(d)
 
 
 def make_root(wd: str, owner: User, name: str = "root") -> str:

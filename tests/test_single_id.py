@@ -20,6 +20,7 @@ import tarfile
 
 import pytest
 from ns_util import User, host_owners, remove_tree, throwaway_users, workdir
+from records import RECORD
 
 from shiftfs.container import launcher, preflight
 
@@ -28,8 +29,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="creates test users: run as root"),
     pytest.mark.skipif(platform.machine() != "x86_64", reason="the script uses x86_64 system call numbers"),
 ]
-
-RECORD = "user.containers.override_stat"
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,9 @@ import sys
 import time
 
 import pytest
-from fsutil import MAP, USER_ENV, errno_of, have, py_as, run_as
+from asuser import USER_ENV, py_as, run_as
+from fsutil import MAP, have
+from sysx import errno_of
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 

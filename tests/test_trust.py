@@ -31,29 +31,18 @@ import tarfile
 import time
 
 import pytest
-from fsutil import SHIFTFS, USER_ENV, mount_shiftfs, py_as, run_as
-from ns_util import HOST_USR, make_host_root, remove_tree, throwaway_users, workdir
+from asuser import USER_ENV, py_as, run_as
+from fsutil import SHIFTFS, mount_shiftfs
+from ns_util import HOST_USR, make_host_root, remove_tree, throwaway_users, users_fixture, workdir
+from records import RECORD
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates test users: run as root")
 
-RECORD = "user.containers.override_stat"
 OVERFLOW = 65534
 FORGED = b"0:0:104755"
 
 
-@pytest.fixture(scope="module")
-def users():
-    if not os.path.exists("/usr/sbin/useradd"):
-        pytest.skip("useradd is missing (package passwd)")
-    with throwaway_users(with_range=1, without_range=1) as us:
-        yield us
-
-
-@pytest.fixture
-def wd():
-    d = workdir()
-    yield d
-    remove_tree(d)
+users = users_fixture(1, 1)
 
 
 def cli_as(user, *args, check=False, cwd="/", timeout=120):

@@ -19,20 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
-from xattr_util import (
-    LEGACY,
-    RECORD,
-    ShiftMount,
-    backing_xattrs,
-    diff_snapshots,
-    fuse_overlayfs,
-    have,
-    record,
-    run_as,
-    sh,
-    side_rows,
-    snapshot,
-)
+from asuser import run_as, sh
+from fsutil import Mount, have
+from records import LEGACY, RECORD, backing_xattrs, record, side_rows
+from xattr_util import diff_snapshots, fuse_overlayfs, snapshot
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="xattr-mode tests act as several users: run as root"),
@@ -48,7 +38,7 @@ G_SHARED = 1500  # a group U1 is a member of (supplementary)
 
 # -- fixtures -------------------------------------------------------------------
 
-_MOUNTS: list[ShiftMount] = []  # mounts of the running test, undone by the work fixture
+_MOUNTS: list[Mount] = []  # mounts of the running test, undone by the work fixture
 
 
 @pytest.fixture
@@ -61,12 +51,12 @@ def work(scratch):
         yield scratch
     finally:
         while _MOUNTS:
-            _MOUNTS.pop().umount()
+            _MOUNTS.pop().__exit__(None, None, None)  # detach, reap, check the log
         os.umask(old_umask)
 
 
-def new_mount(work, opts=(), src="src", mp="mp", **kw) -> ShiftMount:
-    m = ShiftMount(work / src, work / mp, opts=opts, **kw)
+def new_mount(work, opts=(), src="src", mp="mp", **kw) -> Mount:
+    m = Mount(work / src, work / mp, mode="xattr", opts=opts, **kw)
     _MOUNTS.append(m)
     return m.mount()
 
@@ -586,7 +576,7 @@ FORGED = [
     "user.fuseoverlayfs.override_" + RECORD,
 ]
 FORGED_ROOT_ONLY = [
-    "security.fuseoverlayfs.override_stat",
+    "security" + LEGACY.removeprefix("user"),
     "trusted.overlay.override_stat",
     "user.containers.override_security.capability",
 ]
@@ -744,7 +734,7 @@ def test_tree_made_outside_the_mount(work):
     (src / "other").write_text("")
     os.chown(src / "other", 7, 8)
     os.chmod(src / "other", 0o4755)
-    with ShiftMount(src, mp):
+    with Mount(src, mp, mode="xattr"):
         # no record: the backing owner and mode, as they are
         assert owner(mp / "suid") == (0, 8) and perm(mp / "suid") == 0o4755
         assert owner(mp / "other") == (65534, 65534) and perm(mp / "other") == 0o755
@@ -802,7 +792,7 @@ def test_every_record_variant_is_read(work):
     (src / "both").write_text("")
     os.setxattr(src / "both", RECORD, b"1:1:100644")
     os.setxattr(src / "both", LEGACY, b"2:2:100600")
-    with ShiftMount(src, mp):
+    with Mount(src, mp, mode="xattr"):
         for name, (_v, _x, fm, uid, gid) in cases.items():
             st = lst(mp / name)
             assert (stat.filemode(st.st_mode), st.st_uid, st.st_gid) == (fm, uid, gid), name
@@ -811,7 +801,7 @@ def test_every_record_variant_is_read(work):
         os.chmod(mp / "legacy", 0o755)
         # an existing legacy record is kept in step, so older readers see the change
         assert os.getxattr(src / "legacy", LEGACY) == os.getxattr(src / "legacy", RECORD) == b"5:5:100755"
-    with ShiftMount(src, mp, opts=["legacy_xattr"]):
+    with Mount(src, mp, mode="xattr", opts=["legacy_xattr"]):
         assert owner(mp / "both") == (2, 2)  # with -o legacy_xattr the legacy name wins
         os.chmod(mp / "both", 0o640)
         assert os.getxattr(src / "both", RECORD) == os.getxattr(src / "both", LEGACY) == b"2:2:100640"
@@ -895,7 +885,7 @@ def test_interop_fuse_overlayfs_writes_shiftfs_reads(work, rootfs_tar):
         os.chown(fmp / "later", 5, 6)  # fuse-overlayfs 1.10 keeps chown...
         os.chmod(fmp / "later", 0o4750)  # ...until a chmod (its bug #407-era), whatever it shows is the truth here
         theirs = snapshot(fmp, skip_store=False)
-    m = ShiftMount(upper, work / "mp")
+    m = Mount(upper, work / "mp", mode="xattr")
     _MOUNTS.append(m)
     m.mount()
     ours = snapshot(work / "mp")
@@ -915,7 +905,7 @@ def test_interop_shiftfs_writes_fuse_overlayfs_reads(work, rootfs_tar):
     lower, upper, wd, fmp = (work / n for n in ("lower", "upper", "fowork", "fomp"))
     for p in (lower, upper, wd, fmp):
         p.mkdir()
-    m = ShiftMount(upper, work / "mp", opts=["legacy_xattr"])
+    m = Mount(upper, work / "mp", mode="xattr", opts=["legacy_xattr"])
     _MOUNTS.append(m)
     m.mount()
     # fuse-overlayfs 1.10 cannot list a directory holding a file or directory

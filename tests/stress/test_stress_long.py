@@ -13,15 +13,8 @@ import sys
 import time
 
 import pytest
-from rel_util import (
-    Mount,
-    check_consistent,
-    expected_view,
-    make_pair,
-    need,
-    view_tree,
-    work,  # noqa: F401  (fixture)
-)
+from fsutil import Mount, need
+from rel_util import check_consistent, expected_view, make_pair, view_tree, work
 from test_reliability import (
     _assert_clean,
     _list_and_check,
@@ -85,7 +78,7 @@ def test_stress_ng_filesystem_class(work, mode):
     need("stress-ng")
     src, mp = make_pair(work)
     failed = []
-    with Mount(src, mp, mode) as m:
+    with Mount(src, mp, mode=mode) as m:
         for s in _STRESSORS:
             r = subprocess.run(
                 ["stress-ng", f"--{s}", "2", "--timeout", NG_TIMEOUT, "--temp-path", str(mp)],
@@ -108,7 +101,7 @@ def test_stress_ng_filesystem_class(work, mode):
 def test_stress_fio_verify(work, mode, engine, rw):
     need("fio")
     src, mp = make_pair(work)
-    with Mount(src, mp, mode) as m:
+    with Mount(src, mp, mode=mode) as m:
         r = subprocess.run(
             [
                 "fio",
@@ -136,7 +129,7 @@ def test_stress_fio_verify(work, mode, engine, rw):
 def test_stress_dbench(work, mode):
     need("dbench")
     src, mp = make_pair(work)
-    with Mount(src, mp, mode) as m:
+    with Mount(src, mp, mode=mode) as m:
         r = subprocess.run(
             ["dbench", "-D", str(mp), "-t", str(int(SECONDS)), "-c", "/usr/share/dbench/client.txt", "4"],
             capture_output=True,
@@ -155,7 +148,7 @@ def test_stress_100k_file_tree(work, mode):
     (RLIMIT_NOFILE 20000: more inodes than the daemon may hold descriptors)."""
     src, mp = make_pair(work)
     ndirs, per_dir = 100, 1000
-    with Mount(src, mp, mode) as m:
+    with Mount(src, mp, mode=mode) as m:
         t0 = time.monotonic()
         assert _make_tree(mp, ndirs, per_dir) == ndirs * per_dir
         t1 = time.monotonic()
@@ -237,7 +230,7 @@ def test_stress_full_backing_fs_churn(work, mode):
     mp.mkdir()
     _tmpfs(src, "size=8m,nr_inodes=600,mode=0755")
     try:
-        with Mount(src, mp, mode) as m:
+        with Mount(src, mp, mode=mode) as m:
             procs = [
                 subprocess.Popen(
                     [sys.executable, "-c", _CHURN_FULL, str(mp), str(SECONDS), str(i)],
@@ -278,7 +271,7 @@ def test_stress_rename_races(work, mode, opts, nofile, side):
     from test_hostile import _MOVER, _WALKER, _race_tree
 
     src, mp = make_pair(work)
-    with Mount(src, mp, mode, opts=opts, nofile=nofile) as m:
+    with Mount(src, mp, mode=mode, opts=opts, nofile=nofile) as m:
         _race_tree(mp)
         base = mp if side == "view" else src
         walkers = [

@@ -7,11 +7,15 @@ process/mount leak checks.
 
 from __future__ import annotations
 
+import errno
 import os
+import pty
+import select
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from collections.abc import Iterator
 
@@ -54,6 +58,37 @@ def users_fixture(with_range: int, without_range: int):
             yield us
 
     return users
+
+
+def pty_run(argv: list[str], cwd: str, *, when: bytes, send: bytes, timeout: float = 30) -> tuple[str, int]:
+    """Run ``argv`` on a new pseudo-terminal (the one pty driver); once its output holds
+    ``when``, type ``send`` (``b"\\x03"``: ^C). Returns what it printed and its exit code."""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(cwd)
+        os.execv(argv[0], argv)
+    buf = b""
+    deadline = time.monotonic() + timeout
+    sent = False
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            try:
+                chunk = os.read(fd, 1024)
+            except OSError as e:
+                if e.errno == errno.EIO:  # the terminal's other side is closed: it exited
+                    break
+                raise
+            if not chunk:
+                break
+            buf += chunk
+        if not sent and when in buf:
+            time.sleep(0.2)
+            os.write(fd, send)
+            sent = True
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    return buf.decode(errors="replace"), os.waitstatus_to_exitcode(status)
 
 
 def workdir() -> str:

@@ -22,11 +22,8 @@ from ns_util import (
     ROOT_USER,
     User,
     make_host_root,
-    remove_tree,
     run_argv,
-    throwaway_users,
     users_fixture,
-    workdir,
 )
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates test users: run as root")

@@ -27,7 +27,7 @@ import tarfile
 import pytest
 from asuser import py_as, run_as
 from fsutil import SHIFTFS, mount_shiftfs, wait_for
-from ns_util import HOST_USR, make_host_root, remove_tree, run_argv, throwaway_users, users_fixture, workdir
+from ns_util import HOST_USR, make_host_root, remove_tree, run_argv, users_fixture
 from records import RECORD
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates test users: run as root")

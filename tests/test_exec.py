@@ -10,10 +10,8 @@ generated tree unpacked with ``tar --same-owner`` stands in.
 
 from __future__ import annotations
 
-import errno
 import io
 import os
-import pty
 import select
 import shlex
 import shutil
@@ -35,12 +33,12 @@ from ns_util import (
     mirror_reachable,
     mounts_mentioning,
     processes_mentioning,
+    pty_run,
     remove_tree,
-    throwaway_users,
     users_fixture,
     workdir,
 )
-from records import RECORD
+from records import record
 
 from bench import artifacts
 from shiftfs.container import exec as execcmd
@@ -88,12 +86,6 @@ def shiftfs_exec(
     if check and res.returncode != 0:
         raise AssertionError(f"exit {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr}")
     return res
-
-
-def record(path: str) -> str:
-    return subprocess.run(
-        ["getfattr", "--only-values", "-n", RECORD, path], capture_output=True, text=True
-    ).stdout.strip()
 
 
 def assert_clean(marker: str) -> None:
@@ -201,8 +193,8 @@ def test_shift_over_itself(who, wd):
     ]
     # On the host: everything is the caller's, the records hold the view.
     assert host_owners(r) == {(who.uid, who.gid)}
-    assert record(f"{r}/file") == "1000:1000:100644"
-    assert record(f"{r}/suid") == "0:0:104755"
+    assert record(f"{r}/file") == b"1000:1000:100644"
+    assert record(f"{r}/suid") == b"0:0:104755"
     assert not os.stat(f"{r}/suid").st_mode & 0o4000
     assert_clean(r)
     # A second command sees the same view, also from a cwd inside it.
@@ -240,8 +232,8 @@ def test_dst_elsewhere_and_nested(user, wd):
     ).stdout.splitlines()
     # src itself is the host directory: the caller's files are view id 0.
     assert out == ["dst/f 1000:1000", "src/f 0:0", "dst/sub/g 2000:2000", "inner/g 0:0"]
-    assert record(f"{src}/f") == "1000:1000:100644"
-    assert record(f"{inner}/g") == "2000:2000:100644"
+    assert record(f"{src}/f") == b"1000:1000:100644"
+    assert record(f"{inner}/g") == b"2000:2000:100644"
     assert not os.path.exists(f"{dst}/f")
     assert host_owners(wd) == {(user.uid, user.gid)}
     assert_clean(src)
@@ -262,7 +254,7 @@ def test_nested_user_namespaces_use_the_views(user, wd):
     """
     out = shiftfs_exec(user, "--shift", "r", "--", "sh", "-c", script, cwd=wd).stdout.split()
     assert out == ["0", "0", "1", "data", "42", "0:0"]
-    assert record(f"{r}/f") == "42:42:100600"
+    assert record(f"{r}/f") == b"42:42:100600"
     assert host_owners(r) == {(user.uid, user.gid)}
 
 
@@ -364,7 +356,7 @@ def test_sigterm_reaches_command(user, wd):
     out, err = p.communicate(timeout=30)
     assert p.returncode == 42, err
     assert "got-term" in out
-    assert record(f"{r}/f") == "5:5:100644"  # written out before exec returned
+    assert record(f"{r}/f") == b"5:5:100644"  # written out before exec returned
     assert_clean(r)
 
 
@@ -376,35 +368,10 @@ def test_ctrl_c_on_a_terminal(wd):
         "n=0; trap 'n=$((n+1)); echo \"int $n\"' INT; tty; echo ready; "
         'sleep 1 & wait; sleep 0.5; echo "total $n"; exit 3'
     )
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.chdir(wd)
-        os.execv(exec_argv()[0], [*exec_argv(), "--shift", r, "--", "sh", "-c", script])
-    buf = b""
-    deadline = time.monotonic() + 30
-    sent = False
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.1)
-        if ready:
-            try:
-                chunk = os.read(fd, 1024)
-            except OSError as e:
-                if e.errno == errno.EIO:
-                    break
-                raise
-            if not chunk:
-                break
-            buf += chunk
-        if not sent and b"ready" in buf:
-            time.sleep(0.2)
-            os.write(fd, b"\x03")
-            sent = True
-    _, status = os.waitpid(pid, 0)
-    os.close(fd)
-    text = buf.decode(errors="replace")
+    text, code = pty_run([*exec_argv(), "--shift", r, "--", "sh", "-c", script], wd, when=b"ready", send=b"\x03")
     assert "total 1" in text, text
     assert "/dev/pts/" in text  # the caller's terminal, as it is
-    assert os.waitstatus_to_exitcode(status) == 3
+    assert code == 3
     assert_clean(r)
 
 
@@ -420,7 +387,7 @@ def test_sigkill_of_exec_leaves_nothing(user, wd):
     p.communicate(timeout=30)
     assert_clean(marker)
     assert_clean(r)  # the daemon (its command line names SRC) is gone too
-    assert record(f"{r}/f") == "3:3:100644"
+    assert record(f"{r}/f") == b"3:3:100644"
     assert host_owners(r) == {(user.uid, user.gid)}
 
 

@@ -18,11 +18,8 @@ from ns_util import (
     ROOT_USER,
     User,
     make_host_root,
-    remove_tree,
     run_argv,
-    throwaway_users,
     users_fixture,
-    workdir,
 )
 
 from shiftfs.container import launcher, preflight

@@ -3,9 +3,7 @@ unprivileged user with (and without) a subordinate id range."""
 
 from __future__ import annotations
 
-import errno
 import os
-import pty
 import select
 import signal
 import stat
@@ -24,11 +22,10 @@ from ns_util import (
     make_host_root,
     mounts_mentioning,
     processes_mentioning,
+    pty_run,
     remove_tree,
     run_argv,
-    throwaway_users,
     users_fixture,
-    workdir,
 )
 from records import RECORD
 
@@ -324,35 +321,10 @@ def test_ctrl_c_on_a_terminal(wd):
         "n=0; trap 'n=$((n+1)); echo \"int $n\"' INT; tty; echo ready; "
         'sleep 1 & wait; sleep 0.5; echo "total $n"; exit 3'
     )
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.chdir(wd)
-        os.execv(run_argv()[0], [*run_argv(), *HOST_USR, root, "--", "sh", "-c", script])
-    buf = b""
-    deadline = time.monotonic() + 30
-    sent = False
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([fd], [], [], 0.1)
-        if r:
-            try:
-                chunk = os.read(fd, 1024)
-            except OSError as e:
-                if e.errno == errno.EIO:
-                    break
-                raise
-            if not chunk:
-                break
-            buf += chunk
-        if not sent and b"ready" in buf:
-            time.sleep(0.2)
-            os.write(fd, b"\x03")
-            sent = True
-    _, status = os.waitpid(pid, 0)
-    os.close(fd)
-    text = buf.decode(errors="replace")
+    text, code = pty_run([*run_argv(), *HOST_USR, root, "--", "sh", "-c", script], wd, when=b"ready", send=b"\x03")
     assert "total 1" in text, text
     assert "/dev/console" in text  # the terminal is found inside (ttyname)
-    assert os.waitstatus_to_exitcode(status) == 3
+    assert code == 3
     assert_clean(root)
 
 

@@ -31,9 +31,9 @@ import tarfile
 import time
 
 import pytest
-from asuser import USER_ENV, py_as, run_as
+from asuser import py_as, run_as
 from fsutil import SHIFTFS, mount_shiftfs
-from ns_util import HOST_USR, make_host_root, remove_tree, throwaway_users, users_fixture, workdir
+from ns_util import HOST_USR, make_host_root, remove_tree, users_fixture
 from records import RECORD
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates test users: run as root")

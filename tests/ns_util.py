@@ -91,6 +91,58 @@ def pty_run(argv: list[str], cwd: str, *, when: bytes, send: bytes, timeout: flo
     return buf.decode(errors="replace"), os.waitstatus_to_exitcode(status)
 
 
+def wait_for_line(stream, text: str, timeout: float) -> None:
+    """Read lines of ``stream`` until one holds ``text``; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([stream], [], [], 0.1)
+        if r and text in stream.readline():
+            return
+    raise AssertionError(f"no {text!r} within {timeout}s")
+
+
+def command_pid(p: subprocess.Popen, owner: User, what: str) -> int:
+    """The pid of the command ``p`` started: ``p`` itself for root, its child under runuser for a test user."""
+    if owner.is_root:
+        return p.pid
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        ppid = int(f.read().rpartition(")")[2].split()[1])
+                except OSError:
+                    continue
+                if ppid == p.pid:
+                    return int(pid)
+        time.sleep(0.05)
+    raise AssertionError(f"{what} is not running under runuser")
+
+
+def stop(p: subprocess.Popen, grace: float = 10) -> None:
+    """End a ``shiftfs run`` started with Popen, if it still runs: SIGTERM (runuser and shiftfs run
+    pass it on to the command), then SIGKILL after ``grace`` s."""
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(grace)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+#: ``shiftfs run`` and ``exec`` end with the command's exit status (128+N for signal N, 127 not
+#: found, 126 not executable).
+EXIT_CASES = [
+    (["true"], 0),
+    (["sh", "-c", "exit 7"], 7),
+    (["sh", "-c", "kill -9 $$"], 137),
+    (["no-such-command"], 127),
+    (["/etc"], 126),
+]
+
+
 def workdir() -> str:
     """A fresh directory every test user can enter (pytest's tmp_path is
     private to root)."""

@@ -25,10 +25,12 @@ import pytest
 import readme_util
 from ns_util import (
     CACHE,
+    EXIT_CASES,
     MIRROR,
     REPO,
     ROOT_USER,
     User,
+    command_pid,
     host_owners,
     mirror_reachable,
     mounts_mentioning,
@@ -36,6 +38,7 @@ from ns_util import (
     pty_run,
     remove_tree,
     users_fixture,
+    wait_for_line,
     workdir,
 )
 from records import record
@@ -284,16 +287,7 @@ def test_host_filesystem_as_it_is(user, wd):
 # --- exit status, signals, teardown ------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "cmd,code",
-    [
-        (["true"], 0),
-        (["sh", "-c", "exit 7"], 7),
-        (["sh", "-c", "kill -9 $$"], 137),
-        (["no-such-command"], 127),
-        (["/etc"], 126),
-    ],
-)
+@pytest.mark.parametrize("cmd,code", EXIT_CASES)
 def test_exit_status(wd, cmd, code):
     r = owned_dir(os.path.join(wd, "r"), ROOT_USER)
     res = shiftfs_exec(ROOT_USER, "--shift", r, "--", *cmd, cwd=wd, check=False)
@@ -310,34 +304,6 @@ def _start(owner: User, cwd: str, *args: str) -> subprocess.Popen:
     )
 
 
-def _exec_pid(p: subprocess.Popen, owner: User) -> int:
-    """The pid of ``shiftfs exec`` itself (under runuser for a test user)."""
-    if owner.is_root:
-        return p.pid
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        for pid in os.listdir("/proc"):
-            if pid.isdigit():
-                try:
-                    with open(f"/proc/{pid}/stat") as f:
-                        ppid = int(f.read().rpartition(")")[2].split()[1])
-                except OSError:
-                    continue
-                if ppid == p.pid:
-                    return int(pid)
-        time.sleep(0.05)
-    raise AssertionError("shiftfs exec is not running under runuser")
-
-
-def _wait_for_line(stream, text: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([stream], [], [], 0.1)
-        if r and text in stream.readline():
-            return
-    raise AssertionError(f"no {text!r} within {timeout}s")
-
-
 def test_sigterm_reaches_command(user, wd):
     owned_dir(wd, user)
     r = owned_dir(os.path.join(wd, "r"), user)
@@ -351,8 +317,8 @@ def test_sigterm_reaches_command(user, wd):
         "-c",
         'trap "chown 5:5 r/f; echo got-term; exit 42" TERM; touch r/f; echo ready; while :; do sleep 0.05; done',
     )
-    _wait_for_line(p.stdout, "ready")
-    os.kill(_exec_pid(p, user), signal.SIGTERM)
+    wait_for_line(p.stdout, "ready", 30)
+    os.kill(command_pid(p, user, "shiftfs exec"), signal.SIGTERM)
     out, err = p.communicate(timeout=30)
     assert p.returncode == 42, err
     assert "got-term" in out
@@ -382,8 +348,8 @@ def test_sigkill_of_exec_leaves_nothing(user, wd):
     p = _start(
         user, wd, "--shift", "r", "--", "sh", "-c", f"touch r/f; chown 3:3 r/f; echo ready; sleep 60; : {marker}"
     )
-    _wait_for_line(p.stdout, "ready")
-    os.kill(_exec_pid(p, user), signal.SIGKILL)
+    wait_for_line(p.stdout, "ready", 30)
+    os.kill(command_pid(p, user, "shiftfs exec"), signal.SIGKILL)
     p.communicate(timeout=30)
     assert_clean(marker)
     assert_clean(r)  # the daemon (its command line names SRC) is gone too

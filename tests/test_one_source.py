@@ -19,6 +19,7 @@ from ns_util import (
     User,
     make_host_root,
     run_argv,
+    stop,
     users_fixture,
 )
 
@@ -223,13 +224,7 @@ def test_second_run_joins_the_first(who, wd):
         # On the host, the file is the user's; the record has the view owner.
         assert os.lstat(os.path.join(root, "made")).st_uid == who.uid
     finally:
-        if first.poll() is None:
-            first.terminate()  # runuser and shiftfs run pass it on to the command
-            try:
-                first.wait(10)
-            except subprocess.TimeoutExpired:
-                first.kill()
-                first.wait()
+        stop(first)
 
 
 def test_run_new_and_exec_refused_while_a_run_lives(who, wd):
@@ -268,13 +263,7 @@ def test_run_new_and_exec_refused_while_a_run_lives(who, wd):
         r = subprocess.run([*_run_argv(who, root), "true"], capture_output=True, text=True, cwd=wd, timeout=60)
         assert r.returncode == 0, r.stderr
     finally:
-        if first.poll() is None:
-            first.terminate()  # runuser and shiftfs run pass it on to the command
-            try:
-                first.wait(10)
-            except subprocess.TimeoutExpired:
-                first.kill()
-                first.wait()
+        stop(first)
 
 
 #: Each command waits until all three are in, so that the container (whose

@@ -13,11 +13,13 @@ import time
 
 import pytest
 from ns_util import (
+    EXIT_CASES,
     HOST_USR,
     REPO,
     ROOT_USER,
     User,
     chown_tree,
+    command_pid,
     host_owners,
     make_host_root,
     mounts_mentioning,
@@ -26,6 +28,7 @@ from ns_util import (
     remove_tree,
     run_argv,
     users_fixture,
+    wait_for_line,
 )
 from records import RECORD
 
@@ -239,16 +242,7 @@ def test_bind_follows_symlinks_inside_root(wd):
 # --- exit status and signals ---------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "cmd,code",
-    [
-        (["true"], 0),
-        (["sh", "-c", "exit 7"], 7),
-        (["sh", "-c", "kill -9 $$"], 137),
-        (["no-such-command"], 127),
-        (["/etc"], 126),
-    ],
-)
+@pytest.mark.parametrize("cmd,code", EXIT_CASES)
 def test_exit_status(wd, cmd, code):
     root = make_root(wd, ROOT_USER)
     res = shiftfs_run(ROOT_USER, root, *cmd, check=False)
@@ -267,36 +261,11 @@ def _start(owner: User, root: str, *cmd: str, opts=()) -> subprocess.Popen:
     )
 
 
-def _run_pid(p: subprocess.Popen, owner: User) -> int:
-    """The pid of ``shiftfs run`` itself (under runuser for a test user)."""
-    if owner.is_root:
-        return p.pid
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    ppid = int(f.read().rpartition(")")[2].split()[1])
-            except OSError:
-                continue
-            if ppid == p.pid:
-                return int(pid)
-    raise AssertionError("shiftfs run is not running under runuser")
-
-
-def _wait_for_line(stream, text: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([stream], [], [], 0.1)
-        if r and text in stream.readline():
-            return
-    raise AssertionError(f"no {text!r} within {timeout}s")
-
-
 def test_sigterm_reaches_command(who, wd):
     root = make_root(wd, who)
     p = _start(who, root, "sh", "-c", 'trap "echo got-term; exit 42" TERM; echo ready; while :; do sleep 0.05; done')
-    _wait_for_line(p.stdout, "ready")
-    os.kill(_run_pid(p, who), signal.SIGTERM)
+    wait_for_line(p.stdout, "ready", 20)
+    os.kill(command_pid(p, who, "shiftfs run"), signal.SIGTERM)
     out, err = p.communicate(timeout=20)
     assert p.returncode == 42, err
     assert "got-term" in out
@@ -306,7 +275,7 @@ def test_sigterm_reaches_command(who, wd):
 def test_sigint_kills_command(wd):
     root = make_root(wd, ROOT_USER)
     p = _start(ROOT_USER, root, "sh", "-c", "echo ready; exec sleep 60")
-    _wait_for_line(p.stdout, "ready")
+    wait_for_line(p.stdout, "ready", 20)
     os.kill(p.pid, signal.SIGINT)
     p.communicate(timeout=20)
     assert p.returncode == 130
@@ -332,8 +301,8 @@ def test_sigkill_of_run_leaves_nothing(who, wd):
     root = make_root(wd, who)
     marker = "shiftfs-kill-marker"
     p = _start(who, root, "sh", "-c", f"echo ready; sleep 60; : {marker}")
-    _wait_for_line(p.stdout, "ready")
-    os.kill(_run_pid(p, who), signal.SIGKILL)  # `shiftfs run` itself, not runuser
+    wait_for_line(p.stdout, "ready", 20)
+    os.kill(command_pid(p, who, "shiftfs run"), signal.SIGKILL)  # `shiftfs run` itself, not runuser
     p.communicate(timeout=20)
     assert_clean(marker)
     assert_clean(root)

@@ -77,7 +77,9 @@ def export(user: User, wd: str) -> dict[str, tarfile.TarInfo]:
 
 
 # Runs inside the namespace as namespace root: every trapped call as a raw system call.
-CALLS = r"""
+#: The start of a script run as namespace root: ``call(tag, name, *args)`` makes the raw system
+#: call ``name`` and records 0 or its errno in ``res[tag]``; umask 0, in the directory argv[1].
+SYSCALLS = r"""
 import ctypes, json, os, stat, sys
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
@@ -90,6 +92,11 @@ def call(tag, name, *args):
     res[tag] = 0 if rc == 0 else ctypes.get_errno()
 os.umask(0)
 os.chdir(sys.argv[1])
+"""
+
+CALLS = (
+    SYSCALLS
+    + r"""
 for n in "a b c d e f g h i s".split():
     open("r/" + n, "w").close()
 os.mkdir("r/sub")
@@ -151,6 +158,7 @@ st = os.stat("r/null")
 res["inside-dev"] = [stat.S_ISCHR(st.st_mode), os.major(st.st_rdev), os.minor(st.st_rdev)]
 print(json.dumps(res))
 """
+)
 
 WANT = {
     # name: (type, mode, uid, gid, (major, minor) or None)
@@ -426,19 +434,9 @@ def test_mmdebstrap_matches_a_real_root_build(user, debian_tar, tmp_path):
 
 # O_PATH descriptors as dirfd and as the AT_EMPTY_PATH target: systemd-tmpfiles
 # chowns what it made through them, e.g. fchownat(fd, "", -1, 999, AT_EMPTY_PATH).
-O_PATH_CALLS = r"""
-import ctypes, json, os, stat, sys
-libc = ctypes.CDLL(None, use_errno=True)
-libc.syscall.restype = ctypes.c_long
-NR = dict(fchown=93, fchownat=260, mknodat=259)
-EMPTY, NOFOLLOW = 0x1000, 0x100
-res = {}
-def call(tag, name, *args):
-    cargs = [ctypes.c_char_p(a) if isinstance(a, bytes) else ctypes.c_long(a) for a in args]
-    rc = libc.syscall(NR[name], *cargs)
-    res[tag] = 0 if rc == 0 else ctypes.get_errno()
-os.umask(0)
-os.chdir(sys.argv[1])
+O_PATH_CALLS = (
+    SYSCALLS
+    + r"""
 for n in "a b".split():
     open("r/" + n, "w").close()
 os.mkdir("r/journal")
@@ -472,6 +470,7 @@ call("outside-dirfd", "fchownat", x, b"x", 42, 42, 0)
 call("outside-mknodat", "mknodat", x, b"null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
 print(json.dumps(res))
 """
+)
 
 
 def test_o_path_descriptors(user, wd):

@@ -192,7 +192,8 @@ def test_chown_outside_table_is_eoverflow(tm):
     assert lst(tm.backing("f")) == (BASE + OVERFLOW, BASE + OVERFLOW)
 
 
-CREATE_ALL = """
+#: A py_as body's start: ``tryit(name, fn)`` records 0 or the errno of each attempt in ``out``.
+TRYIT = """
 import os, stat
 d = {d!r}
 out = {{}}
@@ -202,6 +203,11 @@ def tryit(name, fn):
         out[name] = 0
     except OSError as e:
         out[name] = e.errno
+"""
+
+CREATE_ALL = (
+    TRYIT
+    + """
 tryit("file", lambda: os.close(os.open(d + "/file", os.O_CREAT | os.O_WRONLY, 0o644)))
 tryit("excl", lambda: os.close(os.open(d + "/excl", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)))
 tryit("dir", lambda: os.mkdir(d + "/dir"))
@@ -210,6 +216,7 @@ tryit("fifo", lambda: os.mkfifo(d + "/fifo"))
 tryit("sock", lambda: os.mknod(d + "/sock", stat.S_IFSOCK | 0o600))
 return out
 """
+)
 
 
 def test_create_as_unmapped_user_is_eoverflow(tm):
@@ -582,16 +589,9 @@ def test_observer_never_sees_wrong_owner_stress(scratch, shiftfs_mount, mode, ba
     assert len(os.listdir(d)) == 5 * N_OBSERVED
 
 
-PERMS = """
-import os
-d = {d!r}
-out = {{}}
-def tryit(name, fn):
-    try:
-        fn()
-        out[name] = 0
-    except OSError as e:
-        out[name] = e.errno
+PERMS = (
+    TRYIT
+    + """
 tryit("read_private", lambda: open(d + "/private").read())
 tryit("write_readonly", lambda: open(d + "/readonly", "a").write("x"))
 tryit("unlink_others_in_sticky", lambda: os.unlink(d + "/sticky/theirs"))
@@ -605,6 +605,7 @@ tryit("truncate_readonly", lambda: os.truncate(d + "/readonly", 0))
 tryit("setxattr_others", lambda: os.setxattr(d + "/readonly", "user.x", b"1"))
 return out
 """
+)
 
 
 def test_permissions_enforced_for_view_users(tm):

@@ -205,6 +205,17 @@ _SHARED_OK = {
 }
 
 
+#: What a worker does in its private directory (repeats weight the draw).
+_PRIVATE_OPS = (
+    "create create write write truncate rename link unlink mkdir rmdir symlink chmod chown chown "
+    "setxattr removexattr mkfifo check check"
+).split()
+#: What workers do in the shared area, racing each other.
+_SHARED_OPS = (
+    "create write truncate rename rename link unlink mkdir rmdir symlink chmod chown setxattr listdir stat read mkfifo"
+).split()
+
+
 class _Ino:
     __slots__ = ("type", "data", "mode", "uid", "gid", "xattrs", "target")
 
@@ -284,29 +295,7 @@ class _Worker:
         m = self.model
         name = self._pname()
         cur = m.get(name)
-        op = rng.choice(
-            [
-                "create",
-                "create",
-                "write",
-                "write",
-                "truncate",
-                "rename",
-                "link",
-                "unlink",
-                "mkdir",
-                "rmdir",
-                "symlink",
-                "chmod",
-                "chown",
-                "chown",
-                "setxattr",
-                "removexattr",
-                "mkfifo",
-                "check",
-                "check",
-            ]
-        )
+        op = rng.choice(_PRIVATE_OPS)
         self.counts[op] = self.counts.get(op, 0) + 1
         path = self._p(name)
         if op == "create":
@@ -494,27 +483,7 @@ class _Worker:
     def shared_op(self) -> None:
         rng = self.rng
         p = self._spath()
-        op = rng.choice(
-            [
-                "create",
-                "write",
-                "truncate",
-                "rename",
-                "rename",
-                "link",
-                "unlink",
-                "mkdir",
-                "rmdir",
-                "symlink",
-                "chmod",
-                "chown",
-                "setxattr",
-                "listdir",
-                "stat",
-                "read",
-                "mkfifo",
-            ]
-        )
+        op = rng.choice(_SHARED_OPS)
         self.counts["s-" + op] = self.counts.get("s-" + op, 0) + 1
         if rng.random() < 0.03:  # renames may have moved a shared dir away
             for d in self._DIRS:

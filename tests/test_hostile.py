@@ -318,28 +318,37 @@ def test_rename_races_between_directories(work, mode, opts, nofile, side):
     """Directories moved between parents (through the mount, or behind it with cache=never)
     while two processes walk the tree and climb out with '..': no escape, no unexpected errno,
     a consistent tree afterwards."""
+    rename_race(work, mode, opts, nofile, side, seconds=5, walkers=2)
+
+
+def rename_race(work, mode, opts, nofile, side: str, seconds: float, walkers: int, timeout: float = 120) -> None:
+    """Directories moved between parents through the mount (``side="view"``) or behind it, while
+    ``walkers`` processes walk the tree and climb out with '..', for ``seconds``: no escape, no
+    unexpected errno, a consistent tree and a clean log afterwards."""
     outside = _outside(work)
     before = _tree_state(outside)
     src, mp = make_pair(work)
     with Mount(src, mp, mode=mode, opts=opts, nofile=nofile) as m:
         _race_tree(mp)
-        seconds = 5
         base = mp if side == "view" else src
-        walkers = [
+        procs = [
             subprocess.Popen(
                 [sys.executable, "-c", _WALKER, str(mp), str(seconds)],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            for _ in range(2)
+            for _ in range(walkers)
         ]
         mover = subprocess.run(
-            [sys.executable, "-c", _MOVER, str(base), str(seconds)], capture_output=True, text=True, timeout=120
+            [sys.executable, "-c", _MOVER, str(base), str(seconds)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         assert mover.returncode == 0, mover.stderr
-        for w in walkers:
-            out, err = w.communicate(timeout=120)
+        for w in procs:
+            out, err = w.communicate(timeout=timeout)
             if side == "backing":
                 # behind the mount's back a walk may meet a name that moved away: ESTALE is
                 # allowed there, nothing else

@@ -154,6 +154,14 @@ def test_stress_ng_filesystem(work, mode):
         _assert_clean(m)
 
 
+def fio_verify(mp, engine: str, rw: str, size: str, jobs: int, timeout: float) -> subprocess.CompletedProcess:
+    """fio writing ``jobs`` files of ``size`` in ``mp`` with crc32c checksums, verified as it goes."""
+    argv = ["fio", "--name=v", f"--directory={mp}", f"--size={size}", "--bs=4k", f"--rw={rw}"]
+    argv += [f"--ioengine={engine}", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1"]
+    argv += [f"--numjobs={jobs}", "--fsync_on_close=1"]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("engine", ["psync", "mmap"])
@@ -162,25 +170,7 @@ def test_fio_verify(work, mode, engine):
     need("fio")
     src, mp = make_pair(work)
     with Mount(src, mp, mode=mode) as m:
-        r = subprocess.run(
-            [
-                "fio",
-                "--name=v",
-                f"--directory={mp}",
-                "--size=4m",
-                "--bs=4k",
-                "--rw=randwrite",
-                f"--ioengine={engine}",
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_fatal=1",
-                "--numjobs=2",
-                "--fsync_on_close=1",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=150,
-        )
+        r = fio_verify(mp, engine, "randwrite", size="4m", jobs=2, timeout=150)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
         assert "err= 0" in r.stdout and "verify" not in r.stderr.lower(), r.stdout[-3000:] + r.stderr
         check_consistent(m)

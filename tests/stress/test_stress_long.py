@@ -21,6 +21,7 @@ from test_reliability import (
     _make_tree,
     _tmpfs,
     _umount_tmpfs,
+    fio_verify,
     kill9_during_untar,
     list_while_changing,
     run_fsstress,
@@ -102,25 +103,7 @@ def test_stress_fio_verify(work, mode, engine, rw):
     need("fio")
     src, mp = make_pair(work)
     with Mount(src, mp, mode=mode) as m:
-        r = subprocess.run(
-            [
-                "fio",
-                "--name=v",
-                f"--directory={mp}",
-                "--size=128m",
-                "--bs=4k",
-                f"--rw={rw}",
-                f"--ioengine={engine}",
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_fatal=1",
-                "--numjobs=4",
-                "--fsync_on_close=1",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=1800,
-        )
+        r = fio_verify(mp, engine, rw, size="128m", jobs=4, timeout=1800)
         assert r.returncode == 0 and "err= 0" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
         _assert_clean(m)
 
@@ -268,32 +251,6 @@ def test_stress_full_backing_fs_churn(work, mode):
     ],
 )
 def test_stress_rename_races(work, mode, opts, nofile, side):
-    from test_hostile import _MOVER, _WALKER, _race_tree
+    from test_hostile import rename_race
 
-    src, mp = make_pair(work)
-    with Mount(src, mp, mode=mode, opts=opts, nofile=nofile) as m:
-        _race_tree(mp)
-        base = mp if side == "view" else src
-        walkers = [
-            subprocess.Popen(
-                [sys.executable, "-c", _WALKER, str(mp), str(SECONDS)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for _ in range(3)
-        ]
-        mover = subprocess.run(
-            [sys.executable, "-c", _MOVER, str(base), str(SECONDS)],
-            capture_output=True,
-            text=True,
-            timeout=SECONDS + 300,
-        )
-        assert mover.returncode == 0, mover.stderr
-        for w in walkers:
-            out, err = w.communicate(timeout=SECONDS + 300)
-            if side == "backing":
-                err = "\n".join(ln for ln in err.splitlines() if "Stale file handle" not in ln)
-            assert w.returncode == 0 or not err.strip(), err
-        check_consistent(m)
-        _assert_clean(m)
+    rename_race(work, mode, opts, nofile, side, seconds=SECONDS, walkers=3, timeout=SECONDS + 300)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 #: Environment for commands run as other users (no HOME of root, sane PATH).
 USER_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": "/"}
@@ -97,6 +98,13 @@ def py_as(
     if r.returncode != 0 or not r.stdout.strip():
         raise AssertionError(f"python as {uid}:{gid} failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def start_py(code: str, *args) -> subprocess.Popen:
+    """Our Python running ``code`` with ``args`` in the background, as we are; output piped, as text."""
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def sh(cmd: str, check=True, cwd=None, timeout=300) -> subprocess.CompletedProcess:

@@ -20,6 +20,7 @@ import threading
 import time
 
 import pytest
+from asuser import start_py
 from fsutil import MAP, have, is_mounted, make_scratch, mount_shiftfs, remove_scratch
 from sysx import RENAME_EXCHANGE, RENAME_NOREPLACE, UTIME_NOW, UTIME_OMIT, errno_of, renameat2, utimensat
 
@@ -1145,15 +1146,7 @@ print(bad)
 def test_stress_concurrent_namespace_ops(fs):
     """Four processes create, link, rename and remove the same few names at once."""
     n = 5000 if STRESS else 1000
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, fs.path(), str(seed), str(n)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for seed in range(4)
-    ]
+    procs = [start_py(WORKER, fs.path(), str(seed), str(n)) for seed in range(4)]
     try:
         outs = [p.communicate(timeout=240) for p in procs]
     finally:

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from asuser import py_as, run_as
+from asuser import py_as, run_as, start_py
 from fsutil import Mount
 from records import LEGACY, RECORD, record, side_table_rows
 from rel_util import TMP_PREFIX, check_consistent, make_pair, work
@@ -331,15 +331,7 @@ def rename_race(work, mode, opts, nofile, side: str, seconds: float, walkers: in
     with Mount(src, mp, mode=mode, opts=opts, nofile=nofile) as m:
         _race_tree(mp)
         base = mp if side == "view" else src
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-c", _WALKER, str(mp), str(seconds)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for _ in range(walkers)
-        ]
+        procs = [start_py(_WALKER, str(mp), str(seconds)) for _ in range(walkers)]
         mover = subprocess.run(
             [sys.executable, "-c", _MOVER, str(base), str(seconds)],
             capture_output=True,

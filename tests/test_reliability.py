@@ -29,7 +29,7 @@ from pathlib import Path
 
 import fsutil
 import pytest
-from asuser import run_as
+from asuser import run_as, start_py
 from fsutil import SHIFTFS, Mount, is_mounted, mountinfo, need, shiftfs_pids, wait_until
 from records import RECORD
 from rel_util import (
@@ -312,12 +312,7 @@ def list_while_changing(work: Path, mode: str, n: int, seconds: float, nofile=No
     for i in range(n):  # made on the backing side: faster, and the listing is what is tested
         os.close(os.open(big / f"e{i:06d}", os.O_CREAT | os.O_WRONLY, 0o644))
     with Mount(src, mp, mode=mode, nofile=nofile) as m:
-        churn = subprocess.Popen(
-            [sys.executable, "-c", _CHURN, str(mp), str(seconds)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        churn = start_py(_CHURN, str(mp), str(seconds))
         lister = subprocess.run(
             [sys.executable, "-c", _LIST_WHILE_CHANGING, str(mp), str(n), str(seconds)],
             capture_output=True,
@@ -404,12 +399,7 @@ def kill9_during_untar(work: Path, mode: str, recover: str, nfiles: int, name="t
     m = Mount(src, mp, mode=mode).mount()
     (mp / "untar").mkdir()
     synced_log = work / f"{name}-synced.txt"
-    writer = subprocess.Popen(
-        [sys.executable, "-c", _SYNCED_WRITER, str(mp), str(synced_log)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    writer = start_py(_SYNCED_WRITER, str(mp), str(synced_log))
     tar = subprocess.Popen(
         ["tar", "-xf", str(archive), "-C", str(mp / "untar")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -869,12 +859,7 @@ def test_removed_inodes_closed_off_the_loop(work, mode):
 
         fds_before = len(os.listdir(f"/proc/{m.pid}/fd"))
         rounds = 1500
-        churn = subprocess.Popen(
-            [sys.executable, "-c", _CHURN_HOLD, str(mp), str(rounds)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        churn = start_py(_CHURN_HOLD, str(mp), str(rounds))
         lookups = subprocess.run(
             [sys.executable, "-c", _LOOKUPS, str(mp), "60"], capture_output=True, text=True, timeout=200
         )

@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+from asuser import start_py
 from fsutil import Mount, need
 from rel_util import check_consistent, expected_view, make_pair, view_tree, work
 from test_reliability import (
@@ -214,15 +215,7 @@ def test_stress_full_backing_fs_churn(work, mode):
     _tmpfs(src, "size=8m,nr_inodes=600,mode=0755")
     try:
         with Mount(src, mp, mode=mode) as m:
-            procs = [
-                subprocess.Popen(
-                    [sys.executable, "-c", _CHURN_FULL, str(mp), str(SECONDS), str(i)],
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-                for i in range(4)
-            ]
+            procs = [start_py(_CHURN_FULL, str(mp), str(SECONDS), str(i)) for i in range(4)]
             for p in procs:
                 out, err = p.communicate(timeout=SECONDS + 300)
                 assert p.returncode == 0, err

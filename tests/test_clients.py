@@ -418,6 +418,19 @@ echo "FAILS $fails"
 """
 
 
+def in_private_mount_ns(script: str, scratch, timeout: float, **env: str) -> subprocess.CompletedProcess:
+    """``sh -ec SCRIPT`` in a mount namespace of its own (WD=scratch, SHIFTFS set); it must exit 0."""
+    r = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-ec", script],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(USER_ENV, WD=str(scratch), SHIFTFS=SHIFTFS, **env),
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
 @pytest.mark.root
 @pytest.mark.timeout(900)  # 10 mounts and umounts: each mount takes ~2 s on a loaded 2-core machine
 @pytest.mark.skipif(not have("unshare"), reason="needs unshare (util-linux)")
@@ -425,15 +438,7 @@ def test_umount_then_mount_at_once(scratch):
     """umount(8) returns when the kernel detached the mount, before the daemon has exited
     and dropped its SOURCE lock: a mount right after it waits for that instead of refusing
     "already served"; ``shiftfs umount`` itself returns only once the daemon is gone."""
-    env = dict(USER_ENV, WD=str(scratch), SHIFTFS=SHIFTFS, ROUNDS="5")
-    r = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-ec", _REMOUNT_LOOP],
-        capture_output=True,
-        text=True,
-        timeout=800,
-        env=env,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = in_private_mount_ns(_REMOUNT_LOOP, scratch, 800, ROUNDS="5")
     assert "FAILS 0" in r.stdout, r.stdout + r.stderr
 
 
@@ -460,15 +465,7 @@ def test_mount_refused_while_another_namespace_holds_a_copy_names_it(scratch):
     """After umount here, a copy in another mount namespace keeps the daemon serving: the
     refusal names that namespace's process (not just the mount point we no longer have)
     and how to release it; once the holder exits, a mount right away succeeds."""
-    env = dict(USER_ENV, WD=str(scratch), SHIFTFS=SHIFTFS)
-    r = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-ec", _HELD_COPY],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = in_private_mount_ns(_HELD_COPY, scratch, 300)
     lines = r.stdout.splitlines()
     i = [n for n, ln in enumerate(lines) if ln.startswith("REFUSED")][0]
     holder = lines[i].split("holder=")[1]

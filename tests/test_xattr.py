@@ -67,6 +67,12 @@ def xm(work):
     return new_mount(work)
 
 
+def chown_chmod(p, uid: int, gid: int, mode: int) -> None:
+    """chown, then chmod (a chown drops setuid/setgid)."""
+    os.chown(p, uid, gid)
+    os.chmod(p, mode)
+
+
 def lst(p):
     return os.lstat(p)
 
@@ -160,8 +166,7 @@ def test_view_users_chown_chmod_setuid_matrix(xm, work):
     os.mkdir(mp / "private", 0o700)
     (mp / "private" / "f").write_text("p")
     os.mkdir(mp / "grp")
-    os.chown(mp / "grp", 0, G_SHARED)
-    os.chmod(mp / "grp", 0o2775)
+    chown_chmod(mp / "grp", 0, G_SHARED, 0o2775)
 
     def as1(cmd, **kw):
         return run_as(U1, U1, cmd, groups=(U1, G_SHARED), **kw)
@@ -246,11 +251,9 @@ def _populate(mp: Path):
     ):
         f = mp / f"f{i}"
         f.write_text("x" * i)
-        os.chown(f, uid, gid)
-        os.chmod(f, mode)
+        chown_chmod(f, uid, gid, mode)
     os.makedirs(mp / "a" / "b" / "c")
-    os.chown(mp / "a" / "b", U2, 100)
-    os.chmod(mp / "a" / "b", 0o3750)
+    chown_chmod(mp / "a" / "b", U2, 100, 0o3750)
     os.chmod(mp / "a", 0o555)
     os.symlink("../f0", mp / "a" / "b" / "ln")
     os.lchown(mp / "a" / "b" / "ln", 33, 34)
@@ -432,11 +435,9 @@ def test_hard_links_share_one_record(xm, work):
 def test_rename_over_keeps_the_right_record(xm, work):
     mp, src = work / "mp", work / "src"
     (mp / "a").write_text("a")
-    os.chown(mp / "a", 1, 1)
-    os.chmod(mp / "a", 0o600)
+    chown_chmod(mp / "a", 1, 1, 0o600)
     (mp / "b").write_text("b")
-    os.chown(mp / "b", 2, 2)
-    os.chmod(mp / "b", 0o4755)
+    chown_chmod(mp / "b", 2, 2, 0o4755)
     os.link(mp / "b", mp / "b2")
     os.rename(mp / "a", mp / "b")
     assert owner(mp / "b") == (1, 1) and perm(mp / "b") == 0o600 and (mp / "b").read_text() == "a"
@@ -587,8 +588,7 @@ def test_forged_records_do_not_take(work, opts):
     mp, src = work / "mp", work / "src"
     m = new_mount(work, opts)
     (mp / "mine").write_text("#!/bin/sh\n")
-    os.chown(mp / "mine", U1, U1)
-    os.chmod(mp / "mine", 0o755)
+    chown_chmod(mp / "mine", U1, U1, 0o755)
     (mp / "roots").write_text("")
     os.chmod(mp / "roots", 0o644)
     os.mkdir(mp / "dir")
@@ -672,11 +672,9 @@ def test_no_record_and_malformed_records(work):
         (src / name).write_text("data")
     (src / "foreign").write_text("data")
     os.mkdir(src / "dir")
-    os.chown(src / "plain", 0, 456)
-    os.chmod(src / "plain", 0o640)
+    chown_chmod(src / "plain", 0, 456, 0o640)
     # Another user's file: its record is not read, it shows as the overflow id (issue 14).
-    os.chown(src / "foreign", 123, 456)
-    os.chmod(src / "foreign", 0o4750)
+    chown_chmod(src / "foreign", 123, 456, 0o4750)
     os.setxattr(src / "foreign", RECORD, b"0:0:104755")
     os.setxattr(src / "garbage", RECORD, b"not a record")
     os.setxattr(src / "toolarge", RECORD, b"99999999999:0:100644")
@@ -726,14 +724,11 @@ def test_tree_made_outside_the_mount(work):
     """
     src, mp = work / "src", work / "mp"
     (src / "sg").mkdir()
-    os.chown(src / "sg", 0, 50)
-    os.chmod(src / "sg", 0o2775)
+    chown_chmod(src / "sg", 0, 50, 0o2775)
     (src / "suid").write_text("")
-    os.chown(src / "suid", 0, 8)
-    os.chmod(src / "suid", 0o4755)
+    chown_chmod(src / "suid", 0, 8, 0o4755)
     (src / "other").write_text("")
-    os.chown(src / "other", 7, 8)
-    os.chmod(src / "other", 0o4755)
+    chown_chmod(src / "other", 7, 8, 0o4755)
     with Mount(src, mp, mode="xattr"):
         # no record: the backing owner and mode, as they are
         assert owner(mp / "suid") == (0, 8) and perm(mp / "suid") == 0o4755
@@ -1039,16 +1034,14 @@ def _make_rootfs(root: Path) -> None:
         os.mknod(root / rel, kind | mode, os.makedev(ma, mi))
         os.chown(root / rel, uid, gid)
     for rel, uid, gid, mode in files:
-        os.chown(root / rel, uid, gid)
-        os.chmod(root / rel, mode)
+        chown_chmod(root / rel, uid, gid, mode)
     t = 1_600_000_000
     for dirpath, dirnames, filenames in os.walk(root, topdown=False):
         for n in filenames + dirnames:
             t += 7
             os.utime(os.path.join(dirpath, n), ns=(t * 10**9, t * 10**9 + 123), follow_symlinks=False)
     for rel, uid, gid, mode in dirs:
-        os.chown(root / rel, uid, gid)
-        os.chmod(root / rel, mode)
+        chown_chmod(root / rel, uid, gid, mode)
     os.chmod(root, 0o755)
 
 

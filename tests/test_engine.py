@@ -76,13 +76,6 @@ def _shared_mounts():
         yield get
 
 
-@pytest.fixture(autouse=True)
-def _umask():
-    old = os.umask(0o022)
-    yield
-    os.umask(old)
-
-
 @pytest.fixture(params=sorted(MODES))
 def fs(request, _shared_mounts):
     """A fresh directory (made through the mount) in a shared mount of each mode."""

@@ -625,6 +625,16 @@ def _tar_versions(path: str) -> dict[str, str] | None:
     return None if status is None else _dpkg_versions(status)
 
 
+def reference_and_build(debian_tar: str, versions: dict[str, str], tar: str, full: str) -> tuple[dict, dict]:
+    """The entries of the reference tarball (``versions`` as real root would build them) and of
+    the built ``tar`` with mmdebstrap's /dev added from the device table (the kernel refused the
+    device nodes), written to ``full``."""
+    ref = reference_tar(debian_tar, versions)
+    with open(full, "wb") as out:
+        devtable.add_to_tar(tar, out, devtable.DeviceTable(devtable.parse(devtable.MMDEBSTRAP_DEV)))
+    return tar_entries(ref), tar_entries(full)
+
+
 def reference_tar(debian_tar: str, versions: dict[str, str]) -> str:
     """The real-root build (mmdebstrap --mode=root, tar output) with these
     package versions: the shared cached tarball, or our own one, rebuilt when
@@ -670,12 +680,7 @@ def test_mmdebstrap_matches_a_real_root_build(user, debian_build, debian_tar, tm
     with open(os.path.join(rootfs, "var/lib/dpkg/status"), "rb") as f:
         versions = _dpkg_versions(f.read())
     assert "dpkg" in versions and "apt" in versions
-    ref = reference_tar(debian_tar, versions)
-    # The kernel refused the device nodes; the table puts back mmdebstrap's /dev.
-    full = str(tmp_path / "rootfs-dev.tar")
-    with open(full, "wb") as out:
-        devtable.add_to_tar(tar, out, devtable.DeviceTable(devtable.parse(devtable.MMDEBSTRAP_DEV)))
-    want, got = tar_entries(ref), tar_entries(full)
+    want, got = reference_and_build(debian_tar, versions, tar, str(tmp_path / "rootfs-dev.tar"))
     assert len(want) > 5000
     assert diff_entries(want, got) == []
     without_dev = tar_entries(tar)

@@ -186,21 +186,24 @@ def _run_argv(who: User, root: str, *args: str) -> list[str]:
     return who.wrap([*run_argv(), *HOST_USR, *args, root, "--", "sh", "-c"])
 
 
+def _start_first(who: User, root: str, wd: str, script: str, stdout=subprocess.PIPE) -> subprocess.Popen:
+    """The first ``shiftfs run`` of ROOT, running ``sh -c SCRIPT``, once SCRIPT made /ready."""
+    first = subprocess.Popen([*_run_argv(who, root), script], stdout=stdout, stderr=subprocess.PIPE, text=True, cwd=wd)
+    try:
+        wait_for(lambda: os.path.exists(os.path.join(root, "ready")), timeout=30, what="the first run to start")
+    except BaseException:
+        stop(first)
+        raise
+    return first
+
+
 def test_second_run_joins_the_first(who, wd):
     root = make_host_root(os.path.join(wd, "root"), who)
     os.chmod(root, 0o700)
-    first = subprocess.Popen(
-        [
-            *_run_argv(who, root),
-            "echo $$ > /ready; while [ ! -e /done ]; do sleep 0.05; done; stat -c '%u:%g %a' /made",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=wd,
+    first = _start_first(
+        who, root, wd, "echo $$ > /ready; while [ ! -e /done ]; do sleep 0.05; done; stat -c '%u:%g %a' /made"
     )
     try:
-        wait_for(lambda: os.path.exists(os.path.join(root, "ready")), timeout=30, what="the first run to start")
         second = subprocess.run(
             [
                 *_run_argv(who, root),
@@ -230,15 +233,8 @@ def test_second_run_joins_the_first(who, wd):
 def test_run_new_and_exec_refused_while_a_run_lives(who, wd):
     root = make_host_root(os.path.join(wd, "root"), who)
     os.chmod(root, 0o700)
-    first = subprocess.Popen(
-        [*_run_argv(who, root), "touch /ready; while [ ! -e /done ]; do sleep 0.05; done"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=wd,
-    )
+    first = _start_first(who, root, wd, "touch /ready; while [ ! -e /done ]; do sleep 0.05; done", subprocess.DEVNULL)
     try:
-        wait_for(lambda: os.path.exists(os.path.join(root, "ready")), timeout=30, what="the first run to start")
         r = subprocess.run([*_run_argv(who, root, "--new"), "true"], capture_output=True, text=True, cwd=wd, timeout=60)
         assert r.returncode == 125
         assert len(r.stderr.strip().splitlines()) == 1 and "the container of a 'shiftfs run'" in r.stderr

@@ -76,6 +76,10 @@ echo "AFTER=$(cat /f1 | tr '\n' ' ')$(readlink /l1) $(ls /mnt/oldroot | wc -l)"
 """
 
 
+#: A user namespace of the subid user's ranges (root: the user), with a mount namespace of its own.
+USERNS = ["unshare", "--user", "--map-auto", "--map-root-user", "--mount"]
+
+
 def _abort_connection(scratch) -> None:
     """Free a hung daemon: abort the FUSE connection whose device the recipe wrote down."""
     try:
@@ -220,11 +224,7 @@ def test_pivot_as_user(pivot_scratch, subid_user, mode):
         os.chown(d / "rt", u.subid[0] + base - 1, u.subid[0] + base - 1)
     argv = u.wrap(
         [
-            "unshare",
-            "--user",
-            "--map-auto",
-            "--map-root-user",
-            "--mount",
+            *USERNS,
             "sh",
             "-c",
             RECIPE,
@@ -250,11 +250,7 @@ def test_pivot_issue_recipe_with_pid_namespace(pivot_scratch, subid_user):
     ns_util.chown_tree(str(d), u)
     argv = u.wrap(
         [
-            "unshare",
-            "--user",
-            "--map-auto",
-            "--map-root-user",
-            "--mount",
+            *USERNS,
             "--pid",
             "--fork",
             "sh",

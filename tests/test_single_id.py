@@ -365,7 +365,7 @@ def test_mmdebstrap_matches_a_real_root_build(user, debian_tar, tmp_path):
     import shutil
 
     from ns_util import mirror_reachable
-    from test_exec import _dpkg_versions, diff_entries, reference_tar, tar_entries
+    from test_exec import _dpkg_versions, diff_entries, reference_and_build, tar_entries
 
     from shiftfs.offline import devtable
 
@@ -393,11 +393,8 @@ def test_mmdebstrap_matches_a_real_root_build(user, debian_tar, tmp_path):
         )
         with open(os.path.join(rootfs, "var/lib/dpkg/status"), "rb") as f:
             versions = _dpkg_versions(f.read())
-        ref = reference_tar(debian_tar, versions)
         full = str(tmp_path / "rootfs-dev.tar")
-        with open(full, "wb") as out:
-            devtable.add_to_tar(tar, out, devtable.DeviceTable(devtable.parse(devtable.MMDEBSTRAP_DEV)))
-        want, got = tar_entries(ref), tar_entries(full)
+        want, got = reference_and_build(debian_tar, versions, tar, full)
         assert len(want) > 5000
         for name, (before, after) in APT_OPTION_TRACES.items():
             assert (want.get(name), got.get(name)) == (before, after), name
@@ -424,9 +421,7 @@ def test_mmdebstrap_matches_a_real_root_build(user, debian_tar, tmp_path):
             capture_output=True,
             timeout=600,
         )
-        with open(full, "wb") as out:
-            devtable.add_to_tar(tar, out, devtable.DeviceTable(devtable.parse(devtable.MMDEBSTRAP_DEV)))
-        assert diff_entries(tar_entries(ref), tar_entries(full)) == []
+        assert diff_entries(*reference_and_build(debian_tar, versions, tar, full)) == []
         assert host_owners(d) == {(user.uid, user.gid)}
     finally:
         remove_tree(d)

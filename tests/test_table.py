@@ -45,13 +45,6 @@ def shiftfs_mount(shiftfs_mount, backend):
     return make
 
 
-@pytest.fixture(autouse=True)
-def _umask():
-    old = os.umask(0o022)
-    yield
-    os.umask(old)
-
-
 def _src_owned(scratch, name, uid, gid):
     src = scratch / name
     src.mkdir()

@@ -44,7 +44,6 @@ _MOUNTS: list[Mount] = []  # mounts of the running test, undone by the work fixt
 @pytest.fixture
 def work(scratch):
     """``scratch`` (0755, reachable by other users) with ``src`` and ``mp``; mounts undone afterwards."""
-    old_umask = os.umask(0o022)  # tests change it; each starts from the usual one
     (scratch / "src").mkdir()
     (scratch / "mp").mkdir()
     try:
@@ -52,7 +51,6 @@ def work(scratch):
     finally:
         while _MOUNTS:
             _MOUNTS.pop().__exit__(None, None, None)  # detach, reap, check the log
-        os.umask(old_umask)
 
 
 def new_mount(work, opts=(), src="src", mp="mp", **kw) -> Mount:

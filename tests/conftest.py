@@ -8,6 +8,7 @@ Fixtures:
   ``scratch`` (or uses ``source=``/``mountpoint=``), mounts through the CLI and
   returns a :class:`fsutil.Mount`; every mount is detached and its daemon
   reaped at teardown, also when the test failed.
+* ``mode`` — ``"table"`` and ``"xattr"`` in turn (``fsutil.MODE_ARGS`` holds their arguments).
 * ``wd`` — a fresh directory every test user can enter (``ns_util.workdir``),
   removed afterwards; ``ns_util.users_fixture(N, M)`` makes a module's
   throwaway users.
@@ -124,6 +125,13 @@ def scratch():
         yield d
     finally:
         fsutil.remove_scratch(d)
+
+
+@pytest.fixture(params=sorted(fsutil.MODE_ARGS))
+def mode(request):
+    """Each of table and xattr mode (``fsutil.MODE_ARGS[mode]``: its arguments); a module's
+    own ``mode`` fixture or parametrization takes precedence."""
+    return request.param
 
 
 @pytest.fixture

@@ -54,6 +54,8 @@ from mounttab import (  # noqa: F401  (re-exported: the tests' one import for mo
 SHIFTFS = str(Path(sys.executable).with_name("shiftfs"))
 #: The usual container map: disk 100000+k is view k, for k < 65536.
 MAP = "b:100000:0:65536"
+#: The command-line arguments of each mode, for the tests that run in both (conftest's ``mode`` fixture).
+MODE_ARGS = {"table": ("--map", MAP), "xattr": ("--xattr",)}
 #: The usual container map as numbers: disk ``MAP_BASE + k`` is view ``k`` for ``k < MAP_COUNT``.
 MAP_BASE, MAP_COUNT = 100000, 65536
 

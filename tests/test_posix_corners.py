@@ -18,24 +18,18 @@ import time
 
 import pytest
 from asuser import py_as, run_as
-from fsutil import MAP, SHIFTFS, find_mount, have
+from fsutil import MAP, MODE_ARGS, SHIFTFS, find_mount, have
 from sysx import renameat2
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 
-MODES = {"table": ("--map", MAP), "xattr": ("--xattr",)}
 RENAME_WHITEOUT = 4
-
-
-@pytest.fixture(params=sorted(MODES))
-def mode(request):
-    return request.param
 
 
 @pytest.fixture
 def m(shiftfs_mount, mode):
     """A fresh mount of SOURCE in ``mode``, reachable by other users."""
-    mnt = shiftfs_mount(*MODES[mode])
+    mnt = shiftfs_mount(*MODE_ARGS[mode])
     os.chmod(mnt.mountpoint, 0o755)
     return mnt
 

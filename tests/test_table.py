@@ -636,23 +636,16 @@ def test_permissions_enforced_for_view_users(tm):
 
 
 def _unmapped_ops(d):
-    out = {}
-
-    def tryit(name, fn):
-        try:
-            fn()
-            out[name] = 0
-        except OSError as e:
-            out[name] = e.errno
-
-    tryit("read", lambda: open(d + "/r").read())
-    tryit("write", lambda: open(d + "/w", "a").write("x"))
-    tryit("unlink", lambda: os.unlink(d + "/u"))
-    tryit("rename", lambda: os.rename(d + "/n", d + "/n2"))
-    tryit("chmod", lambda: os.chmod(d + "/m", 0o644))
-    tryit("setxattr", lambda: os.setxattr(d + "/x", "user.a", b"1"))
-    tryit("chown_into_table", lambda: os.chown(d + "/c", 5, 5))
-    return out
+    """0 or the errno of each operation on the prepared files in ``d``."""
+    return {
+        "read": errno_of(lambda: open(d + "/r").read()),
+        "write": errno_of(lambda: open(d + "/w", "a").write("x")),
+        "unlink": errno_of(os.unlink, d + "/u"),
+        "rename": errno_of(os.rename, d + "/n", d + "/n2"),
+        "chmod": errno_of(os.chmod, d + "/m", 0o644),
+        "setxattr": errno_of(os.setxattr, d + "/x", "user.a", b"1"),
+        "chown_into_table": errno_of(os.chown, d + "/c", 5, 5),
+    }
 
 
 def test_root_on_files_owned_outside_the_table(tm, backend):

@@ -143,6 +143,14 @@ EXIT_CASES = [
 ]
 
 
+def assert_usage_error(code: int, err: str, needle: str, prog: str, args) -> None:
+    """``shiftfs PROG ARGS`` refused its arguments: exit 125 and one line naming the problem."""
+    assert code == 125, (args, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], (args, err)
+    assert lines[0].startswith(f"shiftfs {prog}: ")
+
+
 def workdir() -> str:
     """A fresh directory every test user can enter (pytest's tmp_path is
     private to root)."""

@@ -30,6 +30,7 @@ from ns_util import (
     REPO,
     ROOT_USER,
     User,
+    assert_usage_error,
     command_pid,
     host_owners,
     mirror_reachable,
@@ -425,10 +426,7 @@ def test_bad_inputs_get_one_line(users, wd, capsys):
         capsys.readouterr()
         code = execcmd.COMMAND_LINE.main(args)
         err = capsys.readouterr().err
-        assert code == 125, (args, err)
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and needle in lines[0], (args, err)
-        assert lines[0].startswith("shiftfs exec: ")
+        assert_usage_error(code, err, needle, "exec", args)
 
 
 def test_command_env_adds_sbin():

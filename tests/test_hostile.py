@@ -29,6 +29,7 @@ from asuser import py_as, run_as, start_py
 from fsutil import Mount
 from records import LEGACY, RECORD, record, side_table_rows
 from rel_util import TMP_PREFIX, check_consistent, make_pair, work
+from sysx import errno_of
 
 MODES = ["table", "xattr"]
 U1, U2, U3, G1 = 1000, 1001, 2000, 1100
@@ -57,14 +58,6 @@ def _outside(work: Path) -> Path:
     (o / "sub").mkdir()
     (o / "sub" / "x").write_text("X")
     return o
-
-
-def _errno(fn) -> int:
-    try:
-        fn()
-    except OSError as e:
-        return e.errno
-    return 0
 
 
 def _assert_clean(m: Mount) -> None:
@@ -132,7 +125,7 @@ def test_symlinks_out_of_source_resolve_inside_the_view(work, mode):
         else:
             os.chown(mp / "abs", 5, 5, follow_symlinks=False)
             assert os.lstat(mp / "abs").st_uid == 5
-        assert _errno(lambda: os.setxattr(mp / "abs", "user.x", b"1", follow_symlinks=False)) == errno.EPERM
+        assert errno_of(lambda: os.setxattr(mp / "abs", "user.x", b"1", follow_symlinks=False)) == errno.EPERM
         os.utime(mp / "abs", ns=(10**9, 10**9), follow_symlinks=False)
         _assert_clean(m)
     assert _tree_state(outside) == before
@@ -180,7 +173,7 @@ def test_symlink_swapped_in_behind_cached_entries(work, mode, maps):
     with Mount(src, mp, mode=mode, maps=maps, nofile=256) as m:
         names = ["c1", "c2", "c3", "c4", "c5", "c6", "c7"]
         for n in names:
-            assert _errno(lambda: os.lstat(mp / n)) == errno.ENOENT  # cached negative entry
+            assert errno_of(lambda: os.lstat(mp / n)) == errno.ENOENT  # cached negative entry
         os.listdir(mp / "known")
         for n in names:
             os.symlink(str(outside / "secret") if n != "c6" else str(outside / "sub"), src / n)
@@ -553,7 +546,7 @@ def test_backing_temporary_names_are_hidden_and_cleaned(work):
     os.symlink("x", src / "d" / (TMP_PREFIX + "lnk"))
     (src / "d" / "real").write_text("r")
     with Mount(src, mp, mode="xattr") as m:
-        assert _errno(lambda: os.lstat(mp / "d" / (TMP_PREFIX + "0011223344556677"))) == errno.ENOENT
+        assert errno_of(lambda: os.lstat(mp / "d" / (TMP_PREFIX + "0011223344556677"))) == errno.ENOENT
         assert os.listdir(mp / "d") == ["real"]
         assert sorted(os.listdir(src / "d")) == ["real"]
         _assert_clean(m)

@@ -43,6 +43,7 @@ from rel_util import (
     view_tree,
     work,
 )
+from sysx import errno_of
 
 MODES = ["table", "xattr"]
 
@@ -93,7 +94,7 @@ def run_fsstress(work: Path, mode: str, opts, nofile, nproc: int, nops: int, sec
 
 def _huge_ids_refused(path: str, mode: str) -> None:
     """chown(2) to ids past 2^32-2 and to unmapped ids never changes the owner wrongly."""
-    from sysx import lchown_raw
+    from sysx import errno_of, lchown_raw
 
     before = os.lstat(path)
     # (uid_t)-1 means "leave alone": no change, no error
@@ -463,14 +464,6 @@ def _umount_tmpfs(path: Path) -> None:
     subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
-def _errno_of(fn) -> int:
-    try:
-        fn()
-    except OSError as e:
-        return e.errno
-    return 0
-
-
 def _fill_with_data(path: Path) -> int:
     """Write until the disk is full; returns the errno the writer saw."""
     fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o644)
@@ -520,7 +513,7 @@ def test_backing_fs_full(work, mode, opts):
                     ("fifo", os.mkfifo),
                     ("dev", lambda p: os.mknod(p, stat.S_IFCHR | 0o600, os.makedev(1, 3))),
                 ]:
-                    e = _errno_of(lambda: fn(str(mp / f"{kind}{i}")))
+                    e = errno_of(lambda: fn(str(mp / f"{kind}{i}")))
                     if e:
                         errs.add((kind, errno.errorcode.get(e, e)))
             kinds = {k for k, _ in errs}
@@ -528,9 +521,9 @@ def test_backing_fs_full(work, mode, opts):
             assert {"file", "dir", "symlink", "fifo"} <= kinds, errs
             # metadata changes on a full disk: done or ENOSPC, never half
             for i in range(5):
-                e = _errno_of(lambda: os.chown(mp / "keep" / f"f{i}", 500 + i, 600 + i))
+                e = errno_of(lambda: os.chown(mp / "keep" / f"f{i}", 500 + i, 600 + i))
                 assert e in (0, errno.ENOSPC), e
-                e = _errno_of(lambda: os.setxattr(mp / "keep" / f"f{i}", "user.big", b"v" * 2000))
+                e = errno_of(lambda: os.setxattr(mp / "keep" / f"f{i}", "user.big", b"v" * 2000))
                 assert e in (0, errno.ENOSPC), e
             assert m.alive()
             view = view_tree(mp, content=False)
@@ -637,7 +630,7 @@ def test_backing_immutable_file(work):
                 lambda: os.chmod(mp / "f", 0o600),
                 lambda: os.link(mp / "f", mp / "d" / "f"),
             ]:
-                assert _errno_of(fn) == errno.EPERM
+                assert errno_of(fn) == errno.EPERM
             assert (mp / "f").read_text() == "locked"
         finally:
             subprocess.run(["chattr", "-i", str(src / "f")], capture_output=True)
@@ -661,7 +654,7 @@ def test_backing_changed_outside(work, mode):
         cwd_fd = os.open(mp / "dir", os.O_RDONLY | os.O_DIRECTORY)
 
         os.rename(src / "a", src / "b")  # renamed outside
-        assert _errno_of(lambda: os.stat(mp / "a")) == errno.ENOENT
+        assert errno_of(lambda: os.stat(mp / "a")) == errno.ENOENT
         assert os.stat(mp / "b").st_ino == ino and (mp / "b").read_text() == "A"
 
         os.unlink(src / "open")  # deleted outside while open
@@ -670,15 +663,15 @@ def test_backing_changed_outside(work, mode):
         held.flush()
         held.seek(0)
         assert held.read() == "Omore"
-        assert _errno_of(lambda: os.stat(mp / "open")) == errno.ENOENT
+        assert errno_of(lambda: os.stat(mp / "open")) == errno.ENOENT
         held.close()
 
         os.unlink(src / "dir" / "x")  # directory emptied and removed outside
         os.rmdir(src / "dir")
-        assert _errno_of(lambda: os.stat("x", dir_fd=cwd_fd)) == errno.ENOENT
-        e = _errno_of(lambda: os.close(os.open("new", os.O_CREAT | os.O_WRONLY, dir_fd=cwd_fd)))
+        assert errno_of(lambda: os.stat("x", dir_fd=cwd_fd)) == errno.ENOENT
+        e = errno_of(lambda: os.close(os.open("new", os.O_CREAT | os.O_WRONLY, dir_fd=cwd_fd)))
         assert e == errno.ENOENT, e
-        assert _errno_of(lambda: os.listdir(cwd_fd)) in (0, errno.ENOENT)
+        assert errno_of(lambda: os.listdir(cwd_fd)) in (0, errno.ENOENT)
         os.close(cwd_fd)
 
         os.unlink(src / "b")  # file replaced by a directory
@@ -694,7 +687,7 @@ def test_backing_changed_outside(work, mode):
             (mp / "many" / f"m{i}").write_text(str(i))
         os.rename(src / "many", src / "moved")
         for i in range(0, 300, 7):
-            assert _errno_of(lambda: os.stat(mp / "many" / f"m{i}")) == errno.ENOENT
+            assert errno_of(lambda: os.stat(mp / "many" / f"m{i}")) == errno.ENOENT
             assert (mp / "moved" / f"m{i}").read_text() == str(i)
         assert m.alive()
         (mp / "still").write_text("works")
@@ -716,7 +709,7 @@ def test_backing_changed_outside_with_cache_always(work, mode):
         os.rename(src / "d", src / "e")
         for i in range(200):
             p = mp / "d" / f"f{i}"
-            e = _errno_of(lambda: p.read_text())
+            e = errno_of(lambda: p.read_text())
             assert e in (0, errno.ESTALE, errno.ENOENT), (i, e)
         assert sorted(os.listdir(mp / "e"), key=lambda s: int(s[1:])) == [f"f{i}" for i in range(200)]
         assert m.alive()
@@ -743,7 +736,7 @@ def test_unexpected_errors_are_logged_one_line_each(work):
     db.write_bytes(b"this is not an sqlite database " * 200)
     with m:
         before = len(m.log_text().splitlines())
-        e = _errno_of(lambda: os.lstat(mp / "sub" / "lnk"))
+        e = errno_of(lambda: os.lstat(mp / "sub" / "lnk"))
         assert e in (0, errno.EIO), e
         # out of descriptors: more open files than RLIMIT_NOFILE allows
         held, err = [], 0

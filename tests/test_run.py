@@ -18,6 +18,7 @@ from ns_util import (
     REPO,
     ROOT_USER,
     User,
+    assert_usage_error,
     chown_tree,
     command_pid,
     host_owners,
@@ -488,10 +489,7 @@ def test_bad_inputs_get_one_line(users, wd, capsys):
             capsys.readouterr()
             code = runmod.COMMAND_LINE.main(args)
             err = capsys.readouterr().err
-        assert code == 125, (args, err)
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and needle in lines[0], (args, err)
-        assert lines[0].startswith("shiftfs run: ")
+        assert_usage_error(code, err, needle, "run", args)
 
 
 # --- environment, --bind forms, shifted trees, logs (issue 16) ---------------------------

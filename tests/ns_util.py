@@ -48,10 +48,12 @@ ROOT_USER = User("root", 0, 0)
 
 def users_fixture(with_range: int, without_range: int):
     """A module's throwaway users, as a module-scoped fixture: ``users = users_fixture(1, 1)``
-    (the first ``with_range`` of them with a subordinate id range). Skips without useradd."""
+    (the first ``with_range`` of them with a subordinate id range). Skips unless root has useradd."""
 
     @pytest.fixture(scope="module")
     def users() -> Iterator[list[User]]:
+        if os.geteuid() != 0:
+            pytest.skip("needs root to create throwaway users")
         if not os.path.exists("/usr/sbin/useradd"):
             pytest.skip("useradd is missing (package passwd)")
         with throwaway_users(with_range=with_range, without_range=without_range) as us:

@@ -28,16 +28,14 @@ from sysx import errno_of
 USER = 4716
 
 
+users = ns_util.users_fixture(1, 0)
+
+
 @pytest.fixture(scope="module")
-def user():
+def user(users):
     """A throwaway user with a passwd entry (fusermount3 needs a name) and a
     65536-id range in /etc/subuid and /etc/subgid (unshare --map-auto, podman)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create a throwaway user")
-    if not os.path.exists("/usr/sbin/useradd"):
-        pytest.skip("useradd is missing (package passwd)")
-    with ns_util.throwaway_users(with_range=1, without_range=0) as users:
-        yield users[0]
+    return users[0]
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import sys
 import tarfile
 
 import pytest
-from ns_util import User, host_owners, remove_tree, throwaway_users, workdir
+from ns_util import User, host_owners, remove_tree, users_fixture, workdir
 from records import RECORD
 
 from shiftfs.container import launcher, preflight
@@ -31,10 +31,11 @@ pytestmark = [
 ]
 
 
+users = users_fixture(0, 1)
+
+
 @pytest.fixture(scope="module")
-def user():
-    if not os.path.exists("/usr/sbin/useradd"):
-        pytest.skip("useradd is missing (package passwd)")
+def user(users):
     try:
         import seccomp  # noqa: F401
     except ImportError:
@@ -42,8 +43,7 @@ def user():
     bad = preflight.blocked_component(launcher.__file__, 65533, {65533}, 4)
     if bad:
         pytest.skip(f"{bad} is not searchable by other users; move the checkout (see README)")
-    with throwaway_users(with_range=0, without_range=1) as us:
-        yield us[0]
+    return users[0]
 
 
 @pytest.fixture

@@ -46,18 +46,19 @@ def run_argv() -> list[str]:
 ROOT_USER = User("root", 0, 0)
 
 
-def users_fixture(with_range: int, without_range: int):
+def users_fixture(with_range: int, without_range: int, *, one: bool = False):
     """A module's throwaway users, as a module-scoped fixture: ``users = users_fixture(1, 1)``
-    (the first ``with_range`` of them with a subordinate id range). Skips unless root has useradd."""
+    (the first ``with_range`` of them with a subordinate id range); with ``one`` the fixture is
+    that one user, not a list. Skips unless root has useradd."""
 
     @pytest.fixture(scope="module")
-    def users() -> Iterator[list[User]]:
+    def users() -> Iterator:
         if os.geteuid() != 0:
             pytest.skip("needs root to create throwaway users")
         if not os.path.exists("/usr/sbin/useradd"):
             pytest.skip("useradd is missing (package passwd)")
         with throwaway_users(with_range=with_range, without_range=without_range) as us:
-            yield us
+            yield us[0] if one else us
 
     return users
 

@@ -28,14 +28,9 @@ from sysx import errno_of
 USER = 4716
 
 
-users = ns_util.users_fixture(1, 0)
-
-
-@pytest.fixture(scope="module")
-def user(users):
-    """A throwaway user with a passwd entry (fusermount3 needs a name) and a
-    65536-id range in /etc/subuid and /etc/subgid (unshare --map-auto, podman)."""
-    return users[0]
+#: A throwaway user with a passwd entry (fusermount3 needs a name) and a
+#: 65536-id range in /etc/subuid and /etc/subgid (unshare --map-auto, podman).
+user = ns_util.users_fixture(1, 0, one=True)
 
 
 @pytest.fixture
@@ -722,13 +717,8 @@ def test_readme_by_hand_pivot_recipe_as_written(user, wd, debian_tar):
     assert os.getxattr(x, RECORD) == b"1000:1000:100644"
 
 
-@pytest.fixture(scope="module")
-def user_without_range():
-    """A throwaway user with no subordinate range (a one-id user namespace only)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create a throwaway user")
-    with ns_util.throwaway_users(with_range=0, without_range=1) as users:
-        yield users[0]
+#: A throwaway user with no subordinate range (a one-id user namespace only).
+user_without_range = ns_util.users_fixture(0, 1, one=True)
 
 
 @pytest.mark.skipif(not have("unshare"), reason="needs unshare (util-linux)")

@@ -206,10 +206,7 @@ def test_pivot_as_root(pivot_scratch, mode):
     _check_view(res.stdout, base, d, mode == "xattr")
 
 
-@pytest.fixture(scope="module")
-def subid_user():
-    with ns_util.throwaway_users(with_range=1, without_range=0) as users:
-        yield users[0]
+subid_user = ns_util.users_fixture(1, 0, one=True)
 
 
 @pytest.mark.parametrize("mode", ["table", "xattr"])

@@ -31,8 +31,9 @@ def run_as(
     input=None,
     cwd=None,
     umask: int | None = None,
-    timeout: float = 120,
+    timeout: float | None = 120,
     env: dict[str, str] | None = USER_ENV,
+    text: bool = True,
 ) -> subprocess.CompletedProcess:
     """Run ``cmd`` (argv list, or a string for ``sh -c``) as ``uid:gid``: the one ``run_as``.
 
@@ -40,8 +41,8 @@ def run_as(
     given); a non-root uid also gets no capabilities, not even inheritable
     ones. ``env`` is the command's environment: :data:`USER_ENV` (a plain
     PATH, ``HOME=/``) unless given (``None``: ours). ``umask`` is set before
-    ``cmd`` runs. Output is captured as text; ``check`` raises with stderr on
-    a non-zero exit.
+    ``cmd`` runs. Output is captured, as text unless ``text=False``;
+    ``check`` raises with stderr on a non-zero exit.
     """
     if isinstance(cmd, str):
         cmd = ["sh", "-c", cmd]
@@ -53,8 +54,9 @@ def run_as(
     argv = pre + [str(c) for c in cmd]
     if umask is not None:
         argv = pre + ["sh", "-c", f'umask {umask:03o}; exec "$@"', "sh"] + [str(c) for c in cmd]
+    errors = "replace" if text else None
     r = subprocess.run(
-        argv, capture_output=True, text=True, errors="replace", input=input, cwd=cwd, timeout=timeout, env=env
+        argv, capture_output=True, text=text, errors=errors, input=input, cwd=cwd, timeout=timeout, env=env
     )
     if check and r.returncode != 0:
         raise AssertionError(f"{cmd} as {uid}:{gid} failed ({r.returncode}): {r.stderr.strip()}")

@@ -35,14 +35,13 @@ from records import RECORD
 from rel_util import (
     TMP_PREFIX,
     check_consistent,
-    check_models,
     compare_trees,
     expected_view,
-    fsstress,
     make_pair,
     view_tree,
     work,
 )
+from stressmix import check_models, fsstress
 from sysx import errno_of
 
 MODES = ["table", "xattr"]

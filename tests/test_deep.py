@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 from archive_util import USER, shiftfs, workdir
+from fsutil import Mount
 from ns_util import throwaway_users
-from rel_util import Mount
 
 from shiftfs.ownership.record import RECORD_NAME
 from shiftfs.sys import walk as walk_mod
@@ -223,7 +223,7 @@ def _fixup_walk(wd: Path, uid: int) -> None:
     logs.mkdir()
     os.chown(logs, uid, uid)
     log = logs / "daemon.log"
-    m = Mount(src, mp, "xattr", opts=["allow_other"], as_uid=uid, nofile=1024, log=log).mount()
+    m = Mount(src, mp, mode="xattr", opts=["allow_other"], as_uid=uid, nofile=1024, log=log).mount()
     try:
         with _bottom(mp) as fd:  # through the mount: the view keeps the mode
             st = os.fstat(fd)

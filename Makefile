@@ -11,7 +11,7 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q -ra tests
 
-# ruff (lint and format check) and mypy; CI runs it before the tests.
+# ruff (lint and format check) and mypy (shiftfs/ and bench/, pyproject.toml); CI runs it before the tests.
 lint: setup
 	$(PY) -m ruff check shiftfs bench tests
 	$(PY) -m ruff format --check shiftfs bench tests

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 
-OVERRIDE_XATTRS = ("user.containers.override_stat", "user.fuseoverlayfs.override_stat")
+from shiftfs.ownership.record import LEGACY_RECORD_NAME, RECORD_NAME
+
+OVERRIDE_XATTRS = (RECORD_NAME, LEGACY_RECORD_NAME)
 
 _TYPES = {
     stat.S_IFDIR: "dir",
@@ -28,7 +31,7 @@ _TYPES = {
 }
 
 
-def _walk(root: str):
+def _walk(root: str) -> Iterator[tuple[str, str]]:
     """Yield (relpath, abspath) for root's entries (root itself included as '.')."""
     yield ".", root
     stack = [""]
@@ -50,16 +53,22 @@ def _walk(root: str):
                 pass
 
 
-def view_snapshot(root: str) -> dict:
-    snap = {}
+def _lstat_all(root: str, snap: dict[str, tuple]) -> Iterator[tuple[str, str, os.stat_result]]:
+    """(relpath, abspath, lstat) of root's entries; an entry lstat fails on is noted in ``snap``."""
     if not os.path.lexists(root):
-        return snap
+        return
     for rel, p in _walk(root):
         try:
             st = os.lstat(p)
         except OSError as e:
             snap[rel] = ("error", e.errno)
             continue
+        yield rel, p, st
+
+
+def view_snapshot(root: str) -> dict[str, tuple]:
+    snap: dict[str, tuple] = {}
+    for rel, p, st in _lstat_all(root, snap):
         t = _TYPES.get(stat.S_IFMT(st.st_mode), "other")
         snap[rel] = (
             t,
@@ -77,30 +86,23 @@ def view_snapshot(root: str) -> dict:
 VIEW_FIELDS = ("type", "size", "mode", "uid", "gid", "link", "rdev", "nlink")
 
 
-def parse_override(value: bytes):
+def parse_override(value: bytes) -> tuple[int, int, str]:
     """'uid:gid:mode[:type]' (mode octal, may carry S_IFMT) -> (uid, gid, perm)."""
     parts = value.decode(errors="replace").strip("\0").split(":")
     return int(parts[0]), int(parts[1]), oct(int(parts[2], 8) & 0o7777)
 
 
-def store_snapshot(root: str, style: str) -> dict:
+def store_snapshot(root: str, style: str) -> dict[str, tuple]:
     """Ownership as stored.  style: 'plain' -> (uid, gid, mode) of the backing inode;
     'xattr' -> (uid, gid, mode) from the override xattr when present (else the inode),
     plus the backing inode's owner."""
-    snap = {}
-    if not os.path.lexists(root):
-        return snap
-    for rel, p in _walk(root):
-        try:
-            st = os.lstat(p)
-        except OSError as e:
-            snap[rel] = ("error", e.errno)
-            continue
+    snap: dict[str, tuple] = {}
+    for rel, p, st in _lstat_all(root, snap):
         perm = oct(stat.S_IMODE(st.st_mode))
         if style == "plain":
             snap[rel] = (st.st_uid, st.st_gid, perm)
             continue
-        eff = (st.st_uid, st.st_gid, perm)
+        eff: tuple = (st.st_uid, st.st_gid, perm)
         if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
             for name in OVERRIDE_XATTRS:
                 try:
@@ -122,7 +124,7 @@ def compare(
 
     expect_store(view_entry) -> expected store tuple (or None to skip that entry).
     """
-    examples = []
+    examples: list[str] = []
     bad = 0
 
     def note(msg):

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import time
+from typing import Any
 
 from . import imagebuild as IB
 from . import mkosibuild
@@ -69,7 +70,7 @@ class ImageBuilds:
         self.cache = cache
         self.timeout = max(self.cfg.step_timeout, 1200.0)
         self.shiftfs_cmd = self.cfg.shiftfs_cmd or T.default_shiftfs()
-        self.info = {
+        self.info: dict[str, Any] = {
             "suite": IB.SUITE,
             "variant": "minbase",
             "command": " ".join(IB.mmdebstrap_argv("DEBS", "DIR")),
@@ -208,7 +209,7 @@ class ImageBuilds:
                 cpu0 = cpu_seconds(peer.pid)
                 seconds = _timed(IB.mmdebstrap_argv(staged, tree), self.timeout)
                 c1 = cpu_seconds(peer.pid)
-                cpu = round(c1 - cpu0, 3) if None not in (c1, cpu0) else None
+                cpu = round(c1 - cpu0, 3) if c1 is not None and cpu0 is not None else None
                 tree = IB.dir_snapshot(tree) if r == 0 else None
         except (StepError, OSError) as e:
             err = str(e) if isinstance(e, StepError) else f"{type(e).__name__}: {e}"
@@ -243,6 +244,7 @@ class ImageBuilds:
         mkosibuild.write_project(project, build)
         mkosibuild.prepare_build(build)
         argv = mkosibuild.argv(project, cache_only=True)
+        assert self.mkosi_packages is not None, "mkosi builds run only once prepare() filled the package cache"
         try:
             if name == "mkosi-shiftfs-exec":
                 mkosibuild.stage_packages(self.mkosi_packages, build, (user.uid, user.gid))

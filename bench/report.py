@@ -21,11 +21,11 @@ def summarize(res: dict) -> dict:
         if r["workload"] is None:
             continue
         by[(r["backing"], r["workload"], r["target"], r["round"])] = r
-    guards = {}
+    guards: dict[tuple, list[dict]] = {}
     for g in res["guards"]:
         guards.setdefault((g["backing"], g["workload"], g["target"]), []).append(g)
     targets = list(res["targets"])
-    out = {}
+    out: dict[str, dict] = {}
     for backing in res["backings"]:
         rounds = sorted({r["round"] for r in recs if r["backing"] == backing})
         out[backing] = {}

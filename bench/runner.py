@@ -9,6 +9,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import guard, trees
 from . import targets as T
@@ -86,7 +87,7 @@ class Watchdog:
 
 
 def machine_info(path: str) -> dict:
-    info = {
+    info: dict[str, Any] = {
         "hostname": platform.node(),
         "kernel": platform.release(),
         "arch": platform.machine(),
@@ -158,7 +159,7 @@ class Runner:
         self.backing_info: dict = {}
         self.notes: list[str] = []
         self.rounds_meta: list[dict] = []
-        self.workdir = None
+        self.workdir: str | None = None
         self.trace: RequestTrace | None = None
         self.images: ImageBuilds | None = None
 
@@ -170,7 +171,10 @@ class Runner:
     def run(self) -> dict:
         cfg = self.cfg
         started = time.time()
-        machine, tree_desc, ctx, ids = {}, {}, None, [0]
+        machine: dict[str, Any] = {}
+        tree_desc: dict[str, Any] = {}
+        ctx: W.Ctx | None = None
+        ids = [0]
         try:
             if self.phase_workloads:
                 archive, tree_desc = trees.obtain(cfg.tree, cfg.gen_scale)
@@ -240,7 +244,7 @@ class Runner:
         }
 
     # ------------------------------------------------------------------
-    def _run_backing(self, base: str, backing: str, ctx: W.Ctx, ids: list[int]) -> None:
+    def _run_backing(self, base: str, backing: str, ctx: W.Ctx | None, ids: list[int]) -> None:
         cfg = self.cfg
         root = os.path.join(base, backing)
         os.makedirs(root)
@@ -409,13 +413,13 @@ class Runner:
                 reset_hwm(pid)
                 cpu0 = cpu_seconds(pid)
                 c0 = t.counters()
-                traced = self.trace is not None and t.kind != "native"
-                if traced:
-                    self.trace.start(t.view)
+                trace = self.trace if t.kind != "native" else None
+                if trace is not None:
+                    trace.start(t.view)
                 t0 = time.perf_counter()
                 extra = w.run(t, ctx)
                 seconds = time.perf_counter() - t0
-                kernel_counts = self.trace.stop() if traced else None
+                kernel_counts = trace.stop() if trace is not None else None
                 if extra and "seconds" in extra:  # the tool timed itself (fio)
                     extra["wall_s"] = round(seconds, 6)
                     seconds = extra.pop("seconds")
@@ -478,6 +482,7 @@ class Runner:
                 got = snaps.get((t.name, w.name))
                 if got is None:
                     continue  # the step failed; the error is recorded
+                res: dict[str, Any]
                 if ref is None:
                     res = {
                         "passed": False,

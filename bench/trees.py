@@ -249,7 +249,7 @@ def stats(path: str) -> dict:
     counts = {"dir": 0, "file": 0, "symlink": 0, "hardlink": 0, "chardev": 0, "blockdev": 0, "fifo": 0, "other": 0}
     total = 0
     regular = []  # (relpath, size)
-    ids = set()
+    ids: set[int] = set()
     with tarfile.open(path) as tf:
         for m in tf:
             ids.update((m.uid, m.gid))

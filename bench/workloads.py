@@ -221,7 +221,8 @@ def with_needs(names: list[str]) -> list[str]:
     ``untar`` makes), in run order."""
     want = set(names)
     for n in names:
-        while BY_NAME[n].needs:
-            n = BY_NAME[n].needs
-            want.add(n)
+        need = BY_NAME[n].needs
+        while need:
+            want.add(need)
+            need = BY_NAME[need].needs
     return [w.name for w in ALL if w.name in want]

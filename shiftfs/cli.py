@@ -128,7 +128,7 @@ def _cmd_mount(args) -> int:
     if cfg.remount:
         from .fs.remount import remount
 
-        return remount(cfg)
+        return remount(cfg, parse_mount_argv)
     cfg.foreground = args.foreground
     return mount(cfg)
 

@@ -12,6 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from asuser import run_as
+
 #: An unprivileged uid/gid with no passwd entry, for imports and exports.
 USER = 4242
 #: Ids used in ACLs; they have no names on the host, so GNU tar stores numbers.
@@ -35,15 +37,18 @@ def workdir() -> Path:
 
 
 def run(argv, *, user: int | None = None, env=None, check=True, input=None, cwd=None) -> subprocess.CompletedProcess:
-    if user is not None:
-        argv = ["setpriv", "--reuid", str(user), "--regid", str(user), "--clear-groups", *argv]
+    """``argv`` (as ``user``, through ``asuser.run_as``, if given) with our environment and the
+    checkout on PYTHONPATH; output as bytes."""
     full_env = dict(os.environ)
     full_env.pop("SUDO_UID", None)
     full_env.pop("SUDO_GID", None)
     full_env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
     if env:
         full_env.update(env)
-    proc = subprocess.run(argv, capture_output=True, env=full_env, input=input, cwd=cwd)
+    if user is not None:
+        proc = run_as(user, user, argv, env=full_env, input=input, cwd=cwd, timeout=None, text=False)
+    else:
+        proc = subprocess.run(argv, capture_output=True, env=full_env, input=input, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{argv} failed with {proc.returncode}:\nstdout: {proc.stdout.decode(errors='replace')}\n"

@@ -8,12 +8,17 @@ Fixtures:
   ``scratch`` (or uses ``source=``/``mountpoint=``), mounts through the CLI and
   returns a :class:`fsutil.Mount`; every mount is detached and its daemon
   reaped at teardown, also when the test failed.
+* ``mode`` — ``"table"`` and ``"xattr"`` in turn (``fsutil.MODE_ARGS`` holds their arguments).
+* ``wd`` — a fresh directory every test user can enter (``ns_util.workdir``),
+  removed afterwards; ``ns_util.users_fixture(N, M)`` makes a module's
+  throwaway users.
 * ``shiftfs_on_path`` — makes sure ``shiftfs`` is on root's PATH as
   ``/usr/local/bin/shiftfs`` (what ``mount -t fuse.shiftfs`` and fstab lines
   run through ``mount.fuse3``).
 
 Markers: ``root`` (skips unless uid 0), ``fuse`` (skips without /dev/fuse).
-A failing test that mounted something gets the daemon's log attached.
+The log policy, one for every mount: a failing test gets the daemon log of
+each :class:`fsutil.Mount` it mounted (and of older ones still mounted).
 With ``SHIFTFS_CI=1`` (``.ci/run`` sets it) a test that would skip because a
 tool is missing (a ``skipif`` whose reason starts with "needs", other than "needs root") fails instead:
 ``make setup`` installs every such tool, so in CI a skip is a setup bug.
@@ -90,6 +95,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
+    item._shiftfs_first_mount = len(fsutil.MOUNTS)  # mounts from here on are this test's
     # before pytest's own skipif evaluation (also tryfirst, but registered earlier)
     why = _ci_tool_skip(item)
     if why:
@@ -101,11 +107,15 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
     setattr(item, "rep_" + rep.when, rep)
-    if rep.failed and rep.when in ("call", "teardown"):
-        for m in getattr(item, "_shiftfs_mounts", ()):
+    if rep.failed:
+        first = getattr(item, "_shiftfs_first_mount", len(fsutil.MOUNTS))
+        older = [m for m in fsutil.MOUNTS[:first] if fsutil.is_mounted(m.mountpoint)]
+        shown = set()
+        for m in older + fsutil.MOUNTS[first:]:
             text = m.log_text()
-            if text:
-                rep.sections.append((f"shiftfs daemon log {m.mountpoint}", text[-6000:]))
+            if text and m.log not in shown:
+                shown.add(m.log)
+                rep.sections.append((f"shiftfs daemon log {m.log}", text[-6000:]))
 
 
 @pytest.fixture
@@ -117,11 +127,25 @@ def scratch():
         fsutil.remove_scratch(d)
 
 
+@pytest.fixture(params=sorted(fsutil.MODE_ARGS))
+def mode(request):
+    """Each of table and xattr mode (``fsutil.MODE_ARGS[mode]``: its arguments); a module's
+    own ``mode`` fixture or parametrization takes precedence."""
+    return request.param
+
+
 @pytest.fixture
-def shiftfs_mount(scratch, request):
+def wd():
+    """A fresh directory every test user can enter, removed afterwards (modes lifted first)."""
+    d = ns_util.workdir()
+    yield d
+    ns_util.remove_tree(d)
+
+
+@pytest.fixture
+def shiftfs_mount(scratch):
     """Factory fixture: ``m = shiftfs_mount(*cli_args, source=None, mountpoint=None, **mount_kw)``."""
-    stack = []
-    request.node._shiftfs_mounts = []
+    made: list[fsutil.Mount] = []
     counter = [0]
 
     def make(*args, source=None, mountpoint=None, **kw):
@@ -133,17 +157,15 @@ def shiftfs_mount(scratch, request):
         if mountpoint is None:
             mountpoint = scratch / (f"mp{n}" if n > 1 else "mp")
             mountpoint.mkdir()
-        cm = fsutil.mount_shiftfs(source, mountpoint, *args, **kw)
-        m = cm.__enter__()
-        stack.append(cm)
-        request.node._shiftfs_mounts.append(m)
+        m = fsutil.Mount(source, mountpoint, *args, **kw).mount()
+        made.append(m)
         return m
 
     yield make
     errors = []
-    for cm in reversed(stack):
+    for m in reversed(made):
         try:
-            cm.__exit__(None, None, None)
+            m.__exit__(None, None, None)
         except AssertionError as e:
             errors.append(str(e))
     if errors:

@@ -1,35 +1,37 @@
 """
 Helpers for the ``shiftfs run`` tests: throwaway users with subordinate id
-ranges, small root filesystems that borrow the host's /usr, a cached Debian
-minbase tarball, and process/mount leak checks.
+ranges (``bench/subusers.py``, shared with the bench), small root filesystems
+that borrow the host's /usr, a cached Debian minbase tarball, and
+process/mount leak checks.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
+import errno
 import os
-import pwd
+import pty
+import select
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from bench import artifacts  # noqa: E402
+from bench.subusers import SUBID_FILES, User, throwaway_users  # noqa: E402,F401  (the one copy, shared with the bench)
 
 #: Cached artifacts; ``SHIFTFS_CACHE_DIR`` moves them (CI empties it every run).
 CACHE = artifacts.cache_dir("/var/cache/shiftfs-test")
 DEBIAN_TAR = os.path.join(CACHE, "bookworm-minbase.tar")
 MIRROR = "http://deb.debian.org/debian/dists/bookworm/InRelease"
-SUBID_FILES = ("/etc/subuid", "/etc/subgid")
 
 #: Host binaries inside a container: ROOT gets Debian's merged-/usr symlinks
 #: and the host's /usr bound read-only.
@@ -40,131 +42,116 @@ def run_argv() -> list[str]:
     return [sys.executable, "-m", "shiftfs", "run"]
 
 
-@dataclass(frozen=True)
-class User:
-    """Who runs ``shiftfs run``: root, or a throwaway unprivileged user."""
-
-    name: str
-    uid: int
-    gid: int
-    subid: tuple[int, int] | None = None
-
-    @property
-    def is_root(self) -> bool:
-        return self.uid == 0
-
-    def wrap(self, argv: list[str]) -> list[str]:
-        if self.is_root:
-            return argv
-        return ["runuser", "-u", self.name, "--", "env", "HOME=/", *argv]
-
-
+#: root, as a :class:`User` (its ``wrap`` leaves argv as it is).
 ROOT_USER = User("root", 0, 0)
 
 
-_USERS_LOCK = "/run/lock/shiftfs-test-users.lock"
+def users_fixture(with_range: int, without_range: int, *, one: bool = False):
+    """A module's throwaway users, as a module-scoped fixture: ``users = users_fixture(1, 1)``
+    (the first ``with_range`` of them with a subordinate id range); with ``one`` the fixture is
+    that one user, not a list. Skips unless root has useradd."""
+
+    @pytest.fixture(scope="module")
+    def users() -> Iterator:
+        if os.geteuid() != 0:
+            pytest.skip("needs root to create throwaway users")
+        if not os.path.exists("/usr/sbin/useradd"):
+            pytest.skip("useradd is missing (package passwd)")
+        with throwaway_users(with_range=with_range, without_range=without_range) as us:
+            yield us[0] if one else us
+
+    return users
 
 
-@contextlib.contextmanager
-def _users_lock() -> Iterator[None]:
-    """Serialise edits of /etc/subuid, /etc/subgid and the user database
-    between test sessions running at the same time."""
-    os.makedirs(os.path.dirname(_USERS_LOCK), exist_ok=True)
-    fd = os.open(_USERS_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+def pty_run(argv: list[str], cwd: str, *, when: bytes, send: bytes, timeout: float = 30) -> tuple[str, int]:
+    """Run ``argv`` on a new pseudo-terminal (the one pty driver); once its output holds
+    ``when``, type ``send`` (``b"\\x03"``: ^C). Returns what it printed and its exit code."""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(cwd)
+        os.execv(argv[0], argv)
+    buf = b""
+    deadline = time.monotonic() + timeout
+    sent = False
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            try:
+                chunk = os.read(fd, 1024)
+            except OSError as e:
+                if e.errno == errno.EIO:  # the terminal's other side is closed: it exited
+                    break
+                raise
+            if not chunk:
+                break
+            buf += chunk
+        if not sent and when in buf:
+            time.sleep(0.2)
+            os.write(fd, send)
+            sent = True
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    return buf.decode(errors="replace"), os.waitstatus_to_exitcode(status)
 
 
-def _read(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        return b""
+def wait_for_line(stream, text: str, timeout: float) -> None:
+    """Read lines of ``stream`` until one holds ``text``; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([stream], [], [], 0.1)
+        if r and text in stream.readline():
+            return
+    raise AssertionError(f"no {text!r} within {timeout}s")
 
 
-def _write(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:  # in place: mode and owner stay
-        f.write(data)
+def command_pid(p: subprocess.Popen, owner: User, what: str) -> int:
+    """The pid of the command ``p`` started: ``p`` itself for root, its child under runuser for a test user."""
+    if owner.is_root:
+        return p.pid
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        ppid = int(f.read().rpartition(")")[2].split()[1])
+                except OSError:
+                    continue
+                if ppid == p.pid:
+                    return int(pid)
+        time.sleep(0.05)
+    raise AssertionError(f"{what} is not running under runuser")
 
 
-def _add_lines(path: str, lines: list[str]) -> bool:
-    """Append ``lines``; returns whether a newline had to be added first."""
-    data = _read(path)
-    fixed = bool(data) and not data.endswith(b"\n")
-    _write(path, data + (b"\n" if fixed else b"") + "".join(lines).encode())
-    return fixed
+def stop(p: subprocess.Popen, grace: float = 10) -> None:
+    """End a ``shiftfs run`` started with Popen, if it still runs: SIGTERM (runuser and shiftfs run
+    pass it on to the command), then SIGKILL after ``grace`` s."""
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(grace)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
-def _remove_lines(path: str, names: set[str], newline_added: bool) -> None:
-    """Drop the lines of ``names``: the file is then byte for byte what it was
-    before we added them, whatever other lines changed meanwhile."""
-    data = _read(path)
-    keep = [
-        line for line in data.splitlines(keepends=True) if line.split(b":", 1)[0].decode(errors="replace") not in names
-    ]
-    out = b"".join(keep)
-    if newline_added and out.endswith(b"\n"):
-        out = out[:-1]
-    if out != data:
-        _write(path, out)
+#: ``shiftfs run`` and ``exec`` end with the command's exit status (128+N for signal N, 127 not
+#: found, 126 not executable).
+EXIT_CASES = [
+    (["true"], 0),
+    (["sh", "-c", "exit 7"], 7),
+    (["sh", "-c", "kill -9 $$"], 137),
+    (["no-such-command"], 127),
+    (["/etc"], 126),
+]
 
 
-@contextlib.contextmanager
-def throwaway_users(with_range: int = 1, without_range: int = 1) -> Iterator[list[User]]:
-    """Create throwaway users; the first ``with_range`` get a 65536-id range
-    in /etc/subuid and /etc/subgid (chosen clear of every range in use).
-    Afterwards the users are deleted and exactly the lines we added are
-    removed again, so the files are restored byte for byte."""
-    from shiftfs.container import userns as ns
-
-    users: list[User] = []
-    added: dict[str, bool] = {}
-    names: set[str] = set()
-    try:
-        with _users_lock():
-            used = ns.ranges_in_use()
-            lines: list[str] = []
-            for i in range(with_range + without_range):
-                name = f"sft{uuid.uuid4().hex[:8]}"
-                names.add(name)
-                subprocess.run(
-                    [
-                        "useradd",
-                        "-M",
-                        "-s",
-                        "/bin/sh",
-                        "-d",
-                        "/nonexistent",
-                        "-K",
-                        "SUB_UID_COUNT=0",
-                        "-K",
-                        "SUB_GID_COUNT=0",
-                        name,
-                    ],
-                    check=True,
-                    capture_output=True,
-                )
-                pw = pwd.getpwnam(name)
-                subid = None
-                if i < with_range:
-                    start = ns.free_block(used)
-                    used.append((start, ns.BLOCK))
-                    subid = (start, ns.BLOCK)
-                    lines.append(f"{name}:{start}:{ns.BLOCK}\n")
-                users.append(User(name, pw.pw_uid, pw.pw_gid, subid))
-            for path in SUBID_FILES:
-                added[path] = _add_lines(path, lines)
-        yield users
-    finally:
-        with _users_lock():
-            for path in SUBID_FILES:
-                _remove_lines(path, names, added.get(path, False))
-            for name in names:
-                subprocess.run(["userdel", name], capture_output=True)
+def assert_usage_error(code: int, err: str, needle: str, prog: str, args) -> None:
+    """``shiftfs PROG ARGS`` refused its arguments: exit 125 and one line naming the problem."""
+    assert code == 125, (args, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], (args, err)
+    assert lines[0].startswith(f"shiftfs {prog}: ")
 
 
 def workdir() -> str:

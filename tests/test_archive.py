@@ -507,7 +507,7 @@ def test_import_over_a_tree_whose_etc_is_a_symlink(world):
     assert list(outside.iterdir()) == []
     assert (dest / "etc").is_dir() and not (dest / "etc").is_symlink()
     assert (dest / "etc/hostname").read_bytes() == b"h\n"
-    assert os.getxattr(dest / "etc", "user.containers.override_stat") == b"0:0:40755"
+    assert os.getxattr(dest / "etc", _record.RECORD_NAME) == b"0:0:40755"
     assert os.stat(dest / "etc").st_mtime == 1_700_000_000
 
 
@@ -519,21 +519,21 @@ def test_archive_xattrs_cannot_forge_records(world):
         ti.uid = 1234
         ti.mode = 0o644
         ti.pax_headers = {
-            "SCHILY.xattr.user.containers.override_stat": "0:0:104755",
-            "SCHILY.xattr.user.fuseoverlayfs.override_stat": "0:0:104755",
+            "SCHILY.xattr." + _record.RECORD_NAME: "0:0:104755",
+            "SCHILY.xattr." + _record.LEGACY_RECORD_NAME: "0:0:104755",
         }
         tf.addfile(ti, io.BytesIO(b""))
     path.chmod(0o644)
     dest = w / "forge"
     shiftfs("import", path, dest, user=USER)
     assert os.getxattr(dest / "f", _record.RECORD_NAME) == b"1234:0:100644"
-    assert "user.fuseoverlayfs.override_stat" not in os.listxattr(dest / "f")
+    assert _record.LEGACY_RECORD_NAME not in os.listxattr(dest / "f")
     out = dest.parent / "forge-out.tar"
     shiftfs("export", dest, "-o", out, user=USER)
     with tarfile.open(out) as tf:
         m = tf.getmember("./f")
         assert (m.uid, m.mode) == (1234, 0o644)
-        assert m.pax_headers.get("SCHILY.xattr.user.containers.override_stat") == "0:0:104755"
+        assert m.pax_headers.get("SCHILY.xattr." + _record.RECORD_NAME) == "0:0:104755"
 
 
 def test_malformed_record_is_reported_by_path(world):

@@ -25,7 +25,9 @@ from pathlib import Path
 
 import fsutil
 import pytest
-from rel_util import SHIFTFS, Mount, is_mounted, make_pair, shiftfs_pids, work  # noqa: F401
+from fsutil import SHIFTFS, Mount, is_mounted, shiftfs_pids
+from records import RECORD
+from rel_util import make_pair, work
 
 U = 1000
 
@@ -193,7 +195,7 @@ def test_no_dev_fuse(work, pair):
 
 def test_already_mounted_and_busy(work, pair):
     src, mp = pair
-    with Mount(src, mp, "table") as m:
+    with Mount(src, mp, mode="table") as m:
         r, pids = run([SHIFTFS, "mount", "--xattr", src, mp])
         assert "already a shiftfs mount" in one_line(r, 2)
         assert pids == [] and m.alive()
@@ -221,7 +223,7 @@ def test_stale_mountpoint_recovers(work, pair, mode):
     src, mp = pair
     for fresh in (True, False):
         for recover in ("mount", "umount"):
-            m = Mount(src, mp, mode).mount()
+            m = Mount(src, mp, mode=mode).mount()
             if not fresh:
                 os.listdir(mp)
                 os.stat(mp / "f")  # attributes cached in the kernel
@@ -242,7 +244,7 @@ def test_stale_mountpoint_recovers(work, pair, mode):
 def test_umount_with_a_hung_daemon(work, pair):
     """A stopped daemon must not hang 'shiftfs umount' (the mount table decides, not a stat)."""
     src, mp = pair
-    m = Mount(src, mp, "xattr").mount()
+    m = Mount(src, mp, mode="xattr").mount()
     os.kill(m.pid, signal.SIGSTOP)
     try:
         t0 = time.monotonic()
@@ -304,4 +306,4 @@ def test_import_of_truncated_archive_leaves_no_half_written_file(work):
     for p in sorted((root / "d").iterdir()):
         i = int(p.name[1:])
         assert p.read_bytes() == bytes([65 + i % 26]) * 5000, f"{p.name}: half written"
-        assert os.getxattr(p, "user.containers.override_stat"), f"{p.name}: no record"
+        assert os.getxattr(p, RECORD), f"{p.name}: no record"

@@ -16,20 +16,9 @@ import threading
 import time
 
 import pytest
-from fsutil import (
-    MAP,
-    SHIFTFS,
-    USER_ENV,
-    errno_of,
-    find_mount,
-    is_mounted,
-    mount_shiftfs,
-    reap,
-    run_as,
-    spawn_daemons,
-    unmount_lazy,
-    wait_for,
-)
+from asuser import USER_ENV, run_as
+from fsutil import MAP, SHIFTFS, find_mount, is_mounted, mount_shiftfs, reap, spawn_daemons, unmount_lazy, wait_for
+from sysx import errno_of
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 
@@ -257,14 +246,26 @@ def test_exit_zero_means_live(dirs, tracked):
         assert st is not None and os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0
 
 
+#: What runs a command as uid/gid 1000, without capabilities or groups.
+AS_1000 = ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "--"]
+
+
+def user_dirs(base, *names: str, uid: int = 1000) -> list:
+    """Directories ``base/NAME`` made and owned by ``uid``."""
+    out = []
+    for n in names:
+        (base / n).mkdir()
+        os.chown(base / n, uid, uid)
+        out.append(base / n)
+    return out
+
+
 def test_daemon_failure_reported(scratch, tracked):
     """A failure only the daemon can see (fusermount3 refuses a mount point the user cannot write)."""
-    src = scratch / "usrc"
-    src.mkdir()
-    os.chown(src, 1000, 1000)
+    (src,) = user_dirs(scratch, "usrc")
     mp = scratch / "rootmp"
     mp.mkdir(mode=0o755)
-    cmd = ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "--", SHIFTFS, "mount", "--xattr", src, mp]
+    cmd = [*AS_1000, SHIFTFS, "mount", "--xattr", src, mp]
     r, pids = tracked(cmd, mp, env=USER_ENV)
     line = one_line_error(r, code=1)
     assert str(mp) in line
@@ -275,27 +276,8 @@ def test_daemon_failure_reported(scratch, tracked):
 
 
 def test_unprivileged_user_mount_and_umount(scratch, tracked):
-    src, mp = scratch / "usrc", scratch / "ump"
-    for d in (src, mp):
-        d.mkdir()
-        os.chown(d, 1000, 1000)
-    logdir = scratch / "ulog"
-    logdir.mkdir()
-    os.chown(logdir, 1000, 1000)
-    cmd = [
-        "setpriv",
-        "--reuid=1000",
-        "--regid=1000",
-        "--clear-groups",
-        "--",
-        SHIFTFS,
-        "mount",
-        "--xattr",
-        "-o",
-        f"log={logdir}/user.log",
-        src,
-        mp,
-    ]
+    src, mp, logdir = user_dirs(scratch, "usrc", "ump", "ulog")
+    cmd = [*AS_1000, SHIFTFS, "mount", "--xattr", "-o", f"log={logdir}/user.log", src, mp]
     r, pids = tracked(cmd, mp, env=USER_ENV)
     assert r.returncode == 0, r.stderr
     assert find_mount(mp).fstype == "fuse.shiftfs"
@@ -457,10 +439,11 @@ def test_daemon_exits_cleanly_on_signal(dirs, shiftfs_mount, sig):
     assert "signal" in m.log_text() and "unmounted" in m.log_text()
 
 
-def test_foreground_sigint(dirs):
-    src, mp = dirs
+def foreground_sigint(src, mp, backend: str, timeout: float) -> str:
+    """``shiftfs mount -f`` on ``backend``: the view is there while it runs, SIGINT ends it with
+    exit 0 and the mount gone. Returns its stderr."""
     p = subprocess.Popen(
-        [SHIFTFS, "mount", "-f", "--map", MAP, "-o", "backend=fuse", str(src), str(mp)],
+        [SHIFTFS, "mount", "-f", "--map", MAP, "-o", f"backend={backend}", str(src), str(mp)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -470,15 +453,21 @@ def test_foreground_sigint(dirs):
         assert p.poll() is None, p.communicate()
         check_table_view(mp)
         p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=15)
+        out, err = p.communicate(timeout=timeout)
         assert p.returncode == 0, err
         assert not is_mounted(mp)
-        assert "Traceback" not in err
+        return err
     finally:
         if p.poll() is None:
             p.kill()
             p.wait()
         unmount_lazy(mp)
+
+
+def test_foreground_sigint(dirs):
+    src, mp = dirs
+    err = foreground_sigint(src, mp, "fuse", timeout=15)
+    assert "Traceback" not in err
 
 
 def test_signal_while_busy(dirs, shiftfs_mount):
@@ -688,25 +677,7 @@ def test_mount_t_fuse_shiftfs_kernel_backend(dirs, tracked, shiftfs_on_path):
 def test_kernel_backend_foreground(dirs):
     """``-f``: the mount lives as long as the command; SIGINT takes it down."""
     src, mp = dirs
-    p = subprocess.Popen(
-        [SHIFTFS, "mount", "-f", "--map", MAP, "-o", "backend=kernel", str(src), str(mp)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_for(lambda: is_mounted(mp) or p.poll() is not None, 30, what="foreground mount")
-        assert p.poll() is None, p.communicate()
-        check_table_view(mp)
-        p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=20)
-        assert p.returncode == 0, err
-        assert not is_mounted(mp)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        unmount_lazy(mp)
+    foreground_sigint(src, mp, "kernel", timeout=20)
 
 
 def test_auto_falls_back_to_fuse(dirs, tracked, shiftfs_mount, scratch):
@@ -733,25 +704,8 @@ def test_auto_falls_back_to_fuse(dirs, tracked, shiftfs_mount, scratch):
 
 
 def test_auto_unprivileged_user_gets_fuse(scratch, tracked):
-    src, mp = scratch / "usrc", scratch / "ump"
-    for d in (src, mp):
-        d.mkdir()
-        os.chown(d, 1000, 1000)
-    cmd = [
-        "setpriv",
-        "--reuid=1000",
-        "--regid=1000",
-        "--clear-groups",
-        "--",
-        SHIFTFS,
-        "mount",
-        "--map",
-        "b:1000:0:1",
-        "-o",
-        f"log={scratch}/u.log",
-        src,
-        mp,
-    ]
+    src, mp = user_dirs(scratch, "usrc", "ump")
+    cmd = [*AS_1000, SHIFTFS, "mount", "--map", "b:1000:0:1", "-o", f"log={scratch}/u.log", src, mp]
     with open(scratch / "u.log", "w"):
         pass
     os.chown(scratch / "u.log", 1000, 1000)

@@ -19,34 +19,18 @@ import tarfile
 import ns_util
 import pytest
 import readme_util
-from fsutil import (
-    MAP,
-    SHIFTFS,
-    USER_ENV,
-    errno_of,
-    have,
-    is_mounted,
-    reap,
-    run_as,
-    spawn_daemons,
-    unmount_lazy,
-    wait_for,
-)
+from asuser import USER_ENV, run_as
+from fsutil import MAP, SHIFTFS, have, is_mounted, reap, spawn_daemons, unmount_lazy, wait_for
+from records import LEGACY, RECORD
+from sysx import errno_of
 
 #: An ordinary user for the unprivileged cases (no passwd entry needed).
 USER = 4716
 
 
-@pytest.fixture(scope="module")
-def user():
-    """A throwaway user with a passwd entry (fusermount3 needs a name) and a
-    65536-id range in /etc/subuid and /etc/subgid (unshare --map-auto, podman)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create a throwaway user")
-    if not os.path.exists("/usr/sbin/useradd"):
-        pytest.skip("useradd is missing (package passwd)")
-    with ns_util.throwaway_users(with_range=1, without_range=0) as users:
-        yield users[0]
+#: A throwaway user with a passwd entry (fusermount3 needs a name) and a
+#: 65536-id range in /etc/subuid and /etc/subgid (unshare --map-auto, podman).
+user = ns_util.users_fixture(1, 0, one=True)
 
 
 @pytest.fixture
@@ -254,11 +238,9 @@ echo hi > mp/etc/f; echo a > mp/etc/sub/g; ln -s f mp/etc/link; chmod 4755 mp/et
     assert sorted(root) == [".shiftfs", "etc", "usr"], r.stdout
     assert out[out.index("SUB") + 1 : out.index("MODE")] == ["g"], r.stdout
     assert out[out.index("MODE") + 1] == "4755", r.stdout  # the record, not the backing mode 0755
-    rec = os.getxattr(os.path.join(wd, "tree"), "user.containers.override_stat")
+    rec = os.getxattr(os.path.join(wd, "tree"), RECORD)
     assert rec == f"{user.uid}:{user.gid}:40755".encode()  # the view the root showed
-    assert os.getxattr(os.path.join(wd, "tree", ".shiftfs"), "user.containers.override_stat") == (
-        f"{user.uid}:{user.gid}:40700".encode()
-    )
+    assert os.getxattr(os.path.join(wd, "tree", ".shiftfs"), RECORD) == (f"{user.uid}:{user.gid}:40700".encode())
 
 
 @pytest.mark.skipif(not have("fuse-overlayfs"), reason="needs fuse-overlayfs")
@@ -276,13 +258,13 @@ mkdir tree mp
 {SHIFTFS} mount --xattr tree mp
 mkdir -p mp/etc/sub; echo a > mp/etc/sub/g; echo hi > mp/etc/f; chmod 4755 mp/etc/f; ln -s f mp/etc/link
 {SHIFTFS} umount mp
-setfattr -x user.containers.override_stat tree
-setfattr -x user.containers.override_stat tree/.shiftfs
+setfattr -x {RECORD} tree
+setfattr -x {RECORD} tree/.shiftfs
 {SHIFTFS} mount --xattr -o ro tree mp
 ls mp/etc >/dev/null
 {SHIFTFS} umount mp
-getfattr -n user.containers.override_stat tree 2>/dev/null && exit 3
-getfattr -n user.containers.override_stat tree/.shiftfs 2>/dev/null && exit 4
+getfattr -n {RECORD} tree 2>/dev/null && exit 3
+getfattr -n {RECORD} tree/.shiftfs 2>/dev/null && exit 4
 {SHIFTFS} mount --xattr tree mp
 {SHIFTFS} umount mp
 """
@@ -290,13 +272,13 @@ getfattr -n user.containers.override_stat tree/.shiftfs 2>/dev/null && exit 4
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "4755" in r.stdout.split()
-    assert os.getxattr(os.path.join(tree, ".shiftfs"), "user.containers.override_stat")
+    assert os.getxattr(os.path.join(tree, ".shiftfs"), RECORD)
     # a legacy-only root record stays as it is (a tree fuse-overlayfs 1.10 wrote as its upper layer)
-    os.removexattr(tree, "user.containers.override_stat")
-    os.setxattr(tree, "user.fuseoverlayfs.override_stat", b"0:0:40755")
+    os.removexattr(tree, RECORD)
+    os.setxattr(tree, LEGACY, b"0:0:40755")
     r = as_user(user, f"cd {wd}; {SHIFTFS} mount --xattr tree mp; {SHIFTFS} umount mp")
     assert r.returncode == 0, r.stderr
-    assert "user.containers.override_stat" not in os.listxattr(tree)
+    assert RECORD not in os.listxattr(tree)
 
 
 # --- item 6: umount while other mount namespaces hold a copy ------------------------------------
@@ -429,6 +411,19 @@ echo "FAILS $fails"
 """
 
 
+def in_private_mount_ns(script: str, scratch, timeout: float, **env: str) -> subprocess.CompletedProcess:
+    """``sh -ec SCRIPT`` in a mount namespace of its own (WD=scratch, SHIFTFS set); it must exit 0."""
+    r = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-ec", script],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(USER_ENV, WD=str(scratch), SHIFTFS=SHIFTFS, **env),
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
 @pytest.mark.root
 @pytest.mark.timeout(900)  # 10 mounts and umounts: each mount takes ~2 s on a loaded 2-core machine
 @pytest.mark.skipif(not have("unshare"), reason="needs unshare (util-linux)")
@@ -436,15 +431,7 @@ def test_umount_then_mount_at_once(scratch):
     """umount(8) returns when the kernel detached the mount, before the daemon has exited
     and dropped its SOURCE lock: a mount right after it waits for that instead of refusing
     "already served"; ``shiftfs umount`` itself returns only once the daemon is gone."""
-    env = dict(USER_ENV, WD=str(scratch), SHIFTFS=SHIFTFS, ROUNDS="5")
-    r = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-ec", _REMOUNT_LOOP],
-        capture_output=True,
-        text=True,
-        timeout=800,
-        env=env,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = in_private_mount_ns(_REMOUNT_LOOP, scratch, 800, ROUNDS="5")
     assert "FAILS 0" in r.stdout, r.stdout + r.stderr
 
 
@@ -471,15 +458,7 @@ def test_mount_refused_while_another_namespace_holds_a_copy_names_it(scratch):
     """After umount here, a copy in another mount namespace keeps the daemon serving: the
     refusal names that namespace's process (not just the mount point we no longer have)
     and how to release it; once the holder exits, a mount right away succeeds."""
-    env = dict(USER_ENV, WD=str(scratch), SHIFTFS=SHIFTFS)
-    r = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-ec", _HELD_COPY],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = in_private_mount_ns(_HELD_COPY, scratch, 300)
     lines = r.stdout.splitlines()
     i = [n for n, ln in enumerate(lines) if ln.startswith("REFUSED")][0]
     holder = lines[i].split("holder=")[1]
@@ -690,7 +669,7 @@ def test_recipe_rootless_podman_mounts_inside_podman_unshare(user, wd):
         assert r.stdout.split() == ["0", "1000:1000", "0:0"], r.stdout
         st = os.stat(os.path.join(src, "home/x"))
         assert (st.st_uid, st.st_gid) == (user.uid, user.gid)
-        assert os.getxattr(os.path.join(src, "home/x"), "user.containers.override_stat") == b"1000:1000:100644"
+        assert os.getxattr(os.path.join(src, "home/x"), RECORD) == b"1000:1000:100644"
         # shiftfs umount inside podman unshare ends the mount, and the daemon with it: gone, not a
         # zombie left under podman's pause process (a zombie until 'podman system migrate')
         daemons = subprocess.run(
@@ -735,16 +714,11 @@ def test_readme_by_hand_pivot_recipe_as_written(user, wd, debian_tar):
     x = os.path.join(home, "rt/home/bob/x")
     st = os.stat(x)
     assert (st.st_uid, st.st_gid) == (user.uid, user.gid)  # yours on the host
-    assert os.getxattr(x, "user.containers.override_stat") == b"1000:1000:100644"
+    assert os.getxattr(x, RECORD) == b"1000:1000:100644"
 
 
-@pytest.fixture(scope="module")
-def user_without_range():
-    """A throwaway user with no subordinate range (a one-id user namespace only)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create a throwaway user")
-    with ns_util.throwaway_users(with_range=0, without_range=1) as users:
-        yield users[0]
+#: A throwaway user with no subordinate range (a one-id user namespace only).
+user_without_range = ns_util.users_fixture(0, 1, one=True)
 
 
 @pytest.mark.skipif(not have("unshare"), reason="needs unshare (util-linux)")
@@ -761,7 +735,7 @@ def test_by_hand_without_a_range_needs_single_id(user_without_range, debian_tar)
         r = as_user(user, f"cd {home} && {SHIFTFS} import {debian_tar} rt && mkdir rv", timeout=300)
         assert r.returncode == 0, r.stderr
         gshadow = os.path.join(home, "rt/etc/gshadow")
-        assert os.getxattr(gshadow, "user.containers.override_stat").startswith(b"0:42:")
+        assert os.getxattr(gshadow, RECORD).startswith(b"0:42:")
         for opts, want in (("", "gshadow"), ("-o single_id", "")):
             inside = f"{SHIFTFS} mount --xattr {opts} {home}/rt {home}/rv && chroot {home}/rv useradd -m bob{len(opts)}"
             r = as_user(user, f"unshare --user --map-root-user --mount sh -c '{inside}' 2>&1 || echo FAILED")

@@ -20,21 +20,9 @@ import threading
 import time
 
 import pytest
-from fsutil import (
-    MAP,
-    RENAME_EXCHANGE,
-    RENAME_NOREPLACE,
-    UTIME_NOW,
-    UTIME_OMIT,
-    errno_of,
-    have,
-    is_mounted,
-    make_scratch,
-    mount_shiftfs,
-    remove_scratch,
-    renameat2,
-    utimensat,
-)
+from asuser import start_py
+from fsutil import MAP, have, is_mounted, make_scratch, mount_shiftfs, remove_scratch
+from sysx import RENAME_EXCHANGE, RENAME_NOREPLACE, UTIME_NOW, UTIME_OMIT, errno_of, renameat2, utimensat
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 
@@ -86,13 +74,6 @@ def _shared_mounts():
             return m
 
         yield get
-
-
-@pytest.fixture(autouse=True)
-def _umask():
-    old = os.umask(0o022)
-    yield
-    os.umask(old)
 
 
 @pytest.fixture(params=sorted(MODES))
@@ -586,28 +567,28 @@ def test_rename_exchange(fs):
     assert errno_of(renameat2, fs.path("a"), fs.path("d"), RENAME_EXCHANGE | RENAME_NOREPLACE) == errno.EINVAL
 
 
+def ns_times(path) -> tuple[int, int]:
+    """(atime, mtime) of ``path`` in ns."""
+    st = os.stat(path)
+    return st.st_atime_ns, st.st_mtime_ns
+
+
 def test_utimens(fs):
     p = fs.path("f")
     write_file(p, b"x")
     t1, t2 = 1_000_000_123_456_789, 1_500_000_987_654_321
     os.utime(p, ns=(t1, t2))
-    st = os.stat(p)
-    assert (st.st_atime_ns, st.st_mtime_ns) == (t1, t2)
-    bst = os.stat(fs.backing("f"))
-    assert (bst.st_atime_ns, bst.st_mtime_ns) == (t1, t2)
+    assert ns_times(p) == (t1, t2)
+    assert ns_times(fs.backing("f")) == (t1, t2)
     # UTIME_OMIT leaves that time exactly as it was
     utimensat(p, UTIME_OMIT, t1)
-    st = os.stat(p)
-    assert (st.st_atime_ns, st.st_mtime_ns) == (t1, t1)
+    assert ns_times(p) == (t1, t1)
     utimensat(p, t2, UTIME_OMIT)
-    st = os.stat(p)
-    assert (st.st_atime_ns, st.st_mtime_ns) == (t2, t1)
-    bst = os.stat(fs.backing("f"))
-    assert (bst.st_atime_ns, bst.st_mtime_ns) == (t2, t1)
+    assert ns_times(p) == (t2, t1)
+    assert ns_times(fs.backing("f")) == (t2, t1)
     # both OMIT changes nothing
     utimensat(p, UTIME_OMIT, UTIME_OMIT)
-    st = os.stat(p)
-    assert (st.st_atime_ns, st.st_mtime_ns) == (t2, t1)
+    assert ns_times(p) == (t2, t1)
     # UTIME_NOW sets the current time, OMIT keeps the other
     before = time.time_ns()
     utimensat(p, UTIME_OMIT, UTIME_NOW)
@@ -1158,15 +1139,7 @@ print(bad)
 def test_stress_concurrent_namespace_ops(fs):
     """Four processes create, link, rename and remove the same few names at once."""
     n = 5000 if STRESS else 1000
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, fs.path(), str(seed), str(n)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for seed in range(4)
-    ]
+    procs = [start_py(WORKER, fs.path(), str(seed), str(n)) for seed in range(4)]
     try:
         outs = [p.communicate(timeout=240) for p in procs]
     finally:

@@ -25,29 +25,18 @@ import subprocess
 import tarfile
 
 import pytest
-from fsutil import SHIFTFS, mount_shiftfs, py_as, run_as, wait_for
-from ns_util import HOST_USR, make_host_root, remove_tree, run_argv, throwaway_users, workdir
+from asuser import py_as, run_as
+from fsutil import SHIFTFS, mount_shiftfs, wait_for
+from ns_util import HOST_USR, make_host_root, remove_tree, run_argv, users_fixture
+from records import RECORD
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates test users: run as root")
 
-RECORD = "user.containers.override_stat"
 OVERFLOW = 65534
 FORGED = b"0:0:104755"
 
 
-@pytest.fixture(scope="module")
-def users():
-    if not os.path.exists("/usr/sbin/useradd"):
-        pytest.skip("useradd is missing (package passwd)")
-    with throwaway_users(with_range=0, without_range=2) as us:
-        yield us
-
-
-@pytest.fixture
-def wd():
-    d = workdir()
-    yield d
-    remove_tree(d)
+users = users_fixture(0, 2)
 
 
 def cli_as(user, *args, check=False, timeout=120):

@@ -10,10 +10,8 @@ generated tree unpacked with ``tar --same-owner`` stands in.
 
 from __future__ import annotations
 
-import errno
 import io
 import os
-import pty
 import select
 import shlex
 import shutil
@@ -27,18 +25,24 @@ import pytest
 import readme_util
 from ns_util import (
     CACHE,
+    EXIT_CASES,
     MIRROR,
     REPO,
     ROOT_USER,
     User,
+    assert_usage_error,
+    command_pid,
     host_owners,
     mirror_reachable,
     mounts_mentioning,
     processes_mentioning,
+    pty_run,
     remove_tree,
-    throwaway_users,
+    users_fixture,
+    wait_for_line,
     workdir,
 )
+from records import record
 
 from bench import artifacts
 from shiftfs.container import exec as execcmd
@@ -47,7 +51,6 @@ from shiftfs.offline import devtable
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates test users: run as root")
 
-RECORD = "user.containers.override_stat"
 REFERENCE_TAR = os.path.join(CACHE, "bookworm-minbase-exec-reference.tar")
 
 
@@ -55,12 +58,7 @@ def exec_argv() -> list[str]:
     return [sys.executable, "-m", "shiftfs", "exec"]
 
 
-@pytest.fixture(scope="module")
-def users():
-    if not os.path.exists("/usr/sbin/useradd"):
-        pytest.skip("useradd is missing (package passwd)")
-    with throwaway_users(with_range=1, without_range=1) as us:
-        yield us
+users = users_fixture(1, 1)
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +76,6 @@ def who(request, users) -> User:
     return request.getfixturevalue("user")
 
 
-@pytest.fixture
-def wd():
-    d = workdir()
-    yield d
-    remove_tree(d)
-
-
 def owned_dir(path: str, owner: User) -> str:
     os.makedirs(path, exist_ok=True)
     os.chown(path, owner.uid, owner.gid)
@@ -99,12 +90,6 @@ def shiftfs_exec(
     if check and res.returncode != 0:
         raise AssertionError(f"exit {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr}")
     return res
-
-
-def record(path: str) -> str:
-    return subprocess.run(
-        ["getfattr", "--only-values", "-n", RECORD, path], capture_output=True, text=True
-    ).stdout.strip()
 
 
 def assert_clean(marker: str) -> None:
@@ -212,8 +197,8 @@ def test_shift_over_itself(who, wd):
     ]
     # On the host: everything is the caller's, the records hold the view.
     assert host_owners(r) == {(who.uid, who.gid)}
-    assert record(f"{r}/file") == "1000:1000:100644"
-    assert record(f"{r}/suid") == "0:0:104755"
+    assert record(f"{r}/file") == b"1000:1000:100644"
+    assert record(f"{r}/suid") == b"0:0:104755"
     assert not os.stat(f"{r}/suid").st_mode & 0o4000
     assert_clean(r)
     # A second command sees the same view, also from a cwd inside it.
@@ -251,8 +236,8 @@ def test_dst_elsewhere_and_nested(user, wd):
     ).stdout.splitlines()
     # src itself is the host directory: the caller's files are view id 0.
     assert out == ["dst/f 1000:1000", "src/f 0:0", "dst/sub/g 2000:2000", "inner/g 0:0"]
-    assert record(f"{src}/f") == "1000:1000:100644"
-    assert record(f"{inner}/g") == "2000:2000:100644"
+    assert record(f"{src}/f") == b"1000:1000:100644"
+    assert record(f"{inner}/g") == b"2000:2000:100644"
     assert not os.path.exists(f"{dst}/f")
     assert host_owners(wd) == {(user.uid, user.gid)}
     assert_clean(src)
@@ -273,7 +258,7 @@ def test_nested_user_namespaces_use_the_views(user, wd):
     """
     out = shiftfs_exec(user, "--shift", "r", "--", "sh", "-c", script, cwd=wd).stdout.split()
     assert out == ["0", "0", "1", "data", "42", "0:0"]
-    assert record(f"{r}/f") == "42:42:100600"
+    assert record(f"{r}/f") == b"42:42:100600"
     assert host_owners(r) == {(user.uid, user.gid)}
 
 
@@ -303,16 +288,7 @@ def test_host_filesystem_as_it_is(user, wd):
 # --- exit status, signals, teardown ------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "cmd,code",
-    [
-        (["true"], 0),
-        (["sh", "-c", "exit 7"], 7),
-        (["sh", "-c", "kill -9 $$"], 137),
-        (["no-such-command"], 127),
-        (["/etc"], 126),
-    ],
-)
+@pytest.mark.parametrize("cmd,code", EXIT_CASES)
 def test_exit_status(wd, cmd, code):
     r = owned_dir(os.path.join(wd, "r"), ROOT_USER)
     res = shiftfs_exec(ROOT_USER, "--shift", r, "--", *cmd, cwd=wd, check=False)
@@ -329,34 +305,6 @@ def _start(owner: User, cwd: str, *args: str) -> subprocess.Popen:
     )
 
 
-def _exec_pid(p: subprocess.Popen, owner: User) -> int:
-    """The pid of ``shiftfs exec`` itself (under runuser for a test user)."""
-    if owner.is_root:
-        return p.pid
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        for pid in os.listdir("/proc"):
-            if pid.isdigit():
-                try:
-                    with open(f"/proc/{pid}/stat") as f:
-                        ppid = int(f.read().rpartition(")")[2].split()[1])
-                except OSError:
-                    continue
-                if ppid == p.pid:
-                    return int(pid)
-        time.sleep(0.05)
-    raise AssertionError("shiftfs exec is not running under runuser")
-
-
-def _wait_for_line(stream, text: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([stream], [], [], 0.1)
-        if r and text in stream.readline():
-            return
-    raise AssertionError(f"no {text!r} within {timeout}s")
-
-
 def test_sigterm_reaches_command(user, wd):
     owned_dir(wd, user)
     r = owned_dir(os.path.join(wd, "r"), user)
@@ -370,12 +318,12 @@ def test_sigterm_reaches_command(user, wd):
         "-c",
         'trap "chown 5:5 r/f; echo got-term; exit 42" TERM; touch r/f; echo ready; while :; do sleep 0.05; done',
     )
-    _wait_for_line(p.stdout, "ready")
-    os.kill(_exec_pid(p, user), signal.SIGTERM)
+    wait_for_line(p.stdout, "ready", 30)
+    os.kill(command_pid(p, user, "shiftfs exec"), signal.SIGTERM)
     out, err = p.communicate(timeout=30)
     assert p.returncode == 42, err
     assert "got-term" in out
-    assert record(f"{r}/f") == "5:5:100644"  # written out before exec returned
+    assert record(f"{r}/f") == b"5:5:100644"  # written out before exec returned
     assert_clean(r)
 
 
@@ -387,35 +335,10 @@ def test_ctrl_c_on_a_terminal(wd):
         "n=0; trap 'n=$((n+1)); echo \"int $n\"' INT; tty; echo ready; "
         'sleep 1 & wait; sleep 0.5; echo "total $n"; exit 3'
     )
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.chdir(wd)
-        os.execv(exec_argv()[0], [*exec_argv(), "--shift", r, "--", "sh", "-c", script])
-    buf = b""
-    deadline = time.monotonic() + 30
-    sent = False
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.1)
-        if ready:
-            try:
-                chunk = os.read(fd, 1024)
-            except OSError as e:
-                if e.errno == errno.EIO:
-                    break
-                raise
-            if not chunk:
-                break
-            buf += chunk
-        if not sent and b"ready" in buf:
-            time.sleep(0.2)
-            os.write(fd, b"\x03")
-            sent = True
-    _, status = os.waitpid(pid, 0)
-    os.close(fd)
-    text = buf.decode(errors="replace")
+    text, code = pty_run([*exec_argv(), "--shift", r, "--", "sh", "-c", script], wd, when=b"ready", send=b"\x03")
     assert "total 1" in text, text
     assert "/dev/pts/" in text  # the caller's terminal, as it is
-    assert os.waitstatus_to_exitcode(status) == 3
+    assert code == 3
     assert_clean(r)
 
 
@@ -426,12 +349,12 @@ def test_sigkill_of_exec_leaves_nothing(user, wd):
     p = _start(
         user, wd, "--shift", "r", "--", "sh", "-c", f"touch r/f; chown 3:3 r/f; echo ready; sleep 60; : {marker}"
     )
-    _wait_for_line(p.stdout, "ready")
-    os.kill(_exec_pid(p, user), signal.SIGKILL)
+    wait_for_line(p.stdout, "ready", 30)
+    os.kill(command_pid(p, user, "shiftfs exec"), signal.SIGKILL)
     p.communicate(timeout=30)
     assert_clean(marker)
     assert_clean(r)  # the daemon (its command line names SRC) is gone too
-    assert record(f"{r}/f") == "3:3:100644"
+    assert record(f"{r}/f") == b"3:3:100644"
     assert host_owners(r) == {(user.uid, user.gid)}
 
 
@@ -503,10 +426,7 @@ def test_bad_inputs_get_one_line(users, wd, capsys):
         capsys.readouterr()
         code = execcmd.COMMAND_LINE.main(args)
         err = capsys.readouterr().err
-        assert code == 125, (args, err)
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and needle in lines[0], (args, err)
-        assert lines[0].startswith("shiftfs exec: ")
+        assert_usage_error(code, err, needle, "exec", args)
 
 
 def test_command_env_adds_sbin():
@@ -703,6 +623,16 @@ def _tar_versions(path: str) -> dict[str, str] | None:
     return None if status is None else _dpkg_versions(status)
 
 
+def reference_and_build(debian_tar: str, versions: dict[str, str], tar: str, full: str) -> tuple[dict, dict]:
+    """The entries of the reference tarball (``versions`` as real root would build them) and of
+    the built ``tar`` with mmdebstrap's /dev added from the device table (the kernel refused the
+    device nodes), written to ``full``."""
+    ref = reference_tar(debian_tar, versions)
+    with open(full, "wb") as out:
+        devtable.add_to_tar(tar, out, devtable.DeviceTable(devtable.parse(devtable.MMDEBSTRAP_DEV)))
+    return tar_entries(ref), tar_entries(full)
+
+
 def reference_tar(debian_tar: str, versions: dict[str, str]) -> str:
     """The real-root build (mmdebstrap --mode=root, tar output) with these
     package versions: the shared cached tarball, or our own one, rebuilt when
@@ -748,12 +678,7 @@ def test_mmdebstrap_matches_a_real_root_build(user, debian_build, debian_tar, tm
     with open(os.path.join(rootfs, "var/lib/dpkg/status"), "rb") as f:
         versions = _dpkg_versions(f.read())
     assert "dpkg" in versions and "apt" in versions
-    ref = reference_tar(debian_tar, versions)
-    # The kernel refused the device nodes; the table puts back mmdebstrap's /dev.
-    full = str(tmp_path / "rootfs-dev.tar")
-    with open(full, "wb") as out:
-        devtable.add_to_tar(tar, out, devtable.DeviceTable(devtable.parse(devtable.MMDEBSTRAP_DEV)))
-    want, got = tar_entries(ref), tar_entries(full)
+    want, got = reference_and_build(debian_tar, versions, tar, str(tmp_path / "rootfs-dev.tar"))
     assert len(want) > 5000
     assert diff_entries(want, got) == []
     without_dev = tar_entries(tar)

@@ -25,17 +25,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from rel_util import (
-    LEGACY,
-    RECORD,
-    TMP_PREFIX,
-    Mount,
-    check_consistent,
-    make_pair,
-    py_as,
-    run_as,
-    work,  # noqa: F401  (fixture)
-)
+from asuser import py_as, run_as, start_py
+from fsutil import Mount
+from records import LEGACY, RECORD, record, side_table_rows
+from rel_util import TMP_PREFIX, check_consistent, make_pair, work
+from sysx import errno_of
 
 MODES = ["table", "xattr"]
 U1, U2, U3, G1 = 1000, 1001, 2000, 1100
@@ -64,14 +58,6 @@ def _outside(work: Path) -> Path:
     (o / "sub").mkdir()
     (o / "sub" / "x").write_text("X")
     return o
-
-
-def _errno(fn) -> int:
-    try:
-        fn()
-    except OSError as e:
-        return e.errno
-    return 0
 
 
 def _assert_clean(m: Mount) -> None:
@@ -117,7 +103,7 @@ def test_symlinks_out_of_source_resolve_inside_the_view(work, mode):
     os.symlink("../../outside", src / "d" / "rel")  # from SRC/d: really leads to work/outside
     os.symlink("../" * 12 + "etc", src / "d" / "deep")
     os.symlink(str(outside / "secret"), src / "f")
-    with Mount(src, mp, mode) as m:
+    with Mount(src, mp, mode=mode) as m:
         r = subprocess.run([sys.executable, "-c", _IN_CHROOT, str(mp)], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         res = json.loads(r.stdout)
@@ -139,7 +125,7 @@ def test_symlinks_out_of_source_resolve_inside_the_view(work, mode):
         else:
             os.chown(mp / "abs", 5, 5, follow_symlinks=False)
             assert os.lstat(mp / "abs").st_uid == 5
-        assert _errno(lambda: os.setxattr(mp / "abs", "user.x", b"1", follow_symlinks=False)) == errno.EPERM
+        assert errno_of(lambda: os.setxattr(mp / "abs", "user.x", b"1", follow_symlinks=False)) == errno.EPERM
         os.utime(mp / "abs", ns=(10**9, 10**9), follow_symlinks=False)
         _assert_clean(m)
     assert _tree_state(outside) == before
@@ -184,10 +170,10 @@ def test_symlink_swapped_in_behind_cached_entries(work, mode, maps):
     (src / "known").mkdir()
     # with b:0:0:65536 root's files are created directly (no temporary name), the path that
     # once followed such a link out of SOURCE
-    with Mount(src, mp, mode, maps=maps, nofile=256) as m:
+    with Mount(src, mp, mode=mode, maps=maps, nofile=256) as m:
         names = ["c1", "c2", "c3", "c4", "c5", "c6", "c7"]
         for n in names:
-            assert _errno(lambda: os.lstat(mp / n)) == errno.ENOENT  # cached negative entry
+            assert errno_of(lambda: os.lstat(mp / n)) == errno.ENOENT  # cached negative entry
         os.listdir(mp / "known")
         for n in names:
             os.symlink(str(outside / "secret") if n != "c6" else str(outside / "sub"), src / n)
@@ -325,28 +311,29 @@ def test_rename_races_between_directories(work, mode, opts, nofile, side):
     """Directories moved between parents (through the mount, or behind it with cache=never)
     while two processes walk the tree and climb out with '..': no escape, no unexpected errno,
     a consistent tree afterwards."""
+    rename_race(work, mode, opts, nofile, side, seconds=5, walkers=2)
+
+
+def rename_race(work, mode, opts, nofile, side: str, seconds: float, walkers: int, timeout: float = 120) -> None:
+    """Directories moved between parents through the mount (``side="view"``) or behind it, while
+    ``walkers`` processes walk the tree and climb out with '..', for ``seconds``: no escape, no
+    unexpected errno, a consistent tree and a clean log afterwards."""
     outside = _outside(work)
     before = _tree_state(outside)
     src, mp = make_pair(work)
-    with Mount(src, mp, mode, opts=opts, nofile=nofile) as m:
+    with Mount(src, mp, mode=mode, opts=opts, nofile=nofile) as m:
         _race_tree(mp)
-        seconds = 5
         base = mp if side == "view" else src
-        walkers = [
-            subprocess.Popen(
-                [sys.executable, "-c", _WALKER, str(mp), str(seconds)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for _ in range(2)
-        ]
+        procs = [start_py(_WALKER, str(mp), str(seconds)) for _ in range(walkers)]
         mover = subprocess.run(
-            [sys.executable, "-c", _MOVER, str(base), str(seconds)], capture_output=True, text=True, timeout=120
+            [sys.executable, "-c", _MOVER, str(base), str(seconds)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         assert mover.returncode == 0, mover.stderr
-        for w in walkers:
-            out, err = w.communicate(timeout=120)
+        for w in procs:
+            out, err = w.communicate(timeout=timeout)
             if side == "backing":
                 # behind the mount's back a walk may meet a name that moved away: ESTALE is
                 # allowed there, nothing else
@@ -364,7 +351,7 @@ def test_rename_races_between_directories(work, mode, opts, nofile, side):
 @pytest.mark.parametrize("mode", MODES)
 def test_hard_links_to_files_we_do_not_own(work, mode):
     src, mp = make_pair(work)
-    with Mount(src, mp, mode) as m:
+    with Mount(src, mp, mode=mode) as m:
         (mp / "secret").write_text("root only")
         os.chmod(mp / "secret", 0o600)
         (mp / "tmp").mkdir()
@@ -462,37 +449,28 @@ print(json.dumps(res))
 _SPELLINGS = [
     RECORD,
     LEGACY,
-    "user.containers.override_stat.x",
-    "user.containers.override_user.containers.override_stat",
+    RECORD + ".x",
+    "user.containers.override_" + RECORD,
     "user.containers.override_",
-    "user.containers.Override_stat",
-    "user.fuseoverlayfs.override_stat2",
+    RECORD.replace("override", "Override"),
+    LEGACY + "2",
     "user.fuseoverlayfs.",
     "trusted.overlay.opaque",
-    "trusted.containers.override_stat",
-    "security.containers.override_stat",
-    "user.containers.override_stat ",
-    "user..containers.override_stat",
+    "trusted" + RECORD.removeprefix("user"),
+    "security" + RECORD.removeprefix("user"),
+    RECORD + " ",
+    RECORD.replace("user.", "user..", 1),
 ]
 
 
 def _records(src: Path) -> dict:
     """The records of the objects the test made: raw xattrs on files/dirs, side-table rows."""
-    import sqlite3
-
-    out = {}
+    out: dict = {}
     for n in ["pub", "mine", "dir"]:
-        p = src / n
-        out[n] = {x: os.getxattr(p, x) for x in os.listxattr(p) if x in (RECORD, LEGACY)}
-    db = src / ".shiftfs" / "records.db"
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        for n in ["lnk", "fifo", "dir/todb"]:
-            ino = os.lstat(src / n).st_ino
-            out[n] = sorted(tuple(r) for r in con.execute("SELECT * FROM records WHERE ino=?", (ino,)))
-            assert out[n], f"no side-table row for {n}"
-    finally:
-        con.close()
+        out[n] = {x: v for x in (RECORD, LEGACY) if (v := record(src / n, x)) is not None}
+    for n in ["lnk", "fifo", "dir/todb"]:
+        out[n] = side_table_rows(src, os.lstat(src / n).st_ino)
+        assert out[n], f"no side-table row for {n}"
     return out
 
 
@@ -510,7 +488,7 @@ def test_records_cannot_be_forged_or_removed(work, opts):
     """Every spelling of the record names, set/replaced/removed by root, the owner and another
     user on files, dirs, symlinks and FIFOs: the records on disk and the view stay the same."""
     src, mp = make_pair(work)
-    with Mount(src, mp, "xattr", opts=opts) as m:
+    with Mount(src, mp, mode="xattr", opts=opts) as m:
         (mp / "pub").write_text("p")
         os.chmod(mp / "pub", 0o666)
         (mp / "mine").write_text("m")
@@ -526,9 +504,9 @@ def test_records_cannot_be_forged_or_removed(work, opts):
         owners = _view_owners(mp)
         assert owners["pub"][:2] == (U1, U1)
         for uid in (0, U1, U3):
-            rc, out, err = py_as(uid, uid, _FORGE, mp, json.dumps(_SPELLINGS))
-            assert rc == 0, err
-            res = json.loads(out)
+            r = py_as(uid, uid, _FORGE, mp, json.dumps(_SPELLINGS), script=True)
+            assert r.returncode == 0, r.stderr
+            res = json.loads(r.stdout)
             assert _records(src) == records, f"uid {uid} changed a record: {res}"
             assert _view_owners(mp) == owners, f"uid {uid} changed the view: {res}"
             for t in ["pub", "mine", "dir", "lnk", "fifo"]:
@@ -567,8 +545,8 @@ def test_backing_temporary_names_are_hidden_and_cleaned(work):
     (src / "d" / (TMP_PREFIX + "dir")).mkdir()
     os.symlink("x", src / "d" / (TMP_PREFIX + "lnk"))
     (src / "d" / "real").write_text("r")
-    with Mount(src, mp, "xattr") as m:
-        assert _errno(lambda: os.lstat(mp / "d" / (TMP_PREFIX + "0011223344556677"))) == errno.ENOENT
+    with Mount(src, mp, mode="xattr") as m:
+        assert errno_of(lambda: os.lstat(mp / "d" / (TMP_PREFIX + "0011223344556677"))) == errno.ENOENT
         assert os.listdir(mp / "d") == ["real"]
         assert sorted(os.listdir(src / "d")) == ["real"]
         _assert_clean(m)
@@ -654,7 +632,7 @@ def _perm_setup(mp: Path) -> None:
 @pytest.mark.parametrize("mode", MODES)
 def test_view_permission_bits_enforced_for_every_user(work, mode):
     src, mp = make_pair(work)
-    with Mount(src, mp, mode) as m:
+    with Mount(src, mp, mode=mode) as m:
         users = [(U1, [U1]), (U2, [U2, G1]), (U3, [U3])]
         results = {}
         for uid, groups in users:
@@ -662,9 +640,9 @@ def test_view_permission_bits_enforced_for_every_user(work, mode):
             if (mp / "area").exists():
                 shutil.rmtree(mp / "area")
             _perm_setup(mp)
-            rc, out, err = py_as(uid, groups[0], _PERM_SCRIPT, mp, groups=groups)
-            assert rc == 0, err
-            results[uid] = json.loads(out)
+            r = py_as(uid, groups[0], _PERM_SCRIPT, mp, groups=groups, script=True)
+            assert r.returncode == 0, r.stderr
+            results[uid] = json.loads(r.stdout)
         wrong = []
         for what, want in _PERM_EXPECT.items():
             got = tuple(results[u][what] for u, _ in users)
@@ -686,7 +664,7 @@ def test_setuid_view_file_gives_no_host_privilege(work, mode, maps):
     idbin = shutil.which("id")
     assert idbin
     src, mp = make_pair(work)
-    with Mount(src, mp, mode, maps=maps) as m:
+    with Mount(src, mp, mode=mode, maps=maps) as m:
         opts = [ln for ln in open("/proc/self/mountinfo") if f" {mp} " in ln]
         assert opts and "nosuid" in opts[0].split()[5], opts
         shutil.copy(idbin, mp / "id")

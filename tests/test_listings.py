@@ -13,16 +13,9 @@ from __future__ import annotations
 import os
 
 import pytest
-from fsutil import MAP
+from fsutil import MAP, MODE_ARGS
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
-
-MODES = {"table": ("--map", MAP), "xattr": ("--xattr",)}
-
-
-@pytest.fixture(params=sorted(MODES))
-def mode(request):
-    return request.param
 
 
 def _readdirs(m) -> int:
@@ -41,7 +34,7 @@ def _answered_from_cache(m, d: str, want: set[str]) -> bool:
 
 
 def test_listing_cached_and_invalidated(shiftfs_mount, mode):
-    m = shiftfs_mount(*MODES[mode], stats=True)
+    m = shiftfs_mount(*MODE_ARGS[mode], stats=True)
     d = m.path("d")
     os.mkdir(d)
     os.mkdir(m.path("other"))
@@ -73,7 +66,7 @@ def test_listing_cached_and_invalidated(shiftfs_mount, mode):
 
 @pytest.mark.parametrize("cache", ["auto", "never"])
 def test_listing_not_cached_without_cache_always(shiftfs_mount, mode, cache):
-    m = shiftfs_mount(*MODES[mode], "-o", f"cache={cache}", stats=True)
+    m = shiftfs_mount(*MODE_ARGS[mode], "-o", f"cache={cache}", stats=True)
     os.mkdir(m.path("d"))
     open(m.path("d", "a"), "w").close()
     assert os.listdir(m.path("d")) == ["a"]
@@ -85,7 +78,7 @@ def test_listing_not_cached_without_cache_always(shiftfs_mount, mode, cache):
 
 
 def test_symlink_target_cached(shiftfs_mount, mode):
-    m = shiftfs_mount(*MODES[mode], stats=True)
+    m = shiftfs_mount(*MODE_ARGS[mode], stats=True)
     os.symlink("target", m.path("l"))
     assert os.readlink(m.path("l")) == "target"
     n = m.read_stats()["counts"].get("readlink", 0)

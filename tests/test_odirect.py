@@ -18,11 +18,10 @@ import subprocess
 import sys
 
 import pytest
-from fsutil import MAP
+from fsutil import MAP, MODE_ARGS
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 
-MODES = {"table": ("--map", MAP), "xattr": ("--xattr",)}
 
 # The writer: an AIO O_DIRECT writer of whole patterns; prints the number of stale read-backs.
 AIO = r"""
@@ -122,15 +121,10 @@ while not os.path.exists(stop):
 """
 
 
-@pytest.fixture(params=sorted(MODES))
-def mode(request):
-    return request.param
-
-
 @pytest.fixture(params=["writeback", "nowriteback"])
 def m(shiftfs_mount, mode, request):
     opts = ("-o", "nowriteback") if request.param == "nowriteback" else ()
-    mnt = shiftfs_mount(*MODES[mode], *opts)
+    mnt = shiftfs_mount(*MODE_ARGS[mode], *opts)
     os.chmod(mnt.mountpoint, 0o755)
     return mnt
 

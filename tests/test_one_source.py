@@ -11,8 +11,17 @@ import stat
 import subprocess
 
 import pytest
-from fsutil import SHIFTFS, USER_ENV, mount_shiftfs, reap, unmount_lazy, wait_for
-from ns_util import HOST_USR, ROOT_USER, User, make_host_root, remove_tree, run_argv, throwaway_users, workdir
+from asuser import USER_ENV
+from fsutil import SHIFTFS, mount_shiftfs, reap, unmount_lazy, wait_for
+from ns_util import (
+    HOST_USR,
+    ROOT_USER,
+    User,
+    make_host_root,
+    run_argv,
+    stop,
+    users_fixture,
+)
 
 from shiftfs.container import launcher, preflight
 from shiftfs.container import run as runmod
@@ -28,12 +37,7 @@ pytestmark = [
 MAP = "b:100000:0:65536"
 
 
-@pytest.fixture(scope="module")
-def users():
-    if not os.path.exists("/usr/sbin/useradd"):
-        pytest.skip("useradd is missing (package passwd)")
-    with throwaway_users(with_range=1, without_range=0) as us:
-        yield us
+users = users_fixture(1, 0)
 
 
 @pytest.fixture(params=["root", "user"])
@@ -43,13 +47,6 @@ def who(request, users) -> User:
     if preflight.blocked_component(runmod.__file__, 65533, {65533}, 4):
         pytest.skip("the checkout is not reachable by other users (see README)")
     return users[0]
-
-
-@pytest.fixture
-def wd():
-    d = workdir()
-    yield d
-    remove_tree(d)
 
 
 def _dirs(wd: str, who: User, *names: str) -> list[str]:
@@ -189,21 +186,24 @@ def _run_argv(who: User, root: str, *args: str) -> list[str]:
     return who.wrap([*run_argv(), *HOST_USR, *args, root, "--", "sh", "-c"])
 
 
+def _start_first(who: User, root: str, wd: str, script: str, stdout=subprocess.PIPE) -> subprocess.Popen:
+    """The first ``shiftfs run`` of ROOT, running ``sh -c SCRIPT``, once SCRIPT made /ready."""
+    first = subprocess.Popen([*_run_argv(who, root), script], stdout=stdout, stderr=subprocess.PIPE, text=True, cwd=wd)
+    try:
+        wait_for(lambda: os.path.exists(os.path.join(root, "ready")), timeout=30, what="the first run to start")
+    except BaseException:
+        stop(first)
+        raise
+    return first
+
+
 def test_second_run_joins_the_first(who, wd):
     root = make_host_root(os.path.join(wd, "root"), who)
     os.chmod(root, 0o700)
-    first = subprocess.Popen(
-        [
-            *_run_argv(who, root),
-            "echo $$ > /ready; while [ ! -e /done ]; do sleep 0.05; done; stat -c '%u:%g %a' /made",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=wd,
+    first = _start_first(
+        who, root, wd, "echo $$ > /ready; while [ ! -e /done ]; do sleep 0.05; done; stat -c '%u:%g %a' /made"
     )
     try:
-        wait_for(lambda: os.path.exists(os.path.join(root, "ready")), timeout=30, what="the first run to start")
         second = subprocess.run(
             [
                 *_run_argv(who, root),
@@ -227,27 +227,14 @@ def test_second_run_joins_the_first(who, wd):
         # On the host, the file is the user's; the record has the view owner.
         assert os.lstat(os.path.join(root, "made")).st_uid == who.uid
     finally:
-        if first.poll() is None:
-            first.terminate()  # runuser and shiftfs run pass it on to the command
-            try:
-                first.wait(10)
-            except subprocess.TimeoutExpired:
-                first.kill()
-                first.wait()
+        stop(first)
 
 
 def test_run_new_and_exec_refused_while_a_run_lives(who, wd):
     root = make_host_root(os.path.join(wd, "root"), who)
     os.chmod(root, 0o700)
-    first = subprocess.Popen(
-        [*_run_argv(who, root), "touch /ready; while [ ! -e /done ]; do sleep 0.05; done"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=wd,
-    )
+    first = _start_first(who, root, wd, "touch /ready; while [ ! -e /done ]; do sleep 0.05; done", subprocess.DEVNULL)
     try:
-        wait_for(lambda: os.path.exists(os.path.join(root, "ready")), timeout=30, what="the first run to start")
         r = subprocess.run([*_run_argv(who, root, "--new"), "true"], capture_output=True, text=True, cwd=wd, timeout=60)
         assert r.returncode == 125
         assert len(r.stderr.strip().splitlines()) == 1 and "the container of a 'shiftfs run'" in r.stderr
@@ -272,13 +259,7 @@ def test_run_new_and_exec_refused_while_a_run_lives(who, wd):
         r = subprocess.run([*_run_argv(who, root), "true"], capture_output=True, text=True, cwd=wd, timeout=60)
         assert r.returncode == 0, r.stderr
     finally:
-        if first.poll() is None:
-            first.terminate()  # runuser and shiftfs run pass it on to the command
-            try:
-                first.wait(10)
-            except subprocess.TimeoutExpired:
-                first.kill()
-                first.wait()
+        stop(first)
 
 
 #: Each command waits until all three are in, so that the container (whose

@@ -19,7 +19,6 @@ and only processes this test started are killed, by pid.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import stat
@@ -31,14 +30,15 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fsutil  # noqa: E402
+import mounttab  # noqa: E402
 import ns_util  # noqa: E402
+from records import RECORD  # noqa: E402
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 
 #: Generous: two cores shared with other test runs. A deadlock shows as this timeout.
 SCRIPT_TIMEOUT = 90
 FUSECTL = "/sys/fs/fuse/connections"
-_PR_SET_CHILD_SUBREAPER = 36
 
 #: Runs inside the namespace; $1 scratch dir, $2 mode (table|xattr), $3 disk id of view id 0.
 #: Prints KEY=VALUE lines the test checks. `set -e`: any failing step ends it non-zero.
@@ -76,9 +76,8 @@ echo "AFTER=$(cat /f1 | tr '\n' ' ')$(readlink /l1) $(ls /mnt/oldroot | wc -l)"
 """
 
 
-def _prctl_subreaper(on: bool) -> None:
-    if fsutil._libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+#: A user namespace of the subid user's ranges (root: the user), with a mount namespace of its own.
+USERNS = ["unshare", "--user", "--map-auto", "--map-root-user", "--mount"]
 
 
 def _abort_connection(scratch) -> None:
@@ -95,14 +94,6 @@ def _abort_connection(scratch) -> None:
             f.write("1")
     except OSError:
         pass
-
-
-def _state(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return None
 
 
 def _in_session(sid: int) -> list[int]:
@@ -124,28 +115,24 @@ def run_recipe(argv: list[str], scratch) -> tuple[subprocess.CompletedProcess | 
     While it runs this process is a child subreaper, so the daemon (which
     double-forks) becomes our child: we can wait for it and read its status.
     """
-    with fsutil._subreaper_lock:
-        before = fsutil._children()
-        _prctl_subreaper(True)
-        hung = False
+    hung = False
+    with mounttab.adopting() as new:
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
-            p = subprocess.Popen(
-                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-            )
-            try:
-                out, err = p.communicate(timeout=SCRIPT_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                hung = True
-                _abort_connection(scratch)
-                for pid in _in_session(p.pid):
-                    os.kill(pid, signal.SIGKILL)
-                out, err = p.communicate(timeout=30)
-        finally:
-            _prctl_subreaper(False)
-        new = sorted(fsutil._children() - before)
+            out, err = p.communicate(timeout=SCRIPT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            hung = True
+            _abort_connection(scratch)
+            for pid in _in_session(p.pid):
+                os.kill(pid, signal.SIGKILL)
+            out, err = p.communicate(timeout=30)
     # A daemon that is exiting right now has already dropped its memory (empty
     # cmdline) but may not be a zombie yet: count it as well.
-    daemons = [pid for pid in new if "mount" in fsutil._cmdline(pid) or not fsutil._cmdline(pid) or _state(pid) == "Z"]
+    daemons = [
+        pid
+        for pid in new
+        if "mount" in mounttab._cmdline(pid) or not mounttab._cmdline(pid) or mounttab._proc_state(pid) == "Z"
+    ]
     return subprocess.CompletedProcess(argv, p.returncode, out, err), daemons, hung
 
 
@@ -189,7 +176,7 @@ def _check_view(out: str, table_base: int | None, scratch, xattr: bool) -> None:
     assert v["AFTER"] == "hello more f1 0", v
     f1 = os.lstat(os.path.join(scratch, "rt", "f1"))
     if xattr:
-        assert os.getxattr(os.path.join(scratch, "rt", "f1"), "user.containers.override_stat").startswith(b"1:2:")
+        assert os.getxattr(os.path.join(scratch, "rt", "f1"), RECORD).startswith(b"1:2:")
         assert stat.S_IMODE(f1.st_mode) & 0o7022 == 0
     else:
         assert (f1.st_uid, f1.st_gid) == (table_base + 1, table_base + 2)
@@ -219,10 +206,7 @@ def test_pivot_as_root(pivot_scratch, mode):
     _check_view(res.stdout, base, d, mode == "xattr")
 
 
-@pytest.fixture(scope="module")
-def subid_user():
-    with ns_util.throwaway_users(with_range=1, without_range=0) as users:
-        yield users[0]
+subid_user = ns_util.users_fixture(1, 0, one=True)
 
 
 @pytest.mark.parametrize("mode", ["table", "xattr"])
@@ -237,11 +221,7 @@ def test_pivot_as_user(pivot_scratch, subid_user, mode):
         os.chown(d / "rt", u.subid[0] + base - 1, u.subid[0] + base - 1)
     argv = u.wrap(
         [
-            "unshare",
-            "--user",
-            "--map-auto",
-            "--map-root-user",
-            "--mount",
+            *USERNS,
             "sh",
             "-c",
             RECIPE,
@@ -267,11 +247,7 @@ def test_pivot_issue_recipe_with_pid_namespace(pivot_scratch, subid_user):
     ns_util.chown_tree(str(d), u)
     argv = u.wrap(
         [
-            "unshare",
-            "--user",
-            "--map-auto",
-            "--map-root-user",
-            "--mount",
+            *USERNS,
             "--pid",
             "--fork",
             "sh",

@@ -17,23 +17,19 @@ import sys
 import time
 
 import pytest
-from fsutil import MAP, SHIFTFS, find_mount, have, py_as, renameat2, run_as
+from asuser import py_as, run_as
+from fsutil import MAP, MODE_ARGS, SHIFTFS, find_mount, have
+from sysx import renameat2
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 
-MODES = {"table": ("--map", MAP), "xattr": ("--xattr",)}
 RENAME_WHITEOUT = 4
-
-
-@pytest.fixture(params=sorted(MODES))
-def mode(request):
-    return request.param
 
 
 @pytest.fixture
 def m(shiftfs_mount, mode):
     """A fresh mount of SOURCE in ``mode``, reachable by other users."""
-    mnt = shiftfs_mount(*MODES[mode])
+    mnt = shiftfs_mount(*MODE_ARGS[mode])
     os.chmod(mnt.mountpoint, 0o755)
     return mnt
 
@@ -130,6 +126,12 @@ def test_rename_whiteout_xattr(shiftfs_mount):
 # -- 5: an ACL write that changes the mode clears SGID like chmod does ----------------
 
 
+def _acl_rwx_as_100(p) -> int:
+    """uid 100 (group 101, no other groups) sets the ACL of ``p`` to rwx for all; the mode bits after."""
+    run_as(100, 101, ["setfacl", "-m", "u::rwx,g::rwx,o::rwx", p], check=True)
+    return os.stat(p).st_mode & 0o7777
+
+
 @pytest.mark.skipif(not have("setfacl"), reason="needs setfacl")
 @pytest.mark.parametrize("kind", ["file", "dir"])
 def test_setfacl_clears_sgid_outside_group(m, kind):
@@ -145,8 +147,7 @@ def test_setfacl_clears_sgid_outside_group(m, kind):
     run_as(100, 101, ["chmod", "2777", p], check=True)
     assert os.stat(p).st_mode & 0o7777 == 0o777
     os.chmod(p, 0o2755)
-    run_as(100, 101, ["setfacl", "-m", "u::rwx,g::rwx,o::rwx", p], check=True)
-    assert oct(os.stat(p).st_mode & 0o7777) == oct(0o777)
+    assert oct(_acl_rwx_as_100(p)) == oct(0o777)
 
 
 @pytest.mark.skipif(not have("setfacl"), reason="needs setfacl")
@@ -156,8 +157,7 @@ def test_setfacl_keeps_sgid_in_group(m):
     open(p, "w").close()
     os.chown(p, 100, 101)
     os.chmod(p, 0o2755)
-    run_as(100, 101, ["setfacl", "-m", "u::rwx,g::rwx,o::rwx", p], check=True)
-    assert oct(os.stat(p).st_mode & 0o7777) == oct(0o2777)
+    assert oct(_acl_rwx_as_100(p)) == oct(0o2777)
 
 
 # -- 6: a default ACL shapes the mode of new objects ------------------------------------

@@ -15,12 +15,11 @@ import subprocess
 import sys
 
 import pytest
-from fsutil import MAP, have
+from fsutil import MAP, MODE_ARGS, have
+from records import RECORD
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 
-MODES = {"table": ("--map", MAP), "xattr": ("--xattr",)}
-RECORD = "user.containers.override_stat"
 MiB = 1 << 20
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -29,14 +28,9 @@ FALLOC_FL_ZERO_RANGE = 0x10
 FALLOC_FL_INSERT_RANGE = 0x20
 
 
-@pytest.fixture(params=sorted(MODES))
-def mode(request):
-    return request.param
-
-
 @pytest.fixture
 def m(shiftfs_mount, mode):
-    mnt = shiftfs_mount(*MODES[mode], stats=True)
+    mnt = shiftfs_mount(*MODE_ARGS[mode], stats=True)
     os.chmod(mnt.mountpoint, 0o755)
     return mnt
 
@@ -163,7 +157,7 @@ def test_fallocate_enospc(shiftfs_mount, mode, scratch):
     src.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "tmpfs", str(src)], check=True)
     try:
-        mnt = shiftfs_mount(*MODES[mode], source=src)
+        mnt = shiftfs_mount(*MODE_ARGS[mode], source=src)
         with open(mnt.path("f"), "wb"):
             pass
         assert _fallocate_errno(mnt.path("f"), os.O_RDWR, 0, 0, 64 * MiB) == errno.ENOSPC

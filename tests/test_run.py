@@ -3,9 +3,7 @@ unprivileged user with (and without) a subordinate id range."""
 
 from __future__ import annotations
 
-import errno
 import os
-import pty
 import select
 import signal
 import stat
@@ -15,39 +13,37 @@ import time
 
 import pytest
 from ns_util import (
+    EXIT_CASES,
     HOST_USR,
     REPO,
     ROOT_USER,
     User,
+    assert_usage_error,
     chown_tree,
+    command_pid,
     host_owners,
     make_host_root,
     mounts_mentioning,
     processes_mentioning,
+    pty_run,
     remove_tree,
     run_argv,
-    throwaway_users,
-    workdir,
+    users_fixture,
+    wait_for_line,
 )
+from records import RECORD
 
 from shiftfs.container import preflight, rootfs, userns
 from shiftfs.container import run as runmod
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates test users: run as root")
 
-RECORD = "user.containers.override_stat"
-
 
 def _repo_reachable_by_all() -> str | None:
     return preflight.blocked_component(os.path.join(runmod.__file__), 65533, {65533}, 4)
 
 
-@pytest.fixture(scope="module")
-def users():
-    if not os.path.exists("/usr/sbin/useradd"):
-        pytest.skip("useradd is missing (package passwd)")
-    with throwaway_users(with_range=1, without_range=1) as us:
-        yield us
+users = users_fixture(1, 1)
 
 
 @pytest.fixture(params=["root", "user"])
@@ -58,13 +54,6 @@ def who(request, users) -> User:
     if bad:
         pytest.skip(f"{bad} is not searchable by other users; move the checkout (see README)")
     return users[0]
-
-
-@pytest.fixture
-def wd():
-    d = workdir()
-    yield d
-    remove_tree(d)
 
 
 def make_root(wd: str, owner: User, name: str = "root") -> str:
@@ -254,16 +243,7 @@ def test_bind_follows_symlinks_inside_root(wd):
 # --- exit status and signals ---------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "cmd,code",
-    [
-        (["true"], 0),
-        (["sh", "-c", "exit 7"], 7),
-        (["sh", "-c", "kill -9 $$"], 137),
-        (["no-such-command"], 127),
-        (["/etc"], 126),
-    ],
-)
+@pytest.mark.parametrize("cmd,code", EXIT_CASES)
 def test_exit_status(wd, cmd, code):
     root = make_root(wd, ROOT_USER)
     res = shiftfs_run(ROOT_USER, root, *cmd, check=False)
@@ -282,36 +262,11 @@ def _start(owner: User, root: str, *cmd: str, opts=()) -> subprocess.Popen:
     )
 
 
-def _run_pid(p: subprocess.Popen, owner: User) -> int:
-    """The pid of ``shiftfs run`` itself (under runuser for a test user)."""
-    if owner.is_root:
-        return p.pid
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    ppid = int(f.read().rpartition(")")[2].split()[1])
-            except OSError:
-                continue
-            if ppid == p.pid:
-                return int(pid)
-    raise AssertionError("shiftfs run is not running under runuser")
-
-
-def _wait_for_line(stream, text: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([stream], [], [], 0.1)
-        if r and text in stream.readline():
-            return
-    raise AssertionError(f"no {text!r} within {timeout}s")
-
-
 def test_sigterm_reaches_command(who, wd):
     root = make_root(wd, who)
     p = _start(who, root, "sh", "-c", 'trap "echo got-term; exit 42" TERM; echo ready; while :; do sleep 0.05; done')
-    _wait_for_line(p.stdout, "ready")
-    os.kill(_run_pid(p, who), signal.SIGTERM)
+    wait_for_line(p.stdout, "ready", 20)
+    os.kill(command_pid(p, who, "shiftfs run"), signal.SIGTERM)
     out, err = p.communicate(timeout=20)
     assert p.returncode == 42, err
     assert "got-term" in out
@@ -321,7 +276,7 @@ def test_sigterm_reaches_command(who, wd):
 def test_sigint_kills_command(wd):
     root = make_root(wd, ROOT_USER)
     p = _start(ROOT_USER, root, "sh", "-c", "echo ready; exec sleep 60")
-    _wait_for_line(p.stdout, "ready")
+    wait_for_line(p.stdout, "ready", 20)
     os.kill(p.pid, signal.SIGINT)
     p.communicate(timeout=20)
     assert p.returncode == 130
@@ -336,35 +291,10 @@ def test_ctrl_c_on_a_terminal(wd):
         "n=0; trap 'n=$((n+1)); echo \"int $n\"' INT; tty; echo ready; "
         'sleep 1 & wait; sleep 0.5; echo "total $n"; exit 3'
     )
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.chdir(wd)
-        os.execv(run_argv()[0], [*run_argv(), *HOST_USR, root, "--", "sh", "-c", script])
-    buf = b""
-    deadline = time.monotonic() + 30
-    sent = False
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([fd], [], [], 0.1)
-        if r:
-            try:
-                chunk = os.read(fd, 1024)
-            except OSError as e:
-                if e.errno == errno.EIO:
-                    break
-                raise
-            if not chunk:
-                break
-            buf += chunk
-        if not sent and b"ready" in buf:
-            time.sleep(0.2)
-            os.write(fd, b"\x03")
-            sent = True
-    _, status = os.waitpid(pid, 0)
-    os.close(fd)
-    text = buf.decode(errors="replace")
+    text, code = pty_run([*run_argv(), *HOST_USR, root, "--", "sh", "-c", script], wd, when=b"ready", send=b"\x03")
     assert "total 1" in text, text
     assert "/dev/console" in text  # the terminal is found inside (ttyname)
-    assert os.waitstatus_to_exitcode(status) == 3
+    assert code == 3
     assert_clean(root)
 
 
@@ -372,8 +302,8 @@ def test_sigkill_of_run_leaves_nothing(who, wd):
     root = make_root(wd, who)
     marker = "shiftfs-kill-marker"
     p = _start(who, root, "sh", "-c", f"echo ready; sleep 60; : {marker}")
-    _wait_for_line(p.stdout, "ready")
-    os.kill(_run_pid(p, who), signal.SIGKILL)  # `shiftfs run` itself, not runuser
+    wait_for_line(p.stdout, "ready", 20)
+    os.kill(command_pid(p, who, "shiftfs run"), signal.SIGKILL)  # `shiftfs run` itself, not runuser
     p.communicate(timeout=20)
     assert_clean(marker)
     assert_clean(root)
@@ -493,16 +423,16 @@ def test_free_block_and_subid_parsing(tmp_path):
 
 
 def test_subid_file_edits_are_undone_exactly(tmp_path):
-    import ns_util
+    from bench import subusers
 
     for original in (b"", b"a:1:2\n", b"a:1:2", b"# c\nb:5:6\n\n"):
         p = str(tmp_path / "subuid")
         with open(p, "wb") as f:
             f.write(original)
-        added = ns_util._add_lines(p, ["sftx:100:5\n"])
+        added = subusers._add_lines(p, ["sftx:100:5\n"])
         with open(p, "ab") as f:  # somebody else's edit meanwhile
             f.write(b"other:9:9\n")
-        ns_util._remove_lines(p, {"sftx", "other"}, added)
+        subusers._remove_lines(p, {"sftx", "other"}, added)
         with open(p, "rb") as f:
             assert f.read() == original
 
@@ -559,10 +489,7 @@ def test_bad_inputs_get_one_line(users, wd, capsys):
             capsys.readouterr()
             code = runmod.COMMAND_LINE.main(args)
             err = capsys.readouterr().err
-        assert code == 125, (args, err)
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and needle in lines[0], (args, err)
-        assert lines[0].startswith("shiftfs run: ")
+        assert_usage_error(code, err, needle, "run", args)
 
 
 # --- environment, --bind forms, shifted trees, logs (issue 16) ---------------------------

@@ -19,7 +19,8 @@ import sys
 import tarfile
 
 import pytest
-from ns_util import User, host_owners, remove_tree, throwaway_users, workdir
+from ns_util import User, host_owners, remove_tree, users_fixture, workdir
+from records import RECORD
 
 from shiftfs.container import launcher, preflight
 
@@ -29,13 +30,12 @@ pytestmark = [
     pytest.mark.skipif(platform.machine() != "x86_64", reason="the script uses x86_64 system call numbers"),
 ]
 
-RECORD = "user.containers.override_stat"
+
+users = users_fixture(0, 1)
 
 
 @pytest.fixture(scope="module")
-def user():
-    if not os.path.exists("/usr/sbin/useradd"):
-        pytest.skip("useradd is missing (package passwd)")
+def user(users):
     try:
         import seccomp  # noqa: F401
     except ImportError:
@@ -43,8 +43,7 @@ def user():
     bad = preflight.blocked_component(launcher.__file__, 65533, {65533}, 4)
     if bad:
         pytest.skip(f"{bad} is not searchable by other users; move the checkout (see README)")
-    with throwaway_users(with_range=0, without_range=1) as us:
-        yield us[0]
+    return users[0]
 
 
 @pytest.fixture
@@ -78,7 +77,9 @@ def export(user: User, wd: str) -> dict[str, tarfile.TarInfo]:
 
 
 # Runs inside the namespace as namespace root: every trapped call as a raw system call.
-CALLS = r"""
+#: The start of a script run as namespace root: ``call(tag, name, *args)`` makes the raw system
+#: call ``name`` and records 0 or its errno in ``res[tag]``; umask 0, in the directory argv[1].
+SYSCALLS = r"""
 import ctypes, json, os, stat, sys
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
@@ -91,6 +92,11 @@ def call(tag, name, *args):
     res[tag] = 0 if rc == 0 else ctypes.get_errno()
 os.umask(0)
 os.chdir(sys.argv[1])
+"""
+
+CALLS = (
+    SYSCALLS
+    + r"""
 for n in "a b c d e f g h i s".split():
     open("r/" + n, "w").close()
 os.mkdir("r/sub")
@@ -152,6 +158,7 @@ st = os.stat("r/null")
 res["inside-dev"] = [stat.S_ISCHR(st.st_mode), os.major(st.st_rdev), os.minor(st.st_rdev)]
 print(json.dumps(res))
 """
+)
 
 WANT = {
     # name: (type, mode, uid, gid, (major, minor) or None)
@@ -358,7 +365,7 @@ def test_mmdebstrap_matches_a_real_root_build(user, debian_tar, tmp_path):
     import shutil
 
     from ns_util import mirror_reachable
-    from test_exec import _dpkg_versions, diff_entries, reference_tar, tar_entries
+    from test_exec import _dpkg_versions, diff_entries, reference_and_build, tar_entries
 
     from shiftfs.offline import devtable
 
@@ -386,11 +393,8 @@ def test_mmdebstrap_matches_a_real_root_build(user, debian_tar, tmp_path):
         )
         with open(os.path.join(rootfs, "var/lib/dpkg/status"), "rb") as f:
             versions = _dpkg_versions(f.read())
-        ref = reference_tar(debian_tar, versions)
         full = str(tmp_path / "rootfs-dev.tar")
-        with open(full, "wb") as out:
-            devtable.add_to_tar(tar, out, devtable.DeviceTable(devtable.parse(devtable.MMDEBSTRAP_DEV)))
-        want, got = tar_entries(ref), tar_entries(full)
+        want, got = reference_and_build(debian_tar, versions, tar, full)
         assert len(want) > 5000
         for name, (before, after) in APT_OPTION_TRACES.items():
             assert (want.get(name), got.get(name)) == (before, after), name
@@ -417,9 +421,7 @@ def test_mmdebstrap_matches_a_real_root_build(user, debian_tar, tmp_path):
             capture_output=True,
             timeout=600,
         )
-        with open(full, "wb") as out:
-            devtable.add_to_tar(tar, out, devtable.DeviceTable(devtable.parse(devtable.MMDEBSTRAP_DEV)))
-        assert diff_entries(tar_entries(ref), tar_entries(full)) == []
+        assert diff_entries(*reference_and_build(debian_tar, versions, tar, full)) == []
         assert host_owners(d) == {(user.uid, user.gid)}
     finally:
         remove_tree(d)
@@ -427,19 +429,9 @@ def test_mmdebstrap_matches_a_real_root_build(user, debian_tar, tmp_path):
 
 # O_PATH descriptors as dirfd and as the AT_EMPTY_PATH target: systemd-tmpfiles
 # chowns what it made through them, e.g. fchownat(fd, "", -1, 999, AT_EMPTY_PATH).
-O_PATH_CALLS = r"""
-import ctypes, json, os, stat, sys
-libc = ctypes.CDLL(None, use_errno=True)
-libc.syscall.restype = ctypes.c_long
-NR = dict(fchown=93, fchownat=260, mknodat=259)
-EMPTY, NOFOLLOW = 0x1000, 0x100
-res = {}
-def call(tag, name, *args):
-    cargs = [ctypes.c_char_p(a) if isinstance(a, bytes) else ctypes.c_long(a) for a in args]
-    rc = libc.syscall(NR[name], *cargs)
-    res[tag] = 0 if rc == 0 else ctypes.get_errno()
-os.umask(0)
-os.chdir(sys.argv[1])
+O_PATH_CALLS = (
+    SYSCALLS
+    + r"""
 for n in "a b".split():
     open("r/" + n, "w").close()
 os.mkdir("r/journal")
@@ -473,6 +465,7 @@ call("outside-dirfd", "fchownat", x, b"x", 42, 42, 0)
 call("outside-mknodat", "mknodat", x, b"null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
 print(json.dumps(res))
 """
+)
 
 
 def test_o_path_descriptors(user, wd):

@@ -17,7 +17,9 @@ import sys
 import time
 
 import pytest
-from fsutil import MAP, USER_ENV, errno_of, have, py_as, run_as
+from asuser import USER_ENV, py_as, run_as
+from fsutil import MAP, have
+from sysx import errno_of
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse]
 
@@ -41,13 +43,6 @@ def shiftfs_mount(shiftfs_mount, backend):
         return shiftfs_mount(*args, "-o", f"backend={backend}", **kw)
 
     return make
-
-
-@pytest.fixture(autouse=True)
-def _umask():
-    old = os.umask(0o022)
-    yield
-    os.umask(old)
 
 
 def _src_owned(scratch, name, uid, gid):
@@ -190,7 +185,8 @@ def test_chown_outside_table_is_eoverflow(tm):
     assert lst(tm.backing("f")) == (BASE + OVERFLOW, BASE + OVERFLOW)
 
 
-CREATE_ALL = """
+#: A py_as body's start: ``tryit(name, fn)`` records 0 or the errno of each attempt in ``out``.
+TRYIT = """
 import os, stat
 d = {d!r}
 out = {{}}
@@ -200,6 +196,11 @@ def tryit(name, fn):
         out[name] = 0
     except OSError as e:
         out[name] = e.errno
+"""
+
+CREATE_ALL = (
+    TRYIT
+    + """
 tryit("file", lambda: os.close(os.open(d + "/file", os.O_CREAT | os.O_WRONLY, 0o644)))
 tryit("excl", lambda: os.close(os.open(d + "/excl", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)))
 tryit("dir", lambda: os.mkdir(d + "/dir"))
@@ -208,6 +209,7 @@ tryit("fifo", lambda: os.mkfifo(d + "/fifo"))
 tryit("sock", lambda: os.mknod(d + "/sock", stat.S_IFSOCK | 0o600))
 return out
 """
+)
 
 
 def test_create_as_unmapped_user_is_eoverflow(tm):
@@ -580,16 +582,9 @@ def test_observer_never_sees_wrong_owner_stress(scratch, shiftfs_mount, mode, ba
     assert len(os.listdir(d)) == 5 * N_OBSERVED
 
 
-PERMS = """
-import os
-d = {d!r}
-out = {{}}
-def tryit(name, fn):
-    try:
-        fn()
-        out[name] = 0
-    except OSError as e:
-        out[name] = e.errno
+PERMS = (
+    TRYIT
+    + """
 tryit("read_private", lambda: open(d + "/private").read())
 tryit("write_readonly", lambda: open(d + "/readonly", "a").write("x"))
 tryit("unlink_others_in_sticky", lambda: os.unlink(d + "/sticky/theirs"))
@@ -603,6 +598,7 @@ tryit("truncate_readonly", lambda: os.truncate(d + "/readonly", 0))
 tryit("setxattr_others", lambda: os.setxattr(d + "/readonly", "user.x", b"1"))
 return out
 """
+)
 
 
 def test_permissions_enforced_for_view_users(tm):
@@ -640,23 +636,16 @@ def test_permissions_enforced_for_view_users(tm):
 
 
 def _unmapped_ops(d):
-    out = {}
-
-    def tryit(name, fn):
-        try:
-            fn()
-            out[name] = 0
-        except OSError as e:
-            out[name] = e.errno
-
-    tryit("read", lambda: open(d + "/r").read())
-    tryit("write", lambda: open(d + "/w", "a").write("x"))
-    tryit("unlink", lambda: os.unlink(d + "/u"))
-    tryit("rename", lambda: os.rename(d + "/n", d + "/n2"))
-    tryit("chmod", lambda: os.chmod(d + "/m", 0o644))
-    tryit("setxattr", lambda: os.setxattr(d + "/x", "user.a", b"1"))
-    tryit("chown_into_table", lambda: os.chown(d + "/c", 5, 5))
-    return out
+    """0 or the errno of each operation on the prepared files in ``d``."""
+    return {
+        "read": errno_of(lambda: open(d + "/r").read()),
+        "write": errno_of(lambda: open(d + "/w", "a").write("x")),
+        "unlink": errno_of(os.unlink, d + "/u"),
+        "rename": errno_of(os.rename, d + "/n", d + "/n2"),
+        "chmod": errno_of(os.chmod, d + "/m", 0o644),
+        "setxattr": errno_of(os.setxattr, d + "/x", "user.a", b"1"),
+        "chown_into_table": errno_of(os.chown, d + "/c", 5, 5),
+    }
 
 
 def test_root_on_files_owned_outside_the_table(tm, backend):

@@ -31,29 +31,18 @@ import tarfile
 import time
 
 import pytest
-from fsutil import SHIFTFS, USER_ENV, mount_shiftfs, py_as, run_as
-from ns_util import HOST_USR, make_host_root, remove_tree, throwaway_users, workdir
+from asuser import py_as, run_as
+from fsutil import SHIFTFS, mount_shiftfs
+from ns_util import HOST_USR, make_host_root, remove_tree, users_fixture
+from records import RECORD
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates test users: run as root")
 
-RECORD = "user.containers.override_stat"
 OVERFLOW = 65534
 FORGED = b"0:0:104755"
 
 
-@pytest.fixture(scope="module")
-def users():
-    if not os.path.exists("/usr/sbin/useradd"):
-        pytest.skip("useradd is missing (package passwd)")
-    with throwaway_users(with_range=1, without_range=1) as us:
-        yield us
-
-
-@pytest.fixture
-def wd():
-    d = workdir()
-    yield d
-    remove_tree(d)
+users = users_fixture(1, 1)
 
 
 def cli_as(user, *args, check=False, cwd="/", timeout=120):
@@ -83,14 +72,20 @@ def _sample_tar(path: str) -> None:
         add("link", tarfile.SYMTYPE, 0o777, link="opt/legit")
 
 
-def builder_tree(wd: str, builder) -> str:
-    """builder's SOURCE as an older shiftfs left it: the sticky /tmp 0777 on disk."""
+def imported_sample(wd: str, builder) -> str:
+    """The sample tar, imported by builder into ``wd/src`` (``wd`` builder's)."""
     os.chown(wd, builder.uid, builder.gid)
     tar = os.path.join(wd, "sample.tar")
     _sample_tar(tar)
     os.chmod(tar, 0o644)
     src = os.path.join(wd, "src")
     cli_as(builder, "import", tar, src, check=True)
+    return src
+
+
+def builder_tree(wd: str, builder) -> str:
+    """builder's SOURCE as an older shiftfs left it: the sticky /tmp 0777 on disk."""
+    src = imported_sample(wd, builder)
     os.chmod(src, 0o755)
     # What an older version stored for a 1777 view directory.
     run_as(builder.uid, builder.gid, ["chmod", "0777", f"{src}/tmp"], check=True)
@@ -338,12 +333,7 @@ return {{n: stat.S_IMODE(os.lstat(m + "/" + n).st_mode) for n in os.listdir(m)}}
 
 def test_import_writes_private_backing_modes(users, wd):
     builder, _ = users
-    os.chown(wd, builder.uid, builder.gid)
-    tar = os.path.join(wd, "sample.tar")
-    _sample_tar(tar)
-    os.chmod(tar, 0o644)
-    src = os.path.join(wd, "src")
-    cli_as(builder, "import", tar, src, check=True)
+    src = imported_sample(wd, builder)
     for dirpath, dirnames, filenames in os.walk(src):
         for n in [dirpath] + [os.path.join(dirpath, x) for x in dirnames + filenames]:
             st = os.lstat(n)

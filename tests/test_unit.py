@@ -9,6 +9,7 @@ import tarfile
 import types
 
 import pytest
+from records import RECORD
 
 from shiftfs.errors import UsageError
 from shiftfs.fs.options import parse_options
@@ -146,7 +147,7 @@ def test_pipe_record_on_regular_file_exports_as_fifo(tmp_path):
     root = tmp_path / "root"
     root.mkdir()
     (root / "fifo").write_bytes(b"")
-    os.setxattr(root / "fifo", "user.containers.override_stat", b"0:0:0644:pipe")
+    os.setxattr(root / "fifo", RECORD, b"0:0:0644:pipe")
     out = io.BytesIO()
     assert export_tree(str(root), out) == []
     out.seek(0)

@@ -19,20 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
-from xattr_util import (
-    LEGACY,
-    RECORD,
-    ShiftMount,
-    backing_xattrs,
-    diff_snapshots,
-    fuse_overlayfs,
-    have,
-    record,
-    run_as,
-    sh,
-    side_rows,
-    snapshot,
-)
+from asuser import run_as, sh
+from fsutil import Mount, have
+from records import LEGACY, RECORD, backing_xattrs, record, side_rows
+from xattr_util import diff_snapshots, fuse_overlayfs, snapshot
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="xattr-mode tests act as several users: run as root"),
@@ -48,25 +38,23 @@ G_SHARED = 1500  # a group U1 is a member of (supplementary)
 
 # -- fixtures -------------------------------------------------------------------
 
-_MOUNTS: list[ShiftMount] = []  # mounts of the running test, undone by the work fixture
+_MOUNTS: list[Mount] = []  # mounts of the running test, undone by the work fixture
 
 
 @pytest.fixture
 def work(scratch):
     """``scratch`` (0755, reachable by other users) with ``src`` and ``mp``; mounts undone afterwards."""
-    old_umask = os.umask(0o022)  # tests change it; each starts from the usual one
     (scratch / "src").mkdir()
     (scratch / "mp").mkdir()
     try:
         yield scratch
     finally:
         while _MOUNTS:
-            _MOUNTS.pop().umount()
-        os.umask(old_umask)
+            _MOUNTS.pop().__exit__(None, None, None)  # detach, reap, check the log
 
 
-def new_mount(work, opts=(), src="src", mp="mp", **kw) -> ShiftMount:
-    m = ShiftMount(work / src, work / mp, opts=opts, **kw)
+def new_mount(work, opts=(), src="src", mp="mp", **kw) -> Mount:
+    m = Mount(work / src, work / mp, mode="xattr", opts=opts, **kw)
     _MOUNTS.append(m)
     return m.mount()
 
@@ -75,6 +63,12 @@ def new_mount(work, opts=(), src="src", mp="mp", **kw) -> ShiftMount:
 def xm(work):
     """An xattr-mode mount of work/src on work/mp, run by root."""
     return new_mount(work)
+
+
+def chown_chmod(p, uid: int, gid: int, mode: int) -> None:
+    """chown, then chmod (a chown drops setuid/setgid)."""
+    os.chown(p, uid, gid)
+    os.chmod(p, mode)
 
 
 def lst(p):
@@ -170,8 +164,7 @@ def test_view_users_chown_chmod_setuid_matrix(xm, work):
     os.mkdir(mp / "private", 0o700)
     (mp / "private" / "f").write_text("p")
     os.mkdir(mp / "grp")
-    os.chown(mp / "grp", 0, G_SHARED)
-    os.chmod(mp / "grp", 0o2775)
+    chown_chmod(mp / "grp", 0, G_SHARED, 0o2775)
 
     def as1(cmd, **kw):
         return run_as(U1, U1, cmd, groups=(U1, G_SHARED), **kw)
@@ -256,11 +249,9 @@ def _populate(mp: Path):
     ):
         f = mp / f"f{i}"
         f.write_text("x" * i)
-        os.chown(f, uid, gid)
-        os.chmod(f, mode)
+        chown_chmod(f, uid, gid, mode)
     os.makedirs(mp / "a" / "b" / "c")
-    os.chown(mp / "a" / "b", U2, 100)
-    os.chmod(mp / "a" / "b", 0o3750)
+    chown_chmod(mp / "a" / "b", U2, 100, 0o3750)
     os.chmod(mp / "a", 0o555)
     os.symlink("../f0", mp / "a" / "b" / "ln")
     os.lchown(mp / "a" / "b" / "ln", 33, 34)
@@ -442,11 +433,9 @@ def test_hard_links_share_one_record(xm, work):
 def test_rename_over_keeps_the_right_record(xm, work):
     mp, src = work / "mp", work / "src"
     (mp / "a").write_text("a")
-    os.chown(mp / "a", 1, 1)
-    os.chmod(mp / "a", 0o600)
+    chown_chmod(mp / "a", 1, 1, 0o600)
     (mp / "b").write_text("b")
-    os.chown(mp / "b", 2, 2)
-    os.chmod(mp / "b", 0o4755)
+    chown_chmod(mp / "b", 2, 2, 0o4755)
     os.link(mp / "b", mp / "b2")
     os.rename(mp / "a", mp / "b")
     assert owner(mp / "b") == (1, 1) and perm(mp / "b") == 0o600 and (mp / "b").read_text() == "a"
@@ -586,7 +575,7 @@ FORGED = [
     "user.fuseoverlayfs.override_" + RECORD,
 ]
 FORGED_ROOT_ONLY = [
-    "security.fuseoverlayfs.override_stat",
+    "security" + LEGACY.removeprefix("user"),
     "trusted.overlay.override_stat",
     "user.containers.override_security.capability",
 ]
@@ -597,8 +586,7 @@ def test_forged_records_do_not_take(work, opts):
     mp, src = work / "mp", work / "src"
     m = new_mount(work, opts)
     (mp / "mine").write_text("#!/bin/sh\n")
-    os.chown(mp / "mine", U1, U1)
-    os.chmod(mp / "mine", 0o755)
+    chown_chmod(mp / "mine", U1, U1, 0o755)
     (mp / "roots").write_text("")
     os.chmod(mp / "roots", 0o644)
     os.mkdir(mp / "dir")
@@ -682,11 +670,9 @@ def test_no_record_and_malformed_records(work):
         (src / name).write_text("data")
     (src / "foreign").write_text("data")
     os.mkdir(src / "dir")
-    os.chown(src / "plain", 0, 456)
-    os.chmod(src / "plain", 0o640)
+    chown_chmod(src / "plain", 0, 456, 0o640)
     # Another user's file: its record is not read, it shows as the overflow id (issue 14).
-    os.chown(src / "foreign", 123, 456)
-    os.chmod(src / "foreign", 0o4750)
+    chown_chmod(src / "foreign", 123, 456, 0o4750)
     os.setxattr(src / "foreign", RECORD, b"0:0:104755")
     os.setxattr(src / "garbage", RECORD, b"not a record")
     os.setxattr(src / "toolarge", RECORD, b"99999999999:0:100644")
@@ -736,15 +722,12 @@ def test_tree_made_outside_the_mount(work):
     """
     src, mp = work / "src", work / "mp"
     (src / "sg").mkdir()
-    os.chown(src / "sg", 0, 50)
-    os.chmod(src / "sg", 0o2775)
+    chown_chmod(src / "sg", 0, 50, 0o2775)
     (src / "suid").write_text("")
-    os.chown(src / "suid", 0, 8)
-    os.chmod(src / "suid", 0o4755)
+    chown_chmod(src / "suid", 0, 8, 0o4755)
     (src / "other").write_text("")
-    os.chown(src / "other", 7, 8)
-    os.chmod(src / "other", 0o4755)
-    with ShiftMount(src, mp):
+    chown_chmod(src / "other", 7, 8, 0o4755)
+    with Mount(src, mp, mode="xattr"):
         # no record: the backing owner and mode, as they are
         assert owner(mp / "suid") == (0, 8) and perm(mp / "suid") == 0o4755
         assert owner(mp / "other") == (65534, 65534) and perm(mp / "other") == 0o755
@@ -802,7 +785,7 @@ def test_every_record_variant_is_read(work):
     (src / "both").write_text("")
     os.setxattr(src / "both", RECORD, b"1:1:100644")
     os.setxattr(src / "both", LEGACY, b"2:2:100600")
-    with ShiftMount(src, mp):
+    with Mount(src, mp, mode="xattr"):
         for name, (_v, _x, fm, uid, gid) in cases.items():
             st = lst(mp / name)
             assert (stat.filemode(st.st_mode), st.st_uid, st.st_gid) == (fm, uid, gid), name
@@ -811,7 +794,7 @@ def test_every_record_variant_is_read(work):
         os.chmod(mp / "legacy", 0o755)
         # an existing legacy record is kept in step, so older readers see the change
         assert os.getxattr(src / "legacy", LEGACY) == os.getxattr(src / "legacy", RECORD) == b"5:5:100755"
-    with ShiftMount(src, mp, opts=["legacy_xattr"]):
+    with Mount(src, mp, mode="xattr", opts=["legacy_xattr"]):
         assert owner(mp / "both") == (2, 2)  # with -o legacy_xattr the legacy name wins
         os.chmod(mp / "both", 0o640)
         assert os.getxattr(src / "both", RECORD) == os.getxattr(src / "both", LEGACY) == b"2:2:100640"
@@ -895,7 +878,7 @@ def test_interop_fuse_overlayfs_writes_shiftfs_reads(work, rootfs_tar):
         os.chown(fmp / "later", 5, 6)  # fuse-overlayfs 1.10 keeps chown...
         os.chmod(fmp / "later", 0o4750)  # ...until a chmod (its bug #407-era), whatever it shows is the truth here
         theirs = snapshot(fmp, skip_store=False)
-    m = ShiftMount(upper, work / "mp")
+    m = Mount(upper, work / "mp", mode="xattr")
     _MOUNTS.append(m)
     m.mount()
     ours = snapshot(work / "mp")
@@ -915,7 +898,7 @@ def test_interop_shiftfs_writes_fuse_overlayfs_reads(work, rootfs_tar):
     lower, upper, wd, fmp = (work / n for n in ("lower", "upper", "fowork", "fomp"))
     for p in (lower, upper, wd, fmp):
         p.mkdir()
-    m = ShiftMount(upper, work / "mp", opts=["legacy_xattr"])
+    m = Mount(upper, work / "mp", mode="xattr", opts=["legacy_xattr"])
     _MOUNTS.append(m)
     m.mount()
     # fuse-overlayfs 1.10 cannot list a directory holding a file or directory
@@ -1049,16 +1032,14 @@ def _make_rootfs(root: Path) -> None:
         os.mknod(root / rel, kind | mode, os.makedev(ma, mi))
         os.chown(root / rel, uid, gid)
     for rel, uid, gid, mode in files:
-        os.chown(root / rel, uid, gid)
-        os.chmod(root / rel, mode)
+        chown_chmod(root / rel, uid, gid, mode)
     t = 1_600_000_000
     for dirpath, dirnames, filenames in os.walk(root, topdown=False):
         for n in filenames + dirnames:
             t += 7
             os.utime(os.path.join(dirpath, n), ns=(t * 10**9, t * 10**9 + 123), follow_symlinks=False)
     for rel, uid, gid, mode in dirs:
-        os.chown(root / rel, uid, gid)
-        os.chmod(root / rel, mode)
+        chown_chmod(root / rel, uid, gid, mode)
     os.chmod(root, 0o755)
 
 

@@ -1,84 +1,17 @@
-"""Helpers for the xattr-mode tests: remountable mounts, fuse-overlayfs, raw records, tree snapshots.
+"""Helpers for the xattr-mode tests: fuse-overlayfs over a tree, whole-tree snapshots.
 
-Mounting and acting as other users go through the shared helpers in
-``tests/fsutil.py`` (``mount_shiftfs``, ``run_as``); this adds what
-``tests/test_xattr.py`` needs on top: a mount that can be unmounted and
-mounted again, the backing records and side table, and whole-tree snapshots.
+Mounting goes through ``fsutil.Mount`` (``mode="xattr"``: it can be unmounted
+and mounted again), acting as other users through ``asuser``, and the
+backing records are read with ``records``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import sqlite3
 import stat
 import subprocess
 import time
-from pathlib import Path
-
-from fsutil import have, mount_shiftfs, run_as  # noqa: F401  (re-exported for the tests)
-
-RECORD = "user.containers.override_stat"
-LEGACY = "user.fuseoverlayfs.override_stat"
-
-
-def sh(cmd: str, check=True, cwd=None, timeout=300):
-    r = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, errors="replace", cwd=cwd, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{cmd!r} failed ({r.returncode}): {r.stdout[-2000:]}{r.stderr[-2000:]}")
-    return r
-
-
-class ShiftMount:
-    """``shiftfs mount --xattr src mp -o OPTS`` that can be unmounted and mounted again.
-
-    Each mount is a :func:`fsutil.mount_shiftfs`: unmounting detaches the mount
-    and waits for the daemon to exit (so the side table is closed before a
-    test looks at the backing tree), and an unexpected error in the daemon's
-    log fails the test.
-    """
-
-    def __init__(self, src, mp, opts=(), xattr=True, as_uid=None, log=None):
-        self.src = str(src)
-        self.mp = str(mp)
-        self.opts = list(opts)
-        self.xattr = xattr
-        self.as_uid = as_uid
-        self.log = str(log) if log else f"{self.mp}.log"
-        self._stack: contextlib.ExitStack | None = None
-
-    @property
-    def mounted(self) -> bool:
-        return self._stack is not None
-
-    def mount(self):
-        args = (["--xattr"] if self.xattr else []) + (["-o", ",".join(self.opts)] if self.opts else [])
-        stack = contextlib.ExitStack()
-        stack.enter_context(mount_shiftfs(self.src, self.mp, *args, as_uid=self.as_uid, log=self.log))
-        self._stack = stack
-        return self
-
-    def umount(self):
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            stack.close()
-
-    def remount(self):
-        self.umount()
-        return self.mount()
-
-    def log_text(self) -> str:
-        try:
-            with open(self.log, errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
-
-    def __enter__(self):
-        return self.mount()
-
-    def __exit__(self, *exc):
-        self.umount()
 
 
 @contextlib.contextmanager
@@ -100,33 +33,6 @@ def fuse_overlayfs(upper, work, lower, mp):
             if subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True).returncode == 0:
                 break
             time.sleep(0.1)
-
-
-def record(path) -> bytes | None:
-    """The backing record xattr of a regular file or directory (None when absent)."""
-    try:
-        return os.getxattr(path, RECORD, follow_symlinks=False)
-    except OSError:
-        return None
-
-
-def backing_xattrs(path) -> dict[str, bytes]:
-    out = {}
-    for n in os.listxattr(path, follow_symlinks=False):
-        out[n] = os.getxattr(path, n, follow_symlinks=False)
-    return out
-
-
-def side_rows(src) -> dict[int, bytes]:
-    db = Path(src) / ".shiftfs" / "records.db"
-    if not db.exists():
-        return {}
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        rows = con.execute("SELECT ino, value FROM records").fetchall()
-        return {ino: bytes(v) for ino, v in rows}
-    finally:
-        con.close()
 
 
 def snapshot(root, skip_store=True) -> dict[str, tuple]:

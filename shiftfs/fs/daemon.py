@@ -316,8 +316,10 @@ def mount(cfg: MountConfig) -> int:
     """``shiftfs mount``: check, then serve in the foreground or background."""
     from . import idmapped
 
-    if cfg.fuse_fd is None and idmapped.try_mount(cfg):  # table mode as an idmapped bind mount: no daemon
-        return 0
+    if cfg.fuse_fd is None and idmapped.wanted(cfg):
+        check(cfg, fuse=False)
+        if idmapped.try_mount(cfg):  # table mode as an idmapped bind mount: no daemon
+            return 0
     check(cfg)
     if cfg.foreground:
         _setup_logging(cfg, background=False)

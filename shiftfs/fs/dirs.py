@@ -21,6 +21,7 @@ import errno
 import hashlib
 import os
 import stat
+from collections import Counter
 from typing import Any
 
 import pyfuse3
@@ -67,6 +68,8 @@ class DirectoryHandlers:
 
     table: InodeTable
     cache: CacheConfig
+    counts: Counter[str]  # the error door's request counts (requestlog.Served)
+    trace: bool
     _dirs: dict[int, DirHandle]
     _next_dh: int
 

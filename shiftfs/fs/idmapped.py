@@ -45,7 +45,16 @@ from ..sys.mounts import (
     in_init_userns,
 )
 
-__all__ = ["BACKENDS", "KernelRefused", "try_mount", "is_kernel_mount", "unmount", "userns_fd", "idmapped_bind"]
+__all__ = [
+    "BACKENDS",
+    "KernelRefused",
+    "wanted",
+    "try_mount",
+    "is_kernel_mount",
+    "unmount",
+    "userns_fd",
+    "idmapped_bind",
+]
 
 BACKENDS = ("auto", "kernel", "fuse")
 
@@ -322,15 +331,17 @@ def _unmapped_root_note(src: str, uids: IdMap, gids: IdMap) -> str:
     )
 
 
-def try_mount(cfg) -> bool:
-    """Make the kernel mount if ``cfg`` asks for it (or ``auto`` allows it).
+def wanted(cfg) -> bool:
+    """Whether ``cfg`` asks for the kernel backend (or ``auto`` allows it), by its options alone.
 
-    True: mounted (with ``-f``, also unmounted again on a signal); the caller
-    is done. False: use the FUSE daemon. Raises UsageError/MountError when
-    ``backend=kernel`` cannot be honoured.
+    False: use the FUSE daemon (said in one line where the user could expect
+    otherwise). Raises UsageError when ``backend=kernel`` cannot be honoured.
+    True: the caller checks SOURCE and MOUNTPOINT
+    (:func:`shiftfs.fs.mount.check` with ``fuse=False``), then calls
+    :func:`try_mount`. (The check lives with the mount, which imports this
+    module; this module does not import it back.)
     """
-    from ..errors import MountError, UsageError
-    from .mount import check
+    from ..errors import UsageError
 
     backend = getattr(cfg, "backend", "auto")
     if backend == "fuse":
@@ -351,7 +362,20 @@ def try_mount(cfg) -> bool:
             )
         _say(f"backend fuse: -o {','.join(blockers)} needs the FUSE backend")
         return False
-    check(cfg, fuse=False)
+    return True
+
+
+def try_mount(cfg) -> bool:
+    """Make the kernel mount :func:`wanted` asked for, on checked SOURCE and MOUNTPOINT.
+
+    True: mounted (with ``-f``, also unmounted again on a signal); the caller
+    is done. False: use the FUSE daemon. Raises MountError when
+    ``backend=kernel`` cannot be honoured.
+    """
+    from ..errors import MountError
+
+    backend = getattr(cfg, "backend", "auto")
+    given = list(dict.fromkeys(getattr(cfg, "option_keys", [])))
     src, mp = os.path.abspath(cfg.source), os.path.abspath(cfg.mountpoint)
     below = _mounts_below(src)
     if below and backend == "auto":

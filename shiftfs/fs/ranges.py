@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from collections import Counter
 
 from ..sys.files import fallocate
 from .inodes import Inode
@@ -38,6 +39,8 @@ class RangeHandlers:
     """The byte-range handlers of :class:`shiftfs.fs.ops.Operations`."""
 
     _files: dict[int, Inode]
+    counts: Counter[str]  # the error door's request counts (requestlog.Served)
+    trace: bool
     enable_writeback_cache: bool
 
     @fuse_handler

@@ -22,6 +22,7 @@ import errno
 import io
 import os
 import sys
+from collections.abc import Callable
 
 from ..errors import MountError, UsageError
 from ..sys import mounts
@@ -40,6 +41,9 @@ from ..sys.mounts import (
 )
 from .mount import is_shiftfs_mount
 from .options import MountConfig
+
+#: A ``shiftfs`` mount command line (either form) → its options; raises UsageError.
+ParseArgv = Callable[[list[str]], MountConfig]
 
 __all__ = ["remount", "LATE_FLAGS", "apply_late_flags"]
 
@@ -167,10 +171,9 @@ def _daemon_argv(pid: int) -> list[str] | None:
     return None
 
 
-def _live_config(mp: str) -> MountConfig | None:
+def _live_config(mp: str, parse_mount_argv: ParseArgv) -> MountConfig | None:
     """The options the daemon serving ``mp`` was started with, or None if unknown
     (another user's daemon, the kernel backend, a daemon of ``shiftfs run``)."""
-    from ..cli import parse_mount_argv
     from .sourcelock import notes_in, runtime_dir
 
     for h in notes_in(runtime_dir(create=False), None):
@@ -204,10 +207,15 @@ def _changed(cfg: MountConfig, live: MountConfig | None) -> list[str]:
     return [k for k in given if k not in _FIELDS or any(_value(cfg, f) != _value(live, f) for f in _FIELDS[k])]
 
 
-def remount(cfg: MountConfig) -> int:
-    """Apply the ro/rw and per-mount flags of ``cfg`` to the live mount on ``cfg.mountpoint``."""
+def remount(cfg: MountConfig, parse_mount_argv: ParseArgv) -> int:
+    """Apply the ro/rw and per-mount flags of ``cfg`` to the live mount on ``cfg.mountpoint``.
+
+    ``parse_mount_argv`` reads the serving daemon's command line into its
+    options: the command line's parser (:func:`shiftfs.cli.parse_mount_argv`,
+    handed down by the command line, which sits above this package).
+    """
     mp = os.path.abspath(cfg.mountpoint)
-    changed = _changed(cfg, _live_config(mp)) if cfg.daemon_opts else []
+    changed = _changed(cfg, _live_config(mp, parse_mount_argv)) if cfg.daemon_opts else []
     if changed:
         given = ", ".join(changed)
         if not cfg.from_mount_table:

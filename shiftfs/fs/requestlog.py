@@ -12,6 +12,9 @@ import errno
 import functools
 import logging
 import os
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import pyfuse3
 
@@ -100,21 +103,35 @@ def _describe(ops, name: str, args: tuple) -> str:
         return _printable(repr(args)[:200])
 
 
-def fuse_handler(fn):
+class Served(Protocol):
+    """What the error door needs of the operations object it wraps."""
+
+    counts: Counter[str]
+    trace: bool
+
+
+_S = TypeVar("_S", bound=Served)
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def fuse_handler(fn: Callable[Concatenate[_S, _P], _R]) -> Callable[Concatenate[_S, _P], Coroutine[Any, Any, _R]]:
     """Run a synchronous handler as a pyfuse3 coroutine; map errors to errnos.
 
     Unexpected errors are logged as one line naming the request and the view
     path (the traceback only with ``-o debug``); ``-o debug`` traces requests.
+    The wrapper keeps the handler's signature, so mypy checks each handler
+    against its callers and against pyfuse3's ``Operations``.
     """
     name = fn.__name__
 
     @functools.wraps(fn)
-    async def handler(self, *args):
+    async def handler(self: _S, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         self.counts[name] += 1
         if self.trace:
             log.debug("-> %s %s", name, _describe(self, name, args))
         try:
-            return fn(self, *args)
+            return fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except SideTableError as e:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections import Counter
 from collections.abc import Callable
 
 import pyfuse3
@@ -36,6 +37,8 @@ class XattrHandlers:
 
     table: InodeTable
     policy: OwnershipPolicy
+    counts: Counter[str]  # the error door's request counts (requestlog.Served)
+    trace: bool
     cache: CacheConfig
     xattr_probes: bool
     #: backing xattr names every new object gets from the filesystem (None: not learnt yet)

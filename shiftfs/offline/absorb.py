@@ -22,6 +22,7 @@ from ..ownership.names import STORE_DIR, escape_xattr_name, is_privileged_xattr,
 from ..ownership.record import RECORD_NAME, Record, RecordError, type_fits
 from ..ownership.view import capability_for_disk, get_xattr, list_xattrs, map_capability
 from ..sys.files import O_PATH_NOFOLLOW, fchown_fd, proc_fd, utimens_fd
+from ..sys.walk import remove_tree
 from .walk import Progress, open_beneath, open_root, open_store, walk
 
 __all__ = ["absorb", "materialize"]
@@ -340,7 +341,7 @@ def materialize(root: str, maps: list[str] | None, progress=None) -> list[str]:
             except FileNotFoundError:
                 pass
             else:
-                _rmtree_at(root_fd, STORE_DIR)
+                remove_tree(root_fd, STORE_DIR)
             try:
                 os.removexattr(proc_fd(root_fd), _TRUSTED_XATTR)
             except OSError as exc:
@@ -408,20 +409,6 @@ def _check_records_believed(root_fd: int, store, umap: IdMap, gmap: IdMap) -> No
         except OSError as exc:
             if exc.errno != errno.ENOTSUP:  # no user xattrs: a rerun judges by the root's owner again
                 raise
-
-
-def _rmtree_at(dirfd: int, name: str) -> None:
-    sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
-    try:
-        for child in os.listdir(sub):
-            st = os.stat(child, dir_fd=sub, follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode):
-                _rmtree_at(sub, child)
-            else:
-                os.unlink(child, dir_fd=sub)
-    finally:
-        os.close(sub)
-    os.rmdir(name, dir_fd=dirfd)
 
 
 def _link_over(e, first_rel: str, root_fd: int, times: _DirTimes) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import BinaryIO
 
 from ..errors import ArchiveError
-from .export import Item, open_data, scan
-from .walk import COPY_CHUNK, has_store
+from .members import Item
+from .walk import COPY_CHUNK, has_store, open_beneath
 
 __all__ = ["CpioWriter", "export_cpio"]
 
@@ -48,13 +49,11 @@ class CpioWriter:
             self._write(b"\0" * (512 - self.offset % 512))
 
 
-def export_cpio(root_fd, store, out: BinaryIO, umap, gmap, progress, errors, opts=None) -> None:
+def export_cpio(scanned: Iterable[Item], root_fd: int, out: BinaryIO, progress, opts=None) -> None:
+    """Write the items of a tree (:func:`shiftfs.offline.export.scan`, hard links not
+    folded) below ``root_fd`` as a newc archive to ``out``."""
     devices = opts.devices if opts is not None else None
-    items = [
-        i
-        for i in scan(root_fd, store, umap, gmap, errors, True, False, opts)
-        if devices is None or not devices.covers(i.name)
-    ]
+    items = [i for i in scanned if devices is None or not devices.covers(i.name)]
     # Hard links: every name carries the inode; newc stores the data with
     # the last name only (what GNU cpio and bsdtar write and expect).
     groups: dict[tuple[int, int], list[Item]] = {}
@@ -91,7 +90,7 @@ def export_cpio(root_fd, store, out: BinaryIO, umap, gmap, progress, errors, opt
             w.data(data)
         elif size:
             try:
-                fd = open_data(root_fd, item.rel)
+                fd = open_beneath(root_fd, item.rel, os.O_RDONLY)
             except OSError as exc:
                 raise ArchiveError(f"{item.rel}: cannot open: {exc.strerror}; the archive is incomplete") from None
             try:

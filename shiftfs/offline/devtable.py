@@ -361,21 +361,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"shiftfs devtable: {e.filename or ''}: {e.strerror}".replace(": :", ":"), file=sys.stderr)
         return 1
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m shiftfs.devtable``: the same as ``shiftfs devtable``."""
-    from ..cli import OneLineParser  # one-line usage errors, as on the shiftfs command line
-
-    p = OneLineParser(
-        prog="shiftfs devtable",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

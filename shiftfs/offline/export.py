@@ -37,33 +37,18 @@ import io
 import os
 import stat
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import BinaryIO
 
 from ..errors import ArchiveError, TreeError
 from ..ownership import acl
 from ..ownership.idmap import IdMap, parse_map_args
-from ..ownership.view import View, ViewRule
-from .members import GnuTarInfo, ns_to_pax, xattr_str
+from ..ownership.view import ViewRule
+from .cpio import export_cpio
+from .members import GnuTarInfo, Item, ns_to_pax, xattr_str
 from .walk import COPY_CHUNK, Progress, find_root, has_store, open_beneath, open_root, open_store, view_at, walk
 
 __all__ = ["export_tree", "Item", "ExportOptions", "scan", "open_data"]
-
-
-@dataclass
-class Item:
-    """One archive entry worked out from the tree."""
-
-    name: str  # archive name ("." for the root, "./etc/passwd" for others)
-    rel: str
-    kind: str  # reg, dir, symlink, fifo, sock, chr, blk, hardlink
-    view: View
-    mtime_ns: int
-    size: int = 0
-    linkname: str = ""
-    xattrs: dict[str, bytes] = field(default_factory=dict)
-    key: tuple[int, int] = (0, 0)
-    nlink: int = 1
 
 
 def _archive_name(rel: str) -> str:
@@ -298,8 +283,6 @@ def export_tree(
     store = open_store(
         store_fd, False, readonly=True, name=store_name, say=lambda note: progress.log(f"shiftfs export: {note}")
     )
-    from .cpio import export_cpio
-
     opts = ExportOptions(
         devices, (os.getuid(), os.getgid()), self_owner if self_owner is not None else (0, 0), default_owner
     )
@@ -308,7 +291,8 @@ def export_tree(
         if fmt == "tar":
             _export_tar(root_fd, store, out, umap, gmap, progress, errors, opts)
         else:
-            export_cpio(root_fd, store, out, umap, gmap, progress, errors, opts)
+            items = scan(root_fd, store, umap, gmap, errors, True, False, opts)
+            export_cpio(items, root_fd, out, progress, opts)
     finally:
         store.close()
         if store_fd != root_fd:

@@ -9,18 +9,10 @@ placeholder files; privileged xattrs are stored under escaped names.
 from __future__ import annotations
 
 import errno
-import gzip
-import io
-import lzma
 import os
-import shutil
 import stat
-import subprocess
-import sys
 import tarfile
-import threading
 import time
-from typing import IO, cast
 
 from ..errors import ArchiveError, UsageError
 from ..ownership import trust
@@ -28,85 +20,25 @@ from ..ownership.idmap import MAX_ID
 from ..ownership.names import STORE_DIR, escape_xattr_name
 from ..ownership.record import Record
 from ..sys.files import O_PATH_NOFOLLOW, proc_fd, utimens_fd
+from ..sys.walk import Entry, remove_tree, walk
 from .members import mtime_ns, xattrs_of
+from .streams import open_archive_stream
 from .walk import COPY_CHUNK, DIR_PATH_FLAGS, Progress, open_beneath, open_root, open_store
 
 __all__ = ["import_archive"]
 
 
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-
-
-# What tarfile reads: the decompressors' streams are BufferedIOBase, a pipe is IO[bytes].
-_TarStream = io.BufferedIOBase | IO[bytes]
-
-
-def _open_archive_stream(path: str) -> tuple[_TarStream, subprocess.Popen[bytes] | None]:
-    """A readable stream of the tar inside ``path`` (``-`` is stdin)."""
-    raw: IO[bytes]
-    if path == "-":
-        raw = sys.stdin.buffer
-    else:
-        try:
-            raw = open(path, "rb")
-        except FileNotFoundError:
-            raise UsageError(f"{path}: no such archive; give an existing tar file (or - for stdin)") from None
-        except IsADirectoryError:
-            raise UsageError(f"{path}: is a directory; give a tar file") from None
-        except PermissionError:
-            raise ArchiveError(f"{path}: permission denied; make the archive readable") from None
-    # Only a replaced stdin is wrapped; typeshed calls it BinaryIO, which lacks the readinto
-    # BufferedReader needs (and the stdin a test or embedder substitutes has).
-    buf = io.BufferedReader(cast(io.RawIOBase, raw), 1 << 16) if not isinstance(raw, io.BufferedReader) else raw
-    head = buf.peek(6)[:6]
-    if head.startswith(b"\x1f\x8b"):
-        return gzip.GzipFile(fileobj=buf, mode="rb"), None
-    if head.startswith(b"\xfd7zXZ\x00"):
-        return lzma.LZMAFile(buf, "rb"), None
-    if head.startswith(b"BZh"):
-        import bz2
-
-        return bz2.BZ2File(buf, "rb"), None
-    if head.startswith(_ZSTD_MAGIC):
-        try:
-            import zstandard
-        except ImportError:
-            zstd = shutil.which("zstd")
-            if zstd is None:
-                raise ArchiveError(
-                    f"{path}: zstd-compressed; install the zstandard Python package or the zstd tool, "
-                    "or decompress it first"
-                ) from None
-            # Our buffer already holds the first bytes: feed zstd from it.
-            proc = subprocess.Popen([zstd, "-dcq"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-            to_zstd, from_zstd = proc.stdin, proc.stdout
-            assert to_zstd is not None and from_zstd is not None  # both asked for as pipes
-
-            def feed() -> None:
-                try:
-                    shutil.copyfileobj(buf, to_zstd, COPY_CHUNK)
-                except (BrokenPipeError, OSError, ValueError):
-                    pass
-                finally:
-                    try:
-                        to_zstd.close()
-                    except OSError:
-                        pass
-
-            threading.Thread(target=feed, daemon=True).start()
-            return from_zstd, proc
-        return zstandard.ZstdDecompressor().stream_reader(buf, read_across_frames=True), None
-    return buf, None
-
-
 def _normalize(name: str, what: str = "entry") -> list[str]:
-    parts = []
-    for p in name.split("/"):
-        if p in ("", "."):
-            continue
-        if p == "..":
-            raise ArchiveError(f"{what} {name!r} contains '..'; refusing to write outside ROOT")
-        parts.append(p)
+    # The usual names ("./usr/bin/ls") take no Python loop over their components: an
+    # archive of a deep tree repeats thousands of them in each name.
+    body = name
+    while body.startswith("./"):
+        body = body[2:]
+    parts = body.split("/")
+    if "" in parts or "." in parts:
+        parts = [p for p in parts if p and p != "."]
+    if ".." in parts:
+        raise ArchiveError(f"{what} {name!r} contains '..'; refusing to write outside ROOT")
     return parts
 
 
@@ -136,34 +68,50 @@ class _Importer:
         self._dir_cache.clear()
 
     def _dir(self, parts: list[str]) -> int:
-        """A descriptor of the directory ``parts``, creating missing ones."""
+        """A descriptor of the directory ``parts``, creating missing ones.
+
+        Down from the deepest cached ancestor, one level at a time (no
+        recursion, however deep the archive goes); only the directory asked
+        for is cached, the ones on the way are closed again.
+        """
         rel = "/".join(parts)
         fd = self._dir_cache.get(rel)
         if fd is not None:
             return fd
-        if not parts:
-            fd = os.open(".", DIR_PATH_FLAGS, dir_fd=self.root_fd)
-        else:
-            parent = self._dir(parts[:-1])
-            name = parts[-1]
+        have, sub = len(parts), rel  # sub: the path of parts[:have]
+        while have and sub not in self._dir_cache:
+            have -= 1
+            sub = sub[: sub.rfind("/")] if have else ""
+        cur = self._dir_cache.get(sub)
+        if cur is None:
+            cur = os.open(".", DIR_PATH_FLAGS, dir_fd=self.root_fd)
+            self._dir_cache[""] = cur
+        for i in range(have, len(parts)):
+            parent, name, sub = cur, parts[i], f"{sub}/{parts[i]}" if sub else parts[i]
+            cached = i == have
             try:
-                fd = os.open(name, DIR_PATH_FLAGS, dir_fd=parent)
-            except FileNotFoundError:
-                self._mkdir(parent, name, rel, _IMPLIED_DIR)
-                fd = os.open(name, DIR_PATH_FLAGS, dir_fd=parent)
-            except (NotADirectoryError, OSError) as exc:
-                if exc.errno in (errno.ENOTDIR, errno.ELOOP):
-                    raise ArchiveError(
-                        f"{rel}: is not a directory in ROOT (a symlink or file); refusing to follow it"
-                    ) from None
-                raise
-            try:
-                self._check_ours(os.fstat(fd), rel)
-            except BaseException:
-                os.close(fd)
-                raise
-        self._dir_cache[rel] = fd
-        return fd
+                try:
+                    fd = os.open(name, DIR_PATH_FLAGS, dir_fd=parent)
+                except FileNotFoundError:
+                    self._mkdir(parent, name, sub, _IMPLIED_DIR)
+                    fd = os.open(name, DIR_PATH_FLAGS, dir_fd=parent)
+                except (NotADirectoryError, OSError) as exc:
+                    if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                        raise ArchiveError(
+                            f"{sub}: is not a directory in ROOT (a symlink or file); refusing to follow it"
+                        ) from None
+                    raise
+                try:
+                    self._check_ours(os.fstat(fd), sub)
+                except BaseException:
+                    os.close(fd)
+                    raise
+            finally:
+                if not cached:
+                    os.close(parent)
+            cur = fd
+        self._dir_cache[rel] = cur
+        return cur
 
     def _check_ours(self, st: os.stat_result, rel: str) -> None:
         """Refuse to keep (and fill) a directory whose record would not be believed: another
@@ -189,29 +137,17 @@ class _Importer:
 
     # -- removal ----------------------------------------------------------------
     def _remove(self, parent: int, name: str) -> None:
-        """Remove ``name`` (recursively) and its side-table records.
+        """Remove ``name`` (the whole tree below it) and its side-table records.
 
         Cached descriptors of removed directories go stale: callers flush the
         cache afterwards (never in here, where ``parent`` may be cached).
         """
-        fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=parent)
-        try:
-            st = os.stat(fd)
-            if stat.S_ISDIR(st.st_mode):
-                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-                try:
-                    for child in os.listdir(sub):
-                        self._remove(sub, child)
-                finally:
-                    os.close(sub)
-            elif st.st_nlink == 1 and not (stat.S_ISREG(st.st_mode)):
-                self.store.remove(fd, st)
-        finally:
-            os.close(fd)
-        if stat.S_ISDIR(st.st_mode):
-            os.rmdir(name, dir_fd=parent)
-        else:
-            os.unlink(name, dir_fd=parent)
+
+        def forget(e: Entry) -> None:
+            if not stat.S_ISDIR(e.st.st_mode) and e.st.st_nlink == 1 and not stat.S_ISREG(e.st.st_mode):
+                self.store.remove(e.fd, e.st)
+
+        remove_tree(parent, name, forget)
 
     # -- entries ----------------------------------------------------------------
     def entry(self, tf: tarfile.TarFile, ti: tarfile.TarInfo) -> None:
@@ -431,16 +367,22 @@ class _Importer:
                     self.store.write_record(fd, st, _IMPLIED_DIR)
             finally:
                 os.close(fd)
-        # Directory times last, deepest first, once nothing changes inside.
-        for rel, atime, mtime in sorted(self.dir_times, key=lambda t: -t[0].count("/") - (1 if t[0] else 0)):
-            try:
-                fd = open_beneath(self.root_fd, rel, DIR_PATH_FLAGS)
-            except OSError:
-                continue
-            try:
-                utimens_fd(fd, atime, mtime)
-            finally:
-                os.close(fd)
+        # Directory times last, once nothing changes inside: each directory as the
+        # walk leaves it (everything below it first). The walk visits only the
+        # directories on the way to those, whatever else ROOT holds.
+        times = {rel: (atime, mtime) for rel, atime, mtime in self.dir_times}
+        on_way = {""}
+        for rel in times:
+            while rel not in on_way:
+                on_way.add(rel)
+                rel = rel.rpartition("/")[0]
+
+        def wanted(dirfd: int, rel: str, name: str) -> str | None:
+            return name if (f"{rel}/{name}" if rel else name) in on_way else None
+
+        for e in walk(self.root_fd, select=wanted, on_error=lambda rel, exc: None, leave=True):
+            if e.leaving and e.rel in times:
+                utimens_fd(e.fd, *times[e.rel])
 
 
 def import_archive(
@@ -471,7 +413,7 @@ def import_archive(
     except BaseException:
         os.close(root_fd)
         raise
-    stream, proc = _open_archive_stream(archive)
+    stream, proc = open_archive_stream(archive)
     imp = _Importer(root_fd, store, oci_layer, progress)
     try:
         try:

@@ -1,4 +1,8 @@
-"""Tar members: the pieces of a tar entry the archive tools read and write.
+"""Archive members: the pieces of an entry the archive tools read and write.
+
+:class:`Item` is what :func:`shiftfs.offline.export.scan` works out for each
+inode, written by the tar writer (:mod:`shiftfs.offline.export`) and the cpio
+writer (:mod:`shiftfs.offline.cpio`) alike.
 
 Times with nanoseconds in pax ``mtime`` records, xattr values as pax text
 (raw bytes through ``surrogateescape``), GNU tar's header layout, and the
@@ -8,10 +12,29 @@ xattrs an entry carries in the spellings of GNU tar, bsdtar and star.
 from __future__ import annotations
 
 import tarfile
+from dataclasses import dataclass, field
+from typing import Any
 
 from ..ownership import acl
+from ..ownership.view import View
 
-__all__ = ["ns_to_pax", "pax_to_ns", "xattr_str", "xattr_bytes", "GnuTarInfo", "mtime_ns", "xattrs_of"]
+__all__ = ["Item", "ns_to_pax", "pax_to_ns", "xattr_str", "xattr_bytes", "GnuTarInfo", "mtime_ns", "xattrs_of"]
+
+
+@dataclass
+class Item:
+    """One archive entry worked out from the tree."""
+
+    name: str  # archive name ("." for the root, "./etc/passwd" for others)
+    rel: str
+    kind: str  # reg, dir, symlink, fifo, sock, chr, blk, hardlink
+    view: View
+    mtime_ns: int
+    size: int = 0
+    linkname: str = ""
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    key: tuple[int, int] = (0, 0)
+    nlink: int = 1
 
 
 def ns_to_pax(ns: int) -> str:
@@ -54,7 +77,7 @@ class GnuTarInfo(tarfile.TarInfo):
 
     _RAW = ("utf-8", "surrogateescape")
 
-    def create_pax_header(self, info, encoding):
+    def create_pax_header(self, info: dict[str, Any], encoding: str) -> bytes:  # type: ignore[override]
         info["magic"] = tarfile.POSIX_MAGIC
         pax = dict(self.pax_headers)
         for fieldname, keyword, limit in (
@@ -71,10 +94,12 @@ class GnuTarInfo(tarfile.TarInfo):
                 pax.setdefault(fieldname, str(value))
                 info[fieldname] = 0
         head = self._create_pax_generic_header(pax, tarfile.XHDTYPE, encoding) if pax else b""
-        return head + self._create_header(info, tarfile.USTAR_FORMAT, *self._RAW)
+        # _create_header and _create_payload are tarfile's private header writers
+        # (unchanged since Python 3.2; typeshed does not list them).
+        return head + self._create_header(info, tarfile.USTAR_FORMAT, *self._RAW)  # type: ignore[attr-defined]
 
     @classmethod
-    def _create_pax_generic_header(cls, pax_headers, type, encoding):
+    def _create_pax_generic_header(cls, pax_headers: dict[str, str], type: bytes, encoding: str) -> bytes:
         records = bytearray()
         for keyword, value in pax_headers.items():
             body = b" " + keyword.encode("utf-8") + b"=" + value.encode("utf-8", "surrogateescape") + b"\n"
@@ -84,7 +109,8 @@ class GnuTarInfo(tarfile.TarInfo):
                 length = len(str(length)) + len(body)
             records += str(length).encode("ascii") + body
         info = {"name": "././@PaxHeader", "type": type, "size": len(records), "magic": tarfile.POSIX_MAGIC}
-        return cls._create_header(info, tarfile.USTAR_FORMAT, "ascii", "replace") + cls._create_payload(bytes(records))
+        header: bytes = cls._create_header(info, tarfile.USTAR_FORMAT, "ascii", "replace")  # type: ignore[attr-defined]
+        return header + cls._create_payload(bytes(records))  # type: ignore[attr-defined]
 
 
 def mtime_ns(ti: tarfile.TarInfo) -> int:

@@ -6,6 +6,9 @@ record side table ``ROOT/.shiftfs`` and shiftfs' temporary names (see
 :mod:`shiftfs.ownership.names`). What each inode looks like is
 :mod:`shiftfs.ownership.view`'s business, the same rule the mount follows.
 
+The walk itself is :mod:`shiftfs.sys.walk`'s, the one walk of every tree
+shiftfs walks; this module adds the view's name rules to it.
+
 Inodes are named by an ``O_PATH | O_NOFOLLOW`` descriptor. Operations on the
 inode itself go through its ``/proc/self/fd`` link, which reaches the inode
 (a symlink included) without resolving a backing path string again.
@@ -13,13 +16,10 @@ inode itself go through its ``/proc/self/fd`` link, which reaches the inode
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import TreeError
@@ -29,6 +29,9 @@ from ..ownership.store import RecordStore
 from ..ownership.trust import offline_trust_note, offline_trusted_uid, owned_by
 from ..ownership.view import View, ViewRule
 from ..sys.files import O_PATH_NOFOLLOW
+from ..sys.walk import DIR_FLAGS as _DIR_FLAGS
+from ..sys.walk import Entry, OnError
+from ..sys.walk import walk as tree_walk
 
 if TYPE_CHECKING:
     from rich.progress import Progress as RichProgress
@@ -47,7 +50,6 @@ __all__ = [
     "COPY_CHUNK",
 ]
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 DIR_PATH_FLAGS = O_PATH_NOFOLLOW | os.O_DIRECTORY
 #: Copy buffer size of the archive tools.
 COPY_CHUNK = 1 << 20
@@ -71,106 +73,32 @@ def open_root(path: str) -> int:
         raise TreeError(f"{path}: {_ROOT_PROBLEMS[type(e)]}") from None
 
 
-@dataclass
-class Entry:
-    """One inode met by :func:`walk`; the descriptors live until the next step."""
-
-    rel: str  # backing path below the root, "" for the root itself
-    name: str  # last backing component ("" for the root)
-    dirfd: int  # descriptor of the parent directory (the root's own for the root)
-    fd: int  # O_PATH | O_NOFOLLOW descriptor of the inode
-    st: os.stat_result
-    vrel: str = ""  # the path a mount shows (differs only for escaped names)
-
-    @property
-    def display(self) -> str:
-        return self.rel or "."
-
-
 def walk(
     root_fd: int,
-    on_error: Callable[[str, OSError], None] | None = None,
+    on_error: OnError | None = None,
     on_temp: Callable[[int, str], None] | None = None,
 ) -> Iterator[Entry]:
-    """Yield every inode below ``root_fd`` (root first, parents before children).
+    """Yield every inode of the view below ``root_fd`` (root first, parents before children).
 
-    Names are visited in byte order so archives come out reproducible. The
-    side table directory at the root is skipped, and so is anything on
-    another filesystem (a mounted ``/proc`` in a chroot must never be
-    chowned or archived): it is reported as an ``EXDEV`` error. Errors
-    opening or listing an entry go to ``on_error(rel, exc)`` and the walk
-    goes on; without a handler they are raised. Temporary names (left by a
-    killed daemon or tool) are never yielded; ``on_temp(dirfd, name)`` may
-    remove them.
+    The one walk (:func:`shiftfs.sys.walk.walk`: names in byte order, no
+    symlink followed, other filesystems reported as ``EXDEV`` and not
+    entered, errors to ``on_error(rel, exc)`` or raised) with the view's
+    names: the side table directory at the root is skipped, and so are
+    temporary names (left by a killed daemon or tool), which
+    ``on_temp(dirfd, name)`` may remove. ``Entry.vrel`` is the path a mount
+    shows (differs from ``rel`` only for escaped names).
     """
-    root_path_fd = os.open(".", O_PATH_NOFOLLOW | os.O_DIRECTORY, dir_fd=root_fd)
-    try:
-        st = os.stat(root_path_fd)
-        yield Entry("", "", root_fd, root_path_fd, st)
-    finally:
-        os.close(root_path_fd)
-    yield from _walk_dir(root_fd, "", on_error, on_temp, st.st_dev, "")
 
-
-def _report(on_error, rel: str, exc: OSError) -> None:
-    """Hand a failure to the caller's ``on_error``, or raise it if there is none."""
-    if on_error is None:
-        raise exc
-    on_error(rel, exc)
-
-
-def _open_child(dfd: int, name: str, flags: int, on_error, rel: str) -> int | None:
-    """``openat(dfd, name)``, or None after reporting why it failed."""
-    try:
-        return os.open(name, flags, dir_fd=dfd)
-    except OSError as e:
-        _report(on_error, rel, e)
-        return None
-
-
-def _walk_dir(dfd: int, rel: str, on_error, on_temp, dev: int, vrel: str) -> Iterator[Entry]:
-    try:
-        names = sorted(os.listdir(dfd), key=os.fsencode)
-    except OSError as e:
-        _report(on_error, rel or ".", e)
-        return
-    for name in names:
+    def select(dirfd: int, rel: str, name: str) -> str | None:
         bname = os.fsencode(name)
         vbytes = view_name(bname, not rel)
         if vbytes is None:
             if on_temp is not None and is_temp_name(bname):
-                on_temp(dfd, name)
-            continue  # the side table, or a mount's temporary name: never part of the view
-        vname = os.fsdecode(vbytes)
-        crel = f"{rel}/{name}" if rel else name
-        cvrel = f"{vrel}/{vname}" if vrel else vname
-        fd = _open_child(dfd, name, O_PATH_NOFOLLOW, on_error, crel)
-        if fd is None:
-            continue
-        try:
-            st = os.stat(fd)
-            if st.st_dev != dev:
-                _report(
-                    on_error,
-                    crel,
-                    OSError(errno.EXDEV, "another filesystem is mounted here; skipped (unmount it first)"),
-                )
-                continue
-            yield Entry(crel, name, dfd, fd, st, cvrel)
-        finally:
-            os.close(fd)
-        if stat.S_ISDIR(st.st_mode):
-            sub = _open_child(dfd, name, _DIR_FLAGS, on_error, crel)
-            if sub is None:
-                continue
-            try:
-                if os.fstat(sub).st_ino != st.st_ino:
-                    raise OSError(errno.ESTALE, "directory replaced during the walk")
-                yield from _walk_dir(sub, crel, on_error, on_temp, dev, cvrel)
-            except OSError as e:
-                _report(on_error, crel, e)
-            finally:
-                os.close(sub)
+                on_temp(dirfd, name)
+            return None  # the side table, or a mount's temporary name: never part of the view
+        return os.fsdecode(vbytes)
+
+    return tree_walk(root_fd, select=select, on_error=on_error)
 
 
 def view_at(rule: ViewRule, store: RecordStore, fd: int, st: os.stat_result, rel: str = "") -> View:
@@ -182,20 +110,25 @@ def view_at(rule: ViewRule, store: RecordStore, fd: int, st: os.stat_result, rel
 
 
 def open_beneath(root_fd: int, rel: str, flags: int = O_PATH_NOFOLLOW) -> int:
-    """Open ``rel`` below ``root_fd`` without following any symlink."""
+    """Open ``rel`` below ``root_fd`` without following any symlink.
+
+    One component at a time, each directory closed once the next is open: a
+    path of any depth costs two descriptors at most.
+    """
     parts = [p for p in rel.split("/") if p]
     if not parts:
         return os.open(".", flags | os.O_DIRECTORY, dir_fd=root_fd)
     cur = root_fd
-    opened = []
     try:
         for p in parts[:-1]:
-            cur = os.open(p, DIR_PATH_FLAGS, dir_fd=cur)
-            opened.append(cur)
+            sub = os.open(p, DIR_PATH_FLAGS, dir_fd=cur)
+            if cur != root_fd:
+                os.close(cur)
+            cur = sub
         return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur)
     finally:
-        for fd in opened:
-            os.close(fd)
+        if cur != root_fd:
+            os.close(cur)
 
 
 def open_store(

@@ -59,6 +59,7 @@ from typing import Protocol
 
 from ..sys.files import O_PATH_NOFOLLOW, proc_fd
 from ..sys.mounts import in_init_userns
+from ..sys.walk import walk
 from .idmap import overflow_ids
 from .names import SIDE_TABLE, STORE_DIR
 from .record import Record, RecordError
@@ -383,50 +384,21 @@ def fix_backing_modes(
         if fixed == 1:
             notes.insert(0, f"first: {rel or '.'} was {stat.S_IMODE(st.st_mode):04o}")
 
-    def look(dirfd: int, name: str, rel: str, dev: int) -> int | None:
-        """Fix one inode; an O_RDONLY descriptor of it if it is a directory to go into."""
-        fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=dirfd)
-        try:
-            st = os.fstat(fd)
-            if st.st_dev != dev:
-                return None
-            if owned_by(st, trusted_uid) and needs_fix(st) and not (keep_root and name == "." and not rel):
-                fix(fd, st, rel)
-            if not stat.S_ISDIR(st.st_mode):
-                return None
-            return os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
-        finally:
-            os.close(fd)
+    def skip_store(dirfd: int, rel: str, name: str) -> str | None:
+        return None if not rel and name == STORE_DIR else name  # checked on its own (check_side_table)
 
-    # Depth first without recursion (a deep tree must not hit Python's recursion
-    # limit), holding one directory descriptor per level.
-    dev = os.fstat(store.root_fd).st_dev
-    stack: list[tuple[int, list[str], str]] = []
-    try:
-        top = look(store.root_fd, ".", "", dev)
-        assert top is not None, "the backing root is a directory on its own device"
-        stack.append((top, sorted(os.listdir(top), reverse=True), ""))
-        while stack:
-            dfd, names, rel = stack[-1]
-            if not names:
-                os.close(dfd)
-                stack.pop()
-                continue
-            name = names.pop()
-            if not rel and name == STORE_DIR:
-                continue  # checked on its own (check_side_table)
-            crel = f"{rel}/{name}" if rel else name
-            try:
-                sub = look(dfd, name, crel, dev)
-                if sub is not None:
-                    try:
-                        stack.append((sub, sorted(os.listdir(sub), reverse=True), crel))
-                    except BaseException:
-                        os.close(sub)
-                        raise
-            except (FileNotFoundError, PermissionError):
-                continue  # gone meanwhile, or another user's directory we cannot enter
-    finally:
-        for dfd, _, _ in stack:
-            os.close(dfd)
+    def on_error(rel: str, exc: OSError) -> None:
+        # Gone meanwhile, replaced meanwhile, another user's directory we cannot
+        # enter, another filesystem mounted here: none of it is ours to fix.
+        if not isinstance(exc, (FileNotFoundError, PermissionError)) and exc.errno not in (errno.ESTALE, errno.EXDEV):
+            raise exc
+
+    # The one walk (shiftfs.sys.walk): no recursion, bounded descriptors, no symlink followed.
+    for e in walk(store.root_fd, select=skip_store, on_error=on_error):
+        if not owned_by(e.st, trusted_uid) or not needs_fix(e.st) or (keep_root and not e.rel):
+            continue
+        try:
+            fix(e.fd, e.st, e.rel)
+        except (FileNotFoundError, PermissionError):
+            continue
     return fixed, notes

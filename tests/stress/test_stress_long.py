@@ -13,21 +13,16 @@ import sys
 import time
 
 import pytest
-from rel_util import (
-    Mount,
-    check_consistent,
-    expected_view,
-    make_pair,
-    need,
-    view_tree,
-    work,  # noqa: F401  (fixture)
-)
+from asuser import start_py
+from fsutil import Mount, need
+from rel_util import check_consistent, expected_view, make_pair, view_tree, work
 from test_reliability import (
     _assert_clean,
     _list_and_check,
     _make_tree,
     _tmpfs,
     _umount_tmpfs,
+    fio_verify,
     kill9_during_untar,
     list_while_changing,
     run_fsstress,
@@ -85,7 +80,7 @@ def test_stress_ng_filesystem_class(work, mode):
     need("stress-ng")
     src, mp = make_pair(work)
     failed = []
-    with Mount(src, mp, mode) as m:
+    with Mount(src, mp, mode=mode) as m:
         for s in _STRESSORS:
             r = subprocess.run(
                 ["stress-ng", f"--{s}", "2", "--timeout", NG_TIMEOUT, "--temp-path", str(mp)],
@@ -108,26 +103,8 @@ def test_stress_ng_filesystem_class(work, mode):
 def test_stress_fio_verify(work, mode, engine, rw):
     need("fio")
     src, mp = make_pair(work)
-    with Mount(src, mp, mode) as m:
-        r = subprocess.run(
-            [
-                "fio",
-                "--name=v",
-                f"--directory={mp}",
-                "--size=128m",
-                "--bs=4k",
-                f"--rw={rw}",
-                f"--ioengine={engine}",
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_fatal=1",
-                "--numjobs=4",
-                "--fsync_on_close=1",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=1800,
-        )
+    with Mount(src, mp, mode=mode) as m:
+        r = fio_verify(mp, engine, rw, size="128m", jobs=4, timeout=1800)
         assert r.returncode == 0 and "err= 0" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
         _assert_clean(m)
 
@@ -136,7 +113,7 @@ def test_stress_fio_verify(work, mode, engine, rw):
 def test_stress_dbench(work, mode):
     need("dbench")
     src, mp = make_pair(work)
-    with Mount(src, mp, mode) as m:
+    with Mount(src, mp, mode=mode) as m:
         r = subprocess.run(
             ["dbench", "-D", str(mp), "-t", str(int(SECONDS)), "-c", "/usr/share/dbench/client.txt", "4"],
             capture_output=True,
@@ -155,7 +132,7 @@ def test_stress_100k_file_tree(work, mode):
     (RLIMIT_NOFILE 20000: more inodes than the daemon may hold descriptors)."""
     src, mp = make_pair(work)
     ndirs, per_dir = 100, 1000
-    with Mount(src, mp, mode) as m:
+    with Mount(src, mp, mode=mode) as m:
         t0 = time.monotonic()
         assert _make_tree(mp, ndirs, per_dir) == ndirs * per_dir
         t1 = time.monotonic()
@@ -237,16 +214,8 @@ def test_stress_full_backing_fs_churn(work, mode):
     mp.mkdir()
     _tmpfs(src, "size=8m,nr_inodes=600,mode=0755")
     try:
-        with Mount(src, mp, mode) as m:
-            procs = [
-                subprocess.Popen(
-                    [sys.executable, "-c", _CHURN_FULL, str(mp), str(SECONDS), str(i)],
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-                for i in range(4)
-            ]
+        with Mount(src, mp, mode=mode) as m:
+            procs = [start_py(_CHURN_FULL, str(mp), str(SECONDS), str(i)) for i in range(4)]
             for p in procs:
                 out, err = p.communicate(timeout=SECONDS + 300)
                 assert p.returncode == 0, err
@@ -275,32 +244,6 @@ def test_stress_full_backing_fs_churn(work, mode):
     ],
 )
 def test_stress_rename_races(work, mode, opts, nofile, side):
-    from test_hostile import _MOVER, _WALKER, _race_tree
+    from test_hostile import rename_race
 
-    src, mp = make_pair(work)
-    with Mount(src, mp, mode, opts=opts, nofile=nofile) as m:
-        _race_tree(mp)
-        base = mp if side == "view" else src
-        walkers = [
-            subprocess.Popen(
-                [sys.executable, "-c", _WALKER, str(mp), str(SECONDS)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for _ in range(3)
-        ]
-        mover = subprocess.run(
-            [sys.executable, "-c", _MOVER, str(base), str(SECONDS)],
-            capture_output=True,
-            text=True,
-            timeout=SECONDS + 300,
-        )
-        assert mover.returncode == 0, mover.stderr
-        for w in walkers:
-            out, err = w.communicate(timeout=SECONDS + 300)
-            if side == "backing":
-                err = "\n".join(ln for ln in err.splitlines() if "Stale file handle" not in ln)
-            assert w.returncode == 0 or not err.strip(), err
-        check_consistent(m)
-        _assert_clean(m)
+    rename_race(work, mode, opts, nofile, side, seconds=SECONDS, walkers=3, timeout=SECONDS + 300)

@@ -37,14 +37,10 @@ ALLOWED = {
 }
 TOP = {"cli", "__main__", "devtable"}
 
-#: Known arrows being removed on another branch (issue 26 item 3, helper ``house``):
-#: listed so the rest is enforced now. Each must disappear from this list once it is
-#: gone from the code (the test says so).
-PENDING_UPWARD = {
-    ("shiftfs.ownership.policy", "shiftfs.fs.inodes"),
-    ("shiftfs.ownership.xattr", "shiftfs.fs.inodes"),
-}
-PENDING_CIRCLES = [{"shiftfs.ownership.trust", "shiftfs.ownership.view"}]
+#: Known arrows being removed on another branch: listed so the rest is enforced now.
+#: Each must disappear from this list once it is gone from the code (the test says so).
+PENDING_UPWARD: set[tuple[str, str]] = set()
+PENDING_CIRCLES: list[set[str]] = []
 
 
 def _modules() -> dict[str, Path]:

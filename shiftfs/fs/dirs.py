@@ -39,10 +39,10 @@ Ctx = pyfuse3.RequestContext
 
 def unlink_any(parent: Inode, name: bytes) -> None:
     try:
-        os.unlink(name, dir_fd=parent.fd)
+        os.unlink(name, dir_fd=parent.path_fd())
     except IsADirectoryError:
         try:
-            os.rmdir(name, dir_fd=parent.fd)
+            os.rmdir(name, dir_fd=parent.path_fd())
         except OSError:
             pass
     except OSError:
@@ -99,7 +99,7 @@ class DirectoryHandlers:
         # directory itself, not a path in SOURCE): glibc's opendir opens it
         # once, where listing a descriptor costs an extra open, a dup, three
         # fcntl and an lseek per directory. A bytes path gives bytes names.
-        names = os.listdir(os.fsencode(proc_fd(node.fd)))
+        names = os.listdir(os.fsencode(proc_fd(node.path_fd())))
         out = [(0, b".", b"."), (1, b"..", b"..")]
         for n in names:
             v = view_name(n, node.id == ROOT_ID)
@@ -154,7 +154,7 @@ class DirectoryHandlers:
         if node.name and self.table.get(node.parent) is not None:
             return node.parent
         try:
-            return self.table.id_for(os.stat(b"..", dir_fd=node.fd, follow_symlinks=False))
+            return self.table.id_for(os.stat(b"..", dir_fd=node.path_fd(), follow_symlinks=False))
         except OSError:
             return ROOT_ID
 
@@ -165,7 +165,7 @@ class DirectoryHandlers:
     @fuse_handler
     def fsyncdir(self, fh: int, datasync: bool) -> None:
         dh = self._dirs[fh]
-        fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dh.node.fd)
+        fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dh.node.path_fd())
         try:
             os.fsync(fd)
         finally:

@@ -105,9 +105,15 @@ class Inode:
         self.xnames: set[str] | None = None
         self.default_acl: bool | None = None
 
-    @property
-    def fd(self) -> int:
-        """An ``O_PATH`` descriptor of the inode (reopened if it was closed)."""
+    def path_fd(self) -> int:
+        """An ``O_PATH`` descriptor of the inode, reopened when the table closed it.
+
+        Not a plain field: the table keeps a bounded number of descriptors
+        open (least recently used closed first), so this may reopen the inode
+        by name from its parent (``O_NOFOLLOW``, same device and inode checked)
+        and raise ``ESTALE`` when that name no longer leads to it. It also
+        marks the inode recently used.
+        """
         if self._fd >= 0:
             lru = self._table._lru
             if self.id in lru:
@@ -222,10 +228,10 @@ class InodeTable:
         stat and, when known, a close.
         """
         if self.lazy:
-            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+            st = os.stat(name, dir_fd=parent.path_fd(), follow_symlinks=False)
             node = self._by_key.get((st.st_dev, st.st_ino)) or self._add(-1, st)
         else:
-            fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=parent.fd)
+            fd = os.open(name, O_PATH_NOFOLLOW, dir_fd=parent.path_fd())
             try:
                 st = os.fstat(fd)
             except BaseException:
@@ -286,7 +292,7 @@ class InodeTable:
     def _reopen(self, node: Inode) -> int:
         # The ancestors of a deep inode may have lost their descriptors too:
         # find the nearest one that is open, then reopen downwards (a loop, not
-        # recursion through ``parent.fd``, so any depth works).
+        # recursion through ``parent.path_fd()``, so any depth works).
         chain: list[Inode] = []
         cur = node
         while cur._fd < 0:
@@ -297,7 +303,7 @@ class InodeTable:
             cur = parent
         for n in reversed(chain):
             try:
-                fd = os.open(n.name, O_PATH_NOFOLLOW, dir_fd=self._by_id[n.parent].fd)
+                fd = os.open(n.name, O_PATH_NOFOLLOW, dir_fd=self._by_id[n.parent].path_fd())
             except FileNotFoundError:
                 raise pyfuse3.FUSEError(errno.ESTALE) from None
             st = os.fstat(fd)
@@ -306,12 +312,12 @@ class InodeTable:
                 raise pyfuse3.FUSEError(errno.ESTALE)
             n._fd = fd
             self._track(n)
-        return node.fd
+        return node.path_fd()
 
     # -- pins: descriptors that must stay open ----------------------------------------
     def pin(self, node: Inode) -> None:
         """Keep ``node``'s descriptor open (an open file refers to it)."""
-        _ = node.fd  # open it now, while it can still be reopened by name
+        _ = node.path_fd()  # open it now, while it can still be reopened by name
         node.pins += 1
         self._pin_count += 1
         self._lru.pop(node.id, None)
@@ -337,7 +343,7 @@ class InodeTable:
         """
         node = self._by_key.get(key)
         if node is not None and node.parent == parent.id and node.name == name and node is not self.root:
-            _ = node.fd  # reopen now if it was closed: the caller is about to use it
+            _ = node.path_fd()  # reopen now if it was closed: the caller is about to use it
             return node
         return None
 

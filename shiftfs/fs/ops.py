@@ -39,9 +39,9 @@ from ..sys.files import (
 )
 from .connection import ConnectionHandlers
 from .dirs import DirectoryHandlers, DirHandle, unlink_any
+from .filedata import FileDataHandlers
 from .inodes import ROOT_ID, Inode, InodeTable
 from .options import CacheConfig
-from .ranges import RangeHandlers
 from .requestlog import fuse_handler
 from .xattrs import XattrHandlers
 
@@ -77,7 +77,7 @@ _STATVFS_FIELDS = (
 )
 
 
-class Operations(DirectoryHandlers, XattrHandlers, RangeHandlers, ConnectionHandlers, pyfuse3.Operations):
+class Operations(DirectoryHandlers, XattrHandlers, FileDataHandlers, ConnectionHandlers, pyfuse3.Operations):
     """The pyfuse3 operations of a shiftfs mount."""
 
     supports_dot_lookup = False
@@ -165,7 +165,7 @@ class Operations(DirectoryHandlers, XattrHandlers, RangeHandlers, ConnectionHand
         return e
 
     def _plan(self, parent: Inode, mode: int, rdev: int, ctx: CallerIds) -> CreatePlan:
-        pst = os.fstat(parent.fd)
+        pst = os.fstat(parent.path_fd())
         if pst.st_nlink == 0:
             raise pyfuse3.FUSEError(errno.ENOENT)  # removed behind our back (O_TMPFILE would say EPERM)
         # FUSE_DONT_MASK (shiftfs.fs.connection): the mode comes unmasked, with
@@ -201,15 +201,17 @@ class Operations(DirectoryHandlers, XattrHandlers, RangeHandlers, ConnectionHand
         def create(n: bytes) -> None:
             ft = stat.S_IFMT(bmode)
             if ft == stat.S_IFDIR:
-                os.mkdir(n, bmode & 0o7777, dir_fd=parent.fd)
+                os.mkdir(n, bmode & 0o7777, dir_fd=parent.path_fd())
             elif ft == stat.S_IFLNK:
                 assert target is not None  # only symlink() plans a symlink, and it gives the target
-                os.symlink(target, n, dir_fd=parent.fd)
+                os.symlink(target, n, dir_fd=parent.path_fd())
             elif ft == stat.S_IFREG:
-                fd = os.open(n, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, bmode & 0o7777, dir_fd=parent.fd)
+                fd = os.open(
+                    n, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, bmode & 0o7777, dir_fd=parent.path_fd()
+                )
                 os.close(fd)
             else:
-                os.mknod(n, bmode, plan.backing_rdev, dir_fd=parent.fd)
+                os.mknod(n, bmode, plan.backing_rdev, dir_fd=parent.path_fd())
 
         if plan.direct:
             create(name)
@@ -219,10 +221,10 @@ class Operations(DirectoryHandlers, XattrHandlers, RangeHandlers, ConnectionHand
         tmp = temp_name()
         create(tmp)
         try:
-            node, st = self._adopt_unpublished(os.open(tmp, O_PATH_NOFOLLOW, dir_fd=parent.fd))
+            node, st = self._adopt_unpublished(os.open(tmp, O_PATH_NOFOLLOW, dir_fd=parent.path_fd()))
             try:
                 self.policy.stamp(node, plan, st)
-                renameat2(parent.fd, tmp, parent.fd, name, RENAME_NOREPLACE)
+                renameat2(parent.path_fd(), tmp, parent.path_fd(), name, RENAME_NOREPLACE)
             except BaseException:
                 self.table.drop_if_unused(node)
                 raise
@@ -231,12 +233,12 @@ class Operations(DirectoryHandlers, XattrHandlers, RangeHandlers, ConnectionHand
             raise
         self.table.renamed(node.key, parent, name)
         self._fresh_xnames(node, plan)
-        return self._entry(node, os.fstat(node.fd))
+        return self._entry(node, os.fstat(node.path_fd()))
 
     def _last_link_check(self, parent: Inode, name: bytes) -> os.stat_result | None:
         """Stat a name about to be removed or replaced (for record cleanup)."""
         try:
-            return os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+            return os.stat(name, dir_fd=parent.path_fd(), follow_symlinks=False)
         except OSError:
             return None
 
@@ -277,7 +279,7 @@ class Operations(DirectoryHandlers, XattrHandlers, RangeHandlers, ConnectionHand
     @fuse_handler
     def getattr(self, inode_id: int, ctx: Ctx) -> Entry:
         node = self.table[inode_id]
-        return self._attrs(node, os.fstat(node.fd))
+        return self._attrs(node, os.fstat(node.path_fd()))
 
     @fuse_handler
     def setattr(self, inode_id: int, attr: Entry, fields: pyfuse3.SetattrFields, fh: int | None, ctx: Ctx) -> Entry:
@@ -286,7 +288,7 @@ class Operations(DirectoryHandlers, XattrHandlers, RangeHandlers, ConnectionHand
             if fh is not None:
                 os.ftruncate(fh, attr.st_size)
             elif stat.S_ISREG(node.ftype):
-                fd = os.open(proc_fd(node.fd), os.O_WRONLY | os.O_CLOEXEC)
+                fd = os.open(proc_fd(node.path_fd()), os.O_WRONLY | os.O_CLOEXEC)
                 try:
                     os.ftruncate(fd, attr.st_size)
                 finally:
@@ -303,16 +305,16 @@ class Operations(DirectoryHandlers, XattrHandlers, RangeHandlers, ConnectionHand
             )
         if fields.update_atime or fields.update_mtime:
             utimens_fd(
-                node.fd,
+                node.path_fd(),
                 attr.st_atime_ns if fields.update_atime else None,
                 attr.st_mtime_ns if fields.update_mtime else None,
             )
-        return self._attrs(node, os.fstat(node.fd))
+        return self._attrs(node, os.fstat(node.path_fd()))
 
     @fuse_handler
     def readlink(self, inode_id: int, ctx: Ctx) -> bytes:
         node = self.table[inode_id]
-        return os.readlink(b"", dir_fd=node.fd)
+        return os.readlink(b"", dir_fd=node.path_fd())
 
     # -- creating and removing names -------------------------------------------
     @fuse_handler
@@ -332,15 +334,15 @@ class Operations(DirectoryHandlers, XattrHandlers, RangeHandlers, ConnectionHand
         node = self.table[inode_id]
         parent = self.table[new_parent_id]
         new_name = self._bname(parent, new_name)
-        link_fd(node.fd, parent.fd, new_name)
-        return self._entry(node, os.fstat(node.fd))
+        link_fd(node.path_fd(), parent.path_fd(), new_name)
+        return self._entry(node, os.fstat(node.path_fd()))
 
     def _remove(self, parent_id: int, name: bytes, remove: Callable[..., None]) -> None:
         parent = self.table[parent_id]
         name = self._bname(parent, name)
         victim = self._last_link_check(parent, name)
         held = self._hold(victim, parent, name)
-        remove(name, dir_fd=parent.fd)
+        remove(name, dir_fd=parent.path_fd())
         self.table.name_removed(held)
         self._after_remove(victim)
 
@@ -360,13 +362,13 @@ class Operations(DirectoryHandlers, XattrHandlers, RangeHandlers, ConnectionHand
         np = self.table[new_parent_id]
         old_name = self._bname(op, old_name)
         new_name = self._bname(np, new_name)
-        moved = os.stat(old_name, dir_fd=op.fd, follow_symlinks=False)
+        moved = os.stat(old_name, dir_fd=op.path_fd(), follow_symlinks=False)
         other = self._last_link_check(np, new_name)
         held = None if flags & pyfuse3.RENAME_EXCHANGE else self._hold(other, np, new_name)
         # The whiteout is a new inode of the caller's, as on a kernel idmapped
         # mount: plan its owner first (EOVERFLOW changes nothing).
         whiteout = self._plan(op, stat.S_IFCHR, 0, ctx) if flags & RENAME_WHITEOUT else None
-        renameat2(op.fd, old_name, np.fd, new_name, flags)
+        renameat2(op.path_fd(), old_name, np.path_fd(), new_name, flags)
         if whiteout is not None and not whiteout.direct:
             self._own_whiteout(op, old_name, whiteout)
         self.table.name_removed(held)
@@ -402,7 +404,7 @@ class Operations(DirectoryHandlers, XattrHandlers, RangeHandlers, ConnectionHand
         node = self.table[inode_id]
         if not stat.S_ISREG(node.ftype):
             raise pyfuse3.FUSEError(errno.ELOOP if stat.S_ISLNK(node.ftype) else errno.EACCES)
-        fd = os.open(proc_fd(node.fd), self._open_flags(flags))
+        fd = os.open(proc_fd(node.path_fd()), self._open_flags(flags))
         return self._handle(fd, node)
 
     def _handle(self, fd: int, node: Inode) -> pyfuse3.FileInfo:
@@ -420,7 +422,7 @@ class Operations(DirectoryHandlers, XattrHandlers, RangeHandlers, ConnectionHand
         if plan.direct:
             # O_NOFOLLOW: a symlink put there behind the kernel's cached
             # negative entry must not be followed (it may lead out of SOURCE).
-            fd = os.open(name, oflags | os.O_CREAT | (flags & os.O_EXCL) | os.O_NOFOLLOW, perm, dir_fd=parent.fd)
+            fd = os.open(name, oflags | os.O_CREAT | (flags & os.O_EXCL) | os.O_NOFOLLOW, perm, dir_fd=parent.path_fd())
             try:
                 node, st = self.table.child(parent, name)
             except BaseException:
@@ -432,20 +434,20 @@ class Operations(DirectoryHandlers, XattrHandlers, RangeHandlers, ConnectionHand
         tmp = None
         cflags = oflags & ~os.O_APPEND
         try:
-            fd = os.open(b".", cflags | os.O_TMPFILE, perm, dir_fd=parent.fd)
+            fd = os.open(b".", cflags | os.O_TMPFILE, perm, dir_fd=parent.path_fd())
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise
             tmp = temp_name()
-            fd = os.open(tmp, cflags | os.O_CREAT | os.O_EXCL, perm, dir_fd=parent.fd)
+            fd = os.open(tmp, cflags | os.O_CREAT | os.O_EXCL, perm, dir_fd=parent.path_fd())
         try:
             node, st = self._adopt_unpublished(os.open(proc_fd(fd), os.O_PATH | os.O_CLOEXEC))
             try:
                 self.policy.stamp(node, plan, st)
                 if tmp is None:
-                    link_fd(fd, parent.fd, name)
+                    link_fd(fd, parent.path_fd(), name)
                 else:
-                    renameat2(parent.fd, tmp, parent.fd, name, RENAME_NOREPLACE)
+                    renameat2(parent.path_fd(), tmp, parent.path_fd(), name, RENAME_NOREPLACE)
                     tmp = None
             except BaseException as e:
                 self.table.drop_if_unused(node)
@@ -465,49 +467,19 @@ class Operations(DirectoryHandlers, XattrHandlers, RangeHandlers, ConnectionHand
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
         self.table.renamed(node.key, parent, name)
         self._fresh_xnames(node, plan)
-        return self._handle(fd, node), self._entry(node, os.fstat(node.fd))
+        return self._handle(fd, node), self._entry(node, os.fstat(node.path_fd()))
 
     def open_existing(self, parent: Inode, name: bytes, flags: int) -> tuple[pyfuse3.FileInfo, Entry]:
         node, st = self.table.child(parent, name)
         if not stat.S_ISREG(node.ftype):
             self.table.drop_if_unused(node)
             raise pyfuse3.FUSEError(errno.EEXIST)
-        fd = os.open(proc_fd(node.fd), self._open_flags(flags))
-        return self._handle(fd, node), self._entry(node, os.fstat(node.fd))
-
-    @fuse_handler
-    def read(self, fh: int, off: int, size: int) -> bytes:
-        return os.pread(fh, size, off)
-
-    @fuse_handler
-    def write(self, fh: int, off: int, buf: bytes) -> int:
-        return os.pwrite(fh, buf, off)
-
-    async def flush(self, fh: int) -> None:
-        """Not implemented, on purpose: the first ENOSYS makes the kernel stop
-        sending FLUSH on this connection (one request less per close). Nothing
-        is lost: every WRITE is a pwrite already on the backing file, the kernel
-        still writes dirty pages back and reports their errors at close, and
-        locks stay in the kernel (we implement no lock handlers)."""
-        raise pyfuse3.FUSEError(errno.ENOSYS)
-
-    @fuse_handler
-    def release(self, fh: int) -> None:
-        node = self._files.pop(fh, None)
-        os.close(fh)
-        if node is not None:
-            self.table.unpin(node)
-
-    @fuse_handler
-    def fsync(self, fh: int, datasync: bool) -> None:
-        if datasync:
-            os.fdatasync(fh)
-        else:
-            os.fsync(fh)
+        fd = os.open(proc_fd(node.path_fd()), self._open_flags(flags))
+        return self._handle(fd, node), self._entry(node, os.fstat(node.path_fd()))
 
     @fuse_handler
     def statfs(self, ctx: Ctx) -> pyfuse3.StatvfsData:
-        sv = os.statvfs(self.table.root.fd)
+        sv = os.statvfs(self.table.root.path_fd())
         s = pyfuse3.StatvfsData()
         for field in _STATVFS_FIELDS:
             setattr(s, field, getattr(sv, field))

@@ -31,7 +31,7 @@ _NO_XATTRS = (errno.ENOTSUP, errno.EPERM)
 
 class InodeXattrs:
     def __init__(self, node: Inode):
-        self.path: str | bytes = proc_fd(node.fd)
+        self.path: str | bytes = proc_fd(node.path_fd())
         self.follow = True
 
     def names(self) -> set[str]:
@@ -59,7 +59,7 @@ class LinkXattrs(InodeXattrs):
         parent = table.get(node.parent)
         if parent is None or not node.name:
             return  # an unlinked symlink: no name to reach it by
-        path = os.fsencode(proc_fd(parent.fd)) + b"/" + node.name
+        path = os.fsencode(proc_fd(parent.path_fd())) + b"/" + node.name
         try:
             st = os.stat(path, follow_symlinks=False)
         except FileNotFoundError:
@@ -91,7 +91,7 @@ class LinkXattrs(InodeXattrs):
 class SideXattrs:
     def __init__(self, store: SideXattrStore, node: Inode):
         self.store = store
-        self.fd = node.fd
+        self.fd = node.path_fd()
         self.st = os.fstat(self.fd)
 
     def names(self) -> set[str]:

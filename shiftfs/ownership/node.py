@@ -43,9 +43,8 @@ class PolicyNode(Protocol):
     #: backing xattr names, when known (the operations')
     xnames: set[str] | None
 
-    @property
-    def fd(self) -> int:
-        """An ``O_PATH`` descriptor of the inode."""
+    def path_fd(self) -> int:
+        """An ``O_PATH`` descriptor of the inode (may reopen it; ``ESTALE`` when gone)."""
         ...
 
     def view_path(self) -> str:

@@ -180,7 +180,7 @@ class OwnershipPolicy:
         raw = None
         if parent.default_acl is not False or self.reread:
             try:
-                raw = os.getxattr(proc_fd(parent.fd), acl.ACL_DEFAULT)
+                raw = os.getxattr(proc_fd(parent.path_fd()), acl.ACL_DEFAULT)
                 parent.default_acl = True
             except OSError:
                 parent.default_acl = False
@@ -219,7 +219,7 @@ class OwnershipPolicy:
         """A chown by a privileged caller the kernel could not pass on (the control channel of a
         single-id namespace): recorded as such a chown is, so a non-directory loses setuid, and
         setgid if group-executable, as the kernel clears them."""
-        st = os.fstat(node.fd)
+        st = os.fstat(node.path_fd())
         mode = None
         if not stat.S_ISDIR(st.st_mode) and (uid is not None or gid is not None):
             cur = self.view(node, st).mode
@@ -237,7 +237,7 @@ class OwnershipPolicy:
         leaves the mode to a FUSE_POSIX_ACL daemon. The backing filesystem
         judges the daemon instead, which may keep the bit.
         """
-        st = os.fstat(node.fd)
+        st = os.fstat(node.path_fd())
         view = self.view(node, st)
         if not view.mode & stat.S_ISGID or keep_sgid(view):
             return False
@@ -286,7 +286,7 @@ class OwnershipPolicy:
         ``UID:GID`` of an inode whose owner the kernel is shown as another."""
         if not self.is_synthetic_xattr(name):
             return None
-        view = self.view(node, os.fstat(node.fd))
+        view = self.view(node, os.fstat(node.path_fd()))
         assert self.single_id is not None  # is_synthetic_xattr says so
         if self.single_id.present(view) == view:
             return None

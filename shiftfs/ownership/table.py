@@ -55,7 +55,7 @@ class TablePolicy(OwnershipPolicy):
         return set()  # owner and mode only; a default ACL is the backing filesystem's to copy
 
     def stamp(self, node: PolicyNode, plan: CreatePlan, st: os.stat_result) -> None:
-        fd = node.fd
+        fd = node.path_fd()
         want = plan.mode & 0o7777
         fix_mode = st.st_mode & 0o7777 != want
         if (st.st_uid, st.st_gid) != (plan.uid, plan.gid):
@@ -72,6 +72,6 @@ class TablePolicy(OwnershipPolicy):
         # Needs no stat: the type is known from the inode (one fstat less per SETATTR).
         if uid is not None or gid is not None:
             du, dg = self.disk_ids(uid, gid)
-            fchown_fd(node.fd, du, dg)
+            fchown_fd(node.path_fd(), du, dg)
         if mode is not None and not stat.S_ISLNK(node.ftype):
-            os.chmod(proc_fd(node.fd), mode & 0o7777)
+            os.chmod(proc_fd(node.path_fd()), mode & 0o7777)

@@ -102,7 +102,7 @@ class XattrPolicy(OwnershipPolicy):
             return cached
         rec = None
         try:
-            rec, why = self.rule.believed(self.store, node.fd, st)
+            rec, why = self.rule.believed(self.store, node.path_fd(), st)
             if why:
                 self._say_distrust(node, st)
         except SideTableError as e:
@@ -154,7 +154,7 @@ class XattrPolicy(OwnershipPolicy):
         if parent.default_acl is False and not self.reread:
             return None
         try:
-            raw = os.getxattr(proc_fd(parent.fd), _ESC_ACL_DEFAULT)
+            raw = os.getxattr(proc_fd(parent.path_fd()), _ESC_ACL_DEFAULT)
         except OSError:
             parent.default_acl = False
             return None
@@ -190,7 +190,7 @@ class XattrPolicy(OwnershipPolicy):
         return self.store.xattr_names_written(plan.backing_mode)
 
     def stamp(self, node: PolicyNode, plan: CreatePlan, st: os.stat_result) -> None:
-        fd = node.fd
+        fd = node.path_fd()
         if st.st_mode & _SPECIAL and not stat.S_ISLNK(st.st_mode):
             # A directory made in a backing directory that is setgid (a tree
             # not made through the mount) inherits the bit: not on our side.
@@ -210,7 +210,7 @@ class XattrPolicy(OwnershipPolicy):
         except ValueError:
             return XattrEffect()
         bits, equiv = acl.equiv_mode(entries)
-        st = os.fstat(node.fd)
+        st = os.fstat(node.path_fd())
         if not self.rule.trusts(st):
             return XattrEffect()  # another user's inode: no record of ours goes on it
         cur = self._current(node, st)
@@ -219,7 +219,7 @@ class XattrPolicy(OwnershipPolicy):
             self._set_mode(node, st, cur, (cur.mode & ~0o777) | bits)
         if equiv:  # the mode says it all: keep no ACL, as the kernel does
             try:
-                os.removexattr(proc_fd(node.fd), _ESC_ACL_ACCESS)
+                os.removexattr(proc_fd(node.path_fd()), _ESC_ACL_ACCESS)
             except OSError:
                 pass
         return XattrEffect(changed, equiv)
@@ -227,7 +227,7 @@ class XattrPolicy(OwnershipPolicy):
     def _sync_acl_to_mode(self, node: PolicyNode, st: os.stat_result, mode: int) -> None:
         if not can_hold_xattr(st.st_mode) or self._lacks_xattr(node, _ESC_ACL_ACCESS):
             return
-        path = proc_fd(node.fd)
+        path = proc_fd(node.path_fd())
         try:
             raw = os.getxattr(path, _ESC_ACL_ACCESS)
         except OSError:
@@ -257,7 +257,7 @@ class XattrPolicy(OwnershipPolicy):
         self, node: PolicyNode, st: os.stat_result | None, uid: int | None, gid: int | None, mode: int | None
     ) -> None:
         if st is None:
-            st = os.fstat(node.fd)
+            st = os.fstat(node.path_fd())
         cur = self._current(node, st)
         # Unchanged ids stay as stored: an id the table cannot map back (shown
         # as the overflow id) survives a chmod.
@@ -273,13 +273,13 @@ class XattrPolicy(OwnershipPolicy):
         """Write the record ``cur`` with ``new_mode``, and the backing permissions that go with it."""
         rec = Record(cur.uid, cur.gid, new_mode, cur.rdev)
         legacy = False if self._lacks_xattr(node, LEGACY_RECORD_NAME) else None
-        self.store.apply_record(node.fd, st, rec, legacy=legacy)
+        self.store.apply_record(node.path_fd(), st, rec, legacy=legacy)
         node.record = rec
         if self.store.in_side_table(st):
             # A row in the side table is not the inode: give it the new ctime
             # that a chown or chmod must leave (POSIX), as an xattr write would.
             try:
-                touch_ctime(node.fd)
+                touch_ctime(node.path_fd())
             except OSError as e:
                 log.debug("cannot update the ctime of inode %d: %s", node.id, e)
 

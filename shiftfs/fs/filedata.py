@@ -1,8 +1,12 @@
-"""Byte-range handlers of an open file: fallocate, copy_file_range, SEEK_DATA/SEEK_HOLE.
+"""The data handlers of an open file: read, write, fsync, release, and the
+byte-range ones (fallocate, copy_file_range, SEEK_DATA/SEEK_HOLE).
 
 Each is the backing system call on the backing descriptor of the open file
-(``fh``); ownership and records are not involved: the inode stays the same,
-only its data and size change. The kernel checks the caller's side before the
+(``fh``, the descriptor :meth:`Operations.open`/``create`` opened); ownership
+and records are not involved: the inode stays the same, only its data and
+size change. FLUSH is answered ENOSYS on purpose (see :meth:`flush`).
+
+The byte-range handlers: The kernel checks the caller's side before the
 request comes (a file opened read-only: EBADF; RLIMIT_FSIZE and the mount's
 size limit: EFBIG; ``ro``: EROFS); the backing filesystem answers the rest
 (ENOSPC, EFBIG at its own limit, EOPNOTSUPP for a mode it lacks), as on the
@@ -28,20 +32,53 @@ import fcntl
 import os
 from collections import Counter
 
+import pyfuse3
+
 from ..sys.files import fallocate
-from .inodes import Inode
+from .inodes import Inode, InodeTable
 from .requestlog import fuse_handler
 
-__all__ = ["RangeHandlers"]
+__all__ = ["FileDataHandlers"]
 
 
-class RangeHandlers:
-    """The byte-range handlers of :class:`shiftfs.fs.ops.Operations`."""
+class FileDataHandlers:
+    """The data handlers of :class:`shiftfs.fs.ops.Operations` (open files)."""
 
+    table: InodeTable
     _files: dict[int, Inode]
     counts: Counter[str]  # the error door's request counts (requestlog.Served)
     trace: bool
     enable_writeback_cache: bool
+
+    @fuse_handler
+    def read(self, fh: int, off: int, size: int) -> bytes:
+        return os.pread(fh, size, off)
+
+    @fuse_handler
+    def write(self, fh: int, off: int, buf: bytes) -> int:
+        return os.pwrite(fh, buf, off)
+
+    async def flush(self, fh: int) -> None:
+        """Not implemented, on purpose: the first ENOSYS makes the kernel stop
+        sending FLUSH on this connection (one request less per close). Nothing
+        is lost: every WRITE is a pwrite already on the backing file, the kernel
+        still writes dirty pages back and reports their errors at close, and
+        locks stay in the kernel (we implement no lock handlers)."""
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    @fuse_handler
+    def release(self, fh: int) -> None:
+        node = self._files.pop(fh, None)
+        os.close(fh)
+        if node is not None:
+            self.table.unpin(node)
+
+    @fuse_handler
+    def fsync(self, fh: int, datasync: bool) -> None:
+        if datasync:
+            os.fdatasync(fh)
+        else:
+            os.fsync(fh)
 
     @fuse_handler
     def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:

@@ -25,6 +25,7 @@ from collections import Counter
 from typing import Any
 
 import pyfuse3
+from pyfuse3 import FileHandleT, InodeT
 
 from ..ownership.names import is_temp_name, view_name
 from ..sys.files import proc_fd
@@ -78,7 +79,7 @@ class DirectoryHandlers:
 
     # -- directories -------------------------------------------------------------
     @fuse_handler
-    def opendir(self, inode_id: int, ctx: Ctx) -> pyfuse3.FileInfo:
+    def opendir(self, inode_id: InodeT, ctx: Ctx) -> pyfuse3.FileInfo:
         node = self.table[inode_id]
         if not stat.S_ISDIR(node.ftype):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -119,7 +120,7 @@ class DirectoryHandlers:
         dh.cookies = cookies
 
     @fuse_handler
-    def readdir(self, fh: int, start_id: int, token: Any) -> None:
+    def readdir(self, fh: FileHandleT, start_id: int, token: Any) -> None:
         dh = self._dirs[fh]
         node = dh.node
         if dh.names is None or start_id == 0:
@@ -159,11 +160,11 @@ class DirectoryHandlers:
             return ROOT_ID
 
     @fuse_handler
-    def releasedir(self, fh: int) -> None:
+    def releasedir(self, fh: FileHandleT) -> None:
         self._dirs.pop(fh, None)
 
     @fuse_handler
-    def fsyncdir(self, fh: int, datasync: bool) -> None:
+    def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
         dh = self._dirs[fh]
         fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dh.node.path_fd())
         try:

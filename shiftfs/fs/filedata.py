@@ -33,6 +33,7 @@ import os
 from collections import Counter
 
 import pyfuse3
+from pyfuse3 import FileHandleT
 
 from ..sys.files import fallocate
 from .inodes import Inode, InodeTable
@@ -51,14 +52,14 @@ class FileDataHandlers:
     enable_writeback_cache: bool
 
     @fuse_handler
-    def read(self, fh: int, off: int, size: int) -> bytes:
+    def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
         return os.pread(fh, size, off)
 
     @fuse_handler
-    def write(self, fh: int, off: int, buf: bytes) -> int:
+    def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
         return os.pwrite(fh, buf, off)
 
-    async def flush(self, fh: int) -> None:
+    async def flush(self, fh: FileHandleT) -> None:
         """Not implemented, on purpose: the first ENOSYS makes the kernel stop
         sending FLUSH on this connection (one request less per close). Nothing
         is lost: every WRITE is a pwrite already on the backing file, the kernel
@@ -67,31 +68,33 @@ class FileDataHandlers:
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @fuse_handler
-    def release(self, fh: int) -> None:
+    def release(self, fh: FileHandleT) -> None:
         node = self._files.pop(fh, None)
         os.close(fh)
         if node is not None:
             self.table.unpin(node)
 
     @fuse_handler
-    def fsync(self, fh: int, datasync: bool) -> None:
+    def fsync(self, fh: FileHandleT, datasync: bool) -> None:
         if datasync:
             os.fdatasync(fh)
         else:
             os.fsync(fh)
 
     @fuse_handler
-    def fallocate(self, fh: int, mode: int, off: int, length: int) -> None:
+    def fallocate(self, fh: FileHandleT, mode: int, off: int, length: int) -> None:
         fallocate(fh, mode, off, length)
 
     @fuse_handler
-    def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int, flags: int) -> int:
+    def copy_file_range(
+        self, fh_in: FileHandleT, off_in: int, fh_out: FileHandleT, off_out: int, length: int, flags: int
+    ) -> int:
         # flags is 0 (the kernel refuses others); backing copy_file_range may
         # be a reflink, a server-side copy or an in-kernel copy
         return os.copy_file_range(fh_in, fh_out, length, off_in, off_out)
 
     @fuse_handler
-    def lseek(self, fh: int, off: int, whence: int) -> int:
+    def lseek(self, fh: FileHandleT, off: int, whence: int) -> int:
         if self.enable_writeback_cache and self._open_for_writing(self._files.get(fh)):
             end = os.fstat(fh).st_size
             if off >= end:

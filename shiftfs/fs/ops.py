@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 import pyfuse3
+from pyfuse3 import FileHandleT, InodeT
 
 from ..ownership.names import backing_name, temp_name
 from ..ownership.node import CallerIds
@@ -116,10 +117,10 @@ class Operations(DirectoryHandlers, XattrHandlers, FileDataHandlers, ConnectionH
         self._fresh_learn = {}
 
     # -- for the request log -----------------------------------------------------
-    def open_file_node(self, fh: int) -> Inode | None:
+    def open_file_node(self, fh: FileHandleT) -> Inode | None:
         return self._files.get(fh)
 
-    def open_dir_node(self, dh: int) -> Inode | None:
+    def open_dir_node(self, dh: FileHandleT) -> Inode | None:
         handle = self._dirs.get(dh)
         return handle.node if handle else None
 
@@ -262,7 +263,7 @@ class Operations(DirectoryHandlers, XattrHandlers, FileDataHandlers, ConnectionH
 
     # -- lookups and attributes ------------------------------------------------
     @fuse_handler
-    def lookup(self, parent_id: int, name: bytes, ctx: Ctx) -> Entry:
+    def lookup(self, parent_id: InodeT, name: bytes, ctx: Ctx) -> Entry:
         parent = self.table[parent_id]
         name = self._bname(parent, name)
         try:
@@ -277,12 +278,14 @@ class Operations(DirectoryHandlers, XattrHandlers, FileDataHandlers, ConnectionH
             self.table.forget(ino, n)
 
     @fuse_handler
-    def getattr(self, inode_id: int, ctx: Ctx) -> Entry:
+    def getattr(self, inode_id: InodeT, ctx: Ctx) -> Entry:
         node = self.table[inode_id]
         return self._attrs(node, os.fstat(node.path_fd()))
 
     @fuse_handler
-    def setattr(self, inode_id: int, attr: Entry, fields: pyfuse3.SetattrFields, fh: int | None, ctx: Ctx) -> Entry:
+    def setattr(
+        self, inode_id: InodeT, attr: Entry, fields: pyfuse3.SetattrFields, fh: FileHandleT | None, ctx: Ctx
+    ) -> Entry:
         node = self.table[inode_id]
         if fields.update_size:
             if fh is not None:
@@ -312,32 +315,32 @@ class Operations(DirectoryHandlers, XattrHandlers, FileDataHandlers, ConnectionH
         return self._attrs(node, os.fstat(node.path_fd()))
 
     @fuse_handler
-    def readlink(self, inode_id: int, ctx: Ctx) -> bytes:
+    def readlink(self, inode_id: InodeT, ctx: Ctx) -> bytes:
         node = self.table[inode_id]
         return os.readlink(b"", dir_fd=node.path_fd())
 
     # -- creating and removing names -------------------------------------------
     @fuse_handler
-    def mknod(self, parent_id: int, name: bytes, mode: int, rdev: int, ctx: Ctx) -> Entry:
+    def mknod(self, parent_id: InodeT, name: bytes, mode: int, rdev: int, ctx: Ctx) -> Entry:
         return self._make(self.table[parent_id], name, mode, rdev, ctx)
 
     @fuse_handler
-    def mkdir(self, parent_id: int, name: bytes, mode: int, ctx: Ctx) -> Entry:
+    def mkdir(self, parent_id: InodeT, name: bytes, mode: int, ctx: Ctx) -> Entry:
         return self._make(self.table[parent_id], name, stat.S_IFDIR | (mode & 0o7777), 0, ctx)
 
     @fuse_handler
-    def symlink(self, parent_id: int, name: bytes, target: bytes, ctx: Ctx) -> Entry:
+    def symlink(self, parent_id: InodeT, name: bytes, target: bytes, ctx: Ctx) -> Entry:
         return self._make(self.table[parent_id], name, stat.S_IFLNK | 0o777, 0, ctx, target=target)
 
     @fuse_handler
-    def link(self, inode_id: int, new_parent_id: int, new_name: bytes, ctx: Ctx) -> Entry:
+    def link(self, inode_id: InodeT, new_parent_id: InodeT, new_name: bytes, ctx: Ctx) -> Entry:
         node = self.table[inode_id]
         parent = self.table[new_parent_id]
         new_name = self._bname(parent, new_name)
         link_fd(node.path_fd(), parent.path_fd(), new_name)
         return self._entry(node, os.fstat(node.path_fd()))
 
-    def _remove(self, parent_id: int, name: bytes, remove: Callable[..., None]) -> None:
+    def _remove(self, parent_id: InodeT, name: bytes, remove: Callable[..., None]) -> None:
         parent = self.table[parent_id]
         name = self._bname(parent, name)
         victim = self._last_link_check(parent, name)
@@ -347,16 +350,16 @@ class Operations(DirectoryHandlers, XattrHandlers, FileDataHandlers, ConnectionH
         self._after_remove(victim)
 
     @fuse_handler
-    def unlink(self, parent_id: int, name: bytes, ctx: Ctx) -> None:
+    def unlink(self, parent_id: InodeT, name: bytes, ctx: Ctx) -> None:
         self._remove(parent_id, name, os.unlink)
 
     @fuse_handler
-    def rmdir(self, parent_id: int, name: bytes, ctx: Ctx) -> None:
+    def rmdir(self, parent_id: InodeT, name: bytes, ctx: Ctx) -> None:
         self._remove(parent_id, name, os.rmdir)
 
     @fuse_handler
     def rename(
-        self, old_parent_id: int, old_name: bytes, new_parent_id: int, new_name: bytes, flags: int, ctx: Ctx
+        self, old_parent_id: InodeT, old_name: bytes, new_parent_id: InodeT, new_name: bytes, flags: int, ctx: Ctx
     ) -> None:
         op = self.table[old_parent_id]
         np = self.table[new_parent_id]
@@ -400,7 +403,7 @@ class Operations(DirectoryHandlers, XattrHandlers, FileDataHandlers, ConnectionH
         return flags
 
     @fuse_handler
-    def open(self, inode_id: int, flags: int, ctx: Ctx) -> pyfuse3.FileInfo:
+    def open(self, inode_id: InodeT, flags: int, ctx: Ctx) -> pyfuse3.FileInfo:
         node = self.table[inode_id]
         if not stat.S_ISREG(node.ftype):
             raise pyfuse3.FUSEError(errno.ELOOP if stat.S_ISLNK(node.ftype) else errno.EACCES)
@@ -413,7 +416,7 @@ class Operations(DirectoryHandlers, XattrHandlers, FileDataHandlers, ConnectionH
         return pyfuse3.FileInfo(fh=fd, keep_cache=self.cache.keep_cache)
 
     @fuse_handler
-    def create(self, parent_id: int, name: bytes, mode: int, flags: int, ctx: Ctx) -> tuple[pyfuse3.FileInfo, Entry]:
+    def create(self, parent_id: InodeT, name: bytes, mode: int, flags: int, ctx: Ctx) -> tuple[pyfuse3.FileInfo, Entry]:
         parent = self.table[parent_id]
         name = self._bname(parent, name)
         plan = self._plan(parent, stat.S_IFREG | (mode & 0o7777), 0, ctx)

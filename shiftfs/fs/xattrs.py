@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 
 import pyfuse3
+from pyfuse3 import InodeT
 
 from ..ownership.policy import CreatePlan, OwnershipPolicy
 from ..ownership.view import View
@@ -84,7 +85,7 @@ class XattrHandlers:
         return names
 
     @fuse_handler
-    def getxattr(self, inode_id: int, name: bytes, ctx: Ctx) -> bytes:
+    def getxattr(self, inode_id: InodeT, name: bytes, ctx: Ctx) -> bytes:
         if not self.xattr_probes:
             raise pyfuse3.FUSEError(errno.ENOSYS)
         node = self.table[inode_id]
@@ -107,7 +108,7 @@ class XattrHandlers:
         return self.policy.xattr_value_out(vname, value)
 
     @fuse_handler
-    def listxattr(self, inode_id: int, ctx: Ctx) -> list[bytes]:
+    def listxattr(self, inode_id: InodeT, ctx: Ctx) -> list[bytes]:
         node = self.table[inode_id]
         out = []
         for b in self._xnames(node):
@@ -119,7 +120,7 @@ class XattrHandlers:
         out.extend(os.fsencode(v) for v in self.policy.synthetic_xattr_names(node))
         return out
 
-    def _writable_xattr(self, inode_id: int, name: bytes) -> tuple[Inode, str, str]:
+    def _writable_xattr(self, inode_id: InodeT, name: bytes) -> tuple[Inode, str, str]:
         """The inode, view name and backing name of an xattr the caller may
         set or remove; EPERM for names the view reserves (records)."""
         node = self.table[inode_id]
@@ -131,7 +132,7 @@ class XattrHandlers:
         return node, vname, bname
 
     @fuse_handler
-    def setxattr(self, inode_id: int, name: bytes, value: bytes, ctx: Ctx) -> None:
+    def setxattr(self, inode_id: InodeT, name: bytes, value: bytes, ctx: Ctx) -> None:
         node, vname, bname = self._writable_xattr(inode_id, name)
         keep = lambda view: in_group_or_capable(ctx.pid, ctx.gid, view.uid, view.gid)  # noqa: E731
         if self.store_xattr(node, vname, bname, value, keep):
@@ -154,7 +155,7 @@ class XattrHandlers:
         return changed
 
     @fuse_handler
-    def removexattr(self, inode_id: int, name: bytes, ctx: Ctx) -> None:
+    def removexattr(self, inode_id: InodeT, name: bytes, ctx: Ctx) -> None:
         node, vname, bname = self._writable_xattr(inode_id, name)
         try:
             self._xio(node).remove(bname)

@@ -247,7 +247,7 @@ class ImageBuilds:
             if name == "mkosi-shiftfs-exec":
                 mkosibuild.stage_packages(self.mkosi_packages, build, (user.uid, user.gid))
                 subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", work], check=True)
-                argv = user.wrap([*self.shiftfs_cmd, "exec", "--shift", build, "--", *argv])
+                argv = user.wrap(mkosibuild.exec_argv(list(self.shiftfs_cmd), project, build, cache_only=True))
             else:
                 mkosibuild.stage_packages(self.mkosi_packages, build)
         except subprocess.CalledProcessError as e:

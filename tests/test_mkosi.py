@@ -71,7 +71,7 @@ def _user_build(user, d: str, single_id: bool = False) -> tuple[str, float]:
     mkosibuild.write_project(project, build, single_id=single_id)
     mkosibuild.prepare_build(build)
     subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", d], check=True)
-    argv = [sys.executable, "-m", "shiftfs", "exec", "--shift", build, "--", *mkosibuild.argv(project)]
+    argv = mkosibuild.exec_argv([sys.executable, "-m", "shiftfs"], project, build)
     t0 = time.monotonic()
     res = subprocess.run(user.wrap(argv), capture_output=True, text=True, timeout=2400, cwd=project)
     took = time.monotonic() - t0

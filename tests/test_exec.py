@@ -819,4 +819,5 @@ def test_view_stats_name_each_views_counters(who, wd):
         with open(os.path.join(wd, name)) as f:
             data = json.load(f)
         assert data["counts"].get("create", 0) == 1, data
-        assert set(data["cpu_s"]) == {"user", "system"} and data["cpu_s"]["user"] > 0, data
+        # the daemon's CPU since it forked off (a touch costs it less than a clock tick)
+        assert set(data["cpu_s"]) == {"user", "system"} and min(data["cpu_s"].values()) >= 0, data

@@ -13,7 +13,8 @@ The README's recipe ("Building images with mkosi"), shared by the test
   output: mkosi makes its tree in the workspace and moves it to the output,
   so all three on one shifted mount means one ``--shift`` and no copy;
 * ``mkosi -C PROJECT -f build``: as real root (the reference), or as a user
-  inside ``shiftfs exec --shift BUILD``; the user's image is then written by
+  inside ``shiftfs exec -o xattr_probes=off,nowriteback --shift BUILD``
+  (:data:`EXEC_OPTIONS`); the user's image is then written by
   ``shiftfs export BUILD/out/image``.
 
 The reference is built once and cached as a tar (GNU tar with ``--acls

@@ -142,10 +142,14 @@ def argv(project: str, cache_only: bool = False) -> list[str]:
     return ["mkosi", *(["--cache-only=always"] if cache_only else []), "-C", project, "-f", "build"]
 
 
-def exec_argv(shiftfs: list[str], project: str, build: str, cache_only: bool = False) -> list[str]:
+def exec_argv(
+    shiftfs: list[str], project: str, build: str, cache_only: bool = False, stats: str | None = None
+) -> list[str]:
     """The user's build: ``shiftfs exec`` (``shiftfs`` is how to run it) with the recipe's
-    options, shifting ``build``, running :func:`argv`."""
-    return [*shiftfs, "exec", *EXEC_OPTIONS, "--shift", build, "--", *argv(project, cache_only)]
+    options, shifting ``build``, running :func:`argv`; ``stats``: where the daemon writes its
+    counters and CPU seconds (``-o stats=FILE``, not part of the recipe)."""
+    extra = ["-o", f"stats={stats}"] if stats else []
+    return [*shiftfs, "exec", *EXEC_OPTIONS, *extra, "--shift", build, "--", *argv(project, cache_only)]
 
 
 def image(build: str) -> str:

@@ -62,7 +62,8 @@ BUILDS = {
     ),
     "mkosi-shiftfs-exec": (
         "mkosi, shiftfs exec (unprivileged)",
-        "the same as a throwaway user with a range: shiftfs exec --shift BUILD -- mkosi ... build",
+        "the same as a throwaway user with a range: "
+        "shiftfs exec -o xattr_probes=off,nowriteback --shift BUILD -- mkosi ... build",
     ),
 }
 #: mkosi builds, compared with each other (not with mmdebstrap's tree).

@@ -8,6 +8,7 @@ against the real-root tree before they are removed.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -55,6 +56,17 @@ def _timed(argv: list[str], timeout: float, cwd: str | None = None) -> float:
         tail = " | ".join(cause[:3] + lines[-1:])
         raise StepError(f"{os.path.basename(argv[0])} exited {p.returncode}: {tail[:400]}")
     return seconds
+
+
+def _exec_daemon(stats: str) -> tuple[float | None, int | None]:
+    """The CPU seconds and request count a ``shiftfs exec`` build's daemon wrote at its exit
+    (``-o stats=FILE``; the daemon lives in the launcher's namespaces, out of the bench's sight)."""
+    try:
+        with open(stats) as f:
+            data = json.load(f)
+        return round(data["cpu_s"]["user"] + data["cpu_s"]["system"], 3), sum(data["counts"].values())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
 
 
 #: Image-build rounds at most (each is one mmdebstrap per build, minutes long).
@@ -175,11 +187,13 @@ class ImageBuilds:
 
     def _build(self, backing, r, name, ib, staged, user, peer):
         """One timed build; returns where its tree is (or a snapshot for a peer)."""
-        seconds = err = cpu = None
+        seconds = err = cpu = requests = None
         tree = None
         try:
             if name in IB.MKOSI_BUILDS:
                 tree, seconds = self._mkosi(name, ib, user)
+                if name == "mkosi-shiftfs-exec":
+                    cpu, requests = _exec_daemon(os.path.join(ib, name, "daemon-stats.json"))
             elif name == "real-root":
                 work = os.path.join(ib, name)
                 os.makedirs(work)
@@ -197,10 +211,13 @@ class ImageBuilds:
                 for d in (work, tree):
                     os.chown(d, user.uid, user.gid)
                 os.sync()
+                stats = os.path.join(work, "daemon-stats.json")
                 argv = user.wrap(
-                    [*self.shiftfs_cmd, "exec", "--shift", "./rootfs", "--", *IB.mmdebstrap_argv(staged, "./rootfs")]
+                    [*self.shiftfs_cmd, "exec", "-o", f"stats={stats}", "--shift", "./rootfs", "--"]
+                    + IB.mmdebstrap_argv(staged, "./rootfs")
                 )
                 seconds = _timed(argv, self.timeout, cwd=work)
+                cpu, requests = _exec_daemon(stats)
             else:
                 peer.prepare()
                 peer.mount()
@@ -232,6 +249,8 @@ class ImageBuilds:
         }
         if cpu is not None:
             rec["daemon_cpu_s"] = cpu
+        if requests is not None:
+            rec["daemon_requests"] = requests
         self.r.records.append(rec)
         log(f"  image_build {name:<21} " + (f"{seconds:8.1f}s" if err is None else f"ERROR {err}"))
         return tree
@@ -249,7 +268,8 @@ class ImageBuilds:
             if name == "mkosi-shiftfs-exec":
                 mkosibuild.stage_packages(self.mkosi_packages, build, (user.uid, user.gid))
                 subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", work], check=True)
-                argv = user.wrap([*self.shiftfs_cmd, "exec", "--shift", build, "--", *argv])
+                stats = os.path.join(work, "daemon-stats.json")
+                argv = user.wrap(mkosibuild.exec_argv(list(self.shiftfs_cmd), project, build, True, stats))
             else:
                 mkosibuild.stage_packages(self.mkosi_packages, build)
         except subprocess.CalledProcessError as e:

@@ -13,7 +13,8 @@ The README's recipe ("Building images with mkosi"), shared by the test
   output: mkosi makes its tree in the workspace and moves it to the output,
   so all three on one shifted mount means one ``--shift`` and no copy;
 * ``mkosi -C PROJECT -f build``: as real root (the reference), or as a user
-  inside ``shiftfs exec --shift BUILD``; the user's image is then written by
+  inside ``shiftfs exec -o xattr_probes=off,nowriteback --shift BUILD``
+  (:data:`EXEC_OPTIONS`); the user's image is then written by
   ``shiftfs export BUILD/out/image``.
 
 The reference is built once and cached as a tar (GNU tar with ``--acls
@@ -78,6 +79,12 @@ for f in /etc/shadow /etc/gshadow /etc/shadow- /etc/gshadow-; do
     if [ -e "$BUILDROOT$f" ]; then mkosi-chroot chgrp shadow "$f"; fi
 done
 """
+#: ``shiftfs exec`` options of the user's build (README, "Building images with mkosi"): without
+#: the kernel's security.capability probes before writes (xattr_probes=off) and the writeback
+#: cache's mtime SETATTRs and GETATTRs (nowriteback, for some more, smaller WRITEs) the daemon
+#: serves ~263,000 requests instead of ~320,000 with about a quarter less CPU; the image stays
+#: equal to real root's.
+EXEC_OPTIONS = ("-o", "xattr_probes=off,nowriteback")
 #: The oldest mkosi this recipe was made for (Debian's bookworm-backports has 24.3).
 MIN_VERSION = 24
 
@@ -133,6 +140,16 @@ def argv(project: str, cache_only: bool = False) -> list[str]:
     """The build command; ``cache_only``: no network (repository metadata and packages from
     the package cache, :func:`stage_packages`), as the bench times it."""
     return ["mkosi", *(["--cache-only=always"] if cache_only else []), "-C", project, "-f", "build"]
+
+
+def exec_argv(
+    shiftfs: list[str], project: str, build: str, cache_only: bool = False, stats: str | None = None
+) -> list[str]:
+    """The user's build: ``shiftfs exec`` (``shiftfs`` is how to run it) with the recipe's
+    options, shifting ``build``, running :func:`argv`; ``stats``: where the daemon writes its
+    counters and CPU seconds (``-o stats=FILE``, not part of the recipe)."""
+    extra = ["-o", f"stats={stats}"] if stats else []
+    return [*shiftfs, "exec", *EXEC_OPTIONS, *extra, "--shift", build, "--", *argv(project, cache_only)]
 
 
 def image(build: str) -> str:

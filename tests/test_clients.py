@@ -676,10 +676,17 @@ def test_recipe_rootless_podman_mounts_inside_podman_unshare(user, wd):
             ["pgrep", "-u", user.name, "-f", f"shiftfs mount --xattr {src}"], capture_output=True, text=True
         ).stdout.split()
         assert len(daemons) == 1, daemons
+        # The daemon is nobody's child in podman's namespace: the pause process (which never
+        # waits) is not its parent, so its exit is reaped by pid 1 (or a subreaper above podman).
+        with open(os.path.join(run_dir, "libpod/tmp/pause.pid")) as f:
+            pause = f.read().strip()
+        running = _proc_state(int(daemons[0]))
+        assert running is not None and f"ppid={pause}" not in running, (running, pause, ps_of(user.name))
         r = podman("unshare", SHIFTFS, "umount", view)
         assert r.returncode == 0, r.stderr
         state = _proc_state(int(daemons[0]))
         assert state is None or state.startswith("Z "), (state, ps_of(user.name))  # it has exited
+        assert state is None or f"ppid={pause}" not in state, (state, pause)
         wait_for(lambda: _proc_state(int(daemons[0])) is None, 10, what=f"the daemon reaped ({state})")
     finally:
         podman("system", "migrate", timeout=60)  # stops the pause process and its namespaces

@@ -11,6 +11,7 @@ generated tree unpacked with ``tar --same-owner`` stands in.
 from __future__ import annotations
 
 import io
+import json
 import os
 import select
 import shlex
@@ -729,3 +730,19 @@ def test_view_options(who, wd):
     bad = shiftfs_exec(who, "-o", "ro", "--shift", "r", "--", "true", cwd=wd, check=False)
     assert bad.returncode == 125 and len(bad.stderr.strip().splitlines()) == 1
     assert "-o ro: not an option of the views" in bad.stderr
+
+
+def test_view_stats_name_each_views_counters(who, wd):
+    """-o stats=FILE (relative to the caller's directory): each view's daemon writes its
+    counters and its own CPU seconds when it exits, the first view to FILE, the second to
+    FILE.1, before exec returns (how a build's daemon time is measured, issue #25)."""
+    owned_dir(wd, who)
+    for d in ("a", "b"):
+        owned_dir(os.path.join(wd, d), who)
+    shiftfs_exec(who, "-o", "stats=st.json", "--shift", "a", "--shift", "b", "--", "touch", "a/x", "b/y", cwd=wd)
+    for name in ("st.json", "st.json.1"):
+        with open(os.path.join(wd, name)) as f:
+            data = json.load(f)
+        assert data["counts"].get("create", 0) == 1, data
+        # the daemon's CPU since it forked off (a touch costs it less than a clock tick)
+        assert set(data["cpu_s"]) == {"user", "system"} and min(data["cpu_s"].values()) >= 0, data

@@ -23,6 +23,7 @@ import tarfile
 import time
 
 import pytest
+import readme_util
 from ns_util import CACHE, MIRROR, host_owners, mirror_reachable, remove_tree, throwaway_users, workdir
 from test_exec import diff_entries, tar_entries
 
@@ -71,7 +72,7 @@ def _user_build(user, d: str, single_id: bool = False) -> tuple[str, float]:
     mkosibuild.write_project(project, build, single_id=single_id)
     mkosibuild.prepare_build(build)
     subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", d], check=True)
-    argv = [sys.executable, "-m", "shiftfs", "exec", "--shift", build, "--", *mkosibuild.argv(project)]
+    argv = mkosibuild.exec_argv([sys.executable, "-m", "shiftfs"], project, build)
     t0 = time.monotonic()
     res = subprocess.run(user.wrap(argv), capture_output=True, text=True, timeout=2400, cwd=project)
     took = time.monotonic() - t0
@@ -98,6 +99,15 @@ def _reference(tar: str) -> str:
         print(f"\nmkosi build: real root {time.monotonic() - t1:.1f} s", end="")
         assert _versions(ref) == _versions(tar), "the Debian mirror changed between the two builds; rerun"
     return ref
+
+
+def test_readme_recipe_runs_the_tested_exec_options():
+    """The README's mkosi recipes run ``shiftfs exec`` with the options the test and the bench
+    build with (bench.mkosibuild.EXEC_OPTIONS), the range recipe and the single-id one alike."""
+    want = f"shiftfs exec {' '.join(mkosibuild.EXEC_OPTIONS)} --shift ~/img/build -- mkosi -f build"
+    for heading in ("### Building images with mkosi", "#### mkosi with one id"):
+        lines = [ln for ln in readme_util.sh_block(heading) if "shiftfs exec" in ln]
+        assert lines and all(ln.endswith(want) for ln in lines), (heading, lines)
 
 
 @pytest.mark.timeout(3600)

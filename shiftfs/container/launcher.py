@@ -375,7 +375,7 @@ def _serve_and_run(layout: Layout, note_fd: int | None) -> int:
                     try:
                         daemons.start_daemon(
                             layout.mode_args,
-                            layout.mount_opts,
+                            preflight.view_stats(layout.mount_opts, i),
                             source,
                             fd,
                             log_fd,

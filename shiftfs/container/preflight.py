@@ -74,7 +74,17 @@ def add_namespace_options(p: argparse.ArgumentParser) -> None:
 
 #: ``-o`` options a view of ``run``/``exec`` takes: the daemon's own (cache, writeback,
 #: probes, ACL enforcement, request loop, records); the mount itself is the launcher's.
-VIEW_OPTIONS = ("cache", "writeback", "nowriteback", "xattr_probes", "acl", "spin", "default_owner", "legacy_xattr")
+VIEW_OPTIONS = (
+    "cache",
+    "writeback",
+    "nowriteback",
+    "xattr_probes",
+    "acl",
+    "spin",
+    "default_owner",
+    "legacy_xattr",
+    "stats",
+)
 
 
 def view_options(args: argparse.Namespace) -> str:
@@ -94,7 +104,17 @@ def view_options(args: argparse.Namespace) -> str:
         parse_options([",".join(given)], [], "--xattr" in mount_args(args), "/", "/")
     except UsageError as e:
         raise SetupError(str(e)) from None
+    # stats=FILE: written by daemons that run elsewhere (cwd, namespace), so named absolutely here
+    given = [f"stats={os.path.abspath(o[6:])}" if o.startswith("stats=") else o for o in given]
     return ",".join(given)
+
+
+def view_stats(mount_opts: str, index: int) -> str:
+    """``-o`` of view number ``index``: with ``stats=FILE`` the first view writes FILE, the
+    others FILE.1, FILE.2 … (one daemon per view, each with its own counters)."""
+    if index == 0:
+        return mount_opts
+    return ",".join(f"{o}.{index}" if o.startswith("stats=") else o for o in mount_opts.split(","))
 
 
 def mount_args(args: argparse.Namespace) -> list[str]:

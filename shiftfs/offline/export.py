@@ -1,7 +1,7 @@
 """Offline tree tools: work on a backing tree's records without a mount.
 
 A backing tree ("ROOT") in xattr mode keeps each inode's view owner, group,
-mode and device number in a *record* (see :mod:`shiftfs.record`) and is
+mode and device number in a *record* (see :mod:`shiftfs.ownership.record`) and is
 otherwise owned by one unprivileged user. These commands read and write such
 trees directly:
 
@@ -57,7 +57,7 @@ def _archive_name(rel: str) -> str:
 
 @dataclass
 class ExportOptions:
-    devices: object = None  # shiftfs.devtable.DeviceTable
+    devices: object = None  # shiftfs.offline.devtable.DeviceTable
     me: tuple[int, int] = (-1, -1)  # the exporting user's uid, gid
     #: what unrecorded files of ``me`` show as (None: the view rule's default owner decides)
     self_owner: tuple[int, int] | None = (0, 0)
@@ -257,7 +257,7 @@ def export_tree(
 ) -> list[str]:
     """Write an archive of the view of ``root`` to ``out``; returns per-path errors.
 
-    ``devices`` (a :class:`shiftfs.devtable.DeviceTable`) adds entries a user
+    ``devices`` (a :class:`shiftfs.offline.devtable.DeviceTable`) adds entries a user
     namespace could not create. ``self_owner`` is what a file without a
     record that the exporting user owns shows as (default 0:0: in
     ``shiftfs run``/``exec`` the invoking user is view root). ``default_owner``

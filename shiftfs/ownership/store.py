@@ -1,6 +1,6 @@
 """Where records live on the backing filesystem.
 
-A *record* (see :mod:`shiftfs.record`) holds the view owner, group and mode of
+A *record* (see :mod:`shiftfs.ownership.record`) holds the view owner, group and mode of
 one inode. Regular files and directories carry it in the user xattr
 ``user.containers.override_stat``, the name podman's containers/storage writes
 and fuse-overlayfs reads, so trees move between the three tools.

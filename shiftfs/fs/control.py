@@ -99,7 +99,7 @@ def _setxattr(ops: Operations, req: dict[str, Any]) -> Callable[[], None]:
         raise OSError(errno.EINVAL, "only POSIX ACLs are set through the control channel")
     value = bytes.fromhex(req["value"])
     acl.check_valid(acl.parse(value))
-    node, vname, bname = ops._writable_xattr(int(req["ino"]), name.encode())
+    node, vname, bname = ops.writable_xattr(int(req["ino"]), name.encode())
     fsetid = bool(req["fsetid"])
     ops.store_xattr(node, vname, bname, value, lambda view: fsetid or view.gid == 0)
     ino = node.id

@@ -66,7 +66,7 @@ class XattrHandlers:
 
     def _xio(self, node: Inode) -> InodeXattrs | SideXattrs:
         """Where this inode's backing xattrs are (see :mod:`shiftfs.fs.xattr_io`)."""
-        store = self.policy.side_xattrs(node)
+        store = self.policy.side_xattr_store(node)
         if store is not None:
             return SideXattrs(store, node)
         if stat.S_ISLNK(node.ftype):
@@ -120,7 +120,7 @@ class XattrHandlers:
         out.extend(os.fsencode(v) for v in self.policy.synthetic_xattr_names(node))
         return out
 
-    def _writable_xattr(self, inode_id: InodeT, name: bytes) -> tuple[Inode, str, str]:
+    def writable_xattr(self, inode_id: InodeT, name: bytes) -> tuple[Inode, str, str]:
         """The inode, view name and backing name of an xattr the caller may
         set or remove; EPERM for names the view reserves (records)."""
         node = self.table[inode_id]
@@ -133,7 +133,7 @@ class XattrHandlers:
 
     @fuse_handler
     def setxattr(self, inode_id: InodeT, name: bytes, value: bytes, ctx: Ctx) -> None:
-        node, vname, bname = self._writable_xattr(inode_id, name)
+        node, vname, bname = self.writable_xattr(inode_id, name)
         keep = lambda view: in_group_or_capable(ctx.pid, ctx.gid, view.uid, view.gid)  # noqa: E731
         if self.store_xattr(node, vname, bname, value, keep):
             # e.g. an access ACL set the mode's group class: the kernel's
@@ -156,7 +156,7 @@ class XattrHandlers:
 
     @fuse_handler
     def removexattr(self, inode_id: InodeT, name: bytes, ctx: Ctx) -> None:
-        node, vname, bname = self._writable_xattr(inode_id, name)
+        node, vname, bname = self.writable_xattr(inode_id, name)
         try:
             self._xio(node).remove(bname)
         except OSError as e:

@@ -251,7 +251,7 @@ class OwnershipPolicy:
         """The last link of an inode was removed."""
 
     # -- xattrs ------------------------------------------------------------
-    def side_xattrs(self, node: PolicyNode) -> SideXattrStore | None:
+    def side_xattr_store(self, node: PolicyNode) -> SideXattrStore | None:
         """The store that keeps this inode's xattrs when the inode cannot carry them; None: the inode does."""
         return None
 

@@ -292,7 +292,7 @@ class XattrPolicy(OwnershipPolicy):
         except OSError as e:
             log.warning("cannot drop the side record of inode %d: %s", st.st_ino, e)
 
-    def side_xattrs(self, node: PolicyNode) -> SideXattrStore | None:
+    def side_xattr_store(self, node: PolicyNode) -> SideXattrStore | None:
         # The escaped names are user.* xattrs, which symlinks, FIFOs and sockets cannot carry.
         return None if can_hold_xattr(node.ftype) else self.store
 

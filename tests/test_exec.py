@@ -732,6 +732,25 @@ def test_view_options(who, wd):
     assert "-o ro: not an option of the views" in bad.stderr
 
 
+def test_view_stats_follow_no_symlink(who, wd):
+    """-o stats=FILE never writes through a symlink, neither at FILE nor on the way to it: the
+    directory may be one a container's root can write (a bind, a shifted directory), and the
+    daemon may be host root."""
+    owned_dir(wd, who)
+    owned_dir(os.path.join(wd, "a"), who)
+    victim_dir = owned_dir(os.path.join(wd, "victim_dir"), who)
+    victim = os.path.join(wd, "victim")
+    with open(victim, "w") as f:
+        f.write("keep")
+    os.symlink("victim", os.path.join(wd, "st.json"))
+    os.symlink("victim_dir", os.path.join(wd, "d"))
+    for stats in ("st.json", "d/st.json"):
+        shiftfs_exec(who, "-o", f"stats={stats}", "--shift", "a", "--", "touch", "a/x", cwd=wd)
+    with open(victim) as f:
+        assert f.read() == "keep"
+    assert os.listdir(victim_dir) == []
+
+
 def test_view_stats_name_each_views_counters(who, wd):
     """-o stats=FILE (relative to the caller's directory): each view's daemon writes its
     counters and its own CPU seconds when it exits, the first view to FILE, the second to

@@ -108,7 +108,8 @@ def _write_stats(ops: Operations, path: str | None) -> None:
             # no one else can see
             "cpu_s": {"user": round(cpu.user, 3), "system": round(cpu.system, 3)},
         }
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)  # umask is 0 here
+        # NAME itself is not followed either (see isolate.reachable); umask is 0 here
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         with os.fdopen(fd, "w") as f:
             json.dump(data, f)
     except OSError as e:

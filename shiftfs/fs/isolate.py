@@ -65,6 +65,7 @@ import threading
 from dataclasses import dataclass
 
 from ..sys import mounts
+from ..sys.files import open_beneath
 from ..sys.libc import AT_FDCWD
 from ..sys.mounts import (
     CLONE_FS,
@@ -172,15 +173,23 @@ class Isolation:
 
 def reachable(path: str | None) -> str | None:
     """A name for ``path``, a file the daemon writes later (``-o stats``), that still works once it
-    is isolated: ``/proc/self/fd/N/NAME`` of its directory, opened now. Call before isolating."""
+    is isolated: ``/proc/self/fd/N/NAME`` of its directory, opened now without following a
+    symlink (None, with a warning, when that fails). Call before isolating."""
     if not path:
         return path
     d, name = os.path.split(os.path.abspath(path))
+    # No symlink is followed on the way (nor, when written, at NAME): the
+    # directory may lie where a container's root can write (a bind, a shifted
+    # directory) and plant a link to a host file the daemon's user may write.
     try:
-        dfd = os.open(d, _RO_DIR)
+        root = os.open("/", _RO_DIR)
+        try:
+            dfd = open_beneath(root, d, _RO_DIR)
+        finally:
+            os.close(root)
     except OSError as e:
-        log.warning("cannot keep a handle on %s: %s", d, e)
-        return path
+        log.warning("-o stats: cannot open %s without following symlinks (%s); no stats are written", d, e)
+        return None
     return f"/proc/self/fd/{dfd}/{name}"
 
 

@@ -28,7 +28,7 @@ from ..ownership.record import RecordError
 from ..ownership.store import RecordStore
 from ..ownership.trust import offline_trust_note, offline_trusted_uid, owned_by
 from ..ownership.view import View, ViewRule
-from ..sys.files import O_PATH_NOFOLLOW
+from ..sys.files import DIR_PATH_FLAGS, open_beneath
 from ..sys.walk import DIR_FLAGS as _DIR_FLAGS
 from ..sys.walk import Entry, OnError
 from ..sys.walk import walk as tree_walk
@@ -50,7 +50,6 @@ __all__ = [
     "COPY_CHUNK",
 ]
 
-DIR_PATH_FLAGS = O_PATH_NOFOLLOW | os.O_DIRECTORY
 #: Copy buffer size of the archive tools.
 COPY_CHUNK = 1 << 20
 
@@ -107,28 +106,6 @@ def view_at(rule: ViewRule, store: RecordStore, fd: int, st: os.stat_result, rel
         return rule.view(store, fd, st)
     except RecordError as e:
         raise TreeError(f"{rel or '.'}: {e}") from None
-
-
-def open_beneath(root_fd: int, rel: str, flags: int = O_PATH_NOFOLLOW) -> int:
-    """Open ``rel`` below ``root_fd`` without following any symlink.
-
-    One component at a time, each directory closed once the next is open: a
-    path of any depth costs two descriptors at most.
-    """
-    parts = [p for p in rel.split("/") if p]
-    if not parts:
-        return os.open(".", flags | os.O_DIRECTORY, dir_fd=root_fd)
-    cur = root_fd
-    try:
-        for p in parts[:-1]:
-            sub = os.open(p, DIR_PATH_FLAGS, dir_fd=cur)
-            if cur != root_fd:
-                os.close(cur)
-            cur = sub
-        return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur)
-    finally:
-        if cur != root_fd:
-            os.close(cur)
 
 
 def open_store(

@@ -15,6 +15,8 @@ import os
 from .libc import AT_EMPTY_PATH, AT_FDCWD, check, libc
 
 __all__ = [
+    "DIR_PATH_FLAGS",
+    "open_beneath",
     "AT_EMPTY_PATH",
     "AT_SYMLINK_NOFOLLOW",
     "AT_SYMLINK_FOLLOW",
@@ -166,3 +168,29 @@ libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) on an open file: ``mode`` 0 or FALLOC_FL_* flags."""
     check(libc.fallocate(fd, mode, offset, length))
+
+
+#: a directory opened for *at() calls only, its last component not followed
+DIR_PATH_FLAGS = O_PATH_NOFOLLOW | os.O_DIRECTORY
+
+
+def open_beneath(root_fd: int, rel: str, flags: int = O_PATH_NOFOLLOW) -> int:
+    """Open ``rel`` below ``root_fd`` without following any symlink.
+
+    One component at a time, each directory closed once the next is open: a
+    path of any depth costs two descriptors at most.
+    """
+    parts = [p for p in rel.split("/") if p]
+    if not parts:
+        return os.open(".", flags | os.O_DIRECTORY, dir_fd=root_fd)
+    cur = root_fd
+    try:
+        for p in parts[:-1]:
+            sub = os.open(p, DIR_PATH_FLAGS, dir_fd=cur)
+            if cur != root_fd:
+                os.close(cur)
+            cur = sub
+        return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur)
+    finally:
+        if cur != root_fd:
+            os.close(cur)

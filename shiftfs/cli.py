@@ -82,6 +82,9 @@ options (-o, comma separated):
                         not inside FORGET (where the backing fs frees the
                         inode): helps rm -rf when the disk is contended, costs
                         CPU otherwise (docs/speed-round4.md)
+  early_writeback=off   no writeback hint: by default, while a program fsyncs
+                        its files (dpkg), closing a written file starts its
+                        writeback on disk, as its sync_file_range asked
   read_ahead_kb=N       read-ahead of the mount in KiB (default 1024; the
                         kernel's 128 makes many small READ requests; root only)
   log=FILE              daemon log file in the background (default: syslog)

@@ -80,6 +80,7 @@ VIEW_OPTIONS = (
     "nowriteback",
     "xattr_probes",
     "acl",
+    "early_writeback",
     "spin",
     "default_owner",
     "legacy_xattr",

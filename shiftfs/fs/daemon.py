@@ -104,6 +104,8 @@ def _write_stats(ops: Operations, path: str | None) -> None:
             "counts": dict(ops.counts),
             "inodes": len(ops.table),
             "closer": {"handed": closer.handed, "closed": closer.closed},
+            # releases that started their file's writeback (shiftfs.fs.filedata)
+            "early_writeback": ops.writebacks_started,
             # the daemon's own CPU since it forked off (user, system), for builds whose daemon
             # no one else can see
             "cpu_s": {"user": round(cpu.user, 3), "system": round(cpu.system, 3)},

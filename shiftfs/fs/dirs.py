@@ -21,6 +21,7 @@ import errno
 import hashlib
 import os
 import stat
+import time
 from collections import Counter
 from typing import Any
 
@@ -73,6 +74,7 @@ class DirectoryHandlers:
     trace: bool
     _dirs: dict[int, DirHandle]
     _next_dh: int
+    _synced_at: float  # the last FSYNC/FSYNCDIR (shiftfs.fs.filedata: early writeback)
 
     def _attrs(self, node: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
         raise NotImplementedError
@@ -166,6 +168,7 @@ class DirectoryHandlers:
     @fuse_handler
     def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
         dh = self._dirs[fh]
+        self._synced_at = time.monotonic()
         fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dh.node.path_fd())
         try:
             os.fsync(fd)

@@ -6,6 +6,20 @@ Each is the backing system call on the backing descriptor of the open file
 and records are not involved: the inode stays the same, only its data and
 size change. FLUSH is answered ENOSYS on purpose (see :meth:`flush`).
 
+Early writeback (``-o early_writeback=off`` turns it off): a program that
+makes its files durable one by one, as dpkg does, writes a file, asks for its
+writeback with ``sync_file_range(SYNC_FILE_RANGE_WRITE)``, closes it, and
+fsyncs it later, when the disk has already written most of it. FUSE does not
+pass ``sync_file_range`` on, so every later FSYNC found the backing file's
+pages still dirty: in a Debian minbase build (mmdebstrap, fresh ext4) the
+daemon's 7,600 fsyncs waited 5.3 s, real root's 8,500 fsyncs 2.5 s. So once
+the mount has served an FSYNC or FSYNCDIR in the last :data:`SYNC_WINDOW_S`
+seconds, the release of a handle that wrote starts the backing file's
+writeback, as the program asked. A program that never syncs (tar, cp) is
+left as it was: its data stays in the page cache until the kernel's own
+writeback. The hint waits for nothing; a write error still comes from the
+program's fsync, which is where it looks for one.
+
 The byte-range handlers: The kernel checks the caller's side before the
 request comes (a file opened read-only: EBADF; RLIMIT_FSIZE and the mount's
 size limit: EFBIG; ``ro``: EROFS); the backing filesystem answers the rest
@@ -30,16 +44,20 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import time
 from collections import Counter
 
 import pyfuse3
 from pyfuse3 import FileHandleT
 
-from ..sys.files import fallocate
+from ..sys.files import fallocate, start_writeback
 from .inodes import Inode, InodeTable
 from .requestlog import fuse_handler
 
-__all__ = ["FileDataHandlers"]
+__all__ = ["FileDataHandlers", "SYNC_WINDOW_S"]
+
+#: how long after an FSYNC/FSYNCDIR a release of a written handle starts its writeback
+SYNC_WINDOW_S = 10.0
 
 
 class FileDataHandlers:
@@ -50,6 +68,14 @@ class FileDataHandlers:
     counts: Counter[str]  # the error door's request counts (requestlog.Served)
     trace: bool
     enable_writeback_cache: bool
+    #: ``-o early_writeback=on`` (default): see the design note
+    early_writeback: bool
+    #: handles written since they were opened (only tracked with early_writeback)
+    _written: set[int]
+    #: time.monotonic() of the last FSYNC or FSYNCDIR served
+    _synced_at: float
+    #: releases that started their file's writeback (``-o stats``)
+    writebacks_started: int
 
     @fuse_handler
     def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
@@ -57,6 +83,8 @@ class FileDataHandlers:
 
     @fuse_handler
     def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
+        if self.early_writeback:
+            self._written.add(fh)
         return os.pwrite(fh, buf, off)
 
     async def flush(self, fh: FileHandleT) -> None:
@@ -70,12 +98,21 @@ class FileDataHandlers:
     @fuse_handler
     def release(self, fh: FileHandleT) -> None:
         node = self._files.pop(fh, None)
+        if fh in self._written:
+            self._written.discard(fh)
+            if time.monotonic() - self._synced_at < SYNC_WINDOW_S:
+                self.writebacks_started += 1
+                try:
+                    start_writeback(fh)
+                except OSError:
+                    pass  # a hint: the program's fsync reports what went wrong
         os.close(fh)
         if node is not None:
             self.table.unpin(node)
 
     @fuse_handler
     def fsync(self, fh: FileHandleT, datasync: bool) -> None:
+        self._synced_at = time.monotonic()
         if datasync:
             os.fdatasync(fh)
         else:

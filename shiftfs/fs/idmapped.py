@@ -70,6 +70,7 @@ FUSE_ONLY = {
     "read_ahead_kb",
     "xattr_probes",
     "acl",
+    "early_writeback",
     "log",
     "stats",
     "debug",

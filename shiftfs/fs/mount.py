@@ -354,6 +354,7 @@ def build_operations(cfg: MountConfig, root_fd: int) -> Operations:
         writeback=cfg.writeback,
         xattr_probes=cfg.xattr_probes,
         acl=cfg.acl,
+        early_writeback=cfg.early_writeback,
     )
     ops.table.defer_closes = cfg.closer
     return ops

@@ -94,6 +94,7 @@ class Operations(DirectoryHandlers, XattrHandlers, FileDataHandlers, ConnectionH
         writeback: bool = False,
         xattr_probes: bool = True,
         acl: bool = False,
+        early_writeback: bool = True,
     ):
         super().__init__()
         #: the kernel caches writes and owns size/mtime (fewer WRITE/GETATTR requests)
@@ -113,6 +114,11 @@ class Operations(DirectoryHandlers, XattrHandlers, FileDataHandlers, ConnectionH
         self.counts: Counter[str] = Counter()
         self._dirs: dict[int, DirHandle] = {}
         self._files: dict[int, Inode] = {}
+        #: start the writeback of files released while a program syncs (shiftfs.fs.filedata)
+        self.early_writeback = early_writeback
+        self._written: set[int] = set()
+        self._synced_at = float("-inf")
+        self.writebacks_started = 0
         self._next_dh = 1
         self._fresh_learn = {}
 

@@ -99,6 +99,8 @@ class MountConfig:
     spin_us: int = 100
     #: ``-o closer=on``: close removed inodes' descriptors in a worker thread (shiftfs.fs.closer)
     closer: bool = False
+    #: ``-o early_writeback=off``: no writeback hint at release while a program syncs (shiftfs.fs.filedata)
+    early_writeback: bool = True
     # kernel backend (shiftfs/fs/idmapped.py): which backend, and the -o keys given
     backend: str = "auto"
     option_keys: list[str] = field(default_factory=list)
@@ -221,6 +223,8 @@ def parse_options(opts: list[str], maps: list[str], xattr: bool, source: str, mo
                 cfg.acl = val == "on"
             elif key == "closer" and val in ("on", "off"):
                 cfg.closer = val == "on"
+            elif key == "early_writeback" and val in ("on", "off"):
+                cfg.early_writeback = val == "on"
             elif key == "spin" and eq:
                 if not val.isdigit() or int(val) > 10000:
                     raise UsageError(f"bad -o spin={val}: give microseconds from 0 (never) to 10000, e.g. spin=50")

@@ -4,7 +4,8 @@ Every call here works relative to a held file descriptor and never resolves a
 backing path string: ``renameat2`` (with ``RENAME_NOREPLACE`` and
 ``RENAME_EXCHANGE``), ``utimensat`` on an ``O_PATH`` descriptor, ``fchownat``
 and ``linkat`` with ``AT_EMPTY_PATH``, ``statx`` for birth times, and
-``fallocate`` with a mode (Python has only ``posix_fallocate``).
+``fallocate`` with a mode (Python has only ``posix_fallocate``), and
+``sync_file_range`` (Python has none).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "link_fd",
     "birth_time",
     "fallocate",
+    "start_writeback",
     "proc_fd",
     "O_PATH_NOFOLLOW",
 ]
@@ -168,6 +170,16 @@ libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) on an open file: ``mode`` 0 or FALLOC_FL_* flags."""
     check(libc.fallocate(fd, mode, offset, length))
+
+
+SYNC_FILE_RANGE_WRITE = 2
+libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+
+
+def start_writeback(fd: int) -> None:
+    """Start writing the whole file's dirty pages to disk, waiting for none of them
+    (``sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)``)."""
+    check(libc.sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE))
 
 
 #: a directory opened for *at() calls only, its last component not followed

@@ -213,7 +213,7 @@ class ImageBuilds:
                 os.sync()
                 stats = os.path.join(work, "daemon-stats.json")
                 argv = user.wrap(
-                    [*self.shiftfs_cmd, "exec", "-o", f"stats={stats}", "--shift", "./rootfs", "--"]
+                    [*self.shiftfs_cmd, "exec", *IB.EXEC_OPTIONS, "-o", f"stats={stats}", "--shift", "./rootfs", "--"]
                     + IB.mmdebstrap_argv(staged, "./rootfs")
                 )
                 seconds = _timed(argv, self.timeout, cwd=work)

@@ -14,7 +14,7 @@ The README's recipe ("Building images with mkosi"), shared by the test
   so all three on one shifted mount means one ``--shift`` and no copy;
 * ``mkosi -C PROJECT -f build``: as real root (the reference), or as a user
   inside ``shiftfs exec -o xattr_probes=off,nowriteback --shift BUILD``
-  (:data:`EXEC_OPTIONS`); the user's image is then written by
+  (:data:`bench.imagebuild.EXEC_OPTIONS`); the user's image is then written by
   ``shiftfs export BUILD/out/image``.
 
 The reference is built once and cached as a tar (GNU tar with ``--acls
@@ -33,6 +33,7 @@ import tempfile
 import time
 
 from . import artifacts
+from .imagebuild import EXEC_OPTIONS
 
 #: mkosi.conf; ``{build}`` is the build directory. In mkosi 24 the directories are
 #: [Output] settings (later versions moved them to [Build]).
@@ -79,12 +80,6 @@ for f in /etc/shadow /etc/gshadow /etc/shadow- /etc/gshadow-; do
     if [ -e "$BUILDROOT$f" ]; then mkosi-chroot chgrp shadow "$f"; fi
 done
 """
-#: ``shiftfs exec`` options of the user's build (README, "Building images with mkosi"): without
-#: the kernel's security.capability probes before writes (xattr_probes=off) and the writeback
-#: cache's mtime SETATTRs and GETATTRs (nowriteback, for some more, smaller WRITEs) the daemon
-#: serves ~263,000 requests instead of ~320,000 with about a quarter less CPU; the image stays
-#: equal to real root's.
-EXEC_OPTIONS = ("-o", "xattr_probes=off,nowriteback")
 #: The oldest mkosi this recipe was made for (Debian's bookworm-backports has 24.3).
 MIN_VERSION = 24
 

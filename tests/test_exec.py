@@ -45,7 +45,7 @@ from ns_util import (
 )
 from records import record
 
-from bench import artifacts
+from bench import artifacts, imagebuild
 from shiftfs.container import exec as execcmd
 from shiftfs.container import launcher, preflight
 from shiftfs.offline import devtable
@@ -765,3 +765,10 @@ def test_view_stats_name_each_views_counters(who, wd):
         assert data["counts"].get("create", 0) == 1, data
         # the daemon's CPU since it forked off (a touch costs it less than a clock tick)
         assert set(data["cpu_s"]) == {"user", "system"} and min(data["cpu_s"].values()) >= 0, data
+
+
+def test_readme_mmdebstrap_recipe_runs_the_bench_options():
+    """The README's mmdebstrap recipe builds with the options the bench times
+    (bench.imagebuild.EXEC_OPTIONS), so the numbers it quotes are the recipe's."""
+    build = readme_util.sh_block("## Building images: `shiftfs exec`")[1]
+    assert build.startswith(f"shiftfs exec {' '.join(imagebuild.EXEC_OPTIONS)} --shift ./rootfs -- mmdebstrap "), build

@@ -34,14 +34,15 @@ from .sysutil import log, run
 CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache")
 
 
-def _fresh_ext4(workdir: str, size: int = 8 << 30) -> str:
+def _fresh_ext4(workdir: str, size: int = 8 << 30, inodes: int | None = None) -> str:
     """A new journaled ext4 (mkfs defaults) on a loop image, as the bench's disk backing."""
     img = os.path.join(workdir, "disk.ext4")
     root = os.path.join(workdir, "disk")
     os.makedirs(root)
     with open(img, "wb") as f:
         f.truncate(size)
-    run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", img])
+    count = ["-N", str(inodes)] if inodes else []
+    run(["mkfs.ext4", "-q", "-F", *count, "-E", "lazy_itable_init=0,lazy_journal_init=0", img])
     run(["mount", "-o", "loop", img, root])
     return root
 
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default="/var/tmp")
     ap.add_argument("--out", help="JSON results file")
     ap.add_argument("--timeout", type=float, default=1200.0)
+    ap.add_argument("--inodes", type=int, help="mkfs.ext4 -N (the full bench's disk has 1048576)")
     a = ap.parse_args(argv)
     shiftfs = T.default_shiftfs()
     debs = IB.cached_debs(CACHE)
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench.execab: no package cache; run 'python -m bench --workloads image_build' once first")
     work = tempfile.mkdtemp(prefix="shiftfs-execab.", dir=a.workdir)
     os.chmod(work, 0o755)  # the throwaway user builds below it
-    base = _fresh_ext4(work)
+    base = _fresh_ext4(work, inodes=a.inodes)
     records: list[dict] = []
     try:
         staged = IB.stage_debs(debs, os.path.join(base, "debs"))

@@ -469,3 +469,18 @@ def test_throwaway_user_is_removed_even_on_failure():
     assert u.name.encode() not in after["/etc/subuid"] and u.name.encode() not in after["/etc/subgid"]
     # other sessions may edit the files meanwhile; without them the bytes are the same
     assert all(after[p] == before[p] or u.name.encode() not in after[p] for p in SUBID_FILES)
+
+
+def test_floor_times_every_target():
+    """``python -m bench.floor`` (the README's command, fewer calls): one row of numbers per
+    target, each daemon mounted, timed and unmounted; nothing left mounted."""
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.floor", "-n", "3000"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    rows = {ln.split("|")[1].strip(): ln for ln in r.stdout.splitlines() if ln.startswith("| ") and "µs" not in ln}
+    for name in ("native", "pyfuse3-null", "shiftfs", "bindfs", "fuse-overlayfs"):
+        cells = [c.strip() for c in rows[name].split("|")[2:4]]
+        assert float(cells[0]) > 0, rows[name]
+    with open("/proc/self/mountinfo") as f:
+        assert "shiftfs-floor." not in f.read()

@@ -481,6 +481,8 @@ def test_floor_times_every_target():
     rows = {ln.split("|")[1].strip(): ln for ln in r.stdout.splitlines() if ln.startswith("| ") and "µs" not in ln}
     for name in ("native", "pyfuse3-null", "shiftfs", "bindfs", "fuse-overlayfs"):
         cells = [c.strip() for c in rows[name].split("|")[2:4]]
+        if cells[0] == "missing" and os.environ.get("SHIFTFS_CI") != "1":
+            continue  # a peer not installed here (make setup installs them; CI requires them)
         assert float(cells[0]) > 0, rows[name]
     with open("/proc/self/mountinfo") as f:
         assert "shiftfs-floor." not in f.read()

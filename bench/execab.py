@@ -27,7 +27,7 @@ import time
 
 from . import imagebuild as IB
 from . import targets as T
-from .imagerun import _exec_daemon, _timed
+from .imagerun import _timed, exec_build
 from .subusers import throwaway_user
 from .sysutil import log, run
 
@@ -45,21 +45,6 @@ def _fresh_ext4(workdir: str, size: int = 8 << 30, inodes: int | None = None) ->
     run(["mkfs.ext4", "-q", "-F", *count, "-E", "lazy_itable_init=0,lazy_journal_init=0", img])
     run(["mount", "-o", "loop", img, root])
     return root
-
-
-def _exec_build(shiftfs: list[str], user, base: str, name: str, opts: str, staged: str, timeout: float):
-    work = os.path.join(base, name)
-    tree = os.path.join(work, "rootfs")
-    os.makedirs(tree, mode=0o755)
-    for d in (work, tree):
-        os.chown(d, user.uid, user.gid)
-    os.sync()
-    stats = os.path.join(work, "daemon-stats.json")
-    o = f"stats={stats}" + (f",{opts}" if opts else "")
-    argv = user.wrap([*shiftfs, "exec", "-o", o, "--shift", "./rootfs", "--", *IB.mmdebstrap_argv(staged, "./rootfs")])
-    seconds = _timed(argv, timeout, cwd=work)
-    cpu, requests = _exec_daemon(stats)
-    return tree, seconds, cpu, requests
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
                 trees = {}
                 for n in order:
                     opts = a.variant[int(n[1:])]
-                    tree, s, cpu, req = _exec_build(shiftfs, user, base, f"{n}-{r}", opts, staged, a.timeout)
+                    options = ["-o", opts] if opts else []
+                    work_n = os.path.join(base, f"{n}-{r}")
+                    tree, s, cpu, req = exec_build(shiftfs, user, work_n, options, staged, a.timeout)
                     trees[n] = tree
                     rec = {"round": r, "variant": opts, "seconds": round(s, 3), "ratio": round(s / ref_s, 3)}
                     rec.update({"real_root_s": round(ref_s, 3), "daemon_cpu_s": cpu, "daemon_requests": req})

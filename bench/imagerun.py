@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from . import imagebuild as IB
@@ -67,6 +68,27 @@ def _exec_daemon(stats: str) -> tuple[float | None, int | None]:
         return round(data["cpu_s"]["user"] + data["cpu_s"]["system"], 3), sum(data["counts"].values())
     except (OSError, ValueError, KeyError, TypeError):
         return None, None
+
+
+def exec_build(
+    shiftfs_cmd: list[str], user, work: str, options: Sequence[str], staged: str, timeout: float
+) -> tuple[str, float, float | None, int | None]:
+    """One timed mmdebstrap build as ``user`` under ``shiftfs exec OPTIONS --shift ./rootfs``
+    in a new directory ``work``: (the tree, seconds, the daemon's CPU seconds and requests)."""
+    os.makedirs(work, mode=0o755)
+    tree = os.path.join(work, "rootfs")
+    os.makedirs(tree, mode=0o755)
+    for d in (work, tree):
+        os.chown(d, user.uid, user.gid)
+    os.sync()
+    stats = os.path.join(work, "daemon-stats.json")
+    argv = user.wrap(
+        [*shiftfs_cmd, "exec", *options, "-o", f"stats={stats}", "--shift", "./rootfs", "--"]
+        + IB.mmdebstrap_argv(staged, "./rootfs")
+    )
+    seconds = _timed(argv, timeout, cwd=work)
+    cpu, requests = _exec_daemon(stats)
+    return tree, seconds, cpu, requests
 
 
 #: Image-build rounds at most (each is one mmdebstrap per build, minutes long).
@@ -205,19 +227,9 @@ class ImageBuilds:
                     self._stale(missing)
             elif name == "shiftfs-exec":
                 work = os.path.join(ib, name)
-                os.makedirs(work, mode=0o755)
-                tree = os.path.join(work, "rootfs")
-                os.makedirs(tree, mode=0o755)
-                for d in (work, tree):
-                    os.chown(d, user.uid, user.gid)
-                os.sync()
-                stats = os.path.join(work, "daemon-stats.json")
-                argv = user.wrap(
-                    [*self.shiftfs_cmd, "exec", *IB.EXEC_OPTIONS, "-o", f"stats={stats}", "--shift", "./rootfs", "--"]
-                    + IB.mmdebstrap_argv(staged, "./rootfs")
+                tree, seconds, cpu, requests = exec_build(
+                    self.shiftfs_cmd, user, work, IB.EXEC_OPTIONS, staged, self.timeout
                 )
-                seconds = _timed(argv, self.timeout, cwd=work)
-                cpu, requests = _exec_daemon(stats)
             else:
                 peer.prepare()
                 peer.mount()

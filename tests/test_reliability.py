@@ -487,6 +487,38 @@ def _fill_with_data(path: Path) -> int:
 
 
 @pytest.mark.timeout(120)
+def test_removals_on_a_full_backing_fs(work):
+    """Removing symlinks and FIFOs (their records are side-table rows) on a full disk: the
+    side table cannot even delete then (SQLite needs room to log it), which reached FORGET as a
+    raw sqlite error and ended the daemon (``make stress``: test_stress_full_backing_fs_churn).
+    Every removal succeeds, the daemon lives, and the leftover rows (stale: their inodes are
+    gone) do not show."""
+    src, mp = work / "src", work / "mp"
+    mp.mkdir()
+    _tmpfs(src, "size=4m,nr_inodes=400,mode=0755")
+    try:
+        with Mount(src, mp, mode="xattr") as m:
+            for i in range(60):
+                os.symlink("target", mp / f"l{i}")
+                os.mkfifo(mp / f"p{i}")
+            assert _fill_with_data(mp / "big") == errno.ENOSPC
+            for i in range(60):
+                os.unlink(mp / f"l{i}")
+                os.unlink(mp / f"p{i}")
+            os.sync()
+            time.sleep(0.5)  # the kernel's FORGETs of the removed inodes
+            assert m.alive(), "the daemon died"
+            os.unlink(mp / "big")
+            assert sorted(os.listdir(mp)) == []
+            os.symlink("again", mp / "l0")
+            assert os.readlink(mp / "l0") == "again"
+            check_consistent(m)
+            _assert_clean(m)
+    finally:
+        _umount_tmpfs(src)
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode,opts", [("table", []), ("table", ["nowriteback"]), ("xattr", [])])
 def test_backing_fs_full(work, mode, opts):
     """ENOSPC (blocks, then inodes) is reported as ENOSPC for every kind of object; the

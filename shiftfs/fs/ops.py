@@ -279,9 +279,14 @@ class Operations(DirectoryHandlers, XattrHandlers, FileDataHandlers, ConnectionH
         return self._entry(node, st)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        # FORGET has no reply to carry an error: one raised here would end pyfuse3's
+        # loop, and the mount with it. Each inode is forgotten on its own.
         self.counts["forget"] += 1
         for ino, n in inode_list:
-            self.table.forget(ino, n)
+            try:
+                self.table.forget(ino, n)
+            except Exception as e:
+                log.error("forget of inode %d: unexpected %s: %s", ino, type(e).__name__, e, exc_info=self.trace)
 
     @fuse_handler
     def getattr(self, inode_id: InodeT, ctx: Ctx) -> Entry:

@@ -447,8 +447,10 @@ class RecordStore:
         cur = db.execute("DELETE FROM xattrs WHERE ino=? AND btime=? AND name=?", (st.st_ino, birth_time(fd), name))
         return cur.rowcount > 0
 
+    @_side_table_errors
     def forget_inode(self, st: os.stat_result) -> None:
-        """Drop a side-table row of an inode that no longer exists."""
+        """Drop a side-table row of an inode that no longer exists (SideTableError when the
+        table cannot: on a full disk SQLite has no room to log even a delete)."""
         if self._uses_side(st):
             self._side_remove(None, st)
 

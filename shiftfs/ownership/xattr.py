@@ -286,11 +286,16 @@ class XattrPolicy(OwnershipPolicy):
     wants_gone = True
 
     def gone(self, node: PolicyNode | None, st: os.stat_result) -> None:
-        # Records in xattrs go with the inode; rows of the side table do not.
+        # Records in xattrs go with the inode; rows of the side table do not. A row left
+        # behind (the side table failed: on a full disk, ENOSPC, said nothing about here as
+        # everywhere) is a stale one, as of an inode removed outside the mount: keyed by
+        # inode number and birth time, it attaches to no later inode where the backing
+        # filesystem has birth times, and a create through the mount replaces it.
         try:
             self.store.forget_inode(st)
         except OSError as e:
-            log.warning("cannot drop the side record of inode %d: %s", st.st_ino, e)
+            if e.errno != errno.ENOSPC:
+                log.warning("cannot drop the side record of inode %d: %s", st.st_ino, e)
 
     def side_xattr_store(self, node: PolicyNode) -> SideXattrStore | None:
         # The escaped names are user.* xattrs, which symlinks, FIFOs and sockets cannot carry.

@@ -101,9 +101,9 @@ class FileDataHandlers:
         if fh in self._written:
             self._written.discard(fh)
             if time.monotonic() - self._synced_at < SYNC_WINDOW_S:
-                self.writebacks_started += 1
                 try:
                     start_writeback(fh)
+                    self.writebacks_started += 1
                 except OSError:
                     pass  # a hint: the program's fsync reports what went wrong
         os.close(fh)
